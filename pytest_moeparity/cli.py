@@ -1,0 +1,234 @@
+"""``moeparity``: make test models, trace a forward, run a parity check, diff saved traces.
+
+Every error is one line on stderr and a non-zero exit (2 for bad input, 1 for a failed check).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from .model import ModelError
+from .plan import PlanError
+
+
+class CliError(Exception):
+    pass
+
+
+def _int_list(text: str, what: str) -> list[int]:
+    try:
+        vals = [int(t) for t in text.replace(" ", "").split(",") if t != ""]
+    except ValueError:
+        raise CliError(f"{what} must be a comma list of integers, got {text!r}") from None
+    if not vals:
+        raise CliError(f"empty {what}: give at least one integer")
+    return vals
+
+
+def _add_plan_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--stages", default="all", help="'all' or a comma list of stages/aliases (default all)")
+    p.add_argument("--layers", default="all", help="'all', N, START..END (END exclusive) or a list (default all)")
+    p.add_argument("--positions", default="all", help="'all', 'last' or a list of token positions (default all)")
+    p.add_argument("--experts", default="routed", help="experts for per-expert stages: 'routed', 'all' or a list")
+
+
+def _plan(args):
+    from .plan import SavePlan
+
+    return SavePlan.parse(args.stages, args.layers, args.positions, args.experts)
+
+
+def _load(path_spec: str):
+    from .builtin import resolve_model_path
+    from .model import load_model
+
+    return load_model(resolve_model_path(path_spec))
+
+
+def cmd_make_model(args) -> int:
+    from .make_model import make_model, spec_from_args
+
+    spec = spec_from_args(args.preset, n_layers=args.layers, hidden=args.hidden, n_heads=args.heads,
+                          n_kv_heads=args.kv_heads, head_dim=args.head_dim, n_experts=args.experts,
+                          n_experts_used=args.experts_used, expert_ff=args.expert_ff, vocab=args.vocab,
+                          tied_output=True if args.tied else None)
+    res = make_model(args.out, spec, quant=args.quant, seed=args.seed, hot_layer=args.hot_layer,
+                     hot_scale=args.hot_scale, jobs=args.jobs, progress=False if args.quiet else None)
+    print(f"wrote {res.path} ({res.nbytes / 2**20:.1f} MiB, {res.tensors} tensors) in {res.seconds:.1f} s "
+          f"= {res.mb_per_s:.1f} MiB/s")
+    return 0
+
+
+def cmd_info(args) -> int:
+    model = _load(args.model)
+    print(model.describe())
+    for name, t in model.tensors.items():
+        if args.tensors:
+            print(f"  {name:32s} {t.type_name:6s} {list(t.shape)}")
+    return 0
+
+
+def cmd_trace(args) -> int:
+    from .backends import default_registry
+    from .parity import default_tokens, run_trace
+
+    model = _load(args.model)
+    tokens = _int_list(args.tokens, "--tokens") if args.tokens else default_tokens(model.config.vocab)
+    model.validate_tokens(tokens)
+    plan = _plan(args)
+    plan.resolve_positions(len(tokens))
+    backend = args.backend or ("numpy" if args.dtype == "float32" else "numpy-f64")
+    trace, dt = run_trace(default_registry(), backend, model, tokens, plan)
+    trace.meta["dtype"] = args.dtype if args.backend is None else trace.meta.get("compute_dtype", "")
+    out = trace.save(args.out)
+    size = sum(v.nbytes for v in trace.tensors.values())
+    print(f"{backend}: {len(tokens)} tokens in {dt:.2f} s; {len(trace.tensors)} tensors "
+          f"({size / 2**20:.1f} MiB) -> {out}")
+    return 0
+
+
+def _thresholds(args):
+    from .metrics import Thresholds
+
+    return Thresholds.from_contract(min_cosine=args.min_cosine, max_rel_l2=args.max_rel_l2,
+                                    router_tie_tol=args.router_tie_tol)
+
+
+def _emit(report, args) -> int:
+    print(report.render())
+    if args.json:
+        report.write_json(args.json)
+        print(f"JSON report: {args.json}")
+    return 0 if report.ok else 1
+
+
+def cmd_check(args) -> int:
+    from .backends import default_registry
+    from .parity import run_parity
+
+    model = _load(args.model)
+    print(model.describe())
+    tokens = _int_list(args.tokens, "--tokens") if args.tokens else None
+    reg = default_registry()
+    t0 = time.perf_counter()
+    run = run_parity(model, tokens, _plan(args), reference=args.reference, candidate=args.candidate,
+                     thresholds=_thresholds(args), registry=reg, save_dir=args.save_dir)
+    print(f"reference {args.reference} vs candidate {run.candidate.meta.get('backend')} on "
+          f"{len(run.reference.tokens)} tokens ({time.perf_counter() - t0:.1f} s: "
+          + ", ".join(f"{k} {v:.2f} s" for k, v in run.seconds.items()) + ")")
+    for role, path in run.saved.items():
+        print(f"saved {role} trace: {path}")
+    return _emit(run.report, args)
+
+
+def cmd_diff(args) -> int:
+    from .report import compare_traces
+    from .trace import Trace
+
+    ref = Trace.load(args.reference)
+    cand = Trace.load(args.candidate)
+    return _emit(compare_traces(ref, cand, _thresholds(args)), args)
+
+
+def cmd_backends(args) -> int:
+    from .backends import default_registry
+
+    reg = default_registry()
+    for name in reg.names():
+        spec = reg.get(name)
+        reason = spec.availability()
+        print(f"{name:12s} {'ok' if reason is None else 'unavailable: ' + reason}  {spec.description}")
+    print(f"default candidate here: {reg.default_candidate()}")
+    return 0
+
+
+def _add_threshold_args(p) -> None:
+    p.add_argument("--min-cosine", type=float, default=None, help="Diverge below this cosine")
+    p.add_argument("--max-rel-l2", type=float, default=None, help="Diverge above this relative L2")
+    p.add_argument("--router-tie-tol", type=float, default=None, help="router near-tie tolerance")
+    p.add_argument("--json", default=None, help="also write the report as JSON here")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .make_model import PRESETS, QUANT_CHOICES
+
+    ap = argparse.ArgumentParser(prog="moeparity", description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    p = sub.add_parser("make-model", help="write a random Qwen3-MoE GGUF")
+    p.add_argument("out")
+    p.add_argument("--preset", default="tiny", choices=list(PRESETS))
+    p.add_argument("--quant", default="Q4_K_M", type=str.upper, choices=list(QUANT_CHOICES))
+    p.add_argument("--seed", type=int, default=0)
+    for flag, dest in (("--layers", "layers"), ("--hidden", "hidden"), ("--heads", "heads"),
+                       ("--kv-heads", "kv_heads"), ("--head-dim", "head_dim"), ("--experts", "experts"),
+                       ("--experts-used", "experts_used"), ("--expert-ff", "expert_ff"), ("--vocab", "vocab")):
+        p.add_argument(flag, dest=dest, type=int, default=None, help="override the preset's value")
+    p.add_argument("--tied", action="store_true", help="no output.weight: the head reuses token_embd")
+    p.add_argument("--hot-layer", type=int, default=None, help="scale this layer's expert down-projections")
+    p.add_argument("--hot-scale", type=float, default=1.0, help="the scale for --hot-layer (e.g. 1e6)")
+    p.add_argument("--jobs", type=int, default=None, help="worker processes (default: cores, 1 for small files)")
+    p.add_argument("--quiet", action="store_true", help="no progress output (shown for files over 64 MiB)")
+    p.set_defaults(fn=cmd_make_model)
+
+    p = sub.add_parser("info", help="describe a model file")
+    p.add_argument("model", help="GGUF path or builtin:tiny / builtin:small")
+    p.add_argument("--tensors", action="store_true")
+    p.set_defaults(fn=cmd_info)
+
+    p = sub.add_parser("trace", help="run one backend's traced forward and save it as safetensors")
+    p.add_argument("model", help="GGUF path or builtin:tiny")
+    p.add_argument("--tokens", default=None, help="comma list of token ids (default: a fixed 8-token prompt)")
+    _add_plan_args(p)
+    p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    p.add_argument("--backend", default=None, help="backend name (default: numpy / numpy-f64 by --dtype)")
+    p.add_argument("--out", required=True, help="output .safetensors")
+    p.set_defaults(fn=cmd_trace)
+
+    p = sub.add_parser("check", help="compare a candidate with the reference and print the divergence table")
+    p.add_argument("model", nargs="?", default="builtin:tiny", help="GGUF path (default: the built-in tiny model)")
+    p.add_argument("--tokens", default=None)
+    _add_plan_args(p)
+    p.add_argument("--reference", default="numpy")
+    p.add_argument("--candidate", default=None, help="default: cupy where a GPU is usable, else numpy-f64")
+    p.add_argument("--save-dir", default=None, help="save both traces here as safetensors")
+    _add_threshold_args(p)
+    p.set_defaults(fn=cmd_check)
+
+    p = sub.add_parser("diff", help="compare two saved traces offline")
+    p.add_argument("reference")
+    p.add_argument("candidate")
+    _add_threshold_args(p)
+    p.set_defaults(fn=cmd_diff)
+
+    p = sub.add_parser("backends", help="list registered backends and whether they run here")
+    p.set_defaults(fn=cmd_backends)
+    return ap
+
+
+def main(argv=None) -> int:
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    try:
+        return args.fn(args)
+    except (CliError, ModelError, PlanError, ValueError, KeyError, OSError) as exc:
+        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"moeparity: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("moeparity: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # an unavailable backend and the like: still one line
+        from .backends import BackendUnavailable
+
+        if isinstance(exc, BackendUnavailable):
+            print(f"moeparity: error: {exc}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

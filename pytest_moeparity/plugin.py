@@ -1,0 +1,410 @@
+"""pytest plugin: options, markers, fixtures and report hooks. The numerics live elsewhere.
+
+Options (each also an ini key with ``-`` -> ``_``, e.g. ``moe_model``)::
+
+    --moe-model PATH|builtin:tiny   --include-heavy
+    --moe-stages  --moe-layers  --moe-positions  --moe-experts  --moe-tokens
+    --moe-reference NAME  --moe-candidate NAME
+    --moe-min-cosine  --moe-max-rel-l2  --moe-router-tie-tol
+    --moe-save-dir DIR  --moe-report-json PATH
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPORT_ATTR = "moeparity_report"  # JSON text on TestReport; survives pytest-xdist serialisation
+_REPORTS = pytest.StashKey[list]()
+_OPTIONS = pytest.StashKey["MoeOptions"]()
+
+_OPTS = [
+    # (name, help, ini type)
+    ("moe_model", "Qwen3-MoE GGUF file to check (or builtin:tiny / builtin:small)", "string"),
+    ("moe_stages", "stages to capture: all or a comma list (aliases allowed)", "string"),
+    ("moe_layers", "layers: all, N, START..END (END exclusive) or a list", "string"),
+    ("moe_positions", "token positions: all, last or a list", "string"),
+    ("moe_experts", "experts for per-expert stages: routed, all or a list", "string"),
+    ("moe_tokens", "prompt token ids, comma separated (default: a fixed 8-token prompt)", "string"),
+    ("moe_reference", "reference backend name (default numpy)", "string"),
+    ("moe_candidate", "candidate backend name (default cupy with a GPU, else numpy-f64)", "string"),
+    ("moe_min_cosine", "Diverge below this cosine (default from contracts/verdicts.yaml)", "string"),
+    ("moe_max_rel_l2", "Diverge above this relative L2 (default from contracts/verdicts.yaml)", "string"),
+    ("moe_router_tie_tol", "router near-tie tolerance (default from contracts/verdicts.yaml)", "string"),
+    ("moe_save_dir", "save every trace here as safetensors", "string"),
+    ("moe_report_json", "write the parity report(s) as JSON here", "string"),
+]
+
+
+def pytest_addhooks(pluginmanager):
+    from . import hooks
+
+    pluginmanager.add_hookspecs(hooks)
+
+
+def pytest_addoption(parser):
+    group = parser.getgroup("moeparity", "MoE GPU/CPU parity (pytest-moeparity)")
+    for name, help_, ini_type in _OPTS:
+        group.addoption("--" + name.replace("_", "-"), dest=name, default=None, help=help_)
+        parser.addini(name, help_, type=ini_type, default=None)
+    group.addoption("--include-heavy", dest="include_heavy", action="store_true", default=None,
+                    help="run tests marked heavy (they need --moe-model)")
+    parser.addini("moe_include_heavy", "run tests marked heavy", type="bool", default=False)
+
+
+@dataclass(frozen=True)
+class MoeOptions:
+    model: str | None
+    include_heavy: bool
+    stages: str | None
+    layers: str | None
+    positions: str | None
+    experts: str | None
+    tokens: list[int] | None
+    reference: str
+    candidate: str | None
+    min_cosine: float | None
+    max_rel_l2: float | None
+    router_tie_tol: float | None
+    save_dir: str | None
+    report_json: str | None
+
+    @classmethod
+    def from_config(cls, config) -> "MoeOptions":
+        def get(name):
+            v = config.getoption(name)
+            if v is None:
+                v = config.getini(name)
+            return v if v not in ("", None) else None
+
+        def num(name):
+            v = get(name)
+            if v is None:
+                return None
+            try:
+                return float(v)
+            except ValueError:
+                raise pytest.UsageError(f"--{name.replace('_', '-')}: {v!r} is not a number") from None
+
+        tokens = get("moe_tokens")
+        if tokens is not None:
+            try:
+                tokens = [int(t) for t in str(tokens).replace(" ", "").split(",") if t]
+            except ValueError:
+                raise pytest.UsageError(f"--moe-tokens: {tokens!r} is not a comma list of integers") from None
+            if not tokens:
+                raise pytest.UsageError("--moe-tokens: empty token list")
+        heavy = config.getoption("include_heavy")
+        if heavy is None:
+            heavy = bool(config.getini("moe_include_heavy"))
+        return cls(model=get("moe_model"), include_heavy=heavy, stages=get("moe_stages"),
+                   layers=get("moe_layers"), positions=get("moe_positions"), experts=get("moe_experts"),
+                   tokens=tokens, reference=get("moe_reference") or "numpy", candidate=get("moe_candidate"),
+                   min_cosine=num("moe_min_cosine"), max_rel_l2=num("moe_max_rel_l2"),
+                   router_tie_tol=num("moe_router_tie_tol"), save_dir=get("moe_save_dir"),
+                   report_json=get("moe_report_json"))
+
+    def plan(self):
+        from .plan import PlanError, SavePlan
+
+        try:
+            return SavePlan.parse(self.stages, self.layers, self.positions, self.experts)
+        except PlanError as exc:
+            raise pytest.UsageError(f"moeparity: {exc}") from None
+
+    def thresholds(self):
+        from .metrics import Thresholds
+
+        try:
+            return Thresholds.from_contract(min_cosine=self.min_cosine, max_rel_l2=self.max_rel_l2,
+                                            router_tie_tol=self.router_tie_tol)
+        except ValueError as exc:
+            raise pytest.UsageError(f"moeparity: {exc}") from None
+
+    def model_path(self) -> Path | None:
+        """The model file, or None when none was given or it does not exist (built-ins are made)."""
+        if self.model is None:
+            return None
+        from .builtin import BUILTIN_PREFIX, resolve_model_path
+
+        if self.model.startswith(BUILTIN_PREFIX):
+            return resolve_model_path(self.model)
+        p = Path(self.model).expanduser()
+        return p if p.is_file() else None
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "heavy: needs a real model file (--moe-model) and --include-heavy")
+    config.addinivalue_line("markers", "gpu: needs CuPy and a CUDA GPU; skipped where absent")
+    opts = MoeOptions.from_config(config)
+    opts.plan()
+    opts.thresholds()
+    config.stash[_OPTIONS] = opts
+    config.stash[_REPORTS] = []
+
+
+def _opts(config) -> MoeOptions:
+    return config.stash[_OPTIONS]
+
+
+def gpu_unavailable_reason() -> str | None:
+    try:
+        from .gpu import availability
+    except ImportError as exc:
+        return f"GPU backend not importable: {exc}"
+    return availability()
+
+
+def pytest_runtest_setup(item):
+    opts = _opts(item.config)
+    if item.get_closest_marker("heavy") is not None:
+        if not opts.include_heavy:
+            pytest.skip("heavy test: run with --include-heavy --moe-model PATH")
+        if opts.model is None:
+            pytest.skip("heavy test: no model file given (--moe-model PATH)")
+        if opts.model_path() is None:
+            pytest.skip(f"heavy test: model file not found: {opts.model}")
+    if item.get_closest_marker("gpu") is not None:
+        reason = gpu_unavailable_reason()
+        if reason:
+            pytest.skip(f"gpu test: {reason}")
+
+
+# ---- the built-in parity test ----------------------------------------------------------------
+class MoeParityItem(pytest.Item):
+    """``moeparity::parity``: reference vs candidate on --moe-model, added when that option is set."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        opts = _opts(self.config)
+        from .builtin import BUILTIN_PREFIX
+
+        if not (opts.model or "").startswith(BUILTIN_PREFIX):
+            self.add_marker("heavy")
+        self.report = None
+
+    def runtest(self):
+        opts = _opts(self.config)
+        from .model import load_model
+
+        model = load_model(opts.model_path())
+        registry = build_registry(self.config)
+        self.report = run_and_attach(self, opts, model, registry)
+        if not self.report.ok:
+            raise MoeParityFailure(self.report)
+
+    def repr_failure(self, excinfo, style=None):
+        if isinstance(excinfo.value, MoeParityFailure):
+            return "moeparity: candidate diverges from the reference\n" + excinfo.value.report.render()
+        return super().repr_failure(excinfo, style)
+
+    def reportinfo(self):
+        return self.path, None, f"moeparity parity check on {_opts(self.config).model}"
+
+
+class MoeParityFailure(AssertionError):
+    def __init__(self, report):
+        super().__init__(report.render())
+        self.report = report
+
+
+def pytest_collection_modifyitems(session, config, items):
+    opts = _opts(config)
+    if opts.model is not None:
+        items.append(MoeParityItem.from_parent(session, name="moeparity::parity"))
+
+
+# ---- fixtures -----------------------------------------------------------------------------------
+def build_registry(config):
+    from .backends import default_registry
+
+    reg = default_registry()
+    config.hook.pytest_moeparity_register_backends(registry=reg)
+    return reg
+
+
+@pytest.fixture(scope="session")
+def moe_options(pytestconfig) -> MoeOptions:
+    """The parsed --moe-* options and ini keys."""
+    return _opts(pytestconfig)
+
+
+@pytest.fixture(scope="session")
+def moe_model_path(moe_options) -> Path:
+    """The model file; skips the test when none was given or it does not exist."""
+    if moe_options.model is None:
+        pytest.skip("no model given: --moe-model PATH (or builtin:tiny)")
+    p = moe_options.model_path()
+    if p is None:
+        pytest.skip(f"model file not found: {moe_options.model}")
+    return p
+
+
+@pytest.fixture(scope="session")
+def moe_model(moe_model_path):
+    """The loaded GGUF model (memory-mapped, cached per session)."""
+    from .model import load_model
+
+    return load_model(moe_model_path)
+
+
+@pytest.fixture(scope="session")
+def moe_plan(moe_options):
+    """The save plan shared by both backends."""
+    return moe_options.plan()
+
+
+@pytest.fixture(scope="session")
+def moe_tokens(moe_options, moe_model) -> list[int]:
+    from .parity import default_tokens
+
+    toks = moe_options.tokens or default_tokens(moe_model.config.vocab)
+    return moe_model.validate_tokens(toks)
+
+
+@pytest.fixture(scope="session")
+def moe_thresholds(moe_options):
+    return moe_options.thresholds()
+
+
+@pytest.fixture(scope="session")
+def moe_backends(pytestconfig):
+    """Backend registry: built-ins, entry points (``moeparity.backends``) and the
+    ``pytest_moeparity_register_backends`` hook. Override this fixture to change it."""
+    return build_registry(pytestconfig)
+
+
+@pytest.fixture(scope="session")
+def moe_trace(moe_backends, moe_model, moe_tokens, moe_plan, moe_options):
+    """``moe_trace(name) -> Trace`` of that backend under the session's plan, cached per session."""
+    from .backends import BackendUnavailable
+    from .parity import run_trace
+
+    cache = {}
+
+    def get(name: str):
+        if name not in cache:
+            try:
+                cache[name] = run_trace(moe_backends, name, moe_model, moe_tokens, moe_plan)[0]
+            except BackendUnavailable as exc:
+                pytest.skip(str(exc))
+        return cache[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def moe_reference_trace(moe_trace, moe_options):
+    return moe_trace(moe_options.reference)
+
+
+@pytest.fixture(scope="session")
+def moe_candidate_name(moe_options, moe_backends) -> str:
+    return moe_options.candidate or moe_backends.default_candidate()
+
+
+@pytest.fixture(scope="session")
+def moe_candidate_trace(moe_trace, moe_candidate_name):
+    return moe_trace(moe_candidate_name)
+
+
+@pytest.fixture
+def moe_parity(request, moe_reference_trace, moe_candidate_trace, moe_thresholds, moe_options):
+    """The parity report of reference vs candidate; its table is attached to this test's report."""
+    from .report import compare_traces
+
+    report = compare_traces(moe_reference_trace, moe_candidate_trace, moe_thresholds)
+    attach_report(request.node, report, moe_options, (moe_reference_trace, moe_candidate_trace))
+    return report
+
+
+def run_and_attach(item, opts: MoeOptions, model, registry):
+    from .parity import run_parity
+
+    tokens = model.validate_tokens(opts.tokens) if opts.tokens else None
+    run = run_parity(model, tokens, opts.plan(), reference=opts.reference, candidate=opts.candidate,
+                     thresholds=opts.thresholds(), registry=registry)
+    attach_report(item, run.report, opts, (run.reference, run.candidate))
+    return run.report
+
+
+def _save_tag(item) -> str:
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", item.nodeid).strip("_")[-80:]
+    return f"{name}.{worker}.{os.getpid()}.{time.time_ns()}"
+
+
+def attach_report(item, report, opts: MoeOptions, traces=()) -> None:
+    """Put the table on the test's report (sections, junit properties, xdist-safe JSON)."""
+    props = report.junit_properties()
+    item.user_properties.extend(props)
+    saved = []
+    if opts.save_dir:
+        tag = _save_tag(item)
+        for role, tr in zip(("reference", "candidate"), traces):
+            saved.append(str(tr.save(Path(opts.save_dir) / f"{tag}.{role}.{tr.meta.get('backend', role)}.safetensors")))
+    item.stash.setdefault(_REPORTS, []).append((report, saved))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    rep = outcome.get_result()
+    if call.when != "call":
+        return
+    entries = item.stash.get(_REPORTS, [])
+    if not entries:
+        return
+    texts, payload = [], []
+    for report, saved in entries:
+        text = report.render()
+        if saved:
+            text += "\nsaved traces:\n" + "\n".join("  " + s for s in saved)
+        texts.append(text)
+        payload.append(dict(report.to_json(), test=item.nodeid, saved=saved))
+    rep.sections.append(("moeparity divergence table", "\n\n".join(texts)))
+    setattr(rep, REPORT_ATTR, json.dumps(payload, allow_nan=False))
+
+
+def _collect(terminalreporter) -> list[dict]:
+    out = []
+    for reports in terminalreporter.stats.values():
+        for rep in reports:
+            text = getattr(rep, REPORT_ATTR, None)
+            if text and getattr(rep, "when", None) == "call":
+                out.extend(json.loads(text))
+    return out
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if hasattr(config, "workerinput"):
+        return
+    payloads = _collect(terminalreporter)
+    if not payloads:
+        return
+    tr = terminalreporter
+    tr.section("moeparity summary")
+    for p in payloads:
+        fd = p.get("first_divergence")
+        if fd is None:
+            n = len(p.get("cells", []))
+            tr.write_line(f"{p['test']}: no divergence ({n} cells Match)")
+        else:
+            where = "model" if fd.get("layer") is None else f"layer {fd['layer']}"
+            exp = "" if fd.get("expert") is None else f" expert {fd['expert']}"
+            tr.write_line(f"{p['test']}: first divergence at {where}, stage {fd['stage']}{exp}: {fd['verdict']}")
+    opts = _opts(config)
+    if opts.report_json:
+        path = Path(opts.report_json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        first = next((p for p in payloads if p.get("first_divergence")), payloads[0])
+        doc = dict(first, reports=payloads)
+        tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(doc, indent=1, allow_nan=False))
+        os.replace(tmp, path)
+        tr.write_line(f"moeparity JSON report: {path}")

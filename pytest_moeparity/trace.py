@@ -1,0 +1,115 @@
+"""Traces: named tensors captured by a forward, saved as safetensors.
+
+A :class:`Trace` maps trace keys (``layer.6.moe_ffn_out``, ``lm_head``,
+``layer.6.expert.17.moe_expert_out``; see :mod:`.contract`) to host NumPy arrays shaped
+``[positions, ...]``; ``meta`` holds string metadata (tokens, positions, backend, dtype, model).
+:class:`Recorder` is what a forward calls at each stage; it applies the save plan and copies
+the captured values to the host at capture time (GPU buffers get reused later).
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .contract import stage_contract, trace_key
+from .plan import SavePlan
+
+
+@dataclass
+class Trace:
+    tensors: dict[str, np.ndarray] = field(default_factory=dict)
+    meta: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def positions(self) -> list[int]:
+        return json.loads(self.meta.get("positions", "[]"))
+
+    @property
+    def tokens(self) -> list[int]:
+        return json.loads(self.meta.get("tokens", "[]"))
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.tensors
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        return self.tensors[key]
+
+    def keys(self):
+        return self.tensors.keys()
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write atomically (temp file in the same directory, then rename)."""
+        from safetensors.numpy import save_file
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {k: np.ascontiguousarray(v) for k, v in self.tensors.items()}
+        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        try:
+            save_file(tensors, tmp, metadata={str(k): str(v) for k, v in self.meta.items()})
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Trace":
+        from safetensors import safe_open
+
+        tensors = {}
+        with safe_open(str(path), framework="numpy") as fh:
+            meta = dict(fh.metadata() or {})
+            for key in fh.keys():
+                tensors[key] = fh.get_tensor(key)
+        return cls(tensors=tensors, meta=meta)
+
+
+def _numpy_to_host(x) -> np.ndarray:
+    return np.array(x, copy=True)
+
+
+class Recorder:
+    """Applies a save plan inside a forward.
+
+    ``capture(stage, layer, value)`` takes the value for *all* prompt positions (leading axis T)
+    and keeps the planned positions, copied to the host with ``to_host`` (CuPy: ``cupy.asnumpy``).
+    Forwards call ``wants(stage, layer)`` before computing anything that exists only for tracing.
+    """
+
+    def __init__(self, plan: SavePlan, n_tokens: int, to_host: Callable = _numpy_to_host):
+        self.plan = plan
+        self.positions = plan.resolve_positions(n_tokens) if not plan.is_empty else []
+        self._all_positions = self.positions == list(range(n_tokens))
+        self.to_host = to_host
+        self.tensors: dict[str, np.ndarray] = {}
+        self._contract = stage_contract()
+
+    def wants(self, stage: str, layer: int | None = None) -> bool:
+        return self.plan.wants(stage, layer)
+
+    def capture(self, stage: str, layer: int | None, value, expert: int | None = None,
+                preselected: bool = False) -> None:
+        """Keep ``value`` ([T, ...], or [len(positions), ...] when ``preselected``) if planned."""
+        scope = self._contract.scope_of(stage)
+        if (scope == "model") != (layer is None) or (scope == "expert") != (expert is not None):
+            raise ValueError(f"stage {stage!r} has scope {scope!r}: captured with layer={layer}, expert={expert}")
+        if not self.plan.wants(stage, layer):
+            return
+        sel = value if (preselected or self._all_positions) else value[self.positions]
+        self.tensors[trace_key(stage, layer, expert)] = self.to_host(sel)
+
+    def trace(self, meta: dict[str, str]) -> Trace:
+        meta = dict(meta)
+        meta.setdefault("positions", json.dumps(self.positions))
+        meta.setdefault("plan", self.plan.describe())
+        meta.setdefault("contract_version", str(self._contract.version))
+        return Trace(tensors=dict(self.tensors), meta=meta)
