@@ -216,7 +216,7 @@ class MoeParityFailure(AssertionError):
 def pytest_collection_modifyitems(session, config, items):
     opts = _opts(config)
     if opts.model is not None:
-        items.append(MoeParityItem.from_parent(session, name="moeparity::parity"))
+        items.append(MoeParityItem.from_parent(session, name="moeparity::parity", nodeid="moeparity::parity"))
 
 
 # ---- fixtures -----------------------------------------------------------------------------------
