@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .contract import S
+from .faults import dispatch_type, misdispatch_dequantize
 from .model import GGUFModel
 from .plan import SavePlan
 from .trace import Recorder, Trace
@@ -74,42 +75,66 @@ class NumpyForward:
         self.compute = np.dtype(compute)
         self.act = np.dtype(act or compute)
         self.name = name
+        self.faults = []
 
     # weights -------------------------------------------------------------------------------
-    def w(self, layer: int, name: str) -> np.ndarray:
-        return self.model.layer(layer, name).dequantize(self.compute)
+    def w(self, layer: int, name: str, expert: int | None = None) -> np.ndarray:
+        """A layer weight (or one expert's slice) dequantized by its own quant type."""
+        t = self.model.layer(layer, name)
+        if expert is not None:
+            t = t.expert(expert)
+        wrong = dispatch_type(self.faults, layer, name)
+        if wrong is not None and wrong != t.type_name:  # planted mis-dispatch (faults.py)
+            return misdispatch_dequantize(t.raw, wrong, t.shape[-1], self.compute).reshape(t.shape)
+        return t.dequantize(self.compute)
 
     def _a(self, x: np.ndarray) -> np.ndarray:
         """Store an activation (round to the activation dtype, compute in the compute dtype)."""
         return x.astype(self.act, copy=False).astype(self.compute, copy=False)
 
     # forward -------------------------------------------------------------------------------
-    def run(self, tokens, plan: SavePlan | None = None, *, meta: dict | None = None) -> ForwardResult:
+    def run(self, tokens, plan: SavePlan | None = None, *, meta: dict | None = None, faults=(),
+            forced_routing: dict | None = None, layer_inputs: dict | None = None) -> ForwardResult:
+        """The traced forward.
+
+        ``faults``: planted faults (:mod:`.faults`). ``forced_routing``: ``{layer: ids [T, K]}``, the
+        expert choices to use instead of the router's (weights still come from this forward's
+        probabilities at those ids). ``layer_inputs``: ``{layer: x [T, H]}`` isolated mode: each
+        listed layer runs alone from that input (no embedding, no head); the trace holds those layers.
+        """
         # overflow to inf/nan is a result to report (numpy-f16 exists to show it), not a warning
         with np.errstate(over="ignore", invalid="ignore"):
-            return self._run(tokens, plan, meta)
+            return self._run(tokens, plan, meta, list(faults), forced_routing or {}, layer_inputs)
 
-    def _run(self, tokens, plan, meta) -> ForwardResult:
+    def _run(self, tokens, plan, meta, faults, forced, layer_inputs) -> ForwardResult:
         tokens = self.model.validate_tokens(tokens)
         plan = plan or SavePlan.empty()
         plan.resolve_layers(self.cfg.n_layers)
-        rec = Recorder(plan, len(tokens))
+        rec = Recorder(plan, len(tokens), faults=faults)
+        self.faults, self.forced = faults, forced
         a = self._a
+        pos = np.arange(len(tokens))
+        info = {"backend": self.name, "compute_dtype": self.compute.name, "act_dtype": self.act.name,
+                "tokens": json.dumps(tokens), "model": self.model.path.name,
+                "model_size": str(self.model.file_size), **(meta or {})}
+        if forced:
+            info["forced_routing"] = "reference"
+
+        if layer_inputs is not None:  # isolated mode
+            info["mode"] = "isolated"
+            for layer in sorted(layer_inputs):
+                self.layer(layer, a(np.asarray(layer_inputs[layer], dtype=self.compute)), pos, rec)
+            return ForwardResult(logits=np.empty((len(tokens), 0), np.float32), trace=rec.trace(info))
 
         x = a(self.model.tensor("token_embd.weight").dequantize_rows(np.asarray(tokens), self.compute))
-        rec.capture(S.embedding, None, x)
-        pos = np.arange(len(tokens))
+        x = rec.tap(S.embedding, None, x)
         for layer in range(self.cfg.n_layers):
             x = self.layer(layer, x, pos, rec)
 
         h = a(rms_norm(x, self.model.tensor("output_norm.weight").dequantize(self.compute), self.cfg.rms_eps))
-        rec.capture(S.final_norm, None, h)
+        h = rec.tap(S.final_norm, None, h)
         logits = a(self.lm_head(h))
-        rec.capture(S.lm_head, None, logits)
-
-        info = {"backend": self.name, "compute_dtype": self.compute.name, "act_dtype": self.act.name,
-                "tokens": json.dumps(tokens), "model": self.model.path.name,
-                "model_size": str(self.model.file_size), **(meta or {})}
+        logits = rec.tap(S.lm_head, None, logits)
         return ForwardResult(logits=logits.astype(np.float32), trace=rec.trace(info))
 
     def layer(self, layer: int, x: np.ndarray, pos: np.ndarray, rec: Recorder) -> np.ndarray:
@@ -121,78 +146,80 @@ class NumpyForward:
         T, nh, nkv, hd = x.shape[0], cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
 
         h = a(rms_norm(x, self.w(L, "attn_norm"), cfg.rms_eps))
-        rec.capture(S.attn_norm, L, h)
+        h = rec.tap(S.attn_norm, L, h)
         q = a(h @ self.w(L, "attn_q").T)
         k = a(h @ self.w(L, "attn_k").T)
         v = a(h @ self.w(L, "attn_v").T)
-        rec.capture(S.q_proj, L, q)
-        rec.capture(S.k_proj, L, k)
-        rec.capture(S.v_proj, L, v)
+        q = rec.tap(S.q_proj, L, q)
+        k = rec.tap(S.k_proj, L, k)
+        v = rec.tap(S.v_proj, L, v)
 
         q = a(rms_norm(q.reshape(T, nh, hd), self.w(L, "attn_q_norm"), cfg.rms_eps))
         k = a(rms_norm(k.reshape(T, nkv, hd), self.w(L, "attn_k_norm"), cfg.rms_eps))
-        rec.capture(S.q_norm, L, q)
-        rec.capture(S.k_norm, L, k)
+        q = rec.tap(S.q_norm, L, q)
+        k = rec.tap(S.k_norm, L, k)
         q = a(rope_neox(q, pos, cfg.rope_base))
         k = a(rope_neox(k, pos, cfg.rope_base))
-        rec.capture(S.q_post_rope, L, q)
-        rec.capture(S.k_post_rope, L, k)
+        q = rec.tap(S.q_post_rope, L, q)
+        k = rec.tap(S.k_post_rope, L, k)
 
         # GQA: query head i reads kv head i // (nh / nkv)
         kk = np.repeat(k, nh // nkv, axis=1)                       # [T, nh, hd]
         vv = np.repeat(v.reshape(T, nkv, hd), nh // nkv, axis=1)  # [T, nh, hd]
         scores = a(np.einsum("qhd,khd->qhk", q, kk) / np.sqrt(hd).astype(self.compute))  # [T, nh, T]
-        rec.capture(S.attn_scores, L, scores)
+        scores = rec.tap(S.attn_scores, L, scores)
         causal = np.tril(np.ones((T, T), dtype=bool))[:, None, :]
         p = a(softmax(np.where(causal, scores, -np.inf), axis=-1))
-        rec.capture(S.attn_softmax, L, p)
+        p = rec.tap(S.attn_softmax, L, p)
         ctx = a(np.einsum("qhk,khd->qhd", p, vv).reshape(T, nh * hd))
-        rec.capture(S.attention, L, ctx)
+        ctx = rec.tap(S.attention, L, ctx)
         out = a(ctx @ self.w(L, "attn_output").T)
-        rec.capture(S.attn_out, L, out)
+        out = rec.tap(S.attn_out, L, out)
         x = a(x + out)
-        rec.capture(S.post_attn_residual, L, x)
+        x = rec.tap(S.post_attn_residual, L, x)
         return x
 
     def moe(self, layer: int, x: np.ndarray, rec: Recorder) -> np.ndarray:
         cfg, a, L = self.cfg, self._a, layer
         h = a(rms_norm(x, self.w(L, "ffn_norm"), cfg.rms_eps))
-        rec.capture(S.ffn_norm, L, h)
+        h = rec.tap(S.ffn_norm, L, h)
         logits = a(h @ self.w(L, "ffn_gate_inp").T)                  # [T, E]
-        rec.capture(S.moe_router_logits, L, logits)
+        logits = rec.tap(S.moe_router_logits, L, logits)
         probs = a(softmax(logits))
-        rec.capture(S.moe_router_probs, L, probs)
-        idx, weights = top_k_routing(probs, cfg.n_experts_used)
+        probs = rec.tap(S.moe_router_probs, L, probs)
+        if L in self.forced:  # forced routing: the reference's choices, this forward's probabilities
+            idx = np.asarray(self.forced[L], dtype=np.int64)
+            top = np.take_along_axis(probs, idx, axis=-1)
+            weights = top / np.sum(top, axis=-1, keepdims=True)
+        else:
+            idx, weights = top_k_routing(probs, cfg.n_experts_used)
         weights = a(weights)
-        rec.capture(S.moe_router, L, weights)
+        weights = rec.tap(S.moe_router, L, weights)
         rec.capture(S.moe_router_indices, L, idx.astype(np.int32))
 
-        gate_t, up_t, down_t = (self.model.layer(L, n) for n in ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"))
         out = np.zeros_like(h)
         experts_wanted = self._experts_to_capture(L, idx, rec)
         for e in sorted(set(np.unique(idx).tolist()) | set(experts_wanted)):
-            wg = gate_t.expert(e).dequantize(self.compute)
-            wu = up_t.expert(e).dequantize(self.compute)
-            wd = down_t.expert(e).dequantize(self.compute)
+            wg, wu, wd = (self.w(L, n, e) for n in ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"))
             tok, slot = np.nonzero(idx == e)
             if tok.size:
-                y = self.expert_ffn(h[tok], wg, wu, wd)[3]
+                y = self.expert_ffn(h[tok], wg, wu, wd, L, e, rec)[3]
                 out[tok] += weights[tok, slot][:, None] * y
             if e in experts_wanted:
                 self._capture_expert(L, e, h[rec.positions], wg, wu, wd, rec)
         out = a(out)
-        rec.capture(S.moe_ffn_out, L, out)
+        out = rec.tap(S.moe_ffn_out, L, out)
         x = a(x + out)
-        rec.capture(S.post_ffn_residual, L, x)
+        x = rec.tap(S.post_ffn_residual, L, x)
         return x
 
-    def expert_ffn(self, h, wg, wu, wd):
+    def expert_ffn(self, h, wg, wu, wd, layer, e, rec: Recorder):
         """One expert on rows of h: (gate, up, swiglu, out), each stored in the activation dtype."""
-        a = self._a
-        g = a(h @ wg.T)
-        u = a(h @ wu.T)
-        s = a(silu(g) * u)
-        return g, u, s, a(s @ wd.T)
+        a, f = self._a, rec.apply_faults
+        g = f(S.moe_expert_gate, layer, a(h @ wg.T), e)
+        u = f(S.moe_expert_up, layer, a(h @ wu.T), e)
+        s = f(S.moe_expert_swiglu, layer, a(silu(g) * u), e)
+        return g, u, s, f(S.moe_expert_out, layer, a(s @ wd.T), e)
 
     def _experts_to_capture(self, layer: int, idx: np.ndarray, rec: Recorder) -> list[int]:
         if not any(rec.wants(st, layer) for st in (S.moe_expert_gate, S.moe_expert_up, S.moe_expert_swiglu, S.moe_expert_out)):
@@ -201,7 +228,7 @@ class NumpyForward:
         return rec.plan.resolve_experts(self.cfg.n_experts, routed)
 
     def _capture_expert(self, layer, e, h_sel, wg, wu, wd, rec: Recorder) -> None:
-        g, u, s, o = self.expert_ffn(h_sel, wg, wu, wd)
+        g, u, s, o = self.expert_ffn(h_sel, wg, wu, wd, layer, e, rec)
         for stage, val in ((S.moe_expert_gate, g), (S.moe_expert_up, u), (S.moe_expert_swiglu, s), (S.moe_expert_out, o)):
             rec.capture(stage, layer, val, expert=e, preselected=True)
 

@@ -85,8 +85,9 @@ class Recorder:
     Forwards call ``wants(stage, layer)`` before computing anything that exists only for tracing.
     """
 
-    def __init__(self, plan: SavePlan, n_tokens: int, to_host: Callable = _numpy_to_host):
+    def __init__(self, plan: SavePlan, n_tokens: int, to_host: Callable = _numpy_to_host, faults=()):
         self.plan = plan
+        self.faults = [f for f in faults if f.kind != "dispatch"]
         self.positions = plan.resolve_positions(n_tokens) if not plan.is_empty else []
         self._all_positions = self.positions == list(range(n_tokens))
         self.to_host = to_host
@@ -95,6 +96,19 @@ class Recorder:
 
     def wants(self, stage: str, layer: int | None = None) -> bool:
         return self.plan.wants(stage, layer)
+
+    def tap(self, stage: str, layer: int | None, value, expert: int | None = None, preselected: bool = False):
+        """A stage boundary in a forward: apply planted faults, capture, return the value to go on with."""
+        value = self.apply_faults(stage, layer, value, expert)
+        self.capture(stage, layer, value, expert=expert, preselected=preselected)
+        return value
+
+    def apply_faults(self, stage: str, layer: int | None, value, expert: int | None = None):
+        """Planted faults only (for values computed outside the captured positions)."""
+        for fault in self.faults:
+            if fault.matches(stage, layer, expert):
+                value = fault.apply(value)
+        return value
 
     def capture(self, stage: str, layer: int | None, value, expert: int | None = None,
                 preselected: bool = False) -> None:
@@ -112,4 +126,6 @@ class Recorder:
         meta.setdefault("positions", json.dumps(self.positions))
         meta.setdefault("plan", self.plan.describe())
         meta.setdefault("contract_version", str(self._contract.version))
+        if self.faults:
+            meta.setdefault("faults", ";".join(str(f) for f in self.faults))
         return Trace(tensors=dict(self.tensors), meta=meta)
