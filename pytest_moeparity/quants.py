@@ -22,11 +22,17 @@ Public API
 
 Each quant type is one class holding ``quantize_blocks`` and ``dequantize_blocks`` side by
 side, so the byte layout is written down once in each direction.  All work is vectorized
-over blocks; the public functions feed the classes fixed-size chunks of blocks (a few
-hundred KiB) so the many temporaries stay in cache, which is most of the speed.
+over blocks; the public functions feed the classes chunks of blocks (2 MiB of float32)
+with reused work buffers, so the chunk loop neither pays NumPy's per-call overhead too
+often nor page-faults on fresh temporaries.  One core quantizes ~30-40 M values/s for
+each k-quant (normal data, 64 M values).
 
-Non-finite input values are not supported: they make the block's scales NaN/inf, which
-then shows up (as NaN/inf) when the block is dequantized.
+Quality (relative L2 error on normal data): Q4_K 0.072, Q5_K 0.036, Q6_K 0.017 -- the
+level uniform rounding over a 32/16-value block's range allows.  All-zero blocks come back
+as zeros, constant blocks to f16 precision.  The super-block scales are float16, so
+magnitudes below ~1e-6 lose precision (they come back no worse than zeros) and above ~1e7
+overflow.  Non-finite inputs are not supported: they make the block's scales NaN/inf,
+which shows up as NaN/inf when the block is read back.
 """
 from __future__ import annotations
 
@@ -48,7 +54,9 @@ __all__ = [
 
 _QT = GGMLQuantizationType
 
-# Values handed to one ``quantize_blocks`` call: 64 Ki float32 = 256 KiB, about one L2.
+# Values handed to one ``quantize_blocks`` call (2 MiB of float32).  Bigger chunks amortize
+# the per-call overhead of the ~100 NumPy calls a chunk takes; past ~1 Mi values the
+# temporaries fall out of cache.
 _CHUNK_VALUES = 1 << 19
 
 _F32 = np.float32
@@ -77,9 +85,16 @@ class _Scratch:
         return buf[:size].reshape(shape)
 
 
-def _f16_round(a: np.ndarray) -> np.ndarray:
-    """``a`` rounded to the nearest float16, returned as float32 (what a reader will see)."""
-    return a.astype(np.float16).astype(_F32)
+def _f16_ceil(a: np.ndarray) -> np.ndarray:
+    """Non-negative ``a`` rounded *up* to a float16, returned as float32 (what a reader sees).
+
+    Rounding the super-block scale up keeps ``a / d`` within the 6/8-bit code range (no
+    clipping of the largest sub-block scale) and keeps ``d > 0`` whenever ``a > 0``, also
+    where ``a`` is below float16's smallest subnormal (tiny weights degrade, not vanish).
+    """
+    h = a.astype(np.float16)
+    h = np.where(h.astype(_F32) < a, np.nextafter(h, np.float16(np.inf)), h)
+    return h.astype(_F32)
 
 
 def _safe_recip(a: np.ndarray) -> np.ndarray:
@@ -248,9 +263,9 @@ class _KWithMin(_Quant):
     NMAX: ClassVar[int]
     N_SUB: ClassVar[int] = 8
     SUB: ClassVar[int] = 32
-    # Offsets tried around the min/max grid: ~8% lower RMS error than plain min/max; a
-    # 21-point grid would gain only ~1.5% more, at 5x the cost.
-    DELTAS: ClassVar[tuple[float, ...]] = (-1.5, -0.75, 0.0, 0.5)
+    # Offsets tried around the min/max grid: ~4% lower RMS error than plain min/max (on
+    # normal data); a 17-point grid would gain only ~1% more, at 4x the cost.
+    DELTAS: ClassVar[tuple[float, ...]] = (-1.0, -0.5, 0.0, 0.5)
     own_dequantize = True
 
     # ---- 6-bit scales/mins, 12 bytes (get_scale_min_k4 in ggml-quants.c):
@@ -324,11 +339,14 @@ class _KWithMin(_Quant):
         nb = x.shape[0]
         x = x.reshape(nb, cls.N_SUB, cls.SUB)
         a, b = cls._subblock_fit(x, s)
-        mins = -b
-        # Super-block scales, rounded to the f16 that will be stored; 6-bit codes against them.
-        d = _f16_round(a.max(axis=1) / _F32(63))
-        dmin = _f16_round(mins.max(axis=1) / _F32(63))
+        # Super-block scales as the f16 that will be stored; 6-bit codes against them.
+        d = _f16_ceil(a.max(axis=1) / _F32(63))
         sc = np.clip(np.rint(a * _safe_recip(d)[:, None]), 0, 63)
+        # A sub-block whose scale code is 0 (constant, or far narrower than its neighbours)
+        # is all offset: the best offset is then its mean (clamped <= 0), not its minimum.
+        mean = _rowsum(x) / _F32(cls.SUB)
+        mins = np.where(sc == 0, np.maximum(-mean, _F32(0)), -b)
+        dmin = _f16_ceil(mins.max(axis=1) / _F32(63))
         m = np.clip(np.rint(mins * _safe_recip(dmin)[:, None]), 0, 63)
         step = d[:, None] * sc  # what the reader computes
         offset = dmin[:, None] * m
@@ -418,7 +436,8 @@ class Q6_K(_Quant, qtype=_QT.Q6_K):
 
     N_SUB = 16
     SUB = 16
-    DELTAS: ClassVar[tuple[float, ...]] = (-0.6, -0.2, 0.2, 0.6)
+    # ~7% lower RMS error than the plain max grid (delta = 0 alone), on normal data.
+    DELTAS: ClassVar[tuple[float, ...]] = (-2.0, -1.0, -0.5, 0.0)
     own_dequantize = True
 
     @classmethod
@@ -449,7 +468,7 @@ class Q6_K(_Quant, qtype=_QT.Q6_K):
         nb = x.shape[0]
         x = x.reshape(nb, cls.N_SUB, cls.SUB)
         a = cls._subblock_fit(x, s)
-        d = _f16_round(np.abs(a).max(axis=1) / _F32(127))
+        d = _f16_ceil(np.abs(a).max(axis=1) / _F32(127))
         sc = np.clip(np.rint(a * _safe_recip(d)[:, None]), -127, 127)
         step = d[:, None] * sc  # what the reader computes
         q = np.multiply(x, _safe_recip(step)[..., None], out=s("q", x.shape))
@@ -598,7 +617,7 @@ def dequantize(raw: np.ndarray, qtype: GGMLQuantizationType | str) -> np.ndarray
 
     try:
         vals = _gq.dequantize(raw, qt)
-    except NotImplementedError as e:
-        raise ValueError(f"dequantizing {qt.name} is not supported by gguf: {e}") from None
+    except NotImplementedError:
+        raise ValueError(f"dequantizing {qt.name} is not supported (gguf-py cannot read it)") from None
     # np.array copies: gguf returns a view of ``raw`` for F32.
     return np.array(vals, dtype=_F32).reshape(out_shape)
