@@ -76,7 +76,7 @@ def cmd_trace(args) -> int:
     from .parity import default_tokens, run_trace
 
     model = _load(args.model)
-    tokens = _int_list(args.tokens, "--tokens") if args.tokens else default_tokens(model.config.vocab)
+    tokens = _int_list(args.tokens, "--tokens") if args.tokens is not None else default_tokens(model.config.vocab)
     model.validate_tokens(tokens)
     plan = _plan(args)
     plan.resolve_positions(len(tokens))
@@ -111,7 +111,7 @@ def cmd_check(args) -> int:
 
     model = _load(args.model)
     print(model.describe())
-    tokens = _int_list(args.tokens, "--tokens") if args.tokens else None
+    tokens = _int_list(args.tokens, "--tokens") if args.tokens is not None else None
     reg = default_registry()
     t0 = time.perf_counter()
     run = run_parity(model, tokens, _plan(args), reference=args.reference, candidate=args.candidate,

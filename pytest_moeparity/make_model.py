@@ -312,6 +312,7 @@ def make_model(out: str | os.PathLike, spec: ModelSpec, quant: str = "Q4_K_M", s
                 pool.shutdown()
         w.close()
         seconds = bar.close()
+        _chmod_default(tmp)
         os.replace(tmp, out)
     except BaseException:
         if os.path.exists(tmp):
@@ -326,3 +327,10 @@ def spec_from_args(preset: str, **overrides) -> ModelSpec:
     spec = PRESETS[preset]
     changes = {k: v for k, v in overrides.items() if v is not None}
     return replace(spec, **changes) if changes else spec
+
+
+def _chmod_default(path) -> None:
+    """mkstemp creates 0600 files; give the result the mode a plain open() would (0666 & ~umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)

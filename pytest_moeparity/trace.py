@@ -54,6 +54,7 @@ class Trace:
         os.close(fd)
         try:
             save_file(tensors, tmp, metadata={str(k): str(v) for k, v in self.meta.items()})
+            _chmod_default(tmp)
             os.replace(tmp, path)
         except BaseException:
             if os.path.exists(tmp):
@@ -129,3 +130,10 @@ class Recorder:
         if self.faults:
             meta.setdefault("faults", ";".join(str(f) for f in self.faults))
         return Trace(tensors=dict(self.tensors), meta=meta)
+
+
+def _chmod_default(path) -> None:
+    """mkstemp creates 0600 files; give the result the mode a plain open() would (0666 & ~umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
