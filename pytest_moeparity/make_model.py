@@ -22,6 +22,7 @@ from gguf.constants import GGML_QUANT_SIZES
 from .model import ARCH, LAYER_TENSORS, MODEL_TENSORS, Qwen3MoeConfig, expected_shape
 from .quants import quantize
 
+CHUNK_VALUES = 1 << 20  # values per generated chunk of a 2-D tensor
 QUANT_CHOICES = ("F32", "F16", "BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M")
 # llama.cpp file-type ids (general.file_type)
 _FTYPE = {"F32": 0, "F16": 1, "BF16": 32, "Q8_0": 7, "Q6_K": 18, "Q5_K_M": 17, "Q4_K_M": 15}
@@ -98,8 +99,17 @@ class TensorPlan:
     offset: float      # added after the draw (norm weights sit around 1)
 
     @property
+    def rows_per_chunk(self) -> int:
+        """Rows of a 2-D tensor drawn per chunk (~1M values), so big matrices parallelise too."""
+        return max(1, CHUNK_VALUES // self.shape[-1]) if len(self.shape) == 2 else 0
+
+    @property
     def n_chunks(self) -> int:
-        return self.shape[0] if len(self.shape) == 3 else 1
+        if len(self.shape) == 3:
+            return self.shape[0]
+        if len(self.shape) == 2:
+            return -(-self.shape[0] // self.rows_per_chunk)
+        return 1
 
     @property
     def nbytes(self) -> int:
@@ -143,9 +153,15 @@ def plan_tensors(spec: ModelSpec, quant: str, seed: int, hot_layer: int | None =
 
 
 def make_chunk(tp: TensorPlan, chunk: int) -> np.ndarray:
-    """Raw bytes of one chunk (one expert of a 3-D tensor, or the whole 2-D/1-D tensor)."""
+    """Raw bytes of one chunk: one expert of a 3-D tensor, a band of rows of a 2-D one, a 1-D tensor."""
     rng = np.random.default_rng(tp.seed + (chunk,))
-    shape = tp.shape[1:] if len(tp.shape) == 3 else tp.shape
+    if len(tp.shape) == 3:
+        shape = tp.shape[1:]
+    elif len(tp.shape) == 2:
+        r0 = chunk * tp.rows_per_chunk
+        shape = (min(tp.shape[0], r0 + tp.rows_per_chunk) - r0, tp.shape[1])
+    else:
+        shape = tp.shape
     vals = rng.standard_normal(shape, dtype=np.float32)
     vals *= np.float32(tp.scale)
     if tp.offset:
@@ -153,8 +169,44 @@ def make_chunk(tp: TensorPlan, chunk: int) -> np.ndarray:
     return quantize(vals, tp.qtype)
 
 
-def _make_chunk_star(args):
-    return make_chunk(*args)
+def _tensor_bytes(plans: list[TensorPlan], jobs: int):
+    """Yield each tensor's raw bytes in order. With ``jobs > 1`` a process pool works on chunks of
+    all tensors, at most ``4 * jobs`` chunks ahead of the writer, so memory stays bounded."""
+    tasks = ((i, tp, c) for i, tp in enumerate(plans) for c in range(tp.n_chunks))
+    if jobs <= 1:
+        for tp in plans:
+            yield _join(tp, [make_chunk(tp, c) for c in range(tp.n_chunks)])
+        return
+    from collections import deque
+
+    window = 4 * jobs
+    pending: deque = deque()
+    with ProcessPoolExecutor(jobs) as pool:
+        def refill():
+            while len(pending) < window:
+                nxt = next(tasks, None)
+                if nxt is None:
+                    return
+                i, tp, c = nxt
+                pending.append((i, pool.submit(make_chunk, tp, c)))
+
+        refill()
+        for i, tp in enumerate(plans):
+            parts = []
+            while len(parts) < tp.n_chunks:
+                j, fut = pending.popleft()
+                assert j == i
+                parts.append(fut.result())
+                refill()
+            yield _join(tp, parts)
+
+
+def _join(tp: TensorPlan, parts: list[np.ndarray]) -> np.ndarray:
+    data = parts[0] if len(parts) == 1 else np.concatenate([p.reshape(-1) for p in parts])
+    data = data.reshape(-1)
+    if data.nbytes != tp.nbytes:
+        raise RuntimeError(f"{tp.name}: generated {data.nbytes} bytes, expected {tp.nbytes}")
+    return data
 
 
 def _tokenizer(writer: GGUFWriter, vocab: int) -> None:
@@ -296,20 +348,10 @@ def make_model(out: str | os.PathLike, spec: ModelSpec, quant: str = "Q4_K_M", s
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
         bar = _Progress(total, progress, f"writing {out.name}")
-        pool = ProcessPoolExecutor(jobs) if jobs > 1 else None
-        try:
-            for tp in plans:
-                args = [(tp, c) for c in range(tp.n_chunks)]
-                chunks = list(pool.map(_make_chunk_star, args)) if pool and len(args) > 1 else [make_chunk(*a) for a in args]
-                data = chunks[0] if len(chunks) == 1 else np.stack(chunks)
-                data = data.reshape(-1)
-                del chunks
-                w.write_tensor_data(data)
-                bar.update(data.nbytes)
-                del data
-        finally:
-            if pool:
-                pool.shutdown()
+        for data in _tensor_bytes(plans, jobs):
+            w.write_tensor_data(data)
+            bar.update(data.nbytes)
+            del data
         w.close()
         seconds = bar.close()
         _chmod_default(tmp)
