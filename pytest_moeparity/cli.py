@@ -1,6 +1,10 @@
 """``moeparity``: make test models, trace a forward, run a parity check, diff saved traces.
 
 Every error is one line on stderr and a non-zero exit (2 for bad input, 1 for a failed check).
+``check`` takes the bisection switches ``--isolated``, ``--forced-routing``, ``--no-drilldown``
+and ``--inject SPEC`` (faults planted in the candidate; see pytest_moeparity.bisect);
+``diff`` compares safetensors traces and aprender dump directories in any combination.
+With ``--json PATH`` a heatmap PNG is written next to it (``--png PATH`` to choose; needs matplotlib).
 """
 from __future__ import annotations
 
@@ -102,6 +106,16 @@ def _emit(report, args) -> int:
     if args.json:
         report.write_json(args.json)
         print(f"JSON report: {args.json}")
+    png = args.png
+    if png is None and args.json:
+        from .heatmap import png_path_for
+
+        png = png_path_for(args.json)
+    if png:
+        from .heatmap import MISSING_MATPLOTLIB, write_heatmap
+
+        out = write_heatmap(report, png)
+        print(f"heatmap: {out}" if out else f"moeparity: {MISSING_MATPLOTLIB}")
     return 0 if report.ok else 1
 
 
@@ -115,7 +129,8 @@ def cmd_check(args) -> int:
     reg = default_registry()
     t0 = time.perf_counter()
     run = run_parity(model, tokens, _plan(args), reference=args.reference, candidate=args.candidate,
-                     thresholds=_thresholds(args), registry=reg, save_dir=args.save_dir)
+                     thresholds=_thresholds(args), registry=reg, save_dir=args.save_dir, faults=args.inject,
+                     isolated=args.isolated, forced_routing=args.forced_routing, drilldown=not args.no_drilldown)
     print(f"reference {args.reference} vs candidate {run.candidate.meta.get('backend')} on "
           f"{len(run.reference.tokens)} tokens ({time.perf_counter() - t0:.1f} s: "
           + ", ".join(f"{k} {v:.2f} s" for k, v in run.seconds.items()) + ")")
@@ -124,12 +139,64 @@ def cmd_check(args) -> int:
     return _emit(run.report, args)
 
 
-def cmd_diff(args) -> int:
-    from .report import compare_traces
+def _load_trace_or_dump(path: str):
+    """(trace, is_dump). A directory is an aprender-style dump, a file a safetensors trace."""
     from .trace import Trace
 
-    ref = Trace.load(args.reference)
-    cand = Trace.load(args.candidate)
+    p = Path(path)
+    if p.is_dir():
+        return None, True
+    if not p.exists():
+        raise CliError(f"{path}: no such trace file or dump directory")
+    try:
+        return Trace.load(p), False
+    except Exception as exc:  # safetensors raises its own error types on a damaged file
+        raise CliError(f"{path}: not a safetensors trace ({type(exc).__name__}: {exc})") from None
+
+
+def cmd_diff(args) -> int:
+    from .aprender import read_dump, stage_sizes
+    from .bisect import slice_positions
+    from .report import compare_traces
+
+    ref, ref_dump = _load_trace_or_dump(args.reference)
+    cand, cand_dump = _load_trace_or_dump(args.candidate)
+    tokens = _int_list(args.tokens, "--tokens") if args.tokens is not None else None
+    positions = _int_list(args.positions, "--positions") if args.positions is not None else None
+    if positions is not None and len(positions) != 1:
+        raise CliError("--positions: a dump holds one position; give one integer")
+    full = ref if not ref_dump else cand  # the side that is a full trace (None when both are dumps)
+    n_tokens = len(tokens) if tokens is not None else (len(full.tokens) if full is not None and full.tokens else None)
+    pos = positions[0] if positions is not None else None
+    if pos is None and tokens is None and full is not None and full.positions:
+        pos = full.positions[-1]
+        if ref_dump or cand_dump:
+            print(f"note: assuming the dump holds the last position ({pos}); say --positions or --tokens")
+    sizes = stage_sizes(full) if full is not None else None
+    kw = dict(tokens=tokens, position=pos, n_tokens=n_tokens, sizes=sizes)
+    if ref_dump:
+        ref = read_dump(args.reference, **kw)
+    if cand_dump:
+        cand = read_dump(args.candidate, **kw)
+    if ref_dump != cand_dump:
+        dump = ref if ref_dump else cand
+        want = dump.positions
+        if want and full.positions and full.positions != want:
+            if not set(want) <= set(full.positions):
+                raise CliError(f"the dump holds position {want[0]} but the full trace has positions "
+                               f"{full.positions}")
+            sliced = slice_positions(full, want)
+            if ref_dump:
+                cand = sliced
+            else:
+                ref = sliced
+    for side in (ref, cand):
+        for w in json.loads(side.meta.get("dump_warnings", "[]")):
+            print(f"note: {w}")
+        unknown = json.loads(side.meta.get("unknown_stages", "[]"))
+        if unknown:
+            print(f"note: {side.meta.get('source')}: stage names outside the contract (not compared): "
+                  + ", ".join(unknown))
     return _emit(compare_traces(ref, cand, _thresholds(args)), args)
 
 
@@ -149,7 +216,8 @@ def _add_threshold_args(p) -> None:
     p.add_argument("--min-cosine", type=float, default=None, help="Diverge below this cosine")
     p.add_argument("--max-rel-l2", type=float, default=None, help="Diverge above this relative L2")
     p.add_argument("--router-tie-tol", type=float, default=None, help="router near-tie tolerance")
-    p.add_argument("--json", default=None, help="also write the report as JSON here")
+    p.add_argument("--json", default=None, help="also write the report as JSON here (and a heatmap PNG next to it)")
+    p.add_argument("--png", default=None, help="write the layer x stage heatmap PNG here (needs matplotlib)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -195,12 +263,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", default="numpy")
     p.add_argument("--candidate", default=None, help="default: cupy where a GPU is usable, else numpy-f64")
     p.add_argument("--save-dir", default=None, help="save both traces here as safetensors")
+    p.add_argument("--inject", default=None, metavar="SPEC",
+                   help="plant faults in the candidate only, e.g. 'scale=2@3:attn_out' or "
+                        "'dispatch=q6_k@*:ffn_down_exps' (proves the harness finds them)")
+    p.add_argument("--isolated", action="store_true",
+                   help="also run each layer alone from the reference's input: wrong by itself vs inherited")
+    p.add_argument("--forced-routing", action="store_true",
+                   help="also run the candidate with the reference's expert choices: routing flips vs expert math")
+    p.add_argument("--no-drilldown", action="store_true",
+                   help="no per-expert drill-down where moe_ffn_out diverges (on by default)")
     _add_threshold_args(p)
     p.set_defaults(fn=cmd_check)
 
-    p = sub.add_parser("diff", help="compare two saved traces offline")
-    p.add_argument("reference")
-    p.add_argument("candidate")
+    p = sub.add_parser("diff", help="compare two saved traces (safetensors files or aprender dump directories)")
+    p.add_argument("reference", help="a .safetensors trace or a dump directory (layer-<N>/<stage>.bin)")
+    p.add_argument("candidate", help="a .safetensors trace or a dump directory")
+    p.add_argument("--positions", default=None,
+                   help="the token position a dump holds (default: the last position of the other trace)")
+    p.add_argument("--tokens", default=None,
+                   help="the prompt of a dump (it holds the last position); checked against the other trace")
     _add_threshold_args(p)
     p.set_defaults(fn=cmd_diff)
 
@@ -214,7 +295,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     try:
         return args.fn(args)
-    except (CliError, ModelError, PlanError, ValueError, KeyError, OSError) as exc:
+    except (CliError, ModelError, PlanError, ValueError, KeyError, OSError) as exc:  # DumpError, FaultError too
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"moeparity: error: {msg}", file=sys.stderr)
         return 2

@@ -12,6 +12,11 @@ reproduces the historical bug: that tensor's bytes are read with the Q6_K layout
 real type (rows read as far as whole Q6_K blocks fit; the rest contributes 0).
 Examples: ``nan@6:moe_ffn_out``, ``scale=2@3:attn_out``, ``inf@0:q_post_rope``, ``nan@lm_head``.
 
+``#EXPERT`` on a per-expert stage (``scale=2@3:moe_expert_out#5``) faults that expert only. On the
+router's per-expert columns (``moe_router_logits``, ``moe_router_probs``, shape ``[E]``) it faults
+that expert's column only: ``add=4@3:moe_router_logits#5`` favours expert 5 at layer 3 (a
+routing flip without any change to the experts' arithmetic); ``add=1e-6@...#E`` breaks a tie.
+
 Faults change the value the forward goes on with (so they propagate downstream), and the
 captured copy shows them.
 """
@@ -23,6 +28,8 @@ from dataclasses import dataclass
 from .contract import stage_contract
 
 VALUE_KINDS = ("nan", "inf", "scale", "add", "zero")
+# layer stages whose last axis is the expert axis: '#E' faults one column
+COLUMN_STAGES = ("moe_router_logits", "moe_router_probs")
 _SPEC_RE = re.compile(r"^(?P<kind>[a-z_]+)(?:=(?P<value>[^@]+))?@(?:(?P<layer>\*|\d+):)?(?P<target>[a-z0-9_]+)(?:#(?P<expert>\d+))?$")
 
 
@@ -38,15 +45,27 @@ class Fault:
     target: str              # stage name, or weight tensor name for 'dispatch'
     expert: int | None = None
 
+    @property
+    def column(self) -> bool:
+        """True for ``#E`` on a router column stage: only column E of the [T, E] value is faulted."""
+        return self.expert is not None and self.target in COLUMN_STAGES
+
     def matches(self, stage: str, layer: int | None, expert: int | None = None) -> bool:
         if self.kind == "dispatch" or stage != self.target:
             return False
         if self.layer != "*" and self.layer != layer:
             return False
+        if self.column:
+            return expert is None
         return self.expert is None or self.expert == expert
 
     def apply(self, value):
         """The faulted value (a new array; works for NumPy and CuPy arrays alike)."""
+        if self.column:
+            out = value.copy()
+            out[..., self.expert] = Fault(self.kind, self.value, self.layer, self.target).apply(
+                value[..., self.expert:self.expert + 1])[..., 0]
+            return out
         if self.kind == "scale":
             return value * self.value
         if self.kind == "add":
@@ -105,8 +124,9 @@ def parse_faults(spec: str | None) -> list[Fault]:
         if (st.scope == "model") != (layer is None):
             raise FaultError(f"{part!r}: {target} is a {st.scope} stage: "
                              + ("give no layer" if st.scope == "model" else "give a layer, e.g. 3:" + target))
-        if expert is not None and st.scope != "expert":
-            raise FaultError(f"{part!r}: #EXPERT only applies to per-expert stages")
+        if expert is not None and st.scope != "expert" and target not in COLUMN_STAGES:
+            raise FaultError(f"{part!r}: #EXPERT only applies to per-expert stages and to "
+                             + ", ".join(COLUMN_STAGES))
         if kind in ("scale", "add"):
             try:
                 value = float(value)

@@ -6,7 +6,10 @@ Options (each also an ini key with ``-`` -> ``_``, e.g. ``moe_model``)::
     --moe-stages  --moe-layers  --moe-positions  --moe-experts  --moe-tokens
     --moe-reference NAME  --moe-candidate NAME
     --moe-min-cosine  --moe-max-rel-l2  --moe-router-tie-tol
-    --moe-save-dir DIR  --moe-report-json PATH
+    --moe-save-dir DIR  --moe-report-json PATH (a heatmap PNG is written next to it)
+    --moe-inject SPEC          plant faults in the candidate (pytest_moeparity.faults)
+    --moe-isolated  --moe-forced-routing  --moe-no-drilldown (ini moe_drilldown = false)
+                               bisection sections (pytest_moeparity.bisect)
 """
 from __future__ import annotations
 
@@ -37,7 +40,18 @@ _OPTS = [
     ("moe_max_rel_l2", "Diverge above this relative L2 (default from contracts/verdicts.yaml)", "string"),
     ("moe_router_tie_tol", "router near-tie tolerance (default from contracts/verdicts.yaml)", "string"),
     ("moe_save_dir", "save every trace here as safetensors", "string"),
-    ("moe_report_json", "write the parity report(s) as JSON here", "string"),
+    ("moe_report_json", "write the parity report(s) as JSON here (and a heatmap PNG next to it)", "string"),
+    ("moe_inject", "plant faults in the candidate only, e.g. 'nan@6:moe_ffn_out;scale=2@3:attn_out' or "
+                   "'dispatch=q6_k@*:ffn_down_exps' (proves the harness on a new backend)", "string"),
+]
+# boolean switches: (option dest, flag, ini key, ini default, help)
+_FLAGS = [
+    ("moe_isolated", "--moe-isolated", "moe_isolated", False,
+     "bisection: also run each layer alone from the reference's input (wrong by itself vs inherited)"),
+    ("moe_forced_routing", "--moe-forced-routing", "moe_forced_routing", False,
+     "bisection: also run the candidate with the reference's expert choices (routing flips vs expert math)"),
+    ("moe_no_drilldown", "--moe-no-drilldown", "moe_drilldown", True,
+     "turn off the automatic per-expert drill-down where moe_ffn_out diverges (ini: moe_drilldown = false)"),
 ]
 
 
@@ -55,6 +69,9 @@ def pytest_addoption(parser):
     group.addoption("--include-heavy", dest="include_heavy", action="store_true", default=None,
                     help="run tests marked heavy (they need --moe-model)")
     parser.addini("moe_include_heavy", "run tests marked heavy", type="bool", default=False)
+    for dest, flag, ini, default, help_ in _FLAGS:
+        group.addoption(flag, dest=dest, action="store_true", default=None, help=help_)
+        parser.addini(ini, help_, type="bool", default=default)
 
 
 @dataclass(frozen=True)
@@ -73,6 +90,10 @@ class MoeOptions:
     router_tie_tol: float | None
     save_dir: str | None
     report_json: str | None
+    inject: str | None = None
+    isolated: bool = False
+    forced_routing: bool = False
+    drilldown: bool = True
 
     @classmethod
     def from_config(cls, config) -> "MoeOptions":
@@ -102,12 +123,34 @@ class MoeOptions:
         heavy = config.getoption("include_heavy")
         if heavy is None:
             heavy = bool(config.getini("moe_include_heavy"))
+
+        def flag(dest, ini):
+            v = config.getoption(dest)
+            return bool(config.getini(ini)) if v is None else True
+
+        isolated = flag("moe_isolated", "moe_isolated")
+        forced = flag("moe_forced_routing", "moe_forced_routing")
+        drilldown = bool(config.getini("moe_drilldown")) and not config.getoption("moe_no_drilldown")
         return cls(model=get("moe_model"), include_heavy=heavy, stages=get("moe_stages"),
                    layers=get("moe_layers"), positions=get("moe_positions"), experts=get("moe_experts"),
                    tokens=tokens, reference=get("moe_reference") or "numpy", candidate=get("moe_candidate"),
                    min_cosine=num("moe_min_cosine"), max_rel_l2=num("moe_max_rel_l2"),
                    router_tie_tol=num("moe_router_tie_tol"), save_dir=get("moe_save_dir"),
-                   report_json=get("moe_report_json"))
+                   report_json=get("moe_report_json"), inject=get("moe_inject"), isolated=isolated,
+                   forced_routing=forced, drilldown=drilldown)
+
+    def faults(self) -> list:
+        from .faults import FaultError, parse_faults
+
+        try:
+            return parse_faults(self.inject)
+        except FaultError as exc:
+            raise pytest.UsageError(f"moeparity: --moe-inject: {exc}") from None
+
+    def bisect_kwargs(self) -> dict:
+        """Keyword arguments of :func:`pytest_moeparity.parity.run_parity` for the modes."""
+        return {"faults": self.faults(), "isolated": self.isolated, "forced_routing": self.forced_routing,
+                "drilldown": self.drilldown}
 
     def plan(self):
         from .plan import PlanError, SavePlan
@@ -144,6 +187,7 @@ def pytest_configure(config):
     opts = MoeOptions.from_config(config)
     opts.plan()
     opts.thresholds()
+    opts.faults()
     config.stash[_OPTIONS] = opts
     config.stash[_REPORTS] = []
 
@@ -309,26 +353,59 @@ def moe_candidate_name(moe_options, moe_backends) -> str:
 
 
 @pytest.fixture(scope="session")
-def moe_candidate_trace(moe_trace, moe_candidate_name):
-    return moe_trace(moe_candidate_name)
+def moe_candidate_trace(moe_trace, moe_candidate_name, moe_options, moe_backends, moe_model, moe_tokens, moe_plan):
+    """The candidate's trace under the session's plan, with the --moe-inject faults planted."""
+    faults = moe_options.faults()
+    if not faults:
+        return moe_trace(moe_candidate_name)
+    from .backends import BackendUnavailable, ModeUnsupported
+    from .parity import run_trace
+
+    try:
+        return run_trace(moe_backends, moe_candidate_name, moe_model, moe_tokens, moe_plan, faults=faults)[0]
+    except ModeUnsupported as exc:
+        pytest.fail(f"moeparity: {exc}", pytrace=False)
+    except BackendUnavailable as exc:
+        pytest.skip(str(exc))
+
+
+def _run_parity(opts: MoeOptions, model, tokens, registry, candidate=None):
+    """run_parity with the session's options; an unsupported mode fails, an unavailable backend skips."""
+    from .backends import BackendUnavailable, ModeUnsupported
+    from .parity import run_parity
+
+    try:
+        return run_parity(model, tokens, opts.plan(), reference=opts.reference, candidate=candidate or opts.candidate,
+                          thresholds=opts.thresholds(), registry=registry, **opts.bisect_kwargs())
+    except ModeUnsupported as exc:
+        pytest.fail(f"moeparity: {exc}", pytrace=False)
+    except BackendUnavailable as exc:
+        pytest.skip(str(exc))
+
+
+@pytest.fixture(scope="session")
+def moe_parity_run(moe_options, moe_model, moe_tokens, moe_backends, moe_candidate_name):
+    """The session's :class:`~pytest_moeparity.parity.ParityRun`: both traces, the report and the
+    bisection sections asked for (--moe-isolated, --moe-forced-routing, drill-down, --moe-inject)."""
+    return _run_parity(moe_options, moe_model, moe_tokens, moe_backends, moe_candidate_name)
 
 
 @pytest.fixture
-def moe_parity(request, moe_reference_trace, moe_candidate_trace, moe_thresholds, moe_options):
-    """The parity report of reference vs candidate; its table is attached to this test's report."""
+def moe_parity(request, moe_parity_run, moe_thresholds, moe_options):
+    """The parity report of reference vs candidate (with the bisection sections); its table is
+    attached to this test's report and its JSON to --moe-report-json."""
     from .report import compare_traces
 
-    report = compare_traces(moe_reference_trace, moe_candidate_trace, moe_thresholds)
-    attach_report(request.node, report, moe_options, (moe_reference_trace, moe_candidate_trace))
+    run = moe_parity_run
+    report = compare_traces(run.reference, run.candidate, moe_thresholds)
+    report.bisect = run.bisect
+    attach_report(request.node, report, moe_options, (run.reference, run.candidate))
     return report
 
 
 def run_and_attach(item, opts: MoeOptions, model, registry):
-    from .parity import run_parity
-
     tokens = model.validate_tokens(opts.tokens) if opts.tokens else None
-    run = run_parity(model, tokens, opts.plan(), reference=opts.reference, candidate=opts.candidate,
-                     thresholds=opts.thresholds(), registry=registry)
+    run = _run_parity(opts, model, tokens, registry)
     attach_report(item, run.report, opts, (run.reference, run.candidate))
     return run.report
 
@@ -369,6 +446,28 @@ def pytest_runtest_makereport(item, call):
         payload.append(dict(report.to_json(), test=item.nodeid, saved=saved))
     rep.sections.append(("moeparity divergence table", "\n\n".join(texts)))
     setattr(rep, REPORT_ATTR, json.dumps(payload, allow_nan=False))
+    if item.config.pluginmanager.hasplugin("html"):
+        _html_extras(rep, [r for r, _ in entries])
+
+
+def _html_extras(rep, reports) -> None:
+    """The heatmap of each report as an image in pytest-html's report (needs matplotlib)."""
+    import base64
+
+    try:
+        import pytest_html
+        from .heatmap import heatmap_png_bytes
+    except ImportError:
+        return
+    images = []
+    for report in reports:
+        png = heatmap_png_bytes(report)
+        if png is None:
+            return
+        images.append(pytest_html.extras.image(base64.b64encode(png).decode("ascii"), mime_type="image/png"))
+    version = getattr(pytest_html, "__version__", "4")
+    attr = "extras" if str(version).split(".")[0].isdigit() and int(str(version).split(".")[0]) >= 4 else "extra"
+    setattr(rep, attr, list(getattr(rep, attr, None) or []) + images)
 
 
 def _collect(terminalreporter) -> list[dict]:
@@ -398,6 +497,17 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
             where = "model" if fd.get("layer") is None else f"layer {fd['layer']}"
             exp = "" if fd.get("expert") is None else f" expert {fd['expert']}"
             tr.write_line(f"{p['test']}: first divergence at {where}, stage {fd['stage']}{exp}: {fd['verdict']}")
+        iso = p.get("isolated") or {}
+        if iso.get("own_layers"):
+            tr.write_line(f"  isolated: wrong by itself at layer(s) {', '.join(map(str, iso['own_layers']))}")
+        forced = p.get("forced_routing") or {}
+        if forced.get("summary"):
+            tr.write_line(f"  forced routing: {forced['summary'][0]}")
+        for d in p.get("drilldown") or []:
+            if d.get("expert") is not None:
+                tr.write_line(f"  drill-down: layer {d['layer']} expert {d['expert']} first differs at {d['stage']} "
+                              f"({d['verdict']}); ffn_gate/up/down_exps "
+                              f"{'/'.join(d['quant_types'].get(w, '?') for w in ('ffn_gate_exps', 'ffn_up_exps', 'ffn_down_exps'))}")
     opts = _opts(config)
     if opts.report_json:
         path = Path(opts.report_json)
@@ -408,3 +518,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         tmp.write_text(json.dumps(doc, indent=1, allow_nan=False))
         os.replace(tmp, path)
         tr.write_line(f"moeparity JSON report: {path}")
+        from .heatmap import MISSING_MATPLOTLIB, png_path_for, write_heatmap
+
+        png = write_heatmap(first, png_path_for(path))
+        tr.write_line(f"moeparity heatmap: {png}" if png else f"moeparity: {MISSING_MATPLOTLIB}")

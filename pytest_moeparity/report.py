@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
+import numpy as np
 from tabulate import tabulate
 
 from .contract import S, parse_key, stage_contract, trace_key
@@ -160,6 +161,9 @@ class ParityReport:
         self.cand_meta = dict(cand_meta or {})
         self.ignored_keys = list(ignored_keys or [])
         self.skipped = list(skipped or [])
+        # bisection sections (pytest_moeparity.bisect.BisectReport), set by run_parity: rendered
+        # after the table and merged into to_json()
+        self.bisect = None
         self._mark_downstream()
 
     # -- classification --------------------------------------------------------------------
@@ -293,6 +297,9 @@ class ParityReport:
         if hints:
             lines.append("Hints:")
             lines.extend(f"  - {h}" for h in hints)
+        if self.bisect is not None and not self.bisect.empty:
+            lines.append("")
+            lines.append(self.bisect.render())
         return "\n".join(lines)
 
     # -- hints -----------------------------------------------------------------------------
@@ -392,7 +399,7 @@ class ParityReport:
             fd = {"layer": first.layer, "stage": first.stage, "expert": first.expert,
                   "verdict": first.verdict.value, "metrics": json_safe(first.result.metrics),
                   "reason": first.result.reason}
-        return {
+        out = {
             "first_divergence": fd,
             "ok": self.ok,
             "cells": [c.to_dict() for c in self.cells],
@@ -403,6 +410,9 @@ class ParityReport:
             "ignored_keys": [{"side": s, "key": k, "why": w} for s, k, w in self.ignored_keys],
             "skipped": [{"key": k, "why": w} for k, w in self.skipped],
         }
+        if self.bisect is not None:
+            out.update(self.bisect.to_json())
+        return out
 
     def write_json(self, path: str | os.PathLike) -> Path:
         """Write :meth:`to_json` atomically (temp file in the same directory, then rename)."""
@@ -476,6 +486,11 @@ def _index_keys(trace: Trace, side: str, wanted: set[str] | None, ignored: list)
     return out
 
 
+def _flatten_rows(x):
+    x = np.asarray(x)
+    return x.reshape(x.shape[0], -1) if x.ndim >= 1 and x.shape[0] else x.reshape(1, -1)
+
+
 def compare_traces(ref: Trace, cand: Trace, th: Thresholds | None = None,
                    stages: tuple[str, ...] | list[str] | str | None = None) -> ParityReport:
     """Compare a reference trace (CPU side) with a candidate trace (GPU side).
@@ -491,6 +506,8 @@ def compare_traces(ref: Trace, cand: Trace, th: Thresholds | None = None,
     ref_keys = _index_keys(ref, "reference", wanted, ignored)
     cand_keys = _index_keys(cand, "candidate", wanted, ignored)
     positions = ref.positions or None
+    # flat traces (e.g. aprender dumps: one [1, count] row per stage) are compared row by row
+    flat = "flat" in (ref.meta.get("layout"), cand.meta.get("layout"))
 
     cells: dict[tuple, Cell] = {}
     skipped: list[tuple[str, str]] = []
@@ -502,6 +519,8 @@ def compare_traces(ref: Trace, cand: Trace, th: Thresholds | None = None,
         in_ref, in_cand = ident in ref_keys, ident in cand_keys
         if in_ref and in_cand:
             a, b = ref[ref_keys[ident]], cand[cand_keys[ident]]
+            if flat:
+                a, b = _flatten_rows(a), _flatten_rows(b)
             if st.kind == "index":
                 probs_key = trace_key(S.moe_router_probs, layer)
                 probs = ref[probs_key] if probs_key in ref else None

@@ -1,0 +1,175 @@
+"""CuPy forward on a GPU: time per prompt, effective bandwidth, GPU memory, heavy-pytest wall time.
+
+    python benchmarks/bench_gpu.py --model /tmp/30b.gguf --tokens 3,64 --pytest-wall --tag 30b-a3b
+
+Effective bandwidth = quantized weight bytes the forward must read at least once (every
+attention/router/norm tensor, each routed expert's gate/up/down slices once, the prompt's
+embedding rows, the output projection) / median forward time; compared with the measured
+device-to-device copy bandwidth (bytes read + written). Prints a table; writes
+benchmarks/results/gpu-<tag>.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import write_result  # noqa: E402
+
+import numpy as np  # noqa: E402
+from tabulate import tabulate  # noqa: E402
+
+from pytest_moeparity.make_model import PRESETS, make_model  # noqa: E402
+from pytest_moeparity.model import LAYER_TENSORS, load_model  # noqa: E402
+from pytest_moeparity.parity import default_tokens  # noqa: E402
+from pytest_moeparity.plan import SavePlan  # noqa: E402
+
+
+def d2d_bandwidth(cp, nbytes: int = 1 << 30, reps: int = 20) -> float:
+    a = cp.empty(nbytes, dtype=cp.uint8)
+    a[:] = 1
+    b = cp.empty_like(a)
+    for _ in range(3):
+        b[:] = a
+    start, end = cp.cuda.Event(), cp.cuda.Event()
+    start.record()
+    for _ in range(reps):
+        b[:] = a
+    end.record()
+    end.synchronize()
+    ms = cp.cuda.get_elapsed_time(start, end)
+    del a, b
+    return 2 * nbytes * reps / (ms / 1e3)
+
+
+def bytes_touched(model, ids_per_layer: dict[int, np.ndarray], n_tokens: int) -> int:
+    total = 0
+    for layer in range(model.config.n_layers):
+        for name in LAYER_TENSORS:
+            t = model.layer(layer, name)
+            if name.endswith("_exps"):
+                experts = np.unique(ids_per_layer[layer])
+                total += len(experts) * t.expert(0).nbytes
+            else:
+                total += t.nbytes
+    emb = model.tensor("token_embd.weight")
+    total += n_tokens * emb.raw[0].nbytes + model.output.nbytes + model.tensor("output_norm.weight").nbytes
+    return total
+
+
+def time_forward(cp, engine, tokens, repeat: int) -> list[float]:
+    engine.run(tokens, SavePlan.empty())  # warm-up: compile, upload, allocator
+    cp.cuda.Device().synchronize()
+    out = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        engine.run(tokens, SavePlan.empty())
+        cp.cuda.Device().synchronize()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def pytest_wall(model_path: Path, candidate: str) -> dict:
+    with tempfile.TemporaryDirectory() as d:
+        report = Path(d) / "report.json"
+        cmd = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--rootdir", d, d, "-q",
+               "--moe-model", str(model_path), "--include-heavy", "--moe-candidate", candidate,
+               "--moe-stages", "all", "--moe-layers", "all", "--moe-report-json", str(report)]
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, cwd=d, capture_output=True, text=True)
+        wall = time.perf_counter() - t0
+        tail = proc.stdout.strip().splitlines()[-3:]
+        doc = json.loads(report.read_text()) if report.exists() else {}
+    fd = doc.get("first_divergence")
+    return {"command": " ".join(["pytest"] + cmd[3:]), "wall_s": round(wall, 1), "exit": proc.returncode,
+            "cells": len(doc.get("cells", [])), "first_divergence": fd and {k: fd.get(k) for k in ("layer", "stage", "expert", "verdict")},
+            "tail": tail}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--preset", default="small", choices=list(PRESETS))
+    ap.add_argument("--quant", default="Q4_K_M")
+    ap.add_argument("--tokens", default="3,64")
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--act", default="float32", choices=["float32", "float16", "bfloat16"])
+    ap.add_argument("--pytest-wall", action="store_true", help="also time the heavy pytest run, all stages x all layers")
+    ap.add_argument("--pytest-only", action="store_true", help="only time the heavy pytest run")
+    ap.add_argument("--tag", default=None)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+
+    import cupy as cp
+
+    from pytest_moeparity.gpu import CupyEngine
+    from pytest_moeparity.gpu import kernels as K
+
+    K.set_debug(False)
+    if args.model:
+        path = Path(args.model)
+    else:
+        path = Path(tempfile.gettempdir()) / f"moeparity-bench-{args.preset}-{args.quant.lower()}.gguf"
+        if not path.exists():
+            make_model(path, PRESETS[args.preset], quant=args.quant)
+    model = load_model(path)
+    print(model.describe(), flush=True)
+    if args.pytest_only:
+        res = pytest_wall(path, "cupy")
+        print(tabulate([{k: v for k, v in res.items() if k != "tail"}], headers="keys", tablefmt="github"))
+        print("\n".join(res["tail"]))
+        print("wrote", write_result(f"gpu-pytest-{args.tag or args.preset}", {"benchmark": "pytest_heavy_wall",
+                                    "model": path.name, "pytest_heavy": res}, args.out))
+        return 0
+    bw = d2d_bandwidth(cp)
+    pool = cp.get_default_memory_pool()
+    free0, total = cp.cuda.runtime.memGetInfo()
+    engine = CupyEngine(model, act_dtype=args.act)
+    t0 = time.perf_counter()
+    weights = engine.weights
+    tok0 = default_tokens(model.config.vocab, 1)
+    engine.run(tok0, SavePlan.empty())
+    cp.cuda.Device().synchronize()
+    upload_s = time.perf_counter() - t0
+    mem = {"file_gib": round(model.file_size / 2**30, 3), "weights_mode": weights.mode,
+           "pool_used_gib": round(pool.used_bytes() / 2**30, 3),
+           "device_used_gib": round((free0 - cp.cuda.runtime.memGetInfo()[0]) / 2**30, 3),
+           "gpu_total_gib": round(total / 2**30, 1), "first_run_with_upload_s": round(upload_s, 2)}
+    rows = []
+    for n in [int(t) for t in args.tokens.split(",")]:
+        tokens = default_tokens(model.config.vocab, n)
+        routing = engine.run(tokens, SavePlan.parse("moe_router_indices")).trace
+        ids = {L: routing[f"layer.{L}.moe_router_indices"] for L in range(model.config.n_layers)}
+        times = time_forward(cp, engine, tokens, args.repeat)
+        med = statistics.median(times)
+        touched = bytes_touched(model, ids, n)
+        rows.append({"tokens": n, "median_ms": round(med * 1e3, 2), "min_ms": round(min(times) * 1e3, 2),
+                     "ms_per_token": round(med * 1e3 / n, 3), "bytes_touched_gib": round(touched / 2**30, 3),
+                     "eff_bw_gb_s": round(touched / med / 1e9, 1), "d2d_bw_gb_s": round(bw / 1e9, 1),
+                     "eff_vs_d2d_pct": round(100 * touched / med / bw, 1)})
+        print(tabulate([rows[-1]], headers="keys", tablefmt="github"), flush=True)
+    print(tabulate([mem], headers="keys", tablefmt="github"))
+    doc = {"benchmark": "gpu_forward", "model": path.name, "act": args.act, "config": model.config.as_dict(),
+           "forward": rows, "memory": mem}
+    if args.pytest_wall:
+        del engine
+        from pytest_moeparity.gpu import clear_weight_cache
+
+        clear_weight_cache()
+        pool.free_all_blocks()
+        doc["pytest_heavy"] = pytest_wall(path, "cupy" if args.act == "float32" else f"cupy-{args.act[:4].replace('floa', 'f')}")
+        print(tabulate([{k: v for k, v in doc["pytest_heavy"].items() if k != "tail"}], headers="keys", tablefmt="github"))
+        print("\n".join(doc["pytest_heavy"]["tail"]))
+    print("wrote", write_result(f"gpu-{args.tag or args.preset}", doc, args.out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,287 @@
+// CPU emulator of the kernels in kernels.cu (development and CI aid; see emulator.py).
+//
+// kernels.cu is compiled as plain C++ with MOEPARITY_EMULATOR defined. Each launch runs every
+// block and every warp of the grid; the 32 lanes of a warp are coroutines (ucontext) so that
+// the warp reduction (mp_emu_warp_allreduce) is a real synchronisation point: all 32 lanes must
+// reach it, and it computes the same xor butterfly as __shfl_xor_sync. A warp whose lanes
+// disagree (some exited, some wait) is reported as an error, as is any access that runs past
+// the end of an argument array (arrays are copied next to a PROT_NONE guard page and SIGSEGV
+// is turned into an error naming the argument).
+#include <cmath>
+#include <csetjmp>
+#include <csignal>
+#include <cstddef>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <sys/mman.h>
+#include <type_traits>
+#include <ucontext.h>
+#include <unistd.h>
+#include <utility>
+
+#define MOEPARITY_EMULATOR 1
+#define __restrict__ __restrict
+
+struct mp_dim3 {
+    unsigned x, y, z;
+};
+static mp_dim3 threadIdx, blockIdx, blockDim, gridDim;
+
+void mp_emu_warp_allreduce(float* v, int n);
+
+#include MP_KERNELS_PATH
+
+// ---- lanes as coroutines ----------------------------------------------------------------------
+namespace {
+
+const int kMaxReduce = 64;
+const size_t kStack = 256 * 1024;
+
+struct Lane {
+    ucontext_t ctx;
+    char* stack;
+    bool done;
+    bool waiting;
+    int n;
+    float vals[kMaxReduce];
+    unsigned tid;
+};
+
+Lane g_lanes[32];
+ucontext_t g_sched;
+int g_cur = 0;
+void (*g_invoke)(void**) = nullptr;
+void** g_args = nullptr;
+std::string g_error;
+
+sigjmp_buf g_jmp;
+volatile sig_atomic_t g_in_launch = 0;
+volatile void* g_fault_addr = nullptr;
+
+void lane_entry() {
+    g_invoke(g_args);
+    g_lanes[g_cur].done = true;
+    // returning resumes uc_link (the scheduler)
+}
+
+void set_thread(unsigned tid) {
+    threadIdx.x = tid % blockDim.x;
+    threadIdx.y = (tid / blockDim.x) % blockDim.y;
+    threadIdx.z = tid / (blockDim.x * blockDim.y);
+}
+
+bool run_warp_coroutines(unsigned first_tid, unsigned n_threads) {
+    for (int i = 0; i < 32; ++i) {
+        Lane& L = g_lanes[i];
+        L.done = (unsigned)i >= n_threads;
+        L.waiting = false;
+        L.tid = first_tid + i;
+        if (L.done) continue;
+        if (!L.stack) L.stack = (char*)std::malloc(kStack);
+        getcontext(&L.ctx);
+        L.ctx.uc_stack.ss_sp = L.stack;
+        L.ctx.uc_stack.ss_size = kStack;
+        L.ctx.uc_link = &g_sched;
+        makecontext(&L.ctx, lane_entry, 0);
+    }
+    for (;;) {
+        for (int i = 0; i < 32; ++i) {
+            Lane& L = g_lanes[i];
+            if (L.done || L.waiting) continue;
+            g_cur = i;
+            set_thread(L.tid);
+            swapcontext(&g_sched, &L.ctx);
+        }
+        int n_wait = 0, n_done = 0, n = -1;
+        bool mismatch = false;
+        for (int i = 0; i < 32; ++i) {
+            if (g_lanes[i].waiting) {
+                ++n_wait;
+                if (n < 0) n = g_lanes[i].n;
+                else if (g_lanes[i].n != n) mismatch = true;
+            } else if (g_lanes[i].done) {
+                ++n_done;
+            }
+        }
+        if (n_wait == 0) return true;
+        if (n_wait != 32) {
+            char buf[256];
+            std::snprintf(buf, sizeof buf,
+                          "divergent warp: %d lanes wait at a warp reduction while %d lanes exited "
+                          "(block %u,%u,%u, first thread %u)",
+                          n_wait, n_done, blockIdx.x, blockIdx.y, blockIdx.z, first_tid);
+            g_error = buf;
+            return false;
+        }
+        if (mismatch) {
+            g_error = "warp reduction called with different lengths by different lanes";
+            return false;
+        }
+        // xor butterfly, exactly as `v += __shfl_xor_sync(mask, v, off)` for off = 16..1
+        float cur[32][kMaxReduce], nxt[32][kMaxReduce];
+        for (int i = 0; i < 32; ++i)
+            for (int t = 0; t < n; ++t) cur[i][t] = g_lanes[i].vals[t];
+        for (int off = 16; off > 0; off >>= 1) {
+            for (int i = 0; i < 32; ++i)
+                for (int t = 0; t < n; ++t) nxt[i][t] = cur[i][t] + cur[i ^ off][t];
+            std::memcpy(cur, nxt, sizeof cur);
+        }
+        for (int i = 0; i < 32; ++i) {
+            for (int t = 0; t < n; ++t) g_lanes[i].vals[t] = cur[i][t];
+            g_lanes[i].waiting = false;
+        }
+    }
+}
+
+void segv_handler(int sig, siginfo_t* info, void*) {
+    if (!g_in_launch) {
+        signal(sig, SIG_DFL);
+        raise(sig);
+        return;
+    }
+    g_fault_addr = info->si_addr;
+    siglongjmp(g_jmp, 1);
+}
+
+}  // namespace
+
+void mp_emu_warp_allreduce(float* v, int n) {
+    Lane& L = g_lanes[g_cur];
+    if (n > kMaxReduce) {
+        std::fprintf(stderr, "mp_emu_warp_allreduce: n=%d too large\n", n);
+        std::abort();
+    }
+    for (int t = 0; t < n; ++t) L.vals[t] = v[t];
+    L.n = n;
+    L.waiting = true;
+    swapcontext(&L.ctx, &g_sched);
+    for (int t = 0; t < n; ++t) v[t] = L.vals[t];
+}
+
+// ---- argument marshalling -------------------------------------------------------------------------
+
+template <typename... A, std::size_t... I>
+static void mp_call_impl(void (*f)(A...), void** args, std::index_sequence<I...>) {
+    f(*static_cast<typename std::remove_reference<A>::type*>(args[I])...);
+}
+
+template <typename... A>
+static void mp_call(void (*f)(A...), void** args) {
+    mp_call_impl(f, args, std::index_sequence_for<A...>{});
+}
+
+template <typename T>
+static int mp_code() {
+    if (std::is_pointer<T>::value) return 0;
+    if (std::is_floating_point<T>::value) return 100 + (int)sizeof(T);
+    return 200 + (int)sizeof(T);
+}
+
+// sizes[i]: 0 pointer, 100+n float of n bytes, 200+n integer of n bytes
+template <typename... A>
+static int mp_signature(void (*)(A...), int* codes, int max) {
+    int tmp[] = {0, mp_code<A>()...};
+    int n = (int)sizeof...(A);
+    for (int i = 0; i < n && i < max; ++i) codes[i] = tmp[i + 1];
+    return n;
+}
+
+struct MpEntry {
+    const char* name;
+    void (*invoke)(void**);
+    int (*signature)(int*, int);
+};
+
+#include MP_TABLE_PATH
+
+static const MpEntry* find_entry(const char* name) {
+    for (size_t i = 0; i < sizeof(mp_table) / sizeof(mp_table[0]); ++i)
+        if (std::strcmp(mp_table[i].name, name) == 0) return &mp_table[i];
+    return nullptr;
+}
+
+extern "C" {
+
+int emu_signature(const char* name, int* codes, int max) {
+    const MpEntry* e = find_entry(name);
+    if (!e) return -1;
+    return e->signature(codes, max);
+}
+
+// Guarded buffers: data ends exactly where a PROT_NONE page begins.
+void* emu_guarded_alloc(size_t nbytes, void** base_out, size_t* map_len_out) {
+    size_t page = (size_t)sysconf(_SC_PAGESIZE);
+    size_t data_pages = (nbytes + page - 1) / page;
+    if (data_pages == 0) data_pages = 1;
+    size_t len = (data_pages + 1) * page;
+    void* base = mmap(nullptr, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (base == MAP_FAILED) return nullptr;
+    char* guard = (char*)base + data_pages * page;
+    mprotect(guard, page, PROT_NONE);
+    *base_out = base;
+    *map_len_out = len;
+    return guard - nbytes;
+}
+
+void emu_guarded_free(void* base, size_t len) { munmap(base, len); }
+
+// Returns 0 on success; 1 with `err` filled on a kernel error; 2 on a fault (fault address in
+// *fault_addr); -1 for an unknown kernel.
+int emu_launch(const char* name, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz,
+               void** args, int coroutines, char* err, int err_len, void** fault_addr) {
+    const MpEntry* e = find_entry(name);
+    if (!e) return -1;
+    g_invoke = e->invoke;
+    g_args = args;
+    g_error.clear();
+    gridDim = {gx, gy, gz};
+    blockDim = {bx, by, bz};
+    unsigned n_threads = bx * by * bz;
+
+    struct sigaction sa, old;
+    std::memset(&sa, 0, sizeof sa);
+    sa.sa_sigaction = segv_handler;
+    sa.sa_flags = SA_SIGINFO | SA_NODEFER;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGSEGV, &sa, &old);
+    struct sigaction old_bus;
+    sigaction(SIGBUS, &sa, &old_bus);
+    int rc = 0;
+    if (sigsetjmp(g_jmp, 1) != 0) {
+        g_in_launch = 0;
+        *fault_addr = (void*)g_fault_addr;
+        sigaction(SIGSEGV, &old, nullptr);
+        sigaction(SIGBUS, &old_bus, nullptr);
+        return 2;
+    }
+    g_in_launch = 1;
+    for (unsigned z = 0; z < gz && rc == 0; ++z)
+        for (unsigned y = 0; y < gy && rc == 0; ++y)
+            for (unsigned x = 0; x < gx && rc == 0; ++x) {
+                blockIdx = {x, y, z};
+                for (unsigned w0 = 0; w0 < n_threads; w0 += 32) {
+                    unsigned nt = n_threads - w0 < 32 ? n_threads - w0 : 32;
+                    if (coroutines) {
+                        if (!run_warp_coroutines(w0, nt)) {
+                            rc = 1;
+                            break;
+                        }
+                    } else {
+                        for (unsigned i = 0; i < nt; ++i) {
+                            set_thread(w0 + i);
+                            e->invoke(args);
+                        }
+                    }
+                }
+            }
+    g_in_launch = 0;
+    sigaction(SIGSEGV, &old, nullptr);
+    sigaction(SIGBUS, &old_bus, nullptr);
+    if (rc) std::snprintf(err, err_len, "%s", g_error.c_str());
+    return rc;
+}
+
+}  // extern "C"

@@ -1,0 +1,197 @@
+"""CPU emulator of ``kernels.cu`` (development and test aid, not a backend users pick).
+
+It compiles the very same ``kernels.cu`` as plain C++ (``g++``, ``MOEPARITY_EMULATOR``
+defined, see ``emu_runtime.cpp``) into a shared library and runs every launch thread by
+thread, the 32 lanes of a warp as coroutines that meet at the warp reduction. Arrays are
+NumPy arrays; each launch copies its array arguments next to a guard page, so reading past
+the end of any argument is reported as an error naming that argument, and a warp whose lanes
+do not all reach the reduction is reported too. Floating-point results are bit-identical to
+the GPU's: the kernels use explicit ``fmaf`` and non-contracted multiplies/adds.
+
+:class:`EmulatorBackend` plugs into :mod:`.kernels` and :mod:`.forward` in place of CuPy
+(``xp = numpy``), so the whole GPU code path can be checked on a machine without a GPU:
+
+    from pytest_moeparity.gpu.emulator import EmulatorBackend
+    engine = CupyEngine(model, backend=EmulatorBackend())
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from . import kernels as K
+
+RUNTIME_CPP = Path(__file__).with_name("emu_runtime.cpp")
+
+_LIB = None
+_LIB_LOCK = threading.Lock()
+
+
+class EmulatorUnavailable(RuntimeError):
+    pass
+
+
+def _table_source() -> str:
+    rows = []
+    for expr in K.NAME_EXPRESSIONS:
+        rows.append(f'    {{"{expr}", [](void** a) {{ mp_call(&{expr}, a); }}, '
+                    f'[](int* c, int m) {{ return mp_signature(&{expr}, c, m); }}}},')
+    return "static const MpEntry mp_table[] = {\n" + "\n".join(rows) + "\n};\n"
+
+
+def build_library(cache_dir: str | os.PathLike | None = None) -> Path:
+    """Compile the emulator library (cached by a hash of the sources) and return its path."""
+    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    if not cxx:
+        raise EmulatorUnavailable("no C++ compiler (g++) found")
+    table = _table_source()
+    src = K.kernel_source() + RUNTIME_CPP.read_text(encoding="utf-8") + table
+    digest = hashlib.sha256(src.encode()).hexdigest()[:16]
+    root = Path(cache_dir or os.environ.get("MOEPARITY_EMU_CACHE") or Path(tempfile.gettempdir()) / "moeparity-emu")
+    root.mkdir(parents=True, exist_ok=True)
+    lib = root / f"libmoeparity_emu_{digest}.so"
+    if lib.exists():
+        return lib
+    work = Path(tempfile.mkdtemp(prefix="build-", dir=root))
+    try:
+        (work / "table.inc").write_text(table, encoding="utf-8")
+        shutil.copy(K.KERNELS_CU, work / "kernels.cu")
+        cmd = [cxx, "-std=c++17", "-O2", "-g", "-fPIC", "-shared", "-ffp-contract=off", "-fno-fast-math",
+               "-Wall", "-Wno-unused-function",
+               f'-DMP_KERNELS_PATH="{work / "kernels.cu"}"', f'-DMP_TABLE_PATH="{work / "table.inc"}"',
+               str(RUNTIME_CPP), "-o", str(work / "lib.so")]
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        if res.returncode != 0:
+            raise EmulatorUnavailable("building the kernel emulator failed:\n" + " ".join(cmd) + "\n" + res.stderr[-8000:])
+        os.replace(work / "lib.so", lib)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return lib
+
+
+def load_library():
+    global _LIB
+    with _LIB_LOCK:
+        if _LIB is None:
+            lib = ctypes.CDLL(str(build_library()))
+            lib.emu_launch.restype = ctypes.c_int
+            lib.emu_launch.argtypes = [ctypes.c_char_p] + [ctypes.c_uint] * 6 + [
+                ctypes.POINTER(ctypes.c_void_p), ctypes.c_int, ctypes.c_char_p, ctypes.c_int,
+                ctypes.POINTER(ctypes.c_void_p)]
+            lib.emu_signature.restype = ctypes.c_int
+            lib.emu_signature.argtypes = [ctypes.c_char_p, ctypes.POINTER(ctypes.c_int), ctypes.c_int]
+            lib.emu_guarded_alloc.restype = ctypes.c_void_p
+            lib.emu_guarded_alloc.argtypes = [ctypes.c_size_t, ctypes.POINTER(ctypes.c_void_p),
+                                              ctypes.POINTER(ctypes.c_size_t)]
+            lib.emu_guarded_free.restype = None
+            lib.emu_guarded_free.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+            _check_signatures(lib)
+            _LIB = lib
+        return _LIB
+
+
+def _check_signatures(lib) -> None:
+    """The Python-side signatures (parsed from kernels.cu) must agree with the C++ compiler's."""
+    for expr in K.NAME_EXPRESSIONS:
+        codes = (ctypes.c_int * 64)()
+        n = lib.emu_signature(expr.encode(), codes, 64)
+        params = K.signatures()[expr.split("<", 1)[0]]
+        if n != len(params):
+            raise EmulatorUnavailable(f"{expr}: C++ sees {n} parameters, the parser {len(params)}")
+        for i, p in enumerate(params):
+            want = 0 if p.pointer else (100 if p.dtype.kind == "f" else 200) + p.dtype.itemsize
+            if codes[i] != want:
+                raise EmulatorUnavailable(f"{expr}: parameter {i} ({p.ctype}) is code {codes[i]} in C++, "
+                                          f"{want} from the parser")
+
+
+_SCALAR_CTYPES = {np.dtype(np.int32): ctypes.c_int32, np.dtype(np.int64): ctypes.c_int64,
+                  np.dtype(np.float32): ctypes.c_float, np.dtype(np.uint8): ctypes.c_uint8}
+
+
+class EmulatorBackend(K.Backend):
+    """NumPy arrays + kernels run by the CPU emulator. ``free_bytes`` fakes the free device memory
+    (to exercise the streaming path); ``guard`` copies arrays next to guard pages at each launch."""
+
+    name = "emulator"
+
+    def __init__(self, free_bytes: int = 64 << 30, total_bytes: int | None = None, guard: bool = True):
+        self.xp = np
+        self.lib = load_library()
+        self.free_bytes = int(free_bytes)
+        self.total_bytes = int(total_bytes if total_bytes is not None else max(free_bytes, 80 << 30))
+        self.guard = guard
+        self.launches: list[str] = []
+        self.oom_errors = (MemoryError,)
+
+    def is_array(self, a):
+        return isinstance(a, np.ndarray)
+
+    def asnumpy(self, a):
+        return np.array(a, copy=True)
+
+    def to_device(self, host):
+        return np.array(host, copy=True, order="C")
+
+    def mem_info(self):
+        return self.free_bytes, self.total_bytes
+
+    def launch(self, name, grid, block, args):
+        K.check_args(name, args, self.is_array)
+        if name not in K.NAME_EXPRESSIONS:
+            raise K.KernelError(f"kernel {name!r} is not among the compiled name expressions")
+        sig = K.signatures()[name.split("<", 1)[0]]
+        keep = []          # ctypes objects that must outlive the call
+        guarded = []       # (index, array, data_ptr, base, length)
+        ptrs = (ctypes.c_void_p * len(args))()
+        try:
+            for i, (p, a) in enumerate(zip(sig, args)):
+                if p.pointer:
+                    if self.guard:
+                        base, length = ctypes.c_void_p(), ctypes.c_size_t()
+                        data = self.lib.emu_guarded_alloc(max(a.nbytes, 0), ctypes.byref(base), ctypes.byref(length))
+                        if not data:
+                            raise MemoryError("emulator: guarded allocation failed")
+                        if a.nbytes:
+                            ctypes.memmove(data, a.ctypes.data, a.nbytes)
+                        guarded.append((i, p, a, data, base.value, length.value))
+                        holder = ctypes.c_void_p(data)
+                    else:
+                        holder = ctypes.c_void_p(a.ctypes.data)
+                else:
+                    holder = _SCALAR_CTYPES[p.dtype](a.item())
+                keep.append(holder)
+                ptrs[i] = ctypes.cast(ctypes.pointer(holder), ctypes.c_void_p)
+            err = ctypes.create_string_buffer(512)
+            fault = ctypes.c_void_p()
+            uses_warp = name.startswith("qmm_")
+            g = tuple(int(v) for v in grid) + (1,) * (3 - len(grid))
+            b = tuple(int(v) for v in block) + (1,) * (3 - len(block))
+            rc = self.lib.emu_launch(name.encode(), *g, *b, ptrs, int(uses_warp), err, 512, ctypes.byref(fault))
+            self.launches.append(name)
+            if rc == -1:
+                raise K.KernelError(f"emulator: unknown kernel {name}")
+            if rc == 1:
+                raise K.KernelError(f"{name} grid={g} block={b}: {err.value.decode()}")
+            if rc == 2:
+                addr = fault.value or 0
+                where = "an address outside every argument"
+                for i, p, a, data, base, length in guarded:
+                    if base <= addr < base + length:
+                        where = (f"argument {i} ({p.ctype} {p.name}, {a.nbytes} bytes): "
+                                 f"offset {addr - data} from its start")
+                raise K.KernelError(f"{name} grid={g} block={b}: out-of-bounds access at {where}")
+            for i, p, a, data, base, length in guarded:
+                if not p.const and a.nbytes:
+                    ctypes.memmove(a.ctypes.data, data, a.nbytes)
+        finally:
+            for i, p, a, data, base, length in guarded:
+                self.lib.emu_guarded_free(base, length)

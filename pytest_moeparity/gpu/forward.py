@@ -1,0 +1,377 @@
+"""The CuPy traced forward of Qwen3-MoE, stage for stage the same as :class:`..reference.NumpyForward`.
+
+Arithmetic is float32 everywhere; ``act_dtype`` is the storage precision of activations: after
+every operation where the reference rounds (``NumpyForward._a``) this forward rounds too
+(float16: through ``astype``; bfloat16: round-to-nearest-even kernel), so ``cupy-f16`` is
+comparable with ``numpy-f16``.
+
+Weights stay quantized on the device (:mod:`.weights`); every product with a weight goes through
+:func:`.kernels.qmatmul` / :func:`.kernels.qmatmul_experts`, which dispatch on the tensor's own
+quant type. The router's top-k and the grouping of (token, slot) pairs by expert run on the
+device: a layer needs no host synchronisation unless per-expert stages are planned (their
+expert list depends on the routing).
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+from gguf import GGMLQuantizationType as Q
+
+from ..contract import S
+from ..faults import dispatch_type, misdispatch_dequantize
+from ..model import GGUFModel
+from ..plan import SavePlan
+from ..reference import ForwardResult
+from ..trace import Recorder, Trace
+from . import kernels as K
+from .weights import DeviceWeights, GpuMemoryError, device_weights, memory_error
+
+ACT_DTYPES = ("float32", "float16", "bfloat16")
+DEFAULT_NAMES = {"float32": "cupy", "float16": "cupy-f16", "bfloat16": "cupy-bf16"}
+# TEST-ONLY fault switches (CupyEngine(..., fault=...)): the planted historical bug.
+FAULTS = {
+    # expert products of every Q4_K ffn_down_exps read its bytes with the Q6_K kernel
+    "q4k-as-q6k": ("ffn_down_exps", Q.Q4_K, Q.Q6_K),
+}
+_EXPERT_STAGES = (S.moe_expert_gate, S.moe_expert_up, S.moe_expert_swiglu, S.moe_expert_out)
+
+
+class CupyEngine:
+    """Traced forward on the GPU. ``trace(tokens, plan, *, faults=(), forced_routing=None,
+    layer_inputs=None) -> Trace`` (the engine protocol of :mod:`..backends`, same semantics as
+    ``NumpyForward.run``); ``run`` also returns the logits.
+
+    ``fault`` (keyword only) is for tests of the harness: ``"q4k-as-q6k"`` plants the bug this
+    project was built to find. ``backend`` (keyword only) swaps the CuPy backend for the CPU
+    emulator (:mod:`.emulator`). ``streaming`` forces the weight mode (None: by free memory).
+    """
+
+    def __init__(self, model: GGUFModel, act_dtype: str = "float32", name: str | None = None, *,
+                 fault: str | None = None, backend: K.Backend | None = None, streaming: bool | None = None):
+        if act_dtype not in ACT_DTYPES:
+            raise ValueError(f"act_dtype must be one of {', '.join(ACT_DTYPES)}, not {act_dtype!r}")
+        if fault is not None and fault not in FAULTS:
+            raise ValueError(f"unknown fault {fault!r}; test-only faults: {', '.join(FAULTS)}")
+        self.model = model
+        self.cfg = model.config
+        self.act_dtype = act_dtype
+        self.name = name or DEFAULT_NAMES[act_dtype]
+        self.fault = fault
+        self.backend = backend if backend is not None else K.get_backend()
+        self.xp = self.backend.xp
+        self._streaming = streaming
+        self._weights: DeviceWeights | None = None
+        self._faults: list = []      # planted faults of the current run (faults.py)
+        self._forced: dict = {}      # forced routing of the current run
+
+    # -- weights -----------------------------------------------------------------------------
+    @property
+    def weights(self) -> DeviceWeights:
+        if self._weights is None:
+            try:
+                self._weights = device_weights(self.model, self.backend, streaming=self._streaming)
+            except self.backend.oom_errors as exc:
+                raise memory_error(exc, "preparing the weights", self.backend, None) from exc
+        return self._weights
+
+    @property
+    def upload_count(self) -> int:
+        """Tensors uploaded for this engine's model so far (shared by engines on the same file)."""
+        return self.weights.uploads
+
+    def _as_qtype(self, layer: int, tensor_kind: str, wt: K.DeviceTensor) -> Q | None:
+        """The kernel type to read ``wt`` with when a planted fault says so, else None (its own type)."""
+        wrong = dispatch_type(self._faults, layer, tensor_kind) if self._faults else None
+        if wrong is not None and wrong != wt.source_qtype.name:  # --moe-inject dispatch=...
+            if wt.qtype != wt.source_qtype:
+                raise K.KernelError(f"dispatch fault on {wt.name}: its type {wt.source_qtype.name} has no GPU kernel "
+                                    f"(uploaded as F32), so its bytes cannot be re-read as {wrong}")
+            wrong_q = Q[wrong]
+            if wrong_q not in K.KERNEL_QTYPES:
+                raise K.KernelError(f"dispatch fault on {wt.name}: no GPU kernel for {wrong}; kernels exist for "
+                                    + ", ".join(t.name for t in K.KERNEL_QTYPES))
+            return wrong_q
+        if self.fault is None:
+            return None
+        kind, victim, wrong_t = FAULTS[self.fault]
+        return wrong_t if (tensor_kind == kind and wt.qtype == victim) else None
+
+    def _layer_mm(self, x, layer: int, name: str, weights: DeviceWeights):
+        wt = weights.layer(layer, name)
+        return self._mm(x, wt, self._as_qtype(layer, name, wt))
+
+    def _vec(self, layer: int, name: str, weights: DeviceWeights):
+        """A layer's 1-D weight (norm), honouring a planted dispatch fault as the reference does."""
+        wrong = dispatch_type(self._faults, layer, name) if self._faults else None
+        if wrong is not None:
+            t = self.model.layer(layer, name)
+            if wrong != t.type_name:
+                vals = misdispatch_dequantize(t.raw, wrong, t.shape[-1], np.float32).reshape(t.shape)
+                return self.backend.to_device(np.ascontiguousarray(vals, dtype=np.float32))
+        return weights.layer_vector(layer, name)
+
+    def _expert_faults(self, rec: Recorder, stage: str, layer: int, val, ids):
+        """Planted faults of a per-expert stage on the grouped [T, k, ...] values: each fault acts on
+        the rows of the (token, slot) pairs routed to its expert (all pairs without an expert), as
+        the reference applies it to each expert's rows."""
+        fs = [f for f in rec.faults if f.target == stage and (f.layer == "*" or f.layer == layer)]
+        if not fs:
+            return val
+        xp = self.xp
+        flat = xp.ascontiguousarray(val).reshape(ids.shape[0] * ids.shape[1], -1)
+        ids_flat = ids.reshape(-1)
+        for f in fs:
+            if f.expert is None:
+                flat = f.apply(flat)
+            else:
+                rows = xp.nonzero(ids_flat == f.expert)[0]
+                if int(rows.size):
+                    flat[rows] = f.apply(flat[rows])
+        return flat.reshape(val.shape)
+
+    # -- elementwise helpers -------------------------------------------------------------------
+    def _a(self, x):
+        """Store an activation: round to the activation dtype, keep float32 for arithmetic."""
+        xp = self.xp
+        if self.act_dtype == "float32":
+            return x if x.dtype == np.float32 else x.astype(np.float32)
+        if self.act_dtype == "float16":
+            return x.astype(np.float16).astype(np.float32)
+        y = xp.array(x, dtype=np.float32, copy=True, order="C")
+        return K.round_bf16_(y, backend=self.backend)
+
+    def _c(self, x):
+        return self.xp.ascontiguousarray(x, dtype=np.float32)
+
+    def _mm(self, x, wt: K.DeviceTensor, as_qtype: Q | None = None):
+        return K.qmatmul(self._c(x), wt, as_qtype=as_qtype, backend=self.backend)
+
+    def _rms_norm(self, x, weight):
+        xp = self.xp
+        var = xp.mean(x * x, axis=-1, keepdims=True)
+        return x / xp.sqrt(var + np.float32(self.cfg.rms_eps)) * weight
+
+    def _softmax(self, x):
+        xp = self.xp
+        m = xp.max(x, axis=-1, keepdims=True)
+        e = xp.exp(x - m)
+        return e / xp.sum(e, axis=-1, keepdims=True)
+
+    def _silu(self, x):
+        return x / (np.float32(1.0) + self.xp.exp(-x))
+
+    def _rope_tables(self, n_tokens: int):
+        """cos/sin [T, 1, hd/2] computed on the host exactly as reference.rope_neox does."""
+        hd = self.cfg.head_dim
+        half = hd // 2
+        inv_freq = self.cfg.rope_base ** (-np.arange(0, half, dtype=np.float64) * 2.0 / hd)
+        ang = np.arange(n_tokens).astype(np.float64)[:, None] * inv_freq[None, :]
+        cos = np.cos(ang).astype(np.float32)[:, None, :]
+        sin = np.sin(ang).astype(np.float32)[:, None, :]
+        return self.backend.to_device(cos), self.backend.to_device(sin)
+
+    def _rope(self, x, cos, sin):
+        half = x.shape[-1] // 2
+        x1, x2 = x[..., :half], x[..., half:]
+        return self.xp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+    # -- forward -------------------------------------------------------------------------------
+    def trace(self, tokens, plan: SavePlan | None = None, *, faults=(), forced_routing: dict | None = None,
+              layer_inputs: dict | None = None) -> Trace:
+        return self.run(tokens, plan, faults=faults, forced_routing=forced_routing, layer_inputs=layer_inputs).trace
+
+    def run(self, tokens, plan: SavePlan | None = None, *, meta: dict | None = None, faults=(),
+            forced_routing: dict | None = None, layer_inputs: dict | None = None) -> ForwardResult:
+        """The traced forward. ``faults``: planted faults (:mod:`..faults`: value faults at stage
+        boundaries, ``dispatch`` faults re-read a tensor's bytes with another type's kernel).
+        ``forced_routing``: ``{layer: ids [T, K]}`` used instead of the router's choice (weights from
+        this forward's probabilities at those ids). ``layer_inputs``: ``{layer: x [T, H]}`` isolated
+        mode: each listed layer runs alone from that input; no embedding, no head."""
+        tokens = self.model.validate_tokens(tokens)
+        plan = plan or SavePlan.empty()
+        plan.resolve_layers(self.cfg.n_layers)
+        weights = self.weights
+        self._faults = list(faults)
+        self._forced = dict(forced_routing or {})
+        try:
+            return self._run(tokens, plan, weights, meta, layer_inputs)
+        except self.backend.oom_errors as exc:
+            raise memory_error(exc, f"running the forward on {len(tokens)} tokens", self.backend, weights) from exc
+        finally:
+            self._faults, self._forced = [], {}
+
+    def _run(self, tokens, plan, weights: DeviceWeights, meta, layer_inputs) -> ForwardResult:
+        be, a = self.backend, self._a
+        T = len(tokens)
+        rec = Recorder(plan, T, to_host=be.asnumpy, faults=self._faults)
+        info = {"backend": self.name, "compute_dtype": "float32", "act_dtype": self.act_dtype,
+                "tokens": json.dumps(tokens), "model": self.model.path.name,
+                "model_size": str(self.model.file_size), "weights_mode": weights.mode,
+                "device_backend": be.name, **({"fault": self.fault} if self.fault else {}), **(meta or {})}
+        if self._forced:
+            info["forced_routing"] = "reference"
+        cos, sin = self._rope_tables(T)
+
+        if layer_inputs is not None:  # isolated mode
+            info["mode"] = "isolated"
+            for layer in sorted(layer_inputs):
+                if not 0 <= int(layer) < self.cfg.n_layers:
+                    raise ValueError(f"layer_inputs: layer {layer} out of range 0..{self.cfg.n_layers - 1}")
+                x = a(self._input(layer_inputs[layer], (T, self.cfg.hidden), f"layer_inputs[{layer}]"))
+                x = self.attention(layer, x, cos, sin, rec, weights)
+                self.moe(layer, x, rec, weights)
+                weights.release_layer(layer)
+            return ForwardResult(logits=np.empty((T, 0), np.float32), trace=rec.trace(info))
+
+        emb = self.model.tensor("token_embd.weight").dequantize_rows(np.asarray(tokens), np.float32)
+        x = a(be.to_device(emb))
+        x = rec.tap(S.embedding, None, x)
+        for layer in range(self.cfg.n_layers):
+            x = self.attention(layer, x, cos, sin, rec, weights)
+            x = self.moe(layer, x, rec, weights)
+            weights.release_layer(layer)
+
+        h = a(self._rms_norm(x, weights.vector("output_norm.weight")))
+        h = rec.tap(S.final_norm, None, h)
+        logits = a(self.lm_head(h, weights))
+        logits = rec.tap(S.lm_head, None, logits)
+        return ForwardResult(logits=be.asnumpy(logits).astype(np.float32), trace=rec.trace(info))
+
+    def _input(self, value, shape: tuple[int, ...], what: str):
+        """A host (NumPy) or device array as a C-contiguous float32 device array of ``shape``."""
+        if self.backend.is_array(value):
+            arr = self.xp.array(value, dtype=np.float32, copy=True, order="C")
+        else:
+            arr = self.backend.to_device(np.ascontiguousarray(np.asarray(value, dtype=np.float32)))
+        if tuple(arr.shape) != tuple(shape):
+            raise ValueError(f"{what} has shape {tuple(arr.shape)}, expected {tuple(shape)}")
+        return arr
+
+    def attention(self, layer: int, x, cos, sin, rec: Recorder, weights: DeviceWeights):
+        cfg, a, L, xp = self.cfg, self._a, layer, self.xp
+        T, nh, nkv, hd = x.shape[0], cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+
+        h = a(self._rms_norm(x, self._vec(L, "attn_norm", weights)))
+        h = rec.tap(S.attn_norm, L, h)
+        q = a(self._layer_mm(h, L, "attn_q", weights))
+        k = a(self._layer_mm(h, L, "attn_k", weights))
+        v = a(self._layer_mm(h, L, "attn_v", weights))
+        q = rec.tap(S.q_proj, L, q)
+        k = rec.tap(S.k_proj, L, k)
+        v = rec.tap(S.v_proj, L, v)
+
+        q = a(self._rms_norm(q.reshape(T, nh, hd), self._vec(L, "attn_q_norm", weights)))
+        k = a(self._rms_norm(k.reshape(T, nkv, hd), self._vec(L, "attn_k_norm", weights)))
+        q = rec.tap(S.q_norm, L, q)
+        k = rec.tap(S.k_norm, L, k)
+        q = a(self._rope(q, cos, sin))
+        k = a(self._rope(k, cos, sin))
+        q = rec.tap(S.q_post_rope, L, q)
+        k = rec.tap(S.k_post_rope, L, k)
+
+        # GQA: query head i reads kv head i // (nh / nkv)
+        kk = xp.repeat(k, nh // nkv, axis=1)                       # [T, nh, hd]
+        vv = xp.repeat(v.reshape(T, nkv, hd), nh // nkv, axis=1)  # [T, nh, hd]
+        qh = xp.ascontiguousarray(q.transpose(1, 0, 2))            # [nh, T, hd]
+        kh = xp.ascontiguousarray(kk.transpose(1, 2, 0))           # [nh, hd, T]
+        raw_scores = xp.matmul(qh, kh).transpose(1, 0, 2)          # [T, nh, T]
+        scores = a(raw_scores / np.float32(np.sqrt(hd)))
+        scores = rec.tap(S.attn_scores, L, scores)
+        causal = (xp.arange(T)[:, None] >= xp.arange(T)[None, :])[:, None, :]
+        p = a(self._softmax(xp.where(causal, scores, np.float32(-np.inf))))
+        p = rec.tap(S.attn_softmax, L, p)
+        ph = xp.ascontiguousarray(p.transpose(1, 0, 2))            # [nh, T, T]
+        vh = xp.ascontiguousarray(vv.transpose(1, 0, 2))           # [nh, T, hd]
+        ctx = a(xp.matmul(ph, vh).transpose(1, 0, 2).reshape(T, nh * hd))
+        ctx = rec.tap(S.attention, L, ctx)
+        out = a(self._layer_mm(ctx, L, "attn_output", weights))
+        out = rec.tap(S.attn_out, L, out)
+        x = a(x + out)
+        x = rec.tap(S.post_attn_residual, L, x)
+        return x
+
+    def moe(self, layer: int, x, rec: Recorder, weights: DeviceWeights):
+        cfg, a, L, be, xp = self.cfg, self._a, layer, self.backend, self.xp
+        h = a(self._rms_norm(x, self._vec(L, "ffn_norm", weights)))
+        h = rec.tap(S.ffn_norm, L, h)
+        logits = a(self._layer_mm(h, L, "ffn_gate_inp", weights))          # [T, E]
+        logits = rec.tap(S.moe_router_logits, L, logits)
+        probs = a(self._softmax(logits))
+        probs = rec.tap(S.moe_router_probs, L, probs)
+        if L in self._forced:  # forced routing: given choices, this forward's probabilities
+            ids = self._forced_ids(L, probs.shape[0])
+            top = xp.take_along_axis(probs, ids.astype(np.int64), axis=-1)
+            rw = top / xp.sum(top, axis=-1, keepdims=True)
+        else:
+            ids, rw = K.router_topk(self._c(probs), cfg.n_experts_used, backend=be)
+        rw = a(rw)
+        rw = rec.tap(S.moe_router, L, rw)
+        rec.capture(S.moe_router_indices, L, ids)
+
+        gate_t, up_t, down_t = (weights.layer(L, n) for n in ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"))
+        g_as = self._as_qtype(L, "ffn_gate_exps", gate_t)
+        u_as = self._as_qtype(L, "ffn_up_exps", up_t)
+        d_as = self._as_qtype(L, "ffn_down_exps", down_t)
+        routing = K.expert_routing(ids, cfg.n_experts, backend=be)
+        hc = self._c(h)
+        ef = self._expert_faults
+        g = ef(rec, S.moe_expert_gate, L, a(K.qmatmul_experts(hc, gate_t, routing, as_qtype=g_as, backend=be)), ids)
+        u = ef(rec, S.moe_expert_up, L, a(K.qmatmul_experts(hc, up_t, routing, as_qtype=u_as, backend=be)), ids)
+        s = ef(rec, S.moe_expert_swiglu, L, a(self._silu(g) * u), ids)      # [T, k, F]
+        y = ef(rec, S.moe_expert_out, L,
+               a(K.qmatmul_experts(self._c(s), down_t, routing, x_per_pair=True, as_qtype=d_as, backend=be)), ids)
+        out = a(K.moe_combine(self._c(y), self._c(rw), ids, backend=be))
+
+        if any(rec.wants(st, L) for st in _EXPERT_STAGES):
+            self._capture_experts(L, h, ids, (gate_t, g_as), (up_t, u_as), (down_t, d_as), rec)
+        out = rec.tap(S.moe_ffn_out, L, out)
+        x = a(x + out)
+        x = rec.tap(S.post_ffn_residual, L, x)
+        return x
+
+    def _forced_ids(self, layer: int, n_tokens: int):
+        """The forced expert ids of ``layer`` as an int32 [T, K] device array (validated)."""
+        val = self._forced[layer]
+        host = self.backend.asnumpy(val) if self.backend.is_array(val) else np.asarray(val)
+        if host.ndim != 2 or host.shape[0] != n_tokens:
+            raise ValueError(f"forced_routing[{layer}] has shape {host.shape}, expected [{n_tokens}, K]")
+        if host.size and (host.min() < 0 or host.max() >= self.cfg.n_experts):
+            raise ValueError(f"forced_routing[{layer}] holds expert ids outside 0..{self.cfg.n_experts - 1}")
+        return self.backend.to_device(np.ascontiguousarray(host.astype(np.int32)))
+
+    def _capture_experts(self, layer, h, ids, gate, up, down, rec: Recorder) -> None:
+        """Per-expert stages at the captured positions, for the experts the plan resolves."""
+        a, be, xp, f = self._a, self.backend, self.xp, rec.apply_faults
+        ids_host = be.asnumpy(ids)
+        routed = set(np.unique(ids_host[rec.positions]).tolist())
+        experts = rec.plan.resolve_experts(self.cfg.n_experts, routed)
+        if not experts:
+            return
+        h_sel = self._c(h[xp.asarray(np.asarray(rec.positions, dtype=np.int64))])
+        (gate_t, g_as), (up_t, u_as), (down_t, d_as) = gate, up, down
+        for e in experts:
+            g = f(S.moe_expert_gate, layer, a(self._mm(h_sel, gate_t.expert(e), g_as)), e)
+            u = f(S.moe_expert_up, layer, a(self._mm(h_sel, up_t.expert(e), u_as)), e)
+            s = f(S.moe_expert_swiglu, layer, a(self._silu(g) * u), e)
+            o = f(S.moe_expert_out, layer, a(self._mm(s, down_t.expert(e), d_as)), e)
+            for stage, val in ((S.moe_expert_gate, g), (S.moe_expert_up, u), (S.moe_expert_swiglu, s),
+                               (S.moe_expert_out, o)):
+                rec.capture(stage, layer, val, expert=e, preselected=True)
+
+    def lm_head(self, h, weights: DeviceWeights):
+        xp = self.xp
+        hc = self._c(h)
+        V = self.model.output.shape[0]
+        logits = None
+        for r0, wt in weights.output_chunks():
+            part = K.qmatmul(hc, wt, backend=self.backend)
+            if r0 == 0 and wt.shape[0] == V:
+                return part
+            if logits is None:
+                logits = xp.empty((hc.shape[0], V), dtype=np.float32)
+            logits[:, r0:r0 + wt.shape[0]] = part
+        return logits
+
+
+__all__ = ["CupyEngine", "GpuMemoryError", "ACT_DTYPES", "FAULTS"]

@@ -1,0 +1,497 @@
+"""Host side of the CUDA kernels in ``kernels.cu``: compilation, launch checks and the products
+of float32 activations with quantized weights (dense and grouped by expert).
+
+Nothing here imports CuPy at import time. :func:`get_backend` compiles ``kernels.cu`` once per
+process with ``cupy.RawModule`` (NVRTC, C++17) the first time a kernel is needed. A *backend*
+is the pair (array module, kernel launcher): the real one is CuPy on a CUDA device; the
+emulator (:mod:`.emulator`) runs the same ``kernels.cu`` on the CPU with NumPy arrays and is
+used to test this code on machines without a GPU.
+
+Dispatch is by each tensor's own quant type: :data:`KERNEL_QTYPES` maps a
+``GGMLQuantizationType`` to the template instance (``qmm_dense<QT, NT>``); a type without a
+kernel is an error here (the weight loader turns such tensors into F32 on the host first).
+
+Every launch checks its arguments against the kernel's C signature (parsed from
+``kernels.cu``): array dtypes, contiguity and the exact width of every scalar. In debug mode
+(:func:`set_debug`, or the environment variable ``MOEPARITY_GPU_DEBUG=1``) every launch is
+followed by a device synchronisation, so an asynchronous fault is reported by the kernel that
+caused it.
+"""
+from __future__ import annotations
+
+import os
+import re
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from gguf import GGMLQuantizationType as Q
+from gguf.constants import GGML_QUANT_SIZES
+
+KERNELS_CU = Path(__file__).with_name("kernels.cu")
+
+# GGML type -> template argument QT of the kernels (the GGML type id itself).
+KERNEL_QTYPES: dict[Q, int] = {
+    Q.F32: 0, Q.F16: 1, Q.Q4_0: 2, Q.Q8_0: 8, Q.Q4_K: 12, Q.Q5_K: 13, Q.Q6_K: 14, Q.BF16: 30,
+}
+WARPS = 4                 # MP_WARPS in kernels.cu: weight rows per block
+THREADS = WARPS * 32      # block size of the matmul kernels
+TILE_TOKENS = 8           # activation rows per warp in the batched kernels (NT)
+ELEMENTWISE_THREADS = 256
+MAX_ELEMENTWISE_BLOCKS = 8192
+
+NAME_EXPRESSIONS: tuple[str, ...] = tuple(
+    [f"qmm_dense<{q},{nt}>" for q in sorted(KERNEL_QTYPES.values()) for nt in (1, TILE_TOKENS)]
+    + [f"qmm_experts<{q},{nt}>" for q in sorted(KERNEL_QTYPES.values()) for nt in (1, TILE_TOKENS)]
+    + ["expert_offsets", "router_topk", "moe_combine", "round_bf16"])
+
+COMPILE_OPTIONS = ("-std=c++17",)
+
+
+class KernelError(RuntimeError):
+    """A kernel launch failed or was given arguments that do not fit its signature."""
+
+
+# ---- debug switch -------------------------------------------------------------------------------
+_DEBUG = os.environ.get("MOEPARITY_GPU_DEBUG", "") not in ("", "0")
+
+
+def set_debug(flag: bool) -> bool:
+    """Synchronise and check for errors after every launch (tests turn this on). Returns the old value."""
+    global _DEBUG
+    old, _DEBUG = _DEBUG, bool(flag)
+    return old
+
+
+def debug_enabled() -> bool:
+    return _DEBUG
+
+
+# ---- kernel signatures (parsed from kernels.cu) ---------------------------------------------------
+@dataclass(frozen=True)
+class Param:
+    name: str
+    ctype: str
+    pointer: bool
+    const: bool
+    dtype: np.dtype  # pointee dtype for pointers, value dtype for scalars
+
+
+_CTYPES = {"mp_u8": np.uint8, "float": np.float32, "int": np.int32, "mp_i64": np.int64}
+_SIG_RE = re.compile(r"MP_GLOBAL\s+void\s+(\w+)\s*\(([^)]*)\)", re.S)
+
+
+def _parse_param(text: str) -> Param:
+    t = " ".join(text.replace("__restrict__", " ").split())
+    m = re.fullmatch(r"(const\s+)?(\w+)\s*(\*)?\s*(\w+)", t)
+    if not m or m.group(2) not in _CTYPES:
+        raise KernelError(f"kernels.cu: cannot parse kernel parameter {text!r}")
+    ctype = ("const " if m.group(1) else "") + m.group(2) + ("*" if m.group(3) else "")
+    return Param(m.group(4), ctype, bool(m.group(3)), bool(m.group(1)), np.dtype(_CTYPES[m.group(2)]))
+
+
+def parse_signatures(source: str) -> dict[str, tuple[Param, ...]]:
+    """Kernel name (without template arguments) -> parameters, from the ``MP_GLOBAL`` definitions."""
+    out = {}
+    for name, params in _SIG_RE.findall(source):
+        out[name] = tuple(_parse_param(p) for p in params.split(",") if p.strip())
+    return out
+
+
+_SOURCE: str | None = None
+_SIGNATURES: dict[str, tuple[Param, ...]] | None = None
+
+
+def kernel_source() -> str:
+    global _SOURCE
+    if _SOURCE is None:
+        _SOURCE = KERNELS_CU.read_text(encoding="utf-8")
+    return _SOURCE
+
+
+def signatures() -> dict[str, tuple[Param, ...]]:
+    global _SIGNATURES
+    if _SIGNATURES is None:
+        _SIGNATURES = parse_signatures(kernel_source())
+    return _SIGNATURES
+
+
+def check_args(name: str, args: tuple, is_array) -> None:
+    """Raise :class:`KernelError` unless ``args`` fit kernel ``name``'s C signature exactly."""
+    base = name.split("<", 1)[0]
+    sig = signatures().get(base)
+    if sig is None:
+        raise KernelError(f"unknown kernel {name!r}")
+    if len(args) != len(sig):
+        raise KernelError(f"{name}: {len(args)} arguments given, the kernel takes {len(sig)}")
+    for i, (p, a) in enumerate(zip(sig, args)):
+        if p.pointer:
+            if not is_array(a):
+                raise KernelError(f"{name}: argument {i} ({p.ctype}) must be a device array, got {type(a).__name__}")
+            if a.dtype != p.dtype:
+                raise KernelError(f"{name}: argument {i} ({p.ctype}) must have dtype {p.dtype}, got {a.dtype}")
+            if not a.flags.c_contiguous:
+                raise KernelError(f"{name}: argument {i} ({p.ctype}) must be C-contiguous")
+        else:
+            if not isinstance(a, np.generic) or a.dtype != p.dtype:
+                raise KernelError(f"{name}: argument {i} ({p.ctype} {p.name}) must be a numpy {p.dtype} scalar, "
+                                  f"got {type(a).__name__} {getattr(a, 'dtype', '')}")
+
+
+# ---- backends -------------------------------------------------------------------------------------
+class Backend:
+    """Array module + kernel launcher. Subclasses: :class:`CupyBackend`, ``emulator.EmulatorBackend``."""
+
+    name = "abstract"
+    xp: Any = None
+    oom_errors: tuple[type[BaseException], ...] = (MemoryError,)
+
+    def launch(self, name: str, grid: tuple, block: tuple, args: tuple) -> None:
+        raise NotImplementedError
+
+    def is_array(self, a) -> bool:
+        return isinstance(a, self.xp.ndarray)
+
+    def asnumpy(self, a) -> np.ndarray:
+        raise NotImplementedError
+
+    def to_device(self, host: np.ndarray):
+        raise NotImplementedError
+
+    def mem_info(self) -> tuple[int, int]:
+        """(free, total) bytes usable for new allocations (memory cached by the pool counts as free)."""
+        raise NotImplementedError
+
+    def release_cached_memory(self) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+
+class CupyBackend(Backend):
+    name = "cupy"
+
+    def __init__(self):
+        import cupy
+
+        self.cupy = cupy
+        self.xp = cupy
+        self.oom_errors = (cupy.cuda.memory.OutOfMemoryError,)
+        self.module = cupy.RawModule(code=kernel_source(), options=COMPILE_OPTIONS,
+                                     name_expressions=list(NAME_EXPRESSIONS))
+        try:
+            self.module.compile()
+        except Exception as exc:
+            raise KernelError(f"compiling {KERNELS_CU.name} with NVRTC failed: {type(exc).__name__}: {exc}") from exc
+        self._functions: dict[str, Any] = {}
+
+    def function(self, name: str):
+        f = self._functions.get(name)
+        if f is None:
+            if name not in NAME_EXPRESSIONS:
+                raise KernelError(f"kernel {name!r} is not among the compiled name expressions")
+            f = self._functions[name] = self.module.get_function(name)
+        return f
+
+    def launch(self, name, grid, block, args):
+        check_args(name, args, self.is_array)
+        f = self.function(name)
+        try:
+            f(tuple(int(g) for g in grid), tuple(int(b) for b in block), args)
+        except Exception as exc:
+            raise KernelError(f"launching {name} grid={tuple(grid)} block={tuple(block)} failed: "
+                              f"{type(exc).__name__}: {exc}") from exc
+        if _DEBUG:
+            try:
+                self.cupy.cuda.runtime.deviceSynchronize()
+            except Exception as exc:
+                raise KernelError(f"kernel {name} grid={tuple(grid)} block={tuple(block)} failed on the device: "
+                                  f"{type(exc).__name__}: {exc}") from exc
+
+    def asnumpy(self, a):
+        return self.cupy.asnumpy(a)
+
+    def to_device(self, host):
+        return self.cupy.asarray(np.ascontiguousarray(host))
+
+    def mem_info(self):
+        free, total = self.cupy.cuda.runtime.memGetInfo()
+        pool = self.cupy.get_default_memory_pool()
+        return int(free) + int(pool.free_bytes()), int(total)
+
+    def release_cached_memory(self):
+        self.cupy.get_default_memory_pool().free_all_blocks()
+
+    def synchronize(self):
+        self.cupy.cuda.runtime.deviceSynchronize()
+
+
+_LOCK = threading.Lock()
+_BACKEND: Backend | None = None
+
+
+def get_backend() -> Backend:
+    """The process-wide CuPy backend (kernels compiled on first use)."""
+    global _BACKEND
+    with _LOCK:
+        if _BACKEND is None:
+            _BACKEND = CupyBackend()
+        return _BACKEND
+
+
+# ---- device tensors ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DeviceTensor:
+    """A weight on the device: raw bytes ``[..., N, row_bytes]`` as stored in the file.
+
+    ``qtype`` is the type of the bytes in ``raw`` (what the kernels read); ``source_qtype`` the
+    type in the file (they differ only for types without a kernel, converted to F32 on the host).
+    ``shape`` is the logical NumPy-order shape ``[..., N, K]``.
+    """
+
+    name: str
+    qtype: Q
+    shape: tuple[int, ...]
+    raw: Any
+    source_qtype: Q
+
+    @property
+    def row_bytes(self) -> int:
+        return int(self.raw.shape[-1])
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.raw.nbytes)
+
+    def expert(self, e: int) -> "DeviceTensor":
+        if len(self.shape) != 3:
+            raise ValueError(f"{self.name}: not a 3-D expert tensor (shape {self.shape})")
+        return DeviceTensor(f"{self.name}[{e}]", self.qtype, self.shape[1:], self.raw[e], self.source_qtype)
+
+
+def row_nbytes(qtype: Q, k: int) -> int:
+    block, tsize = GGML_QUANT_SIZES[qtype]
+    if k % block:
+        raise ValueError(f"{qtype.name}: row length {k} is not a multiple of the block size {block}")
+    return k // block * tsize
+
+
+def valid_columns(row_bytes: int, k: int, kernel_qtype: Q) -> int:
+    """Columns a ``kernel_qtype`` kernel can read from a row of ``row_bytes`` bytes: whole blocks only."""
+    block, tsize = GGML_QUANT_SIZES[kernel_qtype]
+    return min(k, (row_bytes // tsize) * block)
+
+
+def _kernel_type(wt: DeviceTensor, as_qtype: Q | None) -> tuple[Q, int, int]:
+    """(kernel type, its template id, columns it reads) for a product with ``wt``."""
+    K = int(wt.shape[-1])
+    if as_qtype is None:
+        kt = wt.qtype
+        if kt not in KERNEL_QTYPES:
+            raise KernelError(f"{wt.name}: no kernel for quant type {kt.name}; supported: "
+                              + ", ".join(t.name for t in KERNEL_QTYPES))
+        want = row_nbytes(kt, K)
+        if wt.row_bytes != want:
+            raise KernelError(f"{wt.name}: rows hold {wt.row_bytes} bytes, {kt.name} with {K} columns needs {want}")
+        return kt, KERNEL_QTYPES[kt], K
+    kt = Q(as_qtype)
+    if kt not in KERNEL_QTYPES:
+        raise KernelError(f"no kernel for quant type {kt.name}")
+    return kt, KERNEL_QTYPES[kt], valid_columns(wt.row_bytes, K, kt)
+
+
+def _backend(backend: Backend | None) -> Backend:
+    return backend if backend is not None else get_backend()
+
+
+def _check_f32_2d(name: str, x, be: Backend, cols: int | None = None) -> None:
+    if not be.is_array(x) or x.dtype != np.float32 or x.ndim != 2 or not x.flags.c_contiguous:
+        raise KernelError(f"{name} must be a C-contiguous float32 2-D device array, got "
+                          f"{type(x).__name__} {getattr(x, 'dtype', '')} {getattr(x, 'shape', '')}")
+    if cols is not None and x.shape[1] != cols:
+        raise KernelError(f"{name} has {x.shape[1]} columns, expected {cols}")
+
+
+def _out(name: str, out, shape: tuple[int, ...], be: Backend):
+    xp = be.xp
+    if out is None:
+        return xp.empty(shape, dtype=np.float32)
+    if not be.is_array(out) or out.dtype != np.float32 or tuple(out.shape) != shape or not out.flags.c_contiguous:
+        raise KernelError(f"{name}: out must be a C-contiguous float32 device array of shape {shape}, got "
+                          f"{getattr(out, 'dtype', '')} {getattr(out, 'shape', '')}")
+    return out
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+# ---- dense product ------------------------------------------------------------------------------------
+def qmatmul(x, wt: DeviceTensor, out=None, *, as_qtype: Q | None = None, backend: Backend | None = None):
+    """``x @ W.T``: x float32 ``[T, K]`` (C-contiguous), ``wt`` a 2-D :class:`DeviceTensor` ``[N, K]``
+    -> float32 ``[T, N]``. T == 1 takes the matvec kernel, larger T the token-tiled kernel.
+
+    ``as_qtype`` is a TEST-ONLY fault injection: read ``wt``'s bytes with another type's kernel
+    (whole blocks of that type inside each row; the remaining columns contribute 0).
+    """
+    be = _backend(backend)
+    if len(wt.shape) != 2:
+        raise KernelError(f"qmatmul: {wt.name} is not 2-D (shape {wt.shape}); use qmatmul_experts for 3-D")
+    N, K = (int(s) for s in wt.shape)
+    _check_f32_2d("qmatmul: x", x, be, K)
+    T = int(x.shape[0])
+    out = _out("qmatmul", out, (T, N), be)
+    if T == 0 or N == 0:
+        return out
+    _, code, kq = _kernel_type(wt, as_qtype)
+    nt = 1 if T == 1 else TILE_TOKENS
+    grid = (_cdiv(N, WARPS), _cdiv(T, nt), 1)
+    be.launch(f"qmm_dense<{code},{nt}>", grid, (THREADS, 1, 1),
+              (wt.raw, np.int64(wt.row_bytes), np.int32(N), np.int32(kq), x, np.int32(K), np.int32(T),
+               out, np.int32(N)))
+    return out
+
+
+# ---- grouped expert product -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ExpertRouting:
+    """(token, slot) pairs grouped by expert, built on the device without a host synchronisation.
+
+    ``pairs`` int32 ``[T*k]``: pair ids ``p = t*k + j`` sorted by (expert, p); expert ``e`` owns
+    ``pairs[offsets[e]:offsets[e+1]]``.
+    """
+
+    ids: Any       # int32 [T, k]
+    pairs: Any     # int32 [T*k]
+    offsets: Any   # int32 [E+1]
+    n_experts: int
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.ids.shape[0])
+
+    @property
+    def k(self) -> int:
+        return int(self.ids.shape[1])
+
+
+def expert_routing(ids, n_experts: int, *, backend: Backend | None = None) -> ExpertRouting:
+    be = _backend(backend)
+    xp = be.xp
+    if not be.is_array(ids) or ids.ndim != 2:
+        raise KernelError(f"expert ids must be a 2-D [T, k] device array, got {getattr(ids, 'shape', type(ids))}")
+    ids = xp.ascontiguousarray(ids.astype(np.int32, copy=False))
+    P = int(ids.size)
+    flat = ids.reshape(-1).astype(np.int64)
+    # unique keys (expert, pair): the order is fully determined, whatever the sort's stability
+    keys = flat * np.int64(max(P, 1)) + xp.arange(P, dtype=np.int64)
+    order = xp.argsort(keys)
+    pairs = xp.ascontiguousarray(order.astype(np.int32))
+    sorted_ids = xp.ascontiguousarray(flat[order].astype(np.int32))
+    offsets = xp.empty((n_experts + 1,), dtype=np.int32)
+    blocks = _cdiv(n_experts + 1, ELEMENTWISE_THREADS)
+    be.launch("expert_offsets", (blocks, 1, 1), (ELEMENTWISE_THREADS, 1, 1),
+              (sorted_ids, np.int32(P), np.int32(n_experts), offsets))
+    return ExpertRouting(ids, pairs, offsets, int(n_experts))
+
+
+def qmatmul_experts(x, wt3: DeviceTensor, routing, out=None, *, x_per_pair: bool = False,
+                    as_qtype: Q | None = None, backend: Backend | None = None):
+    """Grouped expert product ("mul_mat_id").
+
+    ``wt3`` a 3-D :class:`DeviceTensor` ``[E, N, K]``; ``routing`` an :class:`ExpertRouting` (or
+    the int32 ids ``[T, k]``, grouped here). Input rows: ``x`` float32 ``[T, K]`` (one row per
+    token, shared by its k slots) or, with ``x_per_pair``, ``[T, k, K]`` / ``[T*k, K]`` (one row per
+    (token, slot) pair: the down projection's swiglu input). Returns float32 ``[T, k, N]``: the
+    product of pair (t, j)'s input row with expert ``ids[t, j]``'s weights.
+
+    ``as_qtype``: TEST-ONLY fault injection, as in :func:`qmatmul`.
+    """
+    be = _backend(backend)
+    if len(wt3.shape) != 3:
+        raise KernelError(f"qmatmul_experts: {wt3.name} is not 3-D (shape {wt3.shape})")
+    E, N, K = (int(s) for s in wt3.shape)
+    if not isinstance(routing, ExpertRouting):
+        routing = expert_routing(routing, E, backend=be)
+    if routing.n_experts != E:
+        raise KernelError(f"qmatmul_experts: routing built for {routing.n_experts} experts, {wt3.name} has {E}")
+    T, k = routing.n_tokens, routing.k
+    P = T * k
+    if x_per_pair:
+        if tuple(x.shape) == (T, k, K):
+            x = x.reshape(P, K)
+        _check_f32_2d("qmatmul_experts: x (per pair)", x, be, K)
+        if x.shape[0] != P:
+            raise KernelError(f"qmatmul_experts: x has {x.shape[0]} rows, expected T*k = {P}")
+        x_div = 1
+    else:
+        _check_f32_2d("qmatmul_experts: x", x, be, K)
+        if x.shape[0] != T:
+            raise KernelError(f"qmatmul_experts: x has {x.shape[0]} rows, the routing has {T} tokens")
+        x_div = k
+    out = _out("qmatmul_experts", out, (T, k, N), be)
+    if P == 0 or N == 0:
+        return out
+    raw = wt3.raw
+    if not raw.flags.c_contiguous or tuple(raw.shape[:2]) != (E, N):
+        raise KernelError(f"{wt3.name}: raw bytes must be a C-contiguous [E, N, row_bytes] array, got {raw.shape}")
+    _, code, kq = _kernel_type(wt3, as_qtype)
+    nt = 1 if T == 1 else TILE_TOKENS
+    grid = (_cdiv(N, WARPS), E, 1)
+    be.launch(f"qmm_experts<{code},{nt}>", grid, (THREADS, 1, 1),
+              (raw, np.int64(wt3.row_bytes), np.int64(N * wt3.row_bytes), np.int32(N), np.int32(kq),
+               x, np.int32(K), np.int32(x_div), routing.pairs, routing.offsets, out, np.int32(N)))
+    return out
+
+
+# ---- router and combination -----------------------------------------------------------------------------
+def router_topk(probs, k: int, *, backend: Backend | None = None):
+    """Top-k of ``probs`` float32 ``[T, E]`` -> (ids int32 ``[T, k]``, renormalised weights float32
+    ``[T, k]``), descending, ties to the lower id."""
+    be = _backend(backend)
+    xp = be.xp
+    _check_f32_2d("router_topk: probs", probs, be)
+    T, E = (int(s) for s in probs.shape)
+    if not 0 < k <= E:
+        raise KernelError(f"router_topk: k={k} must lie in 1..{E}")
+    ids = xp.empty((T, k), dtype=np.int32)
+    weights = xp.empty((T, k), dtype=np.float32)
+    if T:
+        be.launch("router_topk", (_cdiv(T, 128), 1, 1), (128, 1, 1),
+                  (probs, np.int32(T), np.int32(E), np.int32(k), ids, weights))
+    return ids, weights
+
+
+def _elementwise_grid(n: int) -> tuple[int, int, int]:
+    return (max(1, min(_cdiv(n, ELEMENTWISE_THREADS), MAX_ELEMENTWISE_BLOCKS)), 1, 1)
+
+
+def moe_combine(y, weights, ids, *, backend: Backend | None = None):
+    """``out[t] = sum_j weights[t, j] * y[t, j]`` over slots in ascending expert-id order (the
+    reference's accumulation order), products and sums rounded separately. y float32 ``[T, k, N]``."""
+    be = _backend(backend)
+    xp = be.xp
+    T, k, N = (int(s) for s in y.shape)
+    if tuple(weights.shape) != (T, k) or tuple(ids.shape) != (T, k):
+        raise KernelError(f"moe_combine: weights {weights.shape} / ids {ids.shape} do not fit y {y.shape}")
+    order = xp.ascontiguousarray(xp.argsort(ids, axis=1).astype(np.int32))
+    out = xp.empty((T, N), dtype=np.float32)
+    if T * N:
+        be.launch("moe_combine", _elementwise_grid(T * N), (ELEMENTWISE_THREADS, 1, 1),
+                  (xp.ascontiguousarray(y), xp.ascontiguousarray(weights), order,
+                   np.int32(T), np.int32(k), np.int32(N), out))
+    return out
+
+
+def round_bf16_(x, *, backend: Backend | None = None):
+    """Round a C-contiguous float32 device array to bfloat16 values in place (RNE); returns it."""
+    be = _backend(backend)
+    if not be.is_array(x) or x.dtype != np.float32 or not x.flags.c_contiguous:
+        raise KernelError("round_bf16_: needs a C-contiguous float32 device array")
+    n = int(x.size)
+    if n:
+        be.launch("round_bf16", _elementwise_grid(n), (ELEMENTWISE_THREADS, 1, 1), (x, np.int64(n)))
+    return x

@@ -1,0 +1,824 @@
+"""Tests of the CuPy GPU backend (pytest_moeparity.gpu): kernels against host references, then the
+traced forward against the NumPy reference.
+
+Every test takes the ``backend`` fixture:
+
+- ``cupy``: marked ``gpu``; skipped cleanly where CuPy is not importable or no CUDA device is
+  visible (CI). Launches run in debug mode (synchronise + check after every kernel), so a
+  device fault is reported by the kernel that caused it.
+- with ``MOEPARITY_TEST_EMULATOR=1`` the same tests run instead on the CPU emulator: the same
+  ``kernels.cu`` compiled as C++ (bit-identical arithmetic, out-of-bounds and warp-divergence
+  checks; needs g++). A developer's aid for kernel work without a GPU; the GPU run is what counts.
+
+Order of the file = order of diagnosis: compilation, dequantization layouts (bit-exact), products,
+expert grouping, router helpers, the fault switch, then whole forwards, precision modes, memory.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import zlib
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as Q
+from gguf import quants as gq
+from gguf.constants import GGML_QUANT_SIZES
+
+from pytest_moeparity.contract import S
+from pytest_moeparity.metrics import Thresholds, Verdict
+from pytest_moeparity.plan import SavePlan
+from pytest_moeparity.reference import BACKENDS as NUMPY_BACKENDS
+from pytest_moeparity.reference import NumpyForward
+
+EMULATOR_ENV = "MOEPARITY_TEST_EMULATOR"
+KERNEL_TYPES = [Q.F32, Q.F16, Q.BF16, Q.Q4_0, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K]
+FLOAT_TYPES = (Q.F32, Q.F16, Q.BF16)
+# byte offsets of the f16 scale fields in each block (random-byte tests keep them finite)
+F16_FIELDS = {Q.Q4_0: (0,), Q.Q8_0: (0,), Q.Q4_K: (0, 2), Q.Q5_K: (0, 2), Q.Q6_K: (208,)}
+FORWARD_QUANTS = ["F32", "Q8_0", "Q5_K_M", "Q4_K_M"]
+EXPERT_STAGES = {S.moe_expert_gate, S.moe_expert_up, S.moe_expert_swiglu, S.moe_expert_out}
+POST_ROUTER_STAGES = EXPERT_STAGES | {S.moe_router_indices, S.moe_ffn_out, S.post_ffn_residual}
+
+
+# ---- fixtures ------------------------------------------------------------------------------------
+def _cupy_backend():
+    pytest.importorskip("cupy")
+    from pytest_moeparity.gpu import availability
+
+    reason = availability()
+    if reason:
+        pytest.skip(f"no GPU: {reason}")
+    from pytest_moeparity.gpu import kernels
+
+    kernels.set_debug(True)
+    return kernels.get_backend()
+
+
+def _emulator_backend():
+    from pytest_moeparity.gpu.emulator import EmulatorBackend, EmulatorUnavailable
+
+    try:
+        return EmulatorBackend()
+    except EmulatorUnavailable as exc:
+        pytest.skip(f"emulator unavailable: {exc}")
+
+
+_USE_EMULATOR = os.environ.get(EMULATOR_ENV, "") not in ("", "0")
+
+
+@pytest.fixture(scope="session", params=[
+    pytest.param("emulator", id="emulator") if _USE_EMULATOR else pytest.param("cupy", id="cupy", marks=pytest.mark.gpu)])
+def backend(request):
+    return _emulator_backend() if request.param == "emulator" else _cupy_backend()
+
+
+@pytest.fixture(scope="session")
+def model_factory(tmp_path_factory):
+    """(preset, quant) -> GGUFModel, each file made once per session."""
+    from pytest_moeparity.make_model import PRESETS, make_model
+    from pytest_moeparity.model import load_model
+
+    root = tmp_path_factory.mktemp("gpu-models")
+    made = {}
+
+    def get(preset: str, quant: str):
+        key = (preset, quant)
+        if key not in made:
+            path = root / f"{preset}-{quant.lower()}.gguf"
+            make_model(path, PRESETS[preset], quant=quant, seed=0, progress=False)
+            made[key] = path
+        return load_model(made[key])
+
+    return get
+
+
+def _rng(*key) -> np.random.Generator:
+    return np.random.default_rng(zlib.crc32(repr(key).encode()))
+
+
+def _dev(backend, a):
+    return backend.to_device(np.ascontiguousarray(a))
+
+
+def _host(backend, a) -> np.ndarray:
+    return backend.asnumpy(a)
+
+
+def _poisoned(backend, shape):
+    return _dev(backend, np.full(shape, np.nan, dtype=np.float32))
+
+
+def _device_tensor(backend, raw: np.ndarray, qtype: Q, shape):
+    from pytest_moeparity.gpu.kernels import DeviceTensor
+
+    return DeviceTensor(f"test-{qtype.name}", qtype, tuple(shape), _dev(backend, raw), qtype)
+
+
+def _random_raw(rng, qtype: Q, rows: int, k: int) -> np.ndarray:
+    """Row bytes of ``qtype``: random normal values for float types, random bytes (every bit
+    pattern of scales and quants) with finite f16 scale fields for block types."""
+    if qtype in FLOAT_TYPES:
+        from pytest_moeparity.quants import quantize
+
+        return quantize(rng.standard_normal((rows, k)).astype(np.float32), qtype)
+    block, tsize = GGML_QUANT_SIZES[qtype]
+    nb = k // block
+    raw = rng.integers(0, 256, size=(rows, nb, tsize), dtype=np.uint8)
+    for off in F16_FIELDS[qtype]:
+        scale = rng.uniform(0.01, 0.5, size=(rows, nb)).astype(np.float16)
+        raw[:, :, off:off + 2] = scale.view(np.uint8).reshape(rows, nb, 2)
+    return raw.reshape(rows, nb * tsize)
+
+
+def _quantized(rng, qtype: Q, shape):
+    from pytest_moeparity.quants import quantize
+
+    return quantize(rng.standard_normal(shape).astype(np.float32), qtype)
+
+
+def _deq(raw: np.ndarray, qtype: Q, shape) -> np.ndarray:
+    return np.asarray(gq.dequantize(np.ascontiguousarray(raw), qtype), dtype=np.float32).reshape(shape)
+
+
+def _assert_written(out: np.ndarray, what: str) -> None:
+    bad = np.argwhere(np.isnan(out))
+    assert bad.size == 0, (f"{what}: {len(bad)} of {out.size} outputs never written (still the NaN poison), "
+                           f"first at index {bad[:5].tolist()}")
+
+
+def _assert_close(got: np.ndarray, ref: np.ndarray, what: str, tol: float = 1e-5, ref_abs: np.ndarray | None = None) -> None:
+    """Relative L2 error < tol. ``ref_abs`` (the products' sums of |terms|) rescues ill-conditioned
+    cases (a single output of a few near-cancelling sums, as with N = T = 1): float32 accumulation
+    error is bounded by ~K eps sum|terms|, so an error below tol/10 of ||ref_abs|| also passes."""
+    got64, ref64 = got.astype(np.float64), ref.astype(np.float64)
+    err = np.linalg.norm(got64 - ref64)
+    rel = err / max(np.linalg.norm(ref64), 1e-30)
+    if ref_abs is not None and err < 0.1 * tol * np.linalg.norm(ref_abs):
+        return
+    if not rel < tol:
+        err = np.abs(got64 - ref64).reshape(-1, ref64.shape[-1])
+        worst = np.unravel_index(np.argmax(err), err.shape)
+        per_col = np.linalg.norm(got64 - ref64, axis=tuple(range(got.ndim - 1))) / np.maximum(
+            np.linalg.norm(ref64, axis=tuple(range(got.ndim - 1))), 1e-30)
+        bad_cols = np.nonzero(per_col > tol)[0]
+        pytest.fail(f"{what}: relative L2 {rel:.3g} >= {tol:g}; worst element {worst} got {got.reshape(err.shape)[worst]!r} "
+                    f"want {ref.reshape(err.shape)[worst]!r}; {len(bad_cols)} of {per_col.size} output columns "
+                    f"(weight rows) off, first {bad_cols[:10].tolist()}")
+
+
+# ---- no GPU needed ----------------------------------------------------------------------------------
+def test_cpu_import_does_not_import_cupy():
+    code = ("import sys, pytest_moeparity.gpu, pytest_moeparity.gpu.kernels, pytest_moeparity.gpu.weights, "
+            "pytest_moeparity.gpu.forward, pytest_moeparity.backends; print('cupy' in sys.modules)")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert res.stdout.strip() == "False", res.stdout + res.stderr
+
+
+def test_cpu_availability_never_raises():
+    from pytest_moeparity.gpu import availability
+
+    reason = availability()
+    assert reason is None or (isinstance(reason, str) and reason)
+
+
+def test_cpu_kernel_signatures_parse():
+    from pytest_moeparity.gpu import kernels as K
+
+    sigs = K.signatures()
+    for expr in K.NAME_EXPRESSIONS:
+        assert expr.split("<", 1)[0] in sigs, expr
+    assert [p.ctype for p in sigs["qmm_dense"]][:2] == ["const mp_u8*", "mp_i64"]
+    with pytest.raises(K.KernelError, match="numpy int32 scalar"):
+        K.check_args("expert_offsets", (np.zeros(3, np.int32), 3, np.int32(2), np.zeros(3, np.int32)),
+                     lambda a: isinstance(a, np.ndarray))
+
+
+# ---- compilation ---------------------------------------------------------------------------------------
+def test_kernels_compile_and_load(backend):
+    """Every template instance compiles (NVRTC) and loads; fails first if kernels.cu is broken."""
+    from pytest_moeparity.gpu import kernels as K
+
+    if backend.name == "cupy":
+        for expr in K.NAME_EXPRESSIONS:
+            backend.function(expr)
+    assert set(K.KERNEL_QTYPES) == set(KERNEL_TYPES)
+
+
+# ---- dequantization layouts, bit-exact --------------------------------------------------------------------
+@pytest.mark.parametrize("qtype", KERNEL_TYPES, ids=lambda q: q.name)
+def test_dequant_layout_bit_exact(backend, qtype):
+    """x = identity: out[c, n] is exactly the kernel's dequantized W[n, c]; compared bit for bit with
+    gguf-py on random bytes (every scale/min/quant bit pattern). A failure names the block and the
+    position inside it, which points at the layout field read wrongly."""
+    from pytest_moeparity.gpu import kernels as K
+
+    block, tsize = GGML_QUANT_SIZES[qtype]
+    k = 768 if block == 256 else 96
+    n = 7
+    raw = _random_raw(_rng("layout", qtype.name), qtype, n, k)
+    want = _deq(raw, qtype, (n, k))
+    wt = _device_tensor(backend, raw, qtype, (n, k))
+    x = _dev(backend, np.eye(k, dtype=np.float32))
+    out = _poisoned(backend, (k, n))
+    K.qmatmul(x, wt, out=out, backend=backend)
+    got = _host(backend, out).T  # [n, k]
+    _assert_written(got, f"{qtype.name} identity product")
+    diff = np.argwhere(got != want)  # exact equality (the sum over lanes turns -0.0 into +0.0)
+    if diff.size:
+        r, c = diff[0]
+        pos = c % block
+        pytest.fail(f"{qtype.name}: {len(diff)} of {got.size} dequantized values differ from gguf-py; first at "
+                    f"row {r} column {c} = block {c // block} position {pos} (32-value group {pos // 32}, "
+                    f"16-value group {pos // 16}, lane {pos % 32}): got {got[r, c]!r} want {want[r, c]!r}")
+    # the matvec path (T == 1) on one-hot rows picks single columns, again exactly
+    for c in (0, 1, 31, 33, k // 2 + 17, k - 1):
+        onehot = np.zeros((1, k), np.float32)
+        onehot[0, c] = 1.0
+        out1 = K.qmatmul(_dev(backend, onehot), wt, backend=backend)
+        got1 = _host(backend, out1)[0]
+        assert np.array_equal(got1, want[:, c]), \
+            f"{qtype.name} matvec path, column {c}: got {got1} want {want[:, c]}"
+
+
+@pytest.mark.parametrize("qtype", [Q.F16, Q.BF16], ids=lambda q: q.name)
+def test_half_types_every_bit_pattern(backend, qtype):
+    """All 65536 16-bit patterns (subnormals, infinities, NaNs) as a [65536, 1] weight times 1.0."""
+    from pytest_moeparity.gpu import kernels as K
+
+    raw = np.arange(65536, dtype=np.uint32).astype("<u2").view(np.uint8).reshape(65536, 2)
+    want = _deq(raw, qtype, (65536, 1))[:, 0]
+    if backend.name == "cupy":
+        # CuPy compiles every RawModule with -ftz=true (appended by cupy.cuda.compiler, not optional):
+        # float32 subnormals flush to zero in arithmetic. Only BF16 has subnormal float32 values
+        # (|x| < 2**-126); they come out as exactly 0. Everything else must be bit-exact.
+        want = np.where(np.abs(want) < np.finfo(np.float32).tiny, np.float32(0), want)
+    out = K.qmatmul(_dev(backend, np.ones((1, 1), np.float32)), _device_tensor(backend, raw, qtype, (65536, 1)),
+                    backend=backend)
+    got = _host(backend, out)[0]
+    nan = np.isnan(want)
+    assert np.array_equal(np.isnan(got), nan), f"{qtype.name}: NaN patterns differ at {np.nonzero(np.isnan(got) != nan)[0][:10]}"
+    bad = np.nonzero(got[~nan] != want[~nan])[0]
+    assert bad.size == 0, f"{qtype.name}: {bad.size} bit patterns convert wrongly, first {np.arange(65536)[~nan][bad[:10]]}"
+
+
+# ---- dense products --------------------------------------------------------------------------------------------
+SHAPES = [(37, 256), (130, 512), (5, 768), (1, 1024)]  # (N, K): N not a multiple of the 4 rows per block
+
+
+@pytest.mark.parametrize("qtype", KERNEL_TYPES, ids=lambda q: q.name)
+@pytest.mark.parametrize("T", [1, 3, 17, 64])
+@pytest.mark.parametrize("N,K", SHAPES, ids=[f"N{n}xK{k}" for n, k in SHAPES])
+def test_qmatmul_matches_host(backend, qtype, T, N, K):
+    from pytest_moeparity.gpu import kernels as Kn
+
+    rng = _rng("qmm", qtype.name, T, N, K)
+    raw = _quantized(rng, qtype, (N, K))
+    w = _deq(raw, qtype, (N, K)).astype(np.float64)
+    x = rng.standard_normal((T, K)).astype(np.float32)
+    want = x.astype(np.float64) @ w.T
+    out = _poisoned(backend, (T, N))
+    res = Kn.qmatmul(_dev(backend, x), _device_tensor(backend, raw, qtype, (N, K)), out=out, backend=backend)
+    assert res is out
+    got = _host(backend, out)
+    _assert_written(got, f"qmatmul {qtype.name} T={T} N={N} K={K}")
+    _assert_close(got, want, f"qmatmul {qtype.name} T={T} N={N} K={K} ({'matvec' if T == 1 else 'tiled'} path)",
+                  ref_abs=np.abs(x.astype(np.float64)) @ np.abs(w.T))
+
+
+def test_qmatmul_rejects_bad_input(backend):
+    from pytest_moeparity.gpu import kernels as K
+
+    raw = _quantized(_rng("bad"), Q.Q8_0, (4, 64))
+    wt = _device_tensor(backend, raw, Q.Q8_0, (4, 64))
+    with pytest.raises(K.KernelError, match="columns"):
+        K.qmatmul(_dev(backend, np.zeros((2, 32), np.float32)), wt, backend=backend)
+    with pytest.raises(K.KernelError, match="float32"):
+        K.qmatmul(_dev(backend, np.zeros((2, 64), np.float64)), wt, backend=backend)
+    wrong = K.DeviceTensor("mislabelled", Q.Q4_K, (4, 256), wt.raw, Q.Q4_K)  # 68-byte rows are not Q4_K
+    with pytest.raises(K.KernelError, match="needs"):
+        K.qmatmul(_dev(backend, np.zeros((2, 256), np.float32)), wrong, backend=backend)
+
+
+# ---- grouped expert products -----------------------------------------------------------------------------------
+def _routing_ids(rng, T: int, k: int, E: int) -> np.ndarray:
+    """Random ids leaving the last two experts unused, one expert chosen twice by token 0, and (for
+    larger T) one expert chosen by more than a tile of tokens."""
+    ids = rng.integers(0, E - 2, size=(T, k)).astype(np.int32)
+    ids[0, :] = 1
+    if T > 10:
+        ids[:, 0] = 0
+    return ids
+
+
+@pytest.mark.parametrize("qtype", KERNEL_TYPES, ids=lambda q: q.name)
+@pytest.mark.parametrize("T", [1, 3, 17, 64])
+def test_qmatmul_experts_matches_host(backend, qtype, T):
+    from pytest_moeparity.gpu import kernels as K
+
+    E, N, Kc, k = 6, 37, 512, 3
+    rng = _rng("experts", qtype.name, T)
+    raw = _quantized(rng, qtype, (E, N, Kc))
+    w = _deq(raw, qtype, (E, N, Kc)).astype(np.float64)
+    ids = _routing_ids(rng, T, k, E)
+    wt3 = _device_tensor(backend, raw, qtype, (E, N, Kc))
+    routing = K.expert_routing(_dev(backend, ids), E, backend=backend)
+    what = f"qmatmul_experts {qtype.name} T={T}"
+
+    # rows by token (gate / up)
+    x = rng.standard_normal((T, Kc)).astype(np.float32)
+    out = _poisoned(backend, (T, k, N))
+    K.qmatmul_experts(_dev(backend, x), wt3, routing, out=out, backend=backend)
+    got = _host(backend, out)
+    _assert_written(got, what + " (token rows)")
+    _assert_close(got, np.einsum("tc,tjnc->tjn", x.astype(np.float64), w[ids]), what + " (token rows)",
+                  ref_abs=np.einsum("tc,tjnc->tjn", np.abs(x.astype(np.float64)), np.abs(w[ids])))
+
+    # rows by (token, slot) pair (down)
+    xp_ = rng.standard_normal((T, k, Kc)).astype(np.float32)
+    out2 = _poisoned(backend, (T, k, N))
+    K.qmatmul_experts(_dev(backend, xp_), wt3, routing, out=out2, x_per_pair=True, backend=backend)
+    got2 = _host(backend, out2)
+    _assert_written(got2, what + " (pair rows)")
+    _assert_close(got2, np.einsum("tjc,tjnc->tjn", xp_.astype(np.float64), w[ids]), what + " (pair rows)",
+                  ref_abs=np.einsum("tjc,tjnc->tjn", np.abs(xp_.astype(np.float64)), np.abs(w[ids])))
+
+    # ids instead of a prepared routing
+    got3 = _host(backend, K.qmatmul_experts(_dev(backend, x), wt3, _dev(backend, ids), backend=backend))
+    assert np.array_equal(got3, got), what + ": result differs when the routing is built inside"
+
+
+def test_expert_routing_groups_pairs(backend):
+    from pytest_moeparity.gpu import kernels as K
+
+    E, T, k = 9, 23, 4
+    ids = _routing_ids(_rng("routing"), T, k, E)
+    r = K.expert_routing(_dev(backend, ids), E, backend=backend)
+    pairs, offsets = _host(backend, r.pairs), _host(backend, r.offsets)
+    flat = ids.reshape(-1)
+    want_pairs = np.lexsort((np.arange(flat.size), flat))
+    assert pairs.tolist() == want_pairs.tolist()
+    counts = np.bincount(flat, minlength=E)
+    assert offsets.tolist() == [0] + np.cumsum(counts).tolist(), f"offsets {offsets} for counts {counts}"
+    assert counts[E - 1] == 0 and counts[E - 2] == 0
+
+
+# ---- router, combination, bf16 rounding ------------------------------------------------------------------------
+def test_router_topk_matches_numpy(backend):
+    from pytest_moeparity.gpu import kernels as K
+
+    rng = _rng("topk")
+    T, E, k = 19, 16, 4
+    probs = rng.random((T, E)).astype(np.float32)
+    probs[1, :] = 1.0 / E                 # all tied: lowest ids win
+    probs[2, [3, 9, 12]] = probs[2].max()  # ties at the top
+    probs[3, 5] = np.nan                   # NaN sorts last, as in numpy
+    probs[4, :] = np.nan
+    ids, w = K.router_topk(_dev(backend, probs), k, backend=backend)
+    ids, w = _host(backend, ids), _host(backend, w)
+    want = np.argsort(-probs, axis=-1, kind="stable")[:, :k]
+    assert ids.dtype == np.int32
+    assert np.array_equal(ids, want), f"top-k ids differ in rows {np.nonzero((ids != want).any(1))[0]}: {ids} vs {want}"
+    top = np.take_along_axis(probs, want, -1)
+    ok = ~np.isnan(top).any(1)
+    np.testing.assert_allclose(w[ok], (top / top.sum(-1, keepdims=True))[ok], rtol=1e-6)
+
+
+def test_moe_combine_bit_exact(backend):
+    from pytest_moeparity.gpu import kernels as K
+
+    rng = _rng("combine")
+    T, k, N = 11, 4, 45
+    y = rng.standard_normal((T, k, N)).astype(np.float32)
+    w = rng.random((T, k)).astype(np.float32)
+    ids = np.stack([rng.permutation(10)[:k] for _ in range(T)]).astype(np.int32)
+    got = _host(backend, K.moe_combine(_dev(backend, y), _dev(backend, w), _dev(backend, ids), backend=backend))
+    want = np.zeros((T, N), np.float32)
+    for t in range(T):
+        for j in np.argsort(ids[t]):  # the reference adds experts in ascending id order
+            want[t] = want[t] + (w[t, j] * y[t, j]).astype(np.float32)
+    assert np.array_equal(got, want), f"max diff {np.abs(got - want).max()}"
+
+
+def _bf16_numpy(x: np.ndarray) -> np.ndarray:
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    u = x.view(np.uint32).astype(np.uint64)
+    r = ((u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000).astype(np.uint32).view(np.float32)
+    return np.where(np.isnan(x), np.float32(np.nan), r)
+
+
+def test_round_bf16_bit_exact(backend):
+    from pytest_moeparity.gpu import kernels as K
+
+    rng = _rng("bf16")
+    x = (rng.standard_normal(100_003) * np.exp(rng.uniform(-85, 85, 100_003))).astype(np.float32)
+    x[:8] = [np.nan, np.inf, -np.inf, 3.4e38, -3.4e38, 1e-45, -0.0, 1.0 + 2.0**-8]
+    got = _host(backend, K.round_bf16_(_dev(backend, x), backend=backend))
+    want = _bf16_numpy(x)
+    assert np.isnan(got[0])
+    assert np.array_equal(got[1:].view(np.uint32), want[1:].view(np.uint32))
+
+
+# ---- the test-only fault switch at kernel level -------------------------------------------------------------------
+@pytest.mark.parametrize("K_cols", [256, 768, 1024])
+def test_fault_q4k_read_as_q6k(backend, K_cols):
+    """as_qtype=Q6_K on Q4_K bytes: whole 210-byte Q6_K blocks inside each row are read, the remaining
+    columns give 0, nothing outside the row is touched (the emulator checks the bounds)."""
+    from pytest_moeparity.gpu import kernels as K
+
+    rng = _rng("fault", K_cols)
+    E, N, T, k = 3, 9, 5, 2
+    raw = _quantized(rng, Q.Q4_K, (E, N, K_cols))
+    row_bytes = raw.shape[-1]
+    nb6 = row_bytes // 210
+    x = rng.standard_normal((T * k, K_cols)).astype(np.float32)
+    ids = np.array([[0, 2], [1, 0], [2, 1], [0, 1], [2, 0]], np.int32)
+    wt3 = _device_tensor(backend, raw, Q.Q4_K, (E, N, K_cols))
+    faulty = _host(backend, K.qmatmul_experts(_dev(backend, x), wt3, _dev(backend, ids), x_per_pair=True,
+                                              as_qtype=Q.Q6_K, backend=backend))
+    right = _host(backend, K.qmatmul_experts(_dev(backend, x), wt3, _dev(backend, ids), x_per_pair=True, backend=backend))
+    # expected garbage: each row's first nb6*210 bytes as Q6_K
+    w6 = np.zeros((E, N, K_cols), np.float64)
+    if nb6:
+        w6[..., :nb6 * 256] = _deq(raw[..., :nb6 * 210].reshape(E * N, nb6 * 210), Q.Q6_K, (E, N, nb6 * 256))
+    want = np.einsum("tjc,tjnc->tjn", x.reshape(T, k, K_cols).astype(np.float64), w6[ids])
+    finite = np.isfinite(want)
+    assert np.array_equal(np.isfinite(faulty), finite), "non-finite pattern of the faulty product differs from the host model"
+    if finite.any():
+        _assert_close(np.where(finite, faulty, 0), np.where(finite, want, 0), f"Q4_K read as Q6_K, K={K_cols}", 1e-4)
+    assert not np.allclose(faulty, right, equal_nan=False), "the fault switch did not change the Q4_K product"
+    # the switch is harmless on real Q6_K bytes
+    raw6 = _quantized(rng, Q.Q6_K, (E, N, K_cols))
+    wt6 = _device_tensor(backend, raw6, Q.Q6_K, (E, N, K_cols))
+    a = _host(backend, K.qmatmul_experts(_dev(backend, x), wt6, _dev(backend, ids), x_per_pair=True, backend=backend))
+    b = _host(backend, K.qmatmul_experts(_dev(backend, x), wt6, _dev(backend, ids), x_per_pair=True,
+                                         as_qtype=Q.Q6_K, backend=backend))
+    assert np.array_equal(a, b)
+
+
+# ---- whole forwards --------------------------------------------------------------------------------------------------
+def _tokens(model, n: int = 12) -> list[int]:
+    from pytest_moeparity.parity import default_tokens
+
+    return default_tokens(model.config.vocab, n)
+
+
+def _engine(model, backend, **kw):
+    from pytest_moeparity.gpu import CupyEngine
+
+    return CupyEngine(model, backend=backend, **kw)
+
+
+def _compare(ref, cand, th: Thresholds | None = None):
+    from pytest_moeparity.report import compare_traces
+
+    return compare_traces(ref, cand, th)
+
+
+def _explain(report) -> str:
+    fd = report.first_divergence
+    head = "all Match" if fd is None else f"first divergence: {fd.label()} -> {fd.result.verdict}: {fd.result.reason}"
+    return f"{head}\ncounts {report.counts()}\n{report.render()}"
+
+
+def _assert_parity_or_routing_cascade(report, what: str) -> None:
+    """All cells Match, except downstream of a routing flip (two precisions may legitimately choose
+    different experts where the top-k margin is below their rounding noise). Everything before the
+    first layer whose chosen experts differ must Match, including that layer's router logits and
+    probabilities."""
+    if report.ok:
+        return
+    fd = report.first_divergence
+    flips = sorted(c.layer for c in report.cells if c.stage == S.moe_router_indices
+                   and (c.result.metrics.get("mismatched_positions") or 0) > 0)
+    ok = (fd is not None and fd.layer is not None and flips
+          and (fd.layer > flips[0] or (fd.layer == flips[0] and fd.stage in POST_ROUTER_STAGES)))
+    assert ok, f"{what}: divergence not explained by a routing flip (flip layers {flips})\n{_explain(report)}"
+
+
+def _skip_slow_emulator(backend, preset):
+    if backend.name == "emulator" and preset != "tiny" and not os.environ.get("MOEPARITY_TEST_EMULATOR_ALL"):
+        pytest.skip("emulator: tiny preset only (MOEPARITY_TEST_EMULATOR_ALL=1 runs all)")
+
+
+@pytest.mark.parametrize("quant", FORWARD_QUANTS)
+@pytest.mark.parametrize("preset", ["tiny", "small"])
+def test_forward_matches_reference(backend, model_factory, preset, quant):
+    """Every stage, every position, every layer (and every routed expert) Matches the NumPy reference."""
+    _skip_slow_emulator(backend, preset)
+    model = model_factory(preset, quant)
+    tokens = _tokens(model)
+    plan = SavePlan.parse()
+    ref = NumpyForward(model).run(tokens, plan).trace
+    res = _engine(model, backend).run(tokens, plan)
+    report = _compare(ref, res.trace)
+    assert report.ok, f"{preset} {quant}: cupy vs numpy\n{_explain(report)}"
+    assert set(res.trace.keys()) == set(ref.keys())
+    assert res.logits.shape == (len(tokens), model.config.vocab) and res.logits.dtype == np.float32
+
+
+def test_forward_all_experts_and_partial_plans(backend, model_factory):
+    model = model_factory("tiny", "Q4_K_M")
+    tokens = _tokens(model, 9)
+    for plan in (SavePlan.parse(experts="all"),
+                 SavePlan.parse(stages="router,experts,moe_ffn_out", layers="2..4", positions="-1,0"),
+                 SavePlan.parse(stages="lm_head,embedding,attn_softmax", positions="last")):
+        ref = NumpyForward(model).run(tokens, plan).trace
+        cand = _engine(model, backend).trace(tokens, plan)
+        assert set(cand.keys()) == set(ref.keys()), f"{plan.describe()}: keys differ: {set(cand.keys()) ^ set(ref.keys())}"
+        assert cand.positions == ref.positions
+        report = _compare(ref, cand)
+        assert report.ok, f"{plan.describe()}\n{_explain(report)}"
+
+
+def test_empty_plan_captures_nothing(backend, model_factory):
+    from pytest_moeparity.metrics import compare_float
+
+    model = model_factory("tiny", "Q8_0")
+    tokens = _tokens(model, 5)
+    res = _engine(model, backend).run(tokens, SavePlan.empty())
+    assert not res.trace.tensors
+    ref = NumpyForward(model).run(tokens).logits
+    r = compare_float(ref, res.logits)
+    assert r.verdict is Verdict.Match, r.reason
+
+
+def test_single_token_forward(backend, model_factory):
+    """T == 1: the matvec kernels and the NT=1 expert kernel."""
+    model = model_factory("tiny", "Q4_K_M")
+    tokens = _tokens(model, 1)
+    plan = SavePlan.parse()
+    report = _compare(NumpyForward(model).run(tokens, plan).trace, _engine(model, backend).trace(tokens, plan))
+    assert report.ok, _explain(report)
+
+
+# ---- the planted historical bug ------------------------------------------------------------------------------------
+def test_planted_fault_found_at_first_q4k_down_layer(backend, model_factory):
+    model = model_factory("tiny", "Q4_K_M")
+    down_types = [model.layer(L, "ffn_down_exps").qtype for L in range(model.config.n_layers)]
+    assert Q.Q6_K in down_types and Q.Q4_K in down_types, f"the Q4_K_M mix should mix Q4_K and Q6_K: {down_types}"
+    first_q4k = down_types.index(Q.Q4_K)
+    tokens = _tokens(model)
+    plan = SavePlan.parse()
+    ref = NumpyForward(model).run(tokens, plan).trace
+    cand = _engine(model, backend, fault="q4k-as-q6k").trace(tokens, plan)
+    report = _compare(ref, cand)
+    fd = report.first_divergence
+    assert fd is not None, "the planted fault was not detected:\n" + _explain(report)
+    assert fd.layer == first_q4k and (fd.stage == S.moe_ffn_out or fd.stage in EXPERT_STAGES), (
+        f"expected the first divergence at layer {first_q4k} (first Q4_K ffn_down_exps; types {[t.name for t in down_types]}) "
+        f"in moe_ffn_out or moe_expert_*\n{_explain(report)}")
+    # every layer before it is clean, including the router of the faulty layer
+    before = [c for c in report.cells if c.layer is not None and c.layer < first_q4k]
+    assert before and all(c.verdict is Verdict.Match for c in before)
+    assert cand.meta.get("fault") == "q4k-as-q6k"
+
+
+def test_fault_switch_is_harmless_without_q4k(backend, model_factory):
+    """On a file whose ffn_down_exps are all Q6_K the switch changes nothing, bit for bit."""
+    model = model_factory("tiny", "Q6_K")
+    assert all(model.layer(L, "ffn_down_exps").qtype == Q.Q6_K for L in range(model.config.n_layers))
+    tokens = _tokens(model, 6)
+    plan = SavePlan.parse(stages="moe_ffn_out,experts,lm_head")
+    a = _engine(model, backend).trace(tokens, plan)
+    b = _engine(model, backend, fault="q4k-as-q6k").trace(tokens, plan)
+    assert set(a.keys()) == set(b.keys())
+    for key in a.keys():
+        assert np.array_equal(a[key], b[key]), key
+
+
+def test_fault_switch_rejects_unknown_names(backend, model_factory):
+    with pytest.raises(ValueError, match="q4k-as-q6k"):
+        _engine(model_factory("tiny", "Q8_0"), backend, fault="q6k-as-q4k")
+
+
+# ---- precision modes --------------------------------------------------------------------------------------------------
+def test_f16_matches_numpy_f16(backend, model_factory):
+    """cupy-f16 vs numpy-f16 (the same float16 rounding after every op) under the default thresholds."""
+    model = model_factory("tiny", "Q4_K_M")
+    tokens = _tokens(model)
+    plan = SavePlan.parse()
+    ref = NumpyForward(model, name="numpy-f16", **NUMPY_BACKENDS["numpy-f16"]).run(tokens, plan).trace
+    cand = _engine(model, backend, act_dtype="float16").trace(tokens, plan)
+    assert cand.meta["act_dtype"] == "float16" and cand.meta["backend"] == "cupy-f16"
+    _assert_parity_or_routing_cascade(_compare(ref, cand), "cupy-f16 vs numpy-f16")
+
+
+class _NumpyBf16(NumpyForward):
+    """The NumPy reference with activations rounded to bfloat16 (RNE) after every op."""
+
+    def _a(self, x):
+        return _bf16_numpy(x)
+
+
+# bf16 vs float32. bfloat16 keeps 8 significand bits: unit roundoff u = 2**-9 ~ 2e-3. With the
+# activations rounded after every op a stage's relative error is a few u and grows slowly with
+# depth (on these models 2e-3 at layer 0 to ~1.5e-2 by the last layers, before any routing flip).
+# max_rel_l2 0.05 (~25 u) keeps 3x margin over that; cosine 0.998 corresponds to ~6 % error.
+# Router probabilities carry ~1 % relative noise (~2e-3 absolute near 0.2), so a swap of experts
+# within 0.02 probability counts as a near-tie. Divergence downstream of a routing flip is allowed.
+BF16_VS_F32 = dict(min_cosine=0.998, max_rel_l2=0.05, router_tie_tol=0.02)
+
+
+def test_bf16_matches_numpy_bf16_emulation(backend, model_factory):
+    """cupy-bf16 vs the NumPy reference rounding to bf16 the same way. Both round after every op,
+    so layer 0 up to the router agrees to the default thresholds (in practice bit for bit); later,
+    the two pipelines' float32 differences flip roundings and the noise is that of bf16 (see
+    BF16_VS_F32)."""
+    model = model_factory("tiny", "Q4_K_M")
+    tokens = _tokens(model)
+    plan = SavePlan.parse()
+    ref = _NumpyBf16(model, name="numpy-bf16-emulated").run(tokens, plan).trace
+    cand = _engine(model, backend, act_dtype="bfloat16").trace(tokens, plan)
+    for key in cand.keys():
+        v = cand[key]
+        if v.dtype == np.float32:
+            assert np.array_equal(_bf16_numpy(v).view(np.uint32), v.view(np.uint32)), f"{key} holds non-bf16 values"
+    strict = _compare(ref, cand)
+    layer0 = [c for c in strict.cells if c.layer in (None, 0) and c.stage not in POST_ROUTER_STAGES
+              and c.stage not in (S.final_norm, S.lm_head)]
+    assert layer0 and all(c.verdict is Verdict.Match for c in layer0), _explain(strict)
+    report = _compare(ref, cand, Thresholds.from_contract(**BF16_VS_F32))
+    _assert_parity_or_routing_cascade(report, "cupy-bf16 vs numpy with bf16 activations (bf16 thresholds)")
+
+
+def test_bf16_close_to_numpy_f32(backend, model_factory):
+    model = model_factory("tiny", "Q4_K_M")
+    tokens = _tokens(model)
+    plan = SavePlan.parse()
+    ref = NumpyForward(model).run(tokens, plan).trace
+    cand = _engine(model, backend, act_dtype="bfloat16").trace(tokens, plan)
+    report = _compare(ref, cand, Thresholds.from_contract(**BF16_VS_F32))
+    _assert_parity_or_routing_cascade(report, "cupy-bf16 vs numpy float32 (bf16 thresholds)")
+    layer0 = [c for c in report.cells if c.layer == 0 and c.stage not in POST_ROUTER_STAGES]
+    assert layer0 and all(c.verdict is Verdict.Match for c in layer0), _explain(report)
+
+
+# ---- weights: cache, streaming, memory errors ---------------------------------------------------------------------------
+def test_weights_uploaded_once_per_model(backend, model_factory):
+    from pytest_moeparity.gpu import upload_stats
+
+    model = model_factory("tiny", "Q5_K_M")
+    tokens = _tokens(model, 4)
+    e1 = _engine(model, backend)
+    e1.trace(tokens, SavePlan.empty())
+    assert e1.weights.uploads > 0 and e1.weights.mode == "resident"
+    before = upload_stats()
+    e2 = _engine(model, backend, act_dtype="float16")
+    e2.trace(tokens, SavePlan.parse(stages="lm_head"))
+    e1.trace(tokens, SavePlan.empty())
+    assert upload_stats() == before, f"a second engine re-uploaded weights: {before} -> {upload_stats()}"
+    assert e2.weights is e1.weights
+
+
+def test_streaming_mode_gives_identical_traces(backend, model_factory, tmp_path, monkeypatch):
+    from pytest_moeparity.gpu import weights as W
+    from pytest_moeparity.model import load_model
+
+    src = model_factory("tiny", "Q4_K_M")
+    copy = tmp_path / "stream-copy.gguf"
+    shutil.copy(src.path, copy)  # another file: its own cache entry
+    model = load_model(copy)
+    monkeypatch.setattr(W, "LM_HEAD_CHUNK_BYTES", 40_000)  # several output chunks
+    tokens = _tokens(model, 7)
+    plan = SavePlan.parse(experts="all")
+    resident = _engine(src, backend).trace(tokens, plan)
+    eng = _engine(model, backend, streaming=True)
+    streamed = eng.trace(tokens, plan)
+    assert eng.weights.mode == "streaming" and streamed.meta["weights_mode"] == "streaming"
+    assert not any(n.startswith("blk.") for n in eng.weights.tensors), "streaming kept layer tensors after the forward"
+    assert set(resident.keys()) == set(streamed.keys())
+    for key in resident.keys():
+        assert np.array_equal(resident[key], streamed[key]), key
+
+
+def test_out_of_memory_is_a_clear_error(backend, model_factory, tmp_path):
+    from pytest_moeparity.gpu import GpuMemoryError
+    from pytest_moeparity.gpu import weights as W
+    from pytest_moeparity.model import load_model
+
+    copy = tmp_path / "oom-copy.gguf"
+    shutil.copy(model_factory("tiny", "Q8_0").path, copy)
+    model = load_model(copy)
+    if backend.name == "cupy":
+        import cupy
+
+        pool = cupy.get_default_memory_pool()
+        old = pool.get_limit()
+        pool.set_limit(size=256 * 1024)
+        try:
+            with pytest.raises(GpuMemoryError) as info:
+                _engine(model, backend).trace(_tokens(model, 4), SavePlan.empty())
+        finally:
+            pool.set_limit(size=old)
+    else:
+        class _Tight(type(backend)):
+            def to_device(self, host):
+                if np.asarray(host).nbytes > 100_000:
+                    raise MemoryError(f"emulated OOM allocating {np.asarray(host).nbytes} bytes")
+                return super().to_device(host)
+
+        tight = _Tight()
+        with pytest.raises(GpuMemoryError) as info:
+            _engine(model, tight).trace(_tokens(model, 4), SavePlan.empty())
+    msg = str(info.value)
+    assert "MiB" in msg and "free" in msg and "need" in msg, msg
+    W.clear_cache()
+
+
+def test_type_without_kernel_falls_back_to_host_f32(backend, model_factory):
+    """A tensor of a type without a kernel (here Q4_1) is dequantized on the host and uploaded as F32,
+    with one RuntimeWarning per type."""
+    from pytest_moeparity.gpu import kernels as K
+    from pytest_moeparity.gpu import weights as W
+    from pytest_moeparity.model import QTensor
+
+    assert Q.Q4_1 not in K.KERNEL_QTYPES
+    rng = _rng("fallback")
+    vals = rng.standard_normal((11, 64)).astype(np.float32)
+    raw = np.asarray(gq.quantize(vals, Q.Q4_1), dtype=np.uint8)
+    qt = QTensor("blk.0.fake_q4_1.weight", Q.Q4_1, (11, 64), raw)
+    dw = W.DeviceWeights(model_factory("tiny", "Q8_0"), backend, streaming=False)
+    W._WARNED.discard(Q.Q4_1)
+    with pytest.warns(RuntimeWarning, match="Q4_1"):
+        dt = dw._upload(qt)
+    assert dt.qtype == Q.F32 and dt.source_qtype == Q.Q4_1 and dt.shape == (11, 64)
+    x = rng.standard_normal((3, 64)).astype(np.float32)
+    got = _host(backend, K.qmatmul(_dev(backend, x), dt, backend=backend))
+    want = x.astype(np.float64) @ _deq(raw, Q.Q4_1, (11, 64)).astype(np.float64).T
+    _assert_close(got, want, "Q4_1 via host F32 fallback")
+
+
+# ---- engine protocol modes: planted faults, forced routing, isolated layers --------------------------------
+def _assert_same_verdicts_as_reference(report, what: str) -> None:
+    """Match everywhere, except cells where both sides carry the same planted non-finite values."""
+    bad = []
+    for c in report.cells:
+        m = c.result.metrics
+        same_nonfinite = (c.verdict is Verdict.NanBoth and m.get("ref_nan") == m.get("cand_nan")
+                          and m.get("ref_inf") == m.get("cand_inf"))
+        if c.verdict is not Verdict.Match and not same_nonfinite:
+            bad.append(c)
+    assert not bad, f"{what}: {len(bad)} cells differ, first {bad[0].label()}: {bad[0].result.reason}\n{_explain(report)}"
+
+
+FAULT_SPECS = [
+    "nan@3:moe_ffn_out",
+    "scale=2@2:attn_out;inf@5:moe_expert_out#1;zero@1:moe_expert_gate",
+    "add=0.5@embedding;scale=-1@6:moe_expert_swiglu",
+    "dispatch=q6_k@*:ffn_down_exps",
+    "dispatch=q8_0@2:attn_q;dispatch=bf16@3:ffn_gate_inp;dispatch=q8_0@4:attn_norm",
+]
+
+
+@pytest.mark.parametrize("spec", FAULT_SPECS)
+def test_planted_faults_like_reference(backend, model_factory, spec):
+    """--moe-inject faults (faults.py) act on the GPU forward exactly as on the reference."""
+    from pytest_moeparity.faults import parse_faults
+
+    model = model_factory("tiny", "Q4_K_M")
+    faults = parse_faults(spec)
+    tokens = _tokens(model, 8)
+    plan = SavePlan.parse()
+    ref = NumpyForward(model).run(tokens, plan, faults=faults).trace
+    cand = _engine(model, backend).trace(tokens, plan, faults=faults)
+    assert cand.meta.get("faults") == ref.meta.get("faults")
+    _assert_same_verdicts_as_reference(_compare(ref, cand), f"faults {spec}")
+
+
+def test_forced_routing_like_reference(backend, model_factory):
+    model = model_factory("tiny", "Q4_K_M")
+    E = model.config.n_experts
+    tokens = _tokens(model, 8)
+    plan = SavePlan.parse()
+    base = NumpyForward(model).run(tokens, plan).trace
+    forced = {L: (base[f"layer.{L}.moe_router_indices"] + L) % E for L in (0, 2, 5)}  # layer 0: unchanged
+    ref = NumpyForward(model).run(tokens, plan, forced_routing=forced).trace
+    cand = _engine(model, backend).trace(tokens, plan, forced_routing=forced)
+    assert cand.meta.get("forced_routing") == "reference"
+    for L, ids in forced.items():
+        assert np.array_equal(cand[f"layer.{L}.moe_router_indices"], ids.astype(np.int32))
+    report = _compare(ref, cand)
+    assert report.ok, _explain(report)
+
+
+def test_isolated_layers_like_reference(backend, model_factory):
+    model = model_factory("tiny", "Q5_K_M")
+    tokens = _tokens(model, 8)
+    plan = SavePlan.parse()
+    base = NumpyForward(model).run(tokens, plan).trace
+    inputs = {L: base[f"layer.{L - 1}.post_ffn_residual"] for L in (1, 6)}
+    ref = NumpyForward(model).run(tokens, plan, layer_inputs=inputs)
+    res = _engine(model, backend).run(tokens, plan, layer_inputs=inputs)
+    assert res.trace.meta.get("mode") == "isolated" and res.logits.shape == (len(tokens), 0)
+    assert {k.split(".")[1] for k in res.trace.keys()} == {"1", "6"}
+    report = _compare(ref.trace, res.trace)
+    assert report.ok, _explain(report)
+
+
+def test_engine_supports_every_protocol_mode(backend, model_factory):
+    from pytest_moeparity.backends import MODES, supported_modes
+
+    assert supported_modes(_engine(model_factory("tiny", "Q8_0"), backend)) == frozenset(MODES)
