@@ -76,6 +76,26 @@ def time_forward(cp, engine, tokens, repeat: int) -> list[float]:
     return out
 
 
+def time_graph(cp, engine, tokens, repeat: int) -> tuple[list[float], float]:
+    """Median-able replay times of the CUDA-graph forward (device events), and its max relative
+    difference from the eager forward's logits (the graph must compute the same thing)."""
+    eager = engine.run(tokens, SavePlan.empty()).logits
+    g = engine.graphed(tokens)
+    g.replay()
+    g.stream.synchronize()
+    got = cp.asnumpy(g.logits)
+    rel = float(np.linalg.norm(got - eager) / np.linalg.norm(eager))
+    out = []
+    start, end = cp.cuda.Event(), cp.cuda.Event()
+    for _ in range(repeat):
+        start.record(g.stream)
+        g.replay()
+        end.record(g.stream)
+        end.synchronize()
+        out.append(cp.cuda.get_elapsed_time(start, end) / 1e3)
+    return out, rel
+
+
 def pytest_wall(model_path: Path, candidate: str) -> dict:
     with tempfile.TemporaryDirectory() as d:
         report = Path(d) / "report.json"
@@ -150,10 +170,18 @@ def main(argv=None) -> int:
         times = time_forward(cp, engine, tokens, args.repeat)
         med = statistics.median(times)
         touched = bytes_touched(model, ids, n)
-        rows.append({"tokens": n, "median_ms": round(med * 1e3, 2), "min_ms": round(min(times) * 1e3, 2),
-                     "ms_per_token": round(med * 1e3 / n, 3), "bytes_touched_gib": round(touched / 2**30, 3),
-                     "eff_bw_gb_s": round(touched / med / 1e9, 1), "d2d_bw_gb_s": round(bw / 1e9, 1),
-                     "eff_vs_d2d_pct": round(100 * touched / med / bw, 1)})
+        row = {"tokens": n, "median_ms": round(med * 1e3, 2), "min_ms": round(min(times) * 1e3, 2),
+               "ms_per_token": round(med * 1e3 / n, 3), "bytes_touched_gib": round(touched / 2**30, 3),
+               "eff_bw_gb_s": round(touched / med / 1e9, 1), "d2d_bw_gb_s": round(bw / 1e9, 1),
+               "eff_vs_d2d_pct": round(100 * touched / med / bw, 1)}
+        try:
+            gtimes, rel = time_graph(cp, engine, tokens, max(args.repeat, 10))
+            gmed = statistics.median(gtimes)
+            row.update({"graph_median_ms": round(gmed * 1e3, 3), "graph_eff_vs_d2d_pct": round(100 * touched / gmed / bw, 1),
+                        "graph_vs_eager_rel_l2": float(f"{rel:.2e}")})
+        except Exception as exc:  # report, do not hide: the eager numbers stand on their own
+            row["graph_error"] = f"{type(exc).__name__}: {exc}"[:300]
+        rows.append(row)
         print(tabulate([rows[-1]], headers="keys", tablefmt="github"), flush=True)
     print(tabulate([mem], headers="keys", tablefmt="github"))
     doc = {"benchmark": "gpu_forward", "model": path.name, "act": args.act, "config": model.config.as_dict(),

@@ -224,19 +224,59 @@ class CupyEngine:
                 weights.release_layer(layer)
             return ForwardResult(logits=np.empty((T, 0), np.float32), trace=rec.trace(info))
 
+        x = rec.tap(S.embedding, None, self._embed(tokens))
+        logits = self._layers_and_head(x, cos, sin, rec, weights)
+        return ForwardResult(logits=be.asnumpy(logits).astype(np.float32), trace=rec.trace(info))
+
+    def _embed(self, tokens):
         emb = self.model.tensor("token_embd.weight").dequantize_rows(np.asarray(tokens), np.float32)
-        x = a(be.to_device(emb))
-        x = rec.tap(S.embedding, None, x)
+        return self._a(self.backend.to_device(emb))
+
+    def _layers_and_head(self, x, cos, sin, rec: Recorder, weights: DeviceWeights):
+        """Every layer, the final norm and the head on device arrays: device logits [T, V]."""
+        a = self._a
         for layer in range(self.cfg.n_layers):
             x = self.attention(layer, x, cos, sin, rec, weights)
             x = self.moe(layer, x, rec, weights)
             weights.release_layer(layer)
-
         h = a(self._rms_norm(x, weights.vector("output_norm.weight")))
         h = rec.tap(S.final_norm, None, h)
         logits = a(self.lm_head(h, weights))
-        logits = rec.tap(S.lm_head, None, logits)
-        return ForwardResult(logits=be.asnumpy(logits).astype(np.float32), trace=rec.trace(info))
+        return rec.tap(S.lm_head, None, logits)
+
+    def graphed(self, tokens) -> "GraphedForward":
+        """The untraced forward of this prompt captured as one CUDA graph (resident weights, CuPy only).
+
+        Replaying it launches every kernel of the forward with no Python in between, which separates
+        the kernels' own time from the per-launch host overhead of the eager path. Temporaries live in
+        a private memory pool owned by the graph, so nothing else can be handed its buffers.
+        """
+        be = self.backend
+        if be.name != "cupy":
+            raise ValueError("graphed(): needs the CuPy backend")
+        if K.debug_enabled():
+            raise ValueError("graphed(): debug mode synchronises after each launch; turn it off (kernels.set_debug(False))")
+        weights = self.weights
+        if weights.streaming:
+            raise ValueError("graphed(): the weights stream per layer; graphs need them resident")
+        cp = be.cupy
+        tokens = self.model.validate_tokens(tokens)
+        T = len(tokens)
+        self._faults, self._forced = [], {}
+        x = self._embed(tokens)
+        cos, sin = self._rope_tables(T)
+        rec = Recorder(SavePlan.empty(), T, to_host=be.asnumpy)
+        pool = cp.cuda.MemoryPool()
+        stream = cp.cuda.Stream(non_blocking=True)
+        with cp.cuda.using_allocator(pool.malloc), stream:
+            self._layers_and_head(x, cos, sin, rec, weights)  # warm-up: fills the private pool
+            stream.synchronize()
+            stream.begin_capture()
+            try:
+                logits = self._layers_and_head(x, cos, sin, rec, weights)
+            finally:
+                graph = stream.end_capture()
+        return GraphedForward(graph, stream, logits, (x, cos, sin, pool))
 
     def _input(self, value, shape: tuple[int, ...], what: str):
         """A host (NumPy) or device array as a C-contiguous float32 device array of ``shape``."""
@@ -374,4 +414,16 @@ class CupyEngine:
         return logits
 
 
-__all__ = ["CupyEngine", "GpuMemoryError", "ACT_DTYPES", "FAULTS"]
+class GraphedForward:
+    """A captured forward: ``replay()`` launches it on its stream and returns the device logits."""
+
+    def __init__(self, graph, stream, logits, keep):
+        self.graph, self.stream, self.logits = graph, stream, logits
+        self._keep = keep  # inputs and the private pool must outlive the graph
+
+    def replay(self):
+        self.graph.launch(self.stream)
+        return self.logits
+
+
+__all__ = ["CupyEngine", "GpuMemoryError", "GraphedForward", "ACT_DTYPES", "FAULTS"]
