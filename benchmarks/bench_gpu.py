@@ -20,7 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+# this checkout's package first (not an older installed copy), then the benchmarks' helpers
+sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).resolve().parent)]
 from _common import write_result  # noqa: E402
 
 import numpy as np  # noqa: E402

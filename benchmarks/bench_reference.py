@@ -14,7 +14,8 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+# this checkout's package first (not an older installed copy), then the benchmarks' helpers
+sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).resolve().parent)]
 from _common import MemorySampler, write_result  # noqa: E402
 
 from tabulate import tabulate  # noqa: E402

@@ -62,6 +62,7 @@ class CupyEngine:
         self.xp = self.backend.xp
         self._streaming = streaming
         self._weights: DeviceWeights | None = None
+        self._capturing = False  # inside graphed(): no cuBLAS calls
         self._faults: list = []      # planted faults of the current run (faults.py)
         self._forced: dict = {}      # forced routing of the current run
 
@@ -268,14 +269,18 @@ class CupyEngine:
         rec = Recorder(SavePlan.empty(), T, to_host=be.asnumpy)
         pool = cp.cuda.MemoryPool()
         stream = cp.cuda.Stream(non_blocking=True)
-        with cp.cuda.using_allocator(pool.malloc), stream:
-            self._layers_and_head(x, cos, sin, rec, weights)  # warm-up: fills the private pool
-            stream.synchronize()
-            stream.begin_capture()
-            try:
-                logits = self._layers_and_head(x, cos, sin, rec, weights)
-            finally:
-                graph = stream.end_capture()
+        self._capturing = True
+        try:
+            with cp.cuda.using_allocator(pool.malloc), stream:
+                self._layers_and_head(x, cos, sin, rec, weights)  # warm-up: fills the private pool
+                stream.synchronize()
+                stream.begin_capture()
+                try:
+                    logits = self._layers_and_head(x, cos, sin, rec, weights)
+                finally:
+                    graph = stream.end_capture()
+        finally:
+            self._capturing = False
         return GraphedForward(graph, stream, logits, (x, cos, sin, pool))
 
     def _input(self, value, shape: tuple[int, ...], what: str):
@@ -313,17 +318,23 @@ class CupyEngine:
         # GQA: query head i reads kv head i // (nh / nkv)
         kk = xp.repeat(k, nh // nkv, axis=1)                       # [T, nh, hd]
         vv = xp.repeat(v.reshape(T, nkv, hd), nh // nkv, axis=1)  # [T, nh, hd]
-        qh = xp.ascontiguousarray(q.transpose(1, 0, 2))            # [nh, T, hd]
-        kh = xp.ascontiguousarray(kk.transpose(1, 2, 0))           # [nh, hd, T]
-        raw_scores = xp.matmul(qh, kh).transpose(1, 0, 2)          # [T, nh, T]
+        if self._capturing:  # cuBLAS cannot run inside a CuPy stream capture: broadcast and reduce
+            raw_scores = (q[:, :, None, :] * kk.transpose(1, 0, 2)[None]).sum(axis=-1)  # [T, nh, T]
+        else:
+            qh = xp.ascontiguousarray(q.transpose(1, 0, 2))            # [nh, T, hd]
+            kh = xp.ascontiguousarray(kk.transpose(1, 2, 0))           # [nh, hd, T]
+            raw_scores = xp.matmul(qh, kh).transpose(1, 0, 2)          # [T, nh, T]
         scores = a(raw_scores / np.float32(np.sqrt(hd)))
         scores = rec.tap(S.attn_scores, L, scores)
         causal = (xp.arange(T)[:, None] >= xp.arange(T)[None, :])[:, None, :]
         p = a(self._softmax(xp.where(causal, scores, np.float32(-np.inf))))
         p = rec.tap(S.attn_softmax, L, p)
-        ph = xp.ascontiguousarray(p.transpose(1, 0, 2))            # [nh, T, T]
-        vh = xp.ascontiguousarray(vv.transpose(1, 0, 2))           # [nh, T, hd]
-        ctx = a(xp.matmul(ph, vh).transpose(1, 0, 2).reshape(T, nh * hd))
+        if self._capturing:
+            ctx = a((p[:, :, :, None] * vv.transpose(1, 0, 2)[None]).sum(axis=2).reshape(T, nh * hd))
+        else:
+            ph = xp.ascontiguousarray(p.transpose(1, 0, 2))            # [nh, T, T]
+            vh = xp.ascontiguousarray(vv.transpose(1, 0, 2))           # [nh, T, hd]
+            ctx = a(xp.matmul(ph, vh).transpose(1, 0, 2).reshape(T, nh * hd))
         ctx = rec.tap(S.attention, L, ctx)
         out = a(self._layer_mm(ctx, L, "attn_output", weights))
         out = rec.tap(S.attn_out, L, out)
