@@ -218,95 +218,15 @@ template <int NT> MP_HD void mp_warp_allreduce(float (&v)[NT]) {
 #endif
 }
 
-// ---- eight consecutive columns at once --------------------------------------------------------
-// mp_dq8<QT>(row, c, lane, w): columns 256*c + 8*lane + i (i < 8) of a row. For the K-quants and
-// Q8_0 those 8 columns lie in one sub-block, so the block header (d, dmin, 6-bit scales) is decoded
-// once per 8 values instead of once per value, and the quant bytes are read contiguously. The
-// arithmetic per value is exactly mp_dq's (same operations, same order): bit-identical results.
-
-template <int QT> MP_HD void mp_dq8(const mp_u8* row, int c, int lane, float (&w)[8]) {
-    const int k0 = (c << 8) + (lane << 3);
-#pragma unroll
-    for (int i = 0; i < 8; ++i) w[i] = mp_dq<QT>(row, k0 + i);
-}
-
-// Q8_0: the 8 columns are values 8*(lane%4).. of block 8c + lane/4
-template <> MP_HD void mp_dq8<8>(const mp_u8* row, int c, int lane, float (&w)[8]) {
-    const mp_u8* b = row + (mp_i64)((c << 3) + (lane >> 2)) * 34;
-    const float d = mp_ldf16(b);
-    const mp_u8* q = b + 2 + ((lane & 3) << 3);
-#pragma unroll
-    for (int i = 0; i < 8; ++i) w[i] = mp_fmul(d, (float)(int)(signed char)q[i]);
-}
-
-// Q4_K: sub-block j = lane/4, values l = 8*(lane%4) + i of it
-template <> MP_HD void mp_dq8<12>(const mp_u8* row, int c, int lane, float (&w)[8]) {
-    const mp_u8* b = row + (mp_i64)c * 144;
-    const int j = lane >> 2, l0 = (lane & 3) << 3;
-    int sc, m;
-    mp_scale_min_k4(b + 4, j, &sc, &m);
-    const float dsc = mp_fmul(mp_ldf16(b), (float)sc), dm = mp_fmul(mp_ldf16(b + 2), (float)m);
-    const mp_u8* q = b + 16 + 32 * (j >> 1) + l0;
-    const int sh = 4 * (j & 1);
-#pragma unroll
-    for (int i = 0; i < 8; ++i) w[i] = mp_fsub(mp_fmul(dsc, (float)((q[i] >> sh) & 0x0F)), dm);
-}
-
-// Q5_K: as Q4_K plus the 5th bit, bit j of qh[l]
-template <> MP_HD void mp_dq8<13>(const mp_u8* row, int c, int lane, float (&w)[8]) {
-    const mp_u8* b = row + (mp_i64)c * 176;
-    const int j = lane >> 2, l0 = (lane & 3) << 3;
-    int sc, m;
-    mp_scale_min_k4(b + 4, j, &sc, &m);
-    const float dsc = mp_fmul(mp_ldf16(b), (float)sc), dm = mp_fmul(mp_ldf16(b + 2), (float)m);
-    const mp_u8* q = b + 48 + 32 * (j >> 1) + l0;
-    const mp_u8* qh = b + 16 + l0;
-    const int sh = 4 * (j & 1);
-#pragma unroll
-    for (int i = 0; i < 8; ++i) {
-        const int v = ((q[i] >> sh) & 0x0F) | (((qh[i] >> j) & 1) << 4);
-        w[i] = mp_fsub(mp_fmul(dsc, (float)v), dm);
-    }
-}
-
-// Q6_K: values 8*lane + i, one scale (index lane/2) for all 8
-template <> MP_HD void mp_dq8<14>(const mp_u8* row, int c, int lane, float (&w)[8]) {
-    const mp_u8* b = row + (mp_i64)c * 210;
-    const int i0 = lane << 3, h = i0 >> 7, r0 = i0 & 127;
-    const mp_u8* ql = b + 64 * h + (r0 & 63);
-    const mp_u8* qh = b + 128 + 32 * h + (r0 & 31);
-    const int shl = 4 * (r0 >> 6), shh = 2 * (r0 >> 5);
-    const float dsc = mp_fmul(mp_ldf16(b + 208), (float)(int)(signed char)b[192 + (i0 >> 4)]);
-#pragma unroll
-    for (int i = 0; i < 8; ++i) {
-        const int q = (((ql[i] >> shl) & 0x0F) | (((qh[i] >> shh) & 0x03) << 4)) - 32;
-        w[i] = mp_fmul(dsc, (float)q);
-    }
-}
-
 // ---- one weight row against up to NT activation rows ----------------------------------------
-// Whole 256-column chunks: lane `lane` dequantizes columns 256c + 8*lane .. +8 once (mp_dq8) and
-// uses them for all NT activation rows xp[t]. The tail (kq not a multiple of 256, possible for
-// F32/F16/BF16/Q8_0/Q4_0 rows) goes column by column: lane, lane+32, ... Columns >= kq contribute
-// nothing (kq < K only under the test-only fault switch, where the row holds fewer whole blocks
-// of the kernel's type).
+// Lane `lane` of the warp dequantizes columns lane, lane+32, ... (< kq) once each and uses the
+// value for all NT activation rows xp[t]. Columns >= kq contribute nothing (kq < K only under
+// the test-only fault switch, where the row holds fewer whole blocks of the kernel's type).
 
 template <int QT, int NT>
 MP_HD void mp_row_partial(const mp_u8* __restrict__ row, int kq, const float* (&xp)[NT], int lane,
                           float (&acc)[NT]) {
-    const int chunks = kq >> 8;
-    for (int c = 0; c < chunks; ++c) {
-        float w[8];
-        mp_dq8<QT>(row, c, lane, w);
-        const int k0 = (c << 8) + (lane << 3);
-#pragma unroll
-        for (int t = 0; t < NT; ++t) {
-            const float* xr = xp[t] + k0;
-#pragma unroll
-            for (int i = 0; i < 8; ++i) acc[t] = fmaf(w[i], xr[i], acc[t]);
-        }
-    }
-    for (int k = (chunks << 8) + lane; k < kq; k += 32) {
+    for (int k = lane; k < kq; k += 32) {
         float w = mp_dq<QT>(row, k);
 #pragma unroll
         for (int t = 0; t < NT; ++t) acc[t] = fmaf(w, xp[t][k], acc[t]);
