@@ -16,8 +16,9 @@ from __future__ import annotations
 import io
 import math
 import os
-import tempfile
 from pathlib import Path
+
+from .atomic import write_bytes
 
 from .contract import stage_contract
 
@@ -223,15 +224,4 @@ def write_heatmap(report, path: str | os.PathLike, metric: str = "cosine") -> Pa
     png = heatmap_png_bytes(report, metric)
     if png is None:
         return None
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(png)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return write_bytes(path, png)

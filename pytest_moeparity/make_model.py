@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, replace
@@ -19,6 +18,7 @@ from gguf import GGMLQuantizationType as Q
 from gguf import GGUFWriter
 from gguf.constants import GGML_QUANT_SIZES
 
+from .atomic import atomic_path
 from .model import ARCH, LAYER_TENSORS, MODEL_TENSORS, Qwen3MoeConfig, expected_shape
 from .quants import quantize
 
@@ -311,13 +311,10 @@ def make_model(out: str | os.PathLike, spec: ModelSpec, quant: str = "Q4_K_M", s
     plans = plan_tensors(spec, quant, seed, hot_layer, hot_scale)
     total = sum(tp.nbytes for tp in plans)
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent)
-    os.close(fd)
     if progress is None:
         progress = total > 64 * 2**20
     jobs = jobs if jobs is not None else (1 if total < 64 * 2**20 else max(1, os.cpu_count() or 1))
-    try:
+    with atomic_path(out) as tmp:
         w = GGUFWriter(tmp, ARCH)
         w.add_name(name or f"moeparity-random-{quant.lower()}-seed{seed}")
         w.add_file_type(_FTYPE[quant])
@@ -354,12 +351,6 @@ def make_model(out: str | os.PathLike, spec: ModelSpec, quant: str = "Q4_K_M", s
             del data
         w.close()
         seconds = bar.close()
-        _chmod_default(tmp)
-        os.replace(tmp, out)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     return MakeResult(out, out.stat().st_size, seconds, len(plans))
 
 
@@ -370,9 +361,3 @@ def spec_from_args(preset: str, **overrides) -> ModelSpec:
     changes = {k: v for k, v in overrides.items() if v is not None}
     return replace(spec, **changes) if changes else spec
 
-
-def _chmod_default(path) -> None:
-    """mkstemp creates 0600 files; give the result the mode a plain open() would (0666 & ~umask)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)

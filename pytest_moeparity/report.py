@@ -10,10 +10,11 @@ from __future__ import annotations
 import functools
 import json
 import os
-import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+
+from .atomic import write_text
 from typing import Iterable
 
 import numpy as np
@@ -416,19 +417,7 @@ class ParityReport:
 
     def write_json(self, path: str | os.PathLike) -> Path:
         """Write :meth:`to_json` atomically (temp file in the same directory, then rename)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        text = json.dumps(self.to_json(), indent=2, allow_nan=False)
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                fh.write(text + "\n")
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
-        return path
+        return write_text(path, json.dumps(self.to_json(), indent=2, allow_nan=False) + "\n")
 
     def junit_properties(self) -> list[tuple[str, str]]:
         """Properties for a JUnit XML record; the ``moe_first_divergence_*`` ones only when there is one."""

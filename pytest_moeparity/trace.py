@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
+from .atomic import atomic_path
 from .contract import stage_contract, trace_key
 from .plan import SavePlan
 
@@ -47,20 +47,10 @@ class Trace:
         """Write atomically (temp file in the same directory, then rename)."""
         from safetensors.numpy import save_file
 
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {k: np.ascontiguousarray(v) for k, v in self.tensors.items()}
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
+        with atomic_path(path) as tmp:
             save_file(tensors, tmp, metadata={str(k): str(v) for k, v in self.meta.items()})
-            _chmod_default(tmp)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
-        return path
+        return Path(path)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Trace":
@@ -131,9 +121,3 @@ class Recorder:
             meta.setdefault("faults", ";".join(str(f) for f in self.faults))
         return Trace(tensors=dict(self.tensors), meta=meta)
 
-
-def _chmod_default(path) -> None:
-    """mkstemp creates 0600 files; give the result the mode a plain open() would (0666 & ~umask)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)

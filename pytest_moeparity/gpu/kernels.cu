@@ -218,15 +218,125 @@ template <int NT> MP_HD void mp_warp_allreduce(float (&v)[NT]) {
 #endif
 }
 
+// ---- one 256-column super-block of a row, the warp's 32 lanes together --------------------------
+// mp_block_dot<QT, NT>(b, lane, xp, k0, acc): columns k0 .. k0+255 of the row whose block bytes
+// start at b. Generic: lane takes columns k0 + lane + 32*i (coalesced, one value at a time). The
+// K-quants use llama.cpp's layout instead: lane w takes the w-th 4-byte group of the quant bytes
+// (the warp reads them contiguously) and its 8 values, decoding the block header once for them.
+// The arithmetic per value is exactly mp_dq's (same operations, same order): bit-identical.
+
+template <int QT, int NT>
+MP_HD void mp_block_dot(const mp_u8* __restrict__ b, int lane, const float* (&xp)[NT], int k0, float (&acc)[NT]) {
+    constexpr int per = mp_traits<QT>::block;
+    const mp_u8* base = b - (mp_i64)(k0 / per) * mp_traits<QT>::tsize;  // mp_dq indexes from the row
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+        const int k = k0 + lane + 32 * i;
+        const float w = mp_dq<QT>(base, k);
+#pragma unroll
+        for (int t = 0; t < NT; ++t) acc[t] = fmaf(w, xp[t][k], acc[t]);
+    }
+}
+
+// Q4_K: lane w holds qs bytes 32g + l0 .. +3 (g = w/8, l0 = 4*(w%8)): low nibbles are values
+// l0.. of sub-block 2g, high nibbles values l0.. of sub-block 2g+1.
+template <int NT>
+MP_HD void mp_q4k_block_dot(const mp_u8* __restrict__ b, int lane, const float* (&xp)[NT], int k0, float (&acc)[NT]) {
+    const int g = lane >> 3, l0 = (lane & 7) << 2, j0 = 2 * g, j1 = j0 + 1;
+    int sc0, m0, sc1, m1;
+    mp_scale_min_k4(b + 4, j0, &sc0, &m0);
+    mp_scale_min_k4(b + 4, j1, &sc1, &m1);
+    const float d = mp_ldf16(b), dmin = mp_ldf16(b + 2);
+    const float dsc0 = mp_fmul(d, (float)sc0), dm0 = mp_fmul(dmin, (float)m0);
+    const float dsc1 = mp_fmul(d, (float)sc1), dm1 = mp_fmul(dmin, (float)m1);
+    const mp_u8* q = b + 16 + 32 * g + l0;
+    const int c0 = k0 + 32 * j0 + l0, c1 = k0 + 32 * j1 + l0;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const float w0 = mp_fsub(mp_fmul(dsc0, (float)(q[i] & 0x0F)), dm0);
+        const float w1 = mp_fsub(mp_fmul(dsc1, (float)(q[i] >> 4)), dm1);
+#pragma unroll
+        for (int t = 0; t < NT; ++t) {
+            acc[t] = fmaf(w0, xp[t][c0 + i], acc[t]);
+            acc[t] = fmaf(w1, xp[t][c1 + i], acc[t]);
+        }
+    }
+}
+template <> MP_HD void mp_block_dot<12, 1>(const mp_u8* __restrict__ b, int lane, const float* (&xp)[1], int k0, float (&acc)[1]) { mp_q4k_block_dot<1>(b, lane, xp, k0, acc); }
+template <> MP_HD void mp_block_dot<12, 8>(const mp_u8* __restrict__ b, int lane, const float* (&xp)[8], int k0, float (&acc)[8]) { mp_q4k_block_dot<8>(b, lane, xp, k0, acc); }
+
+// Q5_K: as Q4_K (qs at 48), the 5th bit of value l of sub-block j is bit j of qh[l] (qh at 16)
+template <int NT>
+MP_HD void mp_q5k_block_dot(const mp_u8* __restrict__ b, int lane, const float* (&xp)[NT], int k0, float (&acc)[NT]) {
+    const int g = lane >> 3, l0 = (lane & 7) << 2, j0 = 2 * g, j1 = j0 + 1;
+    int sc0, m0, sc1, m1;
+    mp_scale_min_k4(b + 4, j0, &sc0, &m0);
+    mp_scale_min_k4(b + 4, j1, &sc1, &m1);
+    const float d = mp_ldf16(b), dmin = mp_ldf16(b + 2);
+    const float dsc0 = mp_fmul(d, (float)sc0), dm0 = mp_fmul(dmin, (float)m0);
+    const float dsc1 = mp_fmul(d, (float)sc1), dm1 = mp_fmul(dmin, (float)m1);
+    const mp_u8* q = b + 48 + 32 * g + l0;
+    const mp_u8* qh = b + 16 + l0;
+    const int c0 = k0 + 32 * j0 + l0, c1 = k0 + 32 * j1 + l0;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const int v0 = (q[i] & 0x0F) | (((qh[i] >> j0) & 1) << 4);
+        const int v1 = (q[i] >> 4) | (((qh[i] >> j1) & 1) << 4);
+        const float w0 = mp_fsub(mp_fmul(dsc0, (float)v0), dm0);
+        const float w1 = mp_fsub(mp_fmul(dsc1, (float)v1), dm1);
+#pragma unroll
+        for (int t = 0; t < NT; ++t) {
+            acc[t] = fmaf(w0, xp[t][c0 + i], acc[t]);
+            acc[t] = fmaf(w1, xp[t][c1 + i], acc[t]);
+        }
+    }
+}
+template <> MP_HD void mp_block_dot<13, 1>(const mp_u8* __restrict__ b, int lane, const float* (&xp)[1], int k0, float (&acc)[1]) { mp_q5k_block_dot<1>(b, lane, xp, k0, acc); }
+template <> MP_HD void mp_block_dot<13, 8>(const mp_u8* __restrict__ b, int lane, const float* (&xp)[8], int k0, float (&acc)[8]) { mp_q5k_block_dot<8>(b, lane, xp, k0, acc); }
+
+// Q6_K: lane w holds ql bytes 64h + rr .. +3 (h = w/16, rr = 4*(w%16)): low nibbles are values
+// r = rr + i of half h, high nibbles r + 64; both take their top 2 bits from qh[32h + (rr%32) + i]
+// (shifts 2*(rr/32) and that + 4) and one scale each (indices (128h + rr)/16 and +4).
+template <int NT>
+MP_HD void mp_q6k_block_dot(const mp_u8* __restrict__ b, int lane, const float* (&xp)[NT], int k0, float (&acc)[NT]) {
+    const int h = lane >> 4, rr = (lane & 15) << 2;
+    const mp_u8* ql = b + 64 * h + rr;
+    const mp_u8* qh = b + 128 + 32 * h + (rr & 31);
+    const int sh0 = 2 * (rr >> 5), sh1 = sh0 + 4;
+    const int s0 = (128 * h + rr) >> 4;
+    const float d = mp_ldf16(b + 208);
+    const float dsc0 = mp_fmul(d, (float)(int)(signed char)b[192 + s0]);
+    const float dsc1 = mp_fmul(d, (float)(int)(signed char)b[192 + s0 + 4]);
+    const int c0 = k0 + 128 * h + rr, c1 = c0 + 64;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const int q0 = ((ql[i] & 0x0F) | (((qh[i] >> sh0) & 0x03) << 4)) - 32;
+        const int q1 = ((ql[i] >> 4) | (((qh[i] >> sh1) & 0x03) << 4)) - 32;
+        const float w0 = mp_fmul(dsc0, (float)q0);
+        const float w1 = mp_fmul(dsc1, (float)q1);
+#pragma unroll
+        for (int t = 0; t < NT; ++t) {
+            acc[t] = fmaf(w0, xp[t][c0 + i], acc[t]);
+            acc[t] = fmaf(w1, xp[t][c1 + i], acc[t]);
+        }
+    }
+}
+template <> MP_HD void mp_block_dot<14, 1>(const mp_u8* __restrict__ b, int lane, const float* (&xp)[1], int k0, float (&acc)[1]) { mp_q6k_block_dot<1>(b, lane, xp, k0, acc); }
+template <> MP_HD void mp_block_dot<14, 8>(const mp_u8* __restrict__ b, int lane, const float* (&xp)[8], int k0, float (&acc)[8]) { mp_q6k_block_dot<8>(b, lane, xp, k0, acc); }
+
 // ---- one weight row against up to NT activation rows ----------------------------------------
-// Lane `lane` of the warp dequantizes columns lane, lane+32, ... (< kq) once each and uses the
-// value for all NT activation rows xp[t]. Columns >= kq contribute nothing (kq < K only under
-// the test-only fault switch, where the row holds fewer whole blocks of the kernel's type).
+// Whole 256-column spans go through mp_block_dot (one super-block for the K-quants, 256/block
+// blocks for the others); the tail (kq not a multiple of 256, possible for F32/F16/BF16/Q8_0/Q4_0)
+// column by column: lane, lane+32, ... Columns >= kq contribute nothing (kq < K only under the
+// test-only fault switch, where the row holds fewer whole blocks of the kernel's type).
 
 template <int QT, int NT>
 MP_HD void mp_row_partial(const mp_u8* __restrict__ row, int kq, const float* (&xp)[NT], int lane,
                           float (&acc)[NT]) {
-    for (int k = lane; k < kq; k += 32) {
+    constexpr int span_bytes = (256 / mp_traits<QT>::block) * mp_traits<QT>::tsize;
+    const int spans = kq >> 8;
+    for (int c = 0; c < spans; ++c) mp_block_dot<QT, NT>(row + (mp_i64)c * span_bytes, lane, xp, c << 8, acc);
+    for (int k = (spans << 8) + lane; k < kq; k += 32) {
         float w = mp_dq<QT>(row, k);
 #pragma unroll
         for (int t = 0; t < NT; ++t) acc[t] = fmaf(w, xp[t][k], acc[t]);
