@@ -49,6 +49,36 @@ def d2d_bandwidth(cp, nbytes: int = 1 << 30, reps: int = 20) -> float:
     return 2 * nbytes * reps / (ms / 1e3)
 
 
+_FMA_SRC = r"""
+extern "C" __global__ void fma_chains(float* out, int iters) {
+    float a[8];
+    for (int j = 0; j < 8; ++j) a[j] = threadIdx.x * 1e-3f + j;
+    for (int i = 0; i < iters; ++i)
+#pragma unroll
+        for (int j = 0; j < 8; ++j) a[j] = fmaf(a[j], 0.999f, 1e-3f);
+    float s = 0.f;
+    for (int j = 0; j < 8; ++j) s += a[j];
+    out[blockIdx.x * blockDim.x + threadIdx.x] = s;
+}
+"""
+
+
+def fp32_fma_rate(cp, iters: int = 4096) -> float:
+    """Measured float32 FLOP/s of independent fmaf chains on every SM (the CUDA-core ceiling)."""
+    k = cp.RawKernel(_FMA_SRC, "fma_chains")
+    sms = cp.cuda.Device().attributes["MultiProcessorCount"]
+    blocks, threads = sms * 8, 256
+    out = cp.empty(blocks * threads, dtype=cp.float32)
+    k((blocks,), (threads,), (out, np.int32(iters)))
+    start, end = cp.cuda.Event(), cp.cuda.Event()
+    start.record()
+    for _ in range(5):
+        k((blocks,), (threads,), (out, np.int32(iters)))
+    end.record()
+    end.synchronize()
+    return 5 * 2 * 8 * iters * blocks * threads / (cp.cuda.get_elapsed_time(start, end) / 1e3)
+
+
 def bytes_touched(model, ids_per_layer: dict[int, np.ndarray], n_tokens: int) -> int:
     total = 0
     for layer in range(model.config.n_layers):
@@ -62,6 +92,20 @@ def bytes_touched(model, ids_per_layer: dict[int, np.ndarray], n_tokens: int) ->
     emb = model.tensor("token_embd.weight")
     total += n_tokens * emb.raw[0].nbytes + model.output.nbytes + model.tensor("output_norm.weight").nbytes
     return total
+
+
+def matmul_flops(model, n_tokens: int) -> int:
+    """Floating-point operations of the products with weights (2 per multiply-add): every dense
+    weight once per token, k experts' gate/up/down per token, the head. Attention's own products
+    (T x T per head) are left out: under 0.1 % at these prompt lengths."""
+    cfg = model.config
+    macs = 0
+    for name in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate_inp"):
+        n, k = model.layer(0, name).shape[-2:]
+        macs += cfg.n_layers * n_tokens * n * k
+    macs += cfg.n_layers * n_tokens * cfg.n_experts_used * 3 * cfg.expert_ff * cfg.hidden
+    macs += n_tokens * cfg.vocab * cfg.hidden
+    return 2 * macs
 
 
 def time_forward(cp, engine, tokens, repeat: int) -> list[float]:
@@ -149,6 +193,8 @@ def main(argv=None) -> int:
                                     "model": path.name, "pytest_heavy": res}, args.out))
         return 0
     bw = d2d_bandwidth(cp)
+    fma = fp32_fma_rate(cp)
+    print(f"ceilings: device-to-device copy {bw / 1e9:.0f} GB/s, float32 FMA {fma / 1e12:.1f} TFLOP/s", flush=True)
     pool = cp.get_default_memory_pool()
     free0, total = cp.cuda.runtime.memGetInfo()
     engine = CupyEngine(model, act_dtype=args.act)
@@ -170,21 +216,25 @@ def main(argv=None) -> int:
         times = time_forward(cp, engine, tokens, args.repeat)
         med = statistics.median(times)
         touched = bytes_touched(model, ids, n)
+        flops = matmul_flops(model, n)
         row = {"tokens": n, "median_ms": round(med * 1e3, 2), "min_ms": round(min(times) * 1e3, 2),
                "ms_per_token": round(med * 1e3 / n, 3), "bytes_touched_gib": round(touched / 2**30, 3),
+               "bytes_floor_ms": round(touched / bw * 1e3, 3), "gflop": round(flops / 1e9, 1),
+               "fp32_floor_ms": round(flops / fma * 1e3, 3),
                "eff_bw_gb_s": round(touched / med / 1e9, 1), "d2d_bw_gb_s": round(bw / 1e9, 1),
                "eff_vs_d2d_pct": round(100 * touched / med / bw, 1)}
         try:
             gtimes, rel = time_graph(cp, engine, tokens, max(args.repeat, 10))
             gmed = statistics.median(gtimes)
             row.update({"graph_median_ms": round(gmed * 1e3, 3), "graph_eff_vs_d2d_pct": round(100 * touched / gmed / bw, 1),
-                        "graph_vs_eager_rel_l2": float(f"{rel:.2e}")})
+                        "graph_tflops": round(flops / gmed / 1e12, 2), "graph_vs_eager_rel_l2": float(f"{rel:.2e}")})
         except Exception as exc:  # report, do not hide: the eager numbers stand on their own
             row["graph_error"] = f"{type(exc).__name__}: {exc}"[:300]
         rows.append(row)
         print(tabulate([rows[-1]], headers="keys", tablefmt="github"), flush=True)
     print(tabulate([mem], headers="keys", tablefmt="github"))
     doc = {"benchmark": "gpu_forward", "model": path.name, "act": args.act, "config": model.config.as_dict(),
+           "ceilings": {"d2d_copy_gb_s": round(bw / 1e9, 1), "fp32_fma_tflops": round(fma / 1e12, 2)},
            "forward": rows, "memory": mem}
     if args.pytest_wall:
         del engine

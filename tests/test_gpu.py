@@ -191,9 +191,12 @@ def test_cpu_kernel_signatures_parse():
     for expr in K.NAME_EXPRESSIONS:
         assert expr.split("<", 1)[0] in sigs, expr
     assert [p.ctype for p in sigs["qmm_dense"]][:2] == ["const mp_u8*", "mp_i64"]
+    z = np.zeros(3, np.int32)
     with pytest.raises(K.KernelError, match="numpy int32 scalar"):
-        K.check_args("expert_offsets", (np.zeros(3, np.int32), 3, np.int32(2), np.zeros(3, np.int32)),
+        K.check_args("expert_group", (z, 3, np.int32(1), np.int32(2), z, z, z, np.int32(1), z),
                      lambda a: isinstance(a, np.ndarray))
+    for name in K.WARP_KERNELS:
+        assert name in sigs, name
 
 
 # ---- compilation ---------------------------------------------------------------------------------------
@@ -288,6 +291,26 @@ def test_qmatmul_matches_host(backend, qtype, T, N, K):
                   ref_abs=np.abs(x.astype(np.float64)) @ np.abs(w.T))
 
 
+@pytest.mark.parametrize("qtype", FLOAT_TYPES, ids=lambda q: q.name)
+@pytest.mark.parametrize("T", [1, 3, 9])
+@pytest.mark.parametrize("K_cols", [40, 1001])
+def test_qmatmul_float_types_odd_columns(backend, qtype, T, K_cols):
+    """Rows of the float types need not hold whole 16-column chunks (the tail path), and activation
+    rows of 1001 floats are not 16-byte aligned (the scalar activation loads)."""
+    from pytest_moeparity.gpu import kernels as Kn
+
+    rng = _rng("odd", qtype, T, K_cols)
+    N = 7
+    raw = _random_raw(rng, qtype, N, K_cols)
+    x = rng.standard_normal((T, K_cols)).astype(np.float32)
+    want = x.astype(np.float64) @ _deq(raw, qtype, (N, K_cols)).astype(np.float64).T
+    out = _poisoned(backend, (T, N))
+    got = _host(backend, Kn.qmatmul(_dev(backend, x), _device_tensor(backend, raw, qtype, (N, K_cols)), out=out,
+                                    backend=backend))
+    _assert_written(got, f"qmatmul {qtype.name} K={K_cols}")
+    _assert_close(got, want, f"qmatmul {qtype.name} T={T} K={K_cols}", ref_abs=np.abs(x) @ np.abs(_deq(raw, qtype, (N, K_cols))).T)
+
+
 def test_qmatmul_rejects_bad_input(backend):
     from pytest_moeparity.gpu import kernels as K
 
@@ -363,6 +386,30 @@ def test_expert_routing_groups_pairs(backend):
     counts = np.bincount(flat, minlength=E)
     assert offsets.tolist() == [0] + np.cumsum(counts).tolist(), f"offsets {offsets} for counts {counts}"
     assert counts[E - 1] == 0 and counts[E - 2] == 0
+    used = np.nonzero(counts)[0]
+    active = _host(backend, r.active)
+    assert active.tolist() == used.tolist() + [-1] * (min(E, T * k) - len(used))
+    assert _host(backend, r.order).tolist() == np.argsort(ids, axis=1, kind="stable").tolist()
+
+
+@pytest.mark.parametrize("E", [8, 128, 160, 512])
+def test_expert_routing_many_experts(backend, E):
+    """Expert counts that leave lanes empty (8), fill them evenly (128), unevenly (160), at the limit
+    (512); prompts with more pairs than experts, and repeated ids within a token (forced routing)."""
+    from pytest_moeparity.gpu import kernels as K
+
+    rng = _rng("routing-many", E)
+    T, k = 70, 8
+    ids = rng.integers(0, E, size=(T, k)).astype(np.int32)
+    ids[0] = ids[0, 0]  # one token sends every slot to one expert
+    r = K.expert_routing(_dev(backend, ids), E, backend=backend)
+    flat = ids.reshape(-1)
+    assert _host(backend, r.pairs).tolist() == np.lexsort((np.arange(flat.size), flat)).tolist()
+    counts = np.bincount(flat, minlength=E)
+    assert _host(backend, r.offsets).tolist() == [0] + np.cumsum(counts).tolist()
+    used = np.nonzero(counts)[0].tolist()
+    assert _host(backend, r.active).tolist() == used + [-1] * (min(E, T * k) - len(used))
+    assert _host(backend, r.order).tolist() == np.argsort(ids, axis=1, kind="stable").tolist()
 
 
 # ---- router, combination, bf16 rounding ------------------------------------------------------------------------
@@ -400,6 +447,80 @@ def test_moe_combine_bit_exact(backend):
         for j in np.argsort(ids[t]):  # the reference adds experts in ascending id order
             want[t] = want[t] + (w[t, j] * y[t, j]).astype(np.float32)
     assert np.array_equal(got, want), f"max diff {np.abs(got - want).max()}"
+
+
+def test_router_topk_many_experts(backend):
+    """128 experts, top-8 (Qwen3-30B-A3B's router): several values per lane, exact ties across lanes."""
+    from pytest_moeparity.gpu import kernels as K
+
+    rng = _rng("topk-128")
+    T, E, k = 37, 128, 8
+    probs = rng.random((T, E)).astype(np.float32)
+    probs[0, [5, 37, 69, 101]] = 2.0       # a four-way tie at the top, one per lane position
+    probs[1, 96:] = np.nan
+    ids, _ = K.router_topk(_dev(backend, probs), k, backend=backend)
+    want = np.argsort(-probs, axis=-1, kind="stable")[:, :k]
+    assert np.array_equal(_host(backend, ids), want)
+
+
+# ---- fused row and elementwise kernels: against float64 NumPy on random data ------------------------------
+def test_rms_norm_matches_float64(backend):
+    from pytest_moeparity.gpu import kernels as K
+
+    rng = _rng("rms")
+    for shape in [(3, 2048), (5, 4, 128), (2, 45)]:
+        x = (rng.standard_normal(shape) * 3).astype(np.float32)
+        w = rng.standard_normal(shape[-1]).astype(np.float32)
+        got = _host(backend, K.rms_norm(_dev(backend, x), _dev(backend, w), 1e-6, backend=backend))
+        x64 = x.astype(np.float64)
+        want = x64 / np.sqrt((x64 * x64).mean(-1, keepdims=True) + 1e-6) * w
+        _assert_close(got, want, f"rms_norm {shape}", tol=1e-6)
+
+
+def test_softmax_matches_float64_with_causal_mask_and_nan(backend):
+    from pytest_moeparity.gpu import kernels as K
+
+    rng = _rng("softmax")
+    x = (rng.standard_normal((6, 150)) * 4).astype(np.float32)
+    got = _host(backend, K.softmax(_dev(backend, x), backend=backend))
+    e = np.exp(x.astype(np.float64) - x.max(-1, keepdims=True))
+    _assert_close(got, e / e.sum(-1, keepdims=True), "softmax", tol=1e-6)
+    T, nh = 5, 3
+    s = (rng.standard_normal((T, nh, T)) * 2).astype(np.float32)
+    got = _host(backend, K.softmax(_dev(backend, s), causal_period=nh, backend=backend))
+    masked = np.where(np.tril(np.ones((T, T), bool))[:, None, :], s.astype(np.float64), -np.inf)
+    e = np.exp(masked - masked.max(-1, keepdims=True))
+    want = e / e.sum(-1, keepdims=True)
+    _assert_close(got, want, "causal softmax", tol=1e-6)
+    assert np.all(got[np.broadcast_to(~np.tril(np.ones((T, T), bool))[:, None, :], got.shape)] == 0)
+    x[2, 7] = np.nan
+    x[3, 0] = np.inf
+    got = _host(backend, K.softmax(_dev(backend, x), backend=backend))
+    assert np.isnan(got[2]).all() and np.isnan(got[3]).all(), "NaN / inf in a row make the row NaN, as in NumPy"
+    assert np.isfinite(got[[0, 1, 4, 5]]).all()
+    s[4, 1, 2] = np.nan  # a NaN in a causal row: NumPy's row is NaN in its masked columns too
+    got = _host(backend, K.softmax(_dev(backend, s), causal_period=nh, backend=backend))
+    assert np.isnan(got[4, 1]).all() and np.isfinite(got[4, 0]).all() and np.isfinite(got[3]).all()
+
+
+def test_rope_swiglu_add_match_reference(backend):
+    from pytest_moeparity.gpu import kernels as K
+    from pytest_moeparity.reference import rope_neox, silu
+
+    rng = _rng("rope")
+    T, heads, hd = 7, 3, 64
+    x = rng.standard_normal((T, heads, hd)).astype(np.float32)
+    half = hd // 2
+    ang = np.arange(T)[:, None] * (1e6 ** (-np.arange(half) * 2.0 / hd))[None, :]
+    got = _host(backend, K.rope_neox(_dev(backend, x), _dev(backend, np.cos(ang).astype(np.float32)),
+                                     _dev(backend, np.sin(ang).astype(np.float32)), backend=backend))
+    want = rope_neox(x, np.arange(T), 1e6)  # the reference's float32 arithmetic: bit for bit
+    assert np.array_equal(got, want), f"max diff {np.abs(got - want).max()}"
+    g, u = rng.standard_normal((2, 3, 8, 96)).astype(np.float32) * 4
+    got = _host(backend, K.swiglu(_dev(backend, g), _dev(backend, u), backend=backend))
+    _assert_close(got, silu(g.astype(np.float64)) * u, "swiglu", tol=1e-6)
+    got = _host(backend, K.add(_dev(backend, g), _dev(backend, u), backend=backend))
+    assert np.array_equal(got, g + u)
 
 
 def _bf16_numpy(x: np.ndarray) -> np.ndarray:

@@ -31,6 +31,7 @@ struct mp_dim3 {
 static mp_dim3 threadIdx, blockIdx, blockDim, gridDim;
 
 void mp_emu_warp_allreduce(float* v, int n);
+void mp_emu_warp_allreduce_max(float* v, int n);
 
 #include MP_KERNELS_PATH
 
@@ -46,6 +47,7 @@ struct Lane {
     bool done;
     bool waiting;
     int n;
+    int op;  // 0: sum, 1: max
     float vals[kMaxReduce];
     unsigned tid;
 };
@@ -95,13 +97,13 @@ bool run_warp_coroutines(unsigned first_tid, unsigned n_threads) {
             set_thread(L.tid);
             swapcontext(&g_sched, &L.ctx);
         }
-        int n_wait = 0, n_done = 0, n = -1;
+        int n_wait = 0, n_done = 0, n = -1, op = -1;
         bool mismatch = false;
         for (int i = 0; i < 32; ++i) {
             if (g_lanes[i].waiting) {
                 ++n_wait;
-                if (n < 0) n = g_lanes[i].n;
-                else if (g_lanes[i].n != n) mismatch = true;
+                if (n < 0) n = g_lanes[i].n, op = g_lanes[i].op;
+                else if (g_lanes[i].n != n || g_lanes[i].op != op) mismatch = true;
             } else if (g_lanes[i].done) {
                 ++n_done;
             }
@@ -117,16 +119,18 @@ bool run_warp_coroutines(unsigned first_tid, unsigned n_threads) {
             return false;
         }
         if (mismatch) {
-            g_error = "warp reduction called with different lengths by different lanes";
+            g_error = "warp reduction called with different lengths or operations by different lanes";
             return false;
         }
-        // xor butterfly, exactly as `v += __shfl_xor_sync(mask, v, off)` for off = 16..1
+        // xor butterfly, exactly as `v += __shfl_xor_sync(mask, v, off)` (op 0) or
+        // `v = fmaxf(v, __shfl_xor_sync(mask, v, off))` (op 1) for off = 16..1
         float cur[32][kMaxReduce], nxt[32][kMaxReduce];
         for (int i = 0; i < 32; ++i)
             for (int t = 0; t < n; ++t) cur[i][t] = g_lanes[i].vals[t];
         for (int off = 16; off > 0; off >>= 1) {
             for (int i = 0; i < 32; ++i)
-                for (int t = 0; t < n; ++t) nxt[i][t] = cur[i][t] + cur[i ^ off][t];
+                for (int t = 0; t < n; ++t)
+                    nxt[i][t] = op == 1 ? std::fmax(cur[i][t], cur[i ^ off][t]) : cur[i][t] + cur[i ^ off][t];
             std::memcpy(cur, nxt, sizeof cur);
         }
         for (int i = 0; i < 32; ++i) {
@@ -148,7 +152,7 @@ void segv_handler(int sig, siginfo_t* info, void*) {
 
 }  // namespace
 
-void mp_emu_warp_allreduce(float* v, int n) {
+static void mp_emu_warp_reduce_op(float* v, int n, int op) {
     Lane& L = g_lanes[g_cur];
     if (n > kMaxReduce) {
         std::fprintf(stderr, "mp_emu_warp_allreduce: n=%d too large\n", n);
@@ -156,10 +160,15 @@ void mp_emu_warp_allreduce(float* v, int n) {
     }
     for (int t = 0; t < n; ++t) L.vals[t] = v[t];
     L.n = n;
+    L.op = op;
     L.waiting = true;
     swapcontext(&L.ctx, &g_sched);
     for (int t = 0; t < n; ++t) v[t] = L.vals[t];
 }
+
+void mp_emu_warp_allreduce(float* v, int n) { mp_emu_warp_reduce_op(v, n, 0); }
+
+void mp_emu_warp_allreduce_max(float* v, int n) { mp_emu_warp_reduce_op(v, n, 1); }
 
 // ---- argument marshalling -------------------------------------------------------------------------
 

@@ -172,7 +172,7 @@ class EmulatorBackend(K.Backend):
                 ptrs[i] = ctypes.cast(ctypes.pointer(holder), ctypes.c_void_p)
             err = ctypes.create_string_buffer(512)
             fault = ctypes.c_void_p()
-            uses_warp = name.startswith("qmm_")
+            uses_warp = name.split("<", 1)[0] in K.WARP_KERNELS
             g = tuple(int(v) for v in grid) + (1,) * (3 - len(grid))
             b = tuple(int(v) for v in block) + (1,) * (3 - len(block))
             rc = self.lib.emu_launch(name.encode(), *g, *b, ptrs, int(uses_warp), err, 512, ctypes.byref(fault))

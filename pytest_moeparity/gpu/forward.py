@@ -149,18 +149,7 @@ class CupyEngine:
         return K.qmatmul(self._c(x), wt, as_qtype=as_qtype, backend=self.backend)
 
     def _rms_norm(self, x, weight):
-        xp = self.xp
-        var = xp.mean(x * x, axis=-1, keepdims=True)
-        return x / xp.sqrt(var + np.float32(self.cfg.rms_eps)) * weight
-
-    def _softmax(self, x):
-        xp = self.xp
-        m = xp.max(x, axis=-1, keepdims=True)
-        e = xp.exp(x - m)
-        return e / xp.sum(e, axis=-1, keepdims=True)
-
-    def _silu(self, x):
-        return x / (np.float32(1.0) + self.xp.exp(-x))
+        return K.rms_norm(x, weight, self.cfg.rms_eps, backend=self.backend)
 
     def _rope_tables(self, n_tokens: int):
         """cos/sin [T, 1, hd/2] computed on the host exactly as reference.rope_neox does."""
@@ -168,14 +157,9 @@ class CupyEngine:
         half = hd // 2
         inv_freq = self.cfg.rope_base ** (-np.arange(0, half, dtype=np.float64) * 2.0 / hd)
         ang = np.arange(n_tokens).astype(np.float64)[:, None] * inv_freq[None, :]
-        cos = np.cos(ang).astype(np.float32)[:, None, :]
-        sin = np.sin(ang).astype(np.float32)[:, None, :]
+        cos = np.cos(ang).astype(np.float32)
+        sin = np.sin(ang).astype(np.float32)
         return self.backend.to_device(cos), self.backend.to_device(sin)
-
-    def _rope(self, x, cos, sin):
-        half = x.shape[-1] // 2
-        x1, x2 = x[..., :half], x[..., half:]
-        return self.xp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
     # -- forward -------------------------------------------------------------------------------
     def trace(self, tokens, plan: SavePlan | None = None, *, faults=(), forced_routing: dict | None = None,
@@ -310,8 +294,8 @@ class CupyEngine:
         k = a(self._rms_norm(k.reshape(T, nkv, hd), self._vec(L, "attn_k_norm", weights)))
         q = rec.tap(S.q_norm, L, q)
         k = rec.tap(S.k_norm, L, k)
-        q = a(self._rope(q, cos, sin))
-        k = a(self._rope(k, cos, sin))
+        q = a(K.rope_neox(q, cos, sin, backend=self.backend))
+        k = a(K.rope_neox(k, cos, sin, backend=self.backend))
         q = rec.tap(S.q_post_rope, L, q)
         k = rec.tap(S.k_post_rope, L, k)
 
@@ -326,8 +310,7 @@ class CupyEngine:
             raw_scores = xp.matmul(qh, kh).transpose(1, 0, 2)          # [T, nh, T]
         scores = a(raw_scores / np.float32(np.sqrt(hd)))
         scores = rec.tap(S.attn_scores, L, scores)
-        causal = (xp.arange(T)[:, None] >= xp.arange(T)[None, :])[:, None, :]
-        p = a(self._softmax(xp.where(causal, scores, np.float32(-np.inf))))
+        p = a(K.softmax(scores, causal_period=nh, backend=self.backend))  # rows (t, head): causal mask
         p = rec.tap(S.attn_softmax, L, p)
         if self._capturing:
             ctx = a((p[:, :, :, None] * vv.transpose(1, 0, 2)[None]).sum(axis=2).reshape(T, nh * hd))
@@ -338,7 +321,7 @@ class CupyEngine:
         ctx = rec.tap(S.attention, L, ctx)
         out = a(self._layer_mm(ctx, L, "attn_output", weights))
         out = rec.tap(S.attn_out, L, out)
-        x = a(x + out)
+        x = a(K.add(x, out, backend=self.backend))
         x = rec.tap(S.post_attn_residual, L, x)
         return x
 
@@ -348,7 +331,7 @@ class CupyEngine:
         h = rec.tap(S.ffn_norm, L, h)
         logits = a(self._layer_mm(h, L, "ffn_gate_inp", weights))          # [T, E]
         logits = rec.tap(S.moe_router_logits, L, logits)
-        probs = a(self._softmax(logits))
+        probs = a(K.softmax(logits, backend=be))
         probs = rec.tap(S.moe_router_probs, L, probs)
         if L in self._forced:  # forced routing: given choices, this forward's probabilities
             ids = self._forced_ids(L, probs.shape[0])
@@ -369,15 +352,15 @@ class CupyEngine:
         ef = self._expert_faults
         g = ef(rec, S.moe_expert_gate, L, a(K.qmatmul_experts(hc, gate_t, routing, as_qtype=g_as, backend=be)), ids)
         u = ef(rec, S.moe_expert_up, L, a(K.qmatmul_experts(hc, up_t, routing, as_qtype=u_as, backend=be)), ids)
-        s = ef(rec, S.moe_expert_swiglu, L, a(self._silu(g) * u), ids)      # [T, k, F]
+        s = ef(rec, S.moe_expert_swiglu, L, a(K.swiglu(g, u, backend=be)), ids)      # [T, k, F]
         y = ef(rec, S.moe_expert_out, L,
                a(K.qmatmul_experts(self._c(s), down_t, routing, x_per_pair=True, as_qtype=d_as, backend=be)), ids)
-        out = a(K.moe_combine(self._c(y), self._c(rw), ids, backend=be))
+        out = a(K.moe_combine(self._c(y), self._c(rw), routing, backend=be))
 
         if any(rec.wants(st, L) for st in _EXPERT_STAGES):
             self._capture_experts(L, h, ids, (gate_t, g_as), (up_t, u_as), (down_t, d_as), rec)
         out = rec.tap(S.moe_ffn_out, L, out)
-        x = a(x + out)
+        x = a(K.add(x, out, backend=be))
         x = rec.tap(S.post_ffn_residual, L, x)
         return x
 
@@ -404,7 +387,7 @@ class CupyEngine:
         for e in experts:
             g = f(S.moe_expert_gate, layer, a(self._mm(h_sel, gate_t.expert(e), g_as)), e)
             u = f(S.moe_expert_up, layer, a(self._mm(h_sel, up_t.expert(e), u_as)), e)
-            s = f(S.moe_expert_swiglu, layer, a(self._silu(g) * u), e)
+            s = f(S.moe_expert_swiglu, layer, a(K.swiglu(g, u, backend=be)), e)
             o = f(S.moe_expert_out, layer, a(self._mm(s, down_t.expert(e), d_as)), e)
             for stage, val in ((S.moe_expert_gate, g), (S.moe_expert_up, u), (S.moe_expert_swiglu, s),
                                (S.moe_expert_out, o)):

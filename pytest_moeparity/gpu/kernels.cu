@@ -199,199 +199,341 @@ template <> MP_HD float mp_dq<14>(const mp_u8* row, int k) {
     return mp_fmul(mp_fmul(d, (float)sc), (float)q);
 }
 
-// ---- warp reduction -------------------------------------------------------------------------
+// ---- warp reductions ------------------------------------------------------------------------
 
 #ifdef MOEPARITY_EMULATOR
-// provided by the emulator's prelude: the same xor butterfly over the 32 lanes
+// provided by the emulator's prelude: the same xor butterflies over the 32 lanes
 void mp_emu_warp_allreduce(float* v, int n);
+void mp_emu_warp_allreduce_max(float* v, int n);
 #endif
 
-template <int NT> MP_HD void mp_warp_allreduce(float (&v)[NT]) {
+template <int N> MP_HD void mp_warp_allreduce(float (&v)[N]) {
 #ifdef MOEPARITY_EMULATOR
-    mp_emu_warp_allreduce(v, NT);
+    mp_emu_warp_allreduce(v, N);
 #else
 #pragma unroll
     for (int off = 16; off > 0; off >>= 1) {
 #pragma unroll
-        for (int t = 0; t < NT; ++t) v[t] += __shfl_xor_sync(0xFFFFFFFFu, v[t], off);
+        for (int t = 0; t < N; ++t) v[t] += __shfl_xor_sync(0xFFFFFFFFu, v[t], off);
     }
 #endif
 }
 
-// ---- one 256-column super-block of a row, the warp's 32 lanes together --------------------------
-// mp_block_dot<QT, NT>(b, lane, xp, k0, acc): columns k0 .. k0+255 of the row whose block bytes
-// start at b. Generic: lane takes columns k0 + lane + 32*i (coalesced, one value at a time). The
-// K-quants use llama.cpp's layout instead: lane w takes the w-th 4-byte group of the quant bytes
-// (the warp reads them contiguously) and its 8 values, decoding the block header once for them.
-// The arithmetic per value is exactly mp_dq's (same operations, same order): bit-identical.
+template <int N> MP_HD void mp_warp_allmax(float (&v)[N]) {
+#ifdef MOEPARITY_EMULATOR
+    mp_emu_warp_allreduce_max(v, N);
+#else
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) {
+#pragma unroll
+        for (int t = 0; t < N; ++t) v[t] = fmaxf(v[t], __shfl_xor_sync(0xFFFFFFFFu, v[t], off));
+    }
+#endif
+}
 
-template <int QT, int NT>
-MP_HD void mp_block_dot(const mp_u8* __restrict__ b, int lane, const float* (&xp)[NT], int k0, float (&acc)[NT]) {
-    constexpr int per = mp_traits<QT>::block;
-    const mp_u8* base = b - (mp_i64)(k0 / per) * mp_traits<QT>::tsize;  // mp_dq indexes from the row
+MP_HD float mp_warp_sum1(float x) { float v[1] = {x}; mp_warp_allreduce<1>(v); return v[0]; }
+MP_HD float mp_warp_max1(float x) { float v[1] = {x}; mp_warp_allmax<1>(v); return v[0]; }
+
+// ---- wide loads ------------------------------------------------------------------------------------
+// 4 little-endian bytes from any address: one 32-bit load where aligned (always, for the file's own
+// types in practice), else two 16-bit or four byte loads (Q6_K / Q8_0 / Q4_0 blocks are only 2-byte
+// aligned, and a planted mis-dispatch reads rows with another type's block size).
+MP_HD mp_u32 mp_ld32(const mp_u8* p) {
+#if defined(__CUDA_ARCH__)
+    const unsigned long long a = (unsigned long long)p;
+    if ((a & 3) == 0) return *(const mp_u32*)p;
+    if ((a & 1) == 0) return (mp_u32)*(const mp_u16*)p | ((mp_u32)*(const mp_u16*)(p + 2) << 16);
+#endif
+    return (mp_u32)p[0] | ((mp_u32)p[1] << 8) | ((mp_u32)p[2] << 16) | ((mp_u32)p[3] << 24);
+}
+
+struct alignas(16) mp_f4 { float x, y, z, w; };
+
+// 8 consecutive activations: two 16-byte loads where aligned, else one at a time.
+MP_HD void mp_ldx8(const float* __restrict__ p, float (&v)[8]) {
+#if defined(__CUDA_ARCH__)
+    if (((unsigned long long)p & 15) == 0) {
+        const mp_f4 a = *(const mp_f4*)p, b = *(const mp_f4*)(p + 4);
+        v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
+        v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
+        return;
+    }
+#endif
+#pragma unroll
+    for (int i = 0; i < 8; ++i) v[i] = p[i];
+}
+
+MP_HD int mp_byte(mp_u32 lo, mp_u32 hi, int i) { return (int)(((i < 4 ? lo : hi) >> (8 * (i & 3))) & 0xFFu); }
+
+// ---- 16-column chunks -------------------------------------------------------------------------------
+// mp_chunk<QT>(row, c, w, a, b): the 16 weights of chunk c of a row, w[0..7] at columns a..a+7 and
+// w[8..15] at columns b..b+7. A chunk is 8 quant bytes (K-quants: two sub-blocks' nibbles, or
+// nibble + high bits), half a 32-value block (Q8_0, Q4_0) or 16 values (F32, F16, BF16); chunks
+// c = lane, lane + 32, ... of a row are read by consecutive lanes, so a warp reads contiguous bytes.
+// Every weight is computed with exactly mp_dq's operations in mp_dq's order: bit-identical.
+
+template <int QT> MP_HD void mp_chunk(const mp_u8* __restrict__ row, int c, float (&w)[16], int& a, int& b);
+
+// Q4_K: chunk cc (0..15) of super-block s holds qs bytes 8cc .. 8cc+7: sub-block 2g (low nibbles,
+// values l0..l0+7) and 2g+1 (high nibbles), g = cc/4, l0 = 8 (cc%4).
+template <> MP_HD void mp_chunk<12>(const mp_u8* __restrict__ row, int c, float (&w)[16], int& a, int& b) {
+    const int s = c >> 4, cc = c & 15, g = cc >> 2, l0 = (cc & 3) << 3, j0 = 2 * g, j1 = j0 + 1;
+    const mp_u8* blk = row + (mp_i64)s * 144;
+    int sc0, m0, sc1, m1;
+    mp_scale_min_k4(blk + 4, j0, &sc0, &m0);
+    mp_scale_min_k4(blk + 4, j1, &sc1, &m1);
+    const float d = mp_ldf16(blk), dmin = mp_ldf16(blk + 2);
+    const float dsc0 = mp_fmul(d, (float)sc0), dm0 = mp_fmul(dmin, (float)m0);
+    const float dsc1 = mp_fmul(d, (float)sc1), dm1 = mp_fmul(dmin, (float)m1);
+    const mp_u32 q0 = mp_ld32(blk + 16 + 32 * g + l0), q1 = mp_ld32(blk + 20 + 32 * g + l0);
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
-        const int k = k0 + lane + 32 * i;
-        const float w = mp_dq<QT>(base, k);
-#pragma unroll
-        for (int t = 0; t < NT; ++t) acc[t] = fmaf(w, xp[t][k], acc[t]);
+        const int q = mp_byte(q0, q1, i);
+        w[i] = mp_fsub(mp_fmul(dsc0, (float)(q & 0x0F)), dm0);
+        w[8 + i] = mp_fsub(mp_fmul(dsc1, (float)(q >> 4)), dm1);
     }
+    a = 256 * s + 32 * j0 + l0;
+    b = a + 32;
 }
 
-// Q4_K: lane w holds qs bytes 32g + l0 .. +3 (g = w/8, l0 = 4*(w%8)): low nibbles are values
-// l0.. of sub-block 2g, high nibbles values l0.. of sub-block 2g+1.
-template <int NT>
-MP_HD void mp_q4k_block_dot(const mp_u8* __restrict__ b, int lane, const float* (&xp)[NT], int k0, float (&acc)[NT]) {
-    const int g = lane >> 3, l0 = (lane & 7) << 2, j0 = 2 * g, j1 = j0 + 1;
+// Q5_K: as Q4_K with qs at 48; the 5th bit of value l of sub-block j is bit j of qh[l] (qh at 16)
+template <> MP_HD void mp_chunk<13>(const mp_u8* __restrict__ row, int c, float (&w)[16], int& a, int& b) {
+    const int s = c >> 4, cc = c & 15, g = cc >> 2, l0 = (cc & 3) << 3, j0 = 2 * g, j1 = j0 + 1;
+    const mp_u8* blk = row + (mp_i64)s * 176;
     int sc0, m0, sc1, m1;
-    mp_scale_min_k4(b + 4, j0, &sc0, &m0);
-    mp_scale_min_k4(b + 4, j1, &sc1, &m1);
-    const float d = mp_ldf16(b), dmin = mp_ldf16(b + 2);
+    mp_scale_min_k4(blk + 4, j0, &sc0, &m0);
+    mp_scale_min_k4(blk + 4, j1, &sc1, &m1);
+    const float d = mp_ldf16(blk), dmin = mp_ldf16(blk + 2);
     const float dsc0 = mp_fmul(d, (float)sc0), dm0 = mp_fmul(dmin, (float)m0);
     const float dsc1 = mp_fmul(d, (float)sc1), dm1 = mp_fmul(dmin, (float)m1);
-    const mp_u8* q = b + 16 + 32 * g + l0;
-    const int c0 = k0 + 32 * j0 + l0, c1 = k0 + 32 * j1 + l0;
+    const mp_u32 q0 = mp_ld32(blk + 48 + 32 * g + l0), q1 = mp_ld32(blk + 52 + 32 * g + l0);
+    const mp_u32 h0 = mp_ld32(blk + 16 + l0), h1 = mp_ld32(blk + 20 + l0);
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-        const float w0 = mp_fsub(mp_fmul(dsc0, (float)(q[i] & 0x0F)), dm0);
-        const float w1 = mp_fsub(mp_fmul(dsc1, (float)(q[i] >> 4)), dm1);
-#pragma unroll
-        for (int t = 0; t < NT; ++t) {
-            acc[t] = fmaf(w0, xp[t][c0 + i], acc[t]);
-            acc[t] = fmaf(w1, xp[t][c1 + i], acc[t]);
-        }
+    for (int i = 0; i < 8; ++i) {
+        const int q = mp_byte(q0, q1, i), h = mp_byte(h0, h1, i);
+        const int v0 = (q & 0x0F) | (((h >> j0) & 1) << 4);
+        const int v1 = (q >> 4) | (((h >> j1) & 1) << 4);
+        w[i] = mp_fsub(mp_fmul(dsc0, (float)v0), dm0);
+        w[8 + i] = mp_fsub(mp_fmul(dsc1, (float)v1), dm1);
     }
+    a = 256 * s + 32 * j0 + l0;
+    b = a + 32;
 }
-template <> MP_HD void mp_block_dot<12, 1>(const mp_u8* __restrict__ b, int lane, const float* (&xp)[1], int k0, float (&acc)[1]) { mp_q4k_block_dot<1>(b, lane, xp, k0, acc); }
-template <> MP_HD void mp_block_dot<12, 8>(const mp_u8* __restrict__ b, int lane, const float* (&xp)[8], int k0, float (&acc)[8]) { mp_q4k_block_dot<8>(b, lane, xp, k0, acc); }
 
-// Q5_K: as Q4_K (qs at 48), the 5th bit of value l of sub-block j is bit j of qh[l] (qh at 16)
-template <int NT>
-MP_HD void mp_q5k_block_dot(const mp_u8* __restrict__ b, int lane, const float* (&xp)[NT], int k0, float (&acc)[NT]) {
-    const int g = lane >> 3, l0 = (lane & 7) << 2, j0 = 2 * g, j1 = j0 + 1;
-    int sc0, m0, sc1, m1;
-    mp_scale_min_k4(b + 4, j0, &sc0, &m0);
-    mp_scale_min_k4(b + 4, j1, &sc1, &m1);
-    const float d = mp_ldf16(b), dmin = mp_ldf16(b + 2);
-    const float dsc0 = mp_fmul(d, (float)sc0), dm0 = mp_fmul(dmin, (float)m0);
-    const float dsc1 = mp_fmul(d, (float)sc1), dm1 = mp_fmul(dmin, (float)m1);
-    const mp_u8* q = b + 48 + 32 * g + l0;
-    const mp_u8* qh = b + 16 + l0;
-    const int c0 = k0 + 32 * j0 + l0, c1 = k0 + 32 * j1 + l0;
+// Q6_K: chunk cc of super-block s holds ql bytes 8cc .. 8cc+7 = half h = cc/8, offsets rr = 8 (cc%8):
+// low nibbles are values r = rr + i of the half, high nibbles r + 64; top 2 bits from
+// qh[32h + rr%32 + i] (shift 2 (rr/32), and + 4 for the high nibbles); scales (128h + rr)/16, + 4.
+template <> MP_HD void mp_chunk<14>(const mp_u8* __restrict__ row, int c, float (&w)[16], int& a, int& b) {
+    const int s = c >> 4, cc = c & 15, h = cc >> 3, rr = (cc & 7) << 3;
+    const mp_u8* blk = row + (mp_i64)s * 210;
+    const mp_u32 l0 = mp_ld32(blk + 64 * h + rr), l1 = mp_ld32(blk + 64 * h + rr + 4);
+    const mp_u32 h0 = mp_ld32(blk + 128 + 32 * h + (rr & 31)), h1 = mp_ld32(blk + 132 + 32 * h + (rr & 31));
+    const int sh0 = 2 * (rr >> 5), sh1 = sh0 + 4, s0 = (128 * h + rr) >> 4;
+    const float d = mp_ldf16(blk + 208);
+    const float dsc0 = mp_fmul(d, (float)(int)(signed char)blk[192 + s0]);
+    const float dsc1 = mp_fmul(d, (float)(int)(signed char)blk[192 + s0 + 4]);
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-        const int v0 = (q[i] & 0x0F) | (((qh[i] >> j0) & 1) << 4);
-        const int v1 = (q[i] >> 4) | (((qh[i] >> j1) & 1) << 4);
-        const float w0 = mp_fsub(mp_fmul(dsc0, (float)v0), dm0);
-        const float w1 = mp_fsub(mp_fmul(dsc1, (float)v1), dm1);
-#pragma unroll
-        for (int t = 0; t < NT; ++t) {
-            acc[t] = fmaf(w0, xp[t][c0 + i], acc[t]);
-            acc[t] = fmaf(w1, xp[t][c1 + i], acc[t]);
-        }
+    for (int i = 0; i < 8; ++i) {
+        const int ql = mp_byte(l0, l1, i), qh = mp_byte(h0, h1, i);
+        const int q0 = ((ql & 0x0F) | (((qh >> sh0) & 0x03) << 4)) - 32;
+        const int q1 = ((ql >> 4) | (((qh >> sh1) & 0x03) << 4)) - 32;
+        w[i] = mp_fmul(dsc0, (float)q0);
+        w[8 + i] = mp_fmul(dsc1, (float)q1);
     }
+    a = 256 * s + 128 * h + rr;
+    b = a + 64;
 }
-template <> MP_HD void mp_block_dot<13, 1>(const mp_u8* __restrict__ b, int lane, const float* (&xp)[1], int k0, float (&acc)[1]) { mp_q5k_block_dot<1>(b, lane, xp, k0, acc); }
-template <> MP_HD void mp_block_dot<13, 8>(const mp_u8* __restrict__ b, int lane, const float* (&xp)[8], int k0, float (&acc)[8]) { mp_q5k_block_dot<8>(b, lane, xp, k0, acc); }
 
-// Q6_K: lane w holds ql bytes 64h + rr .. +3 (h = w/16, rr = 4*(w%16)): low nibbles are values
-// r = rr + i of half h, high nibbles r + 64; both take their top 2 bits from qh[32h + (rr%32) + i]
-// (shifts 2*(rr/32) and that + 4) and one scale each (indices (128h + rr)/16 and +4).
-template <int NT>
-MP_HD void mp_q6k_block_dot(const mp_u8* __restrict__ b, int lane, const float* (&xp)[NT], int k0, float (&acc)[NT]) {
-    const int h = lane >> 4, rr = (lane & 15) << 2;
-    const mp_u8* ql = b + 64 * h + rr;
-    const mp_u8* qh = b + 128 + 32 * h + (rr & 31);
-    const int sh0 = 2 * (rr >> 5), sh1 = sh0 + 4;
-    const int s0 = (128 * h + rr) >> 4;
-    const float d = mp_ldf16(b + 208);
-    const float dsc0 = mp_fmul(d, (float)(int)(signed char)b[192 + s0]);
-    const float dsc1 = mp_fmul(d, (float)(int)(signed char)b[192 + s0 + 4]);
-    const int c0 = k0 + 128 * h + rr, c1 = c0 + 64;
+// Q8_0: chunk c = half (c%2) of block c/2: 16 consecutive int8 values
+template <> MP_HD void mp_chunk<8>(const mp_u8* __restrict__ row, int c, float (&w)[16], int& a, int& b) {
+    const mp_u8* blk = row + (mp_i64)(c >> 1) * 34;
+    const mp_u8* q = blk + 2 + 16 * (c & 1);
+    const float d = mp_ldf16(blk);
+    const mp_u32 q0 = mp_ld32(q), q1 = mp_ld32(q + 4), q2 = mp_ld32(q + 8), q3 = mp_ld32(q + 12);
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-        const int q0 = ((ql[i] & 0x0F) | (((qh[i] >> sh0) & 0x03) << 4)) - 32;
-        const int q1 = ((ql[i] >> 4) | (((qh[i] >> sh1) & 0x03) << 4)) - 32;
-        const float w0 = mp_fmul(dsc0, (float)q0);
-        const float w1 = mp_fmul(dsc1, (float)q1);
-#pragma unroll
-        for (int t = 0; t < NT; ++t) {
-            acc[t] = fmaf(w0, xp[t][c0 + i], acc[t]);
-            acc[t] = fmaf(w1, xp[t][c1 + i], acc[t]);
-        }
+    for (int i = 0; i < 8; ++i) {
+        w[i] = mp_fmul(d, (float)(int)(signed char)mp_byte(q0, q1, i));
+        w[8 + i] = mp_fmul(d, (float)(int)(signed char)mp_byte(q2, q3, i));
     }
+    a = 16 * c;
+    b = a + 8;
 }
-template <> MP_HD void mp_block_dot<14, 1>(const mp_u8* __restrict__ b, int lane, const float* (&xp)[1], int k0, float (&acc)[1]) { mp_q6k_block_dot<1>(b, lane, xp, k0, acc); }
-template <> MP_HD void mp_block_dot<14, 8>(const mp_u8* __restrict__ b, int lane, const float* (&xp)[8], int k0, float (&acc)[8]) { mp_q6k_block_dot<8>(b, lane, xp, k0, acc); }
 
-// ---- one weight row against up to NT activation rows ----------------------------------------
-// Whole 256-column spans go through mp_block_dot (one super-block for the K-quants, 256/block
-// blocks for the others); the tail (kq not a multiple of 256, possible for F32/F16/BF16/Q8_0/Q4_0)
-// column by column: lane, lane+32, ... Columns >= kq contribute nothing (kq < K only under the
-// test-only fault switch, where the row holds fewer whole blocks of the kernel's type).
+// Q4_0: chunk c = qs bytes 8 (c%2) .. +7 of block c/2: low nibbles values 8 (c%2) + i, high + 16
+template <> MP_HD void mp_chunk<2>(const mp_u8* __restrict__ row, int c, float (&w)[16], int& a, int& b) {
+    const mp_u8* blk = row + (mp_i64)(c >> 1) * 18;
+    const int half = c & 1;
+    const float d = mp_ldf16(blk);
+    const mp_u32 q0 = mp_ld32(blk + 2 + 8 * half), q1 = mp_ld32(blk + 6 + 8 * half);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+        const int q = mp_byte(q0, q1, i);
+        w[i] = mp_fmul(d, (float)((q & 0x0F) - 8));
+        w[8 + i] = mp_fmul(d, (float)((q >> 4) - 8));
+    }
+    a = 32 * (c >> 1) + 8 * half;
+    b = a + 16;
+}
+
+// F32, F16, BF16: 16 consecutive values
+template <> MP_HD void mp_chunk<0>(const mp_u8* __restrict__ row, int c, float (&w)[16], int& a, int& b) {
+    const mp_u8* p = row + (mp_i64)c * 64;
+#pragma unroll
+    for (int i = 0; i < 16; ++i) w[i] = mp_bits_to_float(mp_ld32(p + 4 * i));
+    a = 16 * c;
+    b = a + 8;
+}
+
+template <> MP_HD void mp_chunk<1>(const mp_u8* __restrict__ row, int c, float (&w)[16], int& a, int& b) {
+    const mp_u8* p = row + (mp_i64)c * 32;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+        const mp_u32 u = mp_ld32(p + 4 * i);
+        w[2 * i] = mp_half_to_float(u & 0xFFFFu);
+        w[2 * i + 1] = mp_half_to_float(u >> 16);
+    }
+    a = 16 * c;
+    b = a + 8;
+}
+
+template <> MP_HD void mp_chunk<30>(const mp_u8* __restrict__ row, int c, float (&w)[16], int& a, int& b) {
+    const mp_u8* p = row + (mp_i64)c * 32;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+        const mp_u32 u = mp_ld32(p + 4 * i);
+        w[2 * i] = mp_bits_to_float(u << 16);
+        w[2 * i + 1] = mp_bits_to_float(u & 0xFFFF0000u);
+    }
+    a = 16 * c;
+    b = a + 8;
+}
+
+// ---- MP_ROWS weight rows against up to NT activation rows ----------------------------------------
+// Each lane takes chunks lane, lane + 32, ... of the kq columns (kq is a multiple of 16 for the
+// block types; the float types' last kq % 16 columns go one at a time). The chunk's weights of
+// every row are decoded once and multiplied into the nt (<= NT) activation rows, each loaded once
+// for all MP_ROWS rows. acc[r * NT + t] is lane-partial: the caller reduces over the warp.
+// Columns >= kq contribute nothing (kq < K only under the test-only fault switch).
+
+#define MP_ROWS 2               // weight rows per warp of the matmul kernels
+#ifndef MP_MIN_BLOCKS
+#define MP_MIN_BLOCKS 6         // resident blocks per SM the matmul kernels are compiled for (register cap)
+#endif
+#ifdef MOEPARITY_EMULATOR
+#define MP_MATMUL_GLOBAL MP_GLOBAL
+#else
+#define MP_MATMUL_GLOBAL __global__ __launch_bounds__(MP_THREADS, MP_MIN_BLOCKS)
+#endif
 
 template <int QT, int NT>
-MP_HD void mp_row_partial(const mp_u8* __restrict__ row, int kq, const float* (&xp)[NT], int lane,
-                          float (&acc)[NT]) {
-    constexpr int span_bytes = (256 / mp_traits<QT>::block) * mp_traits<QT>::tsize;
-    const int spans = kq >> 8;
-    for (int c = 0; c < spans; ++c) mp_block_dot<QT, NT>(row + (mp_i64)c * span_bytes, lane, xp, c << 8, acc);
-    for (int k = (spans << 8) + lane; k < kq; k += 32) {
-        float w = mp_dq<QT>(row, k);
+MP_HD void mp_rows_dot(const mp_u8* const (&rows)[MP_ROWS], int kq, const float* const (&xp)[NT], int nt,
+                       int lane, float (&acc)[MP_ROWS * NT]) {
+    const int chunks = kq >> 4;
+    for (int c = lane; c < chunks; c += 32) {
+        float w[MP_ROWS][16];
+        int a = 0, b = 0;
 #pragma unroll
-        for (int t = 0; t < NT; ++t) acc[t] = fmaf(w, xp[t][k], acc[t]);
+        for (int r = 0; r < MP_ROWS; ++r) mp_chunk<QT>(rows[r], c, w[r], a, b);
+#pragma unroll
+        for (int t = 0; t < NT; ++t) {
+            if (t < nt) {
+                float xa[8], xb[8];
+                mp_ldx8(xp[t] + a, xa);
+                mp_ldx8(xp[t] + b, xb);
+#pragma unroll
+                for (int r = 0; r < MP_ROWS; ++r) {
+                    float s = acc[r * NT + t];
+#pragma unroll
+                    for (int i = 0; i < 8; ++i) s = fmaf(w[r][i], xa[i], s);
+#pragma unroll
+                    for (int i = 0; i < 8; ++i) s = fmaf(w[r][8 + i], xb[i], s);
+                    acc[r * NT + t] = s;
+                }
+            }
+        }
+    }
+    for (int k = (chunks << 4) + lane; k < kq; k += 32) {
+#pragma unroll
+        for (int r = 0; r < MP_ROWS; ++r) {
+            const float w = mp_dq<QT>(rows[r], k);
+#pragma unroll
+            for (int t = 0; t < NT; ++t)
+                if (t < nt) acc[r * NT + t] = fmaf(w, xp[t][k], acc[r * NT + t]);
+        }
+    }
+}
+
+// One warp: rows n0 .. n0 + MP_ROWS - 1 (those >= N are clamped to N - 1 and not stored) against
+// the nt activation rows xp; lane 0 stores out[orow[t] * ldo + n].
+template <int QT, int NT>
+MP_HD void mp_warp_rows(const mp_u8* __restrict__ w, mp_i64 row_bytes, int N, int n0, int kq,
+                        const float* const (&xp)[NT], const int (&orow)[NT], int nt, int lane,
+                        float* __restrict__ out, int ldo) {
+    const mp_u8* rows[MP_ROWS];
+#pragma unroll
+    for (int r = 0; r < MP_ROWS; ++r) rows[r] = w + (mp_i64)(n0 + r < N ? n0 + r : N - 1) * row_bytes;
+    float acc[MP_ROWS * NT];
+#pragma unroll
+    for (int i = 0; i < MP_ROWS * NT; ++i) acc[i] = 0.0f;
+    mp_rows_dot<QT, NT>(rows, kq, xp, nt, lane, acc);
+    mp_warp_allreduce<MP_ROWS * NT>(acc);
+    if (lane == 0) {
+#pragma unroll
+        for (int r = 0; r < MP_ROWS; ++r)
+#pragma unroll
+            for (int t = 0; t < NT; ++t)
+                if (t < nt && n0 + r < N) out[(mp_i64)orow[t] * ldo + n0 + r] = acc[r * NT + t];
     }
 }
 
 // ---- dense product: out[t, n] = sum_k x[t, k] * W[n, k] ---------------------------------------
-// grid (ceil(N / MP_WARPS), ceil(T / NT)), block MP_THREADS. One warp per weight row n and
-// tile of NT tokens; NT = 1 is the matvec path.
+// grid (row_groups * tiles), block MP_THREADS: a warp takes MP_ROWS weight rows and one tile of
+// NT tokens; the tile index varies fastest, so the blocks that share weight rows run together and
+// the rows come from DRAM once. NT = 1 is the matvec path.
 
 template <int QT, int NT>
-MP_GLOBAL void qmm_dense(const mp_u8* __restrict__ w, mp_i64 row_bytes, int N, int kq,
+MP_MATMUL_GLOBAL void qmm_dense(const mp_u8* __restrict__ w, mp_i64 row_bytes, int N, int kq,
                          const float* __restrict__ x, int ldx, int T,
                          float* __restrict__ out, int ldo) {
+    const int tiles = (T + NT - 1) / NT;
+    const int tile = (int)(blockIdx.x % (unsigned)tiles), group = (int)(blockIdx.x / (unsigned)tiles);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int n = blockIdx.x * MP_WARPS + warp;
-    const int t0 = blockIdx.y * NT;
-    if (n >= N || t0 >= T) return;  // uniform over the warp
+    const int n0 = (group * MP_WARPS + warp) * MP_ROWS;
+    const int t0 = tile * NT;
+    if (n0 >= N || t0 >= T) return;  // uniform over the warp
     const int nt = (T - t0) < NT ? (T - t0) : NT;
     const float* xp[NT];
+    int orow[NT];
 #pragma unroll
-    for (int t = 0; t < NT; ++t) xp[t] = x + (mp_i64)(t0 + (t < nt ? t : 0)) * ldx;
-    float acc[NT];
-#pragma unroll
-    for (int t = 0; t < NT; ++t) acc[t] = 0.0f;
-    mp_row_partial<QT, NT>(w + (mp_i64)n * row_bytes, kq, xp, lane, acc);
-    mp_warp_allreduce<NT>(acc);
-    if (lane == 0) {
-#pragma unroll
-        for (int t = 0; t < NT; ++t)
-            if (t < nt) out[(mp_i64)(t0 + t) * ldo + n] = acc[t];
+    for (int t = 0; t < NT; ++t) {
+        orow[t] = t0 + (t < nt ? t : 0);
+        xp[t] = x + (mp_i64)orow[t] * ldx;
     }
+    mp_warp_rows<QT, NT>(w, row_bytes, N, n0, kq, xp, orow, nt, lane, out, ldo);
 }
 
 // ---- grouped expert product ("mul_mat_id") ------------------------------------------------------
 // w: [E, N, row_bytes] (expert e's rows start at e * expert_bytes). The (token, slot) pairs
 // p = t * k + j are listed in `pairs`, sorted by expert: expert e owns
-// pairs[offsets[e] .. offsets[e+1]). Pair p reads activation row p / x_div (x_div = k: rows are
-// tokens; x_div = 1: rows are pairs) and writes out[p * ldo + n].
-// grid (ceil(N / MP_WARPS), E), block MP_THREADS. A block of an expert without pairs exits at
-// once; otherwise each warp streams its weight row once per tile of NT pairs (in practice once
-// from DRAM: later tiles hit the cache).
+// pairs[offsets[e] .. offsets[e+1]); `active` lists the experts that own pairs (then -1).
+// Pair p reads activation row p / x_div (x_div = k: rows are tokens; x_div = 1: rows are pairs)
+// and writes out[p * ldo + n].
+// grid (ceil(N / (MP_WARPS * MP_ROWS)), min(E, pairs)), block MP_THREADS: block y serves the y-th
+// active expert (no block is spent on experts without tokens); each warp streams its MP_ROWS weight
+// rows once per tile of NT pairs (in practice once from DRAM: later tiles hit the cache).
 
 template <int QT, int NT>
-MP_GLOBAL void qmm_experts(const mp_u8* __restrict__ w, mp_i64 row_bytes, mp_i64 expert_bytes,
+MP_MATMUL_GLOBAL void qmm_experts(const mp_u8* __restrict__ w, mp_i64 row_bytes, mp_i64 expert_bytes,
                            int N, int kq, const float* __restrict__ x, int ldx, int x_div,
                            const int* __restrict__ pairs, const int* __restrict__ offsets,
-                           float* __restrict__ out, int ldo) {
-    const int e = blockIdx.y;
+                           const int* __restrict__ active, float* __restrict__ out, int ldo) {
+    const int e = active[blockIdx.y];
+    if (e < 0) return;
     const int beg = offsets[e], end = offsets[e + 1];
-    if (beg >= end) return;  // expert without tokens
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int n = blockIdx.x * MP_WARPS + warp;
-    if (n >= N) return;  // uniform over the warp
-    const mp_u8* row = w + (mp_i64)e * expert_bytes + (mp_i64)n * row_bytes;
+    const int n0 = (blockIdx.x * MP_WARPS + warp) * MP_ROWS;
+    if (n0 >= N) return;  // uniform over the warp
+    const mp_u8* we = w + (mp_i64)e * expert_bytes;
     for (int p0 = beg; p0 < end; p0 += NT) {
         const int nt = (end - p0) < NT ? (end - p0) : NT;
         int pr[NT];
@@ -401,72 +543,126 @@ MP_GLOBAL void qmm_experts(const mp_u8* __restrict__ w, mp_i64 row_bytes, mp_i64
             pr[t] = pairs[p0 + (t < nt ? t : 0)];
             xp[t] = x + (mp_i64)(pr[t] / x_div) * ldx;
         }
-        float acc[NT];
-#pragma unroll
-        for (int t = 0; t < NT; ++t) acc[t] = 0.0f;
-        mp_row_partial<QT, NT>(row, kq, xp, lane, acc);
-        mp_warp_allreduce<NT>(acc);
-        if (lane == 0) {
-#pragma unroll
-            for (int t = 0; t < NT; ++t)
-                if (t < nt) out[(mp_i64)pr[t] * ldo + n] = acc[t];
-        }
+        mp_warp_rows<QT, NT>(we, row_bytes, N, n0, kq, xp, pr, nt, lane, out, ldo);
     }
 }
 
-// ---- expert offsets ------------------------------------------------------------------------------
-// sorted_ids[P] ascending; offsets[e] = first index i with sorted_ids[i] >= e, for e in 0..E
-// (offsets[E] = P when every id is < E). One thread per e; grid covers E + 1 threads.
-extern "C" MP_GLOBAL void expert_offsets(const int* __restrict__ sorted_ids, int P, int E, int* __restrict__ offsets) {
-    const int e = blockIdx.x * blockDim.x + threadIdx.x;
-    if (e > E) return;
-    int lo = 0, hi = P;
-    while (lo < hi) {
-        const int mid = lo + ((hi - lo) >> 1);
-        if (sorted_ids[mid] < e) lo = mid + 1;
-        else hi = mid;
+// ---- grouping of (token, slot) pairs by expert ------------------------------------------------------
+// One warp, a stable counting sort: ids[T, k] -> pairs (p = t * k + j sorted by (expert, p)),
+// offsets[E + 1], active[n_active] (experts owning pairs, ascending, then -1 up to n_act_len),
+// and order[T, k] (token t's slots in ascending expert-id order, ties by slot: the order of the
+// reference's `for e in unique(ids)` accumulation). Lane l owns experts l*per .. l*per + per - 1
+// (per = ceil(E / 32) <= MP_MAX_PER); exclusive prefix sums over lanes through one warp reduction
+// of one-hot vectors. Ids outside 0..E-1 are left out (the host validates them).
+
+#define MP_MAX_PER 16           // experts per lane: E <= 512
+
+extern "C" MP_GLOBAL void expert_group(const int* __restrict__ ids, int T, int k, int E,
+                                       int* __restrict__ pairs, int* __restrict__ offsets,
+                                       int* __restrict__ active, int n_act_len, int* __restrict__ order) {
+    const int lane = threadIdx.x & 31;
+    const int P = T * k, per = (E + 31) / 32, e_lo = lane * per;
+    int cnt[MP_MAX_PER];
+    for (int q = 0; q < MP_MAX_PER; ++q) cnt[q] = 0;
+    for (int p = 0; p < P; ++p) {
+        const int id = ids[p] - e_lo;
+        if (id >= 0 && id < per && id + e_lo < E) cnt[id] += 1;
     }
-    offsets[e] = lo;
+    int mine = 0, mine_active = 0;
+    for (int q = 0; q < per; ++q) {
+        mine += cnt[q];
+        mine_active += cnt[q] > 0;
+    }
+    float pre[64];  // pre[j] (j < 32): pairs of lanes < j; pre[32 + j]: active experts of lanes < j
+    for (int j = 0; j < 32; ++j) {
+        pre[j] = j > lane ? (float)mine : 0.0f;
+        pre[32 + j] = j > lane ? (float)mine_active : 0.0f;
+    }
+    mp_warp_allreduce<64>(pre);
+    int pos = (int)pre[lane], act = (int)pre[32 + lane];
+    const int n_active = (int)mp_warp_sum1((float)mine_active);
+    for (int q = 0; q < per; ++q) {
+        const int e = e_lo + q;
+        if (e >= E) break;
+        offsets[e] = pos;
+        if (cnt[q] > 0) active[act++] = e;
+        const int c = cnt[q];
+        cnt[q] = pos;  // now the next free position of expert e
+        pos += c;
+    }
+    if (lane == 31) offsets[E] = pos;  // every pair of an id in 0..E-1
+    for (int i = n_active + lane; i < n_act_len; i += 32) active[i] = -1;
+    for (int p = 0; p < P; ++p) {
+        const int id = ids[p] - e_lo;
+        if (id >= 0 && id < per && id + e_lo < E) pairs[cnt[id]++] = p;
+    }
+    for (int t = lane; t < T; t += 32) {
+        const int* it = ids + (mp_i64)t * k;
+        int* ot = order + (mp_i64)t * k;
+        for (int j = 0; j < k; ++j) {  // rank of slot j: slots with a smaller id, or the same id earlier
+            int rank = 0;
+            for (int q = 0; q < k; ++q) rank += (it[q] < it[j]) || (it[q] == it[j] && q < j);
+            ot[rank] = j;
+        }
+    }
 }
 
 // ---- router top-k ----------------------------------------------------------------------------------
-// probs[T, E] -> ids[T, k] (descending probability, ties to the lower id, NaN last as in NumPy's
-// argsort of -probs) and weights[T, k] = top / sum(top) (sum in slot order, float32).
-// One thread per token.
+// probs[T, E] -> ids[T, k] (descending probability, ties to the lower id, NaN after every number
+// as in NumPy's stable argsort of -probs) and weights[T, k] = top / sum(top) (sum in slot order).
+// One warp per token (block MP_THREADS: MP_WARPS tokens); lane l holds experts l, l + 32, ...
+// Each round: the warp's largest untaken non-NaN value (or, when only NaN are left, NaN), then
+// the lowest id holding it.
+
 extern "C" MP_GLOBAL void router_topk(const float* __restrict__ probs, int T, int E, int k,
-                           int* __restrict__ ids, float* __restrict__ weights) {
-    const int t = blockIdx.x * blockDim.x + threadIdx.x;
-    if (t >= T) return;
+                                      int* __restrict__ ids, float* __restrict__ weights) {
+    const int t = blockIdx.x * MP_WARPS + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+    if (t >= T) return;  // uniform over the warp
     const float* p = probs + (mp_i64)t * E;
     int* id = ids + (mp_i64)t * k;
     float* wt = weights + (mp_i64)t * k;
+    unsigned long long taken = 0ull;  // bit q: expert lane + 32 q is chosen (E <= 2048)
+    const float NEG_INF = mp_bits_to_float(0xFF800000u);
     float sum = 0.0f;
     for (int r = 0; r < k; ++r) {
-        int best = -1;
-        float bv = 0.0f;
-        for (int e = 0; e < E; ++e) {
-            bool taken = false;
-            for (int q = 0; q < r; ++q) taken = taken || (id[q] == e);
-            if (taken) continue;
+        // best untaken value of this lane: numbers first, then NaN; lowest id among equals
+        float best = NEG_INF;
+        int best_e = -1, nan_e = -1;
+        for (int e = lane, q = 0; e < E; e += 32, ++q) {
+            if ((taken >> q) & 1ull) continue;
             const float v = p[e];
-            const bool v_nan = !(v == v), b_nan = !(bv == bv);
-            // strictly greater keeps the lower id on ties; NaN loses to any number
-            if (best < 0 || (!v_nan && (b_nan || v > bv))) {
-                best = e;
-                bv = v;
+            if (!(v == v)) {
+                if (nan_e < 0) nan_e = e;
+            } else if (best_e < 0 || v > best) {
+                best = v;
+                best_e = e;
             }
         }
-        id[r] = best;
-        wt[r] = bv;
-        sum = mp_fadd(sum, bv);
+        const float has_num = mp_warp_sum1(best_e >= 0 ? 1.0f : 0.0f);
+        int win;
+        if (has_num > 0.0f) {
+            const float m = mp_warp_max1(best_e >= 0 ? best : NEG_INF);
+            const bool mine = best_e >= 0 && best == m;
+            win = (int)(-mp_warp_max1(mine ? -(float)best_e : NEG_INF));
+        } else {
+            win = (int)(-mp_warp_max1(nan_e >= 0 ? -(float)nan_e : NEG_INF));
+        }
+        if ((win & 31) == lane) taken |= 1ull << (win >> 5);
+        const float v = p[win];
+        if (lane == 0) {
+            id[r] = win;
+            wt[r] = v;
+        }
+        sum = mp_fadd(sum, v);
     }
-    for (int r = 0; r < k; ++r) wt[r] = wt[r] / sum;
+    if (lane == 0)
+        for (int r = 0; r < k; ++r) wt[r] = wt[r] / sum;
 }
 
 // ---- weighted combination of the experts' outputs --------------------------------------------------
-// out[t, n] = sum over slots j, taken in ascending expert-id order (order[t, :] = slots sorted by
-// id), of w[t, j] * y[t, j, n]; product and sum rounded separately (no FMA), as the reference
-// accumulates `out[tok] += w * y` expert by expert in float32.
+// out[t, n] = sum over slots j, taken in ascending expert-id order (order[t, :], from
+// expert_group), of w[t, j] * y[t, j, n]; product and sum rounded separately (no FMA), as the
+// reference accumulates `out[tok] += w * y` expert by expert in float32.
 extern "C" MP_GLOBAL void moe_combine(const float* __restrict__ y, const float* __restrict__ w,
                            const int* __restrict__ order, int T, int k, int N, float* __restrict__ out) {
     const mp_i64 total = (mp_i64)T * N;
@@ -479,6 +675,90 @@ extern "C" MP_GLOBAL void moe_combine(const float* __restrict__ y, const float* 
         }
         out[i] = acc;
     }
+}
+
+// ---- fused row operations (one warp per row; block MP_THREADS) -------------------------------------
+// The reference's formulas, operation for operation; only the order of the row sums differs.
+
+// RMSNorm: out = x / sqrt(mean(x * x) + eps) * weight[i % n]
+extern "C" MP_GLOBAL void rms_norm(const float* __restrict__ x, int rows, int n, const float* __restrict__ weight,
+                                   float eps, float* __restrict__ out) {
+    const int row = blockIdx.x * MP_WARPS + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+    if (row >= rows) return;
+    const float* xr = x + (mp_i64)row * n;
+    float* o = out + (mp_i64)row * n;
+    float part[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};  // 8 independent loads in flight
+    int i = lane;
+    for (; i + 7 * 32 < n; i += 8 * 32) {
+#pragma unroll
+        for (int j = 0; j < 8; ++j) part[j] = mp_fadd(part[j], mp_fmul(xr[i + 32 * j], xr[i + 32 * j]));
+    }
+    for (; i < n; i += 32) part[0] = mp_fadd(part[0], mp_fmul(xr[i], xr[i]));
+    float ss = 0.0f;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) ss = mp_fadd(ss, part[j]);
+    ss = mp_warp_sum1(ss);
+    const float s = sqrtf(mp_fadd(ss / (float)n, eps));
+#pragma unroll 8
+    for (int k = lane; k < n; k += 32) o[k] = mp_fmul(xr[k] / s, weight[k]);
+}
+
+// softmax over each row of n; causal > 0: row r belongs to query position r / causal and its
+// columns beyond that position are masked (probability 0), the reference's where(mask, x, -inf).
+extern "C" MP_GLOBAL void softmax_rows(const float* __restrict__ x, int rows, int n, int causal, float* __restrict__ out) {
+    const int row = blockIdx.x * MP_WARPS + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+    if (row >= rows) return;
+    const float* xr = x + (mp_i64)row * n;
+    float* o = out + (mp_i64)row * n;
+    const int valid = causal > 0 ? row / causal + 1 : n;
+    const float NEG_INF = mp_bits_to_float(0xFF800000u);
+    float m = NEG_INF, any_nan = 0.0f;
+    for (int i = lane; i < valid; i += 32) {
+        const float v = xr[i];
+        if (v == v) m = fmaxf(m, v);
+        else any_nan = 1.0f;
+    }
+    m = mp_warp_max1(m);
+    if (mp_warp_max1(any_nan) > 0.0f) m = mp_bits_to_float(0x7FC00000u);  // NumPy's max propagates NaN
+    float sum = 0.0f;
+    for (int i = lane; i < valid; i += 32) sum = mp_fadd(sum, expf(mp_fsub(xr[i], m)));
+    sum = mp_warp_sum1(sum);
+    // masked columns: 0 / sum, so a row whose sum is NaN is NaN throughout, as NumPy's exp(-inf - m) / sum
+    for (int i = lane; i < n; i += 32) o[i] = (i < valid ? expf(mp_fsub(xr[i], m)) : 0.0f) / sum;
+}
+
+// ---- elementwise ----------------------------------------------------------------------------------------
+
+// NEOX RoPE on x[T, heads, hd] with cos/sin[T, hd/2]: first half x1*cos - x2*sin, second x2*cos + x1*sin
+extern "C" MP_GLOBAL void rope_neox(const float* __restrict__ x, int T, int heads, int hd,
+                                    const float* __restrict__ cosv, const float* __restrict__ sinv,
+                                    float* __restrict__ out) {
+    const mp_i64 total = (mp_i64)T * heads * hd;
+    const int half = hd / 2;
+    for (mp_i64 i = (mp_i64)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += (mp_i64)gridDim.x * blockDim.x) {
+        const int j = (int)(i % hd), t = (int)(i / ((mp_i64)heads * hd));
+        const mp_i64 base = i - j;
+        const int f = j < half ? j : j - half;
+        const float c = cosv[(mp_i64)t * half + f], s = sinv[(mp_i64)t * half + f];
+        const float x1 = x[base + f], x2 = x[base + half + f];
+        out[i] = j < half ? mp_fsub(mp_fmul(x1, c), mp_fmul(x2, s)) : mp_fadd(mp_fmul(x2, c), mp_fmul(x1, s));
+    }
+}
+
+// SwiGLU: out = g / (1 + exp(-g)) * u
+extern "C" MP_GLOBAL void swiglu(const float* __restrict__ g, const float* __restrict__ u, mp_i64 n,
+                                 float* __restrict__ out) {
+    for (mp_i64 i = (mp_i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (mp_i64)gridDim.x * blockDim.x) {
+        const float v = g[i];
+        out[i] = mp_fmul(v / mp_fadd(1.0f, expf(-v)), u[i]);
+    }
+}
+
+// residual add: out = a + b
+extern "C" MP_GLOBAL void add_f32(const float* __restrict__ a, const float* __restrict__ b, mp_i64 n,
+                                  float* __restrict__ out) {
+    for (mp_i64 i = (mp_i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (mp_i64)gridDim.x * blockDim.x)
+        out[i] = mp_fadd(a[i], b[i]);
 }
 
 // ---- bfloat16 rounding (activations stored as float32 holding bf16 values) ---------------------------

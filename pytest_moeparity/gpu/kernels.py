@@ -36,18 +36,31 @@ KERNELS_CU = Path(__file__).with_name("kernels.cu")
 KERNEL_QTYPES: dict[Q, int] = {
     Q.F32: 0, Q.F16: 1, Q.Q4_0: 2, Q.Q8_0: 8, Q.Q4_K: 12, Q.Q5_K: 13, Q.Q6_K: 14, Q.BF16: 30,
 }
-WARPS = 4                 # MP_WARPS in kernels.cu: weight rows per block
-THREADS = WARPS * 32      # block size of the matmul kernels
+WARPS = 4                 # MP_WARPS in kernels.cu: warps per block of the matmul and row kernels
+ROWS = 2                  # MP_ROWS in kernels.cu: weight rows per warp
+THREADS = WARPS * 32      # block size of the matmul and row kernels
 TILE_TOKENS = 8           # activation rows per warp in the batched kernels (NT)
+MAX_EXPERTS = 512         # expert_group: 32 lanes x MP_MAX_PER experts
+MAX_ROUTER_EXPERTS = 2048  # router_topk: a 64-bit taken-mask per lane
 ELEMENTWISE_THREADS = 256
 MAX_ELEMENTWISE_BLOCKS = 8192
+
+# kernels whose lanes meet at warp reductions (the emulator runs their lanes as coroutines)
+WARP_KERNELS = ("qmm_dense", "qmm_experts", "expert_group", "router_topk", "rms_norm", "softmax_rows")
 
 NAME_EXPRESSIONS: tuple[str, ...] = tuple(
     [f"qmm_dense<{q},{nt}>" for q in sorted(KERNEL_QTYPES.values()) for nt in (1, TILE_TOKENS)]
     + [f"qmm_experts<{q},{nt}>" for q in sorted(KERNEL_QTYPES.values()) for nt in (1, TILE_TOKENS)]
-    + ["expert_offsets", "router_topk", "moe_combine", "round_bf16"])
+    + ["expert_group", "router_topk", "moe_combine", "round_bf16", "rms_norm", "softmax_rows", "rope_neox",
+       "swiglu", "add_f32"])
 
 COMPILE_OPTIONS = ("-std=c++17",)
+# extra NVRTC options for kernel tuning runs, e.g. MOEPARITY_NVRTC_OPTIONS="-DMP_MIN_BLOCKS=8"
+NVRTC_OPTIONS_ENV = "MOEPARITY_NVRTC_OPTIONS"
+
+
+def compile_options() -> tuple[str, ...]:
+    return COMPILE_OPTIONS + tuple(os.environ.get(NVRTC_OPTIONS_ENV, "").split())
 
 
 class KernelError(RuntimeError):
@@ -80,7 +93,7 @@ class Param:
 
 
 _CTYPES = {"mp_u8": np.uint8, "float": np.float32, "int": np.int32, "mp_i64": np.int64}
-_SIG_RE = re.compile(r"MP_GLOBAL\s+void\s+(\w+)\s*\(([^)]*)\)", re.S)
+_SIG_RE = re.compile(r"MP_(?:MATMUL_)?GLOBAL\s+void\s+(\w+)\s*\(([^)]*)\)", re.S)
 
 
 def _parse_param(text: str) -> Param:
@@ -180,7 +193,7 @@ class CupyBackend(Backend):
         self.cupy = cupy
         self.xp = cupy
         self.oom_errors = (cupy.cuda.memory.OutOfMemoryError,)
-        self.module = cupy.RawModule(code=kernel_source(), options=COMPILE_OPTIONS,
+        self.module = cupy.RawModule(code=kernel_source(), options=compile_options(),
                                      name_expressions=list(NAME_EXPRESSIONS))
         try:
             self.module.compile()
@@ -348,7 +361,7 @@ def qmatmul(x, wt: DeviceTensor, out=None, *, as_qtype: Q | None = None, backend
         return out
     _, code, kq = _kernel_type(wt, as_qtype)
     nt = 1 if T == 1 else TILE_TOKENS
-    grid = (_cdiv(N, WARPS), _cdiv(T, nt), 1)
+    grid = (_cdiv(N, WARPS * ROWS) * _cdiv(T, nt), 1, 1)  # token tile fastest: shared rows run together
     be.launch(f"qmm_dense<{code},{nt}>", grid, (THREADS, 1, 1),
               (wt.raw, np.int64(wt.row_bytes), np.int32(N), np.int32(kq), x, np.int32(K), np.int32(T),
                out, np.int32(N)))
@@ -361,12 +374,15 @@ class ExpertRouting:
     """(token, slot) pairs grouped by expert, built on the device without a host synchronisation.
 
     ``pairs`` int32 ``[T*k]``: pair ids ``p = t*k + j`` sorted by (expert, p); expert ``e`` owns
-    ``pairs[offsets[e]:offsets[e+1]]``.
+    ``pairs[offsets[e]:offsets[e+1]]``; ``active`` int32 ``[min(E, T*k)]`` the experts owning pairs,
+    ascending, then -1; ``order`` int32 ``[T, k]`` each token's slots in ascending expert-id order.
     """
 
     ids: Any       # int32 [T, k]
     pairs: Any     # int32 [T*k]
     offsets: Any   # int32 [E+1]
+    active: Any    # int32 [min(E, T*k)]
+    order: Any     # int32 [T, k]
     n_experts: int
 
     @property
@@ -379,23 +395,25 @@ class ExpertRouting:
 
 
 def expert_routing(ids, n_experts: int, *, backend: Backend | None = None) -> ExpertRouting:
+    """Group the (token, slot) pairs of ``ids`` int32 ``[T, k]`` by expert: one warp, a stable
+    counting sort (kernel ``expert_group``). Ids must lie in ``0..n_experts-1``."""
     be = _backend(backend)
     xp = be.xp
     if not be.is_array(ids) or ids.ndim != 2:
         raise KernelError(f"expert ids must be a 2-D [T, k] device array, got {getattr(ids, 'shape', type(ids))}")
+    if not 0 < n_experts <= MAX_EXPERTS:
+        raise KernelError(f"expert_routing: {n_experts} experts; the grouping kernel handles 1..{MAX_EXPERTS}")
     ids = xp.ascontiguousarray(ids.astype(np.int32, copy=False))
-    P = int(ids.size)
-    flat = ids.reshape(-1).astype(np.int64)
-    # unique keys (expert, pair): the order is fully determined, whatever the sort's stability
-    keys = flat * np.int64(max(P, 1)) + xp.arange(P, dtype=np.int64)
-    order = xp.argsort(keys)
-    pairs = xp.ascontiguousarray(order.astype(np.int32))
-    sorted_ids = xp.ascontiguousarray(flat[order].astype(np.int32))
+    T, k = (int(s) for s in ids.shape)
+    P = T * k
+    pairs = xp.empty((P,), dtype=np.int32)
     offsets = xp.empty((n_experts + 1,), dtype=np.int32)
-    blocks = _cdiv(n_experts + 1, ELEMENTWISE_THREADS)
-    be.launch("expert_offsets", (blocks, 1, 1), (ELEMENTWISE_THREADS, 1, 1),
-              (sorted_ids, np.int32(P), np.int32(n_experts), offsets))
-    return ExpertRouting(ids, pairs, offsets, int(n_experts))
+    n_act = max(1, min(n_experts, P))
+    active = xp.empty((n_act,), dtype=np.int32)
+    order = xp.empty((T, k), dtype=np.int32)
+    be.launch("expert_group", (1, 1, 1), (32, 1, 1),
+              (ids, np.int32(T), np.int32(k), np.int32(n_experts), pairs, offsets, active, np.int32(n_act), order))
+    return ExpertRouting(ids, pairs, offsets, active, order, int(n_experts))
 
 
 def qmatmul_experts(x, wt3: DeviceTensor, routing, out=None, *, x_per_pair: bool = False,
@@ -440,10 +458,10 @@ def qmatmul_experts(x, wt3: DeviceTensor, routing, out=None, *, x_per_pair: bool
         raise KernelError(f"{wt3.name}: raw bytes must be a C-contiguous [E, N, row_bytes] array, got {raw.shape}")
     _, code, kq = _kernel_type(wt3, as_qtype)
     nt = 1 if T == 1 else TILE_TOKENS
-    grid = (_cdiv(N, WARPS), E, 1)
+    grid = (_cdiv(N, WARPS * ROWS), int(routing.active.shape[0]), 1)  # y: the active experts only
     be.launch(f"qmm_experts<{code},{nt}>", grid, (THREADS, 1, 1),
               (raw, np.int64(wt3.row_bytes), np.int64(N * wt3.row_bytes), np.int32(N), np.int32(kq),
-               x, np.int32(K), np.int32(x_div), routing.pairs, routing.offsets, out, np.int32(N)))
+               x, np.int32(K), np.int32(x_div), routing.pairs, routing.offsets, routing.active, out, np.int32(N)))
     return out
 
 
@@ -457,10 +475,12 @@ def router_topk(probs, k: int, *, backend: Backend | None = None):
     T, E = (int(s) for s in probs.shape)
     if not 0 < k <= E:
         raise KernelError(f"router_topk: k={k} must lie in 1..{E}")
+    if E > MAX_ROUTER_EXPERTS:
+        raise KernelError(f"router_topk: {E} experts; the kernel handles up to {MAX_ROUTER_EXPERTS}")
     ids = xp.empty((T, k), dtype=np.int32)
     weights = xp.empty((T, k), dtype=np.float32)
     if T:
-        be.launch("router_topk", (_cdiv(T, 128), 1, 1), (128, 1, 1),
+        be.launch("router_topk", (_cdiv(T, WARPS), 1, 1), (THREADS, 1, 1),
                   (probs, np.int32(T), np.int32(E), np.int32(k), ids, weights))
     return ids, weights
 
@@ -469,19 +489,26 @@ def _elementwise_grid(n: int) -> tuple[int, int, int]:
     return (max(1, min(_cdiv(n, ELEMENTWISE_THREADS), MAX_ELEMENTWISE_BLOCKS)), 1, 1)
 
 
-def moe_combine(y, weights, ids, *, backend: Backend | None = None):
+def moe_combine(y, weights, routing, *, backend: Backend | None = None):
     """``out[t] = sum_j weights[t, j] * y[t, j]`` over slots in ascending expert-id order (the
-    reference's accumulation order), products and sums rounded separately. y float32 ``[T, k, N]``."""
+    reference's accumulation order), products and sums rounded separately. y float32 ``[T, k, N]``;
+    ``routing`` an :class:`ExpertRouting` of the same ids (or the int32 ids ``[T, k]``, grouped here)."""
     be = _backend(backend)
     xp = be.xp
     T, k, N = (int(s) for s in y.shape)
-    if tuple(weights.shape) != (T, k) or tuple(ids.shape) != (T, k):
-        raise KernelError(f"moe_combine: weights {weights.shape} / ids {ids.shape} do not fit y {y.shape}")
-    order = xp.ascontiguousarray(xp.argsort(ids, axis=1).astype(np.int32))
+    if not isinstance(routing, ExpertRouting):
+        ids = routing
+        if tuple(ids.shape) != (T, k):
+            raise KernelError(f"moe_combine: ids {ids.shape} do not fit y {y.shape}")
+        n_exp = int(be.asnumpy(ids).max()) + 1 if T * k else 1
+        routing = expert_routing(ids, n_exp, backend=be)
+    if tuple(weights.shape) != (T, k) or (routing.n_tokens, routing.k) != (T, k):
+        raise KernelError(f"moe_combine: weights {weights.shape} / routing {(routing.n_tokens, routing.k)} "
+                          f"do not fit y {y.shape}")
     out = xp.empty((T, N), dtype=np.float32)
     if T * N:
         be.launch("moe_combine", _elementwise_grid(T * N), (ELEMENTWISE_THREADS, 1, 1),
-                  (xp.ascontiguousarray(y), xp.ascontiguousarray(weights), order,
+                  (xp.ascontiguousarray(y), xp.ascontiguousarray(weights), routing.order,
                    np.int32(T), np.int32(k), np.int32(N), out))
     return out
 
@@ -495,3 +522,74 @@ def round_bf16_(x, *, backend: Backend | None = None):
     if n:
         be.launch("round_bf16", _elementwise_grid(n), (ELEMENTWISE_THREADS, 1, 1), (x, np.int64(n)))
     return x
+
+
+# ---- fused row and elementwise operations ----------------------------------------------------------------
+def _f32c(name: str, x, be: Backend):
+    if not be.is_array(x) or x.dtype != np.float32:
+        raise KernelError(f"{name}: needs a float32 device array, got {type(x).__name__} {getattr(x, 'dtype', '')}")
+    return be.xp.ascontiguousarray(x)
+
+
+def rms_norm(x, weight, eps: float, *, backend: Backend | None = None):
+    """``x / sqrt(mean(x * x, -1) + eps) * weight`` over the last axis (one warp per row)."""
+    be = _backend(backend)
+    x, weight = _f32c("rms_norm: x", x, be), _f32c("rms_norm: weight", weight, be)
+    n = int(x.shape[-1])
+    if tuple(weight.shape) != (n,):
+        raise KernelError(f"rms_norm: weight shape {weight.shape}, expected ({n},)")
+    out = be.xp.empty(x.shape, dtype=np.float32)
+    rows = int(x.size) // max(n, 1)
+    if rows and n:
+        be.launch("rms_norm", (_cdiv(rows, WARPS), 1, 1), (THREADS, 1, 1),
+                  (x, np.int32(rows), np.int32(n), weight, np.float32(eps), out))
+    return out
+
+
+def softmax(x, *, causal_period: int = 0, backend: Backend | None = None):
+    """Softmax over the last axis (one warp per row). ``causal_period`` > 0: row r is query position
+    ``r // causal_period`` and the columns after it are masked (probability 0)."""
+    be = _backend(backend)
+    x = _f32c("softmax: x", x, be)
+    n = int(x.shape[-1])
+    out = be.xp.empty(x.shape, dtype=np.float32)
+    rows = int(x.size) // max(n, 1)
+    if rows and n:
+        be.launch("softmax_rows", (_cdiv(rows, WARPS), 1, 1), (THREADS, 1, 1),
+                  (x, np.int32(rows), np.int32(n), np.int32(causal_period), out))
+    return out
+
+
+def rope_neox(x, cos, sin, *, backend: Backend | None = None):
+    """NEOX RoPE of ``x`` float32 ``[T, heads, hd]`` with ``cos``/``sin`` ``[T, hd/2]`` (any shape of that size)."""
+    be = _backend(backend)
+    x, cos, sin = (_f32c(f"rope_neox: {n}", a, be) for n, a in (("x", x), ("cos", cos), ("sin", sin)))
+    T, heads, hd = (int(s) for s in x.shape)
+    if hd % 2 or int(cos.size) != T * (hd // 2) or int(sin.size) != T * (hd // 2):
+        raise KernelError(f"rope_neox: x {x.shape} with cos {cos.shape} / sin {sin.shape}")
+    out = be.xp.empty(x.shape, dtype=np.float32)
+    if x.size:
+        be.launch("rope_neox", _elementwise_grid(int(x.size)), (ELEMENTWISE_THREADS, 1, 1),
+                  (x, np.int32(T), np.int32(heads), np.int32(hd), cos, sin, out))
+    return out
+
+
+def _binary(kernel: str, a, b, be: Backend):
+    a, b = _f32c(f"{kernel}: a", a, be), _f32c(f"{kernel}: b", b, be)
+    if tuple(a.shape) != tuple(b.shape):
+        raise KernelError(f"{kernel}: shapes {a.shape} and {b.shape} differ")
+    out = be.xp.empty(a.shape, dtype=np.float32)
+    if a.size:
+        be.launch(kernel, _elementwise_grid(int(a.size)), (ELEMENTWISE_THREADS, 1, 1),
+                  (a, b, np.int64(a.size), out))
+    return out
+
+
+def swiglu(g, u, *, backend: Backend | None = None):
+    """``g / (1 + exp(-g)) * u`` elementwise."""
+    return _binary("swiglu", g, u, _backend(backend))
+
+
+def add(a, b, *, backend: Backend | None = None):
+    """``a + b`` elementwise (float32, same shapes)."""
+    return _binary("add_f32", a, b, _backend(backend))
