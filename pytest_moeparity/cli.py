@@ -3,7 +3,9 @@
 Every error is one line on stderr and a non-zero exit (2 for bad input, 1 for a failed check).
 ``check`` takes the bisection switches ``--isolated``, ``--forced-routing``, ``--no-drilldown``
 and ``--inject SPEC`` (faults planted in the candidate; see pytest_moeparity.bisect);
-``diff`` compares safetensors traces and aprender dump directories in any combination.
+``diff`` compares safetensors traces and aprender dump directories in any combination: only
+the stages both sides hold, at the layers both hold (a note names what was left out; a saved
+trace cannot be asked for more, so that is no Missing), within ``--stages``/``--layers``.
 With ``--json PATH`` a heatmap PNG is written next to it (``--png PATH`` to choose; needs matplotlib).
 """
 from __future__ import annotations
@@ -157,8 +159,10 @@ def _load_trace_or_dump(path: str):
 def cmd_diff(args) -> int:
     from .aprender import read_dump, stage_sizes
     from .bisect import slice_positions
+    from .plan import SavePlan
     from .report import compare_traces
 
+    plan = SavePlan.parse(args.stages, args.layers)  # bad --stages/--layers: exit 2 before reading anything
     ref, ref_dump = _load_trace_or_dump(args.reference)
     cand, cand_dump = _load_trace_or_dump(args.candidate)
     tokens = _int_list(args.tokens, "--tokens") if args.tokens is not None else None
@@ -197,7 +201,67 @@ def cmd_diff(args) -> int:
         if unknown:
             print(f"note: {side.meta.get('source')}: stage names outside the contract (not compared): "
                   + ", ".join(unknown))
+    ref, cand = _narrow_for_diff(ref, cand, plan)
     return _emit(compare_traces(ref, cand, _thresholds(args)), args)
+
+
+def _keep_planned(trace, plan):
+    """The keys of ``trace`` that ``plan`` (--stages/--layers) wants; keys outside the contract
+    stay (the comparison lists them as ignored)."""
+    from .contract import parse_key, stage_contract
+    from .trace import Trace
+
+    names = stage_contract().by_name
+    out = {}
+    for key, val in trace.tensors.items():
+        try:
+            stage, layer, _ = parse_key(key)
+        except ValueError:
+            stage, layer = None, None
+        if stage not in names or plan.wants(stage, layer):
+            out[key] = val
+    return Trace(out, dict(trace.meta))
+
+
+def _drop_unrouted_experts(full, other):
+    """Per-expert keys of ``full`` (cut to the other side's position) that the other side lacks
+    and whose expert ``full``'s router did not choose at the kept position(s)."""
+    import numpy as np
+
+    from .contract import S, parse_key, trace_key
+    from .trace import Trace
+
+    out = dict(full.tensors)
+    for key in [k for k in out if k not in other]:
+        try:
+            stage, layer, expert = parse_key(key)
+        except ValueError:
+            continue
+        idx = trace_key(S.moe_router_indices, layer) if layer is not None else None
+        if expert is not None and idx in out and expert not in set(np.asarray(out[idx]).ravel().tolist()):
+            del out[key]
+    return Trace(out, dict(full.meta))
+
+
+def _narrow_for_diff(ref, cand, plan):
+    """Both sides are saved: neither can be asked for more. Compare the stages both hold, at the
+    layers both hold (a stage one side holds at a layer the other lacks is still Missing), within
+    --stages/--layers; one note line per side for what it holds that was not compared."""
+    from .trace import narrow_note, narrow_to
+
+    ref, cand = _keep_planned(ref, plan), _keep_planned(cand, plan)
+    if ref.meta.get("format") == "aprender" and cand.meta.get("format") != "aprender":
+        cand = _drop_unrouted_experts(cand, ref)
+    elif cand.meta.get("format") == "aprender" and ref.meta.get("format") != "aprender":
+        ref = _drop_unrouted_experts(ref, cand)
+    ref_cut, r_stages, r_layers = narrow_to(ref, cand)
+    cand_cut, c_stages, c_layers = narrow_to(cand, ref)
+    for side, other, stages, layers in (("reference", "candidate", r_stages, r_layers),
+                                        ("candidate", "reference", c_stages, c_layers)):
+        note = narrow_note(side, other, stages, layers)
+        if note:
+            print(f"note: {note}")
+    return ref_cut, cand_cut
 
 
 def cmd_backends(args) -> int:
@@ -282,6 +346,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the token position a dump holds (default: the last position of the other trace)")
     p.add_argument("--tokens", default=None,
                    help="the prompt of a dump (it holds the last position); checked against the other trace")
+    p.add_argument("--stages", default="all",
+                   help="compare only these stages: 'all' or a comma list of stages/aliases (default all)")
+    p.add_argument("--layers", default="all",
+                   help="compare only these layers: 'all', N, START..END (END exclusive) or a list (default all)")
     _add_threshold_args(p)
     p.set_defaults(fn=cmd_diff)
 

@@ -4,8 +4,9 @@ Plain module (no pytest). Each cell is coloured by its verdict (Match green, Div
 NanGpu red, NanCpu purple, NanBoth dark red, Missing grey) and shaded by a metric:
 ``cosine`` (default) shades by -log10(1 - cosine), the number of matching digits (deeper green =
 closer; deeper orange = further off), ``rel_l2`` by -log10(relative L2 error). The number is
-written in the cell. Cells downstream of the first divergence are hatched; the first
-divergence is outlined in black.
+written in the cell; a Diverge cell that only rel_l2 failed (a scale error, cosine 1.0) is
+labelled ``rl2=X`` with its relative L2 error instead, and shaded by it (:func:`cell_label`).
+Cells downstream of the first divergence are hatched; the first divergence is outlined in black.
 
 matplotlib is optional (``pip install 'pytest-moeparity[plot]'``): without it
 :func:`write_heatmap` returns None and callers print :data:`MISSING_MATPLOTLIB` once.
@@ -130,6 +131,28 @@ def _shade(verdict: str, score: float | None) -> tuple[float, float, float]:
     return tuple(1.0 - t * (1.0 - b) for b in base)
 
 
+def rel_l2_only(cell: dict) -> bool:
+    """True for a Diverge cell that only rel_l2 failed (cosine passed): a scale error, where the
+    cosine number (``9+``) would hide what is wrong."""
+    m = cell.get("metrics") or {}
+    return (cell.get("verdict") == "Diverge" and m.get("kind") != "index" and bool(m.get("rel_l2_exceeded"))
+            and not m.get("cosine_below") and _num(m.get("rel_l2")) is not None)
+
+
+def _fmt_rel(rel: float) -> str:
+    if math.isinf(rel) or math.isnan(rel):
+        return str(rel)
+    return f"{rel:.1f}" if 0.1 <= rel < 100 else f"{rel:.1g}"
+
+
+def cell_label(cell: dict, metric: str = "cosine") -> str:
+    """The text written in a cell: ``nan``, ``–`` (Missing), ``tie``, the matching digits of
+    ``metric`` (``9+`` = exact), or ``rl2=X`` where rel_l2 is what failed and cosine is shown."""
+    if metric == "cosine" and rel_l2_only(cell):
+        return "rl2=" + _fmt_rel(_num((cell.get("metrics") or {}).get("rel_l2")))
+    return _label(cell, cell_score(cell, metric))
+
+
 def _label(cell: dict, score: float | None) -> str:
     v = cell.get("verdict")
     if v in ("NanGpu", "NanCpu", "NanBoth"):
@@ -166,11 +189,12 @@ def render_figure(report, metric: str = "cosine", title: str | None = None):
             c = cells.get((r, s))
             if c is None:
                 continue
-            score = cell_score(c, metric)
+            # a cell only rel_l2 failed is shaded (and labelled) by rel_l2 even on the cosine map
+            score = cell_score(c, "rel_l2" if rel_l2_only(c) else metric)
             ax.add_patch(Rectangle((j, i), 1, 1, facecolor=_shade(c["verdict"], score), edgecolor="white",
                                    linewidth=0.5, hatch="///" if c.get("downstream") else None))
             if annotate:
-                ax.text(j + 0.5, i + 0.5, _label(c, score), ha="center", va="center", fontsize=6,
+                ax.text(j + 0.5, i + 0.5, cell_label(c, metric), ha="center", va="center", fontsize=6,
                         color="black" if c["verdict"] in ("Match", "Diverge", "Missing") else "white")
     if fd is not None:
         row = row_of(fd)[2]

@@ -121,3 +121,90 @@ class Recorder:
             meta.setdefault("faults", ";".join(str(f) for f in self.faults))
         return Trace(tensors=dict(self.tensors), meta=meta)
 
+
+
+# ---- comparing against a saved trace --------------------------------------------------------
+def held(trace: Trace) -> tuple[set[str], set[int]]:
+    """The contract stages a trace holds, and the layers it holds any layer stage at."""
+    from .contract import parse_key
+
+    contract = stage_contract()
+    stages: set[str] = set()
+    layers: set[int] = set()
+    for key in trace.keys():
+        try:
+            stage, layer, _ = parse_key(key)
+        except ValueError:
+            continue
+        if stage not in contract.by_name:
+            continue
+        stages.add(stage)
+        if layer is not None:
+            layers.add(int(layer))
+    return stages, layers
+
+
+def narrow_to(trace: Trace, other: Trace) -> tuple[Trace, list[str], list[int]]:
+    """``trace`` cut to the stages ``other`` holds, at the layers ``other`` holds (whole-model
+    stages have no layer). Returns (the cut trace, the stages and the layers that were left out).
+
+    For a saved trace or dump (which cannot be asked for more): what it does not hold is not a
+    capture gap, so it is not compared at all instead of showing as Missing. Within the kept
+    stages and layers a key that one side lacks still shows as Missing. Keys outside the stage
+    contract are kept (the comparison lists them as ignored)."""
+    from .contract import parse_key
+
+    contract = stage_contract()
+    stages, layers = held(other)
+    out: dict[str, np.ndarray] = {}
+    gone_stages: set[str] = set()
+    gone_layers: set[int] = set()
+    for key, val in trace.tensors.items():
+        try:
+            stage, layer, _ = parse_key(key)
+        except ValueError:
+            out[key] = val
+            continue
+        if stage not in contract.by_name:
+            out[key] = val
+            continue
+        if stage not in stages:
+            gone_stages.add(stage)
+        elif layer is not None and int(layer) not in layers:
+            gone_layers.add(int(layer))
+        else:
+            out[key] = val
+    order = contract.names
+    return (Trace(out, dict(trace.meta)), [s for s in order if s in gone_stages], sorted(gone_layers))
+
+
+def _spans(layers: list[int]) -> str:
+    parts, start = [], None
+    for i, L in enumerate(layers):
+        if start is None:
+            start = L
+        if i + 1 == len(layers) or layers[i + 1] != L + 1:
+            parts.append(str(start) if start == L else f"{start}-{L}")
+            start = None
+    return ", ".join(parts)
+
+
+def narrow_note(side: str, other: str, stages: list[str], layers: list[int]) -> str | None:
+    """One line saying what ``side`` holds that was not compared because ``other`` lacks it."""
+    if not stages and not layers:
+        return None
+    what = []
+    if stages:
+        shown = ", ".join(stages[:12]) + (f", ... ({len(stages)} stages)" if len(stages) > 12 else "")
+        what.append(f"stage(s) {shown}")
+    if layers:
+        what.append(f"layer(s) {_spans(layers)}")
+    return f"the {side} also holds {' and '.join(what)}, not compared: the {other} does not hold them"
+
+
+def narrow_to_saved(ref: Trace, cand: Trace) -> tuple[Trace, str | None]:
+    """For a saved candidate (``trace:PATH``, a dump): the reference cut to what the candidate
+    holds (:func:`narrow_to`), and one note line naming what was left out (None if nothing)."""
+    cut, stages, layers = narrow_to(ref, cand)
+    src = cand.meta.get("source") or cand.meta.get("backend") or "saved candidate"
+    return cut, narrow_note("reference", f"saved candidate ({src})", stages, layers)

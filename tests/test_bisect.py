@@ -242,3 +242,42 @@ def test_widened_reference_cut_back_equals_the_plain_plan(model, registry, refer
         else:
             np.testing.assert_array_equal(cut[k], direct[k])
     assert cut.positions == direct.positions == [len(TOKENS) - 1]
+
+
+# ---- the mis-dispatch on rows that hold whole Q6_K blocks: the garbage-read path ------------
+def test_misdispatch_reads_garbage_where_q4k_rows_hold_two_q6k_blocks(tmp_path_factory, registry):
+    """On the tiny model a Q4_K expert row (144 bytes) holds less than one 210-byte Q6_K block, so
+    the planted mis-dispatch only zeroes it. With expert_ff=768 a Q4_K row is 432 bytes = 2 whole
+    Q6_K blocks: the bytes are decoded as Q6_K (garbage scales), the path of the historical NaN."""
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    from pytest_moeparity.cli import main
+    from pytest_moeparity.faults import misdispatch_dequantize
+
+    path = tmp_path_factory.mktemp("ff768") / "ff768-q4km.gguf"
+    assert main(["make-model", str(path), "--layers", "8", "--hidden", "64", "--heads", "2", "--kv-heads", "1",
+                 "--head-dim", "32", "--experts", "4", "--experts-used", "2", "--expert-ff", "768",
+                 "--vocab", "320", "--quant", "Q4_K_M", "--quiet"]) == 0
+    m = load_model(path)
+    types = [m.layer(L, "ffn_down_exps").type_name for L in range(8)]
+    first_q4k = types.index("Q4_K")
+    assert types[:first_q4k] and set(types[:first_q4k]) == {"Q6_K"}  # a Q6_K layer (no-op fault) before it
+    down = m.layer(first_q4k, "ffn_down_exps")
+    q6_block, q6_bytes = GGML_QUANT_SIZES[GGMLQuantizationType.Q6_K]
+    assert down.raw.shape[-1] // q6_bytes >= 2  # each row holds >= 2 whole Q6_K blocks
+    wrong = misdispatch_dequantize(down.raw, "Q6_K", down.shape[-1])
+    read = 2 * q6_block
+    assert np.count_nonzero(np.nan_to_num(wrong[..., :read], nan=1.0)) > 0.5 * wrong[..., :read].size
+    assert not np.any(wrong[..., read:])
+
+    run = run_parity(m, [3, 1, 4, 1, 5], SavePlan.parse("moe_router_indices,moe_ffn_out,post_ffn_residual"),
+                     candidate="numpy", registry=registry, faults="dispatch=q6_k@*:ffn_down_exps")
+    first = run.report.first_divergence
+    assert (first.layer, first.stage) == (first_q4k, "moe_ffn_out"), run.report.render()
+    assert first.verdict in (Verdict.NanGpu, Verdict.Diverge)
+    cand = np.asarray(run.candidate[f"layer.{first_q4k}.moe_ffn_out"])
+    assert np.count_nonzero(np.nan_to_num(cand, nan=1.0)) > 0.5 * cand.size  # not the all-zero degenerate case
+    assert all(c.verdict is Verdict.Match for c in run.report.cells if c.layer is not None and c.layer < first_q4k)
+    (d,) = [d for d in run.report.bisect.drilldown if d.layer == first_q4k]
+    assert d.stage == "moe_expert_out" and d.verdict in ("NanGpu", "Diverge")
+    assert d.quant_types["ffn_down_exps"] == "Q4_K" and "ffn_down_exps (Q4_K)" in d.message

@@ -79,3 +79,34 @@ def test_cli_check_png(tmp_path, tiny_model_path, capsys):
     assert rc == 1
     assert png.read_bytes()[:8] == PNG
     assert f"heatmap: {png}" in capsys.readouterr().out
+
+
+def test_scale_fault_cell_is_labelled_by_rel_l2_not_cosine():
+    """_report() plants x2 at layer 2 moe_ffn_out: cosine 1.0 passes, rel_l2 = 1.0 fails."""
+    doc = json.loads(json.dumps(_report().to_json(), allow_nan=False))
+    _, _, cells = heatmap.grid(doc)
+    scaled = cells[("2", "moe_ffn_out")]
+    assert scaled["verdict"] == "Diverge" and scaled["metrics"]["cosine"] == pytest.approx(1.0)
+    assert heatmap.rel_l2_only(scaled)
+    assert heatmap.cell_label(scaled) == "rl2=1.0"
+    assert heatmap.cell_label(scaled, "rel_l2") == "0.0"  # the rel_l2 map already shows rel_l2
+    assert heatmap.cell_label(cells[("1", "moe_ffn_out")]) == "9+"  # Match cells keep the cosine digits
+    assert heatmap.cell_label(cells[("final", "lm_head")]) == "nan"
+    # a cell where cosine failed keeps the cosine digits, even if rel_l2 failed too
+    both = {"verdict": "Diverge", "metrics": {"cosine": 0.99, "rel_l2": 0.3, "cosine_below": True,
+                                               "rel_l2_exceeded": True}}
+    assert not heatmap.rel_l2_only(both) and heatmap.cell_label(both) == "2.0"
+    small = {"verdict": "Diverge", "metrics": {"cosine": 1.0, "rel_l2": 0.05, "cosine_below": False,
+                                                "rel_l2_exceeded": True}}
+    assert heatmap.cell_label(small) == "rl2=0.05"
+
+
+def test_scale_fault_first_divergence_label_in_the_figure():
+    pytest.importorskip("matplotlib")
+    x = np.random.default_rng(1).standard_normal((2, 16)).astype(np.float32)
+    ref = {f"layer.{L}.attn_out": x + L for L in range(3)}
+    cand = dict(ref, **{"layer.1.attn_out": 2 * (x + 1)})
+    rep = compare_traces(Trace(ref), Trace(cand))
+    assert (rep.first_divergence.layer, rep.first_divergence.verdict.value) == (1, "Diverge")
+    texts = [t.get_text() for t in heatmap.render_figure(rep).axes[0].texts]
+    assert texts == ["9+", "rl2=1.0", "9+"]
