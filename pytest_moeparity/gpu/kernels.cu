@@ -111,6 +111,19 @@ MP_HD void mp_scale_min_k4(const mp_u8* s, int j, int* sc, int* m) {
     }
 }
 
+// The same from the 12 scale bytes held as three little-endian words (bytes 0-3, 4-7, 8-11).
+MP_HD void mp_scale_min_k4_w(mp_u32 w1, mp_u32 w2, mp_u32 w3, int j, int* sc, int* m) {
+    const int sh = 8 * (j & 3);
+    const int b1 = (int)((w1 >> sh) & 0xFFu), b2 = (int)((w2 >> sh) & 0xFFu), b3 = (int)((w3 >> sh) & 0xFFu);
+    if (j < 4) {
+        *sc = b1 & 63;
+        *m = b2 & 63;
+    } else {
+        *sc = (b3 & 0x0F) | ((b1 >> 6) << 4);
+        *m = (b3 >> 4) | ((b2 >> 6) << 4);
+    }
+}
+
 // ---- per-type traits and element dequantization -------------------------------------------
 // mp_dq<QT>(row, k): value of column k of a row whose bytes start at `row`.
 
@@ -265,159 +278,249 @@ MP_HD void mp_ldx8(const float* __restrict__ p, float (&v)[8]) {
 
 MP_HD int mp_byte(mp_u32 lo, mp_u32 hi, int i) { return (int)(((i < 4 ? lo : hi) >> (8 * (i & 3))) & 0xFFu); }
 
-// ---- 16-column chunks -------------------------------------------------------------------------------
-// mp_chunk<QT>(row, c, w, a, b): the 16 weights of chunk c of a row, w[0..7] at columns a..a+7 and
-// w[8..15] at columns b..b+7. A chunk is 8 quant bytes (K-quants: two sub-blocks' nibbles, or
-// nibble + high bits), half a 32-value block (Q8_0, Q4_0) or 16 values (F32, F16, BF16); chunks
-// c = lane, lane + 32, ... of a row are read by consecutive lanes, so a warp reads contiguous bytes.
-// Every weight is computed with exactly mp_dq's operations in mp_dq's order: bit-identical.
+// 4 little-endian bytes from a 2-byte aligned address (blocks of 210, 34 or 18 bytes): two 16-bit
+// loads, the same instructions in every lane of a warp whatever the block's offset mod 4
+MP_HD mp_u32 mp_ld32_a2(const mp_u8* p) {
+#if defined(__CUDA_ARCH__)
+    if ((((unsigned long long)p) & 1) == 0)
+        return (mp_u32)*(const mp_u16*)p | ((mp_u32)*(const mp_u16*)(p + 2) << 16);
+#endif
+    return (mp_u32)p[0] | ((mp_u32)p[1] << 8) | ((mp_u32)p[2] << 16) | ((mp_u32)p[3] << 24);
+}
 
-template <int QT> MP_HD void mp_chunk(const mp_u8* __restrict__ row, int c, float (&w)[16], int& a, int& b);
+// Loads inside the product loops. AL (decided once per warp: its weight rows and activation rows
+// start 16-byte aligned) makes them single unconditional loads, so a chunk's loads issue together;
+// without AL they take the alignment-checking paths above, correct at any address.
+template <bool AL> MP_HD mp_u32 mp_w32(const mp_u8* p) {  // p 4-aligned under AL
+#if defined(__CUDA_ARCH__)
+    if (AL) return *(const mp_u32*)p;
+#endif
+    return mp_ld32(p);
+}
+template <bool AL> MP_HD mp_u32 mp_h32(const mp_u8* p) {  // p 2-aligned under AL
+#if defined(__CUDA_ARCH__)
+    if (AL) return (mp_u32)*(const mp_u16*)p | ((mp_u32)*(const mp_u16*)(p + 2) << 16);
+#endif
+    return mp_ld32_a2(p);
+}
+template <bool AL> MP_HD float mp_hf16(const mp_u8* p) {  // f16 at a 2-aligned p under AL
+#if defined(__CUDA_ARCH__)
+    if (AL) return mp_half_to_float((mp_u32)*(const mp_u16*)p);
+#endif
+    return mp_ldf16(p);
+}
+template <bool AL> MP_HD void mp_x8(const float* __restrict__ p, float (&v)[8]) {  // p 16-aligned under AL
+#if defined(__CUDA_ARCH__)
+    if (AL) {
+        const mp_f4 a = *(const mp_f4*)p, b = *(const mp_f4*)(p + 4);
+        v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
+        v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
+        return;
+    }
+#endif
+    mp_ldx8(p, v);
+}
+
+// the f16 and the 12 scale/min bytes of a Q4_K / Q5_K block header (bytes 0-15) as four words
+template <bool AL>
+MP_HD void mp_kquant_header(const mp_u8* blk, float* d, float* dmin, mp_u32* w1, mp_u32* w2, mp_u32* w3) {
+    const mp_u32 w0 = mp_w32<AL>(blk);
+    *w1 = mp_w32<AL>(blk + 4);
+    *w2 = mp_w32<AL>(blk + 8);
+    *w3 = mp_w32<AL>(blk + 12);
+    *d = mp_half_to_float(w0 & 0xFFFFu);
+    *dmin = mp_half_to_float(w0 >> 16);
+}
+
+// ---- 16-column chunks -------------------------------------------------------------------------------
+// mp_chunk<QT>(row, c, q, sc, mn, a, b): chunk c of a row as two runs of 8 columns, a .. a+7 and
+// b .. b+7, each run's weights being sc[r] * q[8r + i] - mn[r] (mn = 0 for types without mins):
+// q are the quants as exact floats (the float types: the values, sc = 1). A chunk is 8 quant bytes
+// (K-quants: two sub-blocks' nibbles, or nibble + high bits), half a 32-value block (Q8_0, Q4_0)
+// or 16 values (F32, F16, BF16); chunks c = lane, lane + 32, ... of a row are read by consecutive
+// lanes, so a warp reads contiguous bytes. sc and mn are computed with mp_dq's operations, so a
+// one-hot activation yields mp_dq's value bit for bit: fmaf(sc, q, 0) then fmaf(-mn, 1, .).
+
+template <int QT> struct mp_has_min { enum { value = 0 }; };
+template <> struct mp_has_min<12> { enum { value = 1 }; };
+template <> struct mp_has_min<13> { enum { value = 1 }; };
+
+// u + 2^23 as a float is exact for 0 <= u < 2^23; subtracting 2^23 + bias is exact too:
+// an integer to float in two full-rate operations (no I2F)
+MP_HD float mp_u2f(mp_u32 u, float bias_plus_2p23) { return mp_fsub(mp_bits_to_float(0x4B000000u | u), bias_plus_2p23); }
+
+template <int QT> struct mp_chunk;  // ::run<AL>(row, c, q, sc, mn, a, b)
 
 // Q4_K: chunk cc (0..15) of super-block s holds qs bytes 8cc .. 8cc+7: sub-block 2g (low nibbles,
 // values l0..l0+7) and 2g+1 (high nibbles), g = cc/4, l0 = 8 (cc%4).
-template <> MP_HD void mp_chunk<12>(const mp_u8* __restrict__ row, int c, float (&w)[16], int& a, int& b) {
+template <> struct mp_chunk<12> {
+template <bool AL> static MP_HD void run(const mp_u8* __restrict__ row, int c, float (&q)[16], float (&sc)[2], float (&mn)[2], int& a, int& b) {
     const int s = c >> 4, cc = c & 15, g = cc >> 2, l0 = (cc & 3) << 3, j0 = 2 * g, j1 = j0 + 1;
     const mp_u8* blk = row + (mp_i64)s * 144;
+    float d, dmin;
+    mp_u32 w1, w2, w3;
+    mp_kquant_header<AL>(blk, &d, &dmin, &w1, &w2, &w3);
     int sc0, m0, sc1, m1;
-    mp_scale_min_k4(blk + 4, j0, &sc0, &m0);
-    mp_scale_min_k4(blk + 4, j1, &sc1, &m1);
-    const float d = mp_ldf16(blk), dmin = mp_ldf16(blk + 2);
-    const float dsc0 = mp_fmul(d, (float)sc0), dm0 = mp_fmul(dmin, (float)m0);
-    const float dsc1 = mp_fmul(d, (float)sc1), dm1 = mp_fmul(dmin, (float)m1);
-    const mp_u32 q0 = mp_ld32(blk + 16 + 32 * g + l0), q1 = mp_ld32(blk + 20 + 32 * g + l0);
+    mp_scale_min_k4_w(w1, w2, w3, j0, &sc0, &m0);
+    mp_scale_min_k4_w(w1, w2, w3, j1, &sc1, &m1);
+    sc[0] = mp_fmul(d, (float)sc0); mn[0] = mp_fmul(dmin, (float)m0);
+    sc[1] = mp_fmul(d, (float)sc1); mn[1] = mp_fmul(dmin, (float)m1);
+    const mp_u32 q0 = mp_w32<AL>(blk + 16 + 32 * g + l0), q1 = mp_w32<AL>(blk + 20 + 32 * g + l0);
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
-        const int q = mp_byte(q0, q1, i);
-        w[i] = mp_fsub(mp_fmul(dsc0, (float)(q & 0x0F)), dm0);
-        w[8 + i] = mp_fsub(mp_fmul(dsc1, (float)(q >> 4)), dm1);
+        const mp_u32 v = (mp_u32)mp_byte(q0, q1, i);
+        q[i] = mp_u2f(v & 0x0Fu, 8388608.0f);
+        q[8 + i] = mp_u2f(v >> 4, 8388608.0f);
     }
     a = 256 * s + 32 * j0 + l0;
     b = a + 32;
 }
+};
 
 // Q5_K: as Q4_K with qs at 48; the 5th bit of value l of sub-block j is bit j of qh[l] (qh at 16)
-template <> MP_HD void mp_chunk<13>(const mp_u8* __restrict__ row, int c, float (&w)[16], int& a, int& b) {
+template <> struct mp_chunk<13> {
+template <bool AL> static MP_HD void run(const mp_u8* __restrict__ row, int c, float (&q)[16], float (&sc)[2], float (&mn)[2], int& a, int& b) {
     const int s = c >> 4, cc = c & 15, g = cc >> 2, l0 = (cc & 3) << 3, j0 = 2 * g, j1 = j0 + 1;
     const mp_u8* blk = row + (mp_i64)s * 176;
+    float d, dmin;
+    mp_u32 w1, w2, w3;
+    mp_kquant_header<AL>(blk, &d, &dmin, &w1, &w2, &w3);
     int sc0, m0, sc1, m1;
-    mp_scale_min_k4(blk + 4, j0, &sc0, &m0);
-    mp_scale_min_k4(blk + 4, j1, &sc1, &m1);
-    const float d = mp_ldf16(blk), dmin = mp_ldf16(blk + 2);
-    const float dsc0 = mp_fmul(d, (float)sc0), dm0 = mp_fmul(dmin, (float)m0);
-    const float dsc1 = mp_fmul(d, (float)sc1), dm1 = mp_fmul(dmin, (float)m1);
-    const mp_u32 q0 = mp_ld32(blk + 48 + 32 * g + l0), q1 = mp_ld32(blk + 52 + 32 * g + l0);
-    const mp_u32 h0 = mp_ld32(blk + 16 + l0), h1 = mp_ld32(blk + 20 + l0);
+    mp_scale_min_k4_w(w1, w2, w3, j0, &sc0, &m0);
+    mp_scale_min_k4_w(w1, w2, w3, j1, &sc1, &m1);
+    sc[0] = mp_fmul(d, (float)sc0); mn[0] = mp_fmul(dmin, (float)m0);
+    sc[1] = mp_fmul(d, (float)sc1); mn[1] = mp_fmul(dmin, (float)m1);
+    const mp_u32 q0 = mp_w32<AL>(blk + 48 + 32 * g + l0), q1 = mp_w32<AL>(blk + 52 + 32 * g + l0);
+    const mp_u32 h0 = mp_w32<AL>(blk + 16 + l0), h1 = mp_w32<AL>(blk + 20 + l0);
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
-        const int q = mp_byte(q0, q1, i), h = mp_byte(h0, h1, i);
-        const int v0 = (q & 0x0F) | (((h >> j0) & 1) << 4);
-        const int v1 = (q >> 4) | (((h >> j1) & 1) << 4);
-        w[i] = mp_fsub(mp_fmul(dsc0, (float)v0), dm0);
-        w[8 + i] = mp_fsub(mp_fmul(dsc1, (float)v1), dm1);
+        const mp_u32 v = (mp_u32)mp_byte(q0, q1, i), h = (mp_u32)mp_byte(h0, h1, i);
+        q[i] = mp_u2f((v & 0x0Fu) | (((h >> j0) & 1u) << 4), 8388608.0f);
+        q[8 + i] = mp_u2f((v >> 4) | (((h >> j1) & 1u) << 4), 8388608.0f);
     }
     a = 256 * s + 32 * j0 + l0;
     b = a + 32;
 }
+};
 
 // Q6_K: chunk cc of super-block s holds ql bytes 8cc .. 8cc+7 = half h = cc/8, offsets rr = 8 (cc%8):
 // low nibbles are values r = rr + i of the half, high nibbles r + 64; top 2 bits from
 // qh[32h + rr%32 + i] (shift 2 (rr/32), and + 4 for the high nibbles); scales (128h + rr)/16, + 4.
-template <> MP_HD void mp_chunk<14>(const mp_u8* __restrict__ row, int c, float (&w)[16], int& a, int& b) {
+template <> struct mp_chunk<14> {
+template <bool AL> static MP_HD void run(const mp_u8* __restrict__ row, int c, float (&q)[16], float (&sc)[2], float (&mn)[2], int& a, int& b) {
     const int s = c >> 4, cc = c & 15, h = cc >> 3, rr = (cc & 7) << 3;
     const mp_u8* blk = row + (mp_i64)s * 210;
-    const mp_u32 l0 = mp_ld32(blk + 64 * h + rr), l1 = mp_ld32(blk + 64 * h + rr + 4);
-    const mp_u32 h0 = mp_ld32(blk + 128 + 32 * h + (rr & 31)), h1 = mp_ld32(blk + 132 + 32 * h + (rr & 31));
+    const mp_u32 l0 = mp_h32<AL>(blk + 64 * h + rr), l1 = mp_h32<AL>(blk + 64 * h + rr + 4);
+    const mp_u32 h0 = mp_h32<AL>(blk + 128 + 32 * h + (rr & 31)), h1 = mp_h32<AL>(blk + 132 + 32 * h + (rr & 31));
     const int sh0 = 2 * (rr >> 5), sh1 = sh0 + 4, s0 = (128 * h + rr) >> 4;
-    const float d = mp_ldf16(blk + 208);
-    const float dsc0 = mp_fmul(d, (float)(int)(signed char)blk[192 + s0]);
-    const float dsc1 = mp_fmul(d, (float)(int)(signed char)blk[192 + s0 + 4]);
+    const float d = mp_hf16<AL>(blk + 208);
+    sc[0] = mp_fmul(d, (float)(int)(signed char)blk[192 + s0]);
+    sc[1] = mp_fmul(d, (float)(int)(signed char)blk[192 + s0 + 4]);
+    mn[0] = mn[1] = 0.0f;
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
-        const int ql = mp_byte(l0, l1, i), qh = mp_byte(h0, h1, i);
-        const int q0 = ((ql & 0x0F) | (((qh >> sh0) & 0x03) << 4)) - 32;
-        const int q1 = ((ql >> 4) | (((qh >> sh1) & 0x03) << 4)) - 32;
-        w[i] = mp_fmul(dsc0, (float)q0);
-        w[8 + i] = mp_fmul(dsc1, (float)q1);
+        const mp_u32 ql = (mp_u32)mp_byte(l0, l1, i), qh = (mp_u32)mp_byte(h0, h1, i);
+        q[i] = mp_u2f((ql & 0x0Fu) | (((qh >> sh0) & 0x03u) << 4), 8388640.0f);      // - 32
+        q[8 + i] = mp_u2f((ql >> 4) | (((qh >> sh1) & 0x03u) << 4), 8388640.0f);
     }
     a = 256 * s + 128 * h + rr;
     b = a + 64;
 }
+};
 
-// Q8_0: chunk c = half (c%2) of block c/2: 16 consecutive int8 values
-template <> MP_HD void mp_chunk<8>(const mp_u8* __restrict__ row, int c, float (&w)[16], int& a, int& b) {
+// Q8_0: chunk c = half (c%2) of block c/2: 16 consecutive int8 values (byte ^ 0x80 = q + 128)
+template <> struct mp_chunk<8> {
+template <bool AL> static MP_HD void run(const mp_u8* __restrict__ row, int c, float (&q)[16], float (&sc)[2], float (&mn)[2], int& a, int& b) {
     const mp_u8* blk = row + (mp_i64)(c >> 1) * 34;
-    const mp_u8* q = blk + 2 + 16 * (c & 1);
-    const float d = mp_ldf16(blk);
-    const mp_u32 q0 = mp_ld32(q), q1 = mp_ld32(q + 4), q2 = mp_ld32(q + 8), q3 = mp_ld32(q + 12);
+    const mp_u8* p = blk + 2 + 16 * (c & 1);
+    sc[0] = sc[1] = mp_hf16<AL>(blk);
+    mn[0] = mn[1] = 0.0f;
+    const mp_u32 q0 = mp_h32<AL>(p), q1 = mp_h32<AL>(p + 4), q2 = mp_h32<AL>(p + 8), q3 = mp_h32<AL>(p + 12);
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
-        w[i] = mp_fmul(d, (float)(int)(signed char)mp_byte(q0, q1, i));
-        w[8 + i] = mp_fmul(d, (float)(int)(signed char)mp_byte(q2, q3, i));
+        q[i] = mp_u2f((mp_u32)mp_byte(q0, q1, i) ^ 0x80u, 8388736.0f);
+        q[8 + i] = mp_u2f((mp_u32)mp_byte(q2, q3, i) ^ 0x80u, 8388736.0f);
     }
     a = 16 * c;
     b = a + 8;
 }
+};
 
 // Q4_0: chunk c = qs bytes 8 (c%2) .. +7 of block c/2: low nibbles values 8 (c%2) + i, high + 16
-template <> MP_HD void mp_chunk<2>(const mp_u8* __restrict__ row, int c, float (&w)[16], int& a, int& b) {
+template <> struct mp_chunk<2> {
+template <bool AL> static MP_HD void run(const mp_u8* __restrict__ row, int c, float (&q)[16], float (&sc)[2], float (&mn)[2], int& a, int& b) {
     const mp_u8* blk = row + (mp_i64)(c >> 1) * 18;
     const int half = c & 1;
-    const float d = mp_ldf16(blk);
-    const mp_u32 q0 = mp_ld32(blk + 2 + 8 * half), q1 = mp_ld32(blk + 6 + 8 * half);
+    sc[0] = sc[1] = mp_hf16<AL>(blk);
+    mn[0] = mn[1] = 0.0f;
+    const mp_u32 q0 = mp_h32<AL>(blk + 2 + 8 * half), q1 = mp_h32<AL>(blk + 6 + 8 * half);
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
-        const int q = mp_byte(q0, q1, i);
-        w[i] = mp_fmul(d, (float)((q & 0x0F) - 8));
-        w[8 + i] = mp_fmul(d, (float)((q >> 4) - 8));
+        const mp_u32 v = (mp_u32)mp_byte(q0, q1, i);
+        q[i] = mp_u2f(v & 0x0Fu, 8388616.0f);       // - 8
+        q[8 + i] = mp_u2f(v >> 4, 8388616.0f);
     }
     a = 32 * (c >> 1) + 8 * half;
     b = a + 16;
 }
+};
 
-// F32, F16, BF16: 16 consecutive values
-template <> MP_HD void mp_chunk<0>(const mp_u8* __restrict__ row, int c, float (&w)[16], int& a, int& b) {
+// F32, F16, BF16: 16 consecutive values, scale 1
+template <> struct mp_chunk<0> {
+template <bool AL> static MP_HD void run(const mp_u8* __restrict__ row, int c, float (&q)[16], float (&sc)[2], float (&mn)[2], int& a, int& b) {
     const mp_u8* p = row + (mp_i64)c * 64;
 #pragma unroll
-    for (int i = 0; i < 16; ++i) w[i] = mp_bits_to_float(mp_ld32(p + 4 * i));
+    for (int i = 0; i < 16; ++i) q[i] = mp_bits_to_float(mp_w32<AL>(p + 4 * i));
+    sc[0] = sc[1] = 1.0f;
+    mn[0] = mn[1] = 0.0f;
     a = 16 * c;
     b = a + 8;
 }
+};
 
-template <> MP_HD void mp_chunk<1>(const mp_u8* __restrict__ row, int c, float (&w)[16], int& a, int& b) {
+template <> struct mp_chunk<1> {
+template <bool AL> static MP_HD void run(const mp_u8* __restrict__ row, int c, float (&q)[16], float (&sc)[2], float (&mn)[2], int& a, int& b) {
     const mp_u8* p = row + (mp_i64)c * 32;
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
-        const mp_u32 u = mp_ld32(p + 4 * i);
-        w[2 * i] = mp_half_to_float(u & 0xFFFFu);
-        w[2 * i + 1] = mp_half_to_float(u >> 16);
+        const mp_u32 u = mp_h32<AL>(p + 4 * i);
+        q[2 * i] = mp_half_to_float(u & 0xFFFFu);
+        q[2 * i + 1] = mp_half_to_float(u >> 16);
     }
+    sc[0] = sc[1] = 1.0f;
+    mn[0] = mn[1] = 0.0f;
     a = 16 * c;
     b = a + 8;
 }
+};
 
-template <> MP_HD void mp_chunk<30>(const mp_u8* __restrict__ row, int c, float (&w)[16], int& a, int& b) {
+template <> struct mp_chunk<30> {
+template <bool AL> static MP_HD void run(const mp_u8* __restrict__ row, int c, float (&q)[16], float (&sc)[2], float (&mn)[2], int& a, int& b) {
     const mp_u8* p = row + (mp_i64)c * 32;
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
-        const mp_u32 u = mp_ld32(p + 4 * i);
-        w[2 * i] = mp_bits_to_float(u << 16);
-        w[2 * i + 1] = mp_bits_to_float(u & 0xFFFF0000u);
+        const mp_u32 u = mp_h32<AL>(p + 4 * i);
+        q[2 * i] = mp_bits_to_float(u << 16);
+        q[2 * i + 1] = mp_bits_to_float(u & 0xFFFF0000u);
     }
+    sc[0] = sc[1] = 1.0f;
+    mn[0] = mn[1] = 0.0f;
     a = 16 * c;
     b = a + 8;
 }
+};
 
 // ---- MP_ROWS weight rows against up to NT activation rows ----------------------------------------
 // Each lane takes chunks lane, lane + 32, ... of the kq columns (kq is a multiple of 16 for the
-// block types; the float types' last kq % 16 columns go one at a time). The chunk's weights of
-// every row are decoded once and multiplied into the nt (<= NT) activation rows, each loaded once
-// for all MP_ROWS rows. acc[r * NT + t] is lane-partial: the caller reduces over the warp.
+// block types; the float types' last kq % 16 columns go one at a time). Per chunk, row and token:
+// sum_i x_i (sc q_i - mn) = sc * sum_i x_i q_i - mn * sum_i x_i, so a weight costs one FMA per
+// token plus its decode; the activations and their run sums are loaded once for all MP_ROWS rows.
+// acc[r * NT + t] is lane-partial: the caller reduces over the warp.
 // Columns >= kq contribute nothing (kq < K only under the test-only fault switch).
 
 #define MP_ROWS 2               // weight rows per warp of the matmul kernels
 #ifndef MP_MIN_BLOCKS
-#define MP_MIN_BLOCKS 6         // resident blocks per SM the matmul kernels are compiled for (register cap)
+#define MP_MIN_BLOCKS 5         // resident blocks per SM the matmul kernels are compiled for (register cap)
 #endif
 #ifdef MOEPARITY_EMULATOR
 #define MP_MATMUL_GLOBAL MP_GLOBAL
@@ -425,33 +528,61 @@ template <> MP_HD void mp_chunk<30>(const mp_u8* __restrict__ row, int c, float 
 #define MP_MATMUL_GLOBAL __global__ __launch_bounds__(MP_THREADS, MP_MIN_BLOCKS)
 #endif
 
-template <int QT, int NT>
-MP_HD void mp_rows_dot(const mp_u8* const (&rows)[MP_ROWS], int kq, const float* const (&xp)[NT], int nt,
-                       int lane, float (&acc)[MP_ROWS * NT]) {
-    const int chunks = kq >> 4;
+template <int QT, int NT, bool AL>
+MP_HD void mp_rows_dot_chunks(const mp_u8* const (&rows)[MP_ROWS], int chunks, const float* const (&xp)[NT], int nt,
+                              int lane, float (&acc)[MP_ROWS * NT]) {
     for (int c = lane; c < chunks; c += 32) {
-        float w[MP_ROWS][16];
+        float q[MP_ROWS][16], sc[MP_ROWS][2], mn[MP_ROWS][2];
         int a = 0, b = 0;
 #pragma unroll
-        for (int r = 0; r < MP_ROWS; ++r) mp_chunk<QT>(rows[r], c, w[r], a, b);
+        for (int r = 0; r < MP_ROWS; ++r) mp_chunk<QT>::template run<AL>(rows[r], c, q[r], sc[r], mn[r], a, b);
 #pragma unroll
         for (int t = 0; t < NT; ++t) {
             if (t < nt) {
                 float xa[8], xb[8];
-                mp_ldx8(xp[t] + a, xa);
-                mp_ldx8(xp[t] + b, xb);
+                mp_x8<AL>(xp[t] + a, xa);
+                mp_x8<AL>(xp[t] + b, xb);
+                float xsa = 0.0f, xsb = 0.0f;
+                if (mp_has_min<QT>::value) {
+#pragma unroll
+                    for (int i = 0; i < 8; ++i) {
+                        xsa = mp_fadd(xsa, xa[i]);
+                        xsb = mp_fadd(xsb, xb[i]);
+                    }
+                }
 #pragma unroll
                 for (int r = 0; r < MP_ROWS; ++r) {
+                    float sa = 0.0f, sb = 0.0f;
+#pragma unroll
+                    for (int i = 0; i < 8; ++i) {
+                        sa = fmaf(q[r][i], xa[i], sa);
+                        sb = fmaf(q[r][8 + i], xb[i], sb);
+                    }
                     float s = acc[r * NT + t];
-#pragma unroll
-                    for (int i = 0; i < 8; ++i) s = fmaf(w[r][i], xa[i], s);
-#pragma unroll
-                    for (int i = 0; i < 8; ++i) s = fmaf(w[r][8 + i], xb[i], s);
+                    s = fmaf(sc[r][0], sa, s);
+                    if (mp_has_min<QT>::value) s = fmaf(-mn[r][0], xsa, s);
+                    s = fmaf(sc[r][1], sb, s);
+                    if (mp_has_min<QT>::value) s = fmaf(-mn[r][1], xsb, s);
                     acc[r * NT + t] = s;
                 }
             }
         }
     }
+}
+
+MP_HD bool mp_aligned16(const void* p) { return (((unsigned long long)p) & 15) == 0; }
+
+template <int QT, int NT>
+MP_HD void mp_rows_dot(const mp_u8* const (&rows)[MP_ROWS], int kq, const float* const (&xp)[NT], int nt,
+                       int lane, float (&acc)[MP_ROWS * NT]) {
+    const int chunks = kq >> 4;
+    bool al = true;  // uniform over the warp: the same rows and activation rows in every lane
+#pragma unroll
+    for (int r = 0; r < MP_ROWS; ++r) al = al && mp_aligned16(rows[r]);
+#pragma unroll
+    for (int t = 0; t < NT; ++t) al = al && mp_aligned16(xp[t]);
+    if (al) mp_rows_dot_chunks<QT, NT, true>(rows, chunks, xp, nt, lane, acc);
+    else mp_rows_dot_chunks<QT, NT, false>(rows, chunks, xp, nt, lane, acc);
     for (int k = (chunks << 4) + lane; k < kq; k += 32) {
 #pragma unroll
         for (int r = 0; r < MP_ROWS; ++r) {
@@ -680,6 +811,8 @@ extern "C" MP_GLOBAL void moe_combine(const float* __restrict__ y, const float* 
 // ---- fused row operations (one warp per row; block MP_THREADS) -------------------------------------
 // The reference's formulas, operation for operation; only the order of the row sums differs.
 
+#define MP_RMS_REGS 64          // rms_norm: values per lane held in registers (rows up to 2048)
+
 // RMSNorm: out = x / sqrt(mean(x * x) + eps) * weight[i % n]
 extern "C" MP_GLOBAL void rms_norm(const float* __restrict__ x, int rows, int n, const float* __restrict__ weight,
                                    float eps, float* __restrict__ out) {
@@ -687,20 +820,38 @@ extern "C" MP_GLOBAL void rms_norm(const float* __restrict__ x, int rows, int n,
     if (row >= rows) return;
     const float* xr = x + (mp_i64)row * n;
     float* o = out + (mp_i64)row * n;
-    float part[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};  // 8 independent loads in flight
-    int i = lane;
-    for (; i + 7 * 32 < n; i += 8 * 32) {
+    // rows of up to 32 * MP_RMS_REGS values are held in registers: one burst of independent loads
+    // (the row costs one memory round trip), sums of squares in 8 interleaved partial sums
+    float v[MP_RMS_REGS], part[8];
 #pragma unroll
-        for (int j = 0; j < 8; ++j) part[j] = mp_fadd(part[j], mp_fmul(xr[i + 32 * j], xr[i + 32 * j]));
+    for (int j = 0; j < 8; ++j) part[j] = 0.0f;
+    const bool in_regs = n <= 32 * MP_RMS_REGS;
+    if (in_regs) {
+#pragma unroll
+        for (int j = 0; j < MP_RMS_REGS; ++j) {
+            const int i = lane + 32 * j;
+            v[j] = i < n ? xr[i] : 0.0f;
+        }
+#pragma unroll
+        for (int j = 0; j < MP_RMS_REGS; ++j) part[j & 7] = mp_fadd(part[j & 7], mp_fmul(v[j], v[j]));
+    } else {
+        for (int i = lane; i < n; i += 32) part[0] = mp_fadd(part[0], mp_fmul(xr[i], xr[i]));
     }
-    for (; i < n; i += 32) part[0] = mp_fadd(part[0], mp_fmul(xr[i], xr[i]));
     float ss = 0.0f;
 #pragma unroll
     for (int j = 0; j < 8; ++j) ss = mp_fadd(ss, part[j]);
     ss = mp_warp_sum1(ss);
-    const float s = sqrtf(mp_fadd(ss / (float)n, eps));
-#pragma unroll 8
-    for (int k = lane; k < n; k += 32) o[k] = mp_fmul(xr[k] / s, weight[k]);
+    // x * (1 / s) instead of x / s: one division per row, not per value (within 1 ulp of x / s)
+    const float inv = 1.0f / sqrtf(mp_fadd(ss / (float)n, eps));
+    if (in_regs) {
+#pragma unroll
+        for (int j = 0; j < MP_RMS_REGS; ++j) {
+            const int i = lane + 32 * j;
+            if (i < n) o[i] = mp_fmul(mp_fmul(v[j], inv), weight[i]);
+        }
+    } else {
+        for (int k = lane; k < n; k += 32) o[k] = mp_fmul(mp_fmul(xr[k], inv), weight[k]);
+    }
 }
 
 // softmax over each row of n; causal > 0: row r belongs to query position r / causal and its
