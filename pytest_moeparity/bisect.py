@@ -468,7 +468,9 @@ _SUBSTAGE_HINT = {
 
 
 def drill_layer(model, ref_engine, cand_engine, names: tuple[str, str], tokens, ref_full: Trace, layer: int,
-                th: Thresholds, faults) -> Drill:
+                th: Thresholds, faults, main_ties: int = 0) -> Drill:
+    """Re-run ``layer`` alone from the reference's input, capturing every chosen expert's sub-stages.
+    ``main_ties``: near-tie router flips the full run recorded at this layer (its router cell "ties=N")."""
     ids = sorted(set(np.unique(np.asarray(ref_full[trace_key(S.moe_router_indices, layer)])).astype(int).tolist()))
     x = layer_input(ref_full, layer)
     contract = stage_contract()
@@ -535,6 +537,11 @@ def drill_layer(model, ref_engine, cand_engine, names: tuple[str, str], tokens, 
     elif not ffn.ok:
         msg = (f"layer {layer}: in isolation all {len(ids)} experts and the router match but moe_ffn_out is "
                f"{ffn.verdict}: check the weighted sum of the experts (routing weights, accumulation)")
+    elif main_ties:
+        msg = (f"layer {layer}: run alone from the reference's input, the experts, the router and moe_ffn_out "
+               f"all match; in the full run the router of layer {layer} flips {main_ties} near-tied expert(s) "
+               f"(ties={main_ties} Match), so moe_ffn_out sums a different expert: the divergence follows a "
+               "near-tie routing flip (tiny upstream differences), not a bug of the expert math")
     else:
         msg = (f"layer {layer}: run alone from the reference's input, the experts, the router and moe_ffn_out "
                "all match: its moe_ffn_out divergence is inherited from earlier layers")
@@ -641,7 +648,9 @@ def run_bisect(model, tokens, plan: SavePlan, main: ParityReport, *, ref_engine,
                 out.notes.append("per-expert drill-down skipped: the reference trace lacks the layer inputs or "
                                  "router choices at every position")
             else:
+                ties = {c.layer: int(c.result.metrics.get("tie_positions") or 0) for c in main.cells
+                        if c.stage == S.moe_router_indices and c.verdict is Verdict.Match}
                 for L in layers:
                     out.drilldown.append(drill_layer(model, ref_engine, cand_engine, names, tokens, ref_full, L,
-                                                     th, faults))
+                                                     th, faults, main_ties=ties.get(L, 0)))
     return out

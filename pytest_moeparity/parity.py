@@ -15,14 +15,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .backends import Registry, call_trace, default_registry
+from .backends import Registry, SavedTraceEngine, call_trace, default_registry
 from .bisect import BisectOptions, BisectReport, restrict_trace, run_bisect, slice_positions, widen_plan
 from .contract import S, parse_key, trace_key
 from .model import GGUFModel
 from .plan import SavePlan
 from .report import ParityReport, compare_traces
 from .metrics import Thresholds
-from .trace import Trace
+from .trace import Trace, narrow_to_saved
 
 
 def default_tokens(vocab: int, n: int = 8) -> list[int]:
@@ -133,11 +133,14 @@ def run_parity(model: GGUFModel, tokens=None, plan: SavePlan | None = None, refe
     if faults:
         cand.meta["injected_faults"] = ";".join(str(f) for f in faults)
     ref, note = align_positions(ref, cand)
+    notes = [note] if note else []
+    if isinstance(cand_engine, SavedTraceEngine):  # a dump holds what its engine saved: compare that
+        ref, narrowed = narrow_to_saved(ref, cand)
+        notes += [narrowed] if narrowed else []
     report = compare_traces(ref, cand, thresholds)
     run = ParityRun(report, ref, cand, {reference: t_ref, candidate: t_cand})
-    if note:
-        run.notes.append(note)
-    if options.any or faults or note:
+    run.notes.extend(notes)
+    if options.any or faults or notes:
         t0 = time.perf_counter()
         bis = run_bisect(model, tokens, plan, report, ref_engine=ref_engine, cand_engine=cand_engine,
                          names=(reference, candidate), ref_full=ref_full, ref_view=ref,

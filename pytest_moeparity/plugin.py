@@ -181,9 +181,72 @@ class MoeOptions:
         return p if p.is_file() else None
 
 
+_PATH_OPTIONS = ("--moe-model", "--moe-report-json", "--moe-save-dir")
+_ROOTDIR_WARNING = pytest.StashKey[str]()
+
+
+def _split_path_values(args) -> list[tuple[str, str]]:
+    """``(option, value)`` for each path option given as two words (``--moe-model PATH``)."""
+    args = [str(a) for a in args]
+    out = []
+    for i, a in enumerate(args[:-1]):
+        if a == "--":
+            break
+        if a in _PATH_OPTIONS:
+            out.append((a, args[i + 1]))
+    return out
+
+
+def _rootdir_hijack(config) -> str | None:
+    """A warning text when the value of ``--moe-model PATH`` (or --moe-report-json / --moe-save-dir)
+    steered pytest's choice of rootdir and ini file.
+
+    pytest picks them before plugins register their options, so it takes such a value for a test
+    path; an existing file elsewhere (``/tmp/m.gguf``) then moves the rootdir there and the project's
+    ini file (with its moe_* keys) is silently not read. ``--moe-model=PATH`` is one word and safe.
+    """
+    if hasattr(config, "workerinput"):  # the controller says it once
+        return None
+    params = config.invocation_params
+    split = [(o, v) for o, v in _split_path_values(params.args) if Path(v).expanduser().exists()]
+    ns = config.known_args_namespace
+    if not split or getattr(ns, "inifilename", None) or getattr(ns, "rootdir", None):
+        return None  # -c / --rootdir: the args play no part
+    from _pytest.config.findpaths import determine_setup
+
+    args, skip = [], False  # the invocation's args with the two-word path options left out
+    for a in map(str, params.args):
+        if skip:
+            skip = False
+            continue
+        if a in _PATH_OPTIONS:
+            skip = True
+            continue
+        args.append(a)
+    kw = dict(inifile=None, args=args, rootdir_cmd_arg=None, invocation_dir=params.dir)
+    try:
+        try:
+            rootdir, inipath, *_ = determine_setup(override_ini=None, **kw)
+        except TypeError:  # pytest 8.0-8.x: no override_ini
+            rootdir, inipath, *_ = determine_setup(**kw)
+    except Exception:  # pragma: no cover - a pytest whose private helper differs: say nothing
+        return None
+    if inipath == config.inipath:
+        return None
+    opt, value = split[0]
+    return (f"moeparity: '{opt} {value}' was taken as a test path when pytest chose its rootdir and ini "
+            f"file: it used rootdir {config.rootpath} and ini file {config.inipath or '(none)'} instead of "
+            f"{inipath} (rootdir {rootdir}), so that ini file's settings are not applied. "
+            f"Write {opt}={value} (one word).")
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "heavy: needs a real model file (--moe-model) and --include-heavy")
     config.addinivalue_line("markers", "gpu: needs CuPy and a CUDA GPU; skipped where absent")
+    hijack = _rootdir_hijack(config)
+    if hijack:
+        config.stash[_ROOTDIR_WARNING] = hijack
+        config.issue_config_time_warning(pytest.PytestConfigWarning(hijack), stacklevel=2)
     opts = MoeOptions.from_config(config)
     opts.plan()
     opts.thresholds()
@@ -220,11 +283,33 @@ def pytest_runtest_setup(item):
 
 
 # ---- the built-in parity test ----------------------------------------------------------------
-class MoeParityItem(pytest.Item):
-    """``moeparity::parity``: reference vs candidate on --moe-model, added when that option is set."""
+def _builtin_parity(request):
+    """Reference vs candidate on --moe-model (the built-in ``moeparity::parity`` test). It runs through
+    the session's fixtures (``moe_parity_run`` -> ``moe_backends``, ``moe_model``, ...), so a conftest
+    that overrides ``moe_backends`` counts here too, and tests using ``moe_parity`` share the run.
+    They are requested in the call, so a backend that fails makes this test fail (not error)."""
+    item, run = request.node, request.getfixturevalue("moe_parity_run")
+    attach_report(item, run.report, _opts(request.config), (run.reference, run.candidate))
+    item.report = run.report
+    if not run.report.ok:
+        raise MoeParityFailure(run.report)
+
+
+NODEID = "moeparity::parity"
+
+
+class MoeParityItem(pytest.Function):
+    """``moeparity::parity``: reference vs candidate on --moe-model, added when that option is set.
+    A Function so that it resolves fixtures (``moe_backends``, ``moe_model``) like any test."""
 
     def __init__(self, **kw):
+        kw.setdefault("callobj", _builtin_parity)
         super().__init__(**kw)
+        # the id "moeparity::parity" rather than "::moeparity::parity" (a Function takes no nodeid)
+        if isinstance(getattr(self, "_id", None), str) or not hasattr(self, "_id"):
+            self._nodeid = NODEID  # pytest < 9.2
+        else:
+            self._id = type(self._id).parse(NODEID)
         opts = _opts(self.config)
         from .builtin import BUILTIN_PREFIX
 
@@ -232,20 +317,10 @@ class MoeParityItem(pytest.Item):
             self.add_marker("heavy")
         self.report = None
 
-    def runtest(self):
-        opts = _opts(self.config)
-        from .model import load_model
-
-        model = load_model(opts.model_path())
-        registry = build_registry(self.config)
-        self.report = run_and_attach(self, opts, model, registry)
-        if not self.report.ok:
-            raise MoeParityFailure(self.report)
-
-    def repr_failure(self, excinfo, style=None):
+    def repr_failure(self, excinfo):
         if isinstance(excinfo.value, MoeParityFailure):
             return "moeparity: candidate diverges from the reference\n" + excinfo.value.report.render()
-        return super().repr_failure(excinfo, style)
+        return super().repr_failure(excinfo)
 
     def reportinfo(self):
         return self.path, None, f"moeparity parity check on {_opts(self.config).model}"
@@ -260,7 +335,7 @@ class MoeParityFailure(AssertionError):
 def pytest_collection_modifyitems(session, config, items):
     opts = _opts(config)
     if opts.model is not None:
-        items.append(MoeParityItem.from_parent(session, name="moeparity::parity", nodeid="moeparity::parity"))
+        items.append(MoeParityItem.from_parent(session, name=NODEID))
 
 
 # ---- fixtures -----------------------------------------------------------------------------------
@@ -333,6 +408,7 @@ def moe_trace(moe_backends, moe_model, moe_tokens, moe_plan, moe_options):
 
     def get(name: str):
         if name not in cache:
+            check_backend(moe_backends, name)
             try:
                 cache[name] = run_trace(moe_backends, name, moe_model, moe_tokens, moe_plan)[0]
             except BackendUnavailable as exc:
@@ -358,6 +434,7 @@ def moe_candidate_trace(moe_trace, moe_candidate_name, moe_options, moe_backends
     faults = moe_options.faults()
     if not faults:
         return moe_trace(moe_candidate_name)
+    check_backend(moe_backends, moe_candidate_name)
     from .backends import BackendUnavailable, ModeUnsupported
     from .parity import run_trace
 
@@ -369,18 +446,33 @@ def moe_candidate_trace(moe_trace, moe_candidate_name, moe_options, moe_backends
         pytest.skip(str(exc))
 
 
+def check_backend(registry, name: str) -> None:
+    """Fail (one line, no traceback) when ``name`` is not in the registry, naming the known ones."""
+    try:
+        registry.get(name)
+        return
+    except KeyError as exc:
+        msg = exc.args[0] if exc.args else f"unknown backend {name!r}"
+    pytest.fail(f"moeparity: {msg}", pytrace=False)  # outside the except: no chained KeyError
+
+
 def _run_parity(opts: MoeOptions, model, tokens, registry, candidate=None):
     """run_parity with the session's options; an unsupported mode fails, an unavailable backend skips."""
     from .backends import BackendUnavailable, ModeUnsupported
     from .parity import run_parity
 
+    for name in (opts.reference, candidate or opts.candidate or registry.default_candidate()):
+        check_backend(registry, name)
     try:
         return run_parity(model, tokens, opts.plan(), reference=opts.reference, candidate=candidate or opts.candidate,
                           thresholds=opts.thresholds(), registry=registry, **opts.bisect_kwargs())
     except ModeUnsupported as exc:
-        pytest.fail(f"moeparity: {exc}", pytrace=False)
+        failed, skipped = f"moeparity: {exc}", None
     except BackendUnavailable as exc:
-        pytest.skip(str(exc))
+        failed, skipped = None, str(exc)
+    if failed:  # outside the except block: one line, no "during handling of the above exception"
+        pytest.fail(failed, pytrace=False)
+    pytest.skip(skipped)
 
 
 @pytest.fixture(scope="session")
@@ -401,13 +493,6 @@ def moe_parity(request, moe_parity_run, moe_thresholds, moe_options):
     report.bisect = run.bisect
     attach_report(request.node, report, moe_options, (run.reference, run.candidate))
     return report
-
-
-def run_and_attach(item, opts: MoeOptions, model, registry):
-    tokens = model.validate_tokens(opts.tokens) if opts.tokens else None
-    run = _run_parity(opts, model, tokens, registry)
-    attach_report(item, run.report, opts, (run.reference, run.candidate))
-    return run.report
 
 
 def _save_tag(item) -> str:
@@ -484,10 +569,15 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     if hasattr(config, "workerinput"):
         return
     payloads = _collect(terminalreporter)
-    if not payloads:
+    hijack = config.stash.get(_ROOTDIR_WARNING, None)
+    if not payloads and not hijack:
         return
+    from .report import run_header
+
     tr = terminalreporter
     tr.section("moeparity summary")
+    if hijack:
+        tr.write_line("WARNING " + hijack, yellow=True, bold=True)
     for p in payloads:
         fd = p.get("first_divergence")
         if fd is None:
@@ -497,6 +587,10 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
             where = "model" if fd.get("layer") is None else f"layer {fd['layer']}"
             exp = "" if fd.get("expert") is None else f" expert {fd['expert']}"
             tr.write_line(f"{p['test']}: first divergence at {where}, stage {fd['stage']}{exp}: {fd['verdict']}")
+        meta = p.get("meta") or {}
+        head = run_header(meta.get("reference"), meta.get("candidate"))
+        if head:
+            tr.write_line(f"  {head}")
         iso = p.get("isolated") or {}
         if iso.get("own_layers"):
             tr.write_line(f"  isolated: wrong by itself at layer(s) {', '.join(map(str, iso['own_layers']))}")
@@ -509,7 +603,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
                               f"({d['verdict']}); ffn_gate/up/down_exps "
                               f"{'/'.join(d['quant_types'].get(w, '?') for w in ('ffn_gate_exps', 'ffn_up_exps', 'ffn_down_exps'))}")
     opts = _opts(config)
-    if opts.report_json:
+    if opts.report_json and payloads:
         path = Path(opts.report_json)
         path.parent.mkdir(parents=True, exist_ok=True)
         first = next((p for p in payloads if p.get("first_divergence")), payloads[0])

@@ -25,7 +25,7 @@ from .metrics import CellResult, Thresholds, Verdict, compare_float, compare_ind
 from .plan import parse_stages
 from .trace import Trace
 
-__all__ = ["Cell", "ParityReport", "compare_traces"]
+__all__ = ["Cell", "ParityReport", "compare_traces", "run_header"]
 
 _ATTENTION = (S.q_proj, S.k_proj, S.v_proj, S.q_norm, S.k_norm, S.q_post_rope, S.k_post_rope,
               S.attn_scores, S.attn_softmax, S.attention, S.attn_out)
@@ -144,6 +144,28 @@ def _fmt(x, name: str = "") -> str:
     return str(x)
 
 
+def run_header(ref_meta: dict | None, cand_meta: dict | None) -> str | None:
+    """One line naming the two backends, the model and the prompt length, from the traces' meta
+    (as in the JSON report's ``meta``); None when neither side names its backend."""
+    ref_meta, cand_meta = ref_meta or {}, cand_meta or {}
+    ref, cand = ref_meta.get("backend"), cand_meta.get("backend")
+    if not ref and not cand:
+        return None
+    parts = [f"reference {ref or '?'} vs candidate {cand or '?'}"]
+    model = ref_meta.get("model") or cand_meta.get("model")
+    if model:
+        parts.append(f"model {model}")
+    for meta in (ref_meta, cand_meta):
+        try:
+            tokens = json.loads(meta["tokens"]) if isinstance(meta.get("tokens"), str) else meta.get("tokens")
+        except ValueError:
+            tokens = None
+        if isinstance(tokens, list):
+            parts.append(f"{len(tokens)} token{'s' if len(tokens) != 1 else ''}")
+            break
+    return ", ".join(parts)
+
+
 # ---- report -------------------------------------------------------------------------------
 class ParityReport:
     """Result of :func:`compare_traces`.
@@ -187,10 +209,12 @@ class ParityReport:
         return bool(self.cells) and all(c.verdict is Verdict.Match for c in self.cells)
 
     def _mark_downstream(self) -> None:
-        # Missing is a capture gap, not a numeric error: it neither anchors nor joins a cascade.
+        # Missing is a capture gap, not a numeric error: it never anchors a cascade. After the first
+        # numeric divergence it joins it like any other non-Match cell (e.g. experts captured on one
+        # side only because the routers of a later layer choose differently).
         anchor = self.first_non_match(include_missing=False)
         for c in self.cells:
-            c.downstream = (anchor is not None and c.verdict not in (Verdict.Match, Verdict.Missing)
+            c.downstream = (anchor is not None and c.verdict is not Verdict.Match
                             and c.forward_pos > anchor.forward_pos)
 
     def counts(self) -> dict[str, int]:
@@ -271,8 +295,13 @@ class ParityReport:
         shown += [f"{k}={m[k]}" for k in ("ref_nan", "ref_inf", "cand_nan", "cand_inf") if m.get(k)]
         return f"{cell.label()}, verdict {cell.verdict.value} ({', '.join(shown)})"
 
+    def header(self) -> str | None:
+        """``reference numpy vs candidate numpy-f64, model tiny.gguf, 8 tokens`` (None without backend names)."""
+        return run_header(self.ref_meta, self.cand_meta)
+
     def render(self, max_width: int | None = None) -> str:
-        lines = [self.table(max_width=max_width), LEGEND]
+        head = self.header()
+        lines = ([head] if head else []) + [self.table(max_width=max_width), LEGEND]
         counts = {k: v for k, v in self.counts().items() if v}
         n_down = sum(c.downstream for c in self.cells)
         lines.append("cells: " + ", ".join(f"{v} {k}" for k, v in counts.items())
@@ -330,6 +359,10 @@ class ParityReport:
             out.append(f"first numeric divergence: {self.describe_cell(first)}")
         v, stage, layer, m = first.verdict, first.stage, first.layer, first.result.metrics
         where = f"layer {layer}" if layer is not None else "the model output"
+        # near-tie router flips (router cell "ties=N Match") at or before the first divergence:
+        # everything before it matches, so the flip (not the expert math) is what the divergence follows
+        flips = sorted({c.layer for c in self._cells_at_any_layer(S.moe_router_indices)
+                        if c.layer in ties and c.forward_pos < first.forward_pos})
 
         if v is Verdict.NanCpu:
             out.append("the reference (CPU side) turns non-finite first: the reference itself is broken here")
@@ -352,8 +385,7 @@ class ParityReport:
             experts = [c for c in self.cells if c.layer == layer
                        and stage_contract().by_name[c.stage].scope == "expert"]
             if layer in ties:
-                out.append(f"moe_ffn_out of layer {layer} follows a near-tie routing flip in the same layer: "
-                           "the difference may come from the flip rather than a bug")
+                pass  # the near-tie flip hint below says it
             elif experts and all(c.verdict is Verdict.Match for c in experts):
                 out.append(f"the experts of layer {layer} match but moe_ffn_out does not: check the weighted "
                            "sum (routing weights, which experts are summed)")
@@ -371,7 +403,15 @@ class ParityReport:
         else:
             out.append(f"first divergence at {where}, {stage}: {_STAGE_HINT.get(stage, stage)}")
 
-        if layer is not None and layer > 0:
+        if flips:
+            t = flips[-1]
+            out.append(f"{first.label()} follows a near-tie routing flip: the router of layer {t} swaps "
+                       f"near-tied experts ({self._ties_text(t)}) and the cells before match, so "
+                       f"{'moe_ffn_out sums a different expert there' if (t, stage) == (layer, S.moe_ffn_out) else 'the flip'}"
+                       " (tiny upstream differences within the thresholds can tip it), not a bug of the expert "
+                       "math, explains it; --moe-forced-routing checks it (with the reference's expert choices "
+                       "every layer should match)")
+        elif layer is not None and layer > 0:
             earlier_cells = [c for c in self.cells if c.layer is not None and c.layer < layer]
             earlier = sorted({c.layer for c in earlier_cells})
             if earlier:
@@ -388,9 +428,17 @@ class ParityReport:
         if n_down:
             out.append(f"{n_down} later non-Match cell(s) marked * are probably a cascade from the first "
                        "divergence: fix that one first")
-        if ties:
+        if ties and ties != flips[-1:]:
             out.append(tie_hint)
         return out
+
+    def _cells_at_any_layer(self, stage: str) -> list[Cell]:
+        return [c for c in self.cells if c.stage == stage]
+
+    def _ties_text(self, layer: int) -> str:
+        cell = next((c for c in self._cells_at(layer, (S.moe_router_indices,))), None)
+        n = int(cell.result.metrics.get("tie_positions") or 0) if cell is not None else 0
+        return f"ties={n} Match"
 
     # -- machine-readable ------------------------------------------------------------------
     def to_json(self) -> dict:

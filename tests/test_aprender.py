@@ -226,9 +226,6 @@ def test_narrow_to_saved_for_a_trace_candidate(ref_trace, tmp_path):
     assert narrow_to_saved(ref, ref)[1] is None
 
 
-@pytest.mark.xfail(strict=True, reason="needs parity.run_parity to narrow the reference with "
-                   "pytest_moeparity.trace.narrow_to_saved for a trace: candidate (parity.py is not ours); "
-                   "remove this mark when it does")
 def test_trace_backend_partial_dump_has_no_missing_cells(pytester, tiny_model_path, ref_trace, tmp_path):
     d = _partial_dump(ref_trace, tmp_path / "dump")
     res = pytester.runpytest("--moe-model", str(tiny_model_path), "--include-heavy", "--moe-tokens",

@@ -267,3 +267,155 @@ def test_xdist_two_workers(pytester, tiny_model_path, tmp_path):
     assert len(doc["reports"]) == 3 and doc["first_divergence"] is None
     names = [p.name for p in save.glob("*.safetensors")]
     assert len(names) == 6 and len(set(names)) == 6
+
+
+# ---- every remaining option, once on the command line and once as an ini key -------------------
+OPTION_CASES = [
+    # (flag, ini key, value, check on the resolved fixtures; it fails when the value is not applied)
+    ("--moe-layers", "moe_layers", "2..4", "moe_plan.resolve_layers(8) == [2, 3]"),
+    ("--moe-positions", "moe_positions", "last", "moe_plan.resolve_positions(5) == [4]"),
+    ("--moe-experts", "moe_experts", "3,5", "moe_plan.resolve_experts(8) == [3, 5]"),
+    ("--moe-reference", "moe_reference", "numpy-f16", "moe_options.reference == 'numpy-f16'"),
+    ("--moe-max-rel-l2", "moe_max_rel_l2", "0.25", "moe_thresholds.max_rel_l2 == 0.25"),
+    ("--moe-router-tie-tol", "moe_router_tie_tol", "0.125", "moe_thresholds.router_tie_tol == 0.125"),
+    ("--moe-save-dir", "moe_save_dir", "traces/here", "moe_options.save_dir == 'traces/here'"),
+    ("--moe-report-json", "moe_report_json", "out/r.json", "moe_options.report_json == 'out/r.json'"),
+]
+
+
+@pytest.mark.parametrize("via", ["cmdline", "ini"])
+@pytest.mark.parametrize("flag, ini, value, check", OPTION_CASES, ids=[c[1] for c in OPTION_CASES])
+def test_option_takes_effect(pytester, via, flag, ini, value, check):
+    pytester.makepyfile(f"""
+        def test_resolved(moe_options, moe_plan, moe_thresholds):
+            assert {check}
+    """)
+    if via == "ini":
+        pytester.makeini(f"[pytest]\n{ini} = {value}\n")
+        res = pytester.runpytest()
+    else:
+        res = pytester.runpytest(f"{flag}={value}")
+    res.assert_outcomes(passed=1)
+
+
+@pytest.mark.parametrize("args, reason", [
+    ((), "no model given: --moe-model PATH (or builtin:tiny)"),
+    (("--moe-model=/no/such/m.gguf",), "model file not found: /no/such/m.gguf"),
+])
+def test_moe_model_path_fixture_skips(pytester, args, reason):
+    pytester.makepyfile("""
+        def test_needs(moe_model_path):
+            raise AssertionError("must not run")
+    """)
+    res = pytester.runpytest("-rs", "-k", "test_needs", *args)
+    res.assert_outcomes(skipped=1)
+    res.stdout.fnmatch_lines([f"*{reason}*"])
+
+
+MINE_CONFTEST = """
+    import pytest
+    from pytest_moeparity.backends import _NumpyEngine, default_registry
+
+    class Mine:  # float64 with a planted scale bug at layer 3's moe_ffn_out
+        def __init__(self, model):
+            self.inner = _NumpyEngine(model, "numpy-f64")
+
+        def trace(self, tokens, plan):
+            tr = self.inner.trace(tokens, plan)
+            key = "layer.3.moe_ffn_out"
+            if key in tr.tensors:
+                tr.tensors[key] = tr.tensors[key] * 2.0
+            tr.meta["backend"] = "mine"
+            return tr
+
+    @pytest.fixture(scope="session")
+    def moe_backends():
+        reg = default_registry(entry_points=False)
+        reg.register("mine", Mine)
+        return reg
+"""
+
+
+def test_backend_from_overridden_moe_backends_fixture(pytester, tiny_model_path):
+    """The fixture override reaches both the fixtures and the built-in moeparity::parity test."""
+    pytester.makeconftest(MINE_CONFTEST)
+    pytester.makepyfile("""
+        def test_registry(moe_backends, moe_parity):
+            assert "mine" in moe_backends.names()
+            fd = moe_parity.first_divergence
+            assert (fd.layer, fd.stage, fd.verdict.value) == (3, "moe_ffn_out", "Diverge")
+    """)
+    res = pytester.runpytest(f"--moe-model={tiny_model_path}", "--include-heavy", "--moe-candidate=mine",
+                             "-p", "no:randomly", *FAST)
+    res.assert_outcomes(passed=1, failed=1)
+    res.stdout.fnmatch_lines(["*First divergence: layer 3, stage moe_ffn_out, verdict Diverge*",
+                              "*FAILED*moeparity::parity*"])
+    assert "KeyError" not in res.stdout.str()
+
+
+def test_unknown_backend_is_a_one_line_error(pytester, tiny_model_path):
+    pytester.makepyfile("""
+        def test_fixture(moe_candidate_trace):
+            pass
+    """)
+    res = pytester.runpytest(f"--moe-model={tiny_model_path}", "--include-heavy", "--moe-candidate=nosuch", *FAST)
+    res.assert_outcomes(failed=1, errors=1)  # the built-in test fails, the fixture user errors
+    out = res.stdout.str()
+    assert "KeyError" not in out and "Traceback" not in out and "During handling" not in out
+    line = "moeparity: unknown backend 'nosuch'; registered: *numpy, numpy-f16, numpy-f64*"
+    res.stdout.fnmatch_lines(["*ERROR at setup of test_fixture*", line,  # each test says it in one line
+                              "*moeparity parity check on*", line])
+
+
+def test_report_header_names_the_backends(pytester, tiny_model_path):
+    res = pytester.runpytest(f"--moe-model={tiny_model_path}", "--include-heavy", "--moe-candidate=numpy-f64",
+                             "-rA", *FAST)
+    res.assert_outcomes(passed=1)
+    head = f"reference numpy vs candidate numpy-f64, model {tiny_model_path.name}, 5 tokens"
+    res.stdout.fnmatch_lines([
+        "*moeparity divergence table*", head, "| layer *",  # the table section, header first
+        "*moeparity summary*", "moeparity::parity: no divergence*", f"  {head}",
+    ])
+
+
+def test_space_separated_model_path_that_moves_the_rootdir_warns(pytester, tiny_model_path):
+    # the model lives outside this project: pytest takes '--moe-model PATH's value for a test path
+    # while it picks the rootdir and ini file, and the project's moe_* ini keys silently vanish
+    pytester.makeini("[pytest]\nmoe_candidate = numpy-f64\n")
+    pytester.makepyfile("""
+        def test_ini_read(moe_options):
+            assert moe_options.candidate == "numpy-f64"
+    """)
+    res = pytester.runpytest("--moe-model", str(tiny_model_path), "-k", "test_ini_read")
+    res.assert_outcomes(failed=1, warnings=1)
+    msg = f"*'--moe-model {tiny_model_path}' was taken as a test path*Write --moe-model={tiny_model_path} (one word)*"
+    res.stdout.fnmatch_lines(["*PytestConfigWarning*" + msg[1:], "*moeparity summary*", "WARNING moeparity:" + msg])
+    ok = pytester.runpytest(f"--moe-model={tiny_model_path}", "-k", "test_ini_read")
+    ok.assert_outcomes(passed=1)
+    assert "taken as a test path" not in ok.stdout.str()
+
+
+def test_hot_layer_fails_under_xdist(pytester, tmp_path):
+    """A failing run under -n 2: the controller prints the summary and writes the JSON."""
+    pytest.importorskip("xdist")
+    import shutil
+    import sys
+    from pathlib import Path
+
+    model = tmp_path / "hot.gguf"
+    exe = shutil.which("moeparity") or str(Path(sys.executable).with_name("moeparity"))
+    made = pytester.run(exe, "make-model", str(model), "--preset", "tiny", "--quant", "Q4_K_M",
+                        "--hot-layer", "2", "--hot-scale", "1e6")
+    assert made.ret == 0 and model.is_file()
+    pytester.makepyfile("def test_other():\n    pass\n")
+    report = tmp_path / "report.json"
+    res = pytester.runpytest_subprocess("-n", "2", "-p", "no:cacheprovider", f"--moe-model={model}",
+                                        "--include-heavy", "--moe-candidate=numpy-f16",
+                                        f"--moe-report-json={report}", *FAST)
+    assert res.ret == 1
+    res.assert_outcomes(passed=1, failed=1)
+    res.stdout.fnmatch_lines(["*moeparity summary*",
+                              "moeparity::parity: first divergence at layer 2, stage moe_ffn_out: NanGpu",
+                              "  reference numpy vs candidate numpy-f16, model hot.gguf, 5 tokens"])
+    fd = json.loads(report.read_text())["first_divergence"]
+    assert (fd["layer"], fd["stage"], fd["verdict"]) == (2, "moe_ffn_out", "NanGpu")

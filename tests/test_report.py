@@ -285,3 +285,63 @@ def test_empty_comparison_is_not_ok():
     assert not rep.ok and rep.first_divergence is None
     assert "Nothing compared" in rep.render()
     json.dumps(rep.to_json(), allow_nan=False)
+
+
+def test_missing_cells_after_the_first_divergence_are_downstream():
+    ref, cand, meta = make_traces()
+    plant_nan_cascade(cand)
+    del cand[trace_key(S.attn_out, 1)]  # before the NaN at layer 2: a capture gap only
+    del cand[trace_key(S.moe_expert_out, 3, EXPERTS[0])]  # after it: part of the cascade
+    rep = report_of(ref, cand, meta)
+    missing = {(c.layer, c.stage, c.expert): c.downstream for c in rep.cells if c.verdict is Verdict.Missing}
+    assert missing == {(1, S.attn_out, None): False, (3, S.moe_expert_out, EXPERTS[0]): True}
+    row3 = [line for line in rep.table().splitlines() if line.startswith("| 3 ")][0]
+    assert f"Missing e{EXPERTS[0]}*" in row3
+    assert rep.to_json()["cells"][[c.key for c in rep.cells].index(
+        trace_key(S.moe_expert_out, 3, EXPERTS[0]))]["downstream"] is True
+
+
+def test_render_header_names_both_backends_the_model_and_the_prompt():
+    ref, cand, meta = make_traces(n_layers=1)
+    meta = dict(meta, model="tiny-q4km.gguf", tokens=json.dumps([3, 1, 4]))
+    rep = report_of(ref, cand, meta)
+    assert rep.render().splitlines()[0] == "reference numpy vs candidate cupy, model tiny-q4km.gguf, 3 tokens"
+    assert rep.header() == rep.render().splitlines()[0]
+    # traces that name no backend (e.g. two bare dumps) get no header line
+    bare = compare_traces(Trace(ref, {}), Trace(cand, {}), TH)
+    assert bare.header() is None and bare.render().startswith("| layer")
+
+
+def plant_near_tie_flip(ref, cand, layer):
+    """The reference's k-th and (k+1)-th experts of ``layer`` tie within router_tie_tol at position 0
+    and the candidate picks the other one: a router cell ``ties=1 Match``."""
+    probs = ref[trace_key(S.moe_router_probs, layer)]
+    idx = ref[trace_key(S.moe_router_indices, layer)]
+    order = np.argsort(-probs[0])
+    kth, nxt = order[K - 1], order[K]
+    probs[0, nxt] = probs[0, kth] - 0.0004
+    cand[trace_key(S.moe_router_probs, layer)] = probs.copy()
+    cidx = idx.copy()
+    cidx[0, list(idx[0]).index(kth)] = nxt
+    cand[trace_key(S.moe_router_indices, layer)] = cidx
+
+
+@pytest.mark.parametrize("stages, first", [
+    (None, (2, S.moe_ffn_out)),  # the flipped layer's MoE output is the first divergence
+    ("moe_router_probs,moe_router_indices,attn_norm", (3, S.attn_norm)),  # the next layer's first capture
+])
+def test_divergence_after_a_near_tie_flip_is_not_called_a_bug(stages, first):
+    ref, cand, meta = make_traces(experts=())
+    plant_near_tie_flip(ref, cand, 2)
+    rng = np.random.default_rng(5)
+    for key in [trace_key(S.moe_ffn_out, 2), trace_key(S.post_ffn_residual, 2), trace_key(S.attn_norm, 3)]:
+        cand[key] = cand[key] + 0.3 * rng.standard_normal(cand[key].shape).astype(np.float32)
+    rep = report_of(ref, cand, meta, stages=stages)
+    fd = rep.first_divergence
+    assert (fd.layer, fd.stage) == first
+    assert "ties=1 Match" in rep.table()
+    hints = rep.hints()
+    flip = [h for h in hints if "follows a near-tie routing flip" in h]
+    assert len(flip) == 1 and "router of layer 2" in flip[0] and "not a bug of the expert math" in flip[0]
+    text = " | ".join(hints)
+    assert "layer-specific" not in text and "inherited" not in text and "expert computation" not in text
