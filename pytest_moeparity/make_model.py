@@ -23,6 +23,8 @@ from .model import ARCH, LAYER_TENSORS, MODEL_TENSORS, Qwen3MoeConfig, expected_
 from .quants import quantize
 
 CHUNK_VALUES = 1 << 20  # values per generated chunk of a 2-D tensor
+PROGRESS_MIN_BYTES = 64 * 2**20  # progress on stderr by default for files larger than this
+PARALLEL_MIN_BYTES = 64 * 2**20  # a process pool by default for files at least this large
 QUANT_CHOICES = ("F32", "F16", "BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M")
 # llama.cpp file-type ids (general.file_type)
 _FTYPE = {"F32": 0, "F16": 1, "BF16": 32, "Q8_0": 7, "Q6_K": 18, "Q5_K_M": 17, "Q4_K_M": 15}
@@ -312,8 +314,8 @@ def make_model(out: str | os.PathLike, spec: ModelSpec, quant: str = "Q4_K_M", s
     total = sum(tp.nbytes for tp in plans)
     out = Path(out)
     if progress is None:
-        progress = total > 64 * 2**20
-    jobs = jobs if jobs is not None else (1 if total < 64 * 2**20 else max(1, os.cpu_count() or 1))
+        progress = total > PROGRESS_MIN_BYTES
+    jobs = jobs if jobs is not None else (1 if total < PARALLEL_MIN_BYTES else max(1, os.cpu_count() or 1))
     with atomic_path(out) as tmp:
         w = GGUFWriter(tmp, ARCH)
         w.add_name(name or f"moeparity-random-{quant.lower()}-seed{seed}")

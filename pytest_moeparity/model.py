@@ -7,6 +7,8 @@ wrong (the key, the tensor, the shape or the type).
 """
 from __future__ import annotations
 
+import math
+import mmap
 import os
 import struct
 from dataclasses import dataclass, field
@@ -147,21 +149,112 @@ def expected_shape(dims: tuple[str, ...], cfg: Qwen3MoeConfig) -> tuple[int, ...
     return tuple(out)
 
 
+# GGUF value type id -> (name, fixed size in bytes; None for STRING and ARRAY)
+_VALUE_TYPES = {0: ("UINT8", 1), 1: ("INT8", 1), 2: ("UINT16", 2), 3: ("INT16", 2), 4: ("UINT32", 4),
+                5: ("INT32", 4), 6: ("FLOAT32", 4), 7: ("BOOL", 1), 8: ("STRING", None), 9: ("ARRAY", None),
+                10: ("UINT64", 8), 11: ("INT64", 8), 12: ("FLOAT64", 8)}
+_STRING, _ARRAY = 8, 9
+_MAX_DIMS = 4  # GGML_MAX_DIMS
+
+
+def _min_value_size(vtype: int) -> int:
+    """Fewest bytes one value of a type can take (a string's length field, an array's header)."""
+    if vtype == _STRING:
+        return 8
+    if vtype == _ARRAY:
+        return 4 + 8
+    return _VALUE_TYPES[vtype][1]
+
+
+class _HeaderWalk:
+    """Walk the key/value and tensor-info sections with struct, bounding every length by the bytes
+    left in the file, before GGUFReader (which walks arrays element by element and trusts every
+    count: a 2**60-element array in a small file would run for minutes and eat the memory)."""
+
+    def __init__(self, path: Path, buf, size: int):
+        self.path, self.buf, self.size, self.pos = path, buf, size, 24
+
+    def _fail(self, what: str):
+        raise ModelError(f"{self.path}: corrupt GGUF header: {what}")
+
+    def _unpack(self, fmt: str, where: str):
+        n = struct.calcsize(fmt)
+        if self.pos + n > self.size:
+            self._fail(f"{where} runs past the end of the {self.size}-byte file (truncated)")
+        out = struct.unpack_from(fmt, self.buf, self.pos)
+        self.pos += n
+        return out[0] if len(out) == 1 else out
+
+    def _need(self, nbytes: int, where: str, what: str) -> None:
+        left = self.size - self.pos
+        if nbytes > left:
+            self._fail(f"{where}: {what} needs {nbytes} bytes but only {left} are left in the "
+                       f"{self.size}-byte file")
+
+    def string(self, where: str, keep: bool = True) -> bytes | None:
+        n = self._unpack("<Q", where)
+        self._need(n, where, f"a string of length {n}")
+        s = bytes(self.buf[self.pos:self.pos + n]) if keep else None
+        self.pos += n
+        return s
+
+    def value(self, vtype: int, where: str, depth: int = 0) -> None:
+        if vtype not in _VALUE_TYPES:
+            self._fail(f"{where} has unknown value type {vtype}")
+        if vtype == _STRING:
+            self.string(where, keep=False)
+        elif vtype == _ARRAY:
+            if depth > 8:
+                self._fail(f"{where}: arrays nested more than 8 deep")
+            itype = self._unpack("<I", where)
+            count = self._unpack("<Q", where)
+            if itype not in _VALUE_TYPES:
+                self._fail(f"{where} is an array of unknown value type {itype}")
+            self._need(count * _min_value_size(itype), where,
+                       f"an array of {count} {_VALUE_TYPES[itype][0]} values")
+            size = _VALUE_TYPES[itype][1]
+            if size is not None:
+                self.pos += count * size
+            else:
+                for _ in range(count):
+                    self.value(itype, where, depth + 1)
+        else:
+            self._need(_VALUE_TYPES[vtype][1], where, f"a {_VALUE_TYPES[vtype][0]} value")
+            self.pos += _VALUE_TYPES[vtype][1]
+
+    def walk(self, n_tensors: int, n_kv: int) -> None:
+        for i in range(n_kv):
+            raw = self.string(f"metadata key #{i}'s name")
+            key = raw.decode("utf-8", "replace")
+            where = f"metadata key {key!r}"
+            self.value(self._unpack("<I", where), where)
+        for i in range(n_tensors):
+            name = self.string(f"tensor #{i}'s name").decode("utf-8", "replace")
+            where = f"tensor info {name!r}"
+            n_dims = self._unpack("<I", where)
+            if not 1 <= n_dims <= _MAX_DIMS:
+                self._fail(f"{where} has {n_dims} dimensions (1..{_MAX_DIMS} allowed)")
+            self._need(n_dims * 8 + 4 + 8, where, f"{n_dims} dimensions, a type and an offset")
+            self.pos += n_dims * 8 + 4 + 8
+
+
 def _check_header(path: Path, size: int) -> None:
-    """Cheap sanity checks before GGUFReader touches the file (it trusts the counts)."""
+    """Sanity checks before GGUFReader touches the file (it trusts the counts and lengths)."""
     if size < 24:
         raise ModelError(f"{path}: not a GGUF file (only {size} bytes)")
     with open(path, "rb") as fh:
         head = fh.read(24)
-    if head[:4] != GGUF_MAGIC:
-        raise ModelError(f"{path}: not a GGUF file (magic {head[:4]!r}, expected b'GGUF')")
-    version, n_tensors, n_kv = struct.unpack("<IQQ", head[4:24])
-    if version not in (2, 3):
-        raise ModelError(f"{path}: unsupported GGUF version {version} (2 and 3 are supported)")
-    # every tensor-info record takes at least 8+1+4+8+4+8 bytes and every key/value at least 8+1+4+1
-    if n_tensors * 33 > size or n_kv * 14 > size or n_tensors > 10_000_000 or n_kv > 10_000_000:
-        raise ModelError(f"{path}: corrupt GGUF header: {n_tensors} tensors and {n_kv} metadata keys "
-                         f"cannot fit in a {size}-byte file")
+        if head[:4] != GGUF_MAGIC:
+            raise ModelError(f"{path}: not a GGUF file (magic {head[:4]!r}, expected b'GGUF')")
+        version, n_tensors, n_kv = struct.unpack("<IQQ", head[4:24])
+        if version not in (2, 3):
+            raise ModelError(f"{path}: unsupported GGUF version {version} (2 and 3 are supported)")
+        # every tensor-info record takes at least 8+1+4+8+4+8 bytes and every key/value at least 8+1+4+1
+        if n_tensors * 33 > size or n_kv * 14 > size or n_tensors > 10_000_000 or n_kv > 10_000_000:
+            raise ModelError(f"{path}: corrupt GGUF header: {n_tensors} tensors and {n_kv} metadata keys "
+                             f"cannot fit in a {size}-byte file")
+        with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            _HeaderWalk(path, buf, size).walk(n_tensors, n_kv)
 
 
 def _field_value(field):
@@ -225,8 +318,14 @@ class GGUFModel:
                 raise ModelError(f"{self.path}: metadata {a} = {vals[a]!r} is not an integer") from None
             if vals[a] <= 0 or vals[a] > 1 << 31:
                 raise ModelError(f"{self.path}: metadata {a} = {vals[a]} is out of range")
-        vals["rope_base"] = float(vals["rope_base"])
-        vals["rms_eps"] = float(vals["rms_eps"])
+        for a, key in (("rope_base", "rope.freq_base"), ("rms_eps", "attention.layer_norm_rms_epsilon")):
+            try:
+                vals[a] = float(vals[a])
+            except (TypeError, ValueError):
+                raise ModelError(f"{self.path}: metadata key '{ARCH}.{key}' = {vals[a]!r} is not a number") from None
+            if not math.isfinite(vals[a]) or vals[a] <= 0:
+                raise ModelError(f"{self.path}: metadata key '{ARCH}.{key}' = {vals[a]!r} must be a finite "
+                                 "positive number")
         tok_embd = self._tensor_info("token_embd.weight")
         if tok_embd is None:
             raise ModelError(f"{self.path}: missing tensor 'token_embd.weight'")

@@ -52,69 +52,94 @@ def _int(text: str, what: str) -> int:
         raise PlanError(f"bad {what} {text!r}: expected an integer") from None
 
 
-def parse_layers(spec: str | int | list[int] | None) -> tuple[tuple[int | None, int | None], ...] | None:
-    """Layer ranges as half-open ``(start, end)`` pairs, ``None`` meaning all layers."""
+def _item_int(item, what: str) -> int:
+    """An int from a list item: an int (NumPy ints too) or a string holding one; not a bool or float."""
+    if isinstance(item, str):
+        return _int(item.strip(), what)
+    if isinstance(item, bool) or not hasattr(item, "__index__"):
+        raise PlanError(f"bad {what} {item!r}: expected an integer")
+    return int(item.__index__())
+
+
+def _items(spec, what: str, usage: str) -> list:
+    """The items of a comma string or a list, refusing an empty specification."""
+    items = spec.replace(" ", "").lower().split(",") if isinstance(spec, str) else list(spec)
+    if not items or items == [""]:
+        raise PlanError(f"empty {what} specification; use {usage}")
+    return items
+
+
+_LAYER_USAGE = "'all', 'N', 'START..END' or a list"
+
+
+def _layer_range(part) -> tuple[int | None, int | None]:
+    if isinstance(part, str) and ".." in part:
+        a, b = part.split("..", 1)
+        start = _int(a, "layer range start") if a else None
+        end = _int(b, "layer range end") if b else None
+        if (start is not None and start < 0) or (end is not None and end < 0):
+            raise PlanError(f"negative layer in {part!r}; layers count from 0")
+        if start is not None and end is not None and end <= start:
+            raise PlanError(f"empty layer range {part!r} (END is exclusive and must exceed START)")
+        return (start, end)
+    if isinstance(part, str) and not part.strip():
+        raise PlanError("empty name in layer list")
+    n = _item_int(part, "layer")
+    if n < 0:
+        raise PlanError(f"negative layer {n}; layers count from 0")
+    return (n, n + 1)
+
+
+def parse_layers(spec: str | int | list | None) -> tuple[tuple[int | None, int | None], ...] | None:
+    """Layer ranges as half-open ``(start, end)`` pairs, ``None`` meaning all layers.
+
+    A list holds ints or strings of the string grammar (``[0, "4..6"]``); it gets the same checks.
+    """
     if spec is None:
         return None
-    if isinstance(spec, int):
-        return ((spec, spec + 1),)
-    if isinstance(spec, (list, tuple)):
-        return tuple((int(n), int(n) + 1) for n in spec)
-    text = str(spec).replace(" ", "").lower()
-    if text in ("", "all"):
-        if text == "":
-            raise PlanError("empty layer specification; use 'all', 'N', 'START..END' or a list")
+    if isinstance(spec, str) and spec.replace(" ", "").lower() == "all":
         return None
-    ranges = []
-    for part in text.split(","):
-        if ".." in part:
-            a, b = part.split("..", 1)
-            start = _int(a, "layer range start") if a else None
-            end = _int(b, "layer range end") if b else None
-            if start is not None and end is not None and end <= start:
-                raise PlanError(f"empty layer range {part!r} (END is exclusive and must exceed START)")
-            if (start is not None and start < 0) or (end is not None and end < 0):
-                raise PlanError(f"negative layer in {part!r}")
-            ranges.append((start, end))
-        else:
-            n = _int(part, "layer")
-            if n < 0:
-                raise PlanError(f"negative layer {n}")
-            ranges.append((n, n + 1))
-    return tuple(ranges)
+    if not isinstance(spec, (str, list, tuple)):
+        spec = [spec]
+    items = _items(spec, "layer", _LAYER_USAGE)
+    return tuple(_layer_range(p.replace(" ", "").lower() if isinstance(p, str) else p) for p in items)
 
 
 def parse_positions(spec: str | int | list[int] | None) -> str | tuple[int, ...]:
+    """``all``, ``last`` or token positions (negative counts from the end)."""
     if spec is None:
         return "all"
-    if isinstance(spec, int):
-        return (spec,)
-    if isinstance(spec, (list, tuple)):
-        return tuple(int(p) for p in spec)
-    text = str(spec).replace(" ", "").lower()
-    if text in ("all", "last"):
-        return text
-    if not text:
-        raise PlanError("empty position specification; use 'all', 'last' or a list of ints")
-    return tuple(_int(p, "token position") for p in text.split(","))
+    if isinstance(spec, str) and spec.replace(" ", "").lower() in ("all", "last"):
+        return spec.replace(" ", "").lower()
+    if not isinstance(spec, (str, list, tuple)):
+        spec = [spec]
+    items = _items(spec, "position", "'all', 'last' or a list of ints")
+    out = []
+    for p in items:
+        if isinstance(p, str) and not p.strip():
+            raise PlanError("empty name in position list")
+        out.append(_item_int(p, "token position"))
+    return tuple(out)
 
 
 def parse_experts(spec: str | int | list[int] | None) -> str | tuple[int, ...]:
+    """``routed``, ``all`` or expert ids (sorted, duplicates dropped)."""
     if spec is None:
         return "routed"
-    if isinstance(spec, int):
-        return (spec,)
-    if isinstance(spec, (list, tuple)):
-        return tuple(sorted({int(e) for e in spec}))
-    text = str(spec).replace(" ", "").lower()
-    if text in ("routed", "all"):
-        return text
-    if not text:
-        raise PlanError("empty expert specification; use 'routed', 'all' or a list of ids")
-    out = tuple(sorted({_int(e, "expert id") for e in text.split(",")}))
-    if any(e < 0 for e in out):
-        raise PlanError("negative expert id")
-    return out
+    if isinstance(spec, str) and spec.replace(" ", "").lower() in ("routed", "all"):
+        return spec.replace(" ", "").lower()
+    if not isinstance(spec, (str, list, tuple)):
+        spec = [spec]
+    items = _items(spec, "expert", "'routed', 'all' or a list of ids")
+    out = set()
+    for e in items:
+        if isinstance(e, str) and not e.strip():
+            raise PlanError("empty name in expert list")
+        n = _item_int(e, "expert id")
+        if n < 0:
+            raise PlanError(f"negative expert id {n}; experts count from 0")
+        out.add(n)
+    return tuple(sorted(out))
 
 
 @dataclass(frozen=True)
@@ -156,7 +181,11 @@ class SavePlan:
     def resolve_layers(self, n_layers: int) -> list[int]:
         """Layers of an ``n_layers`` model that the plan captures; errors on out-of-range layers."""
         if self.layers is not None:
+            if not self.layers:
+                raise PlanError("empty layer specification; use " + _LAYER_USAGE)
             for a, b in self.layers:
+                if (a is not None and a < 0) or (b is not None and b < 0):
+                    raise PlanError(f"negative layer in range {a}..{b}; layers count from 0")
                 if a is not None and a >= n_layers:
                     raise PlanError(f"layer {a} out of range: the model has {n_layers} layers (0..{n_layers})")
                 if b is not None and b > n_layers:
@@ -170,6 +199,8 @@ class SavePlan:
             return list(range(n_tokens))
         if self.positions == "last":
             return [n_tokens - 1]
+        if not self.positions:
+            raise PlanError("empty position specification; use 'all', 'last' or a list of ints")
         out = []
         for p in self.positions:
             q = p + n_tokens if p < 0 else p
@@ -184,7 +215,9 @@ class SavePlan:
             return list(range(n_experts))
         if self.experts == "routed":
             return sorted(routed or ())
-        bad = [e for e in self.experts if e >= n_experts]
+        if not self.experts:
+            raise PlanError("empty expert specification; use 'routed', 'all' or a list of ids")
+        bad = [e for e in self.experts if not 0 <= e < n_experts]
         if bad:
             raise PlanError(f"expert ids {bad} out of range: the model has {n_experts} experts")
         return list(self.experts)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import struct
+import time
 
 import numpy as np
 import pytest
@@ -27,12 +28,14 @@ EIGHT = dataclasses.replace(SPEC, n_layers=8)
 
 
 # ---- helpers --------------------------------------------------------------------------------
-def rewrite(src, dst, *, drop_tensors=(), drop_keys=(), alter=None, arch=None):
+def rewrite(src, dst, *, drop_tensors=(), drop_keys=(), set_keys=None, alter=None, arch=None):
     """Copy a GGUF through gguf's reader and writer.
 
-    ``alter`` maps a tensor name to ``f(data, qtype) -> (data, qtype)``; ``data`` is what
-    GGUFReader holds (uint8 bytes ``[..., row_bytes]`` for quantized types, NumPy order).
+    ``set_keys`` maps a metadata key to a new value (same type); ``alter`` maps a tensor name to
+    ``f(data, qtype) -> (data, qtype)``; ``data`` is what GGUFReader holds (uint8 bytes
+    ``[..., row_bytes]`` for quantized types, NumPy order).
     """
+    set_keys = set_keys or {}
     reader = GGUFReader(src)
     writer = GGUFWriter(dst, arch or str(reader.fields["general.architecture"].contents()))
     for key, field in reader.fields.items():
@@ -40,7 +43,7 @@ def rewrite(src, dst, *, drop_tensors=(), drop_keys=(), alter=None, arch=None):
             continue
         vtype = field.types[0]
         sub = field.types[-1] if vtype == GGUFValueType.ARRAY else None
-        writer.add_key_value(key, field.contents(), vtype, sub_type=sub)
+        writer.add_key_value(key, set_keys.get(key, field.contents()), vtype, sub_type=sub)
     for t in reader.tensors:
         if t.name in drop_tensors:
             continue
@@ -112,6 +115,34 @@ def _patch(data: bytes, offset: int, fmt: str, value) -> bytes:
     return bytes(b)
 
 
+def _patch_field(src, dst, key: str, part: int, value: int):
+    """Copy ``src`` with one part of metadata field ``key`` (a u64: a string length or an array
+    count) set to ``value``; the offset is found with gguf's reader, the rest is byte-identical."""
+    field = GGUFReader(src).fields[key]
+    offset = int(field.offset) + sum(int(p.nbytes) for p in field.parts[:part])
+    data = src.read_bytes()
+    assert field.parts[part].dtype == np.uint64
+    assert struct.unpack_from("<Q", data, offset)[0] == int(field.parts[part][0])  # the field we mean
+    dst.write_bytes(_patch(data, offset, "<Q", value))
+    return dst
+
+
+def _set_key(key, value):
+    return lambda g, d: rewrite(g, d / f"{key.rsplit('.', 1)[-1]}.gguf", set_keys={key: value})
+
+
+# parts of an array field: [name length, name, type, item type, count, items...];
+# of a string field: [name length, name, type, string length, bytes]
+ABSURD = {"absurd_array_count": ("tokenizer.ggml.token_type", 4, 2**60,
+                                  ["'tokenizer.ggml.token_type'", f"array of {2**60} INT32 values", "are left in the"]),
+          "absurd_string_array_count": ("tokenizer.ggml.tokens", 4, 2**59,
+                                        ["'tokenizer.ggml.tokens'", f"array of {2**59} STRING values"]),
+          "absurd_string_length": ("tokenizer.ggml.model", 3, 2**62,
+                                   ["'tokenizer.ggml.model'", f"string of length {2**62}", "are left in the"]),
+          "absurd_key_length": ("general.name", 0, 2**40,
+                                ["metadata key #", f"string of length {2**40}", "are left in the"])}
+
+
 # name -> (make(good_path, dir) -> path, substrings of the message)
 BAD = {
     "wrong_architecture": (None, ["architecture is 'llama'", "expected 'qwen3moe'"]),
@@ -146,6 +177,16 @@ BAD = {
                              ["'blk.0.ffn_norm.weight'", "unsupported type I32"]),
     "unsupported_type_i8": (lambda g, d: rewrite(g, d / "i8.gguf", alter={"blk.1.attn_q.weight": _as_int8}),
                             ["'blk.1.attn_q.weight'", "unsupported type I8"]),
+    **{case: ((lambda key, part, value: lambda g, d: _patch_field(g, d / "absurd.gguf", key, part, value))(
+        key, part, value), needles) for case, (key, part, value, needles) in ABSURD.items()},
+    "rms_eps_zero": (_set_key("qwen3moe.attention.layer_norm_rms_epsilon", 0.0),
+                     ["'qwen3moe.attention.layer_norm_rms_epsilon'", "= 0.0", "finite positive"]),
+    "rms_eps_nan": (_set_key("qwen3moe.attention.layer_norm_rms_epsilon", float("nan")),
+                    ["'qwen3moe.attention.layer_norm_rms_epsilon'", "nan", "finite positive"]),
+    "rope_base_negative": (_set_key("qwen3moe.rope.freq_base", -10000.0),
+                           ["'qwen3moe.rope.freq_base'", "-10000.0", "finite positive"]),
+    "rope_base_inf": (_set_key("qwen3moe.rope.freq_base", float("inf")),
+                      ["'qwen3moe.rope.freq_base'", "inf", "finite positive"]),
     "missing_file": (lambda g, d: d / "does-not-exist.gguf", ["does-not-exist.gguf", "no such file"]),
     "directory": (lambda g, d: d, ["not a regular file"]),
 }
@@ -198,6 +239,31 @@ def test_bad_file_api(bad_files, case):
             assert needle in msg, f"{needle!r} not in {msg!r}"
         if case != "missing_file":
             assert path.name in msg  # names the file
+
+
+def test_absurd_lengths_are_rejected_fast(bad_files, capsys):
+    """gguf's reader walks a metadata array element by element: a 2**60 count in a small file
+    used to run for minutes and eat tens of GB. The header walk rejects it before that."""
+    for case in ABSURD:
+        path, _ = bad_files[case]
+        t0 = time.perf_counter()
+        with pytest.raises(ModelError, match="corrupt GGUF header"):
+            GGUFModel(path)
+        assert cli(capsys, "info", path)[0] == 2
+        assert time.perf_counter() - t0 < 3.0, case
+
+
+def test_header_walk_accepts_every_made_file(good, tmp_path):
+    """The header walk passes real files (all value types make-model writes, tied and untied)."""
+    tied = make_model(tmp_path / "tied.gguf", dataclasses.replace(SPEC, tied_output=True, rope_base=5e5,
+                                                                 rms_eps=1e-5), quant="F16", seed=4,
+                      progress=False).path
+    for path in (good, tied):
+        model = GGUFModel(path)
+        reader = GGUFReader(path)
+        assert len(reader.fields) > 20 and len(model.tensors) == len(reader.tensors)
+    assert GGUFModel(tied).config.rms_eps == pytest.approx(1e-5)
+    assert GGUFModel(tied).config.rope_base == 5e5
 
 
 # ---- bad files: CLI ----------------------------------------------------------------------------
