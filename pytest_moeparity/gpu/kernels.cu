@@ -351,20 +351,27 @@ MP_HD float mp_u2f(mp_u32 u, float bias_plus_2p23) { return mp_fsub(mp_bits_to_f
 
 template <int QT> struct mp_chunk;  // ::run<AL>(row, c, q, sc, mn, a, b)
 
+// Q4_K / Q5_K: scale and min of sub-blocks j0 and j0 + 1 (the chunk's two runs), as mp_dq computes them
+template <bool AL> MP_HD void mp_kquant_run_scales(const mp_u8* blk, int j0, float (&sc)[2], float (&mn)[2]) {
+    float d, dmin;
+    mp_u32 w1, w2, w3;
+    mp_kquant_header<AL>(blk, &d, &dmin, &w1, &w2, &w3);
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        int scale, m;
+        mp_scale_min_k4_w(w1, w2, w3, j0 + r, &scale, &m);
+        sc[r] = mp_fmul(d, (float)scale);
+        mn[r] = mp_fmul(dmin, (float)m);
+    }
+}
+
 // Q4_K: chunk cc (0..15) of super-block s holds qs bytes 8cc .. 8cc+7: sub-block 2g (low nibbles,
 // values l0..l0+7) and 2g+1 (high nibbles), g = cc/4, l0 = 8 (cc%4).
 template <> struct mp_chunk<12> {
 template <bool AL> static MP_HD void run(const mp_u8* __restrict__ row, int c, float (&q)[16], float (&sc)[2], float (&mn)[2], int& a, int& b) {
-    const int s = c >> 4, cc = c & 15, g = cc >> 2, l0 = (cc & 3) << 3, j0 = 2 * g, j1 = j0 + 1;
+    const int s = c >> 4, cc = c & 15, g = cc >> 2, l0 = (cc & 3) << 3, j0 = 2 * g;
     const mp_u8* blk = row + (mp_i64)s * 144;
-    float d, dmin;
-    mp_u32 w1, w2, w3;
-    mp_kquant_header<AL>(blk, &d, &dmin, &w1, &w2, &w3);
-    int sc0, m0, sc1, m1;
-    mp_scale_min_k4_w(w1, w2, w3, j0, &sc0, &m0);
-    mp_scale_min_k4_w(w1, w2, w3, j1, &sc1, &m1);
-    sc[0] = mp_fmul(d, (float)sc0); mn[0] = mp_fmul(dmin, (float)m0);
-    sc[1] = mp_fmul(d, (float)sc1); mn[1] = mp_fmul(dmin, (float)m1);
+    mp_kquant_run_scales<AL>(blk, j0, sc, mn);
     const mp_u32 q0 = mp_w32<AL>(blk + 16 + 32 * g + l0), q1 = mp_w32<AL>(blk + 20 + 32 * g + l0);
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
@@ -382,14 +389,7 @@ template <> struct mp_chunk<13> {
 template <bool AL> static MP_HD void run(const mp_u8* __restrict__ row, int c, float (&q)[16], float (&sc)[2], float (&mn)[2], int& a, int& b) {
     const int s = c >> 4, cc = c & 15, g = cc >> 2, l0 = (cc & 3) << 3, j0 = 2 * g, j1 = j0 + 1;
     const mp_u8* blk = row + (mp_i64)s * 176;
-    float d, dmin;
-    mp_u32 w1, w2, w3;
-    mp_kquant_header<AL>(blk, &d, &dmin, &w1, &w2, &w3);
-    int sc0, m0, sc1, m1;
-    mp_scale_min_k4_w(w1, w2, w3, j0, &sc0, &m0);
-    mp_scale_min_k4_w(w1, w2, w3, j1, &sc1, &m1);
-    sc[0] = mp_fmul(d, (float)sc0); mn[0] = mp_fmul(dmin, (float)m0);
-    sc[1] = mp_fmul(d, (float)sc1); mn[1] = mp_fmul(dmin, (float)m1);
+    mp_kquant_run_scales<AL>(blk, j0, sc, mn);
     const mp_u32 q0 = mp_w32<AL>(blk + 48 + 32 * g + l0), q1 = mp_w32<AL>(blk + 52 + 32 * g + l0);
     const mp_u32 h0 = mp_w32<AL>(blk + 16 + l0), h1 = mp_w32<AL>(blk + 20 + l0);
 #pragma unroll
