@@ -531,8 +531,8 @@ def pytest_runtest_makereport(item, call):
         payload.append(dict(report.to_json(), test=item.nodeid, saved=saved))
     rep.sections.append(("moeparity divergence table", "\n\n".join(texts)))
     setattr(rep, REPORT_ATTR, json.dumps(payload, allow_nan=False))
-    if item.config.pluginmanager.hasplugin("html"):
-        _html_extras(rep, [r for r, _ in entries])
+    if item.config.pluginmanager.hasplugin("html") and item.config.getoption("htmlpath", None):
+        _html_extras(rep, [r for r, _ in entries])  # only when an HTML report is being written
 
 
 def _html_extras(rep, reports) -> None:
