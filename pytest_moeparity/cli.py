@@ -205,24 +205,6 @@ def cmd_diff(args) -> int:
     return _emit(compare_traces(ref, cand, _thresholds(args)), args)
 
 
-def _keep_planned(trace, plan):
-    """The keys of ``trace`` that ``plan`` (--stages/--layers) wants; keys outside the contract
-    stay (the comparison lists them as ignored)."""
-    from .contract import parse_key, stage_contract
-    from .trace import Trace
-
-    names = stage_contract().by_name
-    out = {}
-    for key, val in trace.tensors.items():
-        try:
-            stage, layer, _ = parse_key(key)
-        except ValueError:
-            stage, layer = None, None
-        if stage not in names or plan.wants(stage, layer):
-            out[key] = val
-    return Trace(out, dict(trace.meta))
-
-
 def _drop_unrouted_experts(full, other):
     """Per-expert keys of ``full`` (cut to the other side's position) that the other side lacks
     and whose expert ``full``'s router did not choose at the kept position(s)."""
@@ -247,9 +229,9 @@ def _narrow_for_diff(ref, cand, plan):
     """Both sides are saved: neither can be asked for more. Compare the stages both hold, at the
     layers both hold (a stage one side holds at a layer the other lacks is still Missing), within
     --stages/--layers; one note line per side for what it holds that was not compared."""
-    from .trace import narrow_note, narrow_to
+    from .trace import keep_planned, narrow_note, narrow_to
 
-    ref, cand = _keep_planned(ref, plan), _keep_planned(cand, plan)
+    ref, cand = keep_planned(ref, plan), keep_planned(cand, plan)
     if ref.meta.get("format") == "aprender" and cand.meta.get("format") != "aprender":
         cand = _drop_unrouted_experts(cand, ref)
     elif cand.meta.get("format") == "aprender" and ref.meta.get("format") != "aprender":

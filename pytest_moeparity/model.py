@@ -318,7 +318,9 @@ class GGUFModel:
                 raise ModelError(f"{self.path}: metadata {a} = {vals[a]!r} is not an integer") from None
             if vals[a] <= 0 or vals[a] > 1 << 31:
                 raise ModelError(f"{self.path}: metadata {a} = {vals[a]} is out of range")
-        for a, key in (("rope_base", "rope.freq_base"), ("rms_eps", "attention.layer_norm_rms_epsilon")):
+        key_of = {attr: key for key, attr in _CONFIG_KEYS.items()}
+        for a in ("rope_base", "rms_eps"):
+            key = key_of[a]
             try:
                 vals[a] = float(vals[a])
             except (TypeError, ValueError):

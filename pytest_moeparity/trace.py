@@ -124,24 +124,39 @@ class Recorder:
 
 
 # ---- comparing against a saved trace --------------------------------------------------------
-def held(trace: Trace) -> tuple[set[str], set[int]]:
-    """The contract stages a trace holds, and the layers it holds any layer stage at."""
+def contract_keys(trace: Trace):
+    """(key, value, stage, layer) for every key of ``trace``; stage and layer are None for keys
+    outside the stage contract (the comparison lists those as ignored)."""
     from .contract import parse_key
 
-    contract = stage_contract()
-    stages: set[str] = set()
-    layers: set[int] = set()
-    for key in trace.keys():
+    names = stage_contract().by_name
+    for key, val in trace.tensors.items():
         try:
             stage, layer, _ = parse_key(key)
         except ValueError:
-            continue
-        if stage not in contract.by_name:
-            continue
-        stages.add(stage)
-        if layer is not None:
-            layers.add(int(layer))
+            stage, layer = None, None
+        if stage not in names:
+            stage, layer = None, None
+        yield key, val, stage, (int(layer) if layer is not None else None)
+
+
+def held(trace: Trace) -> tuple[set[str], set[int]]:
+    """The contract stages a trace holds, and the layers it holds any layer stage at."""
+    stages: set[str] = set()
+    layers: set[int] = set()
+    for _, _, stage, layer in contract_keys(trace):
+        if stage is not None:
+            stages.add(stage)
+            if layer is not None:
+                layers.add(layer)
     return stages, layers
+
+
+def keep_planned(trace: Trace, plan) -> Trace:
+    """The keys of ``trace`` that ``plan`` (a SavePlan: stages, layers) wants; keys outside the
+    contract stay."""
+    return Trace({k: v for k, v, stage, layer in contract_keys(trace) if stage is None or plan.wants(stage, layer)},
+                 dict(trace.meta))
 
 
 def narrow_to(trace: Trace, other: Trace) -> tuple[Trace, list[str], list[int]]:
@@ -152,29 +167,20 @@ def narrow_to(trace: Trace, other: Trace) -> tuple[Trace, list[str], list[int]]:
     capture gap, so it is not compared at all instead of showing as Missing. Within the kept
     stages and layers a key that one side lacks still shows as Missing. Keys outside the stage
     contract are kept (the comparison lists them as ignored)."""
-    from .contract import parse_key
-
-    contract = stage_contract()
     stages, layers = held(other)
     out: dict[str, np.ndarray] = {}
     gone_stages: set[str] = set()
     gone_layers: set[int] = set()
-    for key, val in trace.tensors.items():
-        try:
-            stage, layer, _ = parse_key(key)
-        except ValueError:
+    for key, val, stage, layer in contract_keys(trace):
+        if stage is None:
             out[key] = val
-            continue
-        if stage not in contract.by_name:
-            out[key] = val
-            continue
-        if stage not in stages:
+        elif stage not in stages:
             gone_stages.add(stage)
-        elif layer is not None and int(layer) not in layers:
-            gone_layers.add(int(layer))
+        elif layer is not None and layer not in layers:
+            gone_layers.add(layer)
         else:
             out[key] = val
-    order = contract.names
+    order = stage_contract().names
     return (Trace(out, dict(trace.meta)), [s for s in order if s in gone_stages], sorted(gone_layers))
 
 

@@ -489,19 +489,13 @@ def _elementwise_grid(n: int) -> tuple[int, int, int]:
     return (max(1, min(_cdiv(n, ELEMENTWISE_THREADS), MAX_ELEMENTWISE_BLOCKS)), 1, 1)
 
 
-def moe_combine(y, weights, routing, *, backend: Backend | None = None):
+def moe_combine(y, weights, routing: ExpertRouting, *, backend: Backend | None = None):
     """``out[t] = sum_j weights[t, j] * y[t, j]`` over slots in ascending expert-id order (the
-    reference's accumulation order), products and sums rounded separately. y float32 ``[T, k, N]``;
-    ``routing`` an :class:`ExpertRouting` of the same ids (or the int32 ids ``[T, k]``, grouped here)."""
+    reference's accumulation order, ``routing.order``), products and sums rounded separately.
+    y float32 ``[T, k, N]``; ``routing`` the :class:`ExpertRouting` of the ids that produced y."""
     be = _backend(backend)
     xp = be.xp
     T, k, N = (int(s) for s in y.shape)
-    if not isinstance(routing, ExpertRouting):
-        ids = routing
-        if tuple(ids.shape) != (T, k):
-            raise KernelError(f"moe_combine: ids {ids.shape} do not fit y {y.shape}")
-        n_exp = int(be.asnumpy(ids).max()) + 1 if T * k else 1
-        routing = expert_routing(ids, n_exp, backend=be)
     if tuple(weights.shape) != (T, k) or (routing.n_tokens, routing.k) != (T, k):
         raise KernelError(f"moe_combine: weights {weights.shape} / routing {(routing.n_tokens, routing.k)} "
                           f"do not fit y {y.shape}")
