@@ -11,6 +11,7 @@ on the GPU machines); a development aid next to bench_gpu.py, not a benchmark of
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import statistics
 import sys
@@ -62,6 +63,7 @@ def main(argv=None) -> int:
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--tag", default=None)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--graph-only", action="store_true", help="skip the eager forward's profile (tuning sweeps)")
     args = ap.parse_args(argv)
 
     import cupy as cp
@@ -74,6 +76,7 @@ def main(argv=None) -> int:
     print(model.describe(), flush=True)
     engine = CupyEngine(model, act_dtype=args.act)
     doc = {"benchmark": "gpu_profile", "model": Path(args.model).name, "act": args.act,
+           "nvrtc_options": os.environ.get(K.NVRTC_OPTIONS_ENV, ""), "rows": K.ROWS, "warps": K.WARPS,
            "config": model.config.as_dict(), "runs": []}
     for n in [int(t) for t in args.tokens.split(",")]:
         tokens = default_tokens(model.config.vocab, n)
@@ -91,11 +94,12 @@ def main(argv=None) -> int:
             engine.run(tokens, SavePlan.empty())
             cp.cuda.Device().synchronize()
 
-        rows, total = kernel_table(eager, args.top)
-        print(f"\n{n} tokens, eager: wall {statistics.median(walls) * 1e3:.2f} ms, kernels {total / 1e3:.2f} ms")
-        print(tabulate(rows, headers="keys", tablefmt="github"), flush=True)
-        run = {"tokens": n, "eager_wall_ms": round(statistics.median(walls) * 1e3, 3),
-               "eager_kernel_ms": round(total / 1e3, 3), "eager_kernels": rows}
+        run = {"tokens": n, "eager_wall_ms": round(statistics.median(walls) * 1e3, 3)}
+        if not args.graph_only:
+            rows, total = kernel_table(eager, args.top)
+            print(f"\n{n} tokens, eager: wall {statistics.median(walls) * 1e3:.2f} ms, kernels {total / 1e3:.2f} ms")
+            print(tabulate(rows, headers="keys", tablefmt="github"), flush=True)
+            run.update({"eager_kernel_ms": round(total / 1e3, 3), "eager_kernels": rows})
         try:
             g = engine.graphed(tokens)
             for _ in range(3):

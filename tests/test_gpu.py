@@ -272,7 +272,7 @@ SHAPES = [(37, 256), (130, 512), (5, 768), (1, 1024)]  # (N, K): N not a multipl
 
 
 @pytest.mark.parametrize("qtype", KERNEL_TYPES, ids=lambda q: q.name)
-@pytest.mark.parametrize("T", [1, 3, 17, 64])
+@pytest.mark.parametrize("T", [1, 3, 4, 5, 17, 64])  # NT instances 1, 4 (partial, full), 8 (partial, tiles)
 @pytest.mark.parametrize("N,K", SHAPES, ids=[f"N{n}xK{k}" for n, k in SHAPES])
 def test_qmatmul_matches_host(backend, qtype, T, N, K):
     from pytest_moeparity.gpu import kernels as Kn
@@ -337,7 +337,7 @@ def _routing_ids(rng, T: int, k: int, E: int) -> np.ndarray:
 
 
 @pytest.mark.parametrize("qtype", KERNEL_TYPES, ids=lambda q: q.name)
-@pytest.mark.parametrize("T", [1, 3, 17, 64])
+@pytest.mark.parametrize("T", [1, 3, 4, 5, 17, 64])
 def test_qmatmul_experts_matches_host(backend, qtype, T):
     from pytest_moeparity.gpu import kernels as K
 

@@ -53,7 +53,7 @@ def build_library(cache_dir: str | os.PathLike | None = None) -> Path:
     if not cxx:
         raise EmulatorUnavailable("no C++ compiler (g++) found")
     table = _table_source()
-    src = K.kernel_source() + RUNTIME_CPP.read_text(encoding="utf-8") + table
+    src = " ".join(K.compile_options()) + K.kernel_source() + RUNTIME_CPP.read_text(encoding="utf-8") + table
     digest = hashlib.sha256(src.encode()).hexdigest()[:16]
     root = Path(cache_dir or os.environ.get("MOEPARITY_EMU_CACHE") or Path(tempfile.gettempdir()) / "moeparity-emu")
     root.mkdir(parents=True, exist_ok=True)
@@ -67,6 +67,7 @@ def build_library(cache_dir: str | os.PathLike | None = None) -> Path:
         cmd = [cxx, "-std=c++17", "-O2", "-g", "-fPIC", "-shared", "-ffp-contract=off", "-fno-fast-math",
                "-Wall", "-Wno-unused-function",
                f'-DMP_KERNELS_PATH="{work / "kernels.cu"}"', f'-DMP_TABLE_PATH="{work / "table.inc"}"',
+               *(o for o in K.compile_options() if o.startswith("-D")),
                str(RUNTIME_CPP), "-o", str(work / "lib.so")]
         res = subprocess.run(cmd, capture_output=True, text=True)
         if res.returncode != 0:

@@ -27,7 +27,9 @@ typedef unsigned short mp_u16;
 typedef unsigned int mp_u32;
 typedef long long mp_i64;
 
-#define MP_WARPS 4              // warps (= weight rows) per block of the matmul kernels
+#ifndef MP_WARPS
+#define MP_WARPS 4              // warps per block of the matmul and row kernels (kernels.py: WARPS)
+#endif
 #define MP_THREADS (MP_WARPS * 32)
 
 // ---- scalar helpers -----------------------------------------------------------------------
@@ -291,12 +293,6 @@ MP_HD mp_u32 mp_ld32_a2(const mp_u8* p) {
 // Loads inside the product loops. AL (decided once per warp: its weight rows and activation rows
 // start 16-byte aligned) makes them single unconditional loads, so a chunk's loads issue together;
 // without AL they take the alignment-checking paths above, correct at any address.
-template <bool AL> MP_HD mp_u32 mp_w32(const mp_u8* p) {  // p 4-aligned under AL
-#if defined(__CUDA_ARCH__)
-    if (AL) return *(const mp_u32*)p;
-#endif
-    return mp_ld32(p);
-}
 template <bool AL> MP_HD mp_u32 mp_h32(const mp_u8* p) {  // p 2-aligned under AL
 #if defined(__CUDA_ARCH__)
     if (AL) return (mp_u32)*(const mp_u16*)p | ((mp_u32)*(const mp_u16*)(p + 2) << 16);
@@ -321,15 +317,58 @@ template <bool AL> MP_HD void mp_x8(const float* __restrict__ p, float (&v)[8]) 
     mp_ldx8(p, v);
 }
 
+#ifndef MP_VECLOADS
+#define MP_VECLOADS 1           // 64/128-bit weight loads where aligned (0: 32-bit words; tuning switch)
+#endif
+// 8 and 16 bytes as 32-bit words: one 64- / 128-bit load under AL (p 8- / 16-aligned), else words
+struct alignas(8) mp_u2 { mp_u32 x, y; };
+struct alignas(16) mp_u4 { mp_u32 x, y, z, w; };
+template <bool AL> MP_HD void mp_w64(const mp_u8* p, mp_u32 (&v)[2]) {
+#if defined(__CUDA_ARCH__)
+    if (AL && MP_VECLOADS) {
+        const mp_u2 u = *(const mp_u2*)p;
+        v[0] = u.x; v[1] = u.y;
+        return;
+    }
+#endif
+    v[0] = mp_ld32(p); v[1] = mp_ld32(p + 4);
+}
+template <bool AL> MP_HD void mp_w128(const mp_u8* p, mp_u32 (&v)[4]) {
+#if defined(__CUDA_ARCH__)
+    if (AL && MP_VECLOADS) {
+        const mp_u4 u = *(const mp_u4*)p;
+        v[0] = u.x; v[1] = u.y; v[2] = u.z; v[3] = u.w;
+        return;
+    }
+#endif
+#pragma unroll
+    for (int i = 0; i < 4; ++i) v[i] = mp_ld32(p + 4 * i);
+}
+
+// 32 bytes of 16-bit values (F16 / BF16 chunks) as 8 words: two 128-bit loads under AL, else
+// 2-aligned word loads (rows of these types are only 2-byte aligned in general)
+template <bool AL> MP_HD void mp_w16x2(const mp_u8* p, mp_u32 (&v)[8]) {
+#if defined(__CUDA_ARCH__)
+    if (AL && MP_VECLOADS) {
+        const mp_u4 a = *(const mp_u4*)p, b = *(const mp_u4*)(p + 16);
+        v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w; v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
+        return;
+    }
+#endif
+#pragma unroll
+    for (int i = 0; i < 8; ++i) v[i] = mp_ld32_a2(p + 4 * i);
+}
+
 // the f16 and the 12 scale/min bytes of a Q4_K / Q5_K block header (bytes 0-15) as four words
 template <bool AL>
 MP_HD void mp_kquant_header(const mp_u8* blk, float* d, float* dmin, mp_u32* w1, mp_u32* w2, mp_u32* w3) {
-    const mp_u32 w0 = mp_w32<AL>(blk);
-    *w1 = mp_w32<AL>(blk + 4);
-    *w2 = mp_w32<AL>(blk + 8);
-    *w3 = mp_w32<AL>(blk + 12);
-    *d = mp_half_to_float(w0 & 0xFFFFu);
-    *dmin = mp_half_to_float(w0 >> 16);
+    mp_u32 h[4];
+    mp_w128<AL>(blk, h);  // blocks of 144 / 176 bytes: 16-aligned wherever the row is (AL)
+    *w1 = h[1];
+    *w2 = h[2];
+    *w3 = h[3];
+    *d = mp_half_to_float(h[0] & 0xFFFFu);
+    *dmin = mp_half_to_float(h[0] >> 16);
 }
 
 // ---- 16-column chunks -------------------------------------------------------------------------------
@@ -349,7 +388,7 @@ template <> struct mp_has_min<13> { enum { value = 1 }; };
 // an integer to float in two full-rate operations (no I2F)
 MP_HD float mp_u2f(mp_u32 u, float bias_plus_2p23) { return mp_fsub(mp_bits_to_float(0x4B000000u | u), bias_plus_2p23); }
 
-template <int QT> struct mp_chunk;  // ::run<AL>(row, c, q, sc, mn, a, b)
+template <int QT> struct mp_chunk;  // ::cols(c, a, b), ::run<AL>(row, c, q, sc, mn)
 
 // Q4_K / Q5_K: scale and min of sub-blocks j0 and j0 + 1 (the chunk's two runs), as mp_dq computes them
 template <bool AL> MP_HD void mp_kquant_run_scales(const mp_u8* blk, int j0, float (&sc)[2], float (&mn)[2]) {
@@ -368,38 +407,48 @@ template <bool AL> MP_HD void mp_kquant_run_scales(const mp_u8* blk, int j0, flo
 // Q4_K: chunk cc (0..15) of super-block s holds qs bytes 8cc .. 8cc+7: sub-block 2g (low nibbles,
 // values l0..l0+7) and 2g+1 (high nibbles), g = cc/4, l0 = 8 (cc%4).
 template <> struct mp_chunk<12> {
-template <bool AL> static MP_HD void run(const mp_u8* __restrict__ row, int c, float (&q)[16], float (&sc)[2], float (&mn)[2], int& a, int& b) {
+static MP_HD void cols(int c, int& a, int& b) {  // first columns of the two runs
+    const int cc = c & 15;
+    a = 256 * (c >> 4) + 64 * (cc >> 2) + ((cc & 3) << 3);
+    b = a + 32;
+}
+template <bool AL> static MP_HD void run(const mp_u8* __restrict__ row, int c, float (&q)[16], float (&sc)[2], float (&mn)[2]) {
     const int s = c >> 4, cc = c & 15, g = cc >> 2, l0 = (cc & 3) << 3, j0 = 2 * g;
     const mp_u8* blk = row + (mp_i64)s * 144;
     mp_kquant_run_scales<AL>(blk, j0, sc, mn);
-    const mp_u32 q0 = mp_w32<AL>(blk + 16 + 32 * g + l0), q1 = mp_w32<AL>(blk + 20 + 32 * g + l0);
+    mp_u32 qw[2];
+    mp_w64<AL>(blk + 16 + 32 * g + l0, qw);
+    const mp_u32 q0 = qw[0], q1 = qw[1];
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
         const mp_u32 v = (mp_u32)mp_byte(q0, q1, i);
         q[i] = mp_u2f(v & 0x0Fu, 8388608.0f);
         q[8 + i] = mp_u2f(v >> 4, 8388608.0f);
     }
-    a = 256 * s + 32 * j0 + l0;
-    b = a + 32;
 }
 };
 
 // Q5_K: as Q4_K with qs at 48; the 5th bit of value l of sub-block j is bit j of qh[l] (qh at 16)
 template <> struct mp_chunk<13> {
-template <bool AL> static MP_HD void run(const mp_u8* __restrict__ row, int c, float (&q)[16], float (&sc)[2], float (&mn)[2], int& a, int& b) {
+static MP_HD void cols(int c, int& a, int& b) {  // first columns of the two runs
+    const int cc = c & 15;
+    a = 256 * (c >> 4) + 64 * (cc >> 2) + ((cc & 3) << 3);
+    b = a + 32;
+}
+template <bool AL> static MP_HD void run(const mp_u8* __restrict__ row, int c, float (&q)[16], float (&sc)[2], float (&mn)[2]) {
     const int s = c >> 4, cc = c & 15, g = cc >> 2, l0 = (cc & 3) << 3, j0 = 2 * g, j1 = j0 + 1;
     const mp_u8* blk = row + (mp_i64)s * 176;
     mp_kquant_run_scales<AL>(blk, j0, sc, mn);
-    const mp_u32 q0 = mp_w32<AL>(blk + 48 + 32 * g + l0), q1 = mp_w32<AL>(blk + 52 + 32 * g + l0);
-    const mp_u32 h0 = mp_w32<AL>(blk + 16 + l0), h1 = mp_w32<AL>(blk + 20 + l0);
+    mp_u32 qw[2], hw[2];
+    mp_w64<AL>(blk + 48 + 32 * g + l0, qw);
+    mp_w64<AL>(blk + 16 + l0, hw);
+    const mp_u32 q0 = qw[0], q1 = qw[1], h0 = hw[0], h1 = hw[1];
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
         const mp_u32 v = (mp_u32)mp_byte(q0, q1, i), h = (mp_u32)mp_byte(h0, h1, i);
         q[i] = mp_u2f((v & 0x0Fu) | (((h >> j0) & 1u) << 4), 8388608.0f);
         q[8 + i] = mp_u2f((v >> 4) | (((h >> j1) & 1u) << 4), 8388608.0f);
     }
-    a = 256 * s + 32 * j0 + l0;
-    b = a + 32;
 }
 };
 
@@ -407,7 +456,12 @@ template <bool AL> static MP_HD void run(const mp_u8* __restrict__ row, int c, f
 // low nibbles are values r = rr + i of the half, high nibbles r + 64; top 2 bits from
 // qh[32h + rr%32 + i] (shift 2 (rr/32), and + 4 for the high nibbles); scales (128h + rr)/16, + 4.
 template <> struct mp_chunk<14> {
-template <bool AL> static MP_HD void run(const mp_u8* __restrict__ row, int c, float (&q)[16], float (&sc)[2], float (&mn)[2], int& a, int& b) {
+static MP_HD void cols(int c, int& a, int& b) {  // first columns of the two runs
+    const int cc = c & 15;
+    a = 256 * (c >> 4) + 128 * (cc >> 3) + ((cc & 7) << 3);
+    b = a + 64;
+}
+template <bool AL> static MP_HD void run(const mp_u8* __restrict__ row, int c, float (&q)[16], float (&sc)[2], float (&mn)[2]) {
     const int s = c >> 4, cc = c & 15, h = cc >> 3, rr = (cc & 7) << 3;
     const mp_u8* blk = row + (mp_i64)s * 210;
     const mp_u32 l0 = mp_h32<AL>(blk + 64 * h + rr), l1 = mp_h32<AL>(blk + 64 * h + rr + 4);
@@ -423,14 +477,16 @@ template <bool AL> static MP_HD void run(const mp_u8* __restrict__ row, int c, f
         q[i] = mp_u2f((ql & 0x0Fu) | (((qh >> sh0) & 0x03u) << 4), 8388640.0f);      // - 32
         q[8 + i] = mp_u2f((ql >> 4) | (((qh >> sh1) & 0x03u) << 4), 8388640.0f);
     }
-    a = 256 * s + 128 * h + rr;
-    b = a + 64;
 }
 };
 
 // Q8_0: chunk c = half (c%2) of block c/2: 16 consecutive int8 values (byte ^ 0x80 = q + 128)
 template <> struct mp_chunk<8> {
-template <bool AL> static MP_HD void run(const mp_u8* __restrict__ row, int c, float (&q)[16], float (&sc)[2], float (&mn)[2], int& a, int& b) {
+static MP_HD void cols(int c, int& a, int& b) {  // first columns of the two runs
+    a = 16 * c;
+    b = a + 8;
+}
+template <bool AL> static MP_HD void run(const mp_u8* __restrict__ row, int c, float (&q)[16], float (&sc)[2], float (&mn)[2]) {
     const mp_u8* blk = row + (mp_i64)(c >> 1) * 34;
     const mp_u8* p = blk + 2 + 16 * (c & 1);
     sc[0] = sc[1] = mp_hf16<AL>(blk);
@@ -441,14 +497,16 @@ template <bool AL> static MP_HD void run(const mp_u8* __restrict__ row, int c, f
         q[i] = mp_u2f((mp_u32)mp_byte(q0, q1, i) ^ 0x80u, 8388736.0f);
         q[8 + i] = mp_u2f((mp_u32)mp_byte(q2, q3, i) ^ 0x80u, 8388736.0f);
     }
-    a = 16 * c;
-    b = a + 8;
 }
 };
 
 // Q4_0: chunk c = qs bytes 8 (c%2) .. +7 of block c/2: low nibbles values 8 (c%2) + i, high + 16
 template <> struct mp_chunk<2> {
-template <bool AL> static MP_HD void run(const mp_u8* __restrict__ row, int c, float (&q)[16], float (&sc)[2], float (&mn)[2], int& a, int& b) {
+static MP_HD void cols(int c, int& a, int& b) {  // first columns of the two runs
+    a = 32 * (c >> 1) + 8 * (c & 1);
+    b = a + 16;
+}
+template <bool AL> static MP_HD void run(const mp_u8* __restrict__ row, int c, float (&q)[16], float (&sc)[2], float (&mn)[2]) {
     const mp_u8* blk = row + (mp_i64)(c >> 1) * 18;
     const int half = c & 1;
     sc[0] = sc[1] = mp_hf16<AL>(blk);
@@ -460,55 +518,57 @@ template <bool AL> static MP_HD void run(const mp_u8* __restrict__ row, int c, f
         q[i] = mp_u2f(v & 0x0Fu, 8388616.0f);       // - 8
         q[8 + i] = mp_u2f(v >> 4, 8388616.0f);
     }
-    a = 32 * (c >> 1) + 8 * half;
-    b = a + 16;
 }
 };
 
 // F32, F16, BF16: 16 consecutive values, scale 1
 template <> struct mp_chunk<0> {
-template <bool AL> static MP_HD void run(const mp_u8* __restrict__ row, int c, float (&q)[16], float (&sc)[2], float (&mn)[2], int& a, int& b) {
-    const mp_u8* p = row + (mp_i64)c * 64;
-#pragma unroll
-    for (int i = 0; i < 16; ++i) q[i] = mp_bits_to_float(mp_w32<AL>(p + 4 * i));
-    sc[0] = sc[1] = 1.0f;
-    mn[0] = mn[1] = 0.0f;
+static MP_HD void cols(int c, int& a, int& b) {  // first columns of the two runs
     a = 16 * c;
     b = a + 8;
 }
-};
-
-template <> struct mp_chunk<1> {
-template <bool AL> static MP_HD void run(const mp_u8* __restrict__ row, int c, float (&q)[16], float (&sc)[2], float (&mn)[2], int& a, int& b) {
-    const mp_u8* p = row + (mp_i64)c * 32;
+template <bool AL> static MP_HD void run(const mp_u8* __restrict__ row, int c, float (&q)[16], float (&sc)[2], float (&mn)[2]) {
+    const mp_u8* p = row + (mp_i64)c * 64;  // 16-aligned under AL
 #pragma unroll
-    for (int i = 0; i < 8; ++i) {
-        const mp_u32 u = mp_h32<AL>(p + 4 * i);
-        q[2 * i] = mp_half_to_float(u & 0xFFFFu);
-        q[2 * i + 1] = mp_half_to_float(u >> 16);
+    for (int j = 0; j < 4; ++j) {
+        mp_u32 v[4];
+        mp_w128<AL>(p + 16 * j, v);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) q[4 * j + i] = mp_bits_to_float(v[i]);
     }
     sc[0] = sc[1] = 1.0f;
     mn[0] = mn[1] = 0.0f;
-    a = 16 * c;
-    b = a + 8;
 }
 };
 
-template <> struct mp_chunk<30> {
-template <bool AL> static MP_HD void run(const mp_u8* __restrict__ row, int c, float (&q)[16], float (&sc)[2], float (&mn)[2], int& a, int& b) {
-    const mp_u8* p = row + (mp_i64)c * 32;
-#pragma unroll
-    for (int i = 0; i < 8; ++i) {
-        const mp_u32 u = mp_h32<AL>(p + 4 * i);
-        q[2 * i] = mp_bits_to_float(u << 16);
-        q[2 * i + 1] = mp_bits_to_float(u & 0xFFFF0000u);
-    }
-    sc[0] = sc[1] = 1.0f;
-    mn[0] = mn[1] = 0.0f;
+// F16, BF16: 16 consecutive 16-bit values, scale 1; H::lo / H::hi convert a word's low / high half
+template <class H> struct mp_chunk_16bit {
+static MP_HD void cols(int c, int& a, int& b) {  // first columns of the two runs
     a = 16 * c;
     b = a + 8;
 }
+template <bool AL> static MP_HD void run(const mp_u8* __restrict__ row, int c, float (&q)[16], float (&sc)[2], float (&mn)[2]) {
+    mp_u32 uw[8];
+    mp_w16x2<AL>(row + (mp_i64)c * 32, uw);  // 16-aligned under AL
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+        q[2 * i] = H::lo(uw[i]);
+        q[2 * i + 1] = H::hi(uw[i]);
+    }
+    sc[0] = sc[1] = 1.0f;
+    mn[0] = mn[1] = 0.0f;
+}
 };
+struct mp_f16_halves {
+    static MP_HD float lo(mp_u32 u) { return mp_half_to_float(u & 0xFFFFu); }
+    static MP_HD float hi(mp_u32 u) { return mp_half_to_float(u >> 16); }
+};
+struct mp_bf16_halves {  // the top half of a float32
+    static MP_HD float lo(mp_u32 u) { return mp_bits_to_float(u << 16); }
+    static MP_HD float hi(mp_u32 u) { return mp_bits_to_float(u & 0xFFFF0000u); }
+};
+template <> struct mp_chunk<1> : mp_chunk_16bit<mp_f16_halves> {};
+template <> struct mp_chunk<30> : mp_chunk_16bit<mp_bf16_halves> {};
 
 // ---- MP_ROWS weight rows against up to NT activation rows ----------------------------------------
 // Each lane takes chunks lane, lane + 32, ... of the kq columns (kq is a multiple of 16 for the
@@ -518,14 +578,26 @@ template <bool AL> static MP_HD void run(const mp_u8* __restrict__ row, int c, f
 // acc[r * NT + t] is lane-partial: the caller reduces over the warp.
 // Columns >= kq contribute nothing (kq < K only under the test-only fault switch).
 
-#define MP_ROWS 2               // weight rows per warp of the matmul kernels
-#ifndef MP_MIN_BLOCKS
-#define MP_MIN_BLOCKS 5         // resident blocks per SM the matmul kernels are compiled for (register cap)
+#ifndef MP_ROWS
+#define MP_ROWS 2               // weight rows per warp of the matmul kernels (kernels.py: ROWS)
 #endif
+// Resident blocks per SM the matmul kernels are compiled for (a register cap: 65536 / (128 x blocks)),
+// by token tile: the accumulators (MP_ROWS x NT) and activation pointers grow with NT, so the
+// small tiles (decode, short prompts) fit more warps without spilling: 64, 80 and 96 registers.
+#ifndef MP_MIN_BLOCKS_NT1
+#define MP_MIN_BLOCKS_NT1 8
+#endif
+#ifndef MP_MIN_BLOCKS_NT4
+#define MP_MIN_BLOCKS_NT4 6
+#endif
+#ifndef MP_MIN_BLOCKS
+#define MP_MIN_BLOCKS 5         // NT = 8
+#endif
+#define MP_MIN_BLOCKS_FOR(NT) ((NT) <= 1 ? MP_MIN_BLOCKS_NT1 : (NT) <= 4 ? MP_MIN_BLOCKS_NT4 : MP_MIN_BLOCKS)
 #ifdef MOEPARITY_EMULATOR
 #define MP_MATMUL_GLOBAL MP_GLOBAL
 #else
-#define MP_MATMUL_GLOBAL __global__ __launch_bounds__(MP_THREADS, MP_MIN_BLOCKS)
+#define MP_MATMUL_GLOBAL __global__ __launch_bounds__(MP_THREADS, MP_MIN_BLOCKS_FOR(NT))
 #endif
 
 template <int QT, int NT, bool AL>
@@ -534,8 +606,9 @@ MP_HD void mp_rows_dot_chunks(const mp_u8* const (&rows)[MP_ROWS], int chunks, c
     for (int c = lane; c < chunks; c += 32) {
         float q[MP_ROWS][16], sc[MP_ROWS][2], mn[MP_ROWS][2];
         int a = 0, b = 0;
+        mp_chunk<QT>::cols(c, a, b);
 #pragma unroll
-        for (int r = 0; r < MP_ROWS; ++r) mp_chunk<QT>::template run<AL>(rows[r], c, q[r], sc[r], mn[r], a, b);
+        for (int r = 0; r < MP_ROWS; ++r) mp_chunk<QT>::template run<AL>(rows[r], c, q[r], sc[r], mn[r]);
 #pragma unroll
         for (int t = 0; t < NT; ++t) {
             if (t < nt) {

@@ -36,10 +36,23 @@ KERNELS_CU = Path(__file__).with_name("kernels.cu")
 KERNEL_QTYPES: dict[Q, int] = {
     Q.F32: 0, Q.F16: 1, Q.Q4_0: 2, Q.Q8_0: 8, Q.Q4_K: 12, Q.Q5_K: 13, Q.Q6_K: 14, Q.BF16: 30,
 }
-WARPS = 4                 # MP_WARPS in kernels.cu: warps per block of the matmul and row kernels
-ROWS = 2                  # MP_ROWS in kernels.cu: weight rows per warp
+# extra NVRTC options for kernel tuning runs, e.g. MOEPARITY_NVRTC_OPTIONS="-DMP_MIN_BLOCKS=8"; the
+# emulator compiles with its -D options too, and -DMP_WARPS / -DMP_ROWS set the launch geometry below
+NVRTC_OPTIONS_ENV = "MOEPARITY_NVRTC_OPTIONS"
+
+
+def _tuning_define(name: str, default: int) -> int:
+    for opt in os.environ.get(NVRTC_OPTIONS_ENV, "").split():
+        if opt.startswith(f"-D{name}="):
+            return int(opt.split("=", 1)[1])
+    return default
+
+
+WARPS = _tuning_define("MP_WARPS", 4)  # MP_WARPS in kernels.cu: warps per block of the matmul and row kernels
+ROWS = _tuning_define("MP_ROWS", 2)    # MP_ROWS in kernels.cu: weight rows per warp
 THREADS = WARPS * 32      # block size of the matmul and row kernels
 TILE_TOKENS = 8           # activation rows per warp in the batched kernels (NT)
+TOKEN_TILES = (1, 4, TILE_TOKENS)  # the NT instances: the smallest one holding T rows (or pairs) is used
 MAX_EXPERTS = 512         # expert_group: 32 lanes x MP_MAX_PER experts
 MAX_ROUTER_EXPERTS = 2048  # router_topk: a 64-bit taken-mask per lane
 ELEMENTWISE_THREADS = 256
@@ -49,14 +62,12 @@ MAX_ELEMENTWISE_BLOCKS = 8192
 WARP_KERNELS = ("qmm_dense", "qmm_experts", "expert_group", "router_topk", "rms_norm", "softmax_rows")
 
 NAME_EXPRESSIONS: tuple[str, ...] = tuple(
-    [f"qmm_dense<{q},{nt}>" for q in sorted(KERNEL_QTYPES.values()) for nt in (1, TILE_TOKENS)]
-    + [f"qmm_experts<{q},{nt}>" for q in sorted(KERNEL_QTYPES.values()) for nt in (1, TILE_TOKENS)]
+    [f"qmm_dense<{q},{nt}>" for q in sorted(KERNEL_QTYPES.values()) for nt in TOKEN_TILES]
+    + [f"qmm_experts<{q},{nt}>" for q in sorted(KERNEL_QTYPES.values()) for nt in TOKEN_TILES]
     + ["expert_group", "router_topk", "moe_combine", "round_bf16", "rms_norm", "softmax_rows", "rope_neox",
        "swiglu", "add_f32"])
 
 COMPILE_OPTIONS = ("-std=c++17",)
-# extra NVRTC options for kernel tuning runs, e.g. MOEPARITY_NVRTC_OPTIONS="-DMP_MIN_BLOCKS=8"
-NVRTC_OPTIONS_ENV = "MOEPARITY_NVRTC_OPTIONS"
 
 
 def compile_options() -> tuple[str, ...]:
@@ -342,6 +353,11 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def _token_tile(T: int) -> int:
+    """NT for T activation rows: the smallest instance that holds them all, else the largest."""
+    return next((nt for nt in TOKEN_TILES if T <= nt), TOKEN_TILES[-1])
+
+
 # ---- dense product ------------------------------------------------------------------------------------
 def qmatmul(x, wt: DeviceTensor, out=None, *, as_qtype: Q | None = None, backend: Backend | None = None):
     """``x @ W.T``: x float32 ``[T, K]`` (C-contiguous), ``wt`` a 2-D :class:`DeviceTensor` ``[N, K]``
@@ -360,7 +376,7 @@ def qmatmul(x, wt: DeviceTensor, out=None, *, as_qtype: Q | None = None, backend
     if T == 0 or N == 0:
         return out
     _, code, kq = _kernel_type(wt, as_qtype)
-    nt = 1 if T == 1 else TILE_TOKENS
+    nt = _token_tile(T)
     grid = (_cdiv(N, WARPS * ROWS) * _cdiv(T, nt), 1, 1)  # token tile fastest: shared rows run together
     be.launch(f"qmm_dense<{code},{nt}>", grid, (THREADS, 1, 1),
               (wt.raw, np.int64(wt.row_bytes), np.int32(N), np.int32(kq), x, np.int32(K), np.int32(T),
@@ -457,7 +473,7 @@ def qmatmul_experts(x, wt3: DeviceTensor, routing, out=None, *, x_per_pair: bool
     if not raw.flags.c_contiguous or tuple(raw.shape[:2]) != (E, N):
         raise KernelError(f"{wt3.name}: raw bytes must be a C-contiguous [E, N, row_bytes] array, got {raw.shape}")
     _, code, kq = _kernel_type(wt3, as_qtype)
-    nt = 1 if T == 1 else TILE_TOKENS
+    nt = _token_tile(T)
     grid = (_cdiv(N, WARPS * ROWS), int(routing.active.shape[0]), 1)  # y: the active experts only
     be.launch(f"qmm_experts<{code},{nt}>", grid, (THREADS, 1, 1),
               (raw, np.int64(wt3.row_bytes), np.int64(N * wt3.row_bytes), np.int32(N), np.int32(kq),

@@ -1,0 +1,39 @@
+"""Light tests (no GPU, no compiler) of the GPU backend's launch-geometry choices in kernels.py: which
+token-tile instance a product uses, and the tuning overrides read from MOEPARITY_NVRTC_OPTIONS, which
+must set the Python launch geometry and the compiled kernels' defines together."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from pytest_moeparity.gpu import kernels as K
+
+
+@pytest.mark.parametrize("T,nt", [(1, 1), (2, 4), (3, 4), (4, 4), (5, 8), (8, 8), (9, 8), (64, 8), (1000, 8)])
+def test_token_tile_is_smallest_instance_holding_T(T, nt):
+    assert K._token_tile(T) == nt
+    for kernel in ("qmm_dense", "qmm_experts"):
+        for q in K.KERNEL_QTYPES.values():
+            assert f"{kernel}<{q},{nt}>" in K.NAME_EXPRESSIONS
+
+
+def test_tuning_define_reads_only_its_own_option(monkeypatch):
+    monkeypatch.setenv(K.NVRTC_OPTIONS_ENV, "-DMP_ROWSX=9 -DMP_MIN_BLOCKS=6 -DMP_ROWS=4")
+    assert K._tuning_define("MP_ROWS", 2) == 4
+    assert K._tuning_define("MP_WARPS", 4) == 4
+    monkeypatch.delenv(K.NVRTC_OPTIONS_ENV)
+    assert K._tuning_define("MP_ROWS", 2) == 2
+
+
+def test_tuning_options_set_launch_geometry_and_compile_defines():
+    code = ("import json; from pytest_moeparity.gpu import kernels as K; "
+            "print(json.dumps([K.ROWS, K.WARPS, K.THREADS, list(K.compile_options())]))")
+    env = dict(os.environ, **{K.NVRTC_OPTIONS_ENV: "-DMP_ROWS=4 -DMP_WARPS=2"})
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    rows, warps, threads, options = json.loads(out.stdout)
+    assert (rows, warps, threads) == (4, 2, 64)
+    assert "-DMP_ROWS=4" in options and "-DMP_WARPS=2" in options
