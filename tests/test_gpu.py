@@ -478,6 +478,60 @@ def test_rms_norm_matches_float64(backend):
         _assert_close(got, want, f"rms_norm {shape}", tol=1e-6)
 
 
+def _attention64(q, k, v, nh: int, nkv: int):
+    """float64 causal GQA attention, written as the reference's math: scores, masked softmax, p @ v."""
+    T, _, hd = q.shape
+    kk = np.repeat(k.reshape(T, nkv, hd).astype(np.float64), nh // nkv, axis=1)
+    vv = np.repeat(v.reshape(T, nkv, hd).astype(np.float64), nh // nkv, axis=1)
+    scores = np.einsum("thd,shd->ths", q.astype(np.float64), kk) / np.sqrt(hd)
+    masked = np.where(np.tril(np.ones((T, T), bool))[:, None, :], scores, -np.inf)
+    e = np.exp(masked - masked.max(-1, keepdims=True))
+    probs = e / e.sum(-1, keepdims=True)
+    return scores, probs, np.einsum("ths,shd->thd", probs, vv).reshape(T, nh * hd)
+
+
+@pytest.mark.parametrize("T,nh,nkv,hd", [(1, 4, 1, 64), (3, 32, 4, 128), (17, 6, 3, 40), (40, 8, 2, 32)])
+def test_attention_core_matches_float64(backend, T, nh, nkv, hd):
+    from pytest_moeparity.gpu import kernels as K
+
+    rng = _rng("attn", T, nh, nkv, hd)
+    q = rng.standard_normal((T, nh, hd)).astype(np.float32)
+    k = rng.standard_normal((T, nkv, hd)).astype(np.float32)
+    v = rng.standard_normal((T, nkv * hd)).astype(np.float32)
+    out = (_poisoned(backend, (T, nh, T)), _poisoned(backend, (T, nh, T)), _poisoned(backend, (T, nh * hd)))
+    res = K.attention_core(_dev(backend, q), _dev(backend, k), _dev(backend, v), out=out, backend=backend)
+    assert all(r is o for r, o in zip(res, out))
+    want = _attention64(q, k, v, nh, nkv)
+    for name, got, ref in zip(("scores", "probs", "ctx"), res, want):
+        got = _host(backend, got)
+        _assert_written(got, f"attention_core {name} T={T}")
+        _assert_close(got, ref, f"attention_core {name} T={T} nh={nh} nkv={nkv} hd={hd}")
+    probs = _host(backend, res[1])
+    assert np.all(probs[np.broadcast_to(~np.tril(np.ones((T, T), bool))[:, None, :], probs.shape)] == 0)
+
+
+def test_attention_core_nan_spreads_as_in_numpy(backend):
+    from pytest_moeparity.gpu import kernels as K
+
+    T, nh, nkv, hd = 6, 4, 2, 32
+    rng = _rng("attn-nan")
+    q = rng.standard_normal((T, nh, hd)).astype(np.float32)
+    k = rng.standard_normal((T, nkv, hd)).astype(np.float32)
+    v = rng.standard_normal((T, nkv * hd)).astype(np.float32)
+    k[3, 1, 5] = np.nan   # key 3 of kv head 1: rows t >= 3 of heads 2, 3 are NaN; earlier rows mask it
+    v[4, 7] = np.nan      # value 4 of kv head 0, dim 7: 0 * NaN, so dim 7 of every context row of heads 0, 1 is NaN
+    got = [_host(backend, a) for a in K.attention_core(_dev(backend, q), _dev(backend, k), _dev(backend, v),
+                                                       backend=backend)]
+    with np.errstate(invalid="ignore"):
+        want = _attention64(q, k, v, nh, nkv)
+    for name, g, w in zip(("scores", "probs", "ctx"), got, want):
+        assert np.array_equal(np.isnan(g), np.isnan(w)), f"{name}: NaN pattern differs from NumPy's"
+        _assert_close(np.nan_to_num(g), np.nan_to_num(w), f"{name} (finite part)")
+    assert np.isnan(got[1][3:, 2:]).all() and np.isfinite(got[1][:3]).all()
+    ctx = got[2].reshape(T, nh, hd)
+    assert np.isnan(ctx[:, :2, 7]).all() and np.isfinite(np.delete(ctx[:3], 7, axis=2)).all()
+
+
 def test_softmax_matches_float64_with_causal_mask_and_nan(backend):
     from pytest_moeparity.gpu import kernels as K
 
@@ -890,6 +944,7 @@ FAULT_SPECS = [
     "nan@3:moe_ffn_out",
     "scale=2@2:attn_out;inf@5:moe_expert_out#1;zero@1:moe_expert_gate",
     "add=0.5@embedding;scale=-1@6:moe_expert_swiglu",
+    "scale=3@2:attn_scores;add=0.01@4:attn_softmax",  # these layers leave the one-launch attention
     "dispatch=q6_k@*:ffn_down_exps",
     "dispatch=q8_0@2:attn_q;dispatch=bf16@3:ffn_gate_inp;dispatch=q8_0@4:attn_norm",
 ]

@@ -299,6 +299,26 @@ class CupyEngine:
         q = rec.tap(S.q_post_rope, L, q)
         k = rec.tap(S.k_post_rope, L, k)
 
+        if self.act_dtype == "float32" and not any(f.matches(st, L) for f in rec.faults
+                                                    for st in (S.attn_scores, S.attn_softmax)):
+            # one launch for scores, causal softmax and context (a planted fault on the scores or the
+            # probabilities, or a rounding precision mode, takes the stage-by-stage path below)
+            scores, p, ctx = K.attention_core(q, k, v, backend=self.backend)
+            rec.tap(S.attn_scores, L, scores)
+            rec.tap(S.attn_softmax, L, p)
+        else:
+            scores, p, ctx = self._attention_stages(L, q, k, v, rec)
+        ctx = rec.tap(S.attention, L, ctx)
+        out = a(self._layer_mm(ctx, L, "attn_output", weights))
+        out = rec.tap(S.attn_out, L, out)
+        x = a(K.add(x, out, backend=self.backend))
+        x = rec.tap(S.post_attn_residual, L, x)
+        return x
+
+    def _attention_stages(self, L: int, q, k, v, rec: Recorder):
+        """Scores, causal softmax and context as separate steps (each rounded to the activation dtype)."""
+        cfg, a, xp = self.cfg, self._a, self.xp
+        T, nh, nkv, hd = q.shape[0], cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         # GQA: query head i reads kv head i // (nh / nkv)
         kk = xp.repeat(k, nh // nkv, axis=1)                       # [T, nh, hd]
         vv = xp.repeat(v.reshape(T, nkv, hd), nh // nkv, axis=1)  # [T, nh, hd]
@@ -318,12 +338,7 @@ class CupyEngine:
             ph = xp.ascontiguousarray(p.transpose(1, 0, 2))            # [nh, T, T]
             vh = xp.ascontiguousarray(vv.transpose(1, 0, 2))           # [nh, T, hd]
             ctx = a(xp.matmul(ph, vh).transpose(1, 0, 2).reshape(T, nh * hd))
-        ctx = rec.tap(S.attention, L, ctx)
-        out = a(self._layer_mm(ctx, L, "attn_output", weights))
-        out = rec.tap(S.attn_out, L, out)
-        x = a(K.add(x, out, backend=self.backend))
-        x = rec.tap(S.post_attn_residual, L, x)
-        return x
+        return scores, p, ctx
 
     def moe(self, layer: int, x, rec: Recorder, weights: DeviceWeights):
         cfg, a, L, be, xp = self.cfg, self._a, layer, self.backend, self.xp

@@ -893,9 +893,9 @@ extern "C" MP_GLOBAL void rms_norm(const float* __restrict__ x, int rows, int n,
     if (row >= rows) return;
     const float* xr = x + (mp_i64)row * n;
     float* o = out + (mp_i64)row * n;
-    // rows of up to 32 * MP_RMS_REGS values are held in registers: one burst of independent loads
-    // (the row costs one memory round trip), sums of squares in 8 interleaved partial sums
-    float v[MP_RMS_REGS], part[8];
+    // rows of up to 32 * MP_RMS_REGS values are held in registers with their weights: one burst of
+    // independent loads (the row costs one memory round trip), sums of squares in 8 partial sums
+    float v[MP_RMS_REGS], wv[MP_RMS_REGS], part[8];
 #pragma unroll
     for (int j = 0; j < 8; ++j) part[j] = 0.0f;
     const bool in_regs = n <= 32 * MP_RMS_REGS;
@@ -904,6 +904,7 @@ extern "C" MP_GLOBAL void rms_norm(const float* __restrict__ x, int rows, int n,
         for (int j = 0; j < MP_RMS_REGS; ++j) {
             const int i = lane + 32 * j;
             v[j] = i < n ? xr[i] : 0.0f;
+            wv[j] = i < n ? weight[i] : 0.0f;
         }
 #pragma unroll
         for (int j = 0; j < MP_RMS_REGS; ++j) part[j & 7] = mp_fadd(part[j & 7], mp_fmul(v[j], v[j]));
@@ -920,7 +921,7 @@ extern "C" MP_GLOBAL void rms_norm(const float* __restrict__ x, int rows, int n,
 #pragma unroll
         for (int j = 0; j < MP_RMS_REGS; ++j) {
             const int i = lane + 32 * j;
-            if (i < n) o[i] = mp_fmul(mp_fmul(v[j], inv), weight[i]);
+            if (i < n) o[i] = mp_fmul(mp_fmul(v[j], inv), wv[j]);
         }
     } else {
         for (int k = lane; k < n; k += 32) o[k] = mp_fmul(mp_fmul(xr[k], inv), weight[k]);
@@ -929,12 +930,9 @@ extern "C" MP_GLOBAL void rms_norm(const float* __restrict__ x, int rows, int n,
 
 // softmax over each row of n; causal > 0: row r belongs to query position r / causal and its
 // columns beyond that position are masked (probability 0), the reference's where(mask, x, -inf).
-extern "C" MP_GLOBAL void softmax_rows(const float* __restrict__ x, int rows, int n, int causal, float* __restrict__ out) {
-    const int row = blockIdx.x * MP_WARPS + (threadIdx.x >> 5), lane = threadIdx.x & 31;
-    if (row >= rows) return;
-    const float* xr = x + (mp_i64)row * n;
-    float* o = out + (mp_i64)row * n;
-    const int valid = causal > 0 ? row / causal + 1 : n;
+// softmax of one row xr[0..n) into o by the lanes of a warp (lane i % 32 reads and writes column i);
+// columns >= valid are masked (probability 0).
+MP_HD void mp_softmax_row(const float* __restrict__ xr, int n, int valid, float* __restrict__ o, int lane) {
     const float NEG_INF = mp_bits_to_float(0xFF800000u);
     float m = NEG_INF, any_nan = 0.0f;
     for (int i = lane; i < valid; i += 32) {
@@ -949,6 +947,54 @@ extern "C" MP_GLOBAL void softmax_rows(const float* __restrict__ x, int rows, in
     sum = mp_warp_sum1(sum);
     // masked columns: 0 / sum, so a row whose sum is NaN is NaN throughout, as NumPy's exp(-inf - m) / sum
     for (int i = lane; i < n; i += 32) o[i] = (i < valid ? expf(mp_fsub(xr[i], m)) : 0.0f) / sum;
+}
+
+extern "C" MP_GLOBAL void softmax_rows(const float* __restrict__ x, int rows, int n, int causal, float* __restrict__ out) {
+    const int row = blockIdx.x * MP_WARPS + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+    if (row >= rows) return;
+    mp_softmax_row(x + (mp_i64)row * n, n, causal > 0 ? row / causal + 1 : n, out + (mp_i64)row * n, lane);
+}
+
+// memory written by some lanes of a warp made visible to all of them (the emulator: a warp barrier)
+MP_HD void mp_syncwarp() {
+#ifdef MOEPARITY_EMULATOR
+    (void)mp_warp_sum1(0.0f);
+#elif defined(__CUDA_ARCH__)
+    __syncwarp();
+#endif
+}
+
+// ---- attention core ---------------------------------------------------------------------------------------
+// The reference's scores -> causal softmax -> context of one layer in one launch, one warp per (t, h)
+// row (row = t * nh + h; query head h reads kv head h / (nh / nkv)):
+//   scores[t, h, s] = (sum_d q[t, h, d] k[s, g, d]) / sqrt_hd   for every s (the reference taps them all)
+//   probs[t, h, :]  = softmax of the row with the columns s > t masked (mp_softmax_row)
+//   ctx[t, h*hd + d] = sum_s probs[t, h, s] v[s, g, d]          over every s, as p @ v (0 * NaN is NaN)
+// q [T, nh, hd], k and v [T, nkv, hd], all contiguous float32.
+extern "C" MP_GLOBAL void attention_core(const float* __restrict__ q, const float* __restrict__ k,
+                                         const float* __restrict__ v, int T, int nh, int nkv, int hd, float sqrt_hd,
+                                         float* __restrict__ scores, float* __restrict__ probs, float* __restrict__ ctx) {
+    const int row = blockIdx.x * MP_WARPS + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+    if (row >= T * nh) return;  // uniform over the warp
+    const int t = row / nh, h = row % nh, g = h / (nh / nkv);
+    const float* qr = q + (mp_i64)row * hd;
+    float* sr = scores + (mp_i64)row * T;
+    float* pr = probs + (mp_i64)row * T;
+    for (int s = 0; s < T; ++s) {
+        const float* kr = k + ((mp_i64)s * nkv + g) * hd;
+        float part = 0.0f;
+        for (int d = lane; d < hd; d += 32) part = fmaf(qr[d], kr[d], part);
+        const float dot = mp_warp_sum1(part);
+        if (lane == (s & 31)) sr[s] = dot / sqrt_hd;  // the lane that reads column s in the softmax
+    }
+    mp_softmax_row(sr, T, t + 1, pr, lane);
+    mp_syncwarp();  // every lane reads every column of the probabilities below
+    float* cr = ctx + (mp_i64)row * hd;  // [T, nh, hd] = [T, nh * hd]
+    for (int d = lane; d < hd; d += 32) {
+        float acc = 0.0f;
+        for (int s = 0; s < T; ++s) acc = fmaf(pr[s], v[((mp_i64)s * nkv + g) * hd + d], acc);
+        cr[d] = acc;
+    }
 }
 
 // ---- elementwise ----------------------------------------------------------------------------------------

@@ -59,13 +59,14 @@ ELEMENTWISE_THREADS = 256
 MAX_ELEMENTWISE_BLOCKS = 8192
 
 # kernels whose lanes meet at warp reductions (the emulator runs their lanes as coroutines)
-WARP_KERNELS = ("qmm_dense", "qmm_experts", "expert_group", "router_topk", "rms_norm", "softmax_rows")
+WARP_KERNELS = ("qmm_dense", "qmm_experts", "expert_group", "router_topk", "rms_norm", "softmax_rows",
+                "attention_core")
 
 NAME_EXPRESSIONS: tuple[str, ...] = tuple(
     [f"qmm_dense<{q},{nt}>" for q in sorted(KERNEL_QTYPES.values()) for nt in TOKEN_TILES]
     + [f"qmm_experts<{q},{nt}>" for q in sorted(KERNEL_QTYPES.values()) for nt in TOKEN_TILES]
-    + ["expert_group", "router_topk", "moe_combine", "round_bf16", "rms_norm", "softmax_rows", "rope_neox",
-       "swiglu", "add_f32"])
+    + ["expert_group", "router_topk", "moe_combine", "round_bf16", "rms_norm", "softmax_rows", "attention_core",
+       "rope_neox", "swiglu", "add_f32"])
 
 COMPILE_OPTIONS = ("-std=c++17",)
 
@@ -568,6 +569,34 @@ def softmax(x, *, causal_period: int = 0, backend: Backend | None = None):
         be.launch("softmax_rows", (_cdiv(rows, WARPS), 1, 1), (THREADS, 1, 1),
                   (x, np.int32(rows), np.int32(n), np.int32(causal_period), out))
     return out
+
+
+def attention_core(q, k, v, out=None, *, backend: Backend | None = None):
+    """Causal attention of T positions in one launch (one warp per (position, head) row), float32:
+    ``q`` ``[T, nh, hd]``, ``k`` and ``v`` ``[T, nkv, hd]`` (or ``[T, nkv * hd]``) -> (scores ``[T, nh, T]``
+    = ``q k^T / sqrt(hd)`` unmasked, probs ``[T, nh, T]`` = the causal softmax, ctx ``[T, nh * hd]`` =
+    ``probs @ v``). Query head h reads kv head ``h // (nh // nkv)``. ``out``: optional (scores, probs, ctx)."""
+    be = _backend(backend)
+    q = _f32c("attention_core: q", q, be)
+    if q.ndim != 3:
+        raise KernelError(f"attention_core: q must be [T, heads, head_dim], got shape {q.shape}")
+    T, nh, hd = (int(s) for s in q.shape)
+    k, v = _f32c("attention_core: k", k, be), _f32c("attention_core: v", v, be)
+    nkv = int(k.shape[1]) if k.ndim == 3 else int(k.shape[-1]) // max(hd, 1)
+    for name, a in (("k", k), ("v", v)):
+        if int(a.size) != T * nkv * hd or int(a.shape[0]) != T:
+            raise KernelError(f"attention_core: {name} has shape {a.shape}, expected [{T}, {nkv}, {hd}]")
+    if nkv < 1 or nh % nkv:
+        raise KernelError(f"attention_core: {nh} query heads do not group over {nkv} kv heads")
+    scores, probs, ctx = out if out is not None else (None, None, None)
+    scores = _out("attention_core: scores", scores, (T, nh, T), be)
+    probs = _out("attention_core: probs", probs, (T, nh, T), be)
+    ctx = _out("attention_core: ctx", ctx, (T, nh * hd), be)
+    if T and nh and hd:
+        be.launch("attention_core", (_cdiv(T * nh, WARPS), 1, 1), (THREADS, 1, 1),
+                  (q, k, v, np.int32(T), np.int32(nh), np.int32(nkv), np.int32(hd), np.float32(np.sqrt(hd)),
+                   scores, probs, ctx))
+    return scores, probs, ctx
 
 
 def rope_neox(x, cos, sin, *, backend: Backend | None = None):
