@@ -1,10 +1,11 @@
 // CPU emulator of the kernels in kernels.cu (development and CI aid; see emulator.py).
 //
 // kernels.cu is compiled as plain C++ with MOEPARITY_EMULATOR defined. Each launch runs every
-// block and every warp of the grid; the 32 lanes of a warp are coroutines (ucontext) so that
-// the warp reduction (mp_emu_warp_allreduce) is a real synchronisation point: all 32 lanes must
-// reach it, and it computes the same xor butterfly as __shfl_xor_sync. A warp whose lanes
-// disagree (some exited, some wait) is reported as an error, as is any access that runs past
+// block of the grid; the threads of a block are coroutines (ucontext) so that the warp reduction
+// (mp_emu_warp_allreduce) is a real synchronisation point of its 32 lanes, computing the same xor
+// butterfly as __shfl_xor_sync, and __syncthreads (mp_emu_syncthreads) one of the whole block. A
+// warp whose lanes disagree (some exited, some wait), or a block that can make no progress, is
+// reported as an error, as is any access that runs past
 // the end of an argument array (arrays are copied next to a PROT_NONE guard page and SIGSEGV
 // is turned into an error naming the argument).
 #include <cmath>
@@ -32,6 +33,7 @@ static mp_dim3 threadIdx, blockIdx, blockDim, gridDim;
 
 void mp_emu_warp_allreduce(float* v, int n);
 void mp_emu_warp_allreduce_max(float* v, int n);
+void mp_emu_syncthreads();
 
 #include MP_KERNELS_PATH
 
@@ -40,19 +42,21 @@ namespace {
 
 const int kMaxReduce = 64;
 const size_t kStack = 256 * 1024;
+const unsigned kMaxThreads = 1024;
 
 struct Lane {
     ucontext_t ctx;
     char* stack;
     bool done;
-    bool waiting;
+    bool waiting;   // at a warp reduction
+    bool barrier;   // at __syncthreads
     int n;
     int op;  // 0: sum, 1: max
     float vals[kMaxReduce];
     unsigned tid;
 };
 
-Lane g_lanes[32];
+Lane g_lanes[kMaxThreads];  // the threads of one block; thread i is lane i % 32 of warp i / 32
 ucontext_t g_sched;
 int g_cur = 0;
 void (*g_invoke)(void**) = nullptr;
@@ -75,13 +79,15 @@ void set_thread(unsigned tid) {
     threadIdx.z = tid / (blockDim.x * blockDim.y);
 }
 
-bool run_warp_coroutines(unsigned first_tid, unsigned n_threads) {
-    for (int i = 0; i < 32; ++i) {
+// Every thread of the block as a coroutine: run each until it finishes or waits (at a warp reduction
+// or the block barrier), then complete the reductions whose 32 lanes all wait, or release the barrier
+// once every thread waits there; anything else that stops all progress is reported.
+bool run_block_coroutines(unsigned n_threads) {
+    for (unsigned i = 0; i < n_threads; ++i) {
         Lane& L = g_lanes[i];
-        L.done = (unsigned)i >= n_threads;
-        L.waiting = false;
-        L.tid = first_tid + i;
-        if (L.done) continue;
+        L.done = false;
+        L.waiting = L.barrier = false;
+        L.tid = i;
         if (!L.stack) L.stack = (char*)std::malloc(kStack);
         getcontext(&L.ctx);
         L.ctx.uc_stack.ss_sp = L.stack;
@@ -89,54 +95,74 @@ bool run_warp_coroutines(unsigned first_tid, unsigned n_threads) {
         L.ctx.uc_link = &g_sched;
         makecontext(&L.ctx, lane_entry, 0);
     }
+    char buf[320];
     for (;;) {
-        for (int i = 0; i < 32; ++i) {
+        for (unsigned i = 0; i < n_threads; ++i) {
             Lane& L = g_lanes[i];
-            if (L.done || L.waiting) continue;
-            g_cur = i;
+            if (L.done || L.waiting || L.barrier) continue;
+            g_cur = (int)i;
             set_thread(L.tid);
             swapcontext(&g_sched, &L.ctx);
         }
-        int n_wait = 0, n_done = 0, n = -1, op = -1;
-        bool mismatch = false;
-        for (int i = 0; i < 32; ++i) {
-            if (g_lanes[i].waiting) {
+        bool progress = false;
+        unsigned n_done = 0, n_barrier = 0;
+        for (unsigned w0 = 0; w0 < n_threads; w0 += 32) {
+            const unsigned nl = n_threads - w0 < 32 ? n_threads - w0 : 32;
+            int n_wait = 0, n = -1, op = -1;
+            bool mismatch = false;
+            for (unsigned i = w0; i < w0 + nl; ++i) {
+                const Lane& L = g_lanes[i];
+                n_done += L.done;
+                n_barrier += L.barrier;
+                if (!L.waiting) continue;
                 ++n_wait;
-                if (n < 0) n = g_lanes[i].n, op = g_lanes[i].op;
-                else if (g_lanes[i].n != n || g_lanes[i].op != op) mismatch = true;
-            } else if (g_lanes[i].done) {
-                ++n_done;
+                if (n < 0) n = L.n, op = L.op;
+                else if (L.n != n || L.op != op) mismatch = true;
             }
-        }
-        if (n_wait == 0) return true;
-        if (n_wait != 32) {
-            char buf[256];
-            std::snprintf(buf, sizeof buf,
-                          "divergent warp: %d lanes wait at a warp reduction while %d lanes exited "
-                          "(block %u,%u,%u, first thread %u)",
-                          n_wait, n_done, blockIdx.x, blockIdx.y, blockIdx.z, first_tid);
-            g_error = buf;
-            return false;
-        }
-        if (mismatch) {
-            g_error = "warp reduction called with different lengths or operations by different lanes";
-            return false;
-        }
-        // xor butterfly, exactly as `v += __shfl_xor_sync(mask, v, off)` (op 0) or
-        // `v = fmaxf(v, __shfl_xor_sync(mask, v, off))` (op 1) for off = 16..1
-        float cur[32][kMaxReduce], nxt[32][kMaxReduce];
-        for (int i = 0; i < 32; ++i)
-            for (int t = 0; t < n; ++t) cur[i][t] = g_lanes[i].vals[t];
-        for (int off = 16; off > 0; off >>= 1) {
+            if (n_wait == 0) continue;
+            if (n_wait != 32) {
+                int w_done = 0;
+                for (unsigned i = w0; i < w0 + nl; ++i) w_done += g_lanes[i].done;
+                std::snprintf(buf, sizeof buf,
+                              "divergent warp: %d lanes wait at a warp reduction while %d lanes exited "
+                              "(block %u,%u,%u, first thread %u)",
+                              n_wait, w_done + (int)(32 - nl), blockIdx.x, blockIdx.y, blockIdx.z, w0);
+                g_error = buf;
+                return false;
+            }
+            if (mismatch) {
+                g_error = "warp reduction called with different lengths or operations by different lanes";
+                return false;
+            }
+            // xor butterfly, exactly as `v += __shfl_xor_sync(mask, v, off)` (op 0) or
+            // `v = fmaxf(v, __shfl_xor_sync(mask, v, off))` (op 1) for off = 16..1
+            float cur[32][kMaxReduce], nxt[32][kMaxReduce];
             for (int i = 0; i < 32; ++i)
-                for (int t = 0; t < n; ++t)
-                    nxt[i][t] = op == 1 ? std::fmax(cur[i][t], cur[i ^ off][t]) : cur[i][t] + cur[i ^ off][t];
-            std::memcpy(cur, nxt, sizeof cur);
+                for (int t = 0; t < n; ++t) cur[i][t] = g_lanes[w0 + i].vals[t];
+            for (int off = 16; off > 0; off >>= 1) {
+                for (int i = 0; i < 32; ++i)
+                    for (int t = 0; t < n; ++t)
+                        nxt[i][t] = op == 1 ? std::fmax(cur[i][t], cur[i ^ off][t]) : cur[i][t] + cur[i ^ off][t];
+                std::memcpy(cur, nxt, sizeof cur);
+            }
+            for (int i = 0; i < 32; ++i) {
+                for (int t = 0; t < n; ++t) g_lanes[w0 + i].vals[t] = cur[i][t];
+                g_lanes[w0 + i].waiting = false;
+            }
+            progress = true;
         }
-        for (int i = 0; i < 32; ++i) {
-            for (int t = 0; t < n; ++t) g_lanes[i].vals[t] = cur[i][t];
-            g_lanes[i].waiting = false;
+        if (progress) continue;
+        if (n_done == n_threads) return true;
+        if (n_barrier + n_done == n_threads && n_done == 0) {
+            for (unsigned i = 0; i < n_threads; ++i) g_lanes[i].barrier = false;
+            continue;
         }
+        std::snprintf(buf, sizeof buf,
+                      "block %u,%u,%u cannot go on: %u threads wait at __syncthreads, %u exited, the others "
+                      "wait at a warp reduction",
+                      blockIdx.x, blockIdx.y, blockIdx.z, n_barrier, n_done);
+        g_error = buf;
+        return false;
     }
 }
 
@@ -169,6 +195,12 @@ static void mp_emu_warp_reduce_op(float* v, int n, int op) {
 void mp_emu_warp_allreduce(float* v, int n) { mp_emu_warp_reduce_op(v, n, 0); }
 
 void mp_emu_warp_allreduce_max(float* v, int n) { mp_emu_warp_reduce_op(v, n, 1); }
+
+void mp_emu_syncthreads() {
+    Lane& L = g_lanes[g_cur];
+    L.barrier = true;
+    swapcontext(&L.ctx, &g_sched);
+}
 
 // ---- argument marshalling -------------------------------------------------------------------------
 
@@ -249,6 +281,10 @@ int emu_launch(const char* name, unsigned gx, unsigned gy, unsigned gz, unsigned
     gridDim = {gx, gy, gz};
     blockDim = {bx, by, bz};
     unsigned n_threads = bx * by * bz;
+    if (coroutines && n_threads > kMaxThreads) {
+        std::snprintf(err, err_len, "block of %u threads: the emulator runs at most %u", n_threads, kMaxThreads);
+        return 1;
+    }
 
     struct sigaction sa, old;
     std::memset(&sa, 0, sizeof sa);
@@ -271,18 +307,12 @@ int emu_launch(const char* name, unsigned gx, unsigned gy, unsigned gz, unsigned
         for (unsigned y = 0; y < gy && rc == 0; ++y)
             for (unsigned x = 0; x < gx && rc == 0; ++x) {
                 blockIdx = {x, y, z};
-                for (unsigned w0 = 0; w0 < n_threads; w0 += 32) {
-                    unsigned nt = n_threads - w0 < 32 ? n_threads - w0 : 32;
-                    if (coroutines) {
-                        if (!run_warp_coroutines(w0, nt)) {
-                            rc = 1;
-                            break;
-                        }
-                    } else {
-                        for (unsigned i = 0; i < nt; ++i) {
-                            set_thread(w0 + i);
-                            e->invoke(args);
-                        }
+                if (coroutines) {
+                    if (!run_block_coroutines(n_threads)) rc = 1;
+                } else {
+                    for (unsigned i = 0; i < n_threads; ++i) {
+                        set_thread(i);
+                        e->invoke(args);
                     }
                 }
             }

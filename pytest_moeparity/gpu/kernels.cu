@@ -247,6 +247,22 @@ template <int N> MP_HD void mp_warp_allmax(float (&v)[N]) {
 }
 
 MP_HD float mp_warp_sum1(float x) { float v[1] = {x}; mp_warp_allreduce<1>(v); return v[0]; }
+
+// block-wide barrier and shared arrays (the emulator runs a block's threads as coroutines and keeps a
+// shared array as a static: its blocks run one after another)
+#ifdef MOEPARITY_EMULATOR
+void mp_emu_syncthreads();
+#define MP_SHARED static
+#else
+#define MP_SHARED __shared__
+#endif
+MP_HD void mp_syncthreads() {
+#ifdef MOEPARITY_EMULATOR
+    mp_emu_syncthreads();
+#elif defined(__CUDA_ARCH__)
+    __syncthreads();
+#endif
+}
 MP_HD float mp_warp_max1(float x) { float v[1] = {x}; mp_warp_allmax<1>(v); return v[0]; }
 
 // ---- wide loads ------------------------------------------------------------------------------------
@@ -602,8 +618,8 @@ template <> struct mp_chunk<30> : mp_chunk_16bit<mp_bf16_halves> {};
 
 template <int QT, int NT, bool AL>
 MP_HD void mp_rows_dot_chunks(const mp_u8* const (&rows)[MP_ROWS], int chunks, const float* const (&xp)[NT], int nt,
-                              int lane, float (&acc)[MP_ROWS * NT]) {
-    for (int c = lane; c < chunks; c += 32) {
+                              int first, int stride, float (&acc)[MP_ROWS * NT]) {
+    for (int c = first; c < chunks; c += stride) {
         float q[MP_ROWS][16], sc[MP_ROWS][2], mn[MP_ROWS][2];
         int a = 0, b = 0;
         mp_chunk<QT>::cols(c, a, b);
@@ -647,16 +663,16 @@ MP_HD bool mp_aligned16(const void* p) { return (((unsigned long long)p) & 15) =
 
 template <int QT, int NT>
 MP_HD void mp_rows_dot(const mp_u8* const (&rows)[MP_ROWS], int kq, const float* const (&xp)[NT], int nt,
-                       int lane, float (&acc)[MP_ROWS * NT]) {
+                       int first, int stride, float (&acc)[MP_ROWS * NT]) {
     const int chunks = kq >> 4;
     bool al = true;  // uniform over the warp: the same rows and activation rows in every lane
 #pragma unroll
     for (int r = 0; r < MP_ROWS; ++r) al = al && mp_aligned16(rows[r]);
 #pragma unroll
     for (int t = 0; t < NT; ++t) al = al && mp_aligned16(xp[t]);
-    if (al) mp_rows_dot_chunks<QT, NT, true>(rows, chunks, xp, nt, lane, acc);
-    else mp_rows_dot_chunks<QT, NT, false>(rows, chunks, xp, nt, lane, acc);
-    for (int k = (chunks << 4) + lane; k < kq; k += 32) {
+    if (al) mp_rows_dot_chunks<QT, NT, true>(rows, chunks, xp, nt, first, stride, acc);
+    else mp_rows_dot_chunks<QT, NT, false>(rows, chunks, xp, nt, first, stride, acc);
+    for (int k = (chunks << 4) + first; k < kq; k += stride) {
 #pragma unroll
         for (int r = 0; r < MP_ROWS; ++r) {
             const float w = mp_dq<QT>(rows[r], k);
@@ -679,7 +695,7 @@ MP_HD void mp_warp_rows(const mp_u8* __restrict__ w, mp_i64 row_bytes, int N, in
     float acc[MP_ROWS * NT];
 #pragma unroll
     for (int i = 0; i < MP_ROWS * NT; ++i) acc[i] = 0.0f;
-    mp_rows_dot<QT, NT>(rows, kq, xp, nt, lane, acc);
+    mp_rows_dot<QT, NT>(rows, kq, xp, nt, lane, 32, acc);
     mp_warp_allreduce<MP_ROWS * NT>(acc);
     if (lane == 0) {
 #pragma unroll
@@ -714,6 +730,50 @@ MP_MATMUL_GLOBAL void qmm_dense(const mp_u8* __restrict__ w, mp_i64 row_bytes, i
         xp[t] = x + (mp_i64)orow[t] * ldx;
     }
     mp_warp_rows<QT, NT>(w, row_bytes, N, n0, kq, xp, orow, nt, lane, out, ldo);
+}
+
+// ---- dense product, K split over the warps of a block (short prompts) -----------------------------------
+// The MP_WARPS warps of a block take the same MP_ROWS weight rows and tile of NT tokens; warp w reads
+// chunk iterations w, w + MP_WARPS, ... of the row (a warp of qmm_dense reads all of them one after
+// another, which leaves a short prompt's small products waiting on memory with few warps in flight).
+// The warps' partial sums meet in shared memory and are added in warp order (deterministic).
+// grid (ceil(N / MP_ROWS) * tiles), block MP_THREADS.
+
+template <int QT, int NT>
+MP_MATMUL_GLOBAL void qmm_dense_splitk(const mp_u8* __restrict__ w, mp_i64 row_bytes, int N, int kq,
+                                const float* __restrict__ x, int ldx, int T,
+                                float* __restrict__ out, int ldo) {
+    MP_SHARED float part[MP_WARPS][MP_ROWS * NT];
+    const int tiles = (T + NT - 1) / NT;
+    const int tile = (int)(blockIdx.x % (unsigned)tiles), group = (int)(blockIdx.x / (unsigned)tiles);
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int n0 = group * MP_ROWS, t0 = tile * NT;
+    if (n0 >= N || t0 >= T) return;  // uniform over the block
+    const int nt = (T - t0) < NT ? (T - t0) : NT;
+    const float* xp[NT];
+    const mp_u8* rows[MP_ROWS];
+#pragma unroll
+    for (int t = 0; t < NT; ++t) xp[t] = x + (mp_i64)(t0 + (t < nt ? t : 0)) * ldx;
+#pragma unroll
+    for (int r = 0; r < MP_ROWS; ++r) rows[r] = w + (mp_i64)(n0 + r < N ? n0 + r : N - 1) * row_bytes;
+    float acc[MP_ROWS * NT];
+#pragma unroll
+    for (int i = 0; i < MP_ROWS * NT; ++i) acc[i] = 0.0f;
+    mp_rows_dot<QT, NT>(rows, kq, xp, nt, warp * 32 + lane, 32 * MP_WARPS, acc);
+    mp_warp_allreduce<MP_ROWS * NT>(acc);
+    if (lane == 0) {
+#pragma unroll
+        for (int i = 0; i < MP_ROWS * NT; ++i) part[warp][i] = acc[i];
+    }
+    mp_syncthreads();
+    if (threadIdx.x < MP_ROWS * NT) {  // one thread per (row, token)
+        const int r = threadIdx.x / NT, t = threadIdx.x % NT;
+        if (t < nt && n0 + r < N) {
+            float s = part[0][threadIdx.x];
+            for (int v = 1; v < MP_WARPS; ++v) s = mp_fadd(s, part[v][threadIdx.x]);
+            out[(mp_i64)(t0 + t) * ldo + n0 + r] = s;
+        }
+    }
 }
 
 // ---- grouped expert product ("mul_mat_id") ------------------------------------------------------

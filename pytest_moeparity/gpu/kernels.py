@@ -59,11 +59,13 @@ ELEMENTWISE_THREADS = 256
 MAX_ELEMENTWISE_BLOCKS = 8192
 
 # kernels whose lanes meet at warp reductions (the emulator runs their lanes as coroutines)
-WARP_KERNELS = ("qmm_dense", "qmm_experts", "expert_group", "router_topk", "rms_norm", "softmax_rows",
-                "attention_core")
+WARP_KERNELS = ("qmm_dense", "qmm_dense_splitk", "qmm_experts", "expert_group", "router_topk", "rms_norm",
+                "softmax_rows", "attention_core")
+SPLITK_TILES = (1, 4)     # the token tiles with a split-K dense instance (prompts of up to 4 tokens)
 
 NAME_EXPRESSIONS: tuple[str, ...] = tuple(
     [f"qmm_dense<{q},{nt}>" for q in sorted(KERNEL_QTYPES.values()) for nt in TOKEN_TILES]
+    + [f"qmm_dense_splitk<{q},{nt}>" for q in sorted(KERNEL_QTYPES.values()) for nt in SPLITK_TILES]
     + [f"qmm_experts<{q},{nt}>" for q in sorted(KERNEL_QTYPES.values()) for nt in TOKEN_TILES]
     + ["expert_group", "router_topk", "moe_combine", "round_bf16", "rms_norm", "softmax_rows", "attention_core",
        "rope_neox", "swiglu", "add_f32"])
@@ -362,7 +364,8 @@ def _token_tile(T: int) -> int:
 # ---- dense product ------------------------------------------------------------------------------------
 def qmatmul(x, wt: DeviceTensor, out=None, *, as_qtype: Q | None = None, backend: Backend | None = None):
     """``x @ W.T``: x float32 ``[T, K]`` (C-contiguous), ``wt`` a 2-D :class:`DeviceTensor` ``[N, K]``
-    -> float32 ``[T, N]``. T == 1 takes the matvec kernel, larger T the token-tiled kernel.
+    -> float32 ``[T, N]``. Up to 4 tokens take the split-K kernel (a block's warps share each row's
+    columns), more the token-tiled one.
 
     ``as_qtype`` is a TEST-ONLY fault injection: read ``wt``'s bytes with another type's kernel
     (whole blocks of that type inside each row; the remaining columns contribute 0).
@@ -378,8 +381,11 @@ def qmatmul(x, wt: DeviceTensor, out=None, *, as_qtype: Q | None = None, backend
         return out
     _, code, kq = _kernel_type(wt, as_qtype)
     nt = _token_tile(T)
-    grid = (_cdiv(N, WARPS * ROWS) * _cdiv(T, nt), 1, 1)  # token tile fastest: shared rows run together
-    be.launch(f"qmm_dense<{code},{nt}>", grid, (THREADS, 1, 1),
+    if nt in SPLITK_TILES:  # a short prompt: the warps of a block split each row's columns
+        kernel, grid = f"qmm_dense_splitk<{code},{nt}>", (_cdiv(N, ROWS), 1, 1)
+    else:                   # token tile fastest: the blocks sharing weight rows run together
+        kernel, grid = f"qmm_dense<{code},{nt}>", (_cdiv(N, WARPS * ROWS) * _cdiv(T, nt), 1, 1)
+    be.launch(kernel, grid, (THREADS, 1, 1),
               (wt.raw, np.int64(wt.row_bytes), np.int32(N), np.int32(kq), x, np.int32(K), np.int32(T),
                out, np.int32(N)))
     return out
