@@ -122,6 +122,83 @@ def test_near_tie_flip_is_reported_as_a_flip_not_a_bug(tmp_path, tiny_model_path
     assert "ties=1 Match" in res.report.render()
 
 
+def _near_tie_tipped_upstream(tmp_path, model, registry, reference, tau=1e-3):
+    """A model whose router at some layer L >= 1 holds a near-tie (expert a above b by tau in logit at
+    position t, a at the k-th place) that a small nudge of layer L - 1's output tips the other way.
+
+    Row b of blk.L.ffn_gate_inp becomes row a - tau h/|h|^2 + mu v, with h the reference's router input
+    at t, v the unit part of the nudge's change dh of h orthogonal to h, and mu = 2 tau / (v . dh): the
+    reference's logit gap b - a is -tau, the nudged run's +tau. Returns (path, L, a, b, t, fault)."""
+    from gguf import GGUFReader
+
+    cfg = model.config
+    k = cfg.n_experts_used
+    for L in range(1, cfg.n_layers):
+        logits = np.asarray(reference[f"layer.{L}.moe_router_logits"], np.float64)
+        for a in range(cfg.n_experts):
+            for b in (e for e in range(cfg.n_experts) if e != a):
+                for t in range(len(TOKENS)):
+                    row = logits[t].copy()
+                    row[b] = row[a] - tau
+                    order = np.argsort(-row, kind="stable")
+                    if order[k - 1] == a and order[k] == b and np.min(np.abs(np.delete(row, [a, b]) - row[a])) > 20 * tau:
+                        break
+                else:
+                    continue
+                break
+            else:
+                continue
+            break
+        else:
+            continue
+        break
+    else:
+        pytest.fail("no router row pair of the tiny model straddles the top-k boundary")
+    x = np.asarray(reference[f"layer.{L - 1}.post_ffn_residual"], np.float64)
+    fault = f"add={2e-3 * np.sqrt((x * x).mean()):.6g}@{L - 1}:post_ffn_residual"
+    nudged = registry.create("numpy", model).trace(TOKENS, SavePlan.parse("ffn_norm", layers=[L]), faults=parse_faults(fault))
+    h = np.asarray(reference[f"layer.{L}.ffn_norm"], np.float64)[t]
+    dh = np.asarray(nudged[f"layer.{L}.ffn_norm"], np.float64)[t] - h
+    u = h / (h @ h)
+    v = dh - (dh @ u) * h
+    v /= np.linalg.norm(v)
+    name = f"blk.{L}.ffn_gate_inp.weight"
+    assert model.tensor(name).type_name == "F32"
+    path = tmp_path / "tiny-tipped.gguf"
+    import shutil
+
+    shutil.copyfile(model.path, path)
+    info = next(ti for ti in GGUFReader(path).tensors if ti.name == name)
+    row_bytes = cfg.hidden * 4
+    with open(path, "r+b") as fh:
+        fh.seek(int(info.data_offset) + a * row_bytes)
+        row_a = np.frombuffer(fh.read(row_bytes), np.float32).astype(np.float64)
+        fh.seek(int(info.data_offset) + b * row_bytes)
+        fh.write((row_a - tau * u + (2 * tau / (v @ dh)) * v).astype(np.float32).tobytes())
+    return path, L, a, b, t, fault
+
+
+def test_drilldown_blames_a_near_tie_tipped_by_upstream_differences(tmp_path, model, registry, reference):
+    """Run alone, layer L matches; in the full run a tiny upstream difference (within every threshold)
+    tips a near-tied router choice at L, so L's moe_ffn_out is the first divergence: the drill-down must
+    say it follows a near-tie flip, not a bug of the expert math."""
+    path, L, a, b, t, fault = _near_tie_tipped_upstream(tmp_path, model, registry, reference)
+    res = run_parity(load_model(path), TOKENS, SavePlan.parse(), candidate="numpy", faults=fault, isolated=True,
+                     registry=registry)
+    rep = res.report
+    bad = [c for c in rep.cells if c.verdict is not Verdict.Match]
+    assert (bad[0].layer, bad[0].stage) == (L, "moe_ffn_out"), "the nudge itself (layer L - 1) stays a Match"
+    router = next(c for c in rep.cells if c.stage == "moe_router_indices" and c.layer == L)
+    assert router.verdict is Verdict.Match and router.result.metrics["tie_positions"] == 1
+    flip = router.result.metrics["flips"][0]
+    assert (flip["position"], flip["ref_only"], flip["cand_only"], flip["tie"]) == (t, [a], [b], True)
+    iso = next(c for c in rep.bisect.isolated.report.cells if c.stage == "moe_ffn_out" and c.layer == L)
+    assert iso.verdict is Verdict.Match
+    drill = next(d for d in rep.bisect.drilldown if d.layer == L)
+    assert (f"in the full run the router of layer {L} flips 1 near-tied expert(s)" in drill.message
+            and "not a bug of the expert math" in drill.message), drill.message
+
+
 # ---- drill-down ---------------------------------------------------------------------------
 def test_drilldown_names_the_expert_and_its_quant_types(model, registry, reference):
     run = run_parity(model, TOKENS, SavePlan.parse("moe_router,moe_router_indices,moe_ffn_out,post_ffn_residual"),
