@@ -133,27 +133,18 @@ def _near_tie_tipped_upstream(tmp_path, model, registry, reference, tau=1e-3):
 
     cfg = model.config
     k = cfg.n_experts_used
-    for L in range(1, cfg.n_layers):
-        logits = np.asarray(reference[f"layer.{L}.moe_router_logits"], np.float64)
-        for a in range(cfg.n_experts):
-            for b in (e for e in range(cfg.n_experts) if e != a):
-                for t in range(len(TOKENS)):
-                    row = logits[t].copy()
-                    row[b] = row[a] - tau
-                    order = np.argsort(-row, kind="stable")
-                    if order[k - 1] == a and order[k] == b and np.min(np.abs(np.delete(row, [a, b]) - row[a])) > 20 * tau:
-                        break
-                else:
-                    continue
-                break
-            else:
-                continue
-            break
-        else:
-            continue
-        break
-    else:
+
+    def straddles(L: int, a: int, b: int, t: int) -> bool:  # a k-th, b (k+1)-th, no third expert near
+        row = np.asarray(reference[f"layer.{L}.moe_router_logits"], np.float64)[t].copy()
+        row[b] = row[a] - tau
+        order = np.argsort(-row, kind="stable")
+        return order[k - 1] == a and order[k] == b and np.min(np.abs(np.delete(row, [a, b]) - row[a])) > 20 * tau
+
+    found = next(((L, a, b, t) for L in range(1, cfg.n_layers) for a in range(cfg.n_experts)
+                  for b in range(cfg.n_experts) if b != a for t in range(len(TOKENS)) if straddles(L, a, b, t)), None)
+    if found is None:
         pytest.fail("no router row pair of the tiny model straddles the top-k boundary")
+    L, a, b, t = found
     x = np.asarray(reference[f"layer.{L - 1}.post_ffn_residual"], np.float64)
     fault = f"add={2e-3 * np.sqrt((x * x).mean()):.6g}@{L - 1}:post_ffn_residual"
     nudged = registry.create("numpy", model).trace(TOKENS, SavePlan.parse("ffn_norm", layers=[L]), faults=parse_faults(fault))

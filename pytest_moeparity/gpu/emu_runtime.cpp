@@ -153,7 +153,7 @@ bool run_block_coroutines(unsigned n_threads) {
         }
         if (progress) continue;
         if (n_done == n_threads) return true;
-        if (n_barrier + n_done == n_threads && n_done == 0) {
+        if (n_barrier == n_threads) {  // every thread at __syncthreads (none exited before it)
             for (unsigned i = 0; i < n_threads; ++i) g_lanes[i].barrier = false;
             continue;
         }

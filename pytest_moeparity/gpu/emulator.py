@@ -3,11 +3,11 @@
 It compiles the very same ``kernels.cu`` as plain C++ (``g++``, ``MOEPARITY_EMULATOR``
 defined, see ``emu_runtime.cpp``) into a shared library and runs every launch thread by
 thread, the threads of a block as coroutines that meet at the warp reduction and at the block
-barrier (``__syncthreads``). Arrays are
-NumPy arrays; each launch copies its array arguments next to a guard page, so reading past
-the end of any argument is reported as an error naming that argument, and a warp whose lanes
-do not all reach the reduction, or a block stuck at its barrier, is reported too. Floating-point results are bit-identical to
-the GPU's: the kernels use explicit ``fmaf`` and non-contracted multiplies/adds.
+barrier (``__syncthreads``). Arrays are NumPy arrays; each launch copies its array arguments
+next to a guard page, so reading past the end of any argument is reported as an error naming
+that argument, and a warp whose lanes do not all reach the reduction, or a block stuck at its
+barrier, is reported too. Floating-point results are bit-identical to the GPU's: the kernels use
+explicit ``fmaf`` and non-contracted multiplies/adds.
 
 :class:`EmulatorBackend` plugs into :mod:`.kernels` and :mod:`.forward` in place of CuPy
 (``xp = numpy``), so the whole GPU code path can be checked on a machine without a GPU:

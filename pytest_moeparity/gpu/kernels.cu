@@ -344,21 +344,23 @@ template <bool AL> MP_HD void mp_w64(const mp_u8* p, mp_u32 (&v)[2]) {
     if (AL && MP_VECLOADS) {
         const mp_u2 u = *(const mp_u2*)p;
         v[0] = u.x; v[1] = u.y;
-        return;
-    }
+    } else
 #endif
-    v[0] = mp_ld32(p); v[1] = mp_ld32(p + 4);
+    {
+        v[0] = mp_ld32(p); v[1] = mp_ld32(p + 4);
+    }
 }
 template <bool AL> MP_HD void mp_w128(const mp_u8* p, mp_u32 (&v)[4]) {
 #if defined(__CUDA_ARCH__)
     if (AL && MP_VECLOADS) {
         const mp_u4 u = *(const mp_u4*)p;
         v[0] = u.x; v[1] = u.y; v[2] = u.z; v[3] = u.w;
-        return;
-    }
+    } else
 #endif
+    {
 #pragma unroll
-    for (int i = 0; i < 4; ++i) v[i] = mp_ld32(p + 4 * i);
+        for (int i = 0; i < 4; ++i) v[i] = mp_ld32(p + 4 * i);
+    }
 }
 
 // 32 bytes of 16-bit values (F16 / BF16 chunks) as 8 words: two 128-bit loads under AL, else
@@ -368,11 +370,12 @@ template <bool AL> MP_HD void mp_w16x2(const mp_u8* p, mp_u32 (&v)[8]) {
     if (AL && MP_VECLOADS) {
         const mp_u4 a = *(const mp_u4*)p, b = *(const mp_u4*)(p + 16);
         v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w; v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
-        return;
-    }
+    } else
 #endif
+    {
 #pragma unroll
-    for (int i = 0; i < 8; ++i) v[i] = mp_ld32_a2(p + 4 * i);
+        for (int i = 0; i < 8; ++i) v[i] = mp_ld32_a2(p + 4 * i);
+    }
 }
 
 // the f16 and the 12 scale/min bytes of a Q4_K / Q5_K block header (bytes 0-15) as four words
@@ -406,6 +409,23 @@ MP_HD float mp_u2f(mp_u32 u, float bias_plus_2p23) { return mp_fsub(mp_bits_to_f
 
 template <int QT> struct mp_chunk;  // ::cols(c, a, b), ::run<AL>(row, c, q, sc, mn)
 
+// first columns a, b of chunk c's two runs, shared by the types of one layout:
+// Q4_K / Q5_K (sub-blocks 2g and 2g + 1 of super-block c / 16, offset 8 (c % 4) into each) and the
+// 16 consecutive values of Q8_0 (half a block) and the float types
+struct mp_cols_k45 {
+    static MP_HD void cols(int c, int& a, int& b) {
+        const int cc = c & 15;
+        a = 256 * (c >> 4) + 64 * (cc >> 2) + ((cc & 3) << 3);
+        b = a + 32;
+    }
+};
+struct mp_cols_16 {
+    static MP_HD void cols(int c, int& a, int& b) {
+        a = 16 * c;
+        b = a + 8;
+    }
+};
+
 // Q4_K / Q5_K: scale and min of sub-blocks j0 and j0 + 1 (the chunk's two runs), as mp_dq computes them
 template <bool AL> MP_HD void mp_kquant_run_scales(const mp_u8* blk, int j0, float (&sc)[2], float (&mn)[2]) {
     float d, dmin;
@@ -422,12 +442,7 @@ template <bool AL> MP_HD void mp_kquant_run_scales(const mp_u8* blk, int j0, flo
 
 // Q4_K: chunk cc (0..15) of super-block s holds qs bytes 8cc .. 8cc+7: sub-block 2g (low nibbles,
 // values l0..l0+7) and 2g+1 (high nibbles), g = cc/4, l0 = 8 (cc%4).
-template <> struct mp_chunk<12> {
-static MP_HD void cols(int c, int& a, int& b) {  // first columns of the two runs
-    const int cc = c & 15;
-    a = 256 * (c >> 4) + 64 * (cc >> 2) + ((cc & 3) << 3);
-    b = a + 32;
-}
+template <> struct mp_chunk<12> : mp_cols_k45 {
 template <bool AL> static MP_HD void run(const mp_u8* __restrict__ row, int c, float (&q)[16], float (&sc)[2], float (&mn)[2]) {
     const int s = c >> 4, cc = c & 15, g = cc >> 2, l0 = (cc & 3) << 3, j0 = 2 * g;
     const mp_u8* blk = row + (mp_i64)s * 144;
@@ -445,12 +460,7 @@ template <bool AL> static MP_HD void run(const mp_u8* __restrict__ row, int c, f
 };
 
 // Q5_K: as Q4_K with qs at 48; the 5th bit of value l of sub-block j is bit j of qh[l] (qh at 16)
-template <> struct mp_chunk<13> {
-static MP_HD void cols(int c, int& a, int& b) {  // first columns of the two runs
-    const int cc = c & 15;
-    a = 256 * (c >> 4) + 64 * (cc >> 2) + ((cc & 3) << 3);
-    b = a + 32;
-}
+template <> struct mp_chunk<13> : mp_cols_k45 {
 template <bool AL> static MP_HD void run(const mp_u8* __restrict__ row, int c, float (&q)[16], float (&sc)[2], float (&mn)[2]) {
     const int s = c >> 4, cc = c & 15, g = cc >> 2, l0 = (cc & 3) << 3, j0 = 2 * g, j1 = j0 + 1;
     const mp_u8* blk = row + (mp_i64)s * 176;
@@ -497,11 +507,7 @@ template <bool AL> static MP_HD void run(const mp_u8* __restrict__ row, int c, f
 };
 
 // Q8_0: chunk c = half (c%2) of block c/2: 16 consecutive int8 values (byte ^ 0x80 = q + 128)
-template <> struct mp_chunk<8> {
-static MP_HD void cols(int c, int& a, int& b) {  // first columns of the two runs
-    a = 16 * c;
-    b = a + 8;
-}
+template <> struct mp_chunk<8> : mp_cols_16 {
 template <bool AL> static MP_HD void run(const mp_u8* __restrict__ row, int c, float (&q)[16], float (&sc)[2], float (&mn)[2]) {
     const mp_u8* blk = row + (mp_i64)(c >> 1) * 34;
     const mp_u8* p = blk + 2 + 16 * (c & 1);
@@ -538,11 +544,7 @@ template <bool AL> static MP_HD void run(const mp_u8* __restrict__ row, int c, f
 };
 
 // F32, F16, BF16: 16 consecutive values, scale 1
-template <> struct mp_chunk<0> {
-static MP_HD void cols(int c, int& a, int& b) {  // first columns of the two runs
-    a = 16 * c;
-    b = a + 8;
-}
+template <> struct mp_chunk<0> : mp_cols_16 {
 template <bool AL> static MP_HD void run(const mp_u8* __restrict__ row, int c, float (&q)[16], float (&sc)[2], float (&mn)[2]) {
     const mp_u8* p = row + (mp_i64)c * 64;  // 16-aligned under AL
 #pragma unroll
@@ -558,11 +560,7 @@ template <bool AL> static MP_HD void run(const mp_u8* __restrict__ row, int c, f
 };
 
 // F16, BF16: 16 consecutive 16-bit values, scale 1; H::lo / H::hi convert a word's low / high half
-template <class H> struct mp_chunk_16bit {
-static MP_HD void cols(int c, int& a, int& b) {  // first columns of the two runs
-    a = 16 * c;
-    b = a + 8;
-}
+template <class H> struct mp_chunk_16bit : mp_cols_16 {
 template <bool AL> static MP_HD void run(const mp_u8* __restrict__ row, int c, float (&q)[16], float (&sc)[2], float (&mn)[2]) {
     mp_u32 uw[8];
     mp_w16x2<AL>(row + (mp_i64)c * 32, uw);  // 16-aligned under AL
@@ -683,20 +681,37 @@ MP_HD void mp_rows_dot(const mp_u8* const (&rows)[MP_ROWS], int kq, const float*
     }
 }
 
-// One warp: rows n0 .. n0 + MP_ROWS - 1 (those >= N are clamped to N - 1 and not stored) against
-// the nt activation rows xp; lane 0 stores out[orow[t] * ldo + n].
+// The activation rows of a tile of nt tokens from t0 (padding slots repeat row t0): xp[t] and its row orow[t].
+template <int NT>
+MP_HD void mp_tile_rows(const float* __restrict__ x, int ldx, int t0, int nt, const float* (&xp)[NT], int (&orow)[NT]) {
+#pragma unroll
+    for (int t = 0; t < NT; ++t) {
+        orow[t] = t0 + (t < nt ? t : 0);
+        xp[t] = x + (mp_i64)orow[t] * ldx;
+    }
+}
+
+// One warp: rows n0 .. n0 + MP_ROWS - 1 (those >= N are clamped to N - 1) against the nt activation rows
+// xp over chunk iterations first, first + stride, ...; acc[r * NT + t] = the warp's sum (every lane).
+template <int QT, int NT>
+MP_HD void mp_warp_rows_sum(const mp_u8* __restrict__ w, mp_i64 row_bytes, int N, int n0, int kq,
+                            const float* const (&xp)[NT], int nt, int first, int stride, float (&acc)[MP_ROWS * NT]) {
+    const mp_u8* rows[MP_ROWS];
+#pragma unroll
+    for (int r = 0; r < MP_ROWS; ++r) rows[r] = w + (mp_i64)(n0 + r < N ? n0 + r : N - 1) * row_bytes;
+#pragma unroll
+    for (int i = 0; i < MP_ROWS * NT; ++i) acc[i] = 0.0f;
+    mp_rows_dot<QT, NT>(rows, kq, xp, nt, first, stride, acc);
+    mp_warp_allreduce<MP_ROWS * NT>(acc);
+}
+
+// One warp, all of each row: lane 0 stores out[orow[t] * ldo + n] for the rows n < N.
 template <int QT, int NT>
 MP_HD void mp_warp_rows(const mp_u8* __restrict__ w, mp_i64 row_bytes, int N, int n0, int kq,
                         const float* const (&xp)[NT], const int (&orow)[NT], int nt, int lane,
                         float* __restrict__ out, int ldo) {
-    const mp_u8* rows[MP_ROWS];
-#pragma unroll
-    for (int r = 0; r < MP_ROWS; ++r) rows[r] = w + (mp_i64)(n0 + r < N ? n0 + r : N - 1) * row_bytes;
     float acc[MP_ROWS * NT];
-#pragma unroll
-    for (int i = 0; i < MP_ROWS * NT; ++i) acc[i] = 0.0f;
-    mp_rows_dot<QT, NT>(rows, kq, xp, nt, lane, 32, acc);
-    mp_warp_allreduce<MP_ROWS * NT>(acc);
+    mp_warp_rows_sum<QT, NT>(w, row_bytes, N, n0, kq, xp, nt, lane, 32, acc);
     if (lane == 0) {
 #pragma unroll
         for (int r = 0; r < MP_ROWS; ++r)
@@ -724,11 +739,7 @@ MP_MATMUL_GLOBAL void qmm_dense(const mp_u8* __restrict__ w, mp_i64 row_bytes, i
     const int nt = (T - t0) < NT ? (T - t0) : NT;
     const float* xp[NT];
     int orow[NT];
-#pragma unroll
-    for (int t = 0; t < NT; ++t) {
-        orow[t] = t0 + (t < nt ? t : 0);
-        xp[t] = x + (mp_i64)orow[t] * ldx;
-    }
+    mp_tile_rows<NT>(x, ldx, t0, nt, xp, orow);
     mp_warp_rows<QT, NT>(w, row_bytes, N, n0, kq, xp, orow, nt, lane, out, ldo);
 }
 
@@ -751,16 +762,10 @@ MP_MATMUL_GLOBAL void qmm_dense_splitk(const mp_u8* __restrict__ w, mp_i64 row_b
     if (n0 >= N || t0 >= T) return;  // uniform over the block
     const int nt = (T - t0) < NT ? (T - t0) : NT;
     const float* xp[NT];
-    const mp_u8* rows[MP_ROWS];
-#pragma unroll
-    for (int t = 0; t < NT; ++t) xp[t] = x + (mp_i64)(t0 + (t < nt ? t : 0)) * ldx;
-#pragma unroll
-    for (int r = 0; r < MP_ROWS; ++r) rows[r] = w + (mp_i64)(n0 + r < N ? n0 + r : N - 1) * row_bytes;
+    int orow[NT];
+    mp_tile_rows<NT>(x, ldx, t0, nt, xp, orow);
     float acc[MP_ROWS * NT];
-#pragma unroll
-    for (int i = 0; i < MP_ROWS * NT; ++i) acc[i] = 0.0f;
-    mp_rows_dot<QT, NT>(rows, kq, xp, nt, warp * 32 + lane, 32 * MP_WARPS, acc);
-    mp_warp_allreduce<MP_ROWS * NT>(acc);
+    mp_warp_rows_sum<QT, NT>(w, row_bytes, N, n0, kq, xp, nt, warp * 32 + lane, 32 * MP_WARPS, acc);
     if (lane == 0) {
 #pragma unroll
         for (int i = 0; i < MP_ROWS * NT; ++i) part[warp][i] = acc[i];
@@ -771,7 +776,7 @@ MP_MATMUL_GLOBAL void qmm_dense_splitk(const mp_u8* __restrict__ w, mp_i64 row_b
         if (t < nt && n0 + r < N) {
             float s = part[0][threadIdx.x];
             for (int v = 1; v < MP_WARPS; ++v) s = mp_fadd(s, part[v][threadIdx.x]);
-            out[(mp_i64)(t0 + t) * ldo + n0 + r] = s;
+            out[(mp_i64)(t0 + t) * ldo + n0 + r] = s;  // t0 + t: orow[t] with a runtime t would go to local memory
         }
     }
 }

@@ -58,7 +58,7 @@ MAX_ROUTER_EXPERTS = 2048  # router_topk: a 64-bit taken-mask per lane
 ELEMENTWISE_THREADS = 256
 MAX_ELEMENTWISE_BLOCKS = 8192
 
-# kernels whose lanes meet at warp reductions (the emulator runs their lanes as coroutines)
+# kernels whose threads meet at warp reductions or block barriers (the emulator runs them as coroutines)
 WARP_KERNELS = ("qmm_dense", "qmm_dense_splitk", "qmm_experts", "expert_group", "router_topk", "rms_norm",
                 "softmax_rows", "attention_core")
 SPLITK_TILES = (1, 4)     # the token tiles with a split-K dense instance (prompts of up to 4 tokens)
