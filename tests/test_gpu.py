@@ -293,6 +293,29 @@ def test_qmatmul_matches_host(backend, qtype, T, N, K):
                   ref_abs=np.abs(x.astype(np.float64)) @ np.abs(w.T))
 
 
+@pytest.mark.parametrize("qtype", KERNEL_TYPES, ids=lambda q: q.name)
+@pytest.mark.parametrize("T", [1, 3, 4])
+def test_qmatmul_short_prompt_on_a_large_matrix_is_not_split(backend, qtype, T, monkeypatch):
+    """Past SPLITK_MAX_GROUPS row groups (the output head) short prompts take the unsplit NT = 1 / 4
+    instances; lowering the limit to 0 sends a small matrix there, checked against float64 as above."""
+    from pytest_moeparity.gpu import kernels as Kn
+
+    monkeypatch.setattr(Kn, "SPLITK_MAX_GROUPS", 0)
+    N, K = 37, 512
+    rng = _rng("qmm-unsplit", qtype.name, T, N, K)
+    raw = _quantized(rng, qtype, (N, K))
+    w = _deq(raw, qtype, (N, K)).astype(np.float64)
+    x = rng.standard_normal((T, K)).astype(np.float32)
+    out = _poisoned(backend, (T, N))
+    Kn.qmatmul(_dev(backend, x), _device_tensor(backend, raw, qtype, (N, K)), out=out, backend=backend)
+    if hasattr(backend, "launches"):
+        assert backend.launches[-1] == f"qmm_dense<{Kn.KERNEL_QTYPES[qtype]},{1 if T == 1 else 4}>", backend.launches[-1]
+    got = _host(backend, out)
+    _assert_written(got, f"unsplit qmatmul {qtype.name} T={T}")
+    _assert_close(got, x.astype(np.float64) @ w.T, f"unsplit qmatmul {qtype.name} T={T}",
+                  ref_abs=np.abs(x.astype(np.float64)) @ np.abs(w.T))
+
+
 @pytest.mark.parametrize("qtype", FLOAT_TYPES, ids=lambda q: q.name)
 @pytest.mark.parametrize("T", [1, 3, 9])
 @pytest.mark.parametrize("K_cols", [40, 1001])

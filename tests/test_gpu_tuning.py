@@ -21,6 +21,29 @@ def test_token_tile_is_smallest_instance_holding_T(T, nt):
             assert f"{kernel}<{q},{nt}>" in K.NAME_EXPRESSIONS
 
 
+@pytest.mark.parametrize("N,T,kernel", [
+    (4096, 3, "qmm_dense_splitk<12,4>"),            # attn_q of 30b-a3b: 512 row groups, split
+    (128, 1, "qmm_dense_splitk<12,1>"),             # the router, decode
+    (151936, 3, "qmm_dense<12,4>"),                 # the output head: 18992 row groups fill the GPU
+    (151936, 1, "qmm_dense<12,1>"),
+    (4096, 5, "qmm_dense<12,8>"),                   # 5 tokens: no split instance
+])
+def test_dense_launch_splits_only_short_prompts_on_small_grids(N, T, kernel):
+    name, grid = K.dense_launch(12, N, T)
+    assert name == kernel
+    if "splitk" in name:
+        assert grid == (K._cdiv(N, K.ROWS), 1, 1)   # a block per MP_ROWS rows
+    else:
+        assert grid == (K._cdiv(N, K.WARPS * K.ROWS) * K._cdiv(T, K._token_tile(T)), 1, 1)
+    assert name in K.NAME_EXPRESSIONS
+
+
+def test_splitk_limit_is_the_boundary():
+    limit_rows = K.SPLITK_MAX_GROUPS * K.WARPS * K.ROWS
+    assert "splitk" in K.dense_launch(14, limit_rows, 2)[0]
+    assert "splitk" not in K.dense_launch(14, limit_rows + 1, 2)[0]
+
+
 def test_tuning_define_reads_only_its_own_option(monkeypatch):
     monkeypatch.setenv(K.NVRTC_OPTIONS_ENV, "-DMP_ROWSX=9 -DMP_MIN_BLOCKS=6 -DMP_ROWS=4")
     assert K._tuning_define("MP_ROWS", 2) == 4

@@ -657,7 +657,40 @@ MP_HD void mp_rows_dot_chunks(const mp_u8* const (&rows)[MP_ROWS], int chunks, c
     }
 }
 
+
 MP_HD bool mp_aligned16(const void* p) { return (((unsigned long long)p) & 15) == 0; }
+
+// ---- L2 prefetch of a warp's or block's weight rows ------------------------------------------------
+// A lane reads its chunks one loop iteration after another, each a dependent trip to DRAM when the
+// rows are not cached; asking for all of the rows' bytes at the start turns the later trips into L2
+// hits. One lane calls it: on sm_90 one cp.async.bulk.prefetch per 32 KiB (whole 16-byte units
+// inside [p, p + bytes): never outside the rows), before that one prefetch.global.L2 per 128-byte line.
+// A hint only: no result, no effect on the numbers; MP_PREFETCH=0 turns it off (tuning switch).
+#ifndef MP_PREFETCH
+#define MP_PREFETCH 1
+#endif
+MP_HD void mp_prefetch_l2(const mp_u8* p, mp_i64 bytes) {
+#if defined(__CUDA_ARCH__) && MP_PREFETCH
+    const unsigned long long a = (unsigned long long)p, lo = (a + 15) & ~15ull, hi = (a + (unsigned long long)bytes) & ~15ull;
+#if __CUDA_ARCH__ >= 900
+    for (unsigned long long q = lo; q < hi; q += 32768ull) {
+        const unsigned n = (unsigned)(hi - q < 32768ull ? hi - q : 32768ull);
+        asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(q), "r"(n));
+    }
+#else
+    for (unsigned long long q = lo; q < hi; q += 128ull) asm volatile("prefetch.global.L2 [%0];" ::"l"(q));
+#endif
+#else
+    (void)p;
+    (void)bytes;
+#endif
+}
+
+// The rows n0 .. n0 + rows - 1 (those < N) of a weight matrix
+MP_HD void mp_prefetch_rows(const mp_u8* w, mp_i64 row_bytes, int N, int n0, int rows) {
+    const int n1 = n0 + rows < N ? n0 + rows : N;
+    if (n1 > n0) mp_prefetch_l2(w + (mp_i64)n0 * row_bytes, (mp_i64)(n1 - n0) * row_bytes);
+}
 
 template <int QT, int NT>
 MP_HD void mp_rows_dot(const mp_u8* const (&rows)[MP_ROWS], int kq, const float* const (&xp)[NT], int nt,
@@ -736,6 +769,7 @@ MP_MATMUL_GLOBAL void qmm_dense(const mp_u8* __restrict__ w, mp_i64 row_bytes, i
     const int n0 = (group * MP_WARPS + warp) * MP_ROWS;
     const int t0 = tile * NT;
     if (n0 >= N || t0 >= T) return;  // uniform over the warp
+    if (tile == 0 && lane == 0) mp_prefetch_rows(w, row_bytes, N, n0, MP_ROWS);
     const int nt = (T - t0) < NT ? (T - t0) : NT;
     const float* xp[NT];
     int orow[NT];
@@ -760,6 +794,7 @@ MP_MATMUL_GLOBAL void qmm_dense_splitk(const mp_u8* __restrict__ w, mp_i64 row_b
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int n0 = group * MP_ROWS, t0 = tile * NT;
     if (n0 >= N || t0 >= T) return;  // uniform over the block
+    if (tile == 0 && threadIdx.x == 0) mp_prefetch_rows(w, row_bytes, N, n0, MP_ROWS);
     const int nt = (T - t0) < NT ? (T - t0) : NT;
     const float* xp[NT];
     int orow[NT];
@@ -798,11 +833,12 @@ MP_MATMUL_GLOBAL void qmm_experts(const mp_u8* __restrict__ w, mp_i64 row_bytes,
                            const int* __restrict__ active, float* __restrict__ out, int ldo) {
     const int e = active[blockIdx.y];
     if (e < 0) return;
-    const int beg = offsets[e], end = offsets[e + 1];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int n0 = (blockIdx.x * MP_WARPS + warp) * MP_ROWS;
     if (n0 >= N) return;  // uniform over the warp
     const mp_u8* we = w + (mp_i64)e * expert_bytes;
+    if (lane == 0) mp_prefetch_rows(we, row_bytes, N, n0, MP_ROWS);  // before the pair lists are read
+    const int beg = offsets[e], end = offsets[e + 1];
     for (int p0 = beg; p0 < end; p0 += NT) {
         const int nt = (end - p0) < NT ? (end - p0) : NT;
         int pr[NT];

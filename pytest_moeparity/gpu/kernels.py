@@ -62,6 +62,9 @@ MAX_ELEMENTWISE_BLOCKS = 8192
 WARP_KERNELS = ("qmm_dense", "qmm_dense_splitk", "qmm_experts", "expert_group", "router_topk", "rms_norm",
                 "softmax_rows", "attention_core")
 SPLITK_TILES = (1, 4)     # the token tiles with a split-K dense instance (prompts of up to 4 tokens)
+# split K only while the plain kernel's grid is small: a large matrix (the output head's 152k rows) already
+# fills the GPU, and splitting it only adds the blocks' shared-memory step
+SPLITK_MAX_GROUPS = _tuning_define("MP_SPLITK_MAX_GROUPS", 2048)
 
 NAME_EXPRESSIONS: tuple[str, ...] = tuple(
     [f"qmm_dense<{q},{nt}>" for q in sorted(KERNEL_QTYPES.values()) for nt in TOKEN_TILES]
@@ -362,10 +365,22 @@ def _token_tile(T: int) -> int:
 
 
 # ---- dense product ------------------------------------------------------------------------------------
+def dense_launch(code: int, N: int, T: int) -> tuple[str, tuple[int, int, int]]:
+    """Kernel instance and grid of the dense product of T tokens with N weight rows of kernel type
+    ``code``: a short prompt (up to 4 tokens) against a matrix of up to SPLITK_MAX_GROUPS row groups
+    takes the split-K kernel (a block's warps share each row's columns), anything else the
+    token-tiled one (token tile fastest: the blocks sharing weight rows run together)."""
+    nt = _token_tile(T)
+    groups = _cdiv(N, WARPS * ROWS)
+    if nt in SPLITK_TILES and groups <= SPLITK_MAX_GROUPS:
+        return f"qmm_dense_splitk<{code},{nt}>", (_cdiv(N, ROWS), 1, 1)
+    return f"qmm_dense<{code},{nt}>", (groups * _cdiv(T, nt), 1, 1)
+
+
 def qmatmul(x, wt: DeviceTensor, out=None, *, as_qtype: Q | None = None, backend: Backend | None = None):
     """``x @ W.T``: x float32 ``[T, K]`` (C-contiguous), ``wt`` a 2-D :class:`DeviceTensor` ``[N, K]``
-    -> float32 ``[T, N]``. Up to 4 tokens take the split-K kernel (a block's warps share each row's
-    columns), more the token-tiled one.
+    -> float32 ``[T, N]``; :func:`dense_launch` picks the kernel (split K for short prompts and
+    matrices that do not fill the GPU on their own).
 
     ``as_qtype`` is a TEST-ONLY fault injection: read ``wt``'s bytes with another type's kernel
     (whole blocks of that type inside each row; the remaining columns contribute 0).
@@ -380,11 +395,7 @@ def qmatmul(x, wt: DeviceTensor, out=None, *, as_qtype: Q | None = None, backend
     if T == 0 or N == 0:
         return out
     _, code, kq = _kernel_type(wt, as_qtype)
-    nt = _token_tile(T)
-    if nt in SPLITK_TILES:  # a short prompt: the warps of a block split each row's columns
-        kernel, grid = f"qmm_dense_splitk<{code},{nt}>", (_cdiv(N, ROWS), 1, 1)
-    else:                   # token tile fastest: the blocks sharing weight rows run together
-        kernel, grid = f"qmm_dense<{code},{nt}>", (_cdiv(N, WARPS * ROWS) * _cdiv(T, nt), 1, 1)
+    kernel, grid = dense_launch(code, N, T)
     be.launch(kernel, grid, (THREADS, 1, 1),
               (wt.raw, np.int64(wt.row_bytes), np.int32(N), np.int32(kq), x, np.int32(K), np.int32(T),
                out, np.int32(N)))
