@@ -190,7 +190,7 @@ def test_cpu_kernel_signatures_parse():
     sigs = K.signatures()
     for expr in K.NAME_EXPRESSIONS:
         assert expr.split("<", 1)[0] in sigs, expr
-    assert [p.ctype for p in sigs["qmm_dense"]][:2] == ["const mp_u8*", "mp_i64"]
+    assert [p.ctype for p in sigs["qmm_dense"]][:4] == ["const mp_u8*"] * 3 + ["mp_i64"]
     z = np.zeros(3, np.int32)
     with pytest.raises(K.KernelError, match="numpy int32 scalar"):
         K.check_args("expert_group", (z, 3, np.int32(1), np.int32(2), z, z, z, np.int32(1), z),
@@ -336,6 +336,52 @@ def test_qmatmul_float_types_odd_columns(backend, qtype, T, K_cols):
     _assert_close(got, want, f"qmatmul {qtype.name} T={T} K={K_cols}", ref_abs=np.abs(x) @ np.abs(_deq(raw, qtype, (N, K_cols))).T)
 
 
+SHARED_INPUT_TYPES = [(Q.Q4_K, Q.Q4_K, Q.Q4_K), (Q.Q4_K, Q.Q4_K, Q.Q6_K), (Q.Q8_0, Q.Q4_K, Q.Q8_0)]
+
+
+@pytest.mark.parametrize("qtypes", SHARED_INPUT_TYPES, ids=lambda qs: "-".join(q.name for q in qs))
+@pytest.mark.parametrize("T", [1, 3, 17])
+def test_qmatmul_shared_input_matches_single_products(backend, qtypes, T):
+    """q / k / v style: three matrices of one input; those of one type share a launch (one launch for
+    three Q4_K, two when v is Q6_K, three when the types alternate), and each result is qmatmul's
+    alone, bit for bit, and float64's within 1e-5; every output element is written."""
+    from pytest_moeparity.gpu import kernels as Kn
+
+    Kc, Ns = 512, (37, 5, 130)
+    rng = _rng("shared-input", tuple(q.name for q in qtypes), T)
+    raws = [_quantized(rng, q, (n, Kc)) for q, n in zip(qtypes, Ns)]
+    wts = [_device_tensor(backend, r, q, (n, Kc)) for r, q, n in zip(raws, qtypes, Ns)]
+    x = rng.standard_normal((T, Kc)).astype(np.float32)
+    xd = _dev(backend, x)
+    outs = [_poisoned(backend, (T, n)) for n in Ns]
+    n_before = len(getattr(backend, "launches", []))
+    res = Kn.qmatmul_shared_input(xd, wts, outs=outs, backend=backend)
+    if hasattr(backend, "launches"):
+        runs = 1 + sum(a != b for a, b in zip(qtypes, qtypes[1:]))
+        assert len(backend.launches) - n_before == runs, backend.launches[n_before:]
+    for i, (r, q, n, wt, out) in enumerate(zip(raws, qtypes, Ns, wts, outs)):
+        assert res[i] is out
+        got = _host(backend, out)
+        what = f"shared-input product {i} ({q.name}, N={n}) T={T}"
+        _assert_written(got, what)
+        alone = _host(backend, Kn.qmatmul(xd, wt, backend=backend))
+        assert np.array_equal(got, alone), what + ": differs from the product alone"
+        w = _deq(r, q, (n, Kc)).astype(np.float64)
+        _assert_close(got, x.astype(np.float64) @ w.T, what, ref_abs=np.abs(x.astype(np.float64)) @ np.abs(w.T))
+
+
+def test_qmatmul_shared_input_rejects_mismatched_matrices(backend):
+    from pytest_moeparity.gpu import kernels as Kn
+
+    a = _device_tensor(backend, _quantized(_rng("mm-a"), Q.Q8_0, (4, 64)), Q.Q8_0, (4, 64))
+    b = _device_tensor(backend, _quantized(_rng("mm-b"), Q.Q8_0, (4, 96)), Q.Q8_0, (4, 96))
+    x = _dev(backend, np.ones((2, 64), np.float32))
+    with pytest.raises(Kn.KernelError, match="96 columns, the first matrix 64"):
+        Kn.qmatmul_shared_input(x, [a, b], backend=backend)
+    with pytest.raises(Kn.KernelError, match="2 matrices, 1 outputs"):
+        Kn.qmatmul_shared_input(x, [a, a], outs=[None], backend=backend)
+
+
 def test_qmatmul_rejects_bad_input(backend):
     from pytest_moeparity.gpu import kernels as K
 
@@ -396,6 +442,37 @@ def test_qmatmul_experts_matches_host(backend, qtype, T):
     # ids instead of a prepared routing
     got3 = _host(backend, K.qmatmul_experts(_dev(backend, x), wt3, _dev(backend, ids), backend=backend))
     assert np.array_equal(got3, got), what + ": result differs when the routing is built inside"
+
+
+@pytest.mark.parametrize("qtypes", [(Q.Q4_K, Q.Q4_K), (Q.Q5_K, Q.Q6_K)], ids=["same", "mixed"])
+@pytest.mark.parametrize("T", [1, 3, 17])
+def test_qmatmul_experts_shared_input_matches_single_products(backend, qtypes, T):
+    """gate / up style: two expert tensors read the same token rows; of one type they share a launch
+    (blocks of the second take its rows), of two types they take one each; each result equals
+    qmatmul_experts alone, bit for bit, and float64 within 1e-5."""
+    from pytest_moeparity.gpu import kernels as Kn
+
+    E, N, Kc, k = 6, 37, 512, 3
+    rng = _rng("experts-shared", tuple(q.name for q in qtypes), T)
+    raws = [_quantized(rng, q, (E, N, Kc)) for q in qtypes]
+    wts = [_device_tensor(backend, r, q, (E, N, Kc)) for r, q in zip(raws, qtypes)]
+    ids = _routing_ids(rng, T, k, E)
+    routing = Kn.expert_routing(_dev(backend, ids), E, backend=backend)
+    x = rng.standard_normal((T, Kc)).astype(np.float32)
+    xd = _dev(backend, x)
+    outs = [_poisoned(backend, (T, k, N)) for _ in qtypes]
+    n_before = len(getattr(backend, "launches", []))
+    Kn.qmatmul_experts_shared_input(xd, wts, routing, outs=outs, backend=backend)
+    if hasattr(backend, "launches"):
+        assert len(backend.launches) - n_before == (1 if qtypes[0] == qtypes[1] else 2), backend.launches[n_before:]
+    for i, (r, q, wt, out) in enumerate(zip(raws, qtypes, wts, outs)):
+        got = _host(backend, out)
+        what = f"shared-input experts {i} ({q.name}) T={T}"
+        _assert_written(got, what)
+        assert np.array_equal(got, _host(backend, Kn.qmatmul_experts(xd, wt, routing, backend=backend))), what
+        w = _deq(r, q, (E, N, Kc)).astype(np.float64)
+        _assert_close(got, np.einsum("tc,tjnc->tjn", x.astype(np.float64), w[ids]), what,
+                      ref_abs=np.einsum("tc,tjnc->tjn", np.abs(x.astype(np.float64)), np.abs(w[ids])))
 
 
 def test_expert_routing_groups_pairs(backend):

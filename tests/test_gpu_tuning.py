@@ -29,7 +29,7 @@ def test_token_tile_is_smallest_instance_holding_T(T, nt):
     (4096, 5, "qmm_dense<12,8>"),                   # 5 tokens: no split instance
 ])
 def test_dense_launch_splits_only_short_prompts_on_small_grids(N, T, kernel):
-    name, grid = K.dense_launch(12, N, T)
+    name, grid = K.dense_launch(12, (N,), T)
     assert name == kernel
     if "splitk" in name:
         assert grid == (K._cdiv(N, K.ROWS), 1, 1)   # a block per MP_ROWS rows
@@ -40,8 +40,20 @@ def test_dense_launch_splits_only_short_prompts_on_small_grids(N, T, kernel):
 
 def test_splitk_limit_is_the_boundary():
     limit_rows = K.SPLITK_MAX_GROUPS * K.WARPS * K.ROWS
-    assert "splitk" in K.dense_launch(14, limit_rows, 2)[0]
-    assert "splitk" not in K.dense_launch(14, limit_rows + 1, 2)[0]
+    assert "splitk" in K.dense_launch(14, (limit_rows,), 2)[0]
+    assert "splitk" not in K.dense_launch(14, (limit_rows + 1,), 2)[0]
+    # matrices sharing a launch count together
+    assert "splitk" not in K.dense_launch(14, (limit_rows - 8 * K.ROWS * K.WARPS, 16 * K.ROWS * K.WARPS), 2)[0]
+
+
+def test_dense_launch_of_shared_input_matrices_covers_each_matrix_row_groups():
+    # attn_q / attn_k / attn_v of 30b-a3b at 3 tokens: one split launch, a block per MP_ROWS rows of each
+    name, grid = K.dense_launch(12, (4096, 512, 512), 3)
+    assert name == "qmm_dense_splitk<12,4>" and grid == ((4096 + 512 + 512) // K.ROWS, 1, 1)
+    # 64 tokens: row groups of each matrix (rounded up separately) times the token tiles
+    name, grid = K.dense_launch(12, (37, 5), 64)
+    assert name == "qmm_dense<12,8>"
+    assert grid == ((K._cdiv(37, K.WARPS * K.ROWS) + K._cdiv(5, K.WARPS * K.ROWS)) * 8, 1, 1)
 
 
 def test_tuning_define_reads_only_its_own_option(monkeypatch):

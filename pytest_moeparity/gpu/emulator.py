@@ -153,11 +153,17 @@ class EmulatorBackend(K.Backend):
         sig = K.signatures()[name.split("<", 1)[0]]
         keep = []          # ctypes objects that must outlive the call
         guarded = []       # (index, array, data_ptr, base, length)
+        same = {}          # (address, bytes) -> guarded data: an array passed twice is one buffer, as on a GPU
+        written = set()    # guarded data that a non-const parameter points to
         ptrs = (ctypes.c_void_p * len(args))()
         try:
             for i, (p, a) in enumerate(zip(sig, args)):
                 if p.pointer:
-                    if self.guard:
+                    if self.guard and (a.ctypes.data, a.nbytes) in same:
+                        holder = ctypes.c_void_p(same[(a.ctypes.data, a.nbytes)])
+                        if not p.const:
+                            written.add(holder.value)
+                    elif self.guard:
                         base, length = ctypes.c_void_p(), ctypes.c_size_t()
                         data = self.lib.emu_guarded_alloc(max(a.nbytes, 0), ctypes.byref(base), ctypes.byref(length))
                         if not data:
@@ -165,6 +171,9 @@ class EmulatorBackend(K.Backend):
                         if a.nbytes:
                             ctypes.memmove(data, a.ctypes.data, a.nbytes)
                         guarded.append((i, p, a, data, base.value, length.value))
+                        same[(a.ctypes.data, a.nbytes)] = data
+                        if not p.const:
+                            written.add(data)
                         holder = ctypes.c_void_p(data)
                     else:
                         holder = ctypes.c_void_p(a.ctypes.data)
@@ -192,7 +201,7 @@ class EmulatorBackend(K.Backend):
                                  f"offset {addr - data} from its start")
                 raise K.KernelError(f"{name} grid={g} block={b}: out-of-bounds access at {where}")
             for i, p, a, data, base, length in guarded:
-                if not p.const and a.nbytes:
+                if data in written and a.nbytes:
                     ctypes.memmove(a.ctypes.data, data, a.nbytes)
         finally:
             for i, p, a, data, base, length in guarded:

@@ -102,6 +102,12 @@ class CupyEngine:
         wt = weights.layer(layer, name)
         return self._mm(x, wt, self._as_qtype(layer, name, wt))
 
+    def _layer_mms(self, x, layer: int, names, weights: DeviceWeights) -> list:
+        """Products of one input with several of a layer's matrices (one launch where their types agree)."""
+        wts = [weights.layer(layer, n) for n in names]
+        return K.qmatmul_shared_input(self._c(x), wts, as_qtypes=[self._as_qtype(layer, n, wt) for n, wt in zip(names, wts)],
+                                      backend=self.backend)
+
     def _vec(self, layer: int, name: str, weights: DeviceWeights):
         """A layer's 1-D weight (norm), honouring a planted dispatch fault as the reference does."""
         wrong = dispatch_type(self._faults, layer, name) if self._faults else None
@@ -283,9 +289,7 @@ class CupyEngine:
 
         h = a(self._rms_norm(x, self._vec(L, "attn_norm", weights)))
         h = rec.tap(S.attn_norm, L, h)
-        q = a(self._layer_mm(h, L, "attn_q", weights))
-        k = a(self._layer_mm(h, L, "attn_k", weights))
-        v = a(self._layer_mm(h, L, "attn_v", weights))
+        q, k, v = (a(y) for y in self._layer_mms(h, L, ("attn_q", "attn_k", "attn_v"), weights))
         q = rec.tap(S.q_proj, L, q)
         k = rec.tap(S.k_proj, L, k)
         v = rec.tap(S.v_proj, L, v)
@@ -365,8 +369,9 @@ class CupyEngine:
         routing = K.expert_routing(ids, cfg.n_experts, backend=be)
         hc = self._c(h)
         ef = self._expert_faults
-        g = ef(rec, S.moe_expert_gate, L, a(K.qmatmul_experts(hc, gate_t, routing, as_qtype=g_as, backend=be)), ids)
-        u = ef(rec, S.moe_expert_up, L, a(K.qmatmul_experts(hc, up_t, routing, as_qtype=u_as, backend=be)), ids)
+        g, u = K.qmatmul_experts_shared_input(hc, (gate_t, up_t), routing, as_qtypes=(g_as, u_as), backend=be)
+        g = ef(rec, S.moe_expert_gate, L, a(g), ids)
+        u = ef(rec, S.moe_expert_up, L, a(u), ids)
         s = ef(rec, S.moe_expert_swiglu, L, a(K.swiglu(g, u, backend=be)), ids)      # [T, k, F]
         y = ef(rec, S.moe_expert_out, L,
                a(K.qmatmul_experts(self._c(s), down_t, routing, x_per_pair=True, as_qtype=d_as, backend=be)), ids)

@@ -754,17 +754,41 @@ MP_HD void mp_warp_rows(const mp_u8* __restrict__ w, mp_i64 row_bytes, int N, in
     }
 }
 
-// ---- dense product: out[t, n] = sum_k x[t, k] * W[n, k] ---------------------------------------
+// ---- dense products: out_m[t, n] = sum_k x[t, k] * W_m[n, k] --------------------------------------
+// Up to three weight matrices of one kernel type and width that read the same activations (attn_q,
+// attn_k and attn_v) go in one launch: the grid's row groups run over W_0's rows, then W_1's, then
+// W_2's (a matrix with N = 0 has none); out_m is [T, N_m]. One launch instead of three matters for
+// short prompts, whose products are latency-bound whatever their size.
+
+// The matrix m that row group g falls in (groups of `per` rows), its w and N; g made relative to it.
+// The output pointer is chosen only where it is stored (mp_pick_out): a pointer picked at the start
+// stays live across the whole row loop and costs the register-capped kernels spills.
+MP_HD int mp_pick_matrix(int& g, int per, const mp_u8* w0, const mp_u8* w1, const mp_u8* w2, int N0, int N1, int N2,
+                         const mp_u8*& w, int& N) {
+    const int g0 = (N0 + per - 1) / per, g1 = (N1 + per - 1) / per;
+    if (g < g0) { w = w0; N = N0; return 0; }
+    g -= g0;
+    if (g < g1) { w = w1; N = N1; return 1; }
+    g -= g1;
+    w = w2; N = N2;
+    return 2;
+}
+MP_HD float* mp_pick_out(int m, float* o0, float* o1, float* o2) { return m == 0 ? o0 : m == 1 ? o1 : o2; }
+
 // grid (row_groups * tiles), block MP_THREADS: a warp takes MP_ROWS weight rows and one tile of
 // NT tokens; the tile index varies fastest, so the blocks that share weight rows run together and
 // the rows come from DRAM once. NT = 1 is the matvec path.
 
 template <int QT, int NT>
-MP_MATMUL_GLOBAL void qmm_dense(const mp_u8* __restrict__ w, mp_i64 row_bytes, int N, int kq,
-                         const float* __restrict__ x, int ldx, int T,
-                         float* __restrict__ out, int ldo) {
+MP_MATMUL_GLOBAL void qmm_dense(const mp_u8* __restrict__ w0, const mp_u8* __restrict__ w1, const mp_u8* __restrict__ w2,
+                         mp_i64 row_bytes, int N0, int N1, int N2, int kq, const float* __restrict__ x, int ldx,
+                         int T, float* __restrict__ out0, float* __restrict__ out1, float* __restrict__ out2) {
     const int tiles = (T + NT - 1) / NT;
-    const int tile = (int)(blockIdx.x % (unsigned)tiles), group = (int)(blockIdx.x / (unsigned)tiles);
+    const int tile = (int)(blockIdx.x % (unsigned)tiles);
+    int group = (int)(blockIdx.x / (unsigned)tiles);
+    const mp_u8* w;
+    int N;
+    const int m = mp_pick_matrix(group, MP_WARPS * MP_ROWS, w0, w1, w2, N0, N1, N2, w, N);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int n0 = (group * MP_WARPS + warp) * MP_ROWS;
     const int t0 = tile * NT;
@@ -774,23 +798,27 @@ MP_MATMUL_GLOBAL void qmm_dense(const mp_u8* __restrict__ w, mp_i64 row_bytes, i
     const float* xp[NT];
     int orow[NT];
     mp_tile_rows<NT>(x, ldx, t0, nt, xp, orow);
-    mp_warp_rows<QT, NT>(w, row_bytes, N, n0, kq, xp, orow, nt, lane, out, ldo);
+    mp_warp_rows<QT, NT>(w, row_bytes, N, n0, kq, xp, orow, nt, lane, mp_pick_out(m, out0, out1, out2), N);
 }
 
-// ---- dense product, K split over the warps of a block (short prompts) -----------------------------------
+// ---- dense products, K split over the warps of a block (short prompts) -----------------------------------
 // The MP_WARPS warps of a block take the same MP_ROWS weight rows and tile of NT tokens; warp w reads
 // chunk iterations w, w + MP_WARPS, ... of the row (a warp of qmm_dense reads all of them one after
 // another, which leaves a short prompt's small products waiting on memory with few warps in flight).
 // The warps' partial sums meet in shared memory and are added in warp order (deterministic).
-// grid (ceil(N / MP_ROWS) * tiles), block MP_THREADS.
+// grid (row groups of MP_ROWS over the matrices, * tiles), block MP_THREADS.
 
 template <int QT, int NT>
-MP_MATMUL_GLOBAL void qmm_dense_splitk(const mp_u8* __restrict__ w, mp_i64 row_bytes, int N, int kq,
-                                const float* __restrict__ x, int ldx, int T,
-                                float* __restrict__ out, int ldo) {
+MP_MATMUL_GLOBAL void qmm_dense_splitk(const mp_u8* __restrict__ w0, const mp_u8* __restrict__ w1, const mp_u8* __restrict__ w2,
+                                mp_i64 row_bytes, int N0, int N1, int N2, int kq, const float* __restrict__ x, int ldx,
+                                int T, float* __restrict__ out0, float* __restrict__ out1, float* __restrict__ out2) {
     MP_SHARED float part[MP_WARPS][MP_ROWS * NT];
     const int tiles = (T + NT - 1) / NT;
-    const int tile = (int)(blockIdx.x % (unsigned)tiles), group = (int)(blockIdx.x / (unsigned)tiles);
+    const int tile = (int)(blockIdx.x % (unsigned)tiles);
+    int group = (int)(blockIdx.x / (unsigned)tiles);
+    const mp_u8* w;
+    int N;
+    const int m = mp_pick_matrix(group, MP_ROWS, w0, w1, w2, N0, N1, N2, w, N);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int n0 = group * MP_ROWS, t0 = tile * NT;
     if (n0 >= N || t0 >= T) return;  // uniform over the block
@@ -811,32 +839,36 @@ MP_MATMUL_GLOBAL void qmm_dense_splitk(const mp_u8* __restrict__ w, mp_i64 row_b
         if (t < nt && n0 + r < N) {
             float s = part[0][threadIdx.x];
             for (int v = 1; v < MP_WARPS; ++v) s = mp_fadd(s, part[v][threadIdx.x]);
-            out[(mp_i64)(t0 + t) * ldo + n0 + r] = s;  // t0 + t: orow[t] with a runtime t would go to local memory
+            mp_pick_out(m, out0, out1, out2)[(mp_i64)(t0 + t) * N + n0 + r] = s;  // t0 + t: orow[t] with a runtime t would go to local memory
         }
     }
 }
 
-// ---- grouped expert product ("mul_mat_id") ------------------------------------------------------
-// w: [E, N, row_bytes] (expert e's rows start at e * expert_bytes). The (token, slot) pairs
-// p = t * k + j are listed in `pairs`, sorted by expert: expert e owns
-// pairs[offsets[e] .. offsets[e+1]); `active` lists the experts that own pairs (then -1).
+// ---- grouped expert products ("mul_mat_id") --------------------------------------------------------------
+// w_m: [E, N, row_bytes] (expert e's rows start at e * expert_bytes); one launch serves one or two
+// such tensors of the same type and shape that read the same activations (ffn_gate_exps and
+// ffn_up_exps): blocks x < groups take w_0, the next `groups` w_1 (groups = ceil(N / (MP_WARPS *
+// MP_ROWS))). The (token, slot) pairs p = t * k + j are listed in `pairs`, sorted by expert: expert
+// e owns pairs[offsets[e] .. offsets[e+1]); `active` lists the experts that own pairs (then -1).
 // Pair p reads activation row p / x_div (x_div = k: rows are tokens; x_div = 1: rows are pairs)
-// and writes out[p * ldo + n].
-// grid (ceil(N / (MP_WARPS * MP_ROWS)), min(E, pairs)), block MP_THREADS: block y serves the y-th
-// active expert (no block is spent on experts without tokens); each warp streams its MP_ROWS weight
-// rows once per tile of NT pairs (in practice once from DRAM: later tiles hit the cache).
+// and writes out_m[p * ldo + n].
+// grid (groups * matrices, min(E, pairs)), block MP_THREADS: block y serves the y-th active expert
+// (no block is spent on experts without tokens); each warp streams its MP_ROWS weight rows once per
+// tile of NT pairs (in practice once from DRAM: later tiles hit the cache).
 
 template <int QT, int NT>
-MP_MATMUL_GLOBAL void qmm_experts(const mp_u8* __restrict__ w, mp_i64 row_bytes, mp_i64 expert_bytes,
-                           int N, int kq, const float* __restrict__ x, int ldx, int x_div,
+MP_MATMUL_GLOBAL void qmm_experts(const mp_u8* __restrict__ w0, const mp_u8* __restrict__ w1, mp_i64 row_bytes,
+                           mp_i64 expert_bytes, int N, int kq, const float* __restrict__ x, int ldx, int x_div,
                            const int* __restrict__ pairs, const int* __restrict__ offsets,
-                           const int* __restrict__ active, float* __restrict__ out, int ldo) {
+                           const int* __restrict__ active, float* __restrict__ out0, float* __restrict__ out1, int ldo) {
     const int e = active[blockIdx.y];
     if (e < 0) return;
+    const int groups = (N + MP_WARPS * MP_ROWS - 1) / (MP_WARPS * MP_ROWS);
+    const bool second = (int)blockIdx.x >= groups;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int n0 = (blockIdx.x * MP_WARPS + warp) * MP_ROWS;
+    const int n0 = (((int)blockIdx.x - (second ? groups : 0)) * MP_WARPS + warp) * MP_ROWS;
     if (n0 >= N) return;  // uniform over the warp
-    const mp_u8* we = w + (mp_i64)e * expert_bytes;
+    const mp_u8* we = (second ? w1 : w0) + (mp_i64)e * expert_bytes;
     if (lane == 0) mp_prefetch_rows(we, row_bytes, N, n0, MP_ROWS);  // before the pair lists are read
     const int beg = offsets[e], end = offsets[e + 1];
     for (int p0 = beg; p0 < end; p0 += NT) {
@@ -848,7 +880,7 @@ MP_MATMUL_GLOBAL void qmm_experts(const mp_u8* __restrict__ w, mp_i64 row_bytes,
             pr[t] = pairs[p0 + (t < nt ? t : 0)];
             xp[t] = x + (mp_i64)(pr[t] / x_div) * ldx;
         }
-        mp_warp_rows<QT, NT>(we, row_bytes, N, n0, kq, xp, pr, nt, lane, out, ldo);
+        mp_warp_rows<QT, NT>(we, row_bytes, N, n0, kq, xp, pr, nt, lane, second ? out1 : out0, ldo);
     }
 }
 

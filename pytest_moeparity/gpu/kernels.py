@@ -364,16 +364,20 @@ def _token_tile(T: int) -> int:
     return next((nt for nt in TOKEN_TILES if T <= nt), TOKEN_TILES[-1])
 
 
-# ---- dense product ------------------------------------------------------------------------------------
-def dense_launch(code: int, N: int, T: int) -> tuple[str, tuple[int, int, int]]:
-    """Kernel instance and grid of the dense product of T tokens with N weight rows of kernel type
-    ``code``: a short prompt (up to 4 tokens) against a matrix of up to SPLITK_MAX_GROUPS row groups
-    takes the split-K kernel (a block's warps share each row's columns), anything else the
-    token-tiled one (token tile fastest: the blocks sharing weight rows run together)."""
+# ---- dense products ------------------------------------------------------------------------------------
+MAX_SHARED_INPUT = 3  # weight matrices one dense launch can serve (attn_q, attn_k, attn_v)
+
+
+def dense_launch(code: int, Ns: tuple[int, ...], T: int) -> tuple[str, tuple[int, int, int]]:
+    """Kernel instance and grid of one dense launch: T tokens against matrices of Ns rows (at most
+    MAX_SHARED_INPUT) of kernel type ``code``. A short prompt (up to 4 tokens) against at most
+    SPLITK_MAX_GROUPS row groups in all takes the split-K kernel (a block's warps share each row's
+    columns), anything else the token-tiled one (token tile fastest: the blocks sharing weight rows
+    run together)."""
     nt = _token_tile(T)
-    groups = _cdiv(N, WARPS * ROWS)
+    groups = sum(_cdiv(N, WARPS * ROWS) for N in Ns)
     if nt in SPLITK_TILES and groups <= SPLITK_MAX_GROUPS:
-        return f"qmm_dense_splitk<{code},{nt}>", (_cdiv(N, ROWS), 1, 1)
+        return f"qmm_dense_splitk<{code},{nt}>", (sum(_cdiv(N, ROWS) for N in Ns), 1, 1)
     return f"qmm_dense<{code},{nt}>", (groups * _cdiv(T, nt), 1, 1)
 
 
@@ -385,21 +389,53 @@ def qmatmul(x, wt: DeviceTensor, out=None, *, as_qtype: Q | None = None, backend
     ``as_qtype`` is a TEST-ONLY fault injection: read ``wt``'s bytes with another type's kernel
     (whole blocks of that type inside each row; the remaining columns contribute 0).
     """
+    return qmatmul_shared_input(x, (wt,), outs=(out,), as_qtypes=(as_qtype,), backend=backend)[0]
+
+
+def qmatmul_shared_input(x, wts, *, outs=None, as_qtypes=None, backend: Backend | None = None) -> list:
+    """``[x @ W.T for W in wts]`` in as few launches as possible: consecutive matrices of the same
+    kernel type and row layout (up to MAX_SHARED_INPUT) share one launch, which is what a short
+    prompt's attn_q / attn_k / attn_v products need (each alone is latency-bound). Each result is
+    what :func:`qmatmul` gives for that matrix, bit for bit; ``outs`` / ``as_qtypes`` per matrix."""
     be = _backend(backend)
-    if len(wt.shape) != 2:
-        raise KernelError(f"qmatmul: {wt.name} is not 2-D (shape {wt.shape}); use qmatmul_experts for 3-D")
-    N, K = (int(s) for s in wt.shape)
-    _check_f32_2d("qmatmul: x", x, be, K)
-    T = int(x.shape[0])
-    out = _out("qmatmul", out, (T, N), be)
-    if T == 0 or N == 0:
-        return out
-    _, code, kq = _kernel_type(wt, as_qtype)
-    kernel, grid = dense_launch(code, N, T)
-    be.launch(kernel, grid, (THREADS, 1, 1),
-              (wt.raw, np.int64(wt.row_bytes), np.int32(N), np.int32(kq), x, np.int32(K), np.int32(T),
-               out, np.int32(N)))
-    return out
+    wts = tuple(wts)
+    outs = tuple(outs) if outs is not None else (None,) * len(wts)
+    as_qtypes = tuple(as_qtypes) if as_qtypes is not None else (None,) * len(wts)
+    if not len(wts) == len(outs) == len(as_qtypes):
+        raise KernelError(f"qmatmul: {len(wts)} matrices, {len(outs)} outputs, {len(as_qtypes)} kernel types")
+    K = None
+    launches: list[list] = []  # [code, kq, row_bytes, [(wt, out), ...]]
+    results = []
+    for wt, out, as_q in zip(wts, outs, as_qtypes):
+        if len(wt.shape) != 2:
+            raise KernelError(f"qmatmul: {wt.name} is not 2-D (shape {wt.shape}); use qmatmul_experts for 3-D")
+        N, Kw = (int(s) for s in wt.shape)
+        if K is None:
+            _check_f32_2d("qmatmul: x", x, be, Kw)
+            K = Kw
+        elif Kw != K:
+            raise KernelError(f"qmatmul: {wt.name} has {Kw} columns, the first matrix {K}")
+        T = int(x.shape[0])
+        out = _out("qmatmul", out, (T, N), be)
+        results.append(out)
+        if T == 0 or N == 0:
+            continue
+        _, code, kq = _kernel_type(wt, as_q)
+        last = launches[-1] if launches else None
+        if last and (last[0], last[1], last[2]) == (code, kq, wt.row_bytes) and len(last[3]) < MAX_SHARED_INPUT:
+            last[3].append((wt, out))
+        else:
+            launches.append([code, kq, wt.row_bytes, [(wt, out)]])
+    for code, kq, row_bytes, mats in launches:
+        T = int(x.shape[0])
+        Ns = tuple(int(wt.shape[0]) for wt, _ in mats)
+        kernel, grid = dense_launch(code, Ns, T)
+        pad = mats + [mats[0]] * (MAX_SHARED_INPUT - len(mats))  # unused slots: N = 0, no blocks
+        Np = Ns + (0,) * (MAX_SHARED_INPUT - len(mats))
+        be.launch(kernel, grid, (THREADS, 1, 1),
+                  tuple(wt.raw for wt, _ in pad) + (np.int64(row_bytes),) + tuple(np.int32(n) for n in Np)
+                  + (np.int32(kq), x, np.int32(K), np.int32(T)) + tuple(o for _, o in pad))
+    return results
 
 
 # ---- grouped expert product -------------------------------------------------------------------------------
@@ -462,14 +498,32 @@ def qmatmul_experts(x, wt3: DeviceTensor, routing, out=None, *, x_per_pair: bool
 
     ``as_qtype``: TEST-ONLY fault injection, as in :func:`qmatmul`.
     """
+    return qmatmul_experts_shared_input(x, (wt3,), routing, outs=(out,), x_per_pair=x_per_pair,
+                                        as_qtypes=(as_qtype,), backend=backend)[0]
+
+
+def qmatmul_experts_shared_input(x, wt3s, routing, *, outs=None, x_per_pair: bool = False, as_qtypes=None,
+                                 backend: Backend | None = None) -> list:
+    """:func:`qmatmul_experts` for one or two expert tensors that read the same rows (ffn_gate_exps
+    and ffn_up_exps): one launch when both have the same kernel type and shape, else one each.
+    Each result is what :func:`qmatmul_experts` gives for that tensor, bit for bit."""
     be = _backend(backend)
-    if len(wt3.shape) != 3:
-        raise KernelError(f"qmatmul_experts: {wt3.name} is not 3-D (shape {wt3.shape})")
-    E, N, K = (int(s) for s in wt3.shape)
+    wt3s = tuple(wt3s)
+    outs = tuple(outs) if outs is not None else (None,) * len(wt3s)
+    as_qtypes = tuple(as_qtypes) if as_qtypes is not None else (None,) * len(wt3s)
+    if not 1 <= len(wt3s) <= 2 or not len(wt3s) == len(outs) == len(as_qtypes):
+        raise KernelError(f"qmatmul_experts: 1 or 2 tensors with an output and kernel type each, "
+                          f"got {len(wt3s)}, {len(outs)}, {len(as_qtypes)}")
+    for wt3 in wt3s:
+        if len(wt3.shape) != 3:
+            raise KernelError(f"qmatmul_experts: {wt3.name} is not 3-D (shape {wt3.shape})")
+        if tuple(wt3.shape) != tuple(wt3s[0].shape):
+            raise KernelError(f"qmatmul_experts: {wt3.name} has shape {wt3.shape}, {wt3s[0].name} {wt3s[0].shape}")
+    E, N, K = (int(s) for s in wt3s[0].shape)
     if not isinstance(routing, ExpertRouting):
         routing = expert_routing(routing, E, backend=be)
     if routing.n_experts != E:
-        raise KernelError(f"qmatmul_experts: routing built for {routing.n_experts} experts, {wt3.name} has {E}")
+        raise KernelError(f"qmatmul_experts: routing built for {routing.n_experts} experts, {wt3s[0].name} has {E}")
     T, k = routing.n_tokens, routing.k
     P = T * k
     if x_per_pair:
@@ -484,19 +538,28 @@ def qmatmul_experts(x, wt3: DeviceTensor, routing, out=None, *, x_per_pair: bool
         if x.shape[0] != T:
             raise KernelError(f"qmatmul_experts: x has {x.shape[0]} rows, the routing has {T} tokens")
         x_div = k
-    out = _out("qmatmul_experts", out, (T, k, N), be)
+    outs = tuple(_out("qmatmul_experts", o, (T, k, N), be) for o in outs)
     if P == 0 or N == 0:
-        return out
-    raw = wt3.raw
-    if not raw.flags.c_contiguous or tuple(raw.shape[:2]) != (E, N):
-        raise KernelError(f"{wt3.name}: raw bytes must be a C-contiguous [E, N, row_bytes] array, got {raw.shape}")
-    _, code, kq = _kernel_type(wt3, as_qtype)
+        return list(outs)
+    launches: list[list] = []  # [code, kq, [(wt3, out), ...]]
+    for wt3, out, as_q in zip(wt3s, outs, as_qtypes):
+        raw = wt3.raw
+        if not raw.flags.c_contiguous or tuple(raw.shape[:2]) != (E, N):
+            raise KernelError(f"{wt3.name}: raw bytes must be a C-contiguous [E, N, row_bytes] array, got {raw.shape}")
+        _, code, kq = _kernel_type(wt3, as_q)
+        if launches and (launches[-1][0], launches[-1][1]) == (code, kq) and launches[-1][2][0][0].row_bytes == wt3.row_bytes:
+            launches[-1][2].append((wt3, out))
+        else:
+            launches.append([code, kq, [(wt3, out)]])
     nt = _token_tile(T)
-    grid = (_cdiv(N, WARPS * ROWS), int(routing.active.shape[0]), 1)  # y: the active experts only
-    be.launch(f"qmm_experts<{code},{nt}>", grid, (THREADS, 1, 1),
-              (raw, np.int64(wt3.row_bytes), np.int64(N * wt3.row_bytes), np.int32(N), np.int32(kq),
-               x, np.int32(K), np.int32(x_div), routing.pairs, routing.offsets, routing.active, out, np.int32(N)))
-    return out
+    for code, kq, mats in launches:
+        row_bytes = mats[0][0].row_bytes
+        grid = (_cdiv(N, WARPS * ROWS) * len(mats), int(routing.active.shape[0]), 1)  # y: the active experts only
+        (w0, o0), (w1, o1) = mats[0], mats[-1]
+        be.launch(f"qmm_experts<{code},{nt}>", grid, (THREADS, 1, 1),
+                  (w0.raw, w1.raw, np.int64(row_bytes), np.int64(N * row_bytes), np.int32(N), np.int32(kq),
+                   x, np.int32(K), np.int32(x_div), routing.pairs, routing.offsets, routing.active, o0, o1, np.int32(N)))
+    return list(outs)
 
 
 # ---- router and combination -----------------------------------------------------------------------------
