@@ -54,8 +54,15 @@ MP_HD mp_u32 mp_float_to_bits(float f) {
 #endif
 }
 
-// Exact IEEE half -> float (subnormals, inf and NaN included), by integer arithmetic only.
+// Exact IEEE half -> float (subnormals, inf and NaN included): the hardware conversion on the device
+// (exact: every half is a float32; a subnormal half is a normal float32, so -ftz does not touch it),
+// integer arithmetic in the emulator.
 MP_HD float mp_half_to_float(mp_u32 h) {
+#if defined(__CUDA_ARCH__)
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"((unsigned short)(h & 0xFFFFu)));
+    return f;
+#else
     mp_u32 sign = (h & 0x8000u) << 16;
     mp_u32 exp = (h >> 10) & 0x1Fu;
     mp_u32 mant = h & 0x3FFu;
@@ -66,6 +73,7 @@ MP_HD float mp_half_to_float(mp_u32 h) {
     }
     if (exp == 31) return mp_bits_to_float(sign | 0x7F800000u | (mant << 13));
     return mp_bits_to_float(sign | ((exp + 112u) << 23) | (mant << 13));
+#endif
 }
 
 // little-endian 16-bit load by bytes: Q6_K (210-byte) and Q8_0 (34-byte) blocks are only
@@ -117,13 +125,9 @@ MP_HD void mp_scale_min_k4(const mp_u8* s, int j, int* sc, int* m) {
 MP_HD void mp_scale_min_k4_w(mp_u32 w1, mp_u32 w2, mp_u32 w3, int j, int* sc, int* m) {
     const int sh = 8 * (j & 3);
     const int b1 = (int)((w1 >> sh) & 0xFFu), b2 = (int)((w2 >> sh) & 0xFFu), b3 = (int)((w3 >> sh) & 0xFFu);
-    if (j < 4) {
-        *sc = b1 & 63;
-        *m = b2 & 63;
-    } else {
-        *sc = (b3 & 0x0F) | ((b1 >> 6) << 4);
-        *m = (b3 >> 4) | ((b2 >> 6) << 4);
-    }
+    const bool low = j < 4;  // both forms, then a select: lanes of one warp take different j
+    *sc = low ? (b1 & 63) : ((b3 & 0x0F) | ((b1 >> 6) << 4));
+    *m = low ? (b2 & 63) : ((b3 >> 4) | ((b2 >> 6) << 4));
 }
 
 // ---- per-type traits and element dequantization -------------------------------------------
@@ -294,8 +298,6 @@ MP_HD void mp_ldx8(const float* __restrict__ p, float (&v)[8]) {
     for (int i = 0; i < 8; ++i) v[i] = p[i];
 }
 
-MP_HD int mp_byte(mp_u32 lo, mp_u32 hi, int i) { return (int)(((i < 4 ? lo : hi) >> (8 * (i & 3))) & 0xFFu); }
-
 // 4 little-endian bytes from a 2-byte aligned address (blocks of 210, 34 or 18 bytes): two 16-bit
 // loads, the same instructions in every lane of a warp whatever the block's offset mod 4
 MP_HD mp_u32 mp_ld32_a2(const mp_u8* p) {
@@ -403,9 +405,27 @@ template <int QT> struct mp_has_min { enum { value = 0 }; };
 template <> struct mp_has_min<12> { enum { value = 1 }; };
 template <> struct mp_has_min<13> { enum { value = 1 }; };
 
-// u + 2^23 as a float is exact for 0 <= u < 2^23; subtracting 2^23 + bias is exact too:
-// an integer to float in two full-rate operations (no I2F)
-MP_HD float mp_u2f(mp_u32 u, float bias_plus_2p23) { return mp_fsub(mp_bits_to_float(0x4B000000u | u), bias_plus_2p23); }
+// __byte_perm: byte n of the result is byte (s >> 4n) & 7 of the pair (a = bytes 0-3, b = bytes 4-7)
+MP_HD mp_u32 mp_byte_perm(mp_u32 a, mp_u32 b, mp_u32 s) {
+#if defined(__CUDA_ARCH__)
+    return __byte_perm(a, b, s);
+#else
+    const unsigned long long ab = (unsigned long long)a | ((unsigned long long)b << 32);
+    mp_u32 r = 0;
+    for (int n = 0; n < 4; ++n) r |= (mp_u32)((ab >> (8 * ((s >> (4 * n)) & 7u))) & 0xFFu) << (8 * n);
+    return r;
+#endif
+}
+
+// The four bytes of w (values 0..255) minus a bias, as exact floats (no I2F): one byte permute puts
+// byte i under the exponent of 2^23 (0x4B0000ii = 2^23 + byte, exact), one subtraction of 2^23 + bias
+// (exact too). The callers build w with a
+// few whole-word operations (masks, shifts, the high bits ORed in) where the byte-at-a-time form took
+// a shift, a mask and an OR per value.
+MP_HD void mp_bytes4_to_f(mp_u32 w, float bias_plus_2p23, float* q) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) q[i] = mp_fsub(mp_bits_to_float(mp_byte_perm(w, 0x4B000000u, 0x7540u + (mp_u32)i)), bias_plus_2p23);
+}
 
 template <int QT> struct mp_chunk;  // ::cols(c, a, b), ::run<AL>(row, c, q, sc, mn)
 
@@ -449,12 +469,10 @@ template <bool AL> static MP_HD void run(const mp_u8* __restrict__ row, int c, f
     mp_kquant_run_scales<AL>(blk, j0, sc, mn);
     mp_u32 qw[2];
     mp_w64<AL>(blk + 16 + 32 * g + l0, qw);
-    const mp_u32 q0 = qw[0], q1 = qw[1];
 #pragma unroll
-    for (int i = 0; i < 8; ++i) {
-        const mp_u32 v = (mp_u32)mp_byte(q0, q1, i);
-        q[i] = mp_u2f(v & 0x0Fu, 8388608.0f);
-        q[8 + i] = mp_u2f(v >> 4, 8388608.0f);
+    for (int h = 0; h < 2; ++h) {
+        mp_bytes4_to_f(qw[h] & 0x0F0F0F0Fu, 8388608.0f, q + 4 * h);             // low nibbles: sub-block j0
+        mp_bytes4_to_f((qw[h] >> 4) & 0x0F0F0F0Fu, 8388608.0f, q + 8 + 4 * h);  // high: j0 + 1
     }
 }
 };
@@ -468,12 +486,10 @@ template <bool AL> static MP_HD void run(const mp_u8* __restrict__ row, int c, f
     mp_u32 qw[2], hw[2];
     mp_w64<AL>(blk + 48 + 32 * g + l0, qw);
     mp_w64<AL>(blk + 16 + l0, hw);
-    const mp_u32 q0 = qw[0], q1 = qw[1], h0 = hw[0], h1 = hw[1];
 #pragma unroll
-    for (int i = 0; i < 8; ++i) {
-        const mp_u32 v = (mp_u32)mp_byte(q0, q1, i), h = (mp_u32)mp_byte(h0, h1, i);
-        q[i] = mp_u2f((v & 0x0Fu) | (((h >> j0) & 1u) << 4), 8388608.0f);
-        q[8 + i] = mp_u2f((v >> 4) | (((h >> j1) & 1u) << 4), 8388608.0f);
+    for (int h = 0; h < 2; ++h) {  // bit j of each qh byte -> bit 4 of the value
+        mp_bytes4_to_f((qw[h] & 0x0F0F0F0Fu) | (((hw[h] >> j0) & 0x01010101u) << 4), 8388608.0f, q + 4 * h);
+        mp_bytes4_to_f(((qw[h] >> 4) & 0x0F0F0F0Fu) | (((hw[h] >> j1) & 0x01010101u) << 4), 8388608.0f, q + 8 + 4 * h);
     }
 }
 };
@@ -497,11 +513,11 @@ template <bool AL> static MP_HD void run(const mp_u8* __restrict__ row, int c, f
     sc[0] = mp_fmul(d, (float)(int)(signed char)blk[192 + s0]);
     sc[1] = mp_fmul(d, (float)(int)(signed char)blk[192 + s0 + 4]);
     mn[0] = mn[1] = 0.0f;
+    const mp_u32 lw[2] = {l0, l1}, hw[2] = {h0, h1};
 #pragma unroll
-    for (int i = 0; i < 8; ++i) {
-        const mp_u32 ql = (mp_u32)mp_byte(l0, l1, i), qh = (mp_u32)mp_byte(h0, h1, i);
-        q[i] = mp_u2f((ql & 0x0Fu) | (((qh >> sh0) & 0x03u) << 4), 8388640.0f);      // - 32
-        q[8 + i] = mp_u2f((ql >> 4) | (((qh >> sh1) & 0x03u) << 4), 8388640.0f);
+    for (int k = 0; k < 2; ++k) {  // 2 bits of each qh byte -> bits 4-5 of the value; - 32
+        mp_bytes4_to_f((lw[k] & 0x0F0F0F0Fu) | (((hw[k] >> sh0) & 0x03030303u) << 4), 8388640.0f, q + 4 * k);
+        mp_bytes4_to_f(((lw[k] >> 4) & 0x0F0F0F0Fu) | (((hw[k] >> sh1) & 0x03030303u) << 4), 8388640.0f, q + 8 + 4 * k);
     }
 }
 };
@@ -514,11 +530,10 @@ template <bool AL> static MP_HD void run(const mp_u8* __restrict__ row, int c, f
     sc[0] = sc[1] = mp_hf16<AL>(blk);
     mn[0] = mn[1] = 0.0f;
     const mp_u32 q0 = mp_h32<AL>(p), q1 = mp_h32<AL>(p + 4), q2 = mp_h32<AL>(p + 8), q3 = mp_h32<AL>(p + 12);
-#pragma unroll
-    for (int i = 0; i < 8; ++i) {
-        q[i] = mp_u2f((mp_u32)mp_byte(q0, q1, i) ^ 0x80u, 8388736.0f);
-        q[8 + i] = mp_u2f((mp_u32)mp_byte(q2, q3, i) ^ 0x80u, 8388736.0f);
-    }
+    mp_bytes4_to_f(q0 ^ 0x80808080u, 8388736.0f, q);       // int8 + 128, then - 128
+    mp_bytes4_to_f(q1 ^ 0x80808080u, 8388736.0f, q + 4);
+    mp_bytes4_to_f(q2 ^ 0x80808080u, 8388736.0f, q + 8);
+    mp_bytes4_to_f(q3 ^ 0x80808080u, 8388736.0f, q + 12);
 }
 };
 
@@ -534,11 +549,11 @@ template <bool AL> static MP_HD void run(const mp_u8* __restrict__ row, int c, f
     sc[0] = sc[1] = mp_hf16<AL>(blk);
     mn[0] = mn[1] = 0.0f;
     const mp_u32 q0 = mp_h32<AL>(blk + 2 + 8 * half), q1 = mp_h32<AL>(blk + 6 + 8 * half);
+    const mp_u32 qw[2] = {q0, q1};
 #pragma unroll
-    for (int i = 0; i < 8; ++i) {
-        const mp_u32 v = (mp_u32)mp_byte(q0, q1, i);
-        q[i] = mp_u2f(v & 0x0Fu, 8388616.0f);       // - 8
-        q[8 + i] = mp_u2f(v >> 4, 8388616.0f);
+    for (int h = 0; h < 2; ++h) {  // - 8
+        mp_bytes4_to_f(qw[h] & 0x0F0F0F0Fu, 8388616.0f, q + 4 * h);
+        mp_bytes4_to_f((qw[h] >> 4) & 0x0F0F0F0Fu, 8388616.0f, q + 8 + 4 * h);
     }
 }
 };
