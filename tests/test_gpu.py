@@ -680,6 +680,35 @@ def test_rope_swiglu_add_match_reference(backend):
     assert np.array_equal(got, g + u)
 
 
+@pytest.mark.parametrize("T,nh,nkv,hd", [(1, 4, 1, 64), (3, 32, 4, 128), (9, 6, 3, 40)])
+def test_qk_norm_rope_is_norm_then_rope(backend, T, nh, nkv, hd):
+    """The fused q/k RMSNorm + RoPE gives rms_norm's and rope_neox's results bit for bit (each checked
+    against float64 / the reference above), a NaN staying in its own head's rows."""
+    from pytest_moeparity.gpu import kernels as K
+
+    rng = _rng("qk-norm-rope", T, nh, nkv, hd)
+    q = (rng.standard_normal((T, nh, hd)) * 3).astype(np.float32)
+    k = (rng.standard_normal((T, nkv, hd)) * 3).astype(np.float32)
+    q[T - 1, nh - 1, 0] = np.nan
+    wq, wk = (rng.uniform(0.5, 1.5, hd).astype(np.float32) for _ in range(2))
+    half = hd // 2
+    ang = np.arange(T)[:, None] * (1e6 ** (-np.arange(half) * 2.0 / hd))[None, :]
+    cos, sin = (_dev(backend, f(ang).astype(np.float32)) for f in (np.cos, np.sin))
+    dq, dk, dwq, dwk = (_dev(backend, a) for a in (q, k, wq, wk))
+    qn, kn, qr, kr = (_host(backend, a) for a in K.qk_norm_rope(dq, dk, dwq, dwk, 1e-6, cos, sin, backend=backend))
+    want_qn = K.rms_norm(dq, dwq, 1e-6, backend=backend)
+    want_kn = K.rms_norm(dk, dwk, 1e-6, backend=backend)
+    for got, want, what in ((qn, want_qn, "q_norm"), (kn, want_kn, "k_norm"),
+                            (qr, K.rope_neox(want_qn, cos, sin, backend=backend), "q rope"),
+                            (kr, K.rope_neox(want_kn, cos, sin, backend=backend), "k rope")):
+        assert np.array_equal(got, _host(backend, want), equal_nan=True), what
+    assert np.isnan(qr[T - 1, nh - 1]).all() and not np.isnan(qr[:, :nh - 1]).any() and not np.isnan(kr).any()
+    x64 = q.astype(np.float64)
+    ref = x64 / np.sqrt((x64 * x64).mean(-1, keepdims=True) + 1e-6) * wq
+    ok = ~np.isnan(ref)
+    _assert_close(qn[ok], ref[ok], "q_norm vs float64", tol=1e-6)
+
+
 def _bf16_numpy(x: np.ndarray) -> np.ndarray:
     x = np.ascontiguousarray(x, dtype=np.float32)
     u = x.view(np.uint32).astype(np.uint64)
@@ -1047,6 +1076,7 @@ FAULT_SPECS = [
     "scale=2@2:attn_out;inf@5:moe_expert_out#1;zero@1:moe_expert_gate",
     "add=0.5@embedding;scale=-1@6:moe_expert_swiglu",
     "scale=3@2:attn_scores;add=0.01@4:attn_softmax",  # these layers leave the one-launch attention
+    "scale=1.5@1:q_norm;add=0.02@3:k_norm",  # and these the one-launch q/k norm + RoPE
     "dispatch=q6_k@*:ffn_down_exps",
     "dispatch=q8_0@2:attn_q;dispatch=bf16@3:ffn_gate_inp;dispatch=q8_0@4:attn_norm",
 ]

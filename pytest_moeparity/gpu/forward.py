@@ -294,17 +294,25 @@ class CupyEngine:
         k = rec.tap(S.k_proj, L, k)
         v = rec.tap(S.v_proj, L, v)
 
-        q = a(self._rms_norm(q.reshape(T, nh, hd), self._vec(L, "attn_q_norm", weights)))
-        k = a(self._rms_norm(k.reshape(T, nkv, hd), self._vec(L, "attn_k_norm", weights)))
-        q = rec.tap(S.q_norm, L, q)
-        k = rec.tap(S.k_norm, L, k)
-        q = a(K.rope_neox(q, cos, sin, backend=self.backend))
-        k = a(K.rope_neox(k, cos, sin, backend=self.backend))
+        wq, wk = self._vec(L, "attn_q_norm", weights), self._vec(L, "attn_k_norm", weights)
+        if self._fusable(rec, L, (S.q_norm, S.k_norm)):
+            # one launch for the q/k norms and RoPE (a planted fault on a norm's output, or a rounding
+            # precision mode, takes the stage-by-stage path below)
+            qn, kn, q, k = K.qk_norm_rope(q.reshape(T, nh, hd), k.reshape(T, nkv, hd), wq, wk, cfg.rms_eps, cos, sin,
+                                          backend=self.backend)
+            rec.tap(S.q_norm, L, qn)
+            rec.tap(S.k_norm, L, kn)
+        else:
+            q = a(self._rms_norm(q.reshape(T, nh, hd), wq))
+            k = a(self._rms_norm(k.reshape(T, nkv, hd), wk))
+            q = rec.tap(S.q_norm, L, q)
+            k = rec.tap(S.k_norm, L, k)
+            q = a(K.rope_neox(q, cos, sin, backend=self.backend))
+            k = a(K.rope_neox(k, cos, sin, backend=self.backend))
         q = rec.tap(S.q_post_rope, L, q)
         k = rec.tap(S.k_post_rope, L, k)
 
-        if self.act_dtype == "float32" and not any(f.matches(st, L) for f in rec.faults
-                                                    for st in (S.attn_scores, S.attn_softmax)):
+        if self._fusable(rec, L, (S.attn_scores, S.attn_softmax)):
             # one launch for scores, causal softmax and context (a planted fault on the scores or the
             # probabilities, or a rounding precision mode, takes the stage-by-stage path below)
             scores, p, ctx = K.attention_core(q, k, v, backend=self.backend)
@@ -318,6 +326,12 @@ class CupyEngine:
         x = a(K.add(x, out, backend=self.backend))
         x = rec.tap(S.post_attn_residual, L, x)
         return x
+
+    def _fusable(self, rec: Recorder, layer: int, inner) -> bool:
+        """Whether one fused kernel may compute a run of stages whose ``inner`` stages feed the next
+        within it: float32 activations (no rounding between the stages) and no planted fault on an
+        inner stage (the next stage must read the faulted value, so those take the stage path)."""
+        return self.act_dtype == "float32" and not any(f.matches(st, layer) for f in rec.faults for st in inner)
 
     def _attention_stages(self, L: int, q, k, v, rec: Recorder):
         """Scores, causal softmax and context as separate steps (each rounded to the activation dtype)."""

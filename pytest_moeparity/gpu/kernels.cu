@@ -1035,12 +1035,9 @@ extern "C" MP_GLOBAL void moe_combine(const float* __restrict__ y, const float* 
 #define MP_RMS_REGS 64          // rms_norm: values per lane held in registers (rows up to 2048)
 
 // RMSNorm: out = x / sqrt(mean(x * x) + eps) * weight[i % n]
-extern "C" MP_GLOBAL void rms_norm(const float* __restrict__ x, int rows, int n, const float* __restrict__ weight,
-                                   float eps, float* __restrict__ out) {
-    const int row = blockIdx.x * MP_WARPS + (threadIdx.x >> 5), lane = threadIdx.x & 31;
-    if (row >= rows) return;
-    const float* xr = x + (mp_i64)row * n;
-    float* o = out + (mp_i64)row * n;
+// one row xr[0..n) into o by the lanes of a warp
+MP_HD void mp_rms_norm_row(const float* __restrict__ xr, int n, const float* __restrict__ weight, float eps,
+                           float* __restrict__ o, int lane) {
     // rows of up to 32 * MP_RMS_REGS values are held in registers with their weights: one burst of
     // independent loads (the row costs one memory round trip), sums of squares in 8 partial sums
     float v[MP_RMS_REGS], wv[MP_RMS_REGS], part[8];
@@ -1074,6 +1071,13 @@ extern "C" MP_GLOBAL void rms_norm(const float* __restrict__ x, int rows, int n,
     } else {
         for (int k = lane; k < n; k += 32) o[k] = mp_fmul(mp_fmul(xr[k], inv), weight[k]);
     }
+}
+
+extern "C" MP_GLOBAL void rms_norm(const float* __restrict__ x, int rows, int n, const float* __restrict__ weight,
+                                   float eps, float* __restrict__ out) {
+    const int row = blockIdx.x * MP_WARPS + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+    if (row >= rows) return;
+    mp_rms_norm_row(x + (mp_i64)row * n, n, weight, eps, out + (mp_i64)row * n, lane);
 }
 
 // softmax over each row of n; causal > 0: row r belongs to query position r / causal and its
@@ -1147,7 +1151,16 @@ extern "C" MP_GLOBAL void attention_core(const float* __restrict__ q, const floa
 
 // ---- elementwise ----------------------------------------------------------------------------------------
 
-// NEOX RoPE on x[T, heads, hd] with cos/sin[T, hd/2]: first half x1*cos - x2*sin, second x2*cos + x1*sin
+// NEOX RoPE of column j of a head's row xr[0..2 half) with that position's cos/sin[0..half):
+// first half x1*cos - x2*sin, second x2*cos + x1*sin
+MP_HD float mp_rope_value(const float* __restrict__ xr, int j, int half, const float* __restrict__ c,
+                          const float* __restrict__ s) {
+    const int f = j < half ? j : j - half;
+    const float x1 = xr[f], x2 = xr[half + f];
+    return j < half ? mp_fsub(mp_fmul(x1, c[f]), mp_fmul(x2, s[f])) : mp_fadd(mp_fmul(x2, c[f]), mp_fmul(x1, s[f]));
+}
+
+// NEOX RoPE on x[T, heads, hd] with cos/sin[T, hd/2]
 extern "C" MP_GLOBAL void rope_neox(const float* __restrict__ x, int T, int heads, int hd,
                                     const float* __restrict__ cosv, const float* __restrict__ sinv,
                                     float* __restrict__ out) {
@@ -1156,11 +1169,31 @@ extern "C" MP_GLOBAL void rope_neox(const float* __restrict__ x, int T, int head
     for (mp_i64 i = (mp_i64)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += (mp_i64)gridDim.x * blockDim.x) {
         const int j = (int)(i % hd), t = (int)(i / ((mp_i64)heads * hd));
         const mp_i64 base = i - j;
-        const int f = j < half ? j : j - half;
-        const float c = cosv[(mp_i64)t * half + f], s = sinv[(mp_i64)t * half + f];
-        const float x1 = x[base + f], x2 = x[base + half + f];
-        out[i] = j < half ? mp_fsub(mp_fmul(x1, c), mp_fmul(x2, s)) : mp_fadd(mp_fmul(x2, c), mp_fmul(x1, s));
+        out[i] = mp_rope_value(x + base, j, half, cosv + (mp_i64)t * half, sinv + (mp_i64)t * half);
     }
+}
+
+// ---- q/k RMSNorm + RoPE in one launch (short prompts: four launches of a few us each become one) -------
+// One warp per row of q [T, nh, hd] (rows 0 .. T*nh - 1), then of k [T, nkv, hd]: the row is normalised
+// as rms_norm does (mp_rms_norm_row, weights wq / wk) into qn / kn, which the captures of q_norm /
+// k_norm read, then rotated as rope_neox does (mp_rope_value) into qr / kr: bit for bit the two-kernel
+// results.
+extern "C" MP_GLOBAL void qk_norm_rope(const float* __restrict__ q, const float* __restrict__ k, int T, int nh, int nkv,
+                                       int hd, const float* __restrict__ wq, const float* __restrict__ wk, float eps,
+                                       const float* __restrict__ cosv, const float* __restrict__ sinv,
+                                       float* __restrict__ qn, float* __restrict__ kn, float* __restrict__ qr,
+                                       float* __restrict__ kr) {
+    const int row = blockIdx.x * MP_WARPS + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+    const int qrows = T * nh;
+    if (row >= qrows + T * nkv) return;  // uniform over the warp
+    const bool isq = row < qrows;
+    const int r = isq ? row : row - qrows, t = r / (isq ? nh : nkv), half = hd / 2;
+    const mp_i64 off = (mp_i64)r * hd;
+    float* nr = (isq ? qn : kn) + off;
+    mp_rms_norm_row((isq ? q : k) + off, hd, isq ? wq : wk, eps, nr, lane);
+    mp_syncwarp();  // a lane rotates columns that other lanes normalised
+    float* rr = (isq ? qr : kr) + off;
+    for (int j = lane; j < hd; j += 32) rr[j] = mp_rope_value(nr, j, half, cosv + (mp_i64)t * half, sinv + (mp_i64)t * half);
 }
 
 // SwiGLU: out = g / (1 + exp(-g)) * u

@@ -60,7 +60,7 @@ MAX_ELEMENTWISE_BLOCKS = 8192
 
 # kernels whose threads meet at warp reductions or block barriers (the emulator runs them as coroutines)
 WARP_KERNELS = ("qmm_dense", "qmm_dense_splitk", "qmm_experts", "expert_group", "router_topk", "rms_norm",
-                "softmax_rows", "attention_core")
+                "softmax_rows", "attention_core", "qk_norm_rope")
 SPLITK_TILES = (1, 4)     # the token tiles with a split-K dense instance (prompts of up to 4 tokens)
 # split K only while the plain kernel's grid is small: a large matrix (the output head's 152k rows) already
 # fills the GPU, and splitting it only adds the blocks' shared-memory step
@@ -71,7 +71,7 @@ NAME_EXPRESSIONS: tuple[str, ...] = tuple(
     + [f"qmm_dense_splitk<{q},{nt}>" for q in sorted(KERNEL_QTYPES.values()) for nt in SPLITK_TILES]
     + [f"qmm_experts<{q},{nt}>" for q in sorted(KERNEL_QTYPES.values()) for nt in TOKEN_TILES]
     + ["expert_group", "router_topk", "moe_combine", "round_bf16", "rms_norm", "softmax_rows", "attention_core",
-       "rope_neox", "swiglu", "add_f32"])
+       "qk_norm_rope", "rope_neox", "swiglu", "add_f32"])
 
 COMPILE_OPTIONS = ("-std=c++17",)
 
@@ -677,6 +677,31 @@ def attention_core(q, k, v, out=None, *, backend: Backend | None = None):
                   (q, k, v, np.int32(T), np.int32(nh), np.int32(nkv), np.int32(hd), np.float32(np.sqrt(hd)),
                    scores, probs, ctx))
     return scores, probs, ctx
+
+
+def qk_norm_rope(q, k, wq, wk, eps: float, cos, sin, *, backend: Backend | None = None):
+    """RMSNorm of the heads of ``q`` ``[T, nh, hd]`` and ``k`` ``[T, nkv, hd]`` (weights ``wq``, ``wk``
+    ``[hd]``) then NEOX RoPE, in one launch: ``(qn, kn, qr, kr)``, bit for bit :func:`rms_norm` then
+    :func:`rope_neox` (``cos``/``sin`` ``[T, hd/2]``)."""
+    be = _backend(backend)
+    q, k, wq, wk, cos, sin = (_f32c(f"qk_norm_rope: {n}", a, be) for n, a in
+                              (("q", q), ("k", k), ("wq", wq), ("wk", wk), ("cos", cos), ("sin", sin)))
+    if q.ndim != 3 or k.ndim != 3 or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]:
+        raise KernelError(f"qk_norm_rope: q {q.shape} and k {k.shape} must be [T, heads, hd] with the same T and hd")
+    T, nh, hd = (int(s) for s in q.shape)
+    nkv = int(k.shape[1])
+    if hd % 2 or int(cos.size) != T * (hd // 2) or int(sin.size) != T * (hd // 2):
+        raise KernelError(f"qk_norm_rope: q {q.shape} with cos {cos.shape} / sin {sin.shape}")
+    if tuple(wq.shape) != (hd,) or tuple(wk.shape) != (hd,):
+        raise KernelError(f"qk_norm_rope: weights {wq.shape} / {wk.shape}, expected ({hd},)")
+    qn, qr = (be.xp.empty(q.shape, dtype=np.float32) for _ in range(2))
+    kn, kr = (be.xp.empty(k.shape, dtype=np.float32) for _ in range(2))
+    rows = T * (nh + nkv)
+    if rows and hd:
+        be.launch("qk_norm_rope", (_cdiv(rows, WARPS), 1, 1), (THREADS, 1, 1),
+                  (q, k, np.int32(T), np.int32(nh), np.int32(nkv), np.int32(hd), wq, wk, np.float32(eps), cos, sin,
+                   qn, kn, qr, kr))
+    return qn, kn, qr, kr
 
 
 def rope_neox(x, cos, sin, *, backend: Backend | None = None):
