@@ -535,6 +535,34 @@ def test_router_topk_matches_numpy(backend):
     np.testing.assert_allclose(w[ok], (top / top.sum(-1, keepdims=True))[ok], rtol=1e-6)
 
 
+@pytest.mark.parametrize("T", [1, 3, 4, 5, 9])  # one block (grouped in the launch) or more (grouped after)
+@pytest.mark.parametrize("E,k", [(128, 8), (60, 4)])
+def test_route_experts_is_softmax_topk_grouping(backend, T, E, k):
+    """The one-launch router gives softmax's, router_topk's and expert_routing's results bit for bit,
+    with a tie and a NaN row among the tokens."""
+    from pytest_moeparity.gpu import kernels as K
+
+    rng = _rng("route", T, E, k)
+    logits = rng.standard_normal((T, E)).astype(np.float32) * 2
+    logits[0, 5] = logits[0, 9] = logits[0].max() + 1  # a tie for first place: the lower id first
+    if T > 2:
+        logits[2, 7] = np.nan
+    dl = _dev(backend, logits)
+    n_before = len(getattr(backend, "launches", []))
+    probs, ids, weights, routing = K.route_experts(dl, k, backend=backend)
+    if hasattr(backend, "launches"):
+        assert backend.launches[n_before:] == (["moe_route"] if T <= K.WARPS else ["moe_route", "expert_group"])
+    want_p = K.softmax(dl, backend=backend)
+    want_ids, want_w = K.router_topk(want_p, k, backend=backend)
+    want_r = K.expert_routing(want_ids, E, backend=backend)
+    assert np.array_equal(_host(backend, probs), _host(backend, want_p), equal_nan=True)
+    assert np.array_equal(_host(backend, ids), _host(backend, want_ids))
+    assert np.array_equal(_host(backend, weights), _host(backend, want_w), equal_nan=True)
+    assert _host(backend, ids)[0, :2].tolist() == [5, 9]
+    for f in ("pairs", "offsets", "active", "order"):
+        assert np.array_equal(_host(backend, getattr(routing, f)), _host(backend, getattr(want_r, f))), f
+
+
 def test_moe_combine_bit_exact(backend):
     from pytest_moeparity.gpu import kernels as K
 
@@ -1077,6 +1105,7 @@ FAULT_SPECS = [
     "add=0.5@embedding;scale=-1@6:moe_expert_swiglu",
     "scale=3@2:attn_scores;add=0.01@4:attn_softmax",  # these layers leave the one-launch attention
     "scale=1.5@1:q_norm;add=0.02@3:k_norm",  # and these the one-launch q/k norm + RoPE
+    "add=0.3@2:moe_router_probs",             # and this the one-launch router
     "dispatch=q6_k@*:ffn_down_exps",
     "dispatch=q8_0@2:attn_q;dispatch=bf16@3:ffn_gate_inp;dispatch=q8_0@4:attn_norm",
 ]

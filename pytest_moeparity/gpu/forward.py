@@ -364,14 +364,21 @@ class CupyEngine:
         h = rec.tap(S.ffn_norm, L, h)
         logits = a(self._layer_mm(h, L, "ffn_gate_inp", weights))          # [T, E]
         logits = rec.tap(S.moe_router_logits, L, logits)
-        probs = a(K.softmax(logits, backend=be))
-        probs = rec.tap(S.moe_router_probs, L, probs)
-        if L in self._forced:  # forced routing: given choices, this forward's probabilities
-            ids = self._forced_ids(L, probs.shape[0])
-            top = xp.take_along_axis(probs, ids.astype(np.int64), axis=-1)
-            rw = top / xp.sum(top, axis=-1, keepdims=True)
+        routing = None
+        if L not in self._forced and self._fusable(rec, L, (S.moe_router_probs,)):
+            # softmax, top-k and (short prompts) the grouping by expert in one launch (forced routing, a
+            # planted fault on the probabilities or a rounding precision mode take the path below)
+            probs, ids, rw, routing = K.route_experts(self._c(logits), cfg.n_experts_used, backend=be)
+            rec.tap(S.moe_router_probs, L, probs)
         else:
-            ids, rw = K.router_topk(self._c(probs), cfg.n_experts_used, backend=be)
+            probs = a(K.softmax(logits, backend=be))
+            probs = rec.tap(S.moe_router_probs, L, probs)
+            if L in self._forced:  # forced routing: given choices, this forward's probabilities
+                ids = self._forced_ids(L, probs.shape[0])
+                top = xp.take_along_axis(probs, ids.astype(np.int64), axis=-1)
+                rw = top / xp.sum(top, axis=-1, keepdims=True)
+            else:
+                ids, rw = K.router_topk(self._c(probs), cfg.n_experts_used, backend=be)
         rw = a(rw)
         rw = rec.tap(S.moe_router, L, rw)
         rec.capture(S.moe_router_indices, L, ids)
@@ -380,7 +387,8 @@ class CupyEngine:
         g_as = self._as_qtype(L, "ffn_gate_exps", gate_t)
         u_as = self._as_qtype(L, "ffn_up_exps", up_t)
         d_as = self._as_qtype(L, "ffn_down_exps", down_t)
-        routing = K.expert_routing(ids, cfg.n_experts, backend=be)
+        if routing is None:
+            routing = K.expert_routing(ids, cfg.n_experts, backend=be)
         hc = self._c(h)
         ef = self._expert_faults
         g, u = K.qmatmul_experts_shared_input(hc, (gate_t, up_t), routing, as_qtypes=(g_as, u_as), backend=be)

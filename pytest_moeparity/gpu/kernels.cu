@@ -909,10 +909,9 @@ MP_MATMUL_GLOBAL void qmm_experts(const mp_u8* __restrict__ w0, const mp_u8* __r
 
 #define MP_MAX_PER 16           // experts per lane: E <= 512
 
-extern "C" MP_GLOBAL void expert_group(const int* __restrict__ ids, int T, int k, int E,
-                                       int* __restrict__ pairs, int* __restrict__ offsets,
-                                       int* __restrict__ active, int n_act_len, int* __restrict__ order) {
-    const int lane = threadIdx.x & 31;
+MP_HD void mp_group_pairs(const int* ids, int T, int k, int E, int* __restrict__ pairs,
+                          int* __restrict__ offsets, int* __restrict__ active, int n_act_len, int* __restrict__ order,
+                          int lane) {
     const int P = T * k, per = (E + 31) / 32, e_lo = lane * per;
     int cnt[MP_MAX_PER];
     for (int q = 0; q < MP_MAX_PER; ++q) cnt[q] = 0;
@@ -959,6 +958,12 @@ extern "C" MP_GLOBAL void expert_group(const int* __restrict__ ids, int T, int k
     }
 }
 
+extern "C" MP_GLOBAL void expert_group(const int* __restrict__ ids, int T, int k, int E,
+                                       int* __restrict__ pairs, int* __restrict__ offsets,
+                                       int* __restrict__ active, int n_act_len, int* __restrict__ order) {
+    mp_group_pairs(ids, T, k, E, pairs, offsets, active, n_act_len, order, threadIdx.x & 31);
+}
+
 // ---- router top-k ----------------------------------------------------------------------------------
 // probs[T, E] -> ids[T, k] (descending probability, ties to the lower id, NaN after every number
 // as in NumPy's stable argsort of -probs) and weights[T, k] = top / sum(top) (sum in slot order).
@@ -966,13 +971,8 @@ extern "C" MP_GLOBAL void expert_group(const int* __restrict__ ids, int T, int k
 // Each round: the warp's largest untaken non-NaN value (or, when only NaN are left, NaN), then
 // the lowest id holding it.
 
-extern "C" MP_GLOBAL void router_topk(const float* __restrict__ probs, int T, int E, int k,
-                                      int* __restrict__ ids, float* __restrict__ weights) {
-    const int t = blockIdx.x * MP_WARPS + (threadIdx.x >> 5), lane = threadIdx.x & 31;
-    if (t >= T) return;  // uniform over the warp
-    const float* p = probs + (mp_i64)t * E;
-    int* id = ids + (mp_i64)t * k;
-    float* wt = weights + (mp_i64)t * k;
+// (p, and ids in mp_group_pairs, are not __restrict__: moe_route writes them in the same launch)
+MP_HD void mp_topk_row(const float* p, int E, int k, int* __restrict__ id, float* __restrict__ wt, int lane) {
     unsigned long long taken = 0ull;  // bit q: expert lane + 32 q is chosen (E <= 2048)
     const float NEG_INF = mp_bits_to_float(0xFF800000u);
     float sum = 0.0f;
@@ -1009,6 +1009,13 @@ extern "C" MP_GLOBAL void router_topk(const float* __restrict__ probs, int T, in
     }
     if (lane == 0)
         for (int r = 0; r < k; ++r) wt[r] = wt[r] / sum;
+}
+
+extern "C" MP_GLOBAL void router_topk(const float* __restrict__ probs, int T, int E, int k,
+                                      int* __restrict__ ids, float* __restrict__ weights) {
+    const int t = blockIdx.x * MP_WARPS + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+    if (t >= T) return;  // uniform over the warp
+    mp_topk_row(probs + (mp_i64)t * E, E, k, ids + (mp_i64)t * k, weights + (mp_i64)t * k, lane);
 }
 
 // ---- weighted combination of the experts' outputs --------------------------------------------------
@@ -1114,6 +1121,28 @@ MP_HD void mp_syncwarp() {
 #elif defined(__CUDA_ARCH__)
     __syncwarp();
 #endif
+}
+
+// ---- the router in one launch: softmax, top-k and (one block) the grouping ----------------------------
+// Warp w of block b takes token t = b * MP_WARPS + w: the softmax of its logits row into probs (as
+// softmax_rows), then its top-k (as router_topk). When the grid is one block (T <= MP_WARPS, short
+// prompts) the block then meets at a barrier and warp 0 groups the pairs by expert (as expert_group);
+// with more blocks `group` is 0 and expert_group runs after. Bit for bit the separate kernels' results.
+extern "C" MP_GLOBAL void moe_route(const float* __restrict__ logits, int T, int E, int k, float* probs,
+                                    int* ids, float* __restrict__ weights, int group,
+                                    int* __restrict__ pairs, int* __restrict__ offsets, int* __restrict__ active,
+                                    int n_act_len, int* __restrict__ order) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, t = blockIdx.x * MP_WARPS + warp;
+    if (t < T) {  // no early return: the whole block meets at the barrier below
+        float* pr = probs + (mp_i64)t * E;
+        mp_softmax_row(logits + (mp_i64)t * E, E, E, pr, lane);
+        mp_syncwarp();  // a lane's top-k scan reads columns other lanes wrote
+        mp_topk_row(pr, E, k, ids + (mp_i64)t * k, weights + (mp_i64)t * k, lane);
+    }
+    if (group) {
+        mp_syncthreads();  // every token's ids written and visible to the block
+        if (warp == 0) mp_group_pairs(ids, T, k, E, pairs, offsets, active, n_act_len, order, lane);
+    }
 }
 
 // ---- attention core ---------------------------------------------------------------------------------------

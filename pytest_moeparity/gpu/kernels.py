@@ -60,7 +60,7 @@ MAX_ELEMENTWISE_BLOCKS = 8192
 
 # kernels whose threads meet at warp reductions or block barriers (the emulator runs them as coroutines)
 WARP_KERNELS = ("qmm_dense", "qmm_dense_splitk", "qmm_experts", "expert_group", "router_topk", "rms_norm",
-                "softmax_rows", "attention_core", "qk_norm_rope")
+                "softmax_rows", "attention_core", "qk_norm_rope", "moe_route")
 SPLITK_TILES = (1, 4)     # the token tiles with a split-K dense instance (prompts of up to 4 tokens)
 # split K only while the plain kernel's grid is small: a large matrix (the output head's 152k rows) already
 # fills the GPU, and splitting it only adds the blocks' shared-memory step
@@ -70,7 +70,7 @@ NAME_EXPRESSIONS: tuple[str, ...] = tuple(
     [f"qmm_dense<{q},{nt}>" for q in sorted(KERNEL_QTYPES.values()) for nt in TOKEN_TILES]
     + [f"qmm_dense_splitk<{q},{nt}>" for q in sorted(KERNEL_QTYPES.values()) for nt in SPLITK_TILES]
     + [f"qmm_experts<{q},{nt}>" for q in sorted(KERNEL_QTYPES.values()) for nt in TOKEN_TILES]
-    + ["expert_group", "router_topk", "moe_combine", "round_bf16", "rms_norm", "softmax_rows", "attention_core",
+    + ["expert_group", "router_topk", "moe_route", "moe_combine", "round_bf16", "rms_norm", "softmax_rows", "attention_core",
        "qk_norm_rope", "rope_neox", "swiglu", "add_f32"])
 
 COMPILE_OPTIONS = ("-std=c++17",)
@@ -474,16 +474,50 @@ def expert_routing(ids, n_experts: int, *, backend: Backend | None = None) -> Ex
     if not 0 < n_experts <= MAX_EXPERTS:
         raise KernelError(f"expert_routing: {n_experts} experts; the grouping kernel handles 1..{MAX_EXPERTS}")
     ids = xp.ascontiguousarray(ids.astype(np.int32, copy=False))
+    routing = _empty_routing(ids, n_experts, be)
+    _launch_grouping(routing, be)
+    return routing
+
+
+def _empty_routing(ids, n_experts: int, be: Backend) -> "ExpertRouting":
+    xp = be.xp
     T, k = (int(s) for s in ids.shape)
     P = T * k
-    pairs = xp.empty((P,), dtype=np.int32)
-    offsets = xp.empty((n_experts + 1,), dtype=np.int32)
-    n_act = max(1, min(n_experts, P))
-    active = xp.empty((n_act,), dtype=np.int32)
-    order = xp.empty((T, k), dtype=np.int32)
+    return ExpertRouting(ids, xp.empty((P,), dtype=np.int32), xp.empty((n_experts + 1,), dtype=np.int32),
+                         xp.empty((max(1, min(n_experts, P)),), dtype=np.int32), xp.empty((T, k), dtype=np.int32),
+                         int(n_experts))
+
+
+def _launch_grouping(r: "ExpertRouting", be: Backend) -> None:
     be.launch("expert_group", (1, 1, 1), (32, 1, 1),
-              (ids, np.int32(T), np.int32(k), np.int32(n_experts), pairs, offsets, active, np.int32(n_act), order))
-    return ExpertRouting(ids, pairs, offsets, active, order, int(n_experts))
+              (r.ids, np.int32(r.n_tokens), np.int32(r.k), np.int32(r.n_experts), r.pairs, r.offsets, r.active,
+               np.int32(r.active.shape[0]), r.order))
+
+
+def route_experts(logits, k: int, *, backend: Backend | None = None):
+    """The router from its logits ``[T, E]`` in one launch (kernel ``moe_route``): ``(probs, ids,
+    weights, routing)``, bit for bit :func:`softmax`, :func:`router_topk` and :func:`expert_routing`.
+    Prompts of up to MP_WARPS tokens are grouped in the same launch; longer ones by expert_group after."""
+    be = _backend(backend)
+    xp = be.xp
+    _check_f32_2d("route_experts: logits", logits, be)
+    T, E = (int(s) for s in logits.shape)
+    if not 0 < k <= E:
+        raise KernelError(f"route_experts: k={k} must lie in 1..{E}")
+    if E > min(MAX_ROUTER_EXPERTS, MAX_EXPERTS):
+        raise KernelError(f"route_experts: {E} experts; the kernels handle up to {min(MAX_ROUTER_EXPERTS, MAX_EXPERTS)}")
+    probs = xp.empty((T, E), dtype=np.float32)
+    ids = xp.empty((T, k), dtype=np.int32)
+    weights = xp.empty((T, k), dtype=np.float32)
+    routing = _empty_routing(ids, E, be)
+    if T:
+        blocks = _cdiv(T, WARPS)
+        be.launch("moe_route", (blocks, 1, 1), (THREADS, 1, 1),
+                  (logits, np.int32(T), np.int32(E), np.int32(k), probs, ids, weights, np.int32(blocks == 1),
+                   routing.pairs, routing.offsets, routing.active, np.int32(routing.active.shape[0]), routing.order))
+        if blocks > 1:
+            _launch_grouping(routing, be)
+    return probs, ids, weights, routing
 
 
 def qmatmul_experts(x, wt3: DeviceTensor, routing, out=None, *, x_per_pair: bool = False,
