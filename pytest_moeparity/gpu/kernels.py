@@ -499,16 +499,8 @@ def route_experts(logits, k: int, *, backend: Backend | None = None):
     weights, routing)``, bit for bit :func:`softmax`, :func:`router_topk` and :func:`expert_routing`.
     Prompts of up to MP_WARPS tokens are grouped in the same launch; longer ones by expert_group after."""
     be = _backend(backend)
-    xp = be.xp
-    _check_f32_2d("route_experts: logits", logits, be)
-    T, E = (int(s) for s in logits.shape)
-    if not 0 < k <= E:
-        raise KernelError(f"route_experts: k={k} must lie in 1..{E}")
-    if E > min(MAX_ROUTER_EXPERTS, MAX_EXPERTS):
-        raise KernelError(f"route_experts: {E} experts; the kernels handle up to {min(MAX_ROUTER_EXPERTS, MAX_EXPERTS)}")
-    probs = xp.empty((T, E), dtype=np.float32)
-    ids = xp.empty((T, k), dtype=np.int32)
-    weights = xp.empty((T, k), dtype=np.float32)
+    T, E, ids, weights = _router_outputs("route_experts", logits, k, min(MAX_ROUTER_EXPERTS, MAX_EXPERTS), be)
+    probs = be.xp.empty((T, E), dtype=np.float32)
     routing = _empty_routing(ids, E, be)
     if T:
         blocks = _cdiv(T, WARPS)
@@ -597,19 +589,22 @@ def qmatmul_experts_shared_input(x, wt3s, routing, *, outs=None, x_per_pair: boo
 
 
 # ---- router and combination -----------------------------------------------------------------------------
+def _router_outputs(what: str, scores, k: int, max_experts: int, be: Backend):
+    """Checks of a router kernel's [T, E] input and k; (T, E, ids [T, k], weights [T, k]) to fill."""
+    _check_f32_2d(f"{what}: input", scores, be)
+    T, E = (int(s) for s in scores.shape)
+    if not 0 < k <= E:
+        raise KernelError(f"{what}: k={k} must lie in 1..{E}")
+    if E > max_experts:
+        raise KernelError(f"{what}: {E} experts; the kernels handle up to {max_experts}")
+    return T, E, be.xp.empty((T, k), dtype=np.int32), be.xp.empty((T, k), dtype=np.float32)
+
+
 def router_topk(probs, k: int, *, backend: Backend | None = None):
     """Top-k of ``probs`` float32 ``[T, E]`` -> (ids int32 ``[T, k]``, renormalised weights float32
     ``[T, k]``), descending, ties to the lower id."""
     be = _backend(backend)
-    xp = be.xp
-    _check_f32_2d("router_topk: probs", probs, be)
-    T, E = (int(s) for s in probs.shape)
-    if not 0 < k <= E:
-        raise KernelError(f"router_topk: k={k} must lie in 1..{E}")
-    if E > MAX_ROUTER_EXPERTS:
-        raise KernelError(f"router_topk: {E} experts; the kernel handles up to {MAX_ROUTER_EXPERTS}")
-    ids = xp.empty((T, k), dtype=np.int32)
-    weights = xp.empty((T, k), dtype=np.float32)
+    T, E, ids, weights = _router_outputs("router_topk", probs, k, MAX_ROUTER_EXPERTS, be)
     if T:
         be.launch("router_topk", (_cdiv(T, WARPS), 1, 1), (THREADS, 1, 1),
                   (probs, np.int32(T), np.int32(E), np.int32(k), ids, weights))
