@@ -393,12 +393,12 @@ MP_HD void mp_kquant_header(const mp_u8* blk, float* d, float* dmin, mp_u32* w1,
 }
 
 // ---- 16-column chunks -------------------------------------------------------------------------------
-// mp_chunk<QT>: chunk c of a row as two runs of 8 columns, a .. a+7 and
+// mp_chunk<QT>(row, c, q, sc, mn, a, b): chunk c of a row as two runs of 8 columns, a .. a+7 and
 // b .. b+7, each run's weights being sc[r] * q[8r + i] - mn[r] (mn = 0 for types without mins):
 // q are the quants as exact floats (the float types: the values, sc = 1). A chunk is 8 quant bytes
 // (K-quants: two sub-blocks' nibbles, or nibble + high bits), half a 32-value block (Q8_0, Q4_0)
-// or 16 values (F32, F16, BF16); a lane reads the chunk pair 2u, 2u + 1, consecutive lanes
-// consecutive pairs, so a warp reads contiguous bytes. sc and mn are computed with mp_dq's operations, so a
+// or 16 values (F32, F16, BF16); chunks c = lane, lane + 32, ... of a row are read by consecutive
+// lanes, so a warp reads contiguous bytes. sc and mn are computed with mp_dq's operations, so a
 // one-hot activation yields mp_dq's value bit for bit: fmaf(sc, q, 0) then fmaf(-mn, 1, .).
 
 template <int QT> struct mp_has_min { enum { value = 0 }; };
@@ -427,10 +427,7 @@ MP_HD void mp_bytes4_to_f(mp_u32 w, float bias_plus_2p23, float* q) {
     for (int i = 0; i < 4; ++i) q[i] = mp_fsub(mp_bits_to_float(mp_byte_perm(w, 0x4B000000u, 0x7540u + (mp_u32)i)), bias_plus_2p23);
 }
 
-// mp_chunk<QT>: ::cols(c, a, b); ::scales<AL>(row, c, sc, mn), the same for the chunk pair 2u, 2u + 1
-// (one super-block sub-block pair, one block, one scale byte pair), so a lane reading a pair decodes
-// the scales once; ::quants<AL>(row, c, q).
-template <int QT> struct mp_chunk;
+template <int QT> struct mp_chunk;  // ::cols(c, a, b), ::run<AL>(row, c, q, sc, mn)
 
 // first columns a, b of chunk c's two runs, shared by the types of one layout:
 // Q4_K / Q5_K (sub-blocks 2g and 2g + 1 of super-block c / 16, offset 8 (c % 4) into each) and the
@@ -466,12 +463,10 @@ template <bool AL> MP_HD void mp_kquant_run_scales(const mp_u8* blk, int j0, flo
 // Q4_K: chunk cc (0..15) of super-block s holds qs bytes 8cc .. 8cc+7: sub-block 2g (low nibbles,
 // values l0..l0+7) and 2g+1 (high nibbles), g = cc/4, l0 = 8 (cc%4).
 template <> struct mp_chunk<12> : mp_cols_k45 {
-template <bool AL> static MP_HD void scales(const mp_u8* __restrict__ row, int c, float (&sc)[2], float (&mn)[2]) {
-    mp_kquant_run_scales<AL>(row + (mp_i64)(c >> 4) * 144, 2 * ((c & 15) >> 2), sc, mn);
-}
-template <bool AL> static MP_HD void quants(const mp_u8* __restrict__ row, int c, float (&q)[16]) {
-    const int s = c >> 4, cc = c & 15, g = cc >> 2, l0 = (cc & 3) << 3;
+template <bool AL> static MP_HD void run(const mp_u8* __restrict__ row, int c, float (&q)[16], float (&sc)[2], float (&mn)[2]) {
+    const int s = c >> 4, cc = c & 15, g = cc >> 2, l0 = (cc & 3) << 3, j0 = 2 * g;
     const mp_u8* blk = row + (mp_i64)s * 144;
+    mp_kquant_run_scales<AL>(blk, j0, sc, mn);
     mp_u32 qw[2];
     mp_w64<AL>(blk + 16 + 32 * g + l0, qw);
 #pragma unroll
@@ -484,12 +479,10 @@ template <bool AL> static MP_HD void quants(const mp_u8* __restrict__ row, int c
 
 // Q5_K: as Q4_K with qs at 48; the 5th bit of value l of sub-block j is bit j of qh[l] (qh at 16)
 template <> struct mp_chunk<13> : mp_cols_k45 {
-template <bool AL> static MP_HD void scales(const mp_u8* __restrict__ row, int c, float (&sc)[2], float (&mn)[2]) {
-    mp_kquant_run_scales<AL>(row + (mp_i64)(c >> 4) * 176, 2 * ((c & 15) >> 2), sc, mn);
-}
-template <bool AL> static MP_HD void quants(const mp_u8* __restrict__ row, int c, float (&q)[16]) {
+template <bool AL> static MP_HD void run(const mp_u8* __restrict__ row, int c, float (&q)[16], float (&sc)[2], float (&mn)[2]) {
     const int s = c >> 4, cc = c & 15, g = cc >> 2, l0 = (cc & 3) << 3, j0 = 2 * g, j1 = j0 + 1;
     const mp_u8* blk = row + (mp_i64)s * 176;
+    mp_kquant_run_scales<AL>(blk, j0, sc, mn);
     mp_u32 qw[2], hw[2];
     mp_w64<AL>(blk + 48 + 32 * g + l0, qw);
     mp_w64<AL>(blk + 16 + l0, hw);
@@ -510,20 +503,16 @@ static MP_HD void cols(int c, int& a, int& b) {  // first columns of the two run
     a = 256 * (c >> 4) + 128 * (cc >> 3) + ((cc & 7) << 3);
     b = a + 64;
 }
-template <bool AL> static MP_HD void scales(const mp_u8* __restrict__ row, int c, float (&sc)[2], float (&mn)[2]) {
-    const int cc = c & 15, s0 = (128 * (cc >> 3) + ((cc & 7) << 3)) >> 4;  // the same for chunks 2u, 2u + 1
-    const mp_u8* blk = row + (mp_i64)(c >> 4) * 210;
-    const float d = mp_hf16<AL>(blk + 208);
-    sc[0] = mp_fmul(d, (float)(int)(signed char)blk[192 + s0]);
-    sc[1] = mp_fmul(d, (float)(int)(signed char)blk[192 + s0 + 4]);
-    mn[0] = mn[1] = 0.0f;
-}
-template <bool AL> static MP_HD void quants(const mp_u8* __restrict__ row, int c, float (&q)[16]) {
+template <bool AL> static MP_HD void run(const mp_u8* __restrict__ row, int c, float (&q)[16], float (&sc)[2], float (&mn)[2]) {
     const int s = c >> 4, cc = c & 15, h = cc >> 3, rr = (cc & 7) << 3;
     const mp_u8* blk = row + (mp_i64)s * 210;
     const mp_u32 l0 = mp_h32<AL>(blk + 64 * h + rr), l1 = mp_h32<AL>(blk + 64 * h + rr + 4);
     const mp_u32 h0 = mp_h32<AL>(blk + 128 + 32 * h + (rr & 31)), h1 = mp_h32<AL>(blk + 132 + 32 * h + (rr & 31));
-    const int sh0 = 2 * (rr >> 5), sh1 = sh0 + 4;
+    const int sh0 = 2 * (rr >> 5), sh1 = sh0 + 4, s0 = (128 * h + rr) >> 4;
+    const float d = mp_hf16<AL>(blk + 208);
+    sc[0] = mp_fmul(d, (float)(int)(signed char)blk[192 + s0]);
+    sc[1] = mp_fmul(d, (float)(int)(signed char)blk[192 + s0 + 4]);
+    mn[0] = mn[1] = 0.0f;
     const mp_u32 lw[2] = {l0, l1}, hw[2] = {h0, h1};
 #pragma unroll
     for (int k = 0; k < 2; ++k) {  // 2 bits of each qh byte -> bits 4-5 of the value; - 32
@@ -535,12 +524,11 @@ template <bool AL> static MP_HD void quants(const mp_u8* __restrict__ row, int c
 
 // Q8_0: chunk c = half (c%2) of block c/2: 16 consecutive int8 values (byte ^ 0x80 = q + 128)
 template <> struct mp_chunk<8> : mp_cols_16 {
-template <bool AL> static MP_HD void scales(const mp_u8* __restrict__ row, int c, float (&sc)[2], float (&mn)[2]) {
-    sc[0] = sc[1] = mp_hf16<AL>(row + (mp_i64)(c >> 1) * 34);
+template <bool AL> static MP_HD void run(const mp_u8* __restrict__ row, int c, float (&q)[16], float (&sc)[2], float (&mn)[2]) {
+    const mp_u8* blk = row + (mp_i64)(c >> 1) * 34;
+    const mp_u8* p = blk + 2 + 16 * (c & 1);
+    sc[0] = sc[1] = mp_hf16<AL>(blk);
     mn[0] = mn[1] = 0.0f;
-}
-template <bool AL> static MP_HD void quants(const mp_u8* __restrict__ row, int c, float (&q)[16]) {
-    const mp_u8* p = row + (mp_i64)(c >> 1) * 34 + 2 + 16 * (c & 1);
     const mp_u32 q0 = mp_h32<AL>(p), q1 = mp_h32<AL>(p + 4), q2 = mp_h32<AL>(p + 8), q3 = mp_h32<AL>(p + 12);
     mp_bytes4_to_f(q0 ^ 0x80808080u, 8388736.0f, q);       // int8 + 128, then - 128
     mp_bytes4_to_f(q1 ^ 0x80808080u, 8388736.0f, q + 4);
@@ -555,13 +543,11 @@ static MP_HD void cols(int c, int& a, int& b) {  // first columns of the two run
     a = 32 * (c >> 1) + 8 * (c & 1);
     b = a + 16;
 }
-template <bool AL> static MP_HD void scales(const mp_u8* __restrict__ row, int c, float (&sc)[2], float (&mn)[2]) {
-    sc[0] = sc[1] = mp_hf16<AL>(row + (mp_i64)(c >> 1) * 18);
-    mn[0] = mn[1] = 0.0f;
-}
-template <bool AL> static MP_HD void quants(const mp_u8* __restrict__ row, int c, float (&q)[16]) {
+template <bool AL> static MP_HD void run(const mp_u8* __restrict__ row, int c, float (&q)[16], float (&sc)[2], float (&mn)[2]) {
     const mp_u8* blk = row + (mp_i64)(c >> 1) * 18;
     const int half = c & 1;
+    sc[0] = sc[1] = mp_hf16<AL>(blk);
+    mn[0] = mn[1] = 0.0f;
     const mp_u32 q0 = mp_h32<AL>(blk + 2 + 8 * half), q1 = mp_h32<AL>(blk + 6 + 8 * half);
     const mp_u32 qw[2] = {q0, q1};
 #pragma unroll
@@ -573,14 +559,8 @@ template <bool AL> static MP_HD void quants(const mp_u8* __restrict__ row, int c
 };
 
 // F32, F16, BF16: 16 consecutive values, scale 1
-struct mp_unit_scales : mp_cols_16 {
-template <bool AL> static MP_HD void scales(const mp_u8* __restrict__, int, float (&sc)[2], float (&mn)[2]) {
-    sc[0] = sc[1] = 1.0f;
-    mn[0] = mn[1] = 0.0f;
-}
-};
-template <> struct mp_chunk<0> : mp_unit_scales {
-template <bool AL> static MP_HD void quants(const mp_u8* __restrict__ row, int c, float (&q)[16]) {
+template <> struct mp_chunk<0> : mp_cols_16 {
+template <bool AL> static MP_HD void run(const mp_u8* __restrict__ row, int c, float (&q)[16], float (&sc)[2], float (&mn)[2]) {
     const mp_u8* p = row + (mp_i64)c * 64;  // 16-aligned under AL
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
@@ -589,12 +569,14 @@ template <bool AL> static MP_HD void quants(const mp_u8* __restrict__ row, int c
 #pragma unroll
         for (int i = 0; i < 4; ++i) q[4 * j + i] = mp_bits_to_float(v[i]);
     }
+    sc[0] = sc[1] = 1.0f;
+    mn[0] = mn[1] = 0.0f;
 }
 };
 
 // F16, BF16: 16 consecutive 16-bit values, scale 1; H::lo / H::hi convert a word's low / high half
-template <class H> struct mp_chunk_16bit : mp_unit_scales {
-template <bool AL> static MP_HD void quants(const mp_u8* __restrict__ row, int c, float (&q)[16]) {
+template <class H> struct mp_chunk_16bit : mp_cols_16 {
+template <bool AL> static MP_HD void run(const mp_u8* __restrict__ row, int c, float (&q)[16], float (&sc)[2], float (&mn)[2]) {
     mp_u32 uw[8];
     mp_w16x2<AL>(row + (mp_i64)c * 32, uw);  // 16-aligned under AL
 #pragma unroll
@@ -602,6 +584,8 @@ template <bool AL> static MP_HD void quants(const mp_u8* __restrict__ row, int c
         q[2 * i] = H::lo(uw[i]);
         q[2 * i + 1] = H::hi(uw[i]);
     }
+    sc[0] = sc[1] = 1.0f;
+    mn[0] = mn[1] = 0.0f;
 }
 };
 struct mp_f16_halves {
@@ -616,10 +600,8 @@ template <> struct mp_chunk<1> : mp_chunk_16bit<mp_f16_halves> {};
 template <> struct mp_chunk<30> : mp_chunk_16bit<mp_bf16_halves> {};
 
 // ---- MP_ROWS weight rows against up to NT activation rows ----------------------------------------
-// Each lane takes the chunk pairs (2u, 2u + 1) u = lane, lane + 32, ... of the kq columns (kq is a
-// multiple of 32 for the block types; the float types' last kq % 16 columns go one at a time), the
-// pair's scales decoded once (a K-quant header costs as much as a chunk's quants), the pair's bytes
-// contiguous, so a warp still reads contiguous bytes. Per chunk, row and token:
+// Each lane takes chunks lane, lane + 32, ... of the kq columns (kq is a multiple of 16 for the
+// block types; the float types' last kq % 16 columns go one at a time). Per chunk, row and token:
 // sum_i x_i (sc q_i - mn) = sc * sum_i x_i q_i - mn * sum_i x_i, so a weight costs one FMA per
 // token plus its decode; the activations and their run sums are loaded once for all MP_ROWS rows.
 // acc[r * NT + t] is lane-partial: the caller reduces over the warp.
@@ -647,55 +629,43 @@ template <> struct mp_chunk<30> : mp_chunk_16bit<mp_bf16_halves> {};
 #define MP_MATMUL_GLOBAL __global__ __launch_bounds__(MP_THREADS, MP_MIN_BLOCKS_FOR(NT))
 #endif
 
-#ifndef MP_PAIR_UNROLL
-#define MP_PAIR_UNROLL 2        // 1: a pair's second chunk starts after the first (fewer registers; tuning switch)
-#endif
-
 template <int QT, int NT, bool AL>
 MP_HD void mp_rows_dot_chunks(const mp_u8* const (&rows)[MP_ROWS], int chunks, const float* const (&xp)[NT], int nt,
                               int first, int stride, float (&acc)[MP_ROWS * NT]) {
-    for (int u = first; 2 * u < chunks; u += stride) {  // chunk pairs: one scale decode for two chunks
-        float sc[MP_ROWS][2], mn[MP_ROWS][2];
+    for (int c = first; c < chunks; c += stride) {
+        float q[MP_ROWS][16], sc[MP_ROWS][2], mn[MP_ROWS][2];
+        int a = 0, b = 0;
+        mp_chunk<QT>::cols(c, a, b);
 #pragma unroll
-        for (int r = 0; r < MP_ROWS; ++r) mp_chunk<QT>::template scales<AL>(rows[r], 2 * u, sc[r], mn[r]);
-#pragma unroll MP_PAIR_UNROLL
-        for (int v = 0; v < 2; ++v) {
-            const int c = 2 * u + v;
-            if (c >= chunks) break;  // an odd chunk count (float types only)
-            float q[MP_ROWS][16];
-            int a = 0, b = 0;
-            mp_chunk<QT>::cols(c, a, b);
+        for (int r = 0; r < MP_ROWS; ++r) mp_chunk<QT>::template run<AL>(rows[r], c, q[r], sc[r], mn[r]);
 #pragma unroll
-            for (int r = 0; r < MP_ROWS; ++r) mp_chunk<QT>::template quants<AL>(rows[r], c, q[r]);
+        for (int t = 0; t < NT; ++t) {
+            if (t < nt) {
+                float xa[8], xb[8];
+                mp_x8<AL>(xp[t] + a, xa);
+                mp_x8<AL>(xp[t] + b, xb);
+                float xsa = 0.0f, xsb = 0.0f;
+                if (mp_has_min<QT>::value) {
 #pragma unroll
-            for (int t = 0; t < NT; ++t) {
-                if (t < nt) {
-                    float xa[8], xb[8];
-                    mp_x8<AL>(xp[t] + a, xa);
-                    mp_x8<AL>(xp[t] + b, xb);
-                    float xsa = 0.0f, xsb = 0.0f;
-                    if (mp_has_min<QT>::value) {
-#pragma unroll
-                        for (int i = 0; i < 8; ++i) {
-                            xsa = mp_fadd(xsa, xa[i]);
-                            xsb = mp_fadd(xsb, xb[i]);
-                        }
+                    for (int i = 0; i < 8; ++i) {
+                        xsa = mp_fadd(xsa, xa[i]);
+                        xsb = mp_fadd(xsb, xb[i]);
                     }
+                }
 #pragma unroll
-                    for (int r = 0; r < MP_ROWS; ++r) {
-                        float sa = 0.0f, sb = 0.0f;
+                for (int r = 0; r < MP_ROWS; ++r) {
+                    float sa = 0.0f, sb = 0.0f;
 #pragma unroll
-                        for (int i = 0; i < 8; ++i) {
-                            sa = fmaf(q[r][i], xa[i], sa);
-                            sb = fmaf(q[r][8 + i], xb[i], sb);
-                        }
-                        float s = acc[r * NT + t];
-                        s = fmaf(sc[r][0], sa, s);
-                        if (mp_has_min<QT>::value) s = fmaf(-mn[r][0], xsa, s);
-                        s = fmaf(sc[r][1], sb, s);
-                        if (mp_has_min<QT>::value) s = fmaf(-mn[r][1], xsb, s);
-                        acc[r * NT + t] = s;
+                    for (int i = 0; i < 8; ++i) {
+                        sa = fmaf(q[r][i], xa[i], sa);
+                        sb = fmaf(q[r][8 + i], xb[i], sb);
                     }
+                    float s = acc[r * NT + t];
+                    s = fmaf(sc[r][0], sa, s);
+                    if (mp_has_min<QT>::value) s = fmaf(-mn[r][0], xsa, s);
+                    s = fmaf(sc[r][1], sb, s);
+                    if (mp_has_min<QT>::value) s = fmaf(-mn[r][1], xsb, s);
+                    acc[r * NT + t] = s;
                 }
             }
         }
