@@ -900,54 +900,88 @@ MP_MATMUL_GLOBAL void qmm_experts(const mp_u8* __restrict__ w0, const mp_u8* __r
 }
 
 // ---- grouping of (token, slot) pairs by expert ------------------------------------------------------
-// One warp, a stable counting sort: ids[T, k] -> pairs (p = t * k + j sorted by (expert, p)),
-// offsets[E + 1], active[n_active] (experts owning pairs, ascending, then -1 up to n_act_len),
-// and order[T, k] (token t's slots in ascending expert-id order, ties by slot: the order of the
-// reference's `for e in unique(ids)` accumulation). Lane l owns experts l*per .. l*per + per - 1
-// (per = ceil(E / 32) <= MP_MAX_PER); exclusive prefix sums over lanes through one warp reduction
-// of one-hot vectors. Ids outside 0..E-1 are left out (the host validates them).
+// One block of MP_THREADS threads, a stable counting sort: ids[T, k] -> pairs (p = t * k + j sorted by
+// (expert, p)), offsets[E + 1], active[n_active] (experts owning pairs, ascending, then -1 up to
+// n_act_len), and order[T, k] (token t's slots in ascending expert-id order, ties by slot: the order
+// of the reference's `for e in unique(ids)` accumulation). Counts by shared-memory atomics, offsets
+// and the active list by a block scan (thread i owns experts i*per .. i*per + per - 1), placement in
+// rounds of MP_THREADS pairs, each pair ranked among the round's earlier pairs of its expert. Ids
+// outside 0..E-1 are left out (the host validates them). Every thread of the block must call it.
 
-#define MP_MAX_PER 16           // experts per lane: E <= 512
+#define MP_MAX_EXPERTS 512      // kernels.py: MAX_EXPERTS
+
+MP_HD void mp_atomic_add_shared(int* a, int v) {
+#if defined(__CUDA_ARCH__)
+    atomicAdd(a, v);
+#else
+    *a += v;  // the emulator switches threads only at barriers and warp reductions
+#endif
+}
+
+struct mp_group_smem {  // the kernel's shared memory (a __shared__ variable cannot live in an MP_HD function)
+    int next[MP_MAX_EXPERTS];  // pairs per expert, then the expert's next free position
+    int scan_n[MP_THREADS], scan_a[MP_THREADS], round_ids[MP_THREADS];
+};
 
 MP_HD void mp_group_pairs(const int* ids, int T, int k, int E, int* __restrict__ pairs,
                           int* __restrict__ offsets, int* __restrict__ active, int n_act_len, int* __restrict__ order,
-                          int lane) {
-    const int P = T * k, per = (E + 31) / 32, e_lo = lane * per;
-    int cnt[MP_MAX_PER];
-    for (int q = 0; q < MP_MAX_PER; ++q) cnt[q] = 0;
-    for (int p = 0; p < P; ++p) {
-        const int id = ids[p] - e_lo;
-        if (id >= 0 && id < per && id + e_lo < E) cnt[id] += 1;
+                          mp_group_smem& sm) {
+    int* next = sm.next;
+    int* scan_n = sm.scan_n;
+    int* scan_a = sm.scan_a;
+    int* round_ids = sm.round_ids;
+    const int tid = threadIdx.x, P = T * k;
+    for (int e = tid; e < E; e += MP_THREADS) next[e] = 0;
+    mp_syncthreads();
+    for (int p = tid; p < P; p += MP_THREADS) {
+        const int id = ids[p];
+        if (id >= 0 && id < E) mp_atomic_add_shared(&next[id], 1);
     }
+    mp_syncthreads();
+    const int per = (E + MP_THREADS - 1) / MP_THREADS, e_lo = tid * per;
     int mine = 0, mine_active = 0;
-    for (int q = 0; q < per; ++q) {
-        mine += cnt[q];
-        mine_active += cnt[q] > 0;
+    for (int q = 0; q < per && e_lo + q < E; ++q) {
+        mine += next[e_lo + q];
+        mine_active += next[e_lo + q] > 0;
     }
-    float pre[64];  // pre[j] (j < 32): pairs of lanes < j; pre[32 + j]: active experts of lanes < j
-    for (int j = 0; j < 32; ++j) {
-        pre[j] = j > lane ? (float)mine : 0.0f;
-        pre[32 + j] = j > lane ? (float)mine_active : 0.0f;
+    scan_n[tid] = mine;
+    scan_a[tid] = mine_active;
+    mp_syncthreads();
+    for (int off = 1; off < MP_THREADS; off <<= 1) {  // inclusive scans (Hillis-Steele)
+        const int vn = tid >= off ? scan_n[tid - off] : 0, va = tid >= off ? scan_a[tid - off] : 0;
+        mp_syncthreads();
+        scan_n[tid] += vn;
+        scan_a[tid] += va;
+        mp_syncthreads();
     }
-    mp_warp_allreduce<64>(pre);
-    int pos = (int)pre[lane], act = (int)pre[32 + lane];
-    const int n_active = (int)mp_warp_sum1((float)mine_active);
-    for (int q = 0; q < per; ++q) {
-        const int e = e_lo + q;
-        if (e >= E) break;
+    int pos = scan_n[tid] - mine, act = scan_a[tid] - mine_active;
+    const int n_active = scan_a[MP_THREADS - 1];
+    for (int q = 0; q < per && e_lo + q < E; ++q) {
+        const int e = e_lo + q, c = next[e];
         offsets[e] = pos;
-        if (cnt[q] > 0) active[act++] = e;
-        const int c = cnt[q];
-        cnt[q] = pos;  // now the next free position of expert e
+        if (c > 0) active[act++] = e;
+        next[e] = pos;
         pos += c;
     }
-    if (lane == 31) offsets[E] = pos;  // every pair of an id in 0..E-1
-    for (int i = n_active + lane; i < n_act_len; i += 32) active[i] = -1;
-    for (int p = 0; p < P; ++p) {
-        const int id = ids[p] - e_lo;
-        if (id >= 0 && id < per && id + e_lo < E) pairs[cnt[id]++] = p;
+    if (tid == MP_THREADS - 1) offsets[E] = scan_n[MP_THREADS - 1];  // every pair of an id in 0..E-1
+    for (int i = n_active + tid; i < n_act_len; i += MP_THREADS) active[i] = -1;
+    mp_syncthreads();
+    for (int r0 = 0; r0 < P; r0 += MP_THREADS) {  // stable placement, a round of MP_THREADS pairs at a time
+        const int p = r0 + tid;
+        const int id = p < P ? ids[p] : -1;
+        const bool valid = id >= 0 && id < E;
+        round_ids[tid] = valid ? id : -1;
+        mp_syncthreads();
+        if (valid) {
+            int rank = 0;
+            for (int i = 0; i < tid; ++i) rank += round_ids[i] == id;
+            pairs[next[id] + rank] = p;
+        }
+        mp_syncthreads();
+        if (valid) mp_atomic_add_shared(&next[id], 1);
+        mp_syncthreads();
     }
-    for (int t = lane; t < T; t += 32) {
+    for (int t = tid; t < T; t += MP_THREADS) {
         const int* it = ids + (mp_i64)t * k;
         int* ot = order + (mp_i64)t * k;
         for (int j = 0; j < k; ++j) {  // rank of slot j: slots with a smaller id, or the same id earlier
@@ -961,7 +995,8 @@ MP_HD void mp_group_pairs(const int* ids, int T, int k, int E, int* __restrict__
 extern "C" MP_GLOBAL void expert_group(const int* __restrict__ ids, int T, int k, int E,
                                        int* __restrict__ pairs, int* __restrict__ offsets,
                                        int* __restrict__ active, int n_act_len, int* __restrict__ order) {
-    mp_group_pairs(ids, T, k, E, pairs, offsets, active, n_act_len, order, threadIdx.x & 31);
+    MP_SHARED mp_group_smem sm;
+    mp_group_pairs(ids, T, k, E, pairs, offsets, active, n_act_len, order, sm);
 }
 
 // ---- router top-k ----------------------------------------------------------------------------------
@@ -1126,7 +1161,7 @@ MP_HD void mp_syncwarp() {
 // ---- the router in one launch: softmax, top-k and (one block) the grouping ----------------------------
 // Warp w of block b takes token t = b * MP_WARPS + w: the softmax of its logits row into probs (as
 // softmax_rows), then its top-k (as router_topk). When the grid is one block (T <= MP_WARPS, short
-// prompts) the block then meets at a barrier and warp 0 groups the pairs by expert (as expert_group);
+// prompts) the block then meets at a barrier and groups the pairs by expert (as expert_group);
 // with more blocks `group` is 0 and expert_group runs after. Bit for bit the separate kernels' results.
 extern "C" MP_GLOBAL void moe_route(const float* __restrict__ logits, int T, int E, int k, float* probs,
                                     int* ids, float* __restrict__ weights, int group,
@@ -1139,9 +1174,10 @@ extern "C" MP_GLOBAL void moe_route(const float* __restrict__ logits, int T, int
         mp_syncwarp();  // a lane's top-k scan reads columns other lanes wrote
         mp_topk_row(pr, E, k, ids + (mp_i64)t * k, weights + (mp_i64)t * k, lane);
     }
+    MP_SHARED mp_group_smem sm;
     if (group) {
         mp_syncthreads();  // every token's ids written and visible to the block
-        if (warp == 0) mp_group_pairs(ids, T, k, E, pairs, offsets, active, n_act_len, order, lane);
+        mp_group_pairs(ids, T, k, E, pairs, offsets, active, n_act_len, order, sm);
     }
 }
 

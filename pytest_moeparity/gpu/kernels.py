@@ -53,7 +53,7 @@ ROWS = _tuning_define("MP_ROWS", 2)    # MP_ROWS in kernels.cu: weight rows per 
 THREADS = WARPS * 32      # block size of the matmul and row kernels
 TILE_TOKENS = 8           # activation rows per warp in the batched kernels (NT)
 TOKEN_TILES = (1, 4, TILE_TOKENS)  # the NT instances: the smallest one holding T rows (or pairs) is used
-MAX_EXPERTS = 512         # expert_group: 32 lanes x MP_MAX_PER experts
+MAX_EXPERTS = 512         # expert_group: MP_MAX_EXPERTS in kernels.cu (a shared-memory counter per expert)
 MAX_ROUTER_EXPERTS = 2048  # router_topk: a 64-bit taken-mask per lane
 ELEMENTWISE_THREADS = 256
 MAX_ELEMENTWISE_BLOCKS = 8192
@@ -465,7 +465,7 @@ class ExpertRouting:
 
 
 def expert_routing(ids, n_experts: int, *, backend: Backend | None = None) -> ExpertRouting:
-    """Group the (token, slot) pairs of ``ids`` int32 ``[T, k]`` by expert: one warp, a stable
+    """Group the (token, slot) pairs of ``ids`` int32 ``[T, k]`` by expert: one block, a stable
     counting sort (kernel ``expert_group``). Ids must lie in ``0..n_experts-1``."""
     be = _backend(backend)
     xp = be.xp
@@ -489,7 +489,7 @@ def _empty_routing(ids, n_experts: int, be: Backend) -> "ExpertRouting":
 
 
 def _launch_grouping(r: "ExpertRouting", be: Backend) -> None:
-    be.launch("expert_group", (1, 1, 1), (32, 1, 1),
+    be.launch("expert_group", (1, 1, 1), (THREADS, 1, 1),
               (r.ids, np.int32(r.n_tokens), np.int32(r.k), np.int32(r.n_experts), r.pairs, r.offsets, r.active,
                np.int32(r.active.shape[0]), r.order))
 
