@@ -62,8 +62,8 @@ def _emulator_backend():
 
     try:
         return EmulatorBackend()
-    except EmulatorUnavailable as exc:
-        pytest.skip(f"emulator unavailable: {exc}")
+    except EmulatorUnavailable as exc:  # asked for by name: a build failure must not pass as skips
+        pytest.fail(f"{EMULATOR_ENV} is set but the emulator is unavailable: {exc}", pytrace=False)
 
 
 _USE_EMULATOR = os.environ.get(EMULATOR_ENV, "") not in ("", "0")
@@ -578,6 +578,11 @@ def test_moe_combine_bit_exact(backend):
         for j in np.argsort(ids[t]):  # the reference adds experts in ascending id order
             want[t] = want[t] + (w[t, j] * y[t, j]).astype(np.float32)
     assert np.array_equal(got, want), f"max diff {np.abs(got - want).max()}"
+    # with the residual: the same combination and x + out from the one launch
+    x = rng.standard_normal((T, N)).astype(np.float32)
+    out, res = K.moe_combine(_dev(backend, y), _dev(backend, w), routing, residual=_dev(backend, x), backend=backend)
+    assert np.array_equal(_host(backend, out), want)
+    assert np.array_equal(_host(backend, res), x + want)
 
 
 def test_router_topk_many_experts(backend):
@@ -735,6 +740,25 @@ def test_qk_norm_rope_is_norm_then_rope(backend, T, nh, nkv, hd):
     ref = x64 / np.sqrt((x64 * x64).mean(-1, keepdims=True) + 1e-6) * wq
     ok = ~np.isnan(ref)
     _assert_close(qn[ok], ref[ok], "q_norm vs float64", tol=1e-6)
+
+
+def test_add_rms_norm_is_add_then_rms_norm(backend):
+    """The fused residual add + RMSNorm gives add's and rms_norm's results bit for bit, a NaN staying
+    in its own row."""
+    from pytest_moeparity.gpu import kernels as K
+
+    rng = _rng("add-rms")
+    a, b = (rng.standard_normal((5, 2048)).astype(np.float32) * 3 for _ in range(2))
+    a[3, 7] = np.nan
+    w = rng.uniform(0.5, 1.5, 2048).astype(np.float32)
+    da, db, dw = (_dev(backend, v) for v in (a, b, w))
+    s, n = (_host(backend, v) for v in K.add_rms_norm(da, db, dw, 1e-6, backend=backend))
+    want_s = K.add(da, db, backend=backend)
+    assert np.array_equal(s, _host(backend, want_s), equal_nan=True)
+    assert np.array_equal(n, _host(backend, K.rms_norm(want_s, dw, 1e-6, backend=backend)), equal_nan=True)
+    assert np.isnan(n[3]).all() and not np.isnan(np.delete(n, 3, axis=0)).any()
+    with pytest.raises(K.KernelError, match="differ"):
+        K.add_rms_norm(da, db[:4], dw, 1e-6, backend=backend)
 
 
 def _bf16_numpy(x: np.ndarray) -> np.ndarray:
@@ -1106,6 +1130,7 @@ FAULT_SPECS = [
     "scale=3@2:attn_scores;add=0.01@4:attn_softmax",  # these layers leave the one-launch attention
     "scale=1.5@1:q_norm;add=0.02@3:k_norm",  # and these the one-launch q/k norm + RoPE
     "add=0.3@2:moe_router_probs",             # and this the one-launch router
+    "add=0.5@1:post_attn_residual",           # and this the residual add + ffn_norm launch (not scale: RMSNorm ignores it)
     "dispatch=q6_k@*:ffn_down_exps",
     "dispatch=q8_0@2:attn_q;dispatch=bf16@3:ffn_gate_inp;dispatch=q8_0@4:attn_norm",
 ]

@@ -210,8 +210,8 @@ class CupyEngine:
                 if not 0 <= int(layer) < self.cfg.n_layers:
                     raise ValueError(f"layer_inputs: layer {layer} out of range 0..{self.cfg.n_layers - 1}")
                 x = a(self._input(layer_inputs[layer], (T, self.cfg.hidden), f"layer_inputs[{layer}]"))
-                x = self.attention(layer, x, cos, sin, rec, weights)
-                self.moe(layer, x, rec, weights)
+                attn = self.attention(layer, x, cos, sin, rec, weights)
+                self.moe(layer, x, attn, rec, weights)
                 weights.release_layer(layer)
             return ForwardResult(logits=np.empty((T, 0), np.float32), trace=rec.trace(info))
 
@@ -227,8 +227,8 @@ class CupyEngine:
         """Every layer, the final norm and the head on device arrays: device logits [T, V]."""
         a = self._a
         for layer in range(self.cfg.n_layers):
-            x = self.attention(layer, x, cos, sin, rec, weights)
-            x = self.moe(layer, x, rec, weights)
+            attn = self.attention(layer, x, cos, sin, rec, weights)
+            x = self.moe(layer, x, attn, rec, weights)
             weights.release_layer(layer)
         h = a(self._rms_norm(x, weights.vector("output_norm.weight")))
         h = rec.tap(S.final_norm, None, h)
@@ -322,10 +322,7 @@ class CupyEngine:
             scores, p, ctx = self._attention_stages(L, q, k, v, rec)
         ctx = rec.tap(S.attention, L, ctx)
         out = a(self._layer_mm(ctx, L, "attn_output", weights))
-        out = rec.tap(S.attn_out, L, out)
-        x = a(K.add(x, out, backend=self.backend))
-        x = rec.tap(S.post_attn_residual, L, x)
-        return x
+        return rec.tap(S.attn_out, L, out)  # moe() adds the residual
 
     def _fusable(self, rec: Recorder, layer: int, inner) -> bool:
         """Whether one fused kernel may compute a run of stages whose ``inner`` stages feed the next
@@ -358,9 +355,17 @@ class CupyEngine:
             ctx = a(xp.matmul(ph, vh).transpose(1, 0, 2).reshape(T, nh * hd))
         return scores, p, ctx
 
-    def moe(self, layer: int, x, rec: Recorder, weights: DeviceWeights):
+    def moe(self, layer: int, x, attn, rec: Recorder, weights: DeviceWeights):
+        """The post-attention residual ``x + attn``, then the MoE block and its residual."""
         cfg, a, L, be, xp = self.cfg, self._a, layer, self.backend, self.xp
-        h = a(self._rms_norm(x, self._vec(L, "ffn_norm", weights)))
+        wn = self._vec(L, "ffn_norm", weights)
+        if self._fusable(rec, L, (S.post_attn_residual,)):  # the residual add and ffn_norm in one launch
+            x, h = K.add_rms_norm(x, attn, wn, cfg.rms_eps, backend=be)
+            x = rec.tap(S.post_attn_residual, L, x)
+        else:
+            x = a(K.add(x, attn, backend=be))
+            x = rec.tap(S.post_attn_residual, L, x)
+            h = a(self._rms_norm(x, wn))
         h = rec.tap(S.ffn_norm, L, h)
         logits = a(self._layer_mm(h, L, "ffn_gate_inp", weights))          # [T, E]
         logits = rec.tap(S.moe_router_logits, L, logits)
@@ -397,12 +402,15 @@ class CupyEngine:
         s = ef(rec, S.moe_expert_swiglu, L, a(K.swiglu(g, u, backend=be)), ids)      # [T, k, F]
         y = ef(rec, S.moe_expert_out, L,
                a(K.qmatmul_experts(self._c(s), down_t, routing, x_per_pair=True, as_qtype=d_as, backend=be)), ids)
-        out = a(K.moe_combine(self._c(y), self._c(rw), routing, backend=be))
-
         if any(rec.wants(st, L) for st in _EXPERT_STAGES):
             self._capture_experts(L, h, ids, (gate_t, g_as), (up_t, u_as), (down_t, d_as), rec)
-        out = rec.tap(S.moe_ffn_out, L, out)
-        x = a(K.add(x, out, backend=be))
+        if self._fusable(rec, L, (S.moe_ffn_out,)):  # the combination and the residual add in one launch
+            out, x = K.moe_combine(self._c(y), self._c(rw), routing, residual=x, backend=be)
+            rec.tap(S.moe_ffn_out, L, out)
+        else:
+            out = a(K.moe_combine(self._c(y), self._c(rw), routing, backend=be))
+            out = rec.tap(S.moe_ffn_out, L, out)
+            x = a(K.add(x, out, backend=be))
         x = rec.tap(S.post_ffn_residual, L, x)
         return x
 

@@ -1057,8 +1057,11 @@ extern "C" MP_GLOBAL void router_topk(const float* __restrict__ probs, int T, in
 // out[t, n] = sum over slots j, taken in ascending expert-id order (order[t, :], from
 // expert_group), of w[t, j] * y[t, j, n]; product and sum rounded separately (no FMA), as the
 // reference accumulates `out[tok] += w * y` expert by expert in float32.
+// With `residual` non-zero it also writes res_out = x + out (add_f32's sum: the post-FFN residual in
+// the same launch); otherwise x and res_out are not read.
 extern "C" MP_GLOBAL void moe_combine(const float* __restrict__ y, const float* __restrict__ w,
-                           const int* __restrict__ order, int T, int k, int N, float* __restrict__ out) {
+                           const int* __restrict__ order, int T, int k, int N, float* __restrict__ out,
+                           int residual, const float* __restrict__ x, float* __restrict__ res_out) {
     const mp_i64 total = (mp_i64)T * N;
     for (mp_i64 i = (mp_i64)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += (mp_i64)gridDim.x * blockDim.x) {
         const int t = (int)(i / N), n = (int)(i % N);
@@ -1068,6 +1071,7 @@ extern "C" MP_GLOBAL void moe_combine(const float* __restrict__ y, const float* 
             acc = mp_fadd(acc, mp_fmul(w[(mp_i64)t * k + j], y[((mp_i64)t * k + j) * N + n]));
         }
         out[i] = acc;
+        if (residual) res_out[i] = mp_fadd(x[i], acc);
     }
 }
 
@@ -1078,7 +1082,7 @@ extern "C" MP_GLOBAL void moe_combine(const float* __restrict__ y, const float* 
 
 // RMSNorm: out = x / sqrt(mean(x * x) + eps) * weight[i % n]
 // one row xr[0..n) into o by the lanes of a warp
-MP_HD void mp_rms_norm_row(const float* __restrict__ xr, int n, const float* __restrict__ weight, float eps,
+MP_HD void mp_rms_norm_row(const float* xr, int n, const float* __restrict__ weight, float eps,
                            float* __restrict__ o, int lane) {
     // rows of up to 32 * MP_RMS_REGS values are held in registers with their weights: one burst of
     // independent loads (the row costs one memory round trip), sums of squares in 8 partial sums
@@ -1126,7 +1130,7 @@ extern "C" MP_GLOBAL void rms_norm(const float* __restrict__ x, int rows, int n,
 // columns beyond that position are masked (probability 0), the reference's where(mask, x, -inf).
 // softmax of one row xr[0..n) into o by the lanes of a warp (lane i % 32 reads and writes column i);
 // columns >= valid are masked (probability 0).
-MP_HD void mp_softmax_row(const float* __restrict__ xr, int n, int valid, float* __restrict__ o, int lane) {
+MP_HD void mp_softmax_row(const float* xr, int n, int valid, float* __restrict__ o, int lane) {
     const float NEG_INF = mp_bits_to_float(0xFF800000u);
     float m = NEG_INF, any_nan = 0.0f;
     for (int i = lane; i < valid; i += 32) {
@@ -1156,6 +1160,19 @@ MP_HD void mp_syncwarp() {
 #elif defined(__CUDA_ARCH__)
     __syncwarp();
 #endif
+}
+
+// A residual add and the RMSNorm of its result in one launch (the post-attention residual and
+// ffn_norm): sum = a + b as add_f32 computes it, then out = rms_norm(sum) as rms_norm does.
+extern "C" MP_GLOBAL void add_rms_norm(const float* __restrict__ a, const float* __restrict__ b, int rows, int n,
+                                       const float* __restrict__ weight, float eps, float* sum,
+                                       float* __restrict__ out) {
+    const int row = blockIdx.x * MP_WARPS + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+    if (row >= rows) return;
+    const mp_i64 off = (mp_i64)row * n;
+    for (int i = lane; i < n; i += 32) sum[off + i] = mp_fadd(a[off + i], b[off + i]);
+    mp_syncwarp();  // the norm's lanes read what the others summed
+    mp_rms_norm_row(sum + off, n, weight, eps, out + off, lane);
 }
 
 // ---- the router in one launch: softmax, top-k and (one block) the grouping ----------------------------
@@ -1218,7 +1235,7 @@ extern "C" MP_GLOBAL void attention_core(const float* __restrict__ q, const floa
 
 // NEOX RoPE of column j of a head's row xr[0..2 half) with that position's cos/sin[0..half):
 // first half x1*cos - x2*sin, second x2*cos + x1*sin
-MP_HD float mp_rope_value(const float* __restrict__ xr, int j, int half, const float* __restrict__ c,
+MP_HD float mp_rope_value(const float* xr, int j, int half, const float* __restrict__ c,
                           const float* __restrict__ s) {
     const int f = j < half ? j : j - half;
     const float x1 = xr[f], x2 = xr[half + f];

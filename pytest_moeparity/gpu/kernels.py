@@ -60,7 +60,7 @@ MAX_ELEMENTWISE_BLOCKS = 8192
 
 # kernels whose threads meet at warp reductions or block barriers (the emulator runs them as coroutines)
 WARP_KERNELS = ("qmm_dense", "qmm_dense_splitk", "qmm_experts", "expert_group", "router_topk", "rms_norm",
-                "softmax_rows", "attention_core", "qk_norm_rope", "moe_route")
+                "softmax_rows", "attention_core", "qk_norm_rope", "moe_route", "add_rms_norm")
 SPLITK_TILES = (1, 4)     # the token tiles with a split-K dense instance (prompts of up to 4 tokens)
 # split K only while the plain kernel's grid is small: a large matrix (the output head's 152k rows) already
 # fills the GPU, and splitting it only adds the blocks' shared-memory step
@@ -70,7 +70,7 @@ NAME_EXPRESSIONS: tuple[str, ...] = tuple(
     [f"qmm_dense<{q},{nt}>" for q in sorted(KERNEL_QTYPES.values()) for nt in TOKEN_TILES]
     + [f"qmm_dense_splitk<{q},{nt}>" for q in sorted(KERNEL_QTYPES.values()) for nt in SPLITK_TILES]
     + [f"qmm_experts<{q},{nt}>" for q in sorted(KERNEL_QTYPES.values()) for nt in TOKEN_TILES]
-    + ["expert_group", "router_topk", "moe_route", "moe_combine", "round_bf16", "rms_norm", "softmax_rows", "attention_core",
+    + ["expert_group", "router_topk", "moe_route", "moe_combine", "round_bf16", "rms_norm", "add_rms_norm", "softmax_rows", "attention_core",
        "qk_norm_rope", "rope_neox", "swiglu", "add_f32"])
 
 COMPILE_OPTIONS = ("-std=c++17",)
@@ -615,10 +615,11 @@ def _elementwise_grid(n: int) -> tuple[int, int, int]:
     return (max(1, min(_cdiv(n, ELEMENTWISE_THREADS), MAX_ELEMENTWISE_BLOCKS)), 1, 1)
 
 
-def moe_combine(y, weights, routing: ExpertRouting, *, backend: Backend | None = None):
+def moe_combine(y, weights, routing: ExpertRouting, *, residual=None, backend: Backend | None = None):
     """``out[t] = sum_j weights[t, j] * y[t, j]`` over slots in ascending expert-id order (the
     reference's accumulation order, ``routing.order``), products and sums rounded separately.
-    y float32 ``[T, k, N]``; ``routing`` the :class:`ExpertRouting` of the ids that produced y."""
+    y float32 ``[T, k, N]``; ``routing`` the :class:`ExpertRouting` of the ids that produced y.
+    With ``residual`` x ``[T, N]``: ``(out, x + out)`` from the same launch (:func:`add`'s sum)."""
     be = _backend(backend)
     xp = be.xp
     T, k, N = (int(s) for s in y.shape)
@@ -626,11 +627,18 @@ def moe_combine(y, weights, routing: ExpertRouting, *, backend: Backend | None =
         raise KernelError(f"moe_combine: weights {weights.shape} / routing {(routing.n_tokens, routing.k)} "
                           f"do not fit y {y.shape}")
     out = xp.empty((T, N), dtype=np.float32)
+    res = out  # not read or written without a residual
+    if residual is not None:
+        residual = _f32c("moe_combine: residual", residual, be)
+        if tuple(residual.shape) != (T, N):
+            raise KernelError(f"moe_combine: residual {residual.shape}, expected {(T, N)}")
+        res = xp.empty((T, N), dtype=np.float32)
     if T * N:
         be.launch("moe_combine", _elementwise_grid(T * N), (ELEMENTWISE_THREADS, 1, 1),
                   (xp.ascontiguousarray(y), xp.ascontiguousarray(weights), routing.order,
-                   np.int32(T), np.int32(k), np.int32(N), out))
-    return out
+                   np.int32(T), np.int32(k), np.int32(N), out, np.int32(residual is not None),
+                   residual if residual is not None else out, res))
+    return out if residual is None else (out, res)
 
 
 def round_bf16_(x, *, backend: Backend | None = None):
@@ -706,6 +714,24 @@ def attention_core(q, k, v, out=None, *, backend: Backend | None = None):
                   (q, k, v, np.int32(T), np.int32(nh), np.int32(nkv), np.int32(hd), np.float32(np.sqrt(hd)),
                    scores, probs, ctx))
     return scores, probs, ctx
+
+
+def add_rms_norm(a, b, weight, eps: float, *, backend: Backend | None = None):
+    """``s = a + b`` and ``rms_norm(s, weight, eps)`` in one launch: ``(s, normed)``, bit for bit
+    :func:`add` then :func:`rms_norm` (one warp per row of the last axis)."""
+    be = _backend(backend)
+    a, b, weight = (_f32c(f"add_rms_norm: {n}", v, be) for n, v in (("a", a), ("b", b), ("weight", weight)))
+    if tuple(a.shape) != tuple(b.shape):
+        raise KernelError(f"add_rms_norm: shapes {a.shape} and {b.shape} differ")
+    n = int(a.shape[-1])
+    if tuple(weight.shape) != (n,):
+        raise KernelError(f"add_rms_norm: weight shape {weight.shape}, expected ({n},)")
+    s, out = (be.xp.empty(a.shape, dtype=np.float32) for _ in range(2))
+    rows = int(a.size) // max(n, 1)
+    if rows and n:
+        be.launch("add_rms_norm", (_cdiv(rows, WARPS), 1, 1), (THREADS, 1, 1),
+                  (a, b, np.int32(rows), np.int32(n), weight, np.float32(eps), s, out))
+    return s, out
 
 
 def qk_norm_rope(q, k, wq, wk, eps: float, cos, sin, *, backend: Backend | None = None):
