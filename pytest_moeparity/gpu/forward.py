@@ -99,8 +99,7 @@ class CupyEngine:
         return wrong_t if (tensor_kind == kind and wt.qtype == victim) else None
 
     def _layer_mm(self, x, layer: int, name: str, weights: DeviceWeights):
-        wt = weights.layer(layer, name)
-        return self._mm(x, wt, self._as_qtype(layer, name, wt))
+        return self._layer_mms(x, layer, (name,), weights)[0]
 
     def _layer_mms(self, x, layer: int, names, weights: DeviceWeights) -> list:
         """Products of one input with several of a layer's matrices (one launch where their types agree)."""

@@ -226,29 +226,24 @@ void mp_emu_warp_allreduce(float* v, int n);
 void mp_emu_warp_allreduce_max(float* v, int n);
 #endif
 
-template <int N> MP_HD void mp_warp_allreduce(float (&v)[N]) {
+// the xor butterfly of every lane's v[0..N) with op (sum or max); every lane ends with the result
+template <bool MAX, int N> MP_HD void mp_warp_butterfly(float (&v)[N]) {
 #ifdef MOEPARITY_EMULATOR
-    mp_emu_warp_allreduce(v, N);
+    if (MAX) mp_emu_warp_allreduce_max(v, N);
+    else mp_emu_warp_allreduce(v, N);
 #else
 #pragma unroll
     for (int off = 16; off > 0; off >>= 1) {
 #pragma unroll
-        for (int t = 0; t < N; ++t) v[t] += __shfl_xor_sync(0xFFFFFFFFu, v[t], off);
+        for (int t = 0; t < N; ++t) {
+            const float o = __shfl_xor_sync(0xFFFFFFFFu, v[t], off);
+            v[t] = MAX ? fmaxf(v[t], o) : v[t] + o;
+        }
     }
 #endif
 }
-
-template <int N> MP_HD void mp_warp_allmax(float (&v)[N]) {
-#ifdef MOEPARITY_EMULATOR
-    mp_emu_warp_allreduce_max(v, N);
-#else
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) {
-#pragma unroll
-        for (int t = 0; t < N; ++t) v[t] = fmaxf(v[t], __shfl_xor_sync(0xFFFFFFFFu, v[t], off));
-    }
-#endif
-}
+template <int N> MP_HD void mp_warp_allreduce(float (&v)[N]) { mp_warp_butterfly<false, N>(v); }
+template <int N> MP_HD void mp_warp_allmax(float (&v)[N]) { mp_warp_butterfly<true, N>(v); }
 
 MP_HD float mp_warp_sum1(float x) { float v[1] = {x}; mp_warp_allreduce<1>(v); return v[0]; }
 
@@ -419,12 +414,20 @@ MP_HD mp_u32 mp_byte_perm(mp_u32 a, mp_u32 b, mp_u32 s) {
 
 // The four bytes of w (values 0..255) minus a bias, as exact floats (no I2F): one byte permute puts
 // byte i under the exponent of 2^23 (0x4B0000ii = 2^23 + byte, exact), one subtraction of 2^23 + bias
-// (exact too). The callers build w with a
-// few whole-word operations (masks, shifts, the high bits ORed in) where the byte-at-a-time form took
-// a shift, a mask and an OR per value.
+// (exact too). The callers build w with a few whole-word operations (masks, shifts, the high bits
+// ORed in) where the byte-at-a-time form took a shift, a mask and an OR per value.
 MP_HD void mp_bytes4_to_f(mp_u32 w, float bias_plus_2p23, float* q) {
 #pragma unroll
     for (int i = 0; i < 4; ++i) q[i] = mp_fsub(mp_bits_to_float(mp_byte_perm(w, 0x4B000000u, 0x7540u + (mp_u32)i)), bias_plus_2p23);
+}
+
+// 8 quant bytes as 16 plain nibbles minus a bias (Q4_K, Q4_0): low nibbles to q[0..7], high to q[8..15]
+MP_HD void mp_nibbles_to_f(const mp_u32 (&w)[2], float bias_plus_2p23, float (&q)[16]) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        mp_bytes4_to_f(w[h] & 0x0F0F0F0Fu, bias_plus_2p23, q + 4 * h);
+        mp_bytes4_to_f((w[h] >> 4) & 0x0F0F0F0Fu, bias_plus_2p23, q + 8 + 4 * h);
+    }
 }
 
 template <int QT> struct mp_chunk;  // ::cols(c, a, b), ::run<AL>(row, c, q, sc, mn)
@@ -469,11 +472,7 @@ template <bool AL> static MP_HD void run(const mp_u8* __restrict__ row, int c, f
     mp_kquant_run_scales<AL>(blk, j0, sc, mn);
     mp_u32 qw[2];
     mp_w64<AL>(blk + 16 + 32 * g + l0, qw);
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-        mp_bytes4_to_f(qw[h] & 0x0F0F0F0Fu, 8388608.0f, q + 4 * h);             // low nibbles: sub-block j0
-        mp_bytes4_to_f((qw[h] >> 4) & 0x0F0F0F0Fu, 8388608.0f, q + 8 + 4 * h);  // high: j0 + 1
-    }
+    mp_nibbles_to_f(qw, 8388608.0f, q);  // low nibbles: sub-block j0, high: j0 + 1
 }
 };
 
@@ -550,11 +549,7 @@ template <bool AL> static MP_HD void run(const mp_u8* __restrict__ row, int c, f
     mn[0] = mn[1] = 0.0f;
     const mp_u32 q0 = mp_h32<AL>(blk + 2 + 8 * half), q1 = mp_h32<AL>(blk + 6 + 8 * half);
     const mp_u32 qw[2] = {q0, q1};
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {  // - 8
-        mp_bytes4_to_f(qw[h] & 0x0F0F0F0Fu, 8388616.0f, q + 4 * h);
-        mp_bytes4_to_f((qw[h] >> 4) & 0x0F0F0F0Fu, 8388616.0f, q + 8 + 4 * h);
-    }
+    mp_nibbles_to_f(qw, 8388616.0f, q);  // - 8
 }
 };
 

@@ -381,6 +381,27 @@ def dense_launch(code: int, Ns: tuple[int, ...], T: int) -> tuple[str, tuple[int
     return f"qmm_dense<{code},{nt}>", (groups * _cdiv(T, nt), 1, 1)
 
 
+def _per_matrix(what: str, n: int, outs, as_qtypes) -> tuple[tuple, tuple]:
+    """The per-matrix output buffers and kernel types of a shared-input product (None: all None)."""
+    outs = tuple(outs) if outs is not None else (None,) * n
+    as_qtypes = tuple(as_qtypes) if as_qtypes is not None else (None,) * n
+    if not n == len(outs) == len(as_qtypes):
+        raise KernelError(f"{what}: {n} matrices, {len(outs)} outputs, {len(as_qtypes)} kernel types")
+    return outs, as_qtypes
+
+
+def _share_launches(items, cap: int) -> list[tuple[tuple, list]]:
+    """``(key, item)`` pairs -> ``(key, [items])`` launches: consecutive items of one key (kernel type,
+    columns read, row bytes) share a launch, up to ``cap`` of them."""
+    launches: list[tuple[tuple, list]] = []
+    for key, item in items:
+        if launches and launches[-1][0] == key and len(launches[-1][1]) < cap:
+            launches[-1][1].append(item)
+        else:
+            launches.append((key, [item]))
+    return launches
+
+
 def qmatmul(x, wt: DeviceTensor, out=None, *, as_qtype: Q | None = None, backend: Backend | None = None):
     """``x @ W.T``: x float32 ``[T, K]`` (C-contiguous), ``wt`` a 2-D :class:`DeviceTensor` ``[N, K]``
     -> float32 ``[T, N]``; :func:`dense_launch` picks the kernel (split K for short prompts and
@@ -399,12 +420,9 @@ def qmatmul_shared_input(x, wts, *, outs=None, as_qtypes=None, backend: Backend 
     what :func:`qmatmul` gives for that matrix, bit for bit; ``outs`` / ``as_qtypes`` per matrix."""
     be = _backend(backend)
     wts = tuple(wts)
-    outs = tuple(outs) if outs is not None else (None,) * len(wts)
-    as_qtypes = tuple(as_qtypes) if as_qtypes is not None else (None,) * len(wts)
-    if not len(wts) == len(outs) == len(as_qtypes):
-        raise KernelError(f"qmatmul: {len(wts)} matrices, {len(outs)} outputs, {len(as_qtypes)} kernel types")
+    outs, as_qtypes = _per_matrix("qmatmul", len(wts), outs, as_qtypes)
     K = None
-    launches: list[list] = []  # [code, kq, row_bytes, [(wt, out), ...]]
+    todo = []  # ((code, kq, row_bytes), (wt, out)) of the products with work
     results = []
     for wt, out, as_q in zip(wts, outs, as_qtypes):
         if len(wt.shape) != 2:
@@ -418,16 +436,10 @@ def qmatmul_shared_input(x, wts, *, outs=None, as_qtypes=None, backend: Backend 
         T = int(x.shape[0])
         out = _out("qmatmul", out, (T, N), be)
         results.append(out)
-        if T == 0 or N == 0:
-            continue
-        _, code, kq = _kernel_type(wt, as_q)
-        last = launches[-1] if launches else None
-        if last and (last[0], last[1], last[2]) == (code, kq, wt.row_bytes) and len(last[3]) < MAX_SHARED_INPUT:
-            last[3].append((wt, out))
-        else:
-            launches.append([code, kq, wt.row_bytes, [(wt, out)]])
-    for code, kq, row_bytes, mats in launches:
-        T = int(x.shape[0])
+        if T and N:
+            _, code, kq = _kernel_type(wt, as_q)
+            todo.append(((code, kq, wt.row_bytes), (wt, out)))
+    for (code, kq, row_bytes), mats in _share_launches(todo, MAX_SHARED_INPUT):
         Ns = tuple(int(wt.shape[0]) for wt, _ in mats)
         kernel, grid = dense_launch(code, Ns, T)
         pad = mats + [mats[0]] * (MAX_SHARED_INPUT - len(mats))  # unused slots: N = 0, no blocks
@@ -535,11 +547,9 @@ def qmatmul_experts_shared_input(x, wt3s, routing, *, outs=None, x_per_pair: boo
     Each result is what :func:`qmatmul_experts` gives for that tensor, bit for bit."""
     be = _backend(backend)
     wt3s = tuple(wt3s)
-    outs = tuple(outs) if outs is not None else (None,) * len(wt3s)
-    as_qtypes = tuple(as_qtypes) if as_qtypes is not None else (None,) * len(wt3s)
-    if not 1 <= len(wt3s) <= 2 or not len(wt3s) == len(outs) == len(as_qtypes):
-        raise KernelError(f"qmatmul_experts: 1 or 2 tensors with an output and kernel type each, "
-                          f"got {len(wt3s)}, {len(outs)}, {len(as_qtypes)}")
+    if not 1 <= len(wt3s) <= 2:
+        raise KernelError(f"qmatmul_experts: 1 or 2 expert tensors, got {len(wt3s)}")
+    outs, as_qtypes = _per_matrix("qmatmul_experts", len(wt3s), outs, as_qtypes)
     for wt3 in wt3s:
         if len(wt3.shape) != 3:
             raise KernelError(f"qmatmul_experts: {wt3.name} is not 3-D (shape {wt3.shape})")
@@ -567,19 +577,15 @@ def qmatmul_experts_shared_input(x, wt3s, routing, *, outs=None, x_per_pair: boo
     outs = tuple(_out("qmatmul_experts", o, (T, k, N), be) for o in outs)
     if P == 0 or N == 0:
         return list(outs)
-    launches: list[list] = []  # [code, kq, [(wt3, out), ...]]
+    todo = []  # ((code, kq, row_bytes), (wt3, out))
     for wt3, out, as_q in zip(wt3s, outs, as_qtypes):
         raw = wt3.raw
         if not raw.flags.c_contiguous or tuple(raw.shape[:2]) != (E, N):
             raise KernelError(f"{wt3.name}: raw bytes must be a C-contiguous [E, N, row_bytes] array, got {raw.shape}")
         _, code, kq = _kernel_type(wt3, as_q)
-        if launches and (launches[-1][0], launches[-1][1]) == (code, kq) and launches[-1][2][0][0].row_bytes == wt3.row_bytes:
-            launches[-1][2].append((wt3, out))
-        else:
-            launches.append([code, kq, [(wt3, out)]])
+        todo.append(((code, kq, wt3.row_bytes), (wt3, out)))
     nt = _token_tile(T)
-    for code, kq, mats in launches:
-        row_bytes = mats[0][0].row_bytes
+    for (code, kq, row_bytes), mats in _share_launches(todo, 2):
         grid = (_cdiv(N, WARPS * ROWS) * len(mats), int(routing.active.shape[0]), 1)  # y: the active experts only
         (w0, o0), (w1, o1) = mats[0], mats[-1]
         be.launch(f"qmm_experts<{code},{nt}>", grid, (THREADS, 1, 1),
