@@ -894,6 +894,294 @@ MP_MATMUL_GLOBAL void qmm_experts(const mp_u8* __restrict__ w0, const mp_u8* __r
     }
 }
 
+// ---- Q4_K expert products on the tensor cores (sm_80 and later: int8 mma) ---------------------------
+// The float32 activations are first written exactly enough as integers: per token, with 2^E above its
+// largest |x|, N_k = rint(x_k * 2^(30 - E)) (|N_k| <= 2^30, an error of at most 2^-31 of 2^E), and N_k
+// as four signed base-256 digits (N_k = sum_p d_pk 256^p, d_pk in -128..127). The quants q_k of a
+// 32-value sub-block are 0..15, so one mma.m16n8k32 (u8 x s8 -> s32) gives, for 16 weight rows and
+// 8 (token, digit) columns, S = sum_k q_k d_pk exactly (integers: no rounding, any order). Per
+// super-block and row: I = sum_j sc_j S_j (exact, |I| < 2^25), then acc += d * I in float; the mins'
+// term dmin * sum_j m_j sum_{k in j} x_k is summed in float from the activations' sub-block sums.
+// At the end a (row, token) value is 2^(E - 30) * (acc_0 + 256 acc_1 + 65536 acc_2 + 2^24 acc_3)
+// minus the mins' term. Compared with qmm_experts this takes ~2 instructions per weight instead of ~10
+// (the products of up to 4 tokens in one instruction per 512 weights), and it is as accurate: the
+// integer part is exact, the float part rounds a few times per super-block. A token with a
+// non-finite activation gets NaN outputs (the float kernels give NaN or +-inf there; here the mins'
+// term would spread it too, but the digits of such a token are not defined, so it is flagged).
+// A warp takes 16 weight rows (rows gid and gid + 8 in lane 4 gid + tig); a block 4 warps, 64 rows of
+// one expert; the expert's pairs go in passes of up to 4 tokens, each pass first writing the digits
+// of its activation rows to shared memory. kernels.py uses it for Q4_K with K a multiple of 256 up to
+// MP_MMA_KMAX on devices of compute capability 8.0 or later (MP_MMA=0 turns it off, a tuning switch).
+
+#define MP_MMA_KMAX 2048        // kernels.py: MMA_KMAX (the digits of a pass live in shared memory)
+#define MP_MMA_TOK 4            // tokens per pass: 2 n-tiles of 8 columns = 2 tokens x 4 digits
+#define MP_MMA_SUBS (MP_MMA_KMAX / 32)
+#ifdef MOEPARITY_EMULATOR
+void mp_emu_mma_u8s8(const mp_u32* a, const mp_u32* b, int* d);  // the emulator's prelude: a warp-wide exchange
+#define MP_MMA_GLOBAL MP_GLOBAL
+#else
+#ifndef MP_MMA_MIN_BLOCKS
+#define MP_MMA_MIN_BLOCKS 4     // resident blocks per SM the mma kernel is compiled for (tuning switch)
+#endif
+#define MP_MMA_GLOBAL __global__ __launch_bounds__(MP_THREADS, MP_MMA_MIN_BLOCKS)
+#endif
+#ifndef MP_MMA_UNROLL
+#define MP_MMA_UNROLL 1         // super-blocks per iteration of the mma loop (tuning switch)
+#endif
+#define MP_STR(x) #x
+#define MP_PRAGMA_UNROLL(n) _Pragma(MP_STR(unroll n))
+
+// D = A B for A 16 x 32 u8 (row-major fragments a[4]), B 32 x 8 s8 (b[2]): lane 4 g + t holds
+// A[g][4t..4t+3] (a0), A[g+8][4t..] (a1), A[g][16+4t..] (a2), A[g+8][16+4t..] (a3), B[4t..4t+3][g] (b0),
+// B[16+4t..][g] (b1), and gets D[g][2t], D[g][2t+1], D[g+8][2t], D[g+8][2t+1].
+MP_HD void mp_mma_u8s8(const mp_u32 (&a)[4], const mp_u32 (&b)[2], int (&d)[4]) {
+#if defined(MOEPARITY_EMULATOR)
+    mp_emu_mma_u8s8(a, b, d);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm("mma.sync.aligned.m16n8k32.row.col.s32.u8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%10,%10,%10,%10};"
+        : "=r"(d[0]), "=r"(d[1]), "=r"(d[2]), "=r"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "r"(0));
+#else
+    d[0] = d[1] = d[2] = d[3] = 0;  // never launched below compute capability 8.0 (kernels.py)
+#endif
+}
+
+MP_HD int mp_float_to_int_rn(float x) {  // round to nearest even, |x| < 2^31
+#if defined(__CUDA_ARCH__)
+    return __float2int_rn(x);
+#else
+    return (int)__builtin_nearbyintf(x);  // the default rounding mode: to nearest even
+#endif
+}
+
+struct mp_mma_smem {
+    mp_u32 xd[2][MP_MMA_SUBS][8][8];     // digits [n-tile][sub-block][column 4 (token % 2) + digit][32 bytes]
+    float xs[MP_MMA_TOK][MP_MMA_SUBS];   // each token's sum of the 32 activations of a sub-block
+    float unit[MP_MMA_TOK];              // 2^(E - 30), the value of digit 0's unit
+    int bad[MP_MMA_TOK];                 // the token has a non-finite activation
+    float wmax[MP_WARPS][MP_MMA_TOK];
+    float acc[MP_WARPS][16][17];         // a warp's 16 rows x 16 columns (2 n-tiles)
+    float mins[MP_WARPS][16][MP_MMA_TOK];
+};
+
+// 4 activations from p: one 16-byte load where aligned
+MP_HD void mp_ldx4(const float* __restrict__ p, float (&v)[4]) {
+#if defined(__CUDA_ARCH__)
+    if (((unsigned long long)p & 15) == 0) {
+        const mp_f4 a = *(const mp_f4*)p;
+        v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
+        return;
+    }
+#endif
+#pragma unroll
+    for (int i = 0; i < 4; ++i) v[i] = p[i];
+}
+
+// The digits and sub-block sums of the pass's nt activation rows (rows pairs[t] / x_div of x), written
+// to shared memory by every thread of the block; ends with a barrier.
+MP_HD void mp_mma_digits(const float* __restrict__ x, int ldx, int x_div, const int* __restrict__ pr, int nt, int K,
+                         mp_mma_smem& sm) {
+    const int tid = threadIdx.x, k4s = K >> 2;
+    // largest |x| of each token, as its bits >> 8 (finite floats; NaN > inf > any finite value)
+    float m[MP_MMA_TOK];
+#pragma unroll
+    for (int t = 0; t < MP_MMA_TOK; ++t) {
+        m[t] = 0.0f;
+        if (t < nt) {
+            const float* row = x + (mp_i64)(pr[t] / x_div) * ldx;
+            for (int i = tid; i < k4s; i += MP_THREADS) {
+                float v[4];
+                mp_ldx4(row + 4 * i, v);
+#pragma unroll
+                for (int c = 0; c < 4; ++c) m[t] = fmaxf(m[t], (float)((mp_float_to_bits(v[c]) & 0x7FFFFFFFu) >> 8));
+            }
+        }
+    }
+    mp_warp_allmax<MP_MMA_TOK>(m);
+    if ((tid & 31) == 0) {
+#pragma unroll
+        for (int t = 0; t < MP_MMA_TOK; ++t) sm.wmax[tid >> 5][t] = m[t];
+    }
+    mp_syncthreads();
+    float inv[MP_MMA_TOK];
+#pragma unroll
+    for (int t = 0; t < MP_MMA_TOK; ++t) {
+        float mx = sm.wmax[0][t];
+        for (int w = 1; w < MP_WARPS; ++w) mx = fmaxf(mx, sm.wmax[w][t]);
+        int e = (int)mx >> 15;            // the biased exponent of the largest |x|: |x| < 2^(e - 126)
+        const bool bad = e == 255;
+        e = e < 30 ? 30 : e;              // (tiny or zero rows: the unit stays a normal float)
+        inv[t] = bad ? 0.0f : mp_bits_to_float((mp_u32)(283 - e) << 23);   // 2^(30 - E), E = e - 126
+        if (tid == 0) {
+            sm.unit[t] = mp_bits_to_float((mp_u32)(e - 29) << 23);           // 2^(E - 30)
+            sm.bad[t] = bad;
+        }
+    }
+    for (int i = tid; i < nt * k4s; i += MP_THREADS) {
+        const int t = i / k4s, k = 4 * (i - t * k4s);
+        float v[4];
+        mp_ldx4(x + (mp_i64)(pr[t] / x_div) * ldx + k, v);
+        mp_u32 n[4];
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {  // the digits of N are the bytes of (N + 0x808080) ^ 0x808080
+            const float z = mp_fmul(v[c], inv[t]);  // NaN only in a bad token (its outputs are NaN): digits 0
+            n[c] = ((mp_u32)(z == z ? mp_float_to_int_rn(z) : 0) + 0x00808080u) ^ 0x00808080u;
+        }
+        const mp_u32 lo01 = mp_byte_perm(n[0], n[1], 0x5140u), lo23 = mp_byte_perm(n[2], n[3], 0x5140u);
+        const mp_u32 hi01 = mp_byte_perm(n[0], n[1], 0x7362u), hi23 = mp_byte_perm(n[2], n[3], 0x7362u);
+        mp_u32* dst = &sm.xd[t >> 1][k >> 5][4 * (t & 1)][(k & 31) >> 2];
+        dst[0] = mp_byte_perm(lo01, lo23, 0x5410u);   // digit 0 of the 4 values
+        dst[8] = mp_byte_perm(lo01, lo23, 0x7632u);   // digit 1 (the next column)
+        dst[16] = mp_byte_perm(hi01, hi23, 0x5410u);
+        dst[24] = mp_byte_perm(hi01, hi23, 0x7632u);
+    }
+    const int subs = K >> 5;
+    for (int i = tid; i < nt * subs; i += MP_THREADS) {
+        const int t = i / subs, j = i - t * subs;
+        const float* p = x + (mp_i64)(pr[t] / x_div) * ldx + 32 * j;
+        float s = 0.0f;
+        for (int l = 0; l < 32; ++l) s = mp_fadd(s, p[l]);
+        sm.xs[t][j] = s;
+    }
+    mp_syncthreads();
+}
+
+// byte j (a constant after unrolling) of a pair of words holding bytes 0-3 and 4-7
+MP_HD int mp_byte8(const mp_u32 (&w)[2], int j) { return (int)((w[j >> 2] >> (8 * (j & 3))) & 0xFFu); }
+
+// One Q4_K super-block header as its d, dmin and the 8 six-bit scales and mins as bytes
+template <bool AL> MP_HD void mp_q4k_header(const mp_u8* blk, float& d, float& dmin, mp_u32 (&sc)[2], mp_u32 (&mn)[2]) {
+    mp_u32 h[4];
+    mp_w128<AL>(blk, h);
+    d = mp_half_to_float(h[0] & 0xFFFFu);
+    dmin = mp_half_to_float(h[0] >> 16);
+    sc[0] = h[1] & 0x3F3F3F3Fu;                                     // j = 0..3
+    mn[0] = h[2] & 0x3F3F3F3Fu;
+    sc[1] = (h[3] & 0x0F0F0F0Fu) | ((h[1] >> 2) & 0x30303030u);     // j = 4..7: low 4 bits + top 2 bits
+    mn[1] = ((h[3] >> 4) & 0x0F0F0F0Fu) | ((h[2] >> 2) & 0x30303030u);
+}
+
+// One warp: rows n0 + gid and n0 + gid + 8 of lane 4 gid + tig (clamped to N - 1) against the pass's
+// digits; writes its 16 x 16 float sums to sm.acc[warp] and the mins' terms to sm.mins[warp].
+template <bool AL>
+MP_HD void mp_mma_q4k_warp(const mp_u8* __restrict__ we, mp_i64 row_bytes, int N, int n0, int K, int nt, int lane,
+                           int warp, mp_mma_smem& sm) {
+    const int gid = lane >> 2, tig = lane & 3, tiles = (nt + 1) >> 1;
+    const mp_u8* rows[2];
+    rows[0] = we + (mp_i64)(n0 + gid < N ? n0 + gid : N - 1) * row_bytes;
+    rows[1] = we + (mp_i64)(n0 + gid + 8 < N ? n0 + gid + 8 : N - 1) * row_bytes;
+    float acc[2][4], mins[2][2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.0f;
+        mins[i][0] = mins[i][1] = 0.0f;
+    }
+    MP_PRAGMA_UNROLL(MP_MMA_UNROLL)
+    for (int s = 0; s < (K >> 8); ++s) {
+        float d[2], dmin[2];
+        mp_u32 sc[2][2], mn[2][2], q[2][4][2];
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            const mp_u8* blk = rows[r] + (mp_i64)s * 144;
+            mp_q4k_header<AL>(blk, d[r], dmin[r], sc[r], mn[r]);
+#pragma unroll
+            for (int g = 0; g < 4; ++g) mp_w64<AL>(blk + 16 + 32 * g + 8 * tig, q[r][g]);
+        }
+        int ia[2][4];
+#pragma unroll
+        for (int i = 0; i < 2; ++i) ia[i][0] = ia[i][1] = ia[i][2] = ia[i][3] = 0;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {  // sub-block j: low nibbles of group j / 2 (even j), high (odd j)
+            const int g = j >> 1, sh = 4 * (j & 1);
+            const mp_u32 a[4] = {(q[0][g][0] >> sh) & 0x0F0F0F0Fu, (q[1][g][0] >> sh) & 0x0F0F0F0Fu,
+                                 (q[0][g][1] >> sh) & 0x0F0F0F0Fu, (q[1][g][1] >> sh) & 0x0F0F0F0Fu};
+            const int s0 = mp_byte8(sc[0], j), s1 = mp_byte8(sc[1], j);
+#pragma unroll
+            for (int i = 0; i < 2; ++i) {
+                if (i < tiles) {
+                    const mp_u32* bp = &sm.xd[i][8 * s + j][gid][2 * tig];
+                    const mp_u32 b[2] = {bp[0], bp[1]};
+                    int dd[4];
+                    mp_mma_u8s8(a, b, dd);
+                    ia[i][0] += s0 * dd[0];
+                    ia[i][1] += s0 * dd[1];
+                    ia[i][2] += s1 * dd[2];
+                    ia[i][3] += s1 * dd[3];
+                }
+            }
+        }
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+            acc[i][0] = fmaf(d[0], (float)ia[i][0], acc[i][0]);
+            acc[i][1] = fmaf(d[0], (float)ia[i][1], acc[i][1]);
+            acc[i][2] = fmaf(d[1], (float)ia[i][2], acc[i][2]);
+            acc[i][3] = fmaf(d[1], (float)ia[i][3], acc[i][3]);
+            const int u = 2 * i + (tig >> 1);  // the token of this lane's columns in n-tile i
+            if (u < nt && (tig & 1) == 0) {   // one lane of the two that hold a token's columns
+#pragma unroll
+                for (int r = 0; r < 2; ++r) {
+                    float ms = 0.0f;
+#pragma unroll
+                    for (int j = 0; j < 8; ++j) ms = fmaf((float)mp_byte8(mn[r], j), sm.xs[u][8 * s + j], ms);
+                    mins[i][r] = fmaf(dmin[r], ms, mins[i][r]);
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        sm.acc[warp][gid][8 * i + 2 * tig] = acc[i][0];
+        sm.acc[warp][gid][8 * i + 2 * tig + 1] = acc[i][1];
+        sm.acc[warp][gid + 8][8 * i + 2 * tig] = acc[i][2];
+        sm.acc[warp][gid + 8][8 * i + 2 * tig + 1] = acc[i][3];
+        if ((tig & 1) == 0) {
+            sm.mins[warp][gid][2 * i + (tig >> 1)] = mins[i][0];
+            sm.mins[warp][gid + 8][2 * i + (tig >> 1)] = mins[i][1];
+        }
+    }
+}
+
+// grid (groups * matrices, active experts) with groups = ceil(N / (16 MP_WARPS)), block MP_THREADS;
+// arguments as qmm_experts (K = kq: no fault-switch column limit on this path).
+template <int QT>
+MP_MMA_GLOBAL void qmm_experts_mma(const mp_u8* __restrict__ w0, const mp_u8* __restrict__ w1, mp_i64 row_bytes,
+                                   mp_i64 expert_bytes, int N, int K, const float* __restrict__ x, int ldx, int x_div,
+                                   const int* __restrict__ pairs, const int* __restrict__ offsets,
+                                   const int* __restrict__ active, float* __restrict__ out0, float* __restrict__ out1, int ldo) {
+    MP_SHARED mp_mma_smem sm;
+    const int e = active[blockIdx.y];
+    if (e < 0) return;  // uniform over the block
+    const int groups = (N + MP_WARPS * 16 - 1) / (MP_WARPS * 16);
+    const bool second = (int)blockIdx.x >= groups;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int nb = ((int)blockIdx.x - (second ? groups : 0)) * MP_WARPS * 16, n0 = nb + warp * 16;
+    const mp_u8* we = (second ? w1 : w0) + (mp_i64)e * expert_bytes;
+    if (lane == 0 && n0 < N) mp_prefetch_rows(we, row_bytes, N, n0, 16);
+    float* out = second ? out1 : out0;
+    const bool al = mp_aligned16(we) && (row_bytes & 15) == 0;  // uniform over the block
+    const int beg = offsets[e], end = offsets[e + 1];
+    for (int p0 = beg; p0 < end; p0 += MP_MMA_TOK) {
+        const int nt = (end - p0) < MP_MMA_TOK ? (end - p0) : MP_MMA_TOK;
+        mp_mma_digits(x, ldx, x_div, pairs + p0, nt, K, sm);
+        if (n0 < N) {  // uniform over the warp
+            if (al) mp_mma_q4k_warp<true>(we, row_bytes, N, n0, K, nt, lane, warp, sm);
+            else mp_mma_q4k_warp<false>(we, row_bytes, N, n0, K, nt, lane, warp, sm);
+        }
+        mp_syncthreads();
+        for (int i = threadIdx.x; i < MP_WARPS * 16 * nt; i += MP_THREADS) {
+            const int t = i % nt, rr = i / nt, n = nb + rr;
+            if (n < N) {
+                const float* a = &sm.acc[rr >> 4][rr & 15][8 * (t >> 1) + 4 * (t & 1)];
+                const float v = mp_fadd(mp_fadd(mp_fadd(a[0], mp_fmul(256.0f, a[1])), mp_fmul(65536.0f, a[2])),
+                                        mp_fmul(16777216.0f, a[3]));
+                const float y = mp_fsub(mp_fmul(v, sm.unit[t]), sm.mins[rr >> 4][rr & 15][t]);
+                out[(mp_i64)pairs[p0 + t] * ldo + n] = sm.bad[t] ? mp_bits_to_float(0x7FC00000u) : y;
+            }
+        }
+        mp_syncthreads();
+    }
+}
+
 // ---- grouping of (token, slot) pairs by expert ------------------------------------------------------
 // One block of MP_THREADS threads, a stable counting sort: ids[T, k] -> pairs (p = t * k + j sorted by
 // (expert, p)), offsets[E + 1], active[n_active] (experts owning pairs, ascending, then -1 up to
