@@ -199,26 +199,6 @@ def test_cpu_kernel_signatures_parse():
         assert name in sigs, name
 
 
-def test_cpu_mma_path_rules():
-    """qmm_experts_mma takes Q4_K expert products of whole super-blocks up to MMA_KMAX columns, from
-    MMA_MIN_TOKENS tokens on, on a backend that runs mma; everything else stays on qmm_experts."""
-    from pytest_moeparity.gpu import kernels as K
-
-    class Dev:
-        mma = True
-
-    q4k, q6k = K.KERNEL_QTYPES[Q.Q4_K], K.KERNEL_QTYPES[Q.Q6_K]
-    T = max(K.MMA_MIN_TOKENS, 2)
-    assert K.use_mma(Dev, q4k, 2048, 2048, T) == bool(K.MMA)
-    assert not K.use_mma(Dev, q6k, 768, 768, T)                 # only Q4_K has an mma kernel
-    assert not K.use_mma(Dev, q4k, 4096, 4096, T)               # wider than the shared digits
-    assert not K.use_mma(Dev, q4k, 300, 512, T)                 # the fault switch's column limit
-    assert not K.use_mma(Dev, q4k, 2048, 2048, K.MMA_MIN_TOKENS - 1)
-    assert not K.use_mma(Dev, q4k, 2048, 2048, K.MMA_MAX_TOKENS + 1)
-    Dev.mma = False
-    assert not K.use_mma(Dev, q4k, 2048, 2048, T)               # a GPU older than compute capability 8.0
-
-
 # ---- compilation ---------------------------------------------------------------------------------------
 def test_kernels_compile_and_load(backend):
     """Every template instance compiles (NVRTC) and loads; fails first if kernels.cu is broken."""
@@ -462,53 +442,6 @@ def test_qmatmul_experts_matches_host(backend, qtype, T):
     # ids instead of a prepared routing
     got3 = _host(backend, K.qmatmul_experts(_dev(backend, x), wt3, _dev(backend, ids), backend=backend))
     assert np.array_equal(got3, got), what + ": result differs when the routing is built inside"
-
-
-@pytest.mark.parametrize("Kc", [256, 768, 2048])
-@pytest.mark.parametrize("T", [2, 5])
-def test_qmatmul_experts_mma_matches_float64(backend, Kc, T, monkeypatch):
-    """The tensor-core Q4_K path (qmm_experts_mma): N not a multiple of a warp's 16 rows or a block's
-    64, experts with more pairs than one 4-token pass, activations spanning ~10 orders of magnitude
-    (the integer digits are per token, relative to its largest value), one token with a NaN (its
-    outputs are NaN, the others are not touched by it), and a bad token next to good ones in a pass."""
-    from pytest_moeparity.gpu import kernels as K
-
-    monkeypatch.setattr(K, "MMA_MAX_TOKENS", 64)  # T = 5: passes one after another (the default stops at 4)
-    if not K.use_mma(backend, K.KERNEL_QTYPES[Q.Q4_K], Kc, Kc, T):
-        pytest.skip("this backend has no mma path (compute capability < 8.0 or MP_MMA=0)")
-    E, N, k = 4, 70, 3
-    rng = _rng("experts-mma", Kc, T)
-    raw = _quantized(rng, Q.Q4_K, (E, N, Kc))
-    w = _deq(raw, Q.Q4_K, (E, N, Kc)).astype(np.float64)
-    ids = _routing_ids(rng, T, k, E)
-    ids[-1, :] = 0                       # expert 0 gets more than one pass of pairs
-    wt3 = _device_tensor(backend, raw, Q.Q4_K, (E, N, Kc))
-    routing = K.expert_routing(_dev(backend, ids), E, backend=backend)
-    x = (rng.standard_normal((T, Kc)) * np.exp(rng.uniform(-10, 10, size=(T, Kc)))).astype(np.float32)
-    n_before = len(getattr(backend, "launches", []))
-    out = _poisoned(backend, (T, k, N))
-    K.qmatmul_experts(_dev(backend, x), wt3, routing, out=out, backend=backend)
-    if hasattr(backend, "launches"):
-        assert backend.launches[n_before:] == ["qmm_experts_mma<12>"]
-    got = _host(backend, out)
-    what = f"qmm_experts_mma K={Kc} T={T}"
-    _assert_written(got, what)
-    ref = np.einsum("tc,tjnc->tjn", x.astype(np.float64), w[ids])
-    _assert_close(got, ref, what, ref_abs=np.einsum("tc,tjnc->tjn", np.abs(x.astype(np.float64)), np.abs(w[ids])))
-
-    xp_ = rng.standard_normal((T, k, Kc)).astype(np.float32)
-    xp_[1, 2, 7] = np.nan
-    out2 = _poisoned(backend, (T, k, N))
-    K.qmatmul_experts(_dev(backend, xp_), wt3, routing, out=out2, x_per_pair=True, backend=backend)
-    got2 = _host(backend, out2)
-    bad = np.zeros((T, k), bool)
-    bad[1, 2] = True
-    assert np.isnan(got2[bad]).all(), what + ": a NaN activation must make its pair's outputs NaN"
-    assert np.isfinite(got2[~bad]).all(), what + ": a NaN activation leaked into other pairs"
-    xp_[1, 2, 7] = 0.0
-    ref2 = np.einsum("tjc,tjnc->tjn", xp_.astype(np.float64), w[ids])
-    _assert_close(got2[~bad], ref2[~bad], what + " (pair rows)",
-                  ref_abs=np.einsum("tjc,tjnc->tjn", np.abs(xp_.astype(np.float64)), np.abs(w[ids]))[~bad])
 
 
 @pytest.mark.parametrize("qtypes", [(Q.Q4_K, Q.Q4_K), (Q.Q5_K, Q.Q6_K)], ids=["same", "mixed"])

@@ -125,10 +125,8 @@ class EmulatorBackend(K.Backend):
 
     name = "emulator"
 
-    def __init__(self, free_bytes: int = 64 << 30, total_bytes: int | None = None, guard: bool = True,
-                 mma: bool = True):
+    def __init__(self, free_bytes: int = 64 << 30, total_bytes: int | None = None, guard: bool = True):
         self.xp = np
-        self.mma = mma  # emulate mma.sync (qmm_experts_mma), as a device of compute capability 8.0+
         self.lib = load_library()
         self.free_bytes = int(free_bytes)
         self.total_bytes = int(total_bytes if total_bytes is not None else max(free_bytes, 80 << 30))

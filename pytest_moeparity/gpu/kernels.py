@@ -59,30 +59,17 @@ ELEMENTWISE_THREADS = 256
 MAX_ELEMENTWISE_BLOCKS = 8192
 
 # kernels whose threads meet at warp reductions or block barriers (the emulator runs them as coroutines)
-WARP_KERNELS = ("qmm_dense", "qmm_dense_splitk", "qmm_experts", "qmm_experts_mma", "expert_group", "router_topk", "rms_norm",
+WARP_KERNELS = ("qmm_dense", "qmm_dense_splitk", "qmm_experts", "expert_group", "router_topk", "rms_norm",
                 "softmax_rows", "attention_core", "qk_norm_rope", "moe_route", "add_rms_norm")
 SPLITK_TILES = (1, 4)     # the token tiles with a split-K dense instance (prompts of up to 4 tokens)
 # split K only while the plain kernel's grid is small: a large matrix (the output head's 152k rows) already
 # fills the GPU, and splitting it only adds the blocks' shared-memory step
 SPLITK_MAX_GROUPS = _tuning_define("MP_SPLITK_MAX_GROUPS", 2048)
-# Q4_K expert products on the tensor cores (qmm_experts_mma: int8 mma over exact integer digits of the
-# activations; compute capability 8.0 or later); MP_MMA=0 keeps them on qmm_experts (tuning switch)
-MMA = _tuning_define("MP_MMA", 1)
-MMA_KMAX = 2048           # MP_MMA_KMAX in kernels.cu: the widest row (K) whose digits fit in shared memory
-MMA_ROWS = 16             # weight rows per warp of qmm_experts_mma
-MMA_QTYPES = (KERNEL_QTYPES[Q.Q4_K],)
-# from this many tokens on: one token fills an eighth of the mma's columns, and the FMA kernel's
-# single-token instance was as fast (H100, benchmarks/NOTES.md step 20)
-MMA_MIN_TOKENS = _tuning_define("MP_MMA_MIN_TOKENS", 2)
-# up to this many tokens: every expert then has at most 4 pairs, one pass of the kernel; an expert
-# with many pairs (long prompts, skewed routing) takes passes one after another in one block
-MMA_MAX_TOKENS = _tuning_define("MP_MMA_MAX_TOKENS", 4)
 
 NAME_EXPRESSIONS: tuple[str, ...] = tuple(
     [f"qmm_dense<{q},{nt}>" for q in sorted(KERNEL_QTYPES.values()) for nt in TOKEN_TILES]
     + [f"qmm_dense_splitk<{q},{nt}>" for q in sorted(KERNEL_QTYPES.values()) for nt in SPLITK_TILES]
     + [f"qmm_experts<{q},{nt}>" for q in sorted(KERNEL_QTYPES.values()) for nt in TOKEN_TILES]
-    + [f"qmm_experts_mma<{q}>" for q in MMA_QTYPES]
     + ["expert_group", "router_topk", "moe_route", "moe_combine", "round_bf16", "rms_norm", "add_rms_norm", "softmax_rows", "attention_core",
        "qk_norm_rope", "rope_neox", "swiglu", "add_f32"])
 
@@ -123,7 +110,7 @@ class Param:
 
 
 _CTYPES = {"mp_u8": np.uint8, "float": np.float32, "int": np.int32, "mp_i64": np.int64}
-_SIG_RE = re.compile(r"MP_(?:MATMUL_|MMA_)?GLOBAL\s+void\s+(\w+)\s*\(([^)]*)\)", re.S)
+_SIG_RE = re.compile(r"MP_(?:MATMUL_)?GLOBAL\s+void\s+(\w+)\s*\(([^)]*)\)", re.S)
 
 
 def _parse_param(text: str) -> Param:
@@ -189,7 +176,6 @@ class Backend:
 
     name = "abstract"
     xp: Any = None
-    mma = False  # the device runs mma.sync (compute capability 8.0 or later): qmm_experts_mma
     oom_errors: tuple[type[BaseException], ...] = (MemoryError,)
 
     def launch(self, name: str, grid: tuple, block: tuple, args: tuple) -> None:
@@ -231,7 +217,6 @@ class CupyBackend(Backend):
         except Exception as exc:
             raise KernelError(f"compiling {KERNELS_CU.name} with NVRTC failed: {type(exc).__name__}: {exc}") from exc
         self._functions: dict[str, Any] = {}
-        self.mma = int(cupy.cuda.Device().compute_capability) >= 80
 
     def function(self, name: str):
         f = self._functions.get(name)
@@ -539,15 +524,6 @@ def route_experts(logits, k: int, *, backend: Backend | None = None):
     return probs, ids, weights, routing
 
 
-def use_mma(be: Backend, code: int, kq: int, K: int, T: int) -> bool:
-    """Whether an expert product of kernel type ``code`` over ``kq`` of ``K`` columns for ``T``
-    tokens runs on qmm_experts_mma: Q4_K, whole super-blocks up to MMA_KMAX (not under the fault
-    switch's column limit), MMA_MIN_TOKENS to MMA_MAX_TOKENS tokens, a backend that runs mma (an emulator
-    always does), and MP_MMA not 0."""
-    return (bool(MMA) and be.mma and code in MMA_QTYPES and kq == K and K % 256 == 0 and 0 < K <= MMA_KMAX
-            and MMA_MIN_TOKENS <= T <= MMA_MAX_TOKENS)
-
-
 def qmatmul_experts(x, wt3: DeviceTensor, routing, out=None, *, x_per_pair: bool = False,
                     as_qtype: Q | None = None, backend: Backend | None = None):
     """Grouped expert product ("mul_mat_id").
@@ -610,14 +586,8 @@ def qmatmul_experts_shared_input(x, wt3s, routing, *, outs=None, x_per_pair: boo
         todo.append(((code, kq, wt3.row_bytes), (wt3, out)))
     nt = _token_tile(T)
     for (code, kq, row_bytes), mats in _share_launches(todo, 2):
-        (w0, o0), (w1, o1) = mats[0], mats[-1]
-        if use_mma(be, code, kq, K, T):
-            grid = (_cdiv(N, WARPS * MMA_ROWS) * len(mats), int(routing.active.shape[0]), 1)
-            be.launch(f"qmm_experts_mma<{code}>", grid, (THREADS, 1, 1),
-                      (w0.raw, w1.raw, np.int64(row_bytes), np.int64(N * row_bytes), np.int32(N), np.int32(K),
-                       x, np.int32(K), np.int32(x_div), routing.pairs, routing.offsets, routing.active, o0, o1, np.int32(N)))
-            continue
         grid = (_cdiv(N, WARPS * ROWS) * len(mats), int(routing.active.shape[0]), 1)  # y: the active experts only
+        (w0, o0), (w1, o1) = mats[0], mats[-1]
         be.launch(f"qmm_experts<{code},{nt}>", grid, (THREADS, 1, 1),
                   (w0.raw, w1.raw, np.int64(row_bytes), np.int64(N * row_bytes), np.int32(N), np.int32(kq),
                    x, np.int32(K), np.int32(x_div), routing.pairs, routing.offsets, routing.active, o0, o1, np.int32(N)))
