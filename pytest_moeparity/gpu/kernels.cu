@@ -106,6 +106,18 @@ MP_HD float mp_fadd(float a, float b) {
 #endif
 }
 
+// __byte_perm: byte n of the result is byte (s >> 4n) & 7 of the pair (a = bytes 0-3, b = bytes 4-7)
+MP_HD mp_u32 mp_byte_perm(mp_u32 a, mp_u32 b, mp_u32 s) {
+#if defined(__CUDA_ARCH__)
+    return __byte_perm(a, b, s);
+#else
+    const unsigned long long ab = (unsigned long long)a | ((unsigned long long)b << 32);
+    mp_u32 r = 0;
+    for (int n = 0; n < 4; ++n) r |= (mp_u32)((ab >> (8 * ((s >> (4 * n)) & 7u))) & 0xFFu) << (8 * n);
+    return r;
+#endif
+}
+
 // 6-bit scale and min of sub-block j (0..7) of a Q4_K/Q5_K super-block: llama.cpp's
 // get_scale_min_k4 / gguf-py's Q4_K.get_scale_min.
 //   bytes 0-3 : sc[0..3] low 6 bits, top 2 bits = bits 4-5 of sc[4..7]
@@ -121,13 +133,22 @@ MP_HD void mp_scale_min_k4(const mp_u8* s, int j, int* sc, int* m) {
     }
 }
 
-// The same from the 12 scale bytes held as three little-endian words (bytes 0-3, 4-7, 8-11).
-MP_HD void mp_scale_min_k4_w(mp_u32 w1, mp_u32 w2, mp_u32 w3, int j, int* sc, int* m) {
-    const int sh = 8 * (j & 3);
-    const int b1 = (int)((w1 >> sh) & 0xFFu), b2 = (int)((w2 >> sh) & 0xFFu), b3 = (int)((w3 >> sh) & 0xFFu);
-    const bool low = j < 4;  // both forms, then a select: lanes of one warp take different j
-    *sc = low ? (b1 & 63) : ((b3 & 0x0F) | ((b1 >> 6) << 4));
-    *m = low ? (b2 & 63) : ((b3 >> 4) | ((b2 >> 6) << 4));
+// The scales and mins of sub-blocks 2g and 2g + 1 (g = 0..3) from the 12 scale bytes held as three
+// little-endian words (bytes 0-3, 4-7, 8-11), four bytes at a time: sub-block j < 4 takes byte j of
+// w1 / w2 (low 6 bits), j >= 4 byte j - 4 of w3 (a nibble) with bits 6-7 of byte j - 4 of w1 / w2
+// above it, so both of the pair sit in bytes 2 (g & 1) and 2 (g & 1) + 1 of one word. Every lane runs the
+// same instructions whatever its g (lanes of one warp take different g): the form is chosen by masks.
+MP_HD void mp_scale_min_k4_pair(mp_u32 w1, mp_u32 w2, mp_u32 w3, int g, int (&sc)[2], int (&m)[2]) {
+    const bool hi = g >= 2;
+    const mp_u32 keep = hi ? 0x0F0F0F0Fu : 0x3F3F3F3Fu, top = hi ? 0x30303030u : 0u;
+    const mp_u32 scw = ((hi ? w3 : w1) & keep) | ((w1 >> 2) & top);
+    const mp_u32 mw = ((hi ? (w3 >> 4) : w2) & keep) | ((w2 >> 2) & top);
+    const mp_u32 b = 2u * (mp_u32)(g & 1);  // byte of sub-block 2g in scw / mw
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        sc[r] = (int)mp_byte_perm(scw, 0u, 0x4440u + b + (mp_u32)r);
+        m[r] = (int)mp_byte_perm(mw, 0u, 0x4440u + b + (mp_u32)r);
+    }
 }
 
 // ---- per-type traits and element dequantization -------------------------------------------
@@ -388,29 +409,24 @@ MP_HD void mp_kquant_header(const mp_u8* blk, float* d, float* dmin, mp_u32* w1,
 }
 
 // ---- 16-column chunks -------------------------------------------------------------------------------
-// mp_chunk<QT>(row, c, q, sc, mn, a, b): chunk c of a row as two runs of 8 columns, a .. a+7 and
-// b .. b+7, each run's weights being sc[r] * q[8r + i] - mn[r] (mn = 0 for types without mins):
-// q are the quants as exact floats (the float types: the values, sc = 1). A chunk is 8 quant bytes
-// (K-quants: two sub-blocks' nibbles, or nibble + high bits), half a 32-value block (Q8_0, Q4_0)
-// or 16 values (F32, F16, BF16); chunks c = lane, lane + 32, ... of a row are read by consecutive
-// lanes, so a warp reads contiguous bytes. sc and mn are computed with mp_dq's operations, so a
-// one-hot activation yields mp_dq's value bit for bit: fmaf(sc, q, 0) then fmaf(-mn, 1, .).
+// A row is read in chunks of 16 columns as two runs of 8 columns, a .. a+7 and b .. b+7, each run's
+// weights being sc[r] * q[8r + i] - mn[r] (mn = 0 for types without mins): q are the quants as exact
+// floats (the float types: the values, sc = 1). A chunk is 8 quant bytes (K-quants: two sub-blocks'
+// nibbles, or nibble + high bits), half a 32-value block (Q8_0, Q4_0) or 16 values (F32, F16, BF16);
+// chunks c = lane, lane + 32, ... of a row are read by consecutive lanes, so a warp reads contiguous
+// bytes. sc and mn are computed with mp_dq's operations, so a one-hot activation yields mp_dq's value
+// bit for bit: fmaf(sc, q, 0) then fmaf(-mn, 1, .).
+// The chunks come in units of `per` chunks held in `ubytes` bytes (a block; for the float types one
+// chunk): chunk c is chunk cc = c % per of unit c / per. mp_chunk<QT> has
+//   enum { per, ubytes };
+//   cols(cc, a, b): the first columns of the runs of chunk cc, from the unit's first column;
+//   run<AL>(unit, cc, q, sc, mn): chunk cc's values from the bytes of its unit.
+// A lane steps through its chunks a multiple of `per` at a time, so its cc, and all that follows from
+// it (which sub-blocks, which bytes of the header), stays the same for the whole row.
 
 template <int QT> struct mp_has_min { enum { value = 0 }; };
 template <> struct mp_has_min<12> { enum { value = 1 }; };
 template <> struct mp_has_min<13> { enum { value = 1 }; };
-
-// __byte_perm: byte n of the result is byte (s >> 4n) & 7 of the pair (a = bytes 0-3, b = bytes 4-7)
-MP_HD mp_u32 mp_byte_perm(mp_u32 a, mp_u32 b, mp_u32 s) {
-#if defined(__CUDA_ARCH__)
-    return __byte_perm(a, b, s);
-#else
-    const unsigned long long ab = (unsigned long long)a | ((unsigned long long)b << 32);
-    mp_u32 r = 0;
-    for (int n = 0; n < 4; ++n) r |= (mp_u32)((ab >> (8 * ((s >> (4 * n)) & 7u))) & 0xFFu) << (8 * n);
-    return r;
-#endif
-}
 
 // The four bytes of w (values 0..255) minus a bias, as exact floats (no I2F): one byte permute puts
 // byte i under the exponent of 2^23 (0x4B0000ii = 2^23 + byte, exact), one subtraction of 2^23 + bias
@@ -430,21 +446,21 @@ MP_HD void mp_nibbles_to_f(const mp_u32 (&w)[2], float bias_plus_2p23, float (&q
     }
 }
 
-template <int QT> struct mp_chunk;  // ::cols(c, a, b), ::run<AL>(row, c, q, sc, mn)
+template <int QT> struct mp_chunk;  // ::per, ::ubytes, ::cols(cc, a, b), ::run<AL>(unit, cc, q, sc, mn)
 
-// first columns a, b of chunk c's two runs, shared by the types of one layout:
-// Q4_K / Q5_K (sub-blocks 2g and 2g + 1 of super-block c / 16, offset 8 (c % 4) into each) and the
+// first columns a, b of chunk cc's two runs, shared by the types of one layout:
+// Q4_K / Q5_K (sub-blocks 2g and 2g + 1, g = cc / 4, offset 8 (cc % 4) into each) and the
 // 16 consecutive values of Q8_0 (half a block) and the float types
 struct mp_cols_k45 {
-    static MP_HD void cols(int c, int& a, int& b) {
-        const int cc = c & 15;
-        a = 256 * (c >> 4) + 64 * (cc >> 2) + ((cc & 3) << 3);
+    enum { per = 16 };
+    static MP_HD void cols(int cc, int& a, int& b) {
+        a = 64 * (cc >> 2) + ((cc & 3) << 3);
         b = a + 32;
     }
 };
 struct mp_cols_16 {
-    static MP_HD void cols(int c, int& a, int& b) {
-        a = 16 * c;
+    static MP_HD void cols(int cc, int& a, int& b) {
+        a = 16 * cc;
         b = a + 8;
     }
 };
@@ -454,21 +470,21 @@ template <bool AL> MP_HD void mp_kquant_run_scales(const mp_u8* blk, int j0, flo
     float d, dmin;
     mp_u32 w1, w2, w3;
     mp_kquant_header<AL>(blk, &d, &dmin, &w1, &w2, &w3);
+    int scale[2], m[2];
+    mp_scale_min_k4_pair(w1, w2, w3, j0 >> 1, scale, m);
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-        int scale, m;
-        mp_scale_min_k4_w(w1, w2, w3, j0 + r, &scale, &m);
-        sc[r] = mp_fmul(d, (float)scale);
-        mn[r] = mp_fmul(dmin, (float)m);
+        sc[r] = mp_fmul(d, (float)scale[r]);
+        mn[r] = mp_fmul(dmin, (float)m[r]);
     }
 }
 
-// Q4_K: chunk cc (0..15) of super-block s holds qs bytes 8cc .. 8cc+7: sub-block 2g (low nibbles,
+// Q4_K: chunk cc (0..15) of a super-block holds qs bytes 8cc .. 8cc+7: sub-block 2g (low nibbles,
 // values l0..l0+7) and 2g+1 (high nibbles), g = cc/4, l0 = 8 (cc%4).
 template <> struct mp_chunk<12> : mp_cols_k45 {
-template <bool AL> static MP_HD void run(const mp_u8* __restrict__ row, int c, float (&q)[16], float (&sc)[2], float (&mn)[2]) {
-    const int s = c >> 4, cc = c & 15, g = cc >> 2, l0 = (cc & 3) << 3, j0 = 2 * g;
-    const mp_u8* blk = row + (mp_i64)s * 144;
+enum { ubytes = 144 };
+template <bool AL> static MP_HD void run(const mp_u8* __restrict__ blk, int cc, float (&q)[16], float (&sc)[2], float (&mn)[2]) {
+    const int g = cc >> 2, l0 = (cc & 3) << 3, j0 = 2 * g;
     mp_kquant_run_scales<AL>(blk, j0, sc, mn);
     mp_u32 qw[2];
     mp_w64<AL>(blk + 16 + 32 * g + l0, qw);
@@ -478,9 +494,9 @@ template <bool AL> static MP_HD void run(const mp_u8* __restrict__ row, int c, f
 
 // Q5_K: as Q4_K with qs at 48; the 5th bit of value l of sub-block j is bit j of qh[l] (qh at 16)
 template <> struct mp_chunk<13> : mp_cols_k45 {
-template <bool AL> static MP_HD void run(const mp_u8* __restrict__ row, int c, float (&q)[16], float (&sc)[2], float (&mn)[2]) {
-    const int s = c >> 4, cc = c & 15, g = cc >> 2, l0 = (cc & 3) << 3, j0 = 2 * g, j1 = j0 + 1;
-    const mp_u8* blk = row + (mp_i64)s * 176;
+enum { ubytes = 176 };
+template <bool AL> static MP_HD void run(const mp_u8* __restrict__ blk, int cc, float (&q)[16], float (&sc)[2], float (&mn)[2]) {
+    const int g = cc >> 2, l0 = (cc & 3) << 3, j0 = 2 * g, j1 = j0 + 1;
     mp_kquant_run_scales<AL>(blk, j0, sc, mn);
     mp_u32 qw[2], hw[2];
     mp_w64<AL>(blk + 48 + 32 * g + l0, qw);
@@ -493,18 +509,17 @@ template <bool AL> static MP_HD void run(const mp_u8* __restrict__ row, int c, f
 }
 };
 
-// Q6_K: chunk cc of super-block s holds ql bytes 8cc .. 8cc+7 = half h = cc/8, offsets rr = 8 (cc%8):
+// Q6_K: chunk cc of a super-block holds ql bytes 8cc .. 8cc+7 = half h = cc/8, offsets rr = 8 (cc%8):
 // low nibbles are values r = rr + i of the half, high nibbles r + 64; top 2 bits from
 // qh[32h + rr%32 + i] (shift 2 (rr/32), and + 4 for the high nibbles); scales (128h + rr)/16, + 4.
 template <> struct mp_chunk<14> {
-static MP_HD void cols(int c, int& a, int& b) {  // first columns of the two runs
-    const int cc = c & 15;
-    a = 256 * (c >> 4) + 128 * (cc >> 3) + ((cc & 7) << 3);
+enum { per = 16, ubytes = 210 };
+static MP_HD void cols(int cc, int& a, int& b) {  // first columns of the two runs
+    a = 128 * (cc >> 3) + ((cc & 7) << 3);
     b = a + 64;
 }
-template <bool AL> static MP_HD void run(const mp_u8* __restrict__ row, int c, float (&q)[16], float (&sc)[2], float (&mn)[2]) {
-    const int s = c >> 4, cc = c & 15, h = cc >> 3, rr = (cc & 7) << 3;
-    const mp_u8* blk = row + (mp_i64)s * 210;
+template <bool AL> static MP_HD void run(const mp_u8* __restrict__ blk, int cc, float (&q)[16], float (&sc)[2], float (&mn)[2]) {
+    const int h = cc >> 3, rr = (cc & 7) << 3;
     const mp_u32 l0 = mp_h32<AL>(blk + 64 * h + rr), l1 = mp_h32<AL>(blk + 64 * h + rr + 4);
     const mp_u32 h0 = mp_h32<AL>(blk + 128 + 32 * h + (rr & 31)), h1 = mp_h32<AL>(blk + 132 + 32 * h + (rr & 31));
     const int sh0 = 2 * (rr >> 5), sh1 = sh0 + 4, s0 = (128 * h + rr) >> 4;
@@ -521,11 +536,11 @@ template <bool AL> static MP_HD void run(const mp_u8* __restrict__ row, int c, f
 }
 };
 
-// Q8_0: chunk c = half (c%2) of block c/2: 16 consecutive int8 values (byte ^ 0x80 = q + 128)
+// Q8_0: chunk cc = half cc of a block: 16 consecutive int8 values (byte ^ 0x80 = q + 128)
 template <> struct mp_chunk<8> : mp_cols_16 {
-template <bool AL> static MP_HD void run(const mp_u8* __restrict__ row, int c, float (&q)[16], float (&sc)[2], float (&mn)[2]) {
-    const mp_u8* blk = row + (mp_i64)(c >> 1) * 34;
-    const mp_u8* p = blk + 2 + 16 * (c & 1);
+enum { per = 2, ubytes = 34 };
+template <bool AL> static MP_HD void run(const mp_u8* __restrict__ blk, int cc, float (&q)[16], float (&sc)[2], float (&mn)[2]) {
+    const mp_u8* p = blk + 2 + 16 * cc;
     sc[0] = sc[1] = mp_hf16<AL>(blk);
     mn[0] = mn[1] = 0.0f;
     const mp_u32 q0 = mp_h32<AL>(p), q1 = mp_h32<AL>(p + 4), q2 = mp_h32<AL>(p + 8), q3 = mp_h32<AL>(p + 12);
@@ -536,15 +551,15 @@ template <bool AL> static MP_HD void run(const mp_u8* __restrict__ row, int c, f
 }
 };
 
-// Q4_0: chunk c = qs bytes 8 (c%2) .. +7 of block c/2: low nibbles values 8 (c%2) + i, high + 16
+// Q4_0: chunk cc = qs bytes 8 cc .. +7 of a block: low nibbles values 8 cc + i, high + 16
 template <> struct mp_chunk<2> {
-static MP_HD void cols(int c, int& a, int& b) {  // first columns of the two runs
-    a = 32 * (c >> 1) + 8 * (c & 1);
+enum { per = 2, ubytes = 18 };
+static MP_HD void cols(int cc, int& a, int& b) {  // first columns of the two runs
+    a = 8 * cc;
     b = a + 16;
 }
-template <bool AL> static MP_HD void run(const mp_u8* __restrict__ row, int c, float (&q)[16], float (&sc)[2], float (&mn)[2]) {
-    const mp_u8* blk = row + (mp_i64)(c >> 1) * 18;
-    const int half = c & 1;
+template <bool AL> static MP_HD void run(const mp_u8* __restrict__ blk, int cc, float (&q)[16], float (&sc)[2], float (&mn)[2]) {
+    const int half = cc;
     sc[0] = sc[1] = mp_hf16<AL>(blk);
     mn[0] = mn[1] = 0.0f;
     const mp_u32 q0 = mp_h32<AL>(blk + 2 + 8 * half), q1 = mp_h32<AL>(blk + 6 + 8 * half);
@@ -555,8 +570,9 @@ template <bool AL> static MP_HD void run(const mp_u8* __restrict__ row, int c, f
 
 // F32, F16, BF16: 16 consecutive values, scale 1
 template <> struct mp_chunk<0> : mp_cols_16 {
-template <bool AL> static MP_HD void run(const mp_u8* __restrict__ row, int c, float (&q)[16], float (&sc)[2], float (&mn)[2]) {
-    const mp_u8* p = row + (mp_i64)c * 64;  // 16-aligned under AL
+enum { per = 1, ubytes = 64 };
+template <bool AL> static MP_HD void run(const mp_u8* __restrict__ p, int, float (&q)[16], float (&sc)[2], float (&mn)[2]) {
+    // p: 16-aligned under AL
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
         mp_u32 v[4];
@@ -571,9 +587,10 @@ template <bool AL> static MP_HD void run(const mp_u8* __restrict__ row, int c, f
 
 // F16, BF16: 16 consecutive 16-bit values, scale 1; H::lo / H::hi convert a word's low / high half
 template <class H> struct mp_chunk_16bit : mp_cols_16 {
-template <bool AL> static MP_HD void run(const mp_u8* __restrict__ row, int c, float (&q)[16], float (&sc)[2], float (&mn)[2]) {
+enum { per = 1, ubytes = 32 };
+template <bool AL> static MP_HD void run(const mp_u8* __restrict__ p, int, float (&q)[16], float (&sc)[2], float (&mn)[2]) {
     mp_u32 uw[8];
-    mp_w16x2<AL>(row + (mp_i64)c * 32, uw);  // 16-aligned under AL
+    mp_w16x2<AL>(p, uw);  // 16-aligned under AL
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
         q[2 * i] = H::lo(uw[i]);
@@ -627,12 +644,26 @@ template <> struct mp_chunk<30> : mp_chunk_16bit<mp_bf16_halves> {};
 template <int QT, int NT, bool AL>
 MP_HD void mp_rows_dot_chunks(const mp_u8* const (&rows)[MP_ROWS], int chunks, const float* const (&xp)[NT], int nt,
                               int first, int stride, float (&acc)[MP_ROWS * NT]) {
-    for (int c = first; c < chunks; c += stride) {
-        float q[MP_ROWS][16], sc[MP_ROWS][2], mn[MP_ROWS][2];
-        int a = 0, b = 0;
-        mp_chunk<QT>::cols(c, a, b);
+    typedef mp_chunk<QT> C;
+    // stride (32 or 32 MP_WARPS) is a multiple of C::per (1, 2 or 16), and so are the chunks of a row
+    // (whole blocks): the lane's chunks are chunk cc of units u0, u0 + ustep, ...
+    const int cc = first % C::per, u0 = first / C::per, ustep = stride / C::per, units = chunks / C::per;
+    int a = 0, b = 0;
+    C::cols(cc, a, b);
+    a += 16 * C::per * u0;
+    b += 16 * C::per * u0;
+    const int cstep = 16 * C::per * ustep;           // columns from one of the lane's units to the next
+    const mp_i64 bstep = (mp_i64)ustep * C::ubytes;  // and bytes
+    const mp_u8* up[MP_ROWS];
 #pragma unroll
-        for (int r = 0; r < MP_ROWS; ++r) mp_chunk<QT>::template run<AL>(rows[r], c, q[r], sc[r], mn[r]);
+    for (int r = 0; r < MP_ROWS; ++r) up[r] = rows[r] + (mp_i64)u0 * C::ubytes;
+    for (int u = u0; u < units; u += ustep, a += cstep, b += cstep) {
+        float q[MP_ROWS][16], sc[MP_ROWS][2], mn[MP_ROWS][2];
+#pragma unroll
+        for (int r = 0; r < MP_ROWS; ++r) {
+            C::template run<AL>(up[r], cc, q[r], sc[r], mn[r]);
+            up[r] += bstep;
+        }
 #pragma unroll
         for (int t = 0; t < NT; ++t) {
             if (t < nt) {
