@@ -585,18 +585,38 @@ def test_moe_combine_bit_exact(backend):
     assert np.array_equal(_host(backend, res), x + want)
 
 
-def test_router_topk_many_experts(backend):
-    """128 experts, top-8 (Qwen3-30B-A3B's router): several values per lane, exact ties across lanes."""
+@pytest.mark.parametrize("E", [128, 300, 2048])
+def test_router_topk_many_experts(backend, E):
+    """128 experts, top-8 (Qwen3-30B-A3B's router): several values per lane, exact ties across lanes;
+    300 and 2048: lanes whose later values are read from memory every round (beyond the registers).
+    Signed zeros tie as equals, -inf ranks above NaN, and the weights are bit for bit float32's."""
     from pytest_moeparity.gpu import kernels as K
 
-    rng = _rng("topk-128")
-    T, E, k = 37, 128, 8
+    rng = _rng("topk-many", E)
+    T, k = 37, 8
     probs = rng.random((T, E)).astype(np.float32)
     probs[0, [5, 37, 69, 101]] = 2.0       # a four-way tie at the top, one per lane position
     probs[1, 96:] = np.nan
-    ids, _ = K.router_topk(_dev(backend, probs), k, backend=backend)
+    probs[2, :] = -rng.random(E).astype(np.float32)  # zeros on top: -0 at id 3, +0 at 40 and 70
+    probs[2, [3, 40, 70]] = [-0.0, 0.0, 0.0]
+    probs[3, :] = np.nan                   # -inf before NaN, then NaN by id
+    probs[3, [E - 1, 33]] = -np.inf
+    probs[4, E - 3:] = 7.0                 # the top sits in the last lanes' last values
+    ids, w = K.router_topk(_dev(backend, probs), k, backend=backend)
+    ids, w = _host(backend, ids), _host(backend, w)
     want = np.argsort(-probs, axis=-1, kind="stable")[:, :k]
-    assert np.array_equal(_host(backend, ids), want)
+    assert np.array_equal(ids, want), f"rows {np.nonzero((ids != want).any(1))[0]} differ"
+    assert ids[2, :3].tolist() == [3, 40, 70] and ids[3, :3].tolist() == [33, E - 1, 0]
+    top = np.take_along_axis(probs, want, -1)
+    total = np.zeros(T, np.float32)
+    for j in range(k):  # the kernel's sum, in slot order, in float32
+        total = (total + top[:, j]).astype(np.float32)
+    want_w = (top / total[:, None]).astype(np.float32)
+    bits, want_bits = w.view(np.uint32), want_w.view(np.uint32)
+    ok = ~np.isnan(want_w)  # NaN weights: NaN, payload aside
+    assert np.array_equal(bits[ok], want_bits[ok]) and np.isnan(w[~ok]).all(), \
+        f"weights differ in rows {np.nonzero((bits != want_bits).any(1))[0]}"
+    assert np.signbit(w[2, :3]).tolist() == [False, True, True], "zeros keep their signs: -0 / sum < 0 is +0"
 
 
 # ---- fused row and elementwise kernels: against float64 NumPy on random data ------------------------------

@@ -1007,14 +1007,16 @@ MP_HD void mp_group_pairs(const int* ids, int T, int k, int E, int* __restrict__
         if (valid) mp_atomic_add_shared(&next[id], 1);
         mp_syncthreads();
     }
-    for (int t = tid; t < T; t += MP_THREADS) {
+    for (int p = tid; p < P; p += MP_THREADS) {  // one thread per slot j of token t
+        const int t = p / k, j = p - t * k;
         const int* it = ids + (mp_i64)t * k;
-        int* ot = order + (mp_i64)t * k;
-        for (int j = 0; j < k; ++j) {  // rank of slot j: slots with a smaller id, or the same id earlier
-            int rank = 0;
-            for (int q = 0; q < k; ++q) rank += (it[q] < it[j]) || (it[q] == it[j] && q < j);
-            ot[rank] = j;
+        const int idj = it[j];
+        int rank = 0;  // slots with a smaller id, or the same id earlier
+        for (int q = 0; q < k; ++q) {
+            const int idq = it[q];
+            rank += (idq < idj) || (idq == idj && q < j);
         }
+        order[(mp_i64)t * k + rank] = j;
     }
 }
 
@@ -1033,15 +1035,35 @@ extern "C" MP_GLOBAL void expert_group(const int* __restrict__ ids, int T, int k
 // the lowest id holding it.
 
 // (p, and ids in mp_group_pairs, are not __restrict__: moe_route writes them in the same launch)
+// The first MP_TOPK_REGS values of each lane (E <= 32 MP_TOPK_REGS) are read once into registers; a
+// larger E reads the rest from p in every round. A round is two warp maxima: the largest untaken
+// number (NaN, which fmaxf passes over, where the lane has none; NaN overall when only NaN are left),
+// then the lowest id holding it (or, when only NaN are left, the lowest untaken NaN id).
+#define MP_TOPK_REGS 8
 MP_HD void mp_topk_row(const float* p, int E, int k, int* __restrict__ id, float* __restrict__ wt, int lane) {
     unsigned long long taken = 0ull;  // bit q: expert lane + 32 q is chosen (E <= 2048)
-    const float NEG_INF = mp_bits_to_float(0xFF800000u);
+    const float NEG_INF = mp_bits_to_float(0xFF800000u), QNAN = mp_bits_to_float(0x7FC00000u);
+    float pv[MP_TOPK_REGS];
+#pragma unroll
+    for (int q = 0; q < MP_TOPK_REGS; ++q) pv[q] = lane + 32 * q < E ? p[lane + 32 * q] : 0.0f;
     float sum = 0.0f;
     for (int r = 0; r < k; ++r) {
         // best untaken value of this lane: numbers first, then NaN; lowest id among equals
         float best = NEG_INF;
         int best_e = -1, nan_e = -1;
-        for (int e = lane, q = 0; e < E; e += 32, ++q) {
+#pragma unroll
+        for (int q = 0; q < MP_TOPK_REGS; ++q) {
+            const int e = lane + 32 * q;
+            if (e >= E || ((taken >> q) & 1ull)) continue;
+            const float v = pv[q];
+            if (!(v == v)) {
+                if (nan_e < 0) nan_e = e;
+            } else if (best_e < 0 || v > best) {
+                best = v;
+                best_e = e;
+            }
+        }
+        for (int e = lane + 32 * MP_TOPK_REGS, q = MP_TOPK_REGS; e < E; e += 32, ++q) {
             if ((taken >> q) & 1ull) continue;
             const float v = p[e];
             if (!(v == v)) {
@@ -1051,17 +1073,12 @@ MP_HD void mp_topk_row(const float* p, int E, int k, int* __restrict__ id, float
                 best_e = e;
             }
         }
-        const float has_num = mp_warp_sum1(best_e >= 0 ? 1.0f : 0.0f);
-        int win;
-        if (has_num > 0.0f) {
-            const float m = mp_warp_max1(best_e >= 0 ? best : NEG_INF);
-            const bool mine = best_e >= 0 && best == m;
-            win = (int)(-mp_warp_max1(mine ? -(float)best_e : NEG_INF));
-        } else {
-            win = (int)(-mp_warp_max1(nan_e >= 0 ? -(float)nan_e : NEG_INF));
-        }
+        const float m = mp_warp_max1(best_e >= 0 ? best : QNAN);  // NaN: no number is left
+        const bool num = m == m, mine = num ? (best_e >= 0 && best == m) : nan_e >= 0;
+        const int win = (int)(-mp_warp_max1(mine ? -(float)(num ? best_e : nan_e) : NEG_INF));
         if ((win & 31) == lane) taken |= 1ull << (win >> 5);
-        const float v = p[win];
+        // the winner's value: m itself, bit for bit, unless it is a zero (+0 and -0 compare equal) or NaN
+        const float v = num && m != 0.0f ? m : p[win];
         if (lane == 0) {
             id[r] = win;
             wt[r] = v;
