@@ -336,6 +336,31 @@ def test_qmatmul_float_types_odd_columns(backend, qtype, T, K_cols):
     _assert_close(got, want, f"qmatmul {qtype.name} T={T} K={K_cols}", ref_abs=np.abs(x) @ np.abs(_deq(raw, qtype, (N, K_cols))).T)
 
 
+@pytest.mark.parametrize("qtype", KERNEL_TYPES, ids=lambda q: q.name)
+@pytest.mark.parametrize("T", [1, 3, 9])
+def test_qmatmul_unaligned_activations_match_aligned(backend, qtype, T):
+    """Activation rows 4 bytes off a 16-byte boundary take the alignment-checking loads (every type,
+    Q6_K's 630-byte rows included, whose aligned path asks only 2-byte rows): the same sums, in the
+    same order, as the aligned path, bit for bit, and float64's within 1e-5."""
+    from pytest_moeparity.gpu import kernels as Kn
+
+    N, K = 45, 768
+    rng = _rng("unaligned", qtype.name, T)
+    raw = _quantized(rng, qtype, (N, K))
+    wt = _device_tensor(backend, raw, qtype, (N, K))
+    x = rng.standard_normal((T, K)).astype(np.float32)
+    aligned = _host(backend, Kn.qmatmul(_dev(backend, x), wt, backend=backend))
+    flat = _dev(backend, np.concatenate([[np.float32(7.0)], x.reshape(-1)]))
+    x_off = flat[1:].reshape(T, K)  # C-contiguous, first byte at 4 mod 16
+    got = _host(backend, Kn.qmatmul(x_off, wt, out=_poisoned(backend, (T, N)), backend=backend))
+    _assert_written(got, f"unaligned qmatmul {qtype.name} T={T}")
+    assert np.array_equal(got.view(np.uint32), aligned.view(np.uint32)), \
+        f"{qtype.name} T={T}: unaligned and aligned paths differ, max {np.abs(got - aligned).max()}"
+    w = _deq(raw, qtype, (N, K)).astype(np.float64)
+    _assert_close(got, x.astype(np.float64) @ w.T, f"unaligned qmatmul {qtype.name} T={T}",
+                  ref_abs=np.abs(x.astype(np.float64)) @ np.abs(w.T))
+
+
 SHARED_INPUT_TYPES = [(Q.Q4_K, Q.Q4_K, Q.Q4_K), (Q.Q4_K, Q.Q4_K, Q.Q6_K), (Q.Q8_0, Q.Q4_K, Q.Q8_0)]
 
 

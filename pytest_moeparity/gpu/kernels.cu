@@ -324,8 +324,8 @@ MP_HD mp_u32 mp_ld32_a2(const mp_u8* p) {
     return (mp_u32)p[0] | ((mp_u32)p[1] << 8) | ((mp_u32)p[2] << 16) | ((mp_u32)p[3] << 24);
 }
 
-// Loads inside the product loops. AL (decided once per warp: its weight rows and activation rows
-// start 16-byte aligned) makes them single unconditional loads, so a chunk's loads issue together;
+// Loads inside the product loops. AL (decided once per warp: its activation rows start 16-byte aligned
+// and its weight rows as the type's loads need, mp_chunk<QT>::align) makes them single unconditional loads, so a chunk's loads issue together;
 // without AL they take the alignment-checking paths above, correct at any address.
 template <bool AL> MP_HD mp_u32 mp_h32(const mp_u8* p) {  // p 2-aligned under AL
 #if defined(__CUDA_ARCH__)
@@ -418,7 +418,7 @@ MP_HD void mp_kquant_header(const mp_u8* blk, float* d, float* dmin, mp_u32* w1,
 // bit for bit: fmaf(sc, q, 0) then fmaf(-mn, 1, .).
 // The chunks come in units of `per` chunks held in `ubytes` bytes (a block; for the float types one
 // chunk): chunk c is chunk cc = c % per of unit c / per. mp_chunk<QT> has
-//   enum { per, ubytes };
+//   enum { per, ubytes, align };  (align: what the AL loads need of a row's first byte, 16 or 2)
 //   cols(cc, a, b): the first columns of the runs of chunk cc, from the unit's first column;
 //   run<AL>(unit, cc, q, sc, mn): chunk cc's values from the bytes of its unit.
 // A lane steps through its chunks a multiple of `per` at a time, so its cc, and all that follows from
@@ -482,7 +482,7 @@ template <bool AL> MP_HD void mp_kquant_run_scales(const mp_u8* blk, int j0, flo
 // Q4_K: chunk cc (0..15) of a super-block holds qs bytes 8cc .. 8cc+7: sub-block 2g (low nibbles,
 // values l0..l0+7) and 2g+1 (high nibbles), g = cc/4, l0 = 8 (cc%4).
 template <> struct mp_chunk<12> : mp_cols_k45 {
-enum { ubytes = 144 };
+enum { ubytes = 144, align = 16 };
 template <bool AL> static MP_HD void run(const mp_u8* __restrict__ blk, int cc, float (&q)[16], float (&sc)[2], float (&mn)[2]) {
     const int g = cc >> 2, l0 = (cc & 3) << 3, j0 = 2 * g;
     mp_kquant_run_scales<AL>(blk, j0, sc, mn);
@@ -494,7 +494,7 @@ template <bool AL> static MP_HD void run(const mp_u8* __restrict__ blk, int cc, 
 
 // Q5_K: as Q4_K with qs at 48; the 5th bit of value l of sub-block j is bit j of qh[l] (qh at 16)
 template <> struct mp_chunk<13> : mp_cols_k45 {
-enum { ubytes = 176 };
+enum { ubytes = 176, align = 16 };
 template <bool AL> static MP_HD void run(const mp_u8* __restrict__ blk, int cc, float (&q)[16], float (&sc)[2], float (&mn)[2]) {
     const int g = cc >> 2, l0 = (cc & 3) << 3, j0 = 2 * g, j1 = j0 + 1;
     mp_kquant_run_scales<AL>(blk, j0, sc, mn);
@@ -513,7 +513,7 @@ template <bool AL> static MP_HD void run(const mp_u8* __restrict__ blk, int cc, 
 // low nibbles are values r = rr + i of the half, high nibbles r + 64; top 2 bits from
 // qh[32h + rr%32 + i] (shift 2 (rr/32), and + 4 for the high nibbles); scales (128h + rr)/16, + 4.
 template <> struct mp_chunk<14> {
-enum { per = 16, ubytes = 210 };
+enum { per = 16, ubytes = 210, align = 2 };
 static MP_HD void cols(int cc, int& a, int& b) {  // first columns of the two runs
     a = 128 * (cc >> 3) + ((cc & 7) << 3);
     b = a + 64;
@@ -538,7 +538,7 @@ template <bool AL> static MP_HD void run(const mp_u8* __restrict__ blk, int cc, 
 
 // Q8_0: chunk cc = half cc of a block: 16 consecutive int8 values (byte ^ 0x80 = q + 128)
 template <> struct mp_chunk<8> : mp_cols_16 {
-enum { per = 2, ubytes = 34 };
+enum { per = 2, ubytes = 34, align = 2 };
 template <bool AL> static MP_HD void run(const mp_u8* __restrict__ blk, int cc, float (&q)[16], float (&sc)[2], float (&mn)[2]) {
     const mp_u8* p = blk + 2 + 16 * cc;
     sc[0] = sc[1] = mp_hf16<AL>(blk);
@@ -553,7 +553,7 @@ template <bool AL> static MP_HD void run(const mp_u8* __restrict__ blk, int cc, 
 
 // Q4_0: chunk cc = qs bytes 8 cc .. +7 of a block: low nibbles values 8 cc + i, high + 16
 template <> struct mp_chunk<2> {
-enum { per = 2, ubytes = 18 };
+enum { per = 2, ubytes = 18, align = 2 };
 static MP_HD void cols(int cc, int& a, int& b) {  // first columns of the two runs
     a = 8 * cc;
     b = a + 16;
@@ -570,7 +570,7 @@ template <bool AL> static MP_HD void run(const mp_u8* __restrict__ blk, int cc, 
 
 // F32, F16, BF16: 16 consecutive values, scale 1
 template <> struct mp_chunk<0> : mp_cols_16 {
-enum { per = 1, ubytes = 64 };
+enum { per = 1, ubytes = 64, align = 16 };
 template <bool AL> static MP_HD void run(const mp_u8* __restrict__ p, int, float (&q)[16], float (&sc)[2], float (&mn)[2]) {
     // p: 16-aligned under AL
 #pragma unroll
@@ -587,7 +587,7 @@ template <bool AL> static MP_HD void run(const mp_u8* __restrict__ p, int, float
 
 // F16, BF16: 16 consecutive 16-bit values, scale 1; H::lo / H::hi convert a word's low / high half
 template <class H> struct mp_chunk_16bit : mp_cols_16 {
-enum { per = 1, ubytes = 32 };
+enum { per = 1, ubytes = 32, align = 16 };
 template <bool AL> static MP_HD void run(const mp_u8* __restrict__ p, int, float (&q)[16], float (&sc)[2], float (&mn)[2]) {
     mp_u32 uw[8];
     mp_w16x2<AL>(p, uw);  // 16-aligned under AL
@@ -645,25 +645,16 @@ template <int QT, int NT, bool AL>
 MP_HD void mp_rows_dot_chunks(const mp_u8* const (&rows)[MP_ROWS], int chunks, const float* const (&xp)[NT], int nt,
                               int first, int stride, float (&acc)[MP_ROWS * NT]) {
     typedef mp_chunk<QT> C;
-    // stride (32 or 32 MP_WARPS) is a multiple of C::per (1, 2 or 16), and so are the chunks of a row
-    // (whole blocks): the lane's chunks are chunk cc of units u0, u0 + ustep, ...
-    const int cc = first % C::per, u0 = first / C::per, ustep = stride / C::per, units = chunks / C::per;
-    int a = 0, b = 0;
-    C::cols(cc, a, b);
-    a += 16 * C::per * u0;
-    b += 16 * C::per * u0;
-    const int cstep = 16 * C::per * ustep;           // columns from one of the lane's units to the next
-    const mp_i64 bstep = (mp_i64)ustep * C::ubytes;  // and bytes
-    const mp_u8* up[MP_ROWS];
-#pragma unroll
-    for (int r = 0; r < MP_ROWS; ++r) up[r] = rows[r] + (mp_i64)u0 * C::ubytes;
-    for (int u = u0; u < units; u += ustep, a += cstep, b += cstep) {
+    for (int c = first; c < chunks; c += stride) {
+        // chunk cc of unit u (C::per a power of two: shifts and masks)
+        const int u = c / C::per, cc = c % C::per;
+        int a = 0, b = 0;
+        C::cols(cc, a, b);
+        a += 16 * C::per * u;
+        b += 16 * C::per * u;
         float q[MP_ROWS][16], sc[MP_ROWS][2], mn[MP_ROWS][2];
 #pragma unroll
-        for (int r = 0; r < MP_ROWS; ++r) {
-            C::template run<AL>(up[r], cc, q[r], sc[r], mn[r]);
-            up[r] += bstep;
-        }
+        for (int r = 0; r < MP_ROWS; ++r) C::template run<AL>(rows[r] + (mp_i64)u * C::ubytes, cc, q[r], sc[r], mn[r]);
 #pragma unroll
         for (int t = 0; t < NT; ++t) {
             if (t < nt) {
@@ -699,7 +690,7 @@ MP_HD void mp_rows_dot_chunks(const mp_u8* const (&rows)[MP_ROWS], int chunks, c
 }
 
 
-MP_HD bool mp_aligned16(const void* p) { return (((unsigned long long)p) & 15) == 0; }
+MP_HD bool mp_aligned(const void* p, int n) { return (((unsigned long long)p) & (unsigned long long)(n - 1)) == 0; }
 
 // ---- L2 prefetch of a warp's or block's weight rows ------------------------------------------------
 // A lane reads its chunks one loop iteration after another, each a dependent trip to DRAM when the
@@ -739,9 +730,9 @@ MP_HD void mp_rows_dot(const mp_u8* const (&rows)[MP_ROWS], int kq, const float*
     const int chunks = kq >> 4;
     bool al = true;  // uniform over the warp: the same rows and activation rows in every lane
 #pragma unroll
-    for (int r = 0; r < MP_ROWS; ++r) al = al && mp_aligned16(rows[r]);
+    for (int r = 0; r < MP_ROWS; ++r) al = al && mp_aligned(rows[r], mp_chunk<QT>::align);
 #pragma unroll
-    for (int t = 0; t < NT; ++t) al = al && mp_aligned16(xp[t]);
+    for (int t = 0; t < NT; ++t) al = al && mp_aligned(xp[t], 16);
     if (al) mp_rows_dot_chunks<QT, NT, true>(rows, chunks, xp, nt, first, stride, acc);
     else mp_rows_dot_chunks<QT, NT, false>(rows, chunks, xp, nt, first, stride, acc);
     for (int k = (chunks << 4) + first; k < kq; k += stride) {
