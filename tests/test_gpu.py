@@ -469,6 +469,34 @@ def test_qmatmul_experts_matches_host(backend, qtype, T):
     assert np.array_equal(got3, got), what + ": result differs when the routing is built inside"
 
 
+# (type, K): a block's 8 rows staged in shared memory (up to 16 KiB: Q4_K at K = 2048, Q6_K's 630-byte
+# rows at 768, F16 at 1024 exactly 16 KiB) or streamed from global memory (Q8_0 at 2048: 17 KiB; F32 at 1024)
+STAGE_CASES = [(Q.Q4_K, 2048), (Q.Q6_K, 768), (Q.F16, 1024), (Q.Q8_0, 2048), (Q.F32, 1024)]
+
+
+@pytest.mark.parametrize("qtype,Kc", STAGE_CASES, ids=[f"{q.name}-K{k}" for q, k in STAGE_CASES])
+@pytest.mark.parametrize("T", [3, 17])
+def test_qmatmul_experts_staged_and_streamed_rows(backend, qtype, Kc, T):
+    """Expert blocks whose rows fit the shared-memory stage and blocks that stream them: float64's
+    products within 1e-5, every output written, the last block's partial rows (N = 45) included."""
+    from pytest_moeparity.gpu import kernels as K
+
+    E, N, k = 5, 45, 4
+    rng = _rng("experts-stage", qtype.name, Kc, T)
+    raw = _quantized(rng, qtype, (E, N, Kc))
+    w = _deq(raw, qtype, (E, N, Kc)).astype(np.float64)
+    ids = _routing_ids(rng, T, k, E)
+    x = rng.standard_normal((T, Kc)).astype(np.float32)
+    out = _poisoned(backend, (T, k, N))
+    K.qmatmul_experts(_dev(backend, x), _device_tensor(backend, raw, qtype, (E, N, Kc)), _dev(backend, ids), out=out,
+                      backend=backend)
+    got = _host(backend, out)
+    what = f"qmatmul_experts {qtype.name} K={Kc} T={T}"
+    _assert_written(got, what)
+    _assert_close(got, np.einsum("tc,tjnc->tjn", x.astype(np.float64), w[ids]), what,
+                  ref_abs=np.einsum("tc,tjnc->tjn", np.abs(x.astype(np.float64)), np.abs(w[ids])))
+
+
 @pytest.mark.parametrize("qtypes", [(Q.Q4_K, Q.Q4_K), (Q.Q5_K, Q.Q6_K)], ids=["same", "mixed"])
 @pytest.mark.parametrize("T", [1, 3, 17])
 def test_qmatmul_experts_shared_input_matches_single_products(backend, qtypes, T):
