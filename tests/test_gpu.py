@@ -469,20 +469,20 @@ def test_qmatmul_experts_matches_host(backend, qtype, T):
     assert np.array_equal(got3, got), what + ": result differs when the routing is built inside"
 
 
-# (type, K): a block's 8 rows staged in shared memory (up to 16 KiB: Q4_K at K = 2048, Q6_K's 630-byte
-# rows at 768, F16 at 1024 exactly 16 KiB) or streamed from global memory (Q8_0 at 2048: 17 KiB; F32 at 1024)
+# (type, K): the shapes of the 30b-a3b experts (Q4_K gate/up at K = 2048, Q6_K down's 630-byte rows at
+# K = 768, only 2-byte aligned) and wide float / Q8_0 rows
 STAGE_CASES = [(Q.Q4_K, 2048), (Q.Q6_K, 768), (Q.F16, 1024), (Q.Q8_0, 2048), (Q.F32, 1024)]
 
 
 @pytest.mark.parametrize("qtype,Kc", STAGE_CASES, ids=[f"{q.name}-K{k}" for q, k in STAGE_CASES])
 @pytest.mark.parametrize("T", [3, 17])
-def test_qmatmul_experts_staged_and_streamed_rows(backend, qtype, Kc, T):
-    """Expert blocks whose rows fit the shared-memory stage and blocks that stream them: float64's
-    products within 1e-5, every output written, the last block's partial rows (N = 45) included."""
+def test_qmatmul_experts_model_shapes(backend, qtype, Kc, T):
+    """Expert products at the model's row sizes: float64's products within 1e-5, every output
+    written, the last block's partial rows (N = 45) included."""
     from pytest_moeparity.gpu import kernels as K
 
     E, N, k = 5, 45, 4
-    rng = _rng("experts-stage", qtype.name, Kc, T)
+    rng = _rng("experts-shapes", qtype.name, Kc, T)
     raw = _quantized(rng, qtype, (E, N, Kc))
     w = _deq(raw, qtype, (E, N, Kc)).astype(np.float64)
     ids = _routing_ids(rng, T, k, E)

@@ -885,45 +885,24 @@ MP_MATMUL_GLOBAL void qmm_dense_splitk(const mp_u8* __restrict__ w0, const mp_u8
 // Pair p reads activation row p / x_div (x_div = k: rows are tokens; x_div = 1: rows are pairs)
 // and writes out_m[p * ldo + n].
 // grid (groups * matrices, min(E, pairs)), block MP_THREADS: block y serves the y-th active expert
-// (no block is spent on experts without tokens). The block's MP_WARPS * MP_ROWS weight rows are
-// contiguous: where they fit in MP_STAGE_BYTES (and start 16-byte aligned) the block first copies
-// them to shared memory in one burst of asynchronous 16-byte copies, one wait and one barrier, and
-// the warps read them there (every chunk iteration after the first would otherwise be a trip to L2);
-// otherwise each warp streams its rows from global memory, prefetched to L2, once per tile of NT
-// pairs (in practice once from DRAM: later tiles hit the cache).
+// (no block is spent on experts without tokens); each warp streams its MP_ROWS weight rows once per
+// tile of NT pairs (in practice once from DRAM: later tiles hit the cache).
 
-#ifndef MP_STAGE_BYTES
-#define MP_STAGE_BYTES 16384    // shared bytes per block for the staged rows (MP_STAGE_BYTES=0: never)
-#endif
-
-// 16 bytes global -> shared without a register round trip (cp.async; the emulator: a copy)
-MP_HD void mp_cp_async16(mp_u8* dst, const mp_u8* src) {
-#if defined(__CUDA_ARCH__)
-    unsigned long long d;  // the shared-window address of dst
-    asm("cvta.to.shared.u64 %0, %1;" : "=l"(d) : "l"(dst));
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"((unsigned)d), "l"(src) : "memory");
-#else
-    for (int i = 0; i < 16; ++i) dst[i] = src[i];
-#endif
-}
-
-// bytes [src, src + n) to dst (both 16-byte aligned) by the block's threads, visible to all of them
-// on return; every thread of the block must call it
-MP_HD void mp_stage_bytes(mp_u8* dst, const mp_u8* src, int n) {
-    const int units = n >> 4;
-    for (int i = threadIdx.x; i < units; i += MP_THREADS) mp_cp_async16(dst + 16 * i, src + 16 * i);
-    for (int i = (units << 4) + threadIdx.x; i < n; i += MP_THREADS) dst[i] = src[i];
-#if defined(__CUDA_ARCH__)
-    asm volatile("cp.async.wait_all;" ::: "memory");
-#endif
-    mp_syncthreads();
-}
-
-// one warp: rows n0 .. of w against every tile of NT of expert e's pairs
 template <int QT, int NT>
-MP_HD void mp_expert_rows(const mp_u8* __restrict__ w, mp_i64 row_bytes, int N, int n0, int kq, const float* __restrict__ x,
-                          int ldx, int x_div, const int* __restrict__ pairs, int beg, int end, int lane,
-                          float* __restrict__ out, int ldo) {
+MP_MATMUL_GLOBAL void qmm_experts(const mp_u8* __restrict__ w0, const mp_u8* __restrict__ w1, mp_i64 row_bytes,
+                           mp_i64 expert_bytes, int N, int kq, const float* __restrict__ x, int ldx, int x_div,
+                           const int* __restrict__ pairs, const int* __restrict__ offsets,
+                           const int* __restrict__ active, float* __restrict__ out0, float* __restrict__ out1, int ldo) {
+    const int e = active[blockIdx.y];
+    if (e < 0) return;
+    const int groups = (N + MP_WARPS * MP_ROWS - 1) / (MP_WARPS * MP_ROWS);
+    const bool second = (int)blockIdx.x >= groups;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int n0 = (((int)blockIdx.x - (second ? groups : 0)) * MP_WARPS + warp) * MP_ROWS;
+    if (n0 >= N) return;  // uniform over the warp
+    const mp_u8* we = (second ? w1 : w0) + (mp_i64)e * expert_bytes;
+    if (lane == 0) mp_prefetch_rows(we, row_bytes, N, n0, MP_ROWS);  // before the pair lists are read
+    const int beg = offsets[e], end = offsets[e + 1];
     for (int p0 = beg; p0 < end; p0 += NT) {
         const int nt = (end - p0) < NT ? (end - p0) : NT;
         int pr[NT];
@@ -933,36 +912,7 @@ MP_HD void mp_expert_rows(const mp_u8* __restrict__ w, mp_i64 row_bytes, int N, 
             pr[t] = pairs[p0 + (t < nt ? t : 0)];
             xp[t] = x + (mp_i64)(pr[t] / x_div) * ldx;
         }
-        mp_warp_rows<QT, NT>(w, row_bytes, N, n0, kq, xp, pr, nt, lane, out, ldo);
-    }
-}
-
-template <int QT, int NT>
-MP_MATMUL_GLOBAL void qmm_experts(const mp_u8* __restrict__ w0, const mp_u8* __restrict__ w1, mp_i64 row_bytes,
-                           mp_i64 expert_bytes, int N, int kq, const float* __restrict__ x, int ldx, int x_div,
-                           const int* __restrict__ pairs, const int* __restrict__ offsets,
-                           const int* __restrict__ active, float* __restrict__ out0, float* __restrict__ out1, int ldo) {
-    alignas(16) MP_SHARED mp_u8 stage[MP_STAGE_BYTES > 0 ? MP_STAGE_BYTES : 16];
-    const int e = active[blockIdx.y];
-    if (e < 0) return;  // uniform over the block
-    const int groups = (N + MP_WARPS * MP_ROWS - 1) / (MP_WARPS * MP_ROWS);
-    const bool second = (int)blockIdx.x >= groups;
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int nb = ((int)blockIdx.x - (second ? groups : 0)) * MP_WARPS * MP_ROWS;  // the block's first row
-    const int nrows = N - nb < MP_WARPS * MP_ROWS ? N - nb : MP_WARPS * MP_ROWS;
-    const mp_u8* wb = (second ? w1 : w0) + (mp_i64)e * expert_bytes + (mp_i64)nb * row_bytes;
-    float* out = (second ? out1 : out0) + nb;  // columns nb .. of the output rows
-    const mp_i64 bytes = (mp_i64)nrows * row_bytes;
-    const int n0 = warp * MP_ROWS;  // the warp's first row, from nb
-    const int beg = offsets[e], end = offsets[e + 1];
-    if (MP_STAGE_BYTES > 0 && bytes <= MP_STAGE_BYTES && mp_aligned(wb, 16)) {  // uniform over the block
-        mp_stage_bytes(stage, wb, (int)bytes);
-        if (n0 >= nrows) return;  // uniform over the warp
-        mp_expert_rows<QT, NT>(stage, row_bytes, nrows, n0, kq, x, ldx, x_div, pairs, beg, end, lane, out, ldo);
-    } else {
-        if (n0 >= nrows) return;
-        if (lane == 0) mp_prefetch_rows(wb, row_bytes, nrows, n0, MP_ROWS);
-        mp_expert_rows<QT, NT>(wb, row_bytes, nrows, n0, kq, x, ldx, x_div, pairs, beg, end, lane, out, ldo);
+        mp_warp_rows<QT, NT>(we, row_bytes, N, n0, kq, xp, pr, nt, lane, second ? out1 : out0, ldo);
     }
 }
 
