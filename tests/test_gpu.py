@@ -1260,6 +1260,45 @@ def test_engine_supports_every_protocol_mode(backend, model_factory):
     assert supported_modes(_engine(model_factory("tiny", "Q8_0"), backend)) == frozenset(MODES)
 
 
+def test_programmatic_dependent_launch_changes_no_bit(backend, model_factory):
+    """Kernels launched with programmatic dependent launch (each may start during its predecessor's
+    last wave and waits in mp_grid_sync) give the ordinary launches' logits bit for bit, eager and
+    replayed from a CUDA graph, and it is on by default on an sm_90 GPU."""
+    if backend.name != "cupy":
+        pytest.skip("programmatic dependent launch needs the CuPy backend")
+    import os
+
+    from pytest_moeparity.gpu import CupyEngine
+    from pytest_moeparity.gpu import kernels as K
+    from pytest_moeparity.gpu.pdl import PDL_ENV
+
+    import cupy
+
+    cc = int(cupy.cuda.Device().compute_capability)
+    if cc >= 90 and os.environ.get(PDL_ENV, "1") != "0":
+        assert backend.pdl, f"PDL is off on an sm_{cc} GPU: {backend.pdl_off}"
+    model = model_factory("small", "Q4_K_M")
+    tokens = [5, 17, 3, 99, 250, 7, 11]
+    old_debug, old_pdl = K.set_debug(False), backend.pdl
+    results = {}
+    try:
+        for on in (True, False):
+            backend.set_pdl(on)
+            eng = CupyEngine(model, backend=backend)
+            eager = eng.run(tokens).logits
+            g = eng.graphed(tokens[:3])
+            g.logits.fill(np.nan)
+            g.replay()
+            g.stream.synchronize()
+            results[on] = (np.asarray(eager), backend.asnumpy(g.logits))
+    finally:
+        backend.set_pdl(old_pdl)
+        K.set_debug(old_debug)
+    for a, b, what in zip(results[True], results[False], ("eager", "graph")):
+        assert np.isfinite(a).all(), what
+        assert np.array_equal(a.view(np.uint32), b.view(np.uint32)), f"{what}: max diff {np.abs(a - b).max()}"
+
+
 def test_graphed_forward_replays_the_eager_forward(backend, model_factory):
     """The CUDA-graph path (used to time kernels without launch overhead) computes the same logits."""
     if backend.name != "cupy":

@@ -285,6 +285,21 @@ MP_HD void mp_syncthreads() {
 }
 MP_HD float mp_warp_max1(float x) { float v[1] = {x}; mp_warp_allmax<1>(v); return v[0]; }
 
+// ---- programmatic dependent launch -------------------------------------------------------------------
+// kernels.py launches the kernels with CUDA's programmatic stream serialization where the driver offers
+// it: a kernel's blocks may start while the kernel before it in the stream is still running (its last
+// wave), and do what does not depend on it (a product's L2 prefetch of its weight rows) first. Every
+// thread of every kernel then calls mp_grid_sync before it reads anything an earlier kernel wrote:
+// it waits for the earlier kernels' completion and memory, and lets the next kernel start. (A kernel
+// whose threads skipped the wait could complete before its predecessor, and a kernel after it would
+// not wait for that one.) Launched without the attribute, both instructions do nothing.
+MP_HD void mp_grid_sync() {
+#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900)
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
 // ---- wide loads ------------------------------------------------------------------------------------
 // 4 little-endian bytes from any address: one 32-bit load where aligned (always, for the file's own
 // types in practice), else two 16-bit or four byte loads (Q6_K / Q8_0 / Q4_0 blocks are only 2-byte
@@ -824,8 +839,9 @@ MP_MATMUL_GLOBAL void qmm_dense(const mp_u8* __restrict__ w0, const mp_u8* __res
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int n0 = (group * MP_WARPS + warp) * MP_ROWS;
     const int t0 = tile * NT;
+    if (tile == 0 && lane == 0 && n0 < N) mp_prefetch_rows(w, row_bytes, N, n0, MP_ROWS);  // the weights: not written by an earlier kernel
+    mp_grid_sync();
     if (n0 >= N || t0 >= T) return;  // uniform over the warp
-    if (tile == 0 && lane == 0) mp_prefetch_rows(w, row_bytes, N, n0, MP_ROWS);
     const int nt = (T - t0) < NT ? (T - t0) : NT;
     const float* xp[NT];
     int orow[NT];
@@ -853,8 +869,9 @@ MP_MATMUL_GLOBAL void qmm_dense_splitk(const mp_u8* __restrict__ w0, const mp_u8
     const int m = mp_pick_matrix(group, MP_ROWS, w0, w1, w2, N0, N1, N2, w, N);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int n0 = group * MP_ROWS, t0 = tile * NT;
+    if (tile == 0 && threadIdx.x == 0) mp_prefetch_rows(w, row_bytes, N, n0, MP_ROWS);  // the weights: not written by an earlier kernel
+    mp_grid_sync();
     if (n0 >= N || t0 >= T) return;  // uniform over the block
-    if (tile == 0 && threadIdx.x == 0) mp_prefetch_rows(w, row_bytes, N, n0, MP_ROWS);
     const int nt = (T - t0) < NT ? (T - t0) : NT;
     const float* xp[NT];
     int orow[NT];
@@ -893,6 +910,7 @@ MP_MATMUL_GLOBAL void qmm_experts(const mp_u8* __restrict__ w0, const mp_u8* __r
                            mp_i64 expert_bytes, int N, int kq, const float* __restrict__ x, int ldx, int x_div,
                            const int* __restrict__ pairs, const int* __restrict__ offsets,
                            const int* __restrict__ active, float* __restrict__ out0, float* __restrict__ out1, int ldo) {
+    mp_grid_sync();  // the routing was written by the router's kernels
     const int e = active[blockIdx.y];
     if (e < 0) return;
     const int groups = (N + MP_WARPS * MP_ROWS - 1) / (MP_WARPS * MP_ROWS);
@@ -1014,6 +1032,7 @@ MP_HD void mp_group_pairs(const int* ids, int T, int k, int E, int* __restrict__
 extern "C" MP_GLOBAL void expert_group(const int* __restrict__ ids, int T, int k, int E,
                                        int* __restrict__ pairs, int* __restrict__ offsets,
                                        int* __restrict__ active, int n_act_len, int* __restrict__ order) {
+    mp_grid_sync();
     MP_SHARED mp_group_smem sm;
     mp_group_pairs(ids, T, k, E, pairs, offsets, active, n_act_len, order, sm);
 }
@@ -1082,6 +1101,7 @@ MP_HD void mp_topk_row(const float* p, int E, int k, int* __restrict__ id, float
 
 extern "C" MP_GLOBAL void router_topk(const float* __restrict__ probs, int T, int E, int k,
                                       int* __restrict__ ids, float* __restrict__ weights) {
+    mp_grid_sync();
     const int t = blockIdx.x * MP_WARPS + (threadIdx.x >> 5), lane = threadIdx.x & 31;
     if (t >= T) return;  // uniform over the warp
     mp_topk_row(probs + (mp_i64)t * E, E, k, ids + (mp_i64)t * k, weights + (mp_i64)t * k, lane);
@@ -1096,6 +1116,7 @@ extern "C" MP_GLOBAL void router_topk(const float* __restrict__ probs, int T, in
 extern "C" MP_GLOBAL void moe_combine(const float* __restrict__ y, const float* __restrict__ w,
                            const int* __restrict__ order, int T, int k, int N, float* __restrict__ out,
                            int residual, const float* __restrict__ x, float* __restrict__ res_out) {
+    mp_grid_sync();
     const mp_i64 total = (mp_i64)T * N;
     for (mp_i64 i = (mp_i64)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += (mp_i64)gridDim.x * blockDim.x) {
         const int t = (int)(i / N), n = (int)(i % N);
@@ -1155,6 +1176,7 @@ MP_HD void mp_rms_norm_row(const float* xr, int n, const float* __restrict__ wei
 
 extern "C" MP_GLOBAL void rms_norm(const float* __restrict__ x, int rows, int n, const float* __restrict__ weight,
                                    float eps, float* __restrict__ out) {
+    mp_grid_sync();
     const int row = blockIdx.x * MP_WARPS + (threadIdx.x >> 5), lane = threadIdx.x & 31;
     if (row >= rows) return;
     mp_rms_norm_row(x + (mp_i64)row * n, n, weight, eps, out + (mp_i64)row * n, lane);
@@ -1182,6 +1204,7 @@ MP_HD void mp_softmax_row(const float* xr, int n, int valid, float* __restrict__
 }
 
 extern "C" MP_GLOBAL void softmax_rows(const float* __restrict__ x, int rows, int n, int causal, float* __restrict__ out) {
+    mp_grid_sync();
     const int row = blockIdx.x * MP_WARPS + (threadIdx.x >> 5), lane = threadIdx.x & 31;
     if (row >= rows) return;
     mp_softmax_row(x + (mp_i64)row * n, n, causal > 0 ? row / causal + 1 : n, out + (mp_i64)row * n, lane);
@@ -1201,6 +1224,7 @@ MP_HD void mp_syncwarp() {
 extern "C" MP_GLOBAL void add_rms_norm(const float* __restrict__ a, const float* __restrict__ b, int rows, int n,
                                        const float* __restrict__ weight, float eps, float* sum,
                                        float* __restrict__ out) {
+    mp_grid_sync();
     const int row = blockIdx.x * MP_WARPS + (threadIdx.x >> 5), lane = threadIdx.x & 31;
     if (row >= rows) return;
     const mp_i64 off = (mp_i64)row * n;
@@ -1218,6 +1242,7 @@ extern "C" MP_GLOBAL void moe_route(const float* __restrict__ logits, int T, int
                                     int* ids, float* __restrict__ weights, int group,
                                     int* __restrict__ pairs, int* __restrict__ offsets, int* __restrict__ active,
                                     int n_act_len, int* __restrict__ order) {
+    mp_grid_sync();
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, t = blockIdx.x * MP_WARPS + warp;
     if (t < T) {  // no early return: the whole block meets at the barrier below
         float* pr = probs + (mp_i64)t * E;
@@ -1242,6 +1267,7 @@ extern "C" MP_GLOBAL void moe_route(const float* __restrict__ logits, int T, int
 extern "C" MP_GLOBAL void attention_core(const float* __restrict__ q, const float* __restrict__ k,
                                          const float* __restrict__ v, int T, int nh, int nkv, int hd, float sqrt_hd,
                                          float* __restrict__ scores, float* __restrict__ probs, float* __restrict__ ctx) {
+    mp_grid_sync();
     const int row = blockIdx.x * MP_WARPS + (threadIdx.x >> 5), lane = threadIdx.x & 31;
     if (row >= T * nh) return;  // uniform over the warp
     const int t = row / nh, h = row % nh, g = h / (nh / nkv);
@@ -1280,6 +1306,7 @@ MP_HD float mp_rope_value(const float* xr, int j, int half, const float* __restr
 extern "C" MP_GLOBAL void rope_neox(const float* __restrict__ x, int T, int heads, int hd,
                                     const float* __restrict__ cosv, const float* __restrict__ sinv,
                                     float* __restrict__ out) {
+    mp_grid_sync();
     const mp_i64 total = (mp_i64)T * heads * hd;
     const int half = hd / 2;
     for (mp_i64 i = (mp_i64)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += (mp_i64)gridDim.x * blockDim.x) {
@@ -1299,6 +1326,7 @@ extern "C" MP_GLOBAL void qk_norm_rope(const float* __restrict__ q, const float*
                                        const float* __restrict__ cosv, const float* __restrict__ sinv,
                                        float* __restrict__ qn, float* __restrict__ kn, float* __restrict__ qr,
                                        float* __restrict__ kr) {
+    mp_grid_sync();
     const int row = blockIdx.x * MP_WARPS + (threadIdx.x >> 5), lane = threadIdx.x & 31;
     const int qrows = T * nh;
     if (row >= qrows + T * nkv) return;  // uniform over the warp
@@ -1315,6 +1343,7 @@ extern "C" MP_GLOBAL void qk_norm_rope(const float* __restrict__ q, const float*
 // SwiGLU: out = g / (1 + exp(-g)) * u
 extern "C" MP_GLOBAL void swiglu(const float* __restrict__ g, const float* __restrict__ u, mp_i64 n,
                                  float* __restrict__ out) {
+    mp_grid_sync();
     for (mp_i64 i = (mp_i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (mp_i64)gridDim.x * blockDim.x) {
         const float v = g[i];
         out[i] = mp_fmul(v / mp_fadd(1.0f, expf(-v)), u[i]);
@@ -1324,6 +1353,7 @@ extern "C" MP_GLOBAL void swiglu(const float* __restrict__ g, const float* __res
 // residual add: out = a + b
 extern "C" MP_GLOBAL void add_f32(const float* __restrict__ a, const float* __restrict__ b, mp_i64 n,
                                   float* __restrict__ out) {
+    mp_grid_sync();
     for (mp_i64 i = (mp_i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (mp_i64)gridDim.x * blockDim.x)
         out[i] = mp_fadd(a[i], b[i]);
 }
@@ -1331,6 +1361,7 @@ extern "C" MP_GLOBAL void add_f32(const float* __restrict__ a, const float* __re
 // ---- bfloat16 rounding (activations stored as float32 holding bf16 values) ---------------------------
 // Round to nearest even, NaN kept (quieted), overflow to inf: ggml_compute_fp32_to_bf16.
 extern "C" MP_GLOBAL void round_bf16(float* __restrict__ x, mp_i64 n) {
+    mp_grid_sync();
     for (mp_i64 i = (mp_i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (mp_i64)gridDim.x * blockDim.x) {
         mp_u32 u = mp_float_to_bits(x[i]);
         if ((u & 0x7FFFFFFFu) > 0x7F800000u) {

@@ -217,6 +217,28 @@ class CupyBackend(Backend):
         except Exception as exc:
             raise KernelError(f"compiling {KERNELS_CU.name} with NVRTC failed: {type(exc).__name__}: {exc}") from exc
         self._functions: dict[str, Any] = {}
+        from .pdl import pdl_launcher
+
+        # programmatic dependent launch (pdl.py); `pdl_off` says why not where it is not used
+        self._pdl, self.pdl_off = pdl_launcher(int(cupy.cuda.Device().compute_capability))
+        self._pdl_ptrs: dict[str, int] = {}
+
+    @property
+    def pdl(self) -> bool:
+        """Whether kernels are launched with programmatic dependent launch."""
+        return self._pdl is not None
+
+    def set_pdl(self, on: bool) -> bool:
+        """Turn programmatic dependent launch off (or back on where available); returns the old state.
+        The results do not depend on it (tests compare the two)."""
+        from .pdl import pdl_launcher
+
+        old = self.pdl
+        if on and self._pdl is None:
+            self._pdl, self.pdl_off = pdl_launcher(int(self.cupy.cuda.Device().compute_capability))
+        elif not on:
+            self._pdl, self.pdl_off = None, "turned off (set_pdl)"
+        return old
 
     def function(self, name: str):
         f = self._functions.get(name)
@@ -230,7 +252,13 @@ class CupyBackend(Backend):
         check_args(name, args, self.is_array)
         f = self.function(name)
         try:
-            f(tuple(int(g) for g in grid), tuple(int(b) for b in block), args)
+            if self._pdl is not None:
+                ptr = self._pdl_ptrs.get(name)
+                if ptr is None:
+                    ptr = self._pdl_ptrs[name] = int(getattr(f, "kernel", f).ptr)
+                self._pdl.launch(ptr, grid, block, self.cupy.cuda.get_current_stream().ptr, args)
+            else:
+                f(tuple(int(g) for g in grid), tuple(int(b) for b in block), args)
         except Exception as exc:
             raise KernelError(f"launching {name} grid={tuple(grid)} block={tuple(block)} failed: "
                               f"{type(exc).__name__}: {exc}") from exc
