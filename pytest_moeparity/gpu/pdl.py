@@ -25,8 +25,12 @@ _SCALARS = {np.dtype(np.int32): ctypes.c_int32, np.dtype(np.int64): ctypes.c_int
             np.dtype(np.float32): ctypes.c_float}
 
 
-class _LaunchAttribute(ctypes.Structure):  # CUlaunchAttribute: id, padding to 8, a 64-byte value union
-    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("value", ctypes.c_char * 64)]
+class _LaunchAttributeValue(ctypes.Union):  # CUlaunchAttributeValue: 64 bytes; the member PDL sets
+    _fields_ = [("programmaticStreamSerializationAllowed", ctypes.c_int), ("pad", ctypes.c_char * 64)]
+
+
+class _LaunchAttribute(ctypes.Structure):  # CUlaunchAttribute: id, padding to 8 bytes, the value
+    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("value", _LaunchAttributeValue)]
 
 
 class _LaunchConfig(ctypes.Structure):  # CUlaunchConfig
@@ -49,7 +53,7 @@ class PdlLauncher:
         self._error_name.restype = ctypes.c_int
         self._error_name.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_char_p)]
         self._attr = _LaunchAttribute(id=_ATTR_PROGRAMMATIC_STREAM_SERIALIZATION)
-        ctypes.c_int.from_buffer(self._attr.value).value = 1  # programmaticStreamSerializationAllowed
+        self._attr.value.programmaticStreamSerializationAllowed = 1
 
     def launch(self, function_ptr: int, grid: tuple, block: tuple, stream_ptr: int, args: tuple) -> None:
         values = []
