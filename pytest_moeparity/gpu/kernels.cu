@@ -739,15 +739,6 @@ MP_HD void mp_prefetch_rows(const mp_u8* w, mp_i64 row_bytes, int N, int n0, int
     if (n1 > n0) mp_prefetch_l2(w + (mp_i64)n0 * row_bytes, (mp_i64)(n1 - n0) * row_bytes);
 }
 
-// Prefetch ahead: a product with more blocks than the GPU holds at once runs in waves, and a block
-// asking only for its own rows leaves the later waves to wait on DRAM in turn. Instead block b of G
-// asks for the rows of blocks MP_AHEAD b .. MP_AHEAD b + MP_AHEAD - 1, and the blocks from G / MP_AHEAD
-// on for none: the first wave requests the whole product's weights (a few MB, well inside L2) at once.
-#ifndef MP_AHEAD
-#define MP_AHEAD 4
-#endif
-MP_HD int mp_ahead_first(int b, int G) { return b < (G + MP_AHEAD - 1) / MP_AHEAD ? MP_AHEAD * b : G; }
-
 template <int QT, int NT>
 MP_HD void mp_rows_dot(const mp_u8* const (&rows)[MP_ROWS], int kq, const float* const (&xp)[NT], int nt,
                        int first, int stride, float (&acc)[MP_ROWS * NT]) {
@@ -878,15 +869,7 @@ MP_MATMUL_GLOBAL void qmm_dense_splitk(const mp_u8* __restrict__ w0, const mp_u8
     const int m = mp_pick_matrix(group, MP_ROWS, w0, w1, w2, N0, N1, N2, w, N);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int n0 = group * MP_ROWS, t0 = tile * NT;
-    if (tile == 0 && threadIdx.x == 0) {  // the weights: not written by an earlier kernel
-        const int G = (int)gridDim.x / tiles, first = mp_ahead_first((int)blockIdx.x / tiles, G);
-        for (int g = first; g < first + MP_AHEAD && g < G; ++g) {
-            int gm = g, Nm;
-            const mp_u8* wm;
-            mp_pick_matrix(gm, MP_ROWS, w0, w1, w2, N0, N1, N2, wm, Nm);
-            mp_prefetch_rows(wm, row_bytes, Nm, gm * MP_ROWS, MP_ROWS);
-        }
-    }
+    if (tile == 0 && threadIdx.x == 0) mp_prefetch_rows(w, row_bytes, N, n0, MP_ROWS);  // the weights: not written by an earlier kernel
     mp_grid_sync();
     if (n0 >= N || t0 >= T) return;  // uniform over the block
     const int nt = (T - t0) < NT ? (T - t0) : NT;
@@ -936,16 +919,7 @@ MP_MATMUL_GLOBAL void qmm_experts(const mp_u8* __restrict__ w0, const mp_u8* __r
     const int n0 = (((int)blockIdx.x - (second ? groups : 0)) * MP_WARPS + warp) * MP_ROWS;
     if (n0 >= N) return;  // uniform over the warp
     const mp_u8* we = (second ? w1 : w0) + (mp_i64)e * expert_bytes;
-    if (threadIdx.x == 0) {  // before the pair lists are read
-        const int G = (int)(gridDim.x * gridDim.y), first = mp_ahead_first((int)(blockIdx.y * gridDim.x + blockIdx.x), G);
-        for (int b = first; b < first + MP_AHEAD && b < G; ++b) {
-            const int by = b / (int)gridDim.x, bx = b % (int)gridDim.x, eb = active[by];
-            if (eb < 0) break;  // the active list ends with -1: so do the later blocks
-            const bool sb = bx >= groups;
-            mp_prefetch_rows((sb ? w1 : w0) + (mp_i64)eb * expert_bytes, row_bytes, N,
-                             (bx - (sb ? groups : 0)) * MP_WARPS * MP_ROWS, MP_WARPS * MP_ROWS);
-        }
-    }
+    if (lane == 0) mp_prefetch_rows(we, row_bytes, N, n0, MP_ROWS);  // before the pair lists are read
     const int beg = offsets[e], end = offsets[e + 1];
     for (int p0 = beg; p0 < end; p0 += NT) {
         const int nt = (end - p0) < NT ? (end - p0) : NT;
