@@ -1050,6 +1050,15 @@ extern "C" MP_GLOBAL void expert_group(const int* __restrict__ ids, int T, int k
 // number (NaN, which fmaxf passes over, where the lane has none; NaN overall when only NaN are left),
 // then the lowest id holding it (or, when only NaN are left, the lowest untaken NaN id).
 #define MP_TOPK_REGS 8
+// a lane's candidate e with value v, its ids taken in ascending order: the first NaN, the largest number
+MP_HD void mp_topk_consider(float v, int e, float& best, int& best_e, int& nan_e) {
+    if (!(v == v)) {
+        if (nan_e < 0) nan_e = e;
+    } else if (best_e < 0 || v > best) {
+        best = v;
+        best_e = e;
+    }
+}
 MP_HD void mp_topk_row(const float* p, int E, int k, int* __restrict__ id, float* __restrict__ wt, int lane) {
     unsigned long long taken = 0ull;  // bit q: expert lane + 32 q is chosen (E <= 2048)
     const float NEG_INF = mp_bits_to_float(0xFF800000u), QNAN = mp_bits_to_float(0x7FC00000u);
@@ -1064,25 +1073,10 @@ MP_HD void mp_topk_row(const float* p, int E, int k, int* __restrict__ id, float
 #pragma unroll
         for (int q = 0; q < MP_TOPK_REGS; ++q) {
             const int e = lane + 32 * q;
-            if (e >= E || ((taken >> q) & 1ull)) continue;
-            const float v = pv[q];
-            if (!(v == v)) {
-                if (nan_e < 0) nan_e = e;
-            } else if (best_e < 0 || v > best) {
-                best = v;
-                best_e = e;
-            }
+            if (e < E && !((taken >> q) & 1ull)) mp_topk_consider(pv[q], e, best, best_e, nan_e);
         }
-        for (int e = lane + 32 * MP_TOPK_REGS, q = MP_TOPK_REGS; e < E; e += 32, ++q) {
-            if ((taken >> q) & 1ull) continue;
-            const float v = p[e];
-            if (!(v == v)) {
-                if (nan_e < 0) nan_e = e;
-            } else if (best_e < 0 || v > best) {
-                best = v;
-                best_e = e;
-            }
-        }
+        for (int e = lane + 32 * MP_TOPK_REGS, q = MP_TOPK_REGS; e < E; e += 32, ++q)
+            if (!((taken >> q) & 1ull)) mp_topk_consider(p[e], e, best, best_e, nan_e);
         const float m = mp_warp_max1(best_e >= 0 ? best : QNAN);  // NaN: no number is left
         const bool num = m == m, mine = num ? (best_e >= 0 && best == m) : nan_e >= 0;
         const int win = (int)(-mp_warp_max1(mine ? -(float)(num ? best_e : nan_e) : NEG_INF));
