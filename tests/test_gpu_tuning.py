@@ -31,29 +31,38 @@ def test_token_tile_is_smallest_instance_holding_T(T, nt):
 def test_dense_launch_splits_only_short_prompts_on_small_grids(N, T, kernel):
     name, grid = K.dense_launch(12, (N,), T)
     assert name == kernel
+    rows = K.rows_for(K._token_tile(T))
     if "splitk" in name:
-        assert grid == (K._cdiv(N, K.ROWS), 1, 1)   # a block per MP_ROWS rows
+        assert grid == (K._cdiv(N, rows), 1, 1)   # a block per MP_ROWS_FOR(NT) rows
     else:
-        assert grid == (K._cdiv(N, K.WARPS * K.ROWS) * K._cdiv(T, K._token_tile(T)), 1, 1)
+        assert grid == (K._cdiv(N, K.WARPS * rows) * K._cdiv(T, K._token_tile(T)), 1, 1)
     assert name in K.NAME_EXPRESSIONS
 
 
-def test_splitk_limit_is_the_boundary():
-    limit_rows = K.SPLITK_MAX_GROUPS * K.WARPS * K.ROWS
-    assert "splitk" in K.dense_launch(14, (limit_rows,), 2)[0]
-    assert "splitk" not in K.dense_launch(14, (limit_rows + 1,), 2)[0]
+@pytest.mark.parametrize("T", [1, 2])  # tiles of 1 and 4 tokens: 2 and 4 rows per warp
+def test_splitk_limit_is_the_boundary(T):
+    rows = K.rows_for(K._token_tile(T))
+    limit_rows = K.SPLITK_MAX_GROUPS * K.WARPS * rows
+    assert "splitk" in K.dense_launch(14, (limit_rows,), T)[0]
+    assert "splitk" not in K.dense_launch(14, (limit_rows + 1,), T)[0]
     # matrices sharing a launch count together
-    assert "splitk" not in K.dense_launch(14, (limit_rows - 8 * K.ROWS * K.WARPS, 16 * K.ROWS * K.WARPS), 2)[0]
+    assert "splitk" not in K.dense_launch(14, (limit_rows - 8 * rows * K.WARPS, 16 * rows * K.WARPS), T)[0]
+
+
+def test_rows_per_warp_by_token_tile():
+    """4 weight rows per warp for the 4-token instances (2-4 tokens), 2 for decode and long prompts;
+    the experts' grid follows the same rule."""
+    assert (K.rows_for(1), K.rows_for(4), K.rows_for(8)) == (K.ROWS, K.ROWS_NT4, K.ROWS) == (2, 4, 2)
 
 
 def test_dense_launch_of_shared_input_matrices_covers_each_matrix_row_groups():
     # attn_q / attn_k / attn_v of 30b-a3b at 3 tokens: one split launch, a block per MP_ROWS rows of each
     name, grid = K.dense_launch(12, (4096, 512, 512), 3)
-    assert name == "qmm_dense_splitk<12,4>" and grid == ((4096 + 512 + 512) // K.ROWS, 1, 1)
+    assert name == "qmm_dense_splitk<12,4>" and grid == ((4096 + 512 + 512) // K.rows_for(4), 1, 1)
     # 64 tokens: row groups of each matrix (rounded up separately) times the token tiles
     name, grid = K.dense_launch(12, (37, 5), 64)
     assert name == "qmm_dense<12,8>"
-    assert grid == ((K._cdiv(37, K.WARPS * K.ROWS) + K._cdiv(5, K.WARPS * K.ROWS)) * 8, 1, 1)
+    assert grid == ((K._cdiv(37, K.WARPS * K.rows_for(8)) + K._cdiv(5, K.WARPS * K.rows_for(8))) * 8, 1, 1)
 
 
 def test_tuning_define_reads_only_its_own_option(monkeypatch):
@@ -66,9 +75,9 @@ def test_tuning_define_reads_only_its_own_option(monkeypatch):
 
 def test_tuning_options_set_launch_geometry_and_compile_defines():
     code = ("import json; from pytest_moeparity.gpu import kernels as K; "
-            "print(json.dumps([K.ROWS, K.WARPS, K.THREADS, list(K.compile_options())]))")
-    env = dict(os.environ, **{K.NVRTC_OPTIONS_ENV: "-DMP_ROWS=4 -DMP_WARPS=2"})
+            "print(json.dumps([K.ROWS, K.ROWS_NT4, K.WARPS, K.THREADS, list(K.compile_options())]))")
+    env = dict(os.environ, **{K.NVRTC_OPTIONS_ENV: "-DMP_ROWS=4 -DMP_ROWS_NT4=8 -DMP_WARPS=2"})
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    rows, warps, threads, options = json.loads(out.stdout)
-    assert (rows, warps, threads) == (4, 2, 64)
-    assert "-DMP_ROWS=4" in options and "-DMP_WARPS=2" in options
+    rows, rows4, warps, threads, options = json.loads(out.stdout)
+    assert (rows, rows4, warps, threads) == (4, 8, 2, 64)
+    assert "-DMP_ROWS=4" in options and "-DMP_ROWS_NT4=8" in options and "-DMP_WARPS=2" in options

@@ -626,25 +626,31 @@ struct mp_bf16_halves {  // the top half of a float32
 template <> struct mp_chunk<1> : mp_chunk_16bit<mp_f16_halves> {};
 template <> struct mp_chunk<30> : mp_chunk_16bit<mp_bf16_halves> {};
 
-// ---- MP_ROWS weight rows against up to NT activation rows ----------------------------------------
+// ---- MP_ROWS_FOR(NT) weight rows against up to NT activation rows ----------------------------------------
 // Each lane takes chunks lane, lane + 32, ... of the kq columns (kq is a multiple of 16 for the
 // block types; the float types' last kq % 16 columns go one at a time). Per chunk, row and token:
 // sum_i x_i (sc q_i - mn) = sc * sum_i x_i q_i - mn * sum_i x_i, so a weight costs one FMA per
-// token plus its decode; the activations and their run sums are loaded once for all MP_ROWS rows.
+// token plus its decode; the activations and their run sums are loaded once for all the rows.
 // acc[r * NT + t] is lane-partial: the caller reduces over the warp.
 // Columns >= kq contribute nothing (kq < K only under the test-only fault switch).
 
 #ifndef MP_ROWS
-#define MP_ROWS 2               // weight rows per warp of the matmul kernels (kernels.py: ROWS)
+#define MP_ROWS 2               // weight rows per warp of the 1- and 8-token instances (kernels.py: ROWS)
 #endif
+#ifndef MP_ROWS_NT4
+#define MP_ROWS_NT4 4           // and of the 4-token ones (2-4 tokens; kernels.py: ROWS_NT4)
+#endif
+// rows per warp by token tile: short prompts' products are latency-bound, and 4 rows' loads in flight
+// per lane (128 registers, 4 blocks per SM) beat 2 rows' (80, 6); decode (1) and long prompts (8) keep 2
+#define MP_ROWS_FOR(NT) ((NT) == 4 ? MP_ROWS_NT4 : MP_ROWS)
 // Resident blocks per SM the matmul kernels are compiled for (a register cap: 65536 / (128 x blocks)),
-// by token tile: the accumulators (MP_ROWS x NT) and activation pointers grow with NT, so the
-// small tiles (decode, short prompts) fit more warps without spilling: 64, 80 and 96 registers.
+// by token tile: the accumulators (rows x NT) and activation pointers grow with NT, so decode fits
+// more warps without spilling: 64, 128 (4 rows) and 96 registers for NT = 1, 4, 8.
 #ifndef MP_MIN_BLOCKS_NT1
 #define MP_MIN_BLOCKS_NT1 8
 #endif
 #ifndef MP_MIN_BLOCKS_NT4
-#define MP_MIN_BLOCKS_NT4 6
+#define MP_MIN_BLOCKS_NT4 4
 #endif
 #ifndef MP_MIN_BLOCKS
 #define MP_MIN_BLOCKS 5         // NT = 8
@@ -657,8 +663,8 @@ template <> struct mp_chunk<30> : mp_chunk_16bit<mp_bf16_halves> {};
 #endif
 
 template <int QT, int NT, bool AL>
-MP_HD void mp_rows_dot_chunks(const mp_u8* const (&rows)[MP_ROWS], int chunks, const float* const (&xp)[NT], int nt,
-                              int first, int stride, float (&acc)[MP_ROWS * NT]) {
+MP_HD void mp_rows_dot_chunks(const mp_u8* const (&rows)[MP_ROWS_FOR(NT)], int chunks, const float* const (&xp)[NT], int nt,
+                              int first, int stride, float (&acc)[MP_ROWS_FOR(NT) * NT]) {
     typedef mp_chunk<QT> C;
     for (int c = first; c < chunks; c += stride) {
         // chunk cc of unit u (C::per a power of two: shifts and masks)
@@ -667,9 +673,9 @@ MP_HD void mp_rows_dot_chunks(const mp_u8* const (&rows)[MP_ROWS], int chunks, c
         C::cols(cc, a, b);
         a += 16 * C::per * u;
         b += 16 * C::per * u;
-        float q[MP_ROWS][16], sc[MP_ROWS][2], mn[MP_ROWS][2];
+        float q[MP_ROWS_FOR(NT)][16], sc[MP_ROWS_FOR(NT)][2], mn[MP_ROWS_FOR(NT)][2];
 #pragma unroll
-        for (int r = 0; r < MP_ROWS; ++r) C::template run<AL>(rows[r] + (mp_i64)u * C::ubytes, cc, q[r], sc[r], mn[r]);
+        for (int r = 0; r < MP_ROWS_FOR(NT); ++r) C::template run<AL>(rows[r] + (mp_i64)u * C::ubytes, cc, q[r], sc[r], mn[r]);
 #pragma unroll
         for (int t = 0; t < NT; ++t) {
             if (t < nt) {
@@ -685,7 +691,7 @@ MP_HD void mp_rows_dot_chunks(const mp_u8* const (&rows)[MP_ROWS], int chunks, c
                     }
                 }
 #pragma unroll
-                for (int r = 0; r < MP_ROWS; ++r) {
+                for (int r = 0; r < MP_ROWS_FOR(NT); ++r) {
                     float sa = 0.0f, sb = 0.0f;
 #pragma unroll
                     for (int i = 0; i < 8; ++i) {
@@ -740,19 +746,19 @@ MP_HD void mp_prefetch_rows(const mp_u8* w, mp_i64 row_bytes, int N, int n0, int
 }
 
 template <int QT, int NT>
-MP_HD void mp_rows_dot(const mp_u8* const (&rows)[MP_ROWS], int kq, const float* const (&xp)[NT], int nt,
-                       int first, int stride, float (&acc)[MP_ROWS * NT]) {
+MP_HD void mp_rows_dot(const mp_u8* const (&rows)[MP_ROWS_FOR(NT)], int kq, const float* const (&xp)[NT], int nt,
+                       int first, int stride, float (&acc)[MP_ROWS_FOR(NT) * NT]) {
     const int chunks = kq >> 4;
     bool al = true;  // uniform over the warp: the same rows and activation rows in every lane
 #pragma unroll
-    for (int r = 0; r < MP_ROWS; ++r) al = al && mp_aligned(rows[r], mp_chunk<QT>::align);
+    for (int r = 0; r < MP_ROWS_FOR(NT); ++r) al = al && mp_aligned(rows[r], mp_chunk<QT>::align);
 #pragma unroll
     for (int t = 0; t < NT; ++t) al = al && mp_aligned(xp[t], 16);
     if (al) mp_rows_dot_chunks<QT, NT, true>(rows, chunks, xp, nt, first, stride, acc);
     else mp_rows_dot_chunks<QT, NT, false>(rows, chunks, xp, nt, first, stride, acc);
     for (int k = (chunks << 4) + first; k < kq; k += stride) {
 #pragma unroll
-        for (int r = 0; r < MP_ROWS; ++r) {
+        for (int r = 0; r < MP_ROWS_FOR(NT); ++r) {
             const float w = mp_dq<QT>(rows[r], k);
 #pragma unroll
             for (int t = 0; t < NT; ++t)
@@ -771,18 +777,18 @@ MP_HD void mp_tile_rows(const float* __restrict__ x, int ldx, int t0, int nt, co
     }
 }
 
-// One warp: rows n0 .. n0 + MP_ROWS - 1 (those >= N are clamped to N - 1) against the nt activation rows
+// One warp: rows n0 .. n0 + MP_ROWS_FOR(NT) - 1 (those >= N are clamped to N - 1) against the nt activation rows
 // xp over chunk iterations first, first + stride, ...; acc[r * NT + t] = the warp's sum (every lane).
 template <int QT, int NT>
 MP_HD void mp_warp_rows_sum(const mp_u8* __restrict__ w, mp_i64 row_bytes, int N, int n0, int kq,
-                            const float* const (&xp)[NT], int nt, int first, int stride, float (&acc)[MP_ROWS * NT]) {
-    const mp_u8* rows[MP_ROWS];
+                            const float* const (&xp)[NT], int nt, int first, int stride, float (&acc)[MP_ROWS_FOR(NT) * NT]) {
+    const mp_u8* rows[MP_ROWS_FOR(NT)];
 #pragma unroll
-    for (int r = 0; r < MP_ROWS; ++r) rows[r] = w + (mp_i64)(n0 + r < N ? n0 + r : N - 1) * row_bytes;
+    for (int r = 0; r < MP_ROWS_FOR(NT); ++r) rows[r] = w + (mp_i64)(n0 + r < N ? n0 + r : N - 1) * row_bytes;
 #pragma unroll
-    for (int i = 0; i < MP_ROWS * NT; ++i) acc[i] = 0.0f;
+    for (int i = 0; i < MP_ROWS_FOR(NT) * NT; ++i) acc[i] = 0.0f;
     mp_rows_dot<QT, NT>(rows, kq, xp, nt, first, stride, acc);
-    mp_warp_allreduce<MP_ROWS * NT>(acc);
+    mp_warp_allreduce<MP_ROWS_FOR(NT) * NT>(acc);
 }
 
 // One warp, all of each row: lane 0 stores out[orow[t] * ldo + n] for the rows n < N.
@@ -790,11 +796,11 @@ template <int QT, int NT>
 MP_HD void mp_warp_rows(const mp_u8* __restrict__ w, mp_i64 row_bytes, int N, int n0, int kq,
                         const float* const (&xp)[NT], const int (&orow)[NT], int nt, int lane,
                         float* __restrict__ out, int ldo) {
-    float acc[MP_ROWS * NT];
+    float acc[MP_ROWS_FOR(NT) * NT];
     mp_warp_rows_sum<QT, NT>(w, row_bytes, N, n0, kq, xp, nt, lane, 32, acc);
     if (lane == 0) {
 #pragma unroll
-        for (int r = 0; r < MP_ROWS; ++r)
+        for (int r = 0; r < MP_ROWS_FOR(NT); ++r)
 #pragma unroll
             for (int t = 0; t < NT; ++t)
                 if (t < nt && n0 + r < N) out[(mp_i64)orow[t] * ldo + n0 + r] = acc[r * NT + t];
@@ -822,7 +828,7 @@ MP_HD int mp_pick_matrix(int& g, int per, const mp_u8* w0, const mp_u8* w1, cons
 }
 MP_HD float* mp_pick_out(int m, float* o0, float* o1, float* o2) { return m == 0 ? o0 : m == 1 ? o1 : o2; }
 
-// grid (row_groups * tiles), block MP_THREADS: a warp takes MP_ROWS weight rows and one tile of
+// grid (row_groups * tiles), block MP_THREADS: a warp takes MP_ROWS_FOR(NT) weight rows and one tile of
 // NT tokens; the tile index varies fastest, so the blocks that share weight rows run together and
 // the rows come from DRAM once. NT = 1 is the matvec path.
 
@@ -835,11 +841,11 @@ MP_MATMUL_GLOBAL void qmm_dense(const mp_u8* __restrict__ w0, const mp_u8* __res
     int group = (int)(blockIdx.x / (unsigned)tiles);
     const mp_u8* w;
     int N;
-    const int m = mp_pick_matrix(group, MP_WARPS * MP_ROWS, w0, w1, w2, N0, N1, N2, w, N);
+    const int m = mp_pick_matrix(group, MP_WARPS * MP_ROWS_FOR(NT), w0, w1, w2, N0, N1, N2, w, N);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int n0 = (group * MP_WARPS + warp) * MP_ROWS;
+    const int n0 = (group * MP_WARPS + warp) * MP_ROWS_FOR(NT);
     const int t0 = tile * NT;
-    if (tile == 0 && lane == 0 && n0 < N) mp_prefetch_rows(w, row_bytes, N, n0, MP_ROWS);  // the weights: not written by an earlier kernel
+    if (tile == 0 && lane == 0 && n0 < N) mp_prefetch_rows(w, row_bytes, N, n0, MP_ROWS_FOR(NT));  // the weights: not written by an earlier kernel
     mp_grid_sync();
     if (n0 >= N || t0 >= T) return;  // uniform over the warp
     const int nt = (T - t0) < NT ? (T - t0) : NT;
@@ -850,40 +856,40 @@ MP_MATMUL_GLOBAL void qmm_dense(const mp_u8* __restrict__ w0, const mp_u8* __res
 }
 
 // ---- dense products, K split over the warps of a block (short prompts) -----------------------------------
-// The MP_WARPS warps of a block take the same MP_ROWS weight rows and tile of NT tokens; warp w reads
+// The MP_WARPS warps of a block take the same MP_ROWS_FOR(NT) weight rows and tile of NT tokens; warp w reads
 // chunk iterations w, w + MP_WARPS, ... of the row (a warp of qmm_dense reads all of them one after
 // another, which leaves a short prompt's small products waiting on memory with few warps in flight).
 // The warps' partial sums meet in shared memory and are added in warp order (deterministic).
-// grid (row groups of MP_ROWS over the matrices, * tiles), block MP_THREADS.
+// grid (row groups of MP_ROWS_FOR(NT) over the matrices, * tiles), block MP_THREADS.
 
 template <int QT, int NT>
 MP_MATMUL_GLOBAL void qmm_dense_splitk(const mp_u8* __restrict__ w0, const mp_u8* __restrict__ w1, const mp_u8* __restrict__ w2,
                                 mp_i64 row_bytes, int N0, int N1, int N2, int kq, const float* __restrict__ x, int ldx,
                                 int T, float* __restrict__ out0, float* __restrict__ out1, float* __restrict__ out2) {
-    MP_SHARED float part[MP_WARPS][MP_ROWS * NT];
+    MP_SHARED float part[MP_WARPS][MP_ROWS_FOR(NT) * NT];
     const int tiles = (T + NT - 1) / NT;
     const int tile = (int)(blockIdx.x % (unsigned)tiles);
     int group = (int)(blockIdx.x / (unsigned)tiles);
     const mp_u8* w;
     int N;
-    const int m = mp_pick_matrix(group, MP_ROWS, w0, w1, w2, N0, N1, N2, w, N);
+    const int m = mp_pick_matrix(group, MP_ROWS_FOR(NT), w0, w1, w2, N0, N1, N2, w, N);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int n0 = group * MP_ROWS, t0 = tile * NT;
-    if (tile == 0 && threadIdx.x == 0) mp_prefetch_rows(w, row_bytes, N, n0, MP_ROWS);  // the weights: not written by an earlier kernel
+    const int n0 = group * MP_ROWS_FOR(NT), t0 = tile * NT;
+    if (tile == 0 && threadIdx.x == 0) mp_prefetch_rows(w, row_bytes, N, n0, MP_ROWS_FOR(NT));  // the weights: not written by an earlier kernel
     mp_grid_sync();
     if (n0 >= N || t0 >= T) return;  // uniform over the block
     const int nt = (T - t0) < NT ? (T - t0) : NT;
     const float* xp[NT];
     int orow[NT];
     mp_tile_rows<NT>(x, ldx, t0, nt, xp, orow);
-    float acc[MP_ROWS * NT];
+    float acc[MP_ROWS_FOR(NT) * NT];
     mp_warp_rows_sum<QT, NT>(w, row_bytes, N, n0, kq, xp, nt, warp * 32 + lane, 32 * MP_WARPS, acc);
     if (lane == 0) {
 #pragma unroll
-        for (int i = 0; i < MP_ROWS * NT; ++i) part[warp][i] = acc[i];
+        for (int i = 0; i < MP_ROWS_FOR(NT) * NT; ++i) part[warp][i] = acc[i];
     }
     mp_syncthreads();
-    if (threadIdx.x < MP_ROWS * NT) {  // one thread per (row, token)
+    if (threadIdx.x < MP_ROWS_FOR(NT) * NT) {  // one thread per (row, token)
         const int r = threadIdx.x / NT, t = threadIdx.x % NT;
         if (t < nt && n0 + r < N) {
             float s = part[0][threadIdx.x];
@@ -897,12 +903,12 @@ MP_MATMUL_GLOBAL void qmm_dense_splitk(const mp_u8* __restrict__ w0, const mp_u8
 // w_m: [E, N, row_bytes] (expert e's rows start at e * expert_bytes); one launch serves one or two
 // such tensors of the same type and shape that read the same activations (ffn_gate_exps and
 // ffn_up_exps): blocks x < groups take w_0, the next `groups` w_1 (groups = ceil(N / (MP_WARPS *
-// MP_ROWS))). The (token, slot) pairs p = t * k + j are listed in `pairs`, sorted by expert: expert
+// MP_ROWS_FOR(NT)))). The (token, slot) pairs p = t * k + j are listed in `pairs`, sorted by expert: expert
 // e owns pairs[offsets[e] .. offsets[e+1]); `active` lists the experts that own pairs (then -1).
 // Pair p reads activation row p / x_div (x_div = k: rows are tokens; x_div = 1: rows are pairs)
 // and writes out_m[p * ldo + n].
 // grid (groups * matrices, min(E, pairs)), block MP_THREADS: block y serves the y-th active expert
-// (no block is spent on experts without tokens); each warp streams its MP_ROWS weight rows once per
+// (no block is spent on experts without tokens); each warp streams its MP_ROWS_FOR(NT) weight rows once per
 // tile of NT pairs (in practice once from DRAM: later tiles hit the cache).
 
 template <int QT, int NT>
@@ -913,13 +919,13 @@ MP_MATMUL_GLOBAL void qmm_experts(const mp_u8* __restrict__ w0, const mp_u8* __r
     mp_grid_sync();  // the routing was written by the router's kernels
     const int e = active[blockIdx.y];
     if (e < 0) return;
-    const int groups = (N + MP_WARPS * MP_ROWS - 1) / (MP_WARPS * MP_ROWS);
+    const int groups = (N + MP_WARPS * MP_ROWS_FOR(NT) - 1) / (MP_WARPS * MP_ROWS_FOR(NT));
     const bool second = (int)blockIdx.x >= groups;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int n0 = (((int)blockIdx.x - (second ? groups : 0)) * MP_WARPS + warp) * MP_ROWS;
+    const int n0 = (((int)blockIdx.x - (second ? groups : 0)) * MP_WARPS + warp) * MP_ROWS_FOR(NT);
     if (n0 >= N) return;  // uniform over the warp
     const mp_u8* we = (second ? w1 : w0) + (mp_i64)e * expert_bytes;
-    if (lane == 0) mp_prefetch_rows(we, row_bytes, N, n0, MP_ROWS);  // before the pair lists are read
+    if (lane == 0) mp_prefetch_rows(we, row_bytes, N, n0, MP_ROWS_FOR(NT));  // before the pair lists are read
     const int beg = offsets[e], end = offsets[e + 1];
     for (int p0 = beg; p0 < end; p0 += NT) {
         const int nt = (end - p0) < NT ? (end - p0) : NT;

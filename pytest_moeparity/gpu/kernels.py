@@ -49,7 +49,8 @@ def _tuning_define(name: str, default: int) -> int:
 
 
 WARPS = _tuning_define("MP_WARPS", 4)  # MP_WARPS in kernels.cu: warps per block of the matmul and row kernels
-ROWS = _tuning_define("MP_ROWS", 2)    # MP_ROWS in kernels.cu: weight rows per warp
+ROWS = _tuning_define("MP_ROWS", 2)    # MP_ROWS in kernels.cu: weight rows per warp of the 1- and 8-token tiles
+ROWS_NT4 = _tuning_define("MP_ROWS_NT4", 4)  # MP_ROWS_NT4: of the 4-token tile (prompts of 2-4 tokens)
 THREADS = WARPS * 32      # block size of the matmul and row kernels
 TILE_TOKENS = 8           # activation rows per warp in the batched kernels (NT)
 TOKEN_TILES = (1, 4, TILE_TOKENS)  # the NT instances: the smallest one holding T rows (or pairs) is used
@@ -396,6 +397,11 @@ def _token_tile(T: int) -> int:
 MAX_SHARED_INPUT = 3  # weight matrices one dense launch can serve (attn_q, attn_k, attn_v)
 
 
+def rows_for(nt: int) -> int:
+    """Weight rows per warp of the ``nt``-token instances (kernels.cu: MP_ROWS_FOR)."""
+    return ROWS_NT4 if nt == 4 else ROWS
+
+
 def dense_launch(code: int, Ns: tuple[int, ...], T: int) -> tuple[str, tuple[int, int, int]]:
     """Kernel instance and grid of one dense launch: T tokens against matrices of Ns rows (at most
     MAX_SHARED_INPUT) of kernel type ``code``. A short prompt (up to 4 tokens) against at most
@@ -403,9 +409,10 @@ def dense_launch(code: int, Ns: tuple[int, ...], T: int) -> tuple[str, tuple[int
     columns), anything else the token-tiled one (token tile fastest: the blocks sharing weight rows
     run together)."""
     nt = _token_tile(T)
-    groups = sum(_cdiv(N, WARPS * ROWS) for N in Ns)
+    rows = rows_for(nt)
+    groups = sum(_cdiv(N, WARPS * rows) for N in Ns)
     if nt in SPLITK_TILES and groups <= SPLITK_MAX_GROUPS:
-        return f"qmm_dense_splitk<{code},{nt}>", (sum(_cdiv(N, ROWS) for N in Ns), 1, 1)
+        return f"qmm_dense_splitk<{code},{nt}>", (sum(_cdiv(N, rows) for N in Ns), 1, 1)
     return f"qmm_dense<{code},{nt}>", (groups * _cdiv(T, nt), 1, 1)
 
 
@@ -614,7 +621,7 @@ def qmatmul_experts_shared_input(x, wt3s, routing, *, outs=None, x_per_pair: boo
         todo.append(((code, kq, wt3.row_bytes), (wt3, out)))
     nt = _token_tile(T)
     for (code, kq, row_bytes), mats in _share_launches(todo, 2):
-        grid = (_cdiv(N, WARPS * ROWS) * len(mats), int(routing.active.shape[0]), 1)  # y: the active experts only
+        grid = (_cdiv(N, WARPS * rows_for(nt)) * len(mats), int(routing.active.shape[0]), 1)  # y: the active experts only
         (w0, o0), (w1, o1) = mats[0], mats[-1]
         be.launch(f"qmm_experts<{code},{nt}>", grid, (THREADS, 1, 1),
                   (w0.raw, w1.raw, np.int64(row_bytes), np.int64(N * row_bytes), np.int32(N), np.int32(kq),
