@@ -52,7 +52,7 @@ def test_splitk_limit_is_the_boundary(T):
 def test_rows_per_warp_by_token_tile():
     """4 weight rows per warp for the 4-token instances (2-4 tokens), 2 for decode and long prompts;
     the experts' grid follows the same rule."""
-    assert (K.rows_for(1), K.rows_for(4), K.rows_for(8)) == (K.ROWS, K.ROWS_NT4, K.ROWS) == (2, 4, 2)
+    assert (K.rows_for(1), K.rows_for(4), K.rows_for(8)) == (K.ROWS, K.ROWS_NT4, K.ROWS_NT8) == (2, 4, 2)
 
 
 def test_dense_launch_of_shared_input_matrices_covers_each_matrix_row_groups():
@@ -75,9 +75,10 @@ def test_tuning_define_reads_only_its_own_option(monkeypatch):
 
 def test_tuning_options_set_launch_geometry_and_compile_defines():
     code = ("import json; from pytest_moeparity.gpu import kernels as K; "
-            "print(json.dumps([K.ROWS, K.ROWS_NT4, K.WARPS, K.THREADS, list(K.compile_options())]))")
-    env = dict(os.environ, **{K.NVRTC_OPTIONS_ENV: "-DMP_ROWS=4 -DMP_ROWS_NT4=8 -DMP_WARPS=2"})
+            "print(json.dumps([K.ROWS, K.ROWS_NT4, K.ROWS_NT8, K.WARPS, K.THREADS, list(K.compile_options())]))")
+    env = dict(os.environ, **{K.NVRTC_OPTIONS_ENV: "-DMP_ROWS=4 -DMP_ROWS_NT4=8 -DMP_ROWS_NT8=3 -DMP_WARPS=2"})
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    rows, rows4, warps, threads, options = json.loads(out.stdout)
-    assert (rows, rows4, warps, threads) == (4, 8, 2, 64)
-    assert "-DMP_ROWS=4" in options and "-DMP_ROWS_NT4=8" in options and "-DMP_WARPS=2" in options
+    rows, rows4, rows8, warps, threads, options = json.loads(out.stdout)
+    assert (rows, rows4, rows8, warps, threads) == (4, 8, 3, 2, 64)
+    for opt in ("-DMP_ROWS=4", "-DMP_ROWS_NT4=8", "-DMP_ROWS_NT8=3", "-DMP_WARPS=2"):
+        assert opt in options

@@ -635,14 +635,17 @@ template <> struct mp_chunk<30> : mp_chunk_16bit<mp_bf16_halves> {};
 // Columns >= kq contribute nothing (kq < K only under the test-only fault switch).
 
 #ifndef MP_ROWS
-#define MP_ROWS 2               // weight rows per warp of the 1- and 8-token instances (kernels.py: ROWS)
+#define MP_ROWS 2               // weight rows per warp of the 1-token instances (kernels.py: ROWS)
 #endif
 #ifndef MP_ROWS_NT4
-#define MP_ROWS_NT4 4           // and of the 4-token ones (2-4 tokens; kernels.py: ROWS_NT4)
+#define MP_ROWS_NT4 4           // of the 4-token ones (2-4 tokens; kernels.py: ROWS_NT4)
+#endif
+#ifndef MP_ROWS_NT8
+#define MP_ROWS_NT8 2           // of the 8-token ones (longer prompts; kernels.py: ROWS_NT8)
 #endif
 // rows per warp by token tile: short prompts' products are latency-bound, and 4 rows' loads in flight
 // per lane (128 registers, 4 blocks per SM) beat 2 rows' (80, 6); decode (1) and long prompts (8) keep 2
-#define MP_ROWS_FOR(NT) ((NT) == 4 ? MP_ROWS_NT4 : MP_ROWS)
+#define MP_ROWS_FOR(NT) ((NT) == 4 ? MP_ROWS_NT4 : (NT) == 8 ? MP_ROWS_NT8 : MP_ROWS)
 // Resident blocks per SM the matmul kernels are compiled for (a register cap: 65536 / (128 x blocks)),
 // by token tile: the accumulators (rows x NT) and activation pointers grow with NT, so decode fits
 // more warps without spilling: 64, 128 (4 rows) and 96 registers for NT = 1, 4, 8.
