@@ -50,9 +50,9 @@ def test_splitk_limit_is_the_boundary(T):
 
 
 def test_rows_per_warp_by_token_tile():
-    """4 weight rows per warp for the 4-token instances (2-4 tokens), 2 for decode and long prompts;
-    the experts' grid follows the same rule."""
-    assert (K.rows_for(1), K.rows_for(4), K.rows_for(8)) == (K.ROWS, K.ROWS_NT4, K.ROWS_NT8) == (2, 4, 2)
+    """4 weight rows per warp for the 4- and 8-token instances (prompts of 2 tokens and more), 2 for
+    decode; the experts' grid follows the same rule."""
+    assert (K.rows_for(1), K.rows_for(4), K.rows_for(8)) == (K.ROWS, K.ROWS_NT4, K.ROWS_NT8) == (2, 4, 4)
 
 
 def test_dense_launch_of_shared_input_matrices_covers_each_matrix_row_groups():

@@ -641,14 +641,15 @@ template <> struct mp_chunk<30> : mp_chunk_16bit<mp_bf16_halves> {};
 #define MP_ROWS_NT4 4           // of the 4-token ones (2-4 tokens; kernels.py: ROWS_NT4)
 #endif
 #ifndef MP_ROWS_NT8
-#define MP_ROWS_NT8 2           // of the 8-token ones (longer prompts; kernels.py: ROWS_NT8)
+#define MP_ROWS_NT8 4           // of the 8-token ones (longer prompts; kernels.py: ROWS_NT8)
 #endif
 // rows per warp by token tile: short prompts' products are latency-bound, and 4 rows' loads in flight
-// per lane (128 registers, 4 blocks per SM) beat 2 rows' (80, 6); decode (1) and long prompts (8) keep 2
+// per lane (128 registers, 4 blocks per SM) beat 2 rows' (80, 6); long prompts' are arithmetic-bound,
+// and 4 rows share each activation load (168 registers, 3 blocks); decode (1) keeps 2
 #define MP_ROWS_FOR(NT) ((NT) == 4 ? MP_ROWS_NT4 : (NT) == 8 ? MP_ROWS_NT8 : MP_ROWS)
 // Resident blocks per SM the matmul kernels are compiled for (a register cap: 65536 / (128 x blocks)),
 // by token tile: the accumulators (rows x NT) and activation pointers grow with NT, so decode fits
-// more warps without spilling: 64, 128 (4 rows) and 96 registers for NT = 1, 4, 8.
+// more warps without spilling: 64, 128 (4 rows) and 168 (4 rows) registers for NT = 1, 4, 8.
 #ifndef MP_MIN_BLOCKS_NT1
 #define MP_MIN_BLOCKS_NT1 8
 #endif
@@ -656,7 +657,7 @@ template <> struct mp_chunk<30> : mp_chunk_16bit<mp_bf16_halves> {};
 #define MP_MIN_BLOCKS_NT4 4
 #endif
 #ifndef MP_MIN_BLOCKS
-#define MP_MIN_BLOCKS 5         // NT = 8
+#define MP_MIN_BLOCKS 3         // NT = 8
 #endif
 #define MP_MIN_BLOCKS_FOR(NT) ((NT) <= 1 ? MP_MIN_BLOCKS_NT1 : (NT) <= 4 ? MP_MIN_BLOCKS_NT4 : MP_MIN_BLOCKS)
 #ifdef MOEPARITY_EMULATOR

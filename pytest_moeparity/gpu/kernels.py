@@ -51,7 +51,7 @@ def _tuning_define(name: str, default: int) -> int:
 WARPS = _tuning_define("MP_WARPS", 4)  # MP_WARPS in kernels.cu: warps per block of the matmul and row kernels
 ROWS = _tuning_define("MP_ROWS", 2)    # MP_ROWS in kernels.cu: weight rows per warp of the 1-token tile
 ROWS_NT4 = _tuning_define("MP_ROWS_NT4", 4)  # MP_ROWS_NT4: of the 4-token tile (prompts of 2-4 tokens)
-ROWS_NT8 = _tuning_define("MP_ROWS_NT8", 2)  # MP_ROWS_NT8: of the 8-token tile (longer prompts)
+ROWS_NT8 = _tuning_define("MP_ROWS_NT8", 4)  # MP_ROWS_NT8: of the 8-token tile (longer prompts)
 THREADS = WARPS * 32      # block size of the matmul and row kernels
 TILE_TOKENS = 8           # activation rows per warp in the batched kernels (NT)
 TOKEN_TILES = (1, 4, TILE_TOKENS)  # the NT instances: the smallest one holding T rows (or pairs) is used
