@@ -436,8 +436,6 @@ MP_HD void mp_kquant_header(const mp_u8* blk, float* d, float* dmin, mp_u32* w1,
 //   enum { per, ubytes, align };  (align: what the AL loads need of a row's first byte, 16 or 2)
 //   cols(cc, a, b): the first columns of the runs of chunk cc, from the unit's first column;
 //   run<AL>(unit, cc, q, sc, mn): chunk cc's values from the bytes of its unit.
-// A lane steps through its chunks a multiple of `per` at a time, so its cc, and all that follows from
-// it (which sub-blocks, which bytes of the header), stays the same for the whole row.
 
 template <int QT> struct mp_has_min { enum { value = 0 }; };
 template <> struct mp_has_min<12> { enum { value = 1 }; };
@@ -480,13 +478,13 @@ struct mp_cols_16 {
     }
 };
 
-// Q4_K / Q5_K: scale and min of sub-blocks j0 and j0 + 1 (the chunk's two runs), as mp_dq computes them
-template <bool AL> MP_HD void mp_kquant_run_scales(const mp_u8* blk, int j0, float (&sc)[2], float (&mn)[2]) {
+// Q4_K / Q5_K: scale and min of sub-blocks 2g and 2g + 1 (the chunk's two runs), as mp_dq computes them
+template <bool AL> MP_HD void mp_kquant_run_scales(const mp_u8* blk, int g, float (&sc)[2], float (&mn)[2]) {
     float d, dmin;
     mp_u32 w1, w2, w3;
     mp_kquant_header<AL>(blk, &d, &dmin, &w1, &w2, &w3);
     int scale[2], m[2];
-    mp_scale_min_k4_pair(w1, w2, w3, j0 >> 1, scale, m);
+    mp_scale_min_k4_pair(w1, w2, w3, g, scale, m);
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
         sc[r] = mp_fmul(d, (float)scale[r]);
@@ -499,11 +497,11 @@ template <bool AL> MP_HD void mp_kquant_run_scales(const mp_u8* blk, int j0, flo
 template <> struct mp_chunk<12> : mp_cols_k45 {
 enum { ubytes = 144, align = 16 };
 template <bool AL> static MP_HD void run(const mp_u8* __restrict__ blk, int cc, float (&q)[16], float (&sc)[2], float (&mn)[2]) {
-    const int g = cc >> 2, l0 = (cc & 3) << 3, j0 = 2 * g;
-    mp_kquant_run_scales<AL>(blk, j0, sc, mn);
+    const int g = cc >> 2, l0 = (cc & 3) << 3;
+    mp_kquant_run_scales<AL>(blk, g, sc, mn);
     mp_u32 qw[2];
     mp_w64<AL>(blk + 16 + 32 * g + l0, qw);
-    mp_nibbles_to_f(qw, 8388608.0f, q);  // low nibbles: sub-block j0, high: j0 + 1
+    mp_nibbles_to_f(qw, 8388608.0f, q);  // low nibbles: sub-block 2g, high: 2g + 1
 }
 };
 
@@ -512,7 +510,7 @@ template <> struct mp_chunk<13> : mp_cols_k45 {
 enum { ubytes = 176, align = 16 };
 template <bool AL> static MP_HD void run(const mp_u8* __restrict__ blk, int cc, float (&q)[16], float (&sc)[2], float (&mn)[2]) {
     const int g = cc >> 2, l0 = (cc & 3) << 3, j0 = 2 * g, j1 = j0 + 1;
-    mp_kquant_run_scales<AL>(blk, j0, sc, mn);
+    mp_kquant_run_scales<AL>(blk, g, sc, mn);
     mp_u32 qw[2], hw[2];
     mp_w64<AL>(blk + 48 + 32 * g + l0, qw);
     mp_w64<AL>(blk + 16 + l0, hw);
@@ -574,10 +572,9 @@ static MP_HD void cols(int cc, int& a, int& b) {  // first columns of the two ru
     b = a + 16;
 }
 template <bool AL> static MP_HD void run(const mp_u8* __restrict__ blk, int cc, float (&q)[16], float (&sc)[2], float (&mn)[2]) {
-    const int half = cc;
     sc[0] = sc[1] = mp_hf16<AL>(blk);
     mn[0] = mn[1] = 0.0f;
-    const mp_u32 q0 = mp_h32<AL>(blk + 2 + 8 * half), q1 = mp_h32<AL>(blk + 6 + 8 * half);
+    const mp_u32 q0 = mp_h32<AL>(blk + 2 + 8 * cc), q1 = mp_h32<AL>(blk + 6 + 8 * cc);
     const mp_u32 qw[2] = {q0, q1};
     mp_nibbles_to_f(qw, 8388616.0f, q);  // - 8
 }
