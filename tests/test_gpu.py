@@ -517,7 +517,8 @@ def test_qmatmul_experts_shared_input_matches_single_products(backend, qtypes, T
     n_before = len(getattr(backend, "launches", []))
     Kn.qmatmul_experts_shared_input(xd, wts, routing, outs=outs, backend=backend)
     if hasattr(backend, "launches"):
-        assert len(backend.launches) - n_before == (1 if qtypes[0] == qtypes[1] else 2), backend.launches[n_before:]
+        products = [n for n in backend.launches[n_before:] if n.startswith("qmm_experts")]  # (act_digits aside)
+        assert len(products) == (1 if qtypes[0] == qtypes[1] else 2), backend.launches[n_before:]
     for i, (r, q, wt, out) in enumerate(zip(raws, qtypes, wts, outs)):
         got = _host(backend, out)
         what = f"shared-input experts {i} ({q.name}) T={T}"
@@ -526,6 +527,90 @@ def test_qmatmul_experts_shared_input_matches_single_products(backend, qtypes, T
         w = _deq(r, q, (E, N, Kc)).astype(np.float64)
         _assert_close(got, np.einsum("tc,tjnc->tjn", x.astype(np.float64), w[ids]), what,
                       ref_abs=np.einsum("tc,tjnc->tjn", np.abs(x.astype(np.float64)), np.abs(w[ids])))
+
+
+def test_act_digits_are_the_exact_integer_form(backend):
+    """act_digits (the input of the tensor-core expert product): per row, the four signed base-256
+    digits give back rint(x 2^(30 - E)) with 2^E the power of two above the row's largest |x|, the
+    sub-block sums are float64's within float32 rounding, the unit is 2^(E - 30); a row holding a NaN or an
+    infinity gets a NaN unit. Rows span 2^-60 .. 2^60 and hold outliers, zeros and one all-zero row."""
+    from pytest_moeparity.gpu import kernels as Kn
+
+    rng = _rng("act-digits")
+    R, Kc = 7, 1312  # 41 sub-blocks: the last lanes of a warp's last round hold none
+    x = (rng.standard_normal((R, Kc)) * np.exp2(rng.integers(-60, 60, size=(R, 1)))).astype(np.float32)
+    x[1, 5] *= 3e4   # an outlier
+    x[2, ::3] = 0.0
+    x[3] = 0.0
+    x[4, 17] = np.nan
+    x[5, 200] = -np.inf
+    with pytest.raises(Kn.KernelError, match="multiple of 32 up to"):
+        Kn.act_digits(_dev(backend, np.ones((2, Kn.MMA_KMAX + 32), np.float32)), backend=backend)
+    xd, xs, unit = (_host(backend, a) for a in Kn.act_digits(_dev(backend, x), backend=backend))
+    assert xd.shape == (R, Kc) and xs.shape == (R, Kc // 32) and unit.shape == (R,)
+    digits = xd.view(np.int8).reshape(R, Kc // 32, 4, 32).astype(np.int64)  # [row, sub-block, digit, value]
+    n = (digits * (256 ** np.arange(4))[None, None, :, None]).sum(axis=2).reshape(R, Kc)
+    for r in range(R):
+        if r in (4, 5):
+            assert np.isnan(unit[r]), f"row {r} holds a non-finite value: its unit must be NaN, got {unit[r]}"
+            continue
+        amax = np.abs(x[r].astype(np.float64)).max()
+        e = max(int(np.floor(np.log2(amax))) + 1 if amax > 0 else -96, -96)  # 2^(e-1) <= amax < 2^e
+        assert unit[r] == np.float32(2.0 ** (e - 30)), f"row {r}: unit {unit[r]!r}, want 2^{e - 30}"
+        want = np.rint(x[r].astype(np.float64) * 2.0 ** (30 - e)).astype(np.int64)
+        assert np.array_equal(n[r], want), f"row {r}: digits give {n[r][:4]}, want {want[:4]}"
+        assert np.abs(n[r]).max() <= 2 ** 30
+        sub = x[r].astype(np.float64).reshape(-1, 32)
+        np.testing.assert_allclose(xs[r], sub.sum(1), rtol=0, atol=1e-6 * np.abs(sub).sum(1).max(),
+                                   err_msg=f"row {r}: sub-block sums")
+
+
+@pytest.mark.parametrize("T", [1, 3, 4])
+def test_experts_tensor_core_path(backend, T):
+    """Short prompts' Q4_K expert products run on the tensor-core kernel (exact integer digits of the
+    activations) where the device has it: float64's products within 1e-5 on rows with a wide dynamic
+    range, the same within 1e-5 as the float kernel (MP_MMA off), and a token with a non-finite
+    activation gives NaN in its own products only."""
+    from pytest_moeparity.gpu import kernels as Kn
+
+    if not backend.mma:
+        pytest.skip("the device has no int8 mma (compute capability below 8.0)")
+    E, N, Kc, k = 5, 70, 768, 3
+    rng = _rng("experts-mma", T)
+    raw = _quantized(rng, Q.Q4_K, (E, N, Kc))
+    w = _deq(raw, Q.Q4_K, (E, N, Kc)).astype(np.float64)
+    wt3 = _device_tensor(backend, raw, Q.Q4_K, (E, N, Kc))
+    ids = _routing_ids(rng, T, k, E)
+    routing = Kn.expert_routing(_dev(backend, ids), E, backend=backend)
+    x = (rng.standard_normal((T, Kc)) * np.exp2(rng.integers(-8, 8, size=(T, Kc)))).astype(np.float32)
+    n_before = len(getattr(backend, "launches", []))
+    out = _poisoned(backend, (T, k, N))
+    Kn.qmatmul_experts(_dev(backend, x), wt3, routing, out=out, backend=backend)
+    if hasattr(backend, "launches"):
+        assert backend.launches[n_before:] == ["act_digits", "qmm_experts_mma<12>"], backend.launches[n_before:]
+    got = _host(backend, out)
+    what = f"tensor-core Q4_K experts T={T}"
+    _assert_written(got, what)
+    ref = np.einsum("tc,tjnc->tjn", x.astype(np.float64), w[ids])
+    _assert_close(got, ref, what, ref_abs=np.einsum("tc,tjnc->tjn", np.abs(x.astype(np.float64)), np.abs(w[ids])))
+    old = backend.mma
+    backend.mma = False
+    try:
+        flt = _host(backend, Kn.qmatmul_experts(_dev(backend, x), wt3, routing, backend=backend))
+    finally:
+        backend.mma = old
+    _assert_close(got, flt.astype(np.float64), what + " vs the float kernel")
+    # per pair rows (the down projection's input), one of them non-finite
+    xp_ = rng.standard_normal((T * k, Kc)).astype(np.float32)
+    bad = T * k - 1
+    xp_[bad, 100] = np.inf
+    got2 = _host(backend, Kn.qmatmul_experts(_dev(backend, xp_), wt3, routing, x_per_pair=True, backend=backend))
+    got2 = got2.reshape(T * k, N)
+    assert np.isnan(got2[bad]).all(), "a pair row holding inf must give NaN products"
+    good = np.arange(T * k) != bad
+    assert np.isfinite(got2[good]).all()
+    ref2 = np.einsum("pc,pnc->pn", xp_.astype(np.float64), w[ids.reshape(-1)])
+    _assert_close(got2[good], ref2[good], what + " (pair rows)")
 
 
 def test_expert_routing_groups_pairs(backend):

@@ -34,6 +34,9 @@ static mp_dim3 threadIdx, blockIdx, blockDim, gridDim;
 void mp_emu_warp_allreduce(float* v, int n);
 void mp_emu_warp_allreduce_max(float* v, int n);
 void mp_emu_syncthreads();
+typedef unsigned int mp_emu_u32;
+void mp_emu_mma_u8s8(const mp_emu_u32* a, const mp_emu_u32* b, int* d);
+float mp_emu_shfl_xor(float v, int off);
 
 #include MP_KERNELS_PATH
 
@@ -51,7 +54,7 @@ struct Lane {
     bool waiting;   // at a warp reduction
     bool barrier;   // at __syncthreads
     int n;
-    int op;  // 0: sum, 1: max
+    int op;  // 0: sum, 1: max, 2: mma (vals hold the bits of a[4], b[2], then of d[4]), 3: xor exchange (vals: v, offset)
     float vals[kMaxReduce];
     unsigned tid;
 };
@@ -134,6 +137,53 @@ bool run_block_coroutines(unsigned n_threads) {
                 g_error = "warp reduction called with different lengths or operations by different lanes";
                 return false;
             }
+            if (op == 2) {  // mma.m16n8k32 u8 x s8 -> s32: the fragments of all 32 lanes, exact integer sums
+                int A[16][32], B[32][8];
+                for (int i = 0; i < 32; ++i) {
+                    std::uint32_t w[6];
+                    std::memcpy(w, g_lanes[w0 + i].vals, sizeof w);
+                    const int g = i >> 2, t = i & 3;
+                    for (int q = 0; q < 4; ++q) {
+                        A[g][4 * t + q] = (int)((w[0] >> (8 * q)) & 0xFFu);
+                        A[g + 8][4 * t + q] = (int)((w[1] >> (8 * q)) & 0xFFu);
+                        A[g][16 + 4 * t + q] = (int)((w[2] >> (8 * q)) & 0xFFu);
+                        A[g + 8][16 + 4 * t + q] = (int)((w[3] >> (8 * q)) & 0xFFu);
+                        B[4 * t + q][g] = (int)(signed char)((w[4] >> (8 * q)) & 0xFFu);
+                        B[16 + 4 * t + q][g] = (int)(signed char)((w[5] >> (8 * q)) & 0xFFu);
+                    }
+                }
+                for (int i = 0; i < 32; ++i) {
+                    const int g = i >> 2, t = i & 3;
+                    int d[4] = {0, 0, 0, 0};
+                    for (int k = 0; k < 32; ++k) {
+                        d[0] += A[g][k] * B[k][2 * t];
+                        d[1] += A[g][k] * B[k][2 * t + 1];
+                        d[2] += A[g + 8][k] * B[k][2 * t];
+                        d[3] += A[g + 8][k] * B[k][2 * t + 1];
+                    }
+                    std::memcpy(g_lanes[w0 + i].vals, d, sizeof d);
+                    g_lanes[w0 + i].waiting = false;
+                }
+                progress = true;
+                continue;
+            }
+            if (op == 3) {  // __shfl_xor_sync(mask, v, off): every lane gets lane (i ^ off)'s v
+                const int off = (int)g_lanes[w0].vals[1];
+                float got[32];
+                for (int i = 0; i < 32; ++i) {
+                    if ((int)g_lanes[w0 + i].vals[1] != off || off < 0 || off > 31) {
+                        g_error = "warp exchange called with different offsets by different lanes";
+                        return false;
+                    }
+                    got[i] = g_lanes[w0 + (i ^ off)].vals[0];
+                }
+                for (int i = 0; i < 32; ++i) {
+                    g_lanes[w0 + i].vals[0] = got[i];
+                    g_lanes[w0 + i].waiting = false;
+                }
+                progress = true;
+                continue;
+            }
             // xor butterfly, exactly as `v += __shfl_xor_sync(mask, v, off)` (op 0) or
             // `v = fmaxf(v, __shfl_xor_sync(mask, v, off))` (op 1) for off = 16..1
             float cur[32][kMaxReduce], nxt[32][kMaxReduce];
@@ -195,6 +245,28 @@ static void mp_emu_warp_reduce_op(float* v, int n, int op) {
 void mp_emu_warp_allreduce(float* v, int n) { mp_emu_warp_reduce_op(v, n, 0); }
 
 void mp_emu_warp_allreduce_max(float* v, int n) { mp_emu_warp_reduce_op(v, n, 1); }
+
+void mp_emu_mma_u8s8(const mp_emu_u32* a, const mp_emu_u32* b, int* d) {
+    Lane& L = g_lanes[g_cur];
+    std::memcpy(L.vals, a, 4 * sizeof(mp_emu_u32));
+    std::memcpy(L.vals + 4, b, 2 * sizeof(mp_emu_u32));
+    L.n = 6;
+    L.op = 2;
+    L.waiting = true;
+    swapcontext(&L.ctx, &g_sched);
+    std::memcpy(d, L.vals, 4 * sizeof(int));
+}
+
+float mp_emu_shfl_xor(float v, int off) {
+    Lane& L = g_lanes[g_cur];
+    L.vals[0] = v;
+    L.vals[1] = (float)off;
+    L.n = 2;
+    L.op = 3;
+    L.waiting = true;
+    swapcontext(&L.ctx, &g_sched);
+    return L.vals[0];
+}
 
 void mp_emu_syncthreads() {
     Lane& L = g_lanes[g_cur];

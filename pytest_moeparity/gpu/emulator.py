@@ -127,6 +127,7 @@ class EmulatorBackend(K.Backend):
 
     def __init__(self, free_bytes: int = 64 << 30, total_bytes: int | None = None, guard: bool = True):
         self.xp = np
+        self.mma = True  # runs qmm_experts_mma (the mma as a warp-wide exchange), as a device of compute capability 8.0+
         self.lib = load_library()
         self.free_bytes = int(free_bytes)
         self.total_bytes = int(total_bytes if total_bytes is not None else max(free_bytes, 80 << 30))

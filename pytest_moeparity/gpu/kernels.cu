@@ -264,6 +264,17 @@ template <bool MAX, int N> MP_HD void mp_warp_butterfly(float (&v)[N]) {
 #endif
 }
 template <int N> MP_HD void mp_warp_allreduce(float (&v)[N]) { mp_warp_butterfly<false, N>(v); }
+#ifdef MOEPARITY_EMULATOR
+float mp_emu_shfl_xor(float v, int off);
+#endif
+// the v of lane (this lane ^ off)
+MP_HD float mp_shfl_xor(float v, int off) {
+#ifdef MOEPARITY_EMULATOR
+    return mp_emu_shfl_xor(v, off);
+#else
+    return __shfl_xor_sync(0xFFFFFFFFu, v, off);
+#endif
+}
 template <int N> MP_HD void mp_warp_allmax(float (&v)[N]) { mp_warp_butterfly<true, N>(v); }
 
 MP_HD float mp_warp_sum1(float x) { float v[1] = {x}; mp_warp_allreduce<1>(v); return v[0]; }
@@ -938,6 +949,275 @@ MP_MATMUL_GLOBAL void qmm_experts(const mp_u8* __restrict__ w0, const mp_u8* __r
             xp[t] = x + (mp_i64)(pr[t] / x_div) * ldx;
         }
         mp_warp_rows<QT, NT>(we, row_bytes, N, n0, kq, xp, pr, nt, lane, second ? out1 : out0, ldo);
+    }
+}
+
+// ---- short prompts' Q4_K expert products on the tensor cores (compute capability 8.0 and later) ----------
+// The activations are first written exactly enough as integers, once per activation row (act_digits):
+// with 2^E above the row's largest |x|, N_k = rint(x_k 2^(30 - E)) (|N_k| <= 2^30: an error of at most
+// 2^-31 of 2^E, far below float32's rounding of the products), stored as four signed base-256 digits
+// (N_k = sum_p d_pk 256^p, d_pk in -128..127), with each 32-value sub-block's float sum and the row's
+// unit 2^(E - 30) (NaN for a row holding a non-finite value: its outputs are NaN). The Q4_K quants q_k of
+// a sub-block are 0..15, so one mma.m16n8k32 (u8 x s8 -> s32) gives, for 16 weight rows and 8 (token,
+// digit) columns, S = sum_k q_k d_pk exactly (integers: no rounding, any order). Per super-block and row,
+// I = sum_j sc_j S_j is exact too (|I| < 2^25), and acc += d * I in float; the mins' term
+// dmin * sum_j m_j (sum of sub-block j's x) is summed in float. A (row, token) value is then
+// 2^(E - 30) * (acc_0 + 256 acc_1 + 65536 acc_2 + 2^24 acc_3) minus the mins' term: ~0.04 instructions
+// per weight and token tile against ~0.28 for qmm_experts, as accurate (the tests hold both to float64
+// within 1e-5). A warp takes 16 weight rows (lane 4 gid + tig: rows gid and gid + 8, quant bytes
+// 8 tig .. 8 tig + 7 of every 32 in both: the mma sums over k, so k may be permuted in A and B alike, and
+// the digits are read in the same order), a block MP_WARPS warps; an expert's pairs go in passes of 4
+// tokens (2 n-tiles of 2 tokens x 4 digits). kernels.py uses it for Q4_K with whole super-blocks, for
+// prompts of up to MMA_MAX_TOKENS tokens (each expert then has at most that many pairs: one pass).
+
+#ifndef MP_MMA_MIN_BLOCKS
+#define MP_MMA_MIN_BLOCKS 4     // resident blocks per SM qmm_experts_mma is compiled for: 128 registers, no spills (tuning switch)
+#endif
+#ifdef MOEPARITY_EMULATOR
+void mp_emu_mma_u8s8(const mp_u32* a, const mp_u32* b, int* d);  // the emulator's prelude: a warp-wide exchange
+#define MP_MMA_GLOBAL MP_GLOBAL
+#else
+#define MP_MMA_GLOBAL __global__ __launch_bounds__(MP_THREADS, MP_MMA_MIN_BLOCKS)
+#endif
+
+// D = A B for A 16 x 32 u8 (row-major fragments a[4]), B 32 x 8 s8 (b[2]): lane 4 g + t holds
+// A[g][4t..4t+3] (a0), A[g+8][4t..] (a1), A[g][16+4t..] (a2), A[g+8][16+4t..] (a3), B[4t..4t+3][g] (b0),
+// B[16+4t..][g] (b1), and gets D[g][2t], D[g][2t+1], D[g+8][2t], D[g+8][2t+1].
+MP_HD void mp_mma_u8s8(const mp_u32 (&a)[4], const mp_u32 (&b)[2], int (&d)[4]) {
+#if defined(MOEPARITY_EMULATOR)
+    mp_emu_mma_u8s8(a, b, d);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm("mma.sync.aligned.m16n8k32.row.col.s32.u8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%10,%10,%10,%10};"
+        : "=r"(d[0]), "=r"(d[1]), "=r"(d[2]), "=r"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "r"(0));
+#else
+    d[0] = d[1] = d[2] = d[3] = 0;  // never launched below compute capability 8.0 (kernels.py)
+#endif
+}
+
+MP_HD int mp_float_to_int_rn(float x) {  // round to nearest even, |x| < 2^31
+#if defined(__CUDA_ARCH__)
+    return __float2int_rn(x);
+#else
+    return (int)__builtin_nearbyintf(x);  // the default rounding mode: to nearest even
+#endif
+}
+
+// ---- act_digits: x [R, K] (K a multiple of 32, at most 32 * 4 * MP_DIGITS_GROUPS) -> xd [R, K / 32, 4, 8]
+// words (sub-block j, digit p: the 32 values' digit bytes in column order), xs [R, K / 32] (each sub-block's
+// sum: 4-value partial sums added over 8 lanes by xor butterfly), xunit [R] (2^(E - 30), NaN for a row
+// with a non-finite value). grid ceil(R / MP_WARPS), a warp per row holding it in registers (lane l has the
+// 4-value groups l, l + 32, ...): one trip to memory, then shuffles.
+#define MP_DIGITS_GROUPS 16     // 4-value groups per lane: rows up to 2048 (kernels.py: MMA_KMAX)
+MP_GLOBAL void act_digits(const float* __restrict__ x, int R, int K, mp_u32* __restrict__ xd, float* __restrict__ xs,
+                          float* __restrict__ xunit) {
+    mp_grid_sync();
+    const int lane = threadIdx.x & 31, r = (int)blockIdx.x * MP_WARPS + (int)(threadIdx.x >> 5);
+    if (r >= R) return;  // uniform over the warp
+    const float* row = x + (mp_i64)r * K;
+    const int groups = K >> 2;
+    float v[MP_DIGITS_GROUPS][4];
+    float m[1] = {0.0f};  // the largest |x| as its bits >> 8 (exact in a float; NaN > inf > every finite value)
+#pragma unroll
+    for (int i = 0; i < MP_DIGITS_GROUPS; ++i) {
+        const int g = lane + 32 * i;
+        if (g < groups) {
+            mp_u32 w[4];
+            mp_w128<true>((const mp_u8*)(row + 4 * g), w);
+#pragma unroll
+            for (int c = 0; c < 4; ++c) {
+                v[i][c] = mp_bits_to_float(w[c]);
+                m[0] = fmaxf(m[0], (float)((w[c] & 0x7FFFFFFFu) >> 8));
+            }
+        }
+    }
+    mp_warp_allmax<1>(m);
+    int e = (int)m[0] >> 15;              // the biased exponent of the largest |x|: |x| < 2^(e - 126)
+    const bool bad = e == 255;
+    e = e < 30 ? 30 : e;                  // (tiny or zero rows: the unit stays a normal float)
+    const float inv = bad ? 0.0f : mp_bits_to_float((mp_u32)(283 - e) << 23);  // 2^(30 - E), E = e - 126
+    if (lane == 0) xunit[r] = bad ? mp_bits_to_float(0x7FC00000u) : mp_bits_to_float((mp_u32)(e - 29) << 23);
+    mp_u32* dr = xd + (mp_i64)r * K;
+#pragma unroll
+    for (int i = 0; i < MP_DIGITS_GROUPS; ++i) {
+        const int g = lane + 32 * i;
+        if (32 * i < groups) {  // uniform over the warp (groups is a multiple of 8, lanes 8 at a time)
+            float part = 0.0f;
+            if (g < groups) {
+                mp_u32 n[4];
+#pragma unroll
+                for (int c = 0; c < 4; ++c) {  // the digits of N are the bytes of (N + 0x808080) ^ 0x808080
+                    const float z = mp_fmul(v[i][c], inv);  // NaN only in a bad row (0 * inf): digits 0
+                    n[c] = ((mp_u32)(z == z ? mp_float_to_int_rn(z) : 0) + 0x00808080u) ^ 0x00808080u;
+                }
+                const mp_u32 lo01 = mp_byte_perm(n[0], n[1], 0x5140u), lo23 = mp_byte_perm(n[2], n[3], 0x5140u);
+                const mp_u32 hi01 = mp_byte_perm(n[0], n[1], 0x7362u), hi23 = mp_byte_perm(n[2], n[3], 0x7362u);
+                mp_u32* dst = dr + 32 * (g >> 3) + (g & 7);
+                dst[0] = mp_byte_perm(lo01, lo23, 0x5410u);   // digit 0 of the 4 values
+                dst[8] = mp_byte_perm(lo01, lo23, 0x7632u);   // digit 1
+                dst[16] = mp_byte_perm(hi01, hi23, 0x5410u);
+                dst[24] = mp_byte_perm(hi01, hi23, 0x7632u);
+                part = mp_fadd(mp_fadd(v[i][0], v[i][1]), mp_fadd(v[i][2], v[i][3]));
+            }
+            // the sub-block g / 8 is held by lanes 8 (lane / 8) .. + 7
+            part = mp_fadd(part, mp_shfl_xor(part, 1));
+            part = mp_fadd(part, mp_shfl_xor(part, 2));
+            part = mp_fadd(part, mp_shfl_xor(part, 4));
+            if (g < groups && (g & 7) == 0) xs[(mp_i64)r * (K >> 5) + (g >> 3)] = part;
+        }
+    }
+}
+
+// byte j (a constant after unrolling) of a pair of words holding bytes 0-3 and 4-7
+MP_HD mp_u32 mp_byte8(const mp_u32 (&w)[2], int j) { return mp_byte_perm(w[j >> 2], 0u, 0x4440u + (mp_u32)(j & 3)); }
+
+// One warp, one pass of up to 2 TILES tokens: rows n0 + gid and n0 + gid + 8 (clamped to N - 1) of lane
+// 4 gid + tig. In n-tile i the lane's B column gid is digit gid & 3 of the token whose digits start at
+// bq[i] (bon[i]: a token of the pass, else zeros), and its D columns 2 tig, 2 tig + 1 are digits
+// 2 (tig & 1) + 0, 1 of the token whose sub-block sums start at sq[i] and whose output row is opair[i]
+// (-1: none); it sums that token's mins' term for its own row (gid for tig even, gid + 8 for odd), stores
+// that row, and gets the other half of its digits from lane ^ 1. Each super-block's loads (weights,
+// digits, sums) are issued together before any is used.
+template <bool AL, int TILES>
+MP_HD void mp_mma_q4k_pass(const mp_u8* __restrict__ we, mp_i64 row_bytes, int N, int n0, int K,
+                           const mp_u32* const (&bq)[2], const bool (&bon)[2], const float* const (&sq)[2],
+                           const int (&opair)[2], const float (&unit)[2], int lane, float* __restrict__ out, int ldo) {
+    const int gid = lane >> 2, tig = lane & 3, own = tig & 1;
+    const mp_u8* rows[2];
+    rows[0] = we + (mp_i64)(n0 + gid < N ? n0 + gid : N - 1) * row_bytes;
+    rows[1] = we + (mp_i64)(n0 + gid + 8 < N ? n0 + gid + 8 : N - 1) * row_bytes;
+    float acc[TILES][4], mins[TILES];
+#pragma unroll
+    for (int i = 0; i < TILES; ++i) {
+        acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.0f;
+        mins[i] = 0.0f;
+    }
+    for (int s = 0; s < (K >> 8); ++s) {
+        mp_u32 h[2][4], q[2][4][2], b[TILES][8][2];
+        float xsv[TILES][8];
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            const mp_u8* blk = rows[r] + (mp_i64)s * 144;
+            mp_w128<AL>(blk, h[r]);
+#pragma unroll
+            for (int g = 0; g < 4; ++g) mp_w64<AL>(blk + 16 + 32 * g + 8 * tig, q[r][g]);
+        }
+#pragma unroll
+        for (int i = 0; i < TILES; ++i) {
+#pragma unroll
+            for (int j = 0; j < 8; ++j) mp_w64<true>((const mp_u8*)(bq[i] + 32 * (8 * s + j)), b[i][j]);
+            mp_u32 v[4];
+            mp_w128<true>((const mp_u8*)(sq[i] + 8 * s), v);
+#pragma unroll
+            for (int c = 0; c < 4; ++c) xsv[i][c] = mp_bits_to_float(v[c]);
+            mp_w128<true>((const mp_u8*)(sq[i] + 8 * s + 4), v);
+#pragma unroll
+            for (int c = 0; c < 4; ++c) xsv[i][4 + c] = mp_bits_to_float(v[c]);
+        }
+        float d[2];
+        mp_u32 sc[2][2];
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            d[r] = mp_half_to_float(h[r][0] & 0xFFFFu);
+            sc[r][0] = h[r][1] & 0x3F3F3F3Fu;
+            sc[r][1] = (h[r][3] & 0x0F0F0F0Fu) | ((h[r][1] >> 2) & 0x30303030u);     // low 4 bits + top 2 bits
+        }
+        int ia[TILES][4];
+#pragma unroll
+        for (int i = 0; i < TILES; ++i) ia[i][0] = ia[i][1] = ia[i][2] = ia[i][3] = 0;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {  // sub-block j: low nibbles of group j / 2 (even j), high (odd j)
+            const int g = j >> 1, sh = 4 * (j & 1);
+            const mp_u32 a[4] = {(q[0][g][0] >> sh) & 0x0F0F0F0Fu, (q[1][g][0] >> sh) & 0x0F0F0F0Fu,
+                                 (q[0][g][1] >> sh) & 0x0F0F0F0Fu, (q[1][g][1] >> sh) & 0x0F0F0F0Fu};
+            const int s0 = (int)mp_byte8(sc[0], j), s1 = (int)mp_byte8(sc[1], j);
+#pragma unroll
+            for (int i = 0; i < TILES; ++i) {
+                const mp_u32 bb[2] = {bon[i] ? b[i][j][0] : 0u, bon[i] ? b[i][j][1] : 0u};
+                int dd[4];
+                mp_mma_u8s8(a, bb, dd);
+                ia[i][0] += s0 * dd[0];
+                ia[i][1] += s0 * dd[1];
+                ia[i][2] += s1 * dd[2];
+                ia[i][3] += s1 * dd[3];
+            }
+        }
+        // this lane's own row's mins and dmin
+        const mp_u32 ho1 = own ? h[1][1] : h[0][1], ho2 = own ? h[1][2] : h[0][2], ho3 = own ? h[1][3] : h[0][3];
+        const float dm = mp_half_to_float((own ? h[1][0] : h[0][0]) >> 16);
+        const mp_u32 mn[2] = {ho2 & 0x3F3F3F3Fu, ((ho3 >> 4) & 0x0F0F0F0Fu) | ((ho2 >> 2) & 0x30303030u)};
+        (void)ho1;
+#pragma unroll
+        for (int i = 0; i < TILES; ++i) {
+            acc[i][0] = fmaf(d[0], (float)ia[i][0], acc[i][0]);
+            acc[i][1] = fmaf(d[0], (float)ia[i][1], acc[i][1]);
+            acc[i][2] = fmaf(d[1], (float)ia[i][2], acc[i][2]);
+            acc[i][3] = fmaf(d[1], (float)ia[i][3], acc[i][3]);
+            float ms = 0.0f;
+#pragma unroll
+            for (int j = 0; j < 8; ++j)
+                ms = fmaf(mp_fsub(mp_bits_to_float(0x4B000000u | mp_byte8(mn, j)), 8388608.0f), xsv[i][j], ms);
+            mins[i] = fmaf(dm, ms, mins[i]);
+        }
+    }
+    const int n = n0 + gid + 8 * own;
+#pragma unroll
+    for (int i = 0; i < TILES; ++i) {
+        // this lane's part of each row: digits 0, 1 (tig even) or 2, 3 (odd); the pair's halves meet
+        const float w0 = own ? 65536.0f : 1.0f, w1 = own ? 16777216.0f : 256.0f;
+        const float p0 = mp_fadd(mp_fmul(w0, acc[i][0]), mp_fmul(w1, acc[i][1]));  // row gid
+        const float p1 = mp_fadd(mp_fmul(w0, acc[i][2]), mp_fmul(w1, acc[i][3]));  // row gid + 8
+        const float got = mp_shfl_xor(own ? p0 : p1, 1);   // even lanes get row gid's high half, odd row gid + 8's low
+        const float v = own ? mp_fadd(got, p1) : mp_fadd(p0, got);
+        if (opair[i] >= 0 && n < N) out[(mp_i64)opair[i] * ldo + n] = mp_fsub(mp_fmul(v, unit[i]), mins[i]);
+    }
+}
+
+// grid (groups * matrices, active experts) with groups = ceil(N / (16 MP_WARPS)), block MP_THREADS;
+// arguments as qmm_experts, with the activations as act_digits wrote them (K: whole super-blocks).
+template <int QT>
+MP_MMA_GLOBAL void qmm_experts_mma(const mp_u8* __restrict__ w0, const mp_u8* __restrict__ w1, mp_i64 row_bytes,
+                                   mp_i64 expert_bytes, int N, int K, const mp_u32* __restrict__ xd,
+                                   const float* __restrict__ xs, const float* __restrict__ xunit, int x_div,
+                                   const int* __restrict__ pairs, const int* __restrict__ offsets,
+                                   const int* __restrict__ active, float* __restrict__ out0, float* __restrict__ out1, int ldo) {
+    mp_grid_sync();  // the routing and the digits were written by earlier kernels
+    const int e = active[blockIdx.y];
+    if (e < 0) return;
+    const int groups = (N + MP_WARPS * 16 - 1) / (MP_WARPS * 16);
+    const bool second = (int)blockIdx.x >= groups;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gid = lane >> 2, tig = lane & 3;
+    const int n0 = (((int)blockIdx.x - (second ? groups : 0)) * MP_WARPS + warp) * 16;
+    if (n0 >= N) return;  // uniform over the warp
+    const mp_u8* we = (second ? w1 : w0) + (mp_i64)e * expert_bytes;
+    if (lane == 0) mp_prefetch_rows(we, row_bytes, N, n0, 16);
+    const bool al = mp_aligned(we, 16) && (row_bytes & 15) == 0;  // uniform over the warp
+    float* out = second ? out1 : out0;
+    const int beg = offsets[e], end = offsets[e + 1], subs = K >> 5;
+    for (int p0 = beg; p0 < end; p0 += 4) {
+        const int nt = (end - p0) < 4 ? (end - p0) : 4;
+        const mp_u32* bq[2];
+        const float* sq[2];
+        bool bon[2];
+        int opair[2];
+        float unit[2];
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+            const int ub = 2 * i + (gid >> 2), ud = 2 * i + (tig >> 1);
+            bon[i] = ub < nt;
+            const int rb = pairs[p0 + (ub < nt ? ub : 0)] / x_div, pd = pairs[p0 + (ud < nt ? ud : 0)];
+            bq[i] = xd + (mp_i64)rb * K + 8 * (gid & 3) + 2 * tig;
+            sq[i] = xs + (mp_i64)(pd / x_div) * subs;
+            unit[i] = xunit[pd / x_div];
+            opair[i] = ud < nt ? pd : -1;
+        }
+        if (nt <= 2) {  // one n-tile
+            if (al) mp_mma_q4k_pass<true, 1>(we, row_bytes, N, n0, K, bq, bon, sq, opair, unit, lane, out, ldo);
+            else mp_mma_q4k_pass<false, 1>(we, row_bytes, N, n0, K, bq, bon, sq, opair, unit, lane, out, ldo);
+        } else {
+            if (al) mp_mma_q4k_pass<true, 2>(we, row_bytes, N, n0, K, bq, bon, sq, opair, unit, lane, out, ldo);
+            else mp_mma_q4k_pass<false, 2>(we, row_bytes, N, n0, K, bq, bon, sq, opair, unit, lane, out, ldo);
+        }
     }
 }
 

@@ -61,18 +61,29 @@ ELEMENTWISE_THREADS = 256
 MAX_ELEMENTWISE_BLOCKS = 8192
 
 # kernels whose threads meet at warp reductions or block barriers (the emulator runs them as coroutines)
-WARP_KERNELS = ("qmm_dense", "qmm_dense_splitk", "qmm_experts", "expert_group", "router_topk", "rms_norm",
+WARP_KERNELS = ("qmm_dense", "qmm_dense_splitk", "qmm_experts", "qmm_experts_mma", "act_digits", "expert_group", "router_topk", "rms_norm",
                 "softmax_rows", "attention_core", "qk_norm_rope", "moe_route", "add_rms_norm")
 SPLITK_TILES = (1, 4)     # the token tiles with a split-K dense instance (prompts of up to 4 tokens)
 # split K only while the plain kernel's grid is small: a large matrix (the output head's 152k rows) already
 # fills the GPU, and splitting it only adds the blocks' shared-memory step
 SPLITK_MAX_GROUPS = _tuning_define("MP_SPLITK_MAX_GROUPS", 2048)
+# Short prompts' Q4_K expert products on the tensor cores (qmm_experts_mma: int8 mma over exact integer
+# digits of the activations, written once per activation row by act_digits; compute capability 8.0 or
+# later). MP_MMA=0 keeps them on qmm_experts (tuning switch).
+MMA = _tuning_define("MP_MMA", 1)
+MMA_ROWS = 16             # weight rows per warp of qmm_experts_mma
+MMA_KMAX = 2048           # the widest activation row act_digits holds in registers (MP_DIGITS_GROUPS)
+MMA_QTYPES = (KERNEL_QTYPES[Q.Q4_K],)
+# up to this many tokens every expert has at most 4 pairs: one pass of the kernel (an expert with more
+# pairs takes passes of 4 one after another, which long prompts with skewed routing would feel)
+MMA_MAX_TOKENS = _tuning_define("MP_MMA_MAX_TOKENS", 4)
 
 NAME_EXPRESSIONS: tuple[str, ...] = tuple(
     [f"qmm_dense<{q},{nt}>" for q in sorted(KERNEL_QTYPES.values()) for nt in TOKEN_TILES]
     + [f"qmm_dense_splitk<{q},{nt}>" for q in sorted(KERNEL_QTYPES.values()) for nt in SPLITK_TILES]
     + [f"qmm_experts<{q},{nt}>" for q in sorted(KERNEL_QTYPES.values()) for nt in TOKEN_TILES]
-    + ["expert_group", "router_topk", "moe_route", "moe_combine", "round_bf16", "rms_norm", "add_rms_norm", "softmax_rows", "attention_core",
+    + [f"qmm_experts_mma<{q}>" for q in MMA_QTYPES]
+    + ["act_digits", "expert_group", "router_topk", "moe_route", "moe_combine", "round_bf16", "rms_norm", "add_rms_norm", "softmax_rows", "attention_core",
        "qk_norm_rope", "rope_neox", "swiglu", "add_f32"])
 
 COMPILE_OPTIONS = ("-std=c++17",)
@@ -111,8 +122,8 @@ class Param:
     dtype: np.dtype  # pointee dtype for pointers, value dtype for scalars
 
 
-_CTYPES = {"mp_u8": np.uint8, "float": np.float32, "int": np.int32, "mp_i64": np.int64}
-_SIG_RE = re.compile(r"MP_(?:MATMUL_)?GLOBAL\s+void\s+(\w+)\s*\(([^)]*)\)", re.S)
+_CTYPES = {"mp_u8": np.uint8, "mp_u32": np.uint32, "float": np.float32, "int": np.int32, "mp_i64": np.int64}
+_SIG_RE = re.compile(r"MP_(?:MATMUL_|MMA_)?GLOBAL\s+void\s+(\w+)\s*\(([^)]*)\)", re.S)
 
 
 def _parse_param(text: str) -> Param:
@@ -178,6 +189,7 @@ class Backend:
 
     name = "abstract"
     xp: Any = None
+    mma = False  # the device runs mma.sync (compute capability 8.0 or later): qmm_experts_mma
     oom_errors: tuple[type[BaseException], ...] = (MemoryError,)
 
     def launch(self, name: str, grid: tuple, block: tuple, args: tuple) -> None:
@@ -221,8 +233,10 @@ class CupyBackend(Backend):
         self._functions: dict[str, Any] = {}
         from .pdl import pdl_launcher
 
+        cc = int(cupy.cuda.Device().compute_capability)
+        self.mma = cc >= 80
         # programmatic dependent launch (pdl.py); `pdl_off` says why not where it is not used
-        self._pdl, self.pdl_off = pdl_launcher(int(cupy.cuda.Device().compute_capability))
+        self._pdl, self.pdl_off = pdl_launcher(cc)
         self._pdl_ptrs: dict[str, int] = {}
 
     @property
@@ -560,6 +574,33 @@ def route_experts(logits, k: int, *, backend: Backend | None = None):
     return probs, ids, weights, routing
 
 
+def use_mma(be: Backend, code: int, kq: int, K: int, T: int) -> bool:
+    """Whether an expert product of kernel type ``code`` over ``kq`` of ``K`` columns for ``T`` tokens
+    runs on qmm_experts_mma: Q4_K over whole super-blocks up to MMA_KMAX columns (not under the fault
+    switch's column limit), at most MMA_MAX_TOKENS tokens, a backend that runs mma (the emulator does),
+    and MP_MMA not 0."""
+    return (bool(MMA) and be.mma and code in MMA_QTYPES and kq == K and K % 256 == 0 and K <= MMA_KMAX
+            and 0 < T <= MMA_MAX_TOKENS)
+
+
+def act_digits(x, *, backend: Backend | None = None) -> tuple:
+    """The exact integer form of float32 rows ``x`` ``[R, K]`` (K a multiple of 32 up to MMA_KMAX) that
+    qmm_experts_mma reads (kernel ``act_digits``): ``(xd uint32 [R, K], xs float32 [R, K/32],
+    xunit float32 [R])``: four base-256 digits per value, each 32-value sub-block's sum, each row's
+    unit (NaN for a row holding a non-finite value)."""
+    be = _backend(backend)
+    _check_f32_2d("act_digits: x", x, be)
+    R, K = (int(s) for s in x.shape)
+    if K % 32 or K > MMA_KMAX:
+        raise KernelError(f"act_digits: K={K} must be a multiple of 32 up to {MMA_KMAX}")
+    xp = be.xp
+    xd, xs, xunit = (xp.empty((R, K), dtype=np.uint32), xp.empty((R, K // 32), dtype=np.float32),
+                     xp.empty((R,), dtype=np.float32))
+    if R:
+        be.launch("act_digits", (_cdiv(R, WARPS), 1, 1), (THREADS, 1, 1), (x, np.int32(R), np.int32(K), xd, xs, xunit))
+    return xd, xs, xunit
+
+
 def qmatmul_experts(x, wt3: DeviceTensor, routing, out=None, *, x_per_pair: bool = False,
                     as_qtype: Q | None = None, backend: Backend | None = None):
     """Grouped expert product ("mul_mat_id").
@@ -621,9 +662,18 @@ def qmatmul_experts_shared_input(x, wt3s, routing, *, outs=None, x_per_pair: boo
         _, code, kq = _kernel_type(wt3, as_q)
         todo.append(((code, kq, wt3.row_bytes), (wt3, out)))
     nt = _token_tile(T)
+    digits = None  # act_digits' output, written once for the launches that use it
     for (code, kq, row_bytes), mats in _share_launches(todo, 2):
-        grid = (_cdiv(N, WARPS * rows_for(nt)) * len(mats), int(routing.active.shape[0]), 1)  # y: the active experts only
         (w0, o0), (w1, o1) = mats[0], mats[-1]
+        if use_mma(be, code, kq, K, T):
+            if digits is None:
+                digits = act_digits(x, backend=be)
+            grid = (_cdiv(N, WARPS * MMA_ROWS) * len(mats), int(routing.active.shape[0]), 1)
+            be.launch(f"qmm_experts_mma<{code}>", grid, (THREADS, 1, 1),
+                      (w0.raw, w1.raw, np.int64(row_bytes), np.int64(N * row_bytes), np.int32(N), np.int32(K), *digits,
+                       np.int32(x_div), routing.pairs, routing.offsets, routing.active, o0, o1, np.int32(N)))
+            continue
+        grid = (_cdiv(N, WARPS * rows_for(nt)) * len(mats), int(routing.active.shape[0]), 1)  # y: the active experts only
         be.launch(f"qmm_experts<{code},{nt}>", grid, (THREADS, 1, 1),
                   (w0.raw, w1.raw, np.int64(row_bytes), np.int64(N * row_bytes), np.int32(N), np.int32(kq),
                    x, np.int32(K), np.int32(x_div), routing.pairs, routing.offsets, routing.active, o0, o1, np.int32(N)))
