@@ -565,7 +565,7 @@ def test_act_digits_are_the_exact_integer_form(backend):
                                    err_msg=f"row {r}: sub-block sums")
 
 
-@pytest.mark.parametrize("T", [1, 3, 4])
+@pytest.mark.parametrize("T", [2, 3, 4])
 def test_experts_tensor_core_path(backend, T):
     """Short prompts' Q4_K expert products run on the tensor-core kernel (exact integer digits of the
     activations) where the device has it: float64's products within 1e-5 on rows with a wide dynamic

@@ -77,6 +77,9 @@ MMA_QTYPES = (KERNEL_QTYPES[Q.Q4_K],)
 # up to this many tokens every expert has at most 4 pairs: one pass of the kernel (an expert with more
 # pairs takes passes of 4 one after another, which long prompts with skewed routing would feel)
 MMA_MAX_TOKENS = _tuning_define("MP_MMA_MAX_TOKENS", 4)
+# from this many tokens on: a single token's products are as fast on qmm_experts, and act_digits' extra
+# launch then costs more than the tensor cores save (H100, 4-layer 30b-a3b: 0.378 vs 0.363 ms a forward)
+MMA_MIN_TOKENS = _tuning_define("MP_MMA_MIN_TOKENS", 2)
 
 NAME_EXPRESSIONS: tuple[str, ...] = tuple(
     [f"qmm_dense<{q},{nt}>" for q in sorted(KERNEL_QTYPES.values()) for nt in TOKEN_TILES]
@@ -577,10 +580,10 @@ def route_experts(logits, k: int, *, backend: Backend | None = None):
 def use_mma(be: Backend, code: int, kq: int, K: int, T: int) -> bool:
     """Whether an expert product of kernel type ``code`` over ``kq`` of ``K`` columns for ``T`` tokens
     runs on qmm_experts_mma: Q4_K over whole super-blocks up to MMA_KMAX columns (not under the fault
-    switch's column limit), at most MMA_MAX_TOKENS tokens, a backend that runs mma (the emulator does),
+    switch's column limit), MMA_MIN_TOKENS to MMA_MAX_TOKENS tokens, a backend that runs mma (the emulator does),
     and MP_MMA not 0."""
     return (bool(MMA) and be.mma and code in MMA_QTYPES and kq == K and K % 256 == 0 and K <= MMA_KMAX
-            and 0 < T <= MMA_MAX_TOKENS)
+            and MMA_MIN_TOKENS <= T <= MMA_MAX_TOKENS)
 
 
 def act_digits(x, *, backend: Backend | None = None) -> tuple:
