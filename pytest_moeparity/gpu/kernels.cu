@@ -138,16 +138,24 @@ MP_HD void mp_scale_min_k4(const mp_u8* s, int j, int* sc, int* m) {
 // w1 / w2 (low 6 bits), j >= 4 byte j - 4 of w3 (a nibble) with bits 6-7 of byte j - 4 of w1 / w2
 // above it, so both of the pair sit in bytes 2 (g & 1) and 2 (g & 1) + 1 of one word. Every lane runs the
 // same instructions whatever its g (lanes of one warp take different g): the form is chosen by masks.
-MP_HD void mp_scale_min_k4_pair(mp_u32 w1, mp_u32 w2, mp_u32 w3, int g, int (&sc)[2], int (&m)[2]) {
-    const bool hi = g >= 2;
+// Byte i (0..3) of w
+MP_HD mp_u32 mp_byte(mp_u32 w, mp_u32 i) { return mp_byte_perm(w, 0u, 0x4440u + i); }
+
+// The scales (scw) and mins (mw) of sub-blocks 0-3 (hi false) or 4-7 (hi true), sub-block j's in byte j & 3
+MP_HD void mp_scale_min_k4_words(mp_u32 w1, mp_u32 w2, mp_u32 w3, bool hi, mp_u32& scw, mp_u32& mw) {
     const mp_u32 keep = hi ? 0x0F0F0F0Fu : 0x3F3F3F3Fu, top = hi ? 0x30303030u : 0u;
-    const mp_u32 scw = ((hi ? w3 : w1) & keep) | ((w1 >> 2) & top);
-    const mp_u32 mw = ((hi ? (w3 >> 4) : w2) & keep) | ((w2 >> 2) & top);
+    scw = ((hi ? w3 : w1) & keep) | ((w1 >> 2) & top);
+    mw = ((hi ? (w3 >> 4) : w2) & keep) | ((w2 >> 2) & top);
+}
+
+MP_HD void mp_scale_min_k4_pair(mp_u32 w1, mp_u32 w2, mp_u32 w3, int g, int (&sc)[2], int (&m)[2]) {
+    mp_u32 scw, mw;
+    mp_scale_min_k4_words(w1, w2, w3, g >= 2, scw, mw);
     const mp_u32 b = 2u * (mp_u32)(g & 1);  // byte of sub-block 2g in scw / mw
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-        sc[r] = (int)mp_byte_perm(scw, 0u, 0x4440u + b + (mp_u32)r);
-        m[r] = (int)mp_byte_perm(mw, 0u, 0x4440u + b + (mp_u32)r);
+        sc[r] = (int)mp_byte(scw, b + (mp_u32)r);
+        m[r] = (int)mp_byte(mw, b + (mp_u32)r);
     }
 }
 
@@ -1069,7 +1077,7 @@ MP_GLOBAL void act_digits(const float* __restrict__ x, int R, int K, mp_u32* __r
 }
 
 // byte j (a constant after unrolling) of a pair of words holding bytes 0-3 and 4-7
-MP_HD mp_u32 mp_byte8(const mp_u32 (&w)[2], int j) { return mp_byte_perm(w[j >> 2], 0u, 0x4440u + (mp_u32)(j & 3)); }
+MP_HD mp_u32 mp_byte8(const mp_u32 (&w)[2], int j) { return mp_byte(w[j >> 2], (mp_u32)(j & 3)); }
 
 // One warp, one pass of up to 2 TILES tokens: rows n0 + gid and n0 + gid + 8 (clamped to N - 1) of lane
 // 4 gid + tig. In n-tile i the lane's B column gid is digit gid & 3 of the token whose digits start at
@@ -1115,12 +1123,12 @@ MP_HD void mp_mma_q4k_pass(const mp_u8* __restrict__ we, mp_i64 row_bytes, int N
             for (int c = 0; c < 4; ++c) xsv[i][4 + c] = mp_bits_to_float(v[c]);
         }
         float d[2];
-        mp_u32 sc[2][2];
+        mp_u32 sc[2][2], unused;  // [row][sub-blocks 0-3, 4-7]
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
             d[r] = mp_half_to_float(h[r][0] & 0xFFFFu);
-            sc[r][0] = h[r][1] & 0x3F3F3F3Fu;
-            sc[r][1] = (h[r][3] & 0x0F0F0F0Fu) | ((h[r][1] >> 2) & 0x30303030u);     // low 4 bits + top 2 bits
+            mp_scale_min_k4_words(h[r][1], h[r][2], h[r][3], false, sc[r][0], unused);
+            mp_scale_min_k4_words(h[r][1], h[r][2], h[r][3], true, sc[r][1], unused);
         }
         int ia[TILES][4];
 #pragma unroll
@@ -1143,10 +1151,11 @@ MP_HD void mp_mma_q4k_pass(const mp_u8* __restrict__ we, mp_i64 row_bytes, int N
             }
         }
         // this lane's own row's mins and dmin
-        const mp_u32 ho1 = own ? h[1][1] : h[0][1], ho2 = own ? h[1][2] : h[0][2], ho3 = own ? h[1][3] : h[0][3];
         const float dm = mp_half_to_float((own ? h[1][0] : h[0][0]) >> 16);
-        const mp_u32 mn[2] = {ho2 & 0x3F3F3F3Fu, ((ho3 >> 4) & 0x0F0F0F0Fu) | ((ho2 >> 2) & 0x30303030u)};
-        (void)ho1;
+        const mp_u32 ho1 = own ? h[1][1] : h[0][1], ho2 = own ? h[1][2] : h[0][2], ho3 = own ? h[1][3] : h[0][3];
+        mp_u32 mo[2];
+        mp_scale_min_k4_words(ho1, ho2, ho3, false, unused, mo[0]);
+        mp_scale_min_k4_words(ho1, ho2, ho3, true, unused, mo[1]);
 #pragma unroll
         for (int i = 0; i < TILES; ++i) {
             acc[i][0] = fmaf(d[0], (float)ia[i][0], acc[i][0]);
@@ -1156,7 +1165,7 @@ MP_HD void mp_mma_q4k_pass(const mp_u8* __restrict__ we, mp_i64 row_bytes, int N
             float ms = 0.0f;
 #pragma unroll
             for (int j = 0; j < 8; ++j)
-                ms = fmaf(mp_fsub(mp_bits_to_float(0x4B000000u | mp_byte8(mn, j)), 8388608.0f), xsv[i][j], ms);
+                ms = fmaf(mp_fsub(mp_bits_to_float(0x4B000000u | mp_byte8(mo, j)), 8388608.0f), xsv[i][j], ms);
             mins[i] = fmaf(dm, ms, mins[i]);
         }
     }
@@ -1205,10 +1214,10 @@ MP_MMA_GLOBAL void qmm_experts_mma(const mp_u8* __restrict__ w0, const mp_u8* __
         for (int i = 0; i < 2; ++i) {
             const int ub = 2 * i + (gid >> 2), ud = 2 * i + (tig >> 1);
             bon[i] = ub < nt;
-            const int rb = pairs[p0 + (ub < nt ? ub : 0)] / x_div, pd = pairs[p0 + (ud < nt ? ud : 0)];
+            const int rb = pairs[p0 + (ub < nt ? ub : 0)] / x_div, pd = pairs[p0 + (ud < nt ? ud : 0)], rd = pd / x_div;
             bq[i] = xd + (mp_i64)rb * K + 8 * (gid & 3) + 2 * tig;
-            sq[i] = xs + (mp_i64)(pd / x_div) * subs;
-            unit[i] = xunit[pd / x_div];
+            sq[i] = xs + (mp_i64)rd * subs;
+            unit[i] = xunit[rd];
             opair[i] = ud < nt ? pd : -1;
         }
         if (nt <= 2) {  // one n-tile
