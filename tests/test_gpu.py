@@ -285,8 +285,11 @@ def test_qmatmul_matches_host(backend, qtype, T, N, K):
     out = _poisoned(backend, (T, N))
     res = Kn.qmatmul(_dev(backend, x), _device_tensor(backend, raw, qtype, (N, K)), out=out, backend=backend)
     assert res is out
-    if hasattr(backend, "launches"):  # the emulator records its launches: short prompts split K
-        assert backend.launches[-1].startswith("qmm_dense_splitk<" if T <= 4 else "qmm_dense<"), backend.launches[-1]
+    if hasattr(backend, "launches"):  # the emulator records its launches: short prompts split K (Q4_K: tensor cores)
+        code = Kn.KERNEL_QTYPES[qtype]
+        want_kernel = ("qmm_dense_mma<" if Kn.use_mma(backend, code, K, K, T) else "qmm_dense_splitk<" if T <= 4
+                       else "qmm_dense<")
+        assert backend.launches[-1].startswith(want_kernel), backend.launches[-1]
     got = _host(backend, out)
     _assert_written(got, f"qmatmul {qtype.name} T={T} N={N} K={K}")
     _assert_close(got, want, f"qmatmul {qtype.name} T={T} N={N} K={K} ({'matvec' if T == 1 else 'tiled'} path)",
@@ -297,10 +300,12 @@ def test_qmatmul_matches_host(backend, qtype, T, N, K):
 @pytest.mark.parametrize("T", [1, 3, 4])
 def test_qmatmul_short_prompt_on_a_large_matrix_is_not_split(backend, qtype, T, monkeypatch):
     """Past SPLITK_MAX_GROUPS row groups (the output head) short prompts take the unsplit NT = 1 / 4
-    instances; lowering the limit to 0 sends a small matrix there, checked against float64 as above."""
+    instances; lowering the limit to 0 sends a small matrix there (the tensor-core path off), checked
+    against float64 as above."""
     from pytest_moeparity.gpu import kernels as Kn
 
     monkeypatch.setattr(Kn, "SPLITK_MAX_GROUPS", 0)
+    monkeypatch.setattr(Kn, "MMA", 0)
     N, K = 37, 512
     rng = _rng("qmm-unsplit", qtype.name, T, N, K)
     raw = _quantized(rng, qtype, (N, K))
@@ -383,7 +388,9 @@ def test_qmatmul_shared_input_matches_single_products(backend, qtypes, T):
     res = Kn.qmatmul_shared_input(xd, wts, outs=outs, backend=backend)
     if hasattr(backend, "launches"):
         runs = 1 + sum(a != b for a, b in zip(qtypes, qtypes[1:]))
-        assert len(backend.launches) - n_before == runs, backend.launches[n_before:]
+        products = [n for n in backend.launches[n_before:] if n.startswith("qmm_dense")]  # (act_digits aside)
+        assert len(products) == runs, backend.launches[n_before:]
+        assert backend.launches[n_before:].count("act_digits") <= 1, backend.launches[n_before:]
     for i, (r, q, n, wt, out) in enumerate(zip(raws, qtypes, Ns, wts, outs)):
         assert res[i] is out
         got = _host(backend, out)
@@ -529,23 +536,26 @@ def test_qmatmul_experts_shared_input_matches_single_products(backend, qtypes, T
                       ref_abs=np.einsum("tc,tjnc->tjn", np.abs(x.astype(np.float64)), np.abs(w[ids])))
 
 
-def test_act_digits_are_the_exact_integer_form(backend):
-    """act_digits (the input of the tensor-core expert product): per row, the four signed base-256
+@pytest.mark.parametrize("Kc", [1312, 17696])  # 41 sub-blocks (the last lanes of a warp's last round hold none);
+def test_act_digits_are_the_exact_integer_form(backend, Kc):  # 553: three slabs of 8192, the last partial
+    """act_digits (the input of the tensor-core products): per row, the four signed base-256
     digits give back rint(x 2^(30 - E)) with 2^E the power of two above the row's largest |x|, the
     sub-block sums are float64's within float32 rounding, the unit is 2^(E - 30); a row holding a NaN or an
-    infinity gets a NaN unit. Rows span 2^-60 .. 2^60 and hold outliers, zeros and one all-zero row."""
+    infinity gets a NaN unit. Rows span 2^-60 .. 2^60 and hold outliers, zeros and one all-zero row; rows
+    wider than a slab (DIGITS_SLAB columns) have their largest |x| and their non-finite values in any slab."""
     from pytest_moeparity.gpu import kernels as Kn
 
-    rng = _rng("act-digits")
-    R, Kc = 7, 1312  # 41 sub-blocks: the last lanes of a warp's last round hold none
+    rng = _rng("act-digits", Kc)
+    R = 8
     x = (rng.standard_normal((R, Kc)) * np.exp2(rng.integers(-60, 60, size=(R, 1)))).astype(np.float32)
-    x[1, 5] *= 3e4   # an outlier
+    x[1, 5] *= 3e4   # an outlier in the first slab
     x[2, ::3] = 0.0
     x[3] = 0.0
     x[4, 17] = np.nan
-    x[5, 200] = -np.inf
-    with pytest.raises(Kn.KernelError, match="multiple of 32 up to"):
-        Kn.act_digits(_dev(backend, np.ones((2, Kn.MMA_KMAX + 32), np.float32)), backend=backend)
+    x[5, Kc - 1 - 200] = -np.inf
+    x[6, Kc - 3] *= 3e4  # an outlier in the last slab
+    with pytest.raises(Kn.KernelError, match="multiple of 32"):
+        Kn.act_digits(_dev(backend, np.ones((2, 48), np.float32)), backend=backend)
     xd, xs, unit = (_host(backend, a) for a in Kn.act_digits(_dev(backend, x), backend=backend))
     assert xd.shape == (R, Kc) and xs.shape == (R, Kc // 32) and unit.shape == (R,)
     digits = xd.view(np.int8).reshape(R, Kc // 32, 4, 32).astype(np.int64)  # [row, sub-block, digit, value]
@@ -563,6 +573,11 @@ def test_act_digits_are_the_exact_integer_form(backend):
         sub = x[r].astype(np.float64).reshape(-1, 32)
         np.testing.assert_allclose(xs[r], sub.sum(1), rtol=0, atol=1e-6 * np.abs(sub).sum(1).max(),
                                    err_msg=f"row {r}: sub-block sums")
+    # rows 4 bytes off a 16-byte boundary (the alignment-checking loads): the same words, bit for bit
+    flat = _dev(backend, np.concatenate([[np.float32(7.0)], x.reshape(-1)]))
+    got = [_host(backend, a) for a in Kn.act_digits(flat[1:].reshape(R, Kc), backend=backend)]
+    for name, a, b in zip(("digits", "sums", "units"), got, (xd, xs, unit)):
+        assert np.array_equal(a.view(np.uint32), b.view(np.uint32)), f"unaligned rows: {name} differ"
 
 
 @pytest.mark.parametrize("T", [2, 3, 4])
@@ -611,6 +626,51 @@ def test_experts_tensor_core_path(backend, T):
     assert np.isfinite(got2[good]).all()
     ref2 = np.einsum("pc,pnc->pn", xp_.astype(np.float64), w[ids.reshape(-1)])
     _assert_close(got2[good], ref2[good], what + " (pair rows)")
+
+
+@pytest.mark.parametrize("T", [2, 3, 4])
+@pytest.mark.parametrize("Kc", [2048, 4352])  # 8 super-blocks (4 warps of 2), 17 (8 warps, uneven)
+def test_dense_tensor_core_path(backend, T, Kc):
+    """Short prompts' Q4_K dense products (q / k / v style: three matrices of one input, one launch)
+    run on the tensor-core kernel, a block's warps splitting each row's super-blocks: float64's products
+    within 1e-5 on rows with a wide dynamic range, each matrix's result bit for bit the product alone,
+    within 1e-5 of the float kernel (MP_MMA off); a Q6_K matrix in the call takes its own launch on
+    the same digits; a token with a non-finite activation gives NaN in its own row only."""
+    from pytest_moeparity.gpu import kernels as Kn
+
+    if not backend.mma:
+        pytest.skip("the device has no int8 mma (compute capability below 8.0)")
+    rng = _rng("dense-mma", T, Kc)
+    qtypes, Ns = (Q.Q4_K, Q.Q4_K, Q.Q6_K, Q.Q4_K), (48, 70, 21, 16)  # 70: a partial row group
+    raws = [_quantized(rng, q, (n, Kc)) for q, n in zip(qtypes, Ns)]
+    wts = [_device_tensor(backend, r, q, (n, Kc)) for r, q, n in zip(raws, qtypes, Ns)]
+    x = (rng.standard_normal((T, Kc)) * np.exp2(rng.integers(-8, 8, size=(T, Kc)))).astype(np.float32)
+    xd = _dev(backend, x)
+    outs = [_poisoned(backend, (T, n)) for n in Ns]
+    n_before = len(getattr(backend, "launches", []))
+    Kn.qmatmul_shared_input(xd, wts, outs=outs, backend=backend)
+    if hasattr(backend, "launches"):
+        assert backend.launches[n_before:] == ["act_digits", "qmm_dense_mma<12>", "qmm_dense_splitk<14,4>",
+                                               "qmm_dense_mma<12>"], backend.launches[n_before:]
+    old = backend.mma
+    backend.mma = False
+    try:
+        flts = [_host(backend, Kn.qmatmul(xd, wt, backend=backend)) for wt in wts]
+    finally:
+        backend.mma = old
+    for i, (r, q, n, wt, out, flt) in enumerate(zip(raws, qtypes, Ns, wts, outs, flts)):
+        got = _host(backend, out)
+        what = f"tensor-core dense product {i} ({q.name}, N={n}, K={Kc}) T={T}"
+        _assert_written(got, what)
+        assert np.array_equal(got, _host(backend, Kn.qmatmul(xd, wt, backend=backend))), what + ": differs alone"
+        w = _deq(r, q, (n, Kc)).astype(np.float64)
+        _assert_close(got, x.astype(np.float64) @ w.T, what, ref_abs=np.abs(x.astype(np.float64)) @ np.abs(w.T))
+        _assert_close(got, flt.astype(np.float64), what + " vs the float kernel")
+    bad = T - 1
+    x[bad, Kc // 2 + 3] = np.inf
+    got = _host(backend, Kn.qmatmul(_dev(backend, x), wts[1], backend=backend))
+    assert np.isnan(got[bad]).all(), "a token holding inf must give NaN products"
+    assert np.array_equal(got[:bad], _host(backend, outs[1])[:bad]), "the other tokens' products must not change"
 
 
 def test_expert_routing_groups_pairs(backend):
@@ -1036,6 +1096,36 @@ def test_forward_matches_reference(backend, model_factory, preset, quant):
     assert res.logits.shape == (len(tokens), model.config.vocab) and res.logits.dtype == np.float32
 
 
+@pytest.mark.parametrize("n_tokens", [2, 3, 4])
+@pytest.mark.parametrize("preset", ["tiny", "small"])
+def test_short_prompt_forward_on_tensor_cores(backend, model_factory, preset, n_tokens):
+    """A Q4_K_M model's short prompt takes the tensor-core products (dense and expert, their inputs'
+    digits written once per input by act_digits): every stage, position and layer Matches the NumPy
+    reference."""
+    _skip_slow_emulator(backend, preset)
+    from pytest_moeparity.gpu import kernels as Kn
+
+    model = model_factory(preset, "Q4_K_M")
+    tokens = _tokens(model, n_tokens)
+    plan = SavePlan.parse()
+    ref = NumpyForward(model).run(tokens, plan).trace
+    engine = _engine(model, backend)
+    res = engine.run(tokens, plan)
+    report = _compare(ref, res.trace)
+    assert report.ok, f"{preset} Q4_K_M, {n_tokens} tokens: cupy vs numpy\n{_explain(report)}"
+    if hasattr(backend, "launches") and backend.mma and Kn.MMA:
+        n_before = len(backend.launches)
+        engine.run(tokens, SavePlan.empty())  # the forward alone (captured per-expert stages add products)
+        launched = backend.launches[n_before:]
+        n_layers = model.config.n_layers
+        for name in ("qmm_dense_mma<12>", "qmm_experts_mma<12>"):
+            assert name in launched, f"{name} not launched: {sorted(set(launched))}"
+        # per layer: attn_norm (q / k / v), attention (attn_output), ffn_norm (gate / up), and SwiGLU where
+        # ffn_down_exps is Q4_K: each input's digits once, however many products read it
+        n_q4k_down = sum(model.layer(L, "ffn_down_exps").type_name == "Q4_K" for L in range(n_layers))
+        assert launched.count("act_digits") == 3 * n_layers + n_q4k_down, sorted(set(launched))
+
+
 def test_forward_all_experts_and_partial_plans(backend, model_factory):
     model = model_factory("tiny", "Q4_K_M")
     tokens = _tokens(model, 9)
@@ -1291,17 +1381,20 @@ FAULT_SPECS = [
     "add=0.5@1:post_attn_residual",           # and this the residual add + ffn_norm launch (not scale: RMSNorm ignores it)
     "dispatch=q6_k@*:ffn_down_exps",
     "dispatch=q8_0@2:attn_q;dispatch=bf16@3:ffn_gate_inp;dispatch=q8_0@4:attn_norm",
+    # inputs of the tensor-core products (short prompts): the digits must be those of the faulted value
+    "add=0.5@1:attn_norm;add=0.25@3:ffn_norm;scale=-2@2:moe_expert_swiglu#3;scale=3@4:moe_expert_swiglu",
 ]
 
 
+@pytest.mark.parametrize("n_tokens", [3, 8])  # 3: the tensor-core products (Q4_K, 2-4 tokens)
 @pytest.mark.parametrize("spec", FAULT_SPECS)
-def test_planted_faults_like_reference(backend, model_factory, spec):
+def test_planted_faults_like_reference(backend, model_factory, spec, n_tokens):
     """--moe-inject faults (faults.py) act on the GPU forward exactly as on the reference."""
     from pytest_moeparity.faults import parse_faults
 
     model = model_factory("tiny", "Q4_K_M")
     faults = parse_faults(spec)
-    tokens = _tokens(model, 8)
+    tokens = _tokens(model, n_tokens)
     plan = SavePlan.parse()
     ref = NumpyForward(model).run(tokens, plan, faults=faults).trace
     cand = _engine(model, backend).trace(tokens, plan, faults=faults)

@@ -37,6 +37,7 @@ void mp_emu_syncthreads();
 typedef unsigned int mp_emu_u32;
 void mp_emu_mma_u8s8(const mp_emu_u32* a, const mp_emu_u32* b, int* d);
 float mp_emu_shfl_xor(float v, int off);
+void mp_emu_misaligned(const void* p, int n);
 
 #include MP_KERNELS_PATH
 
@@ -216,6 +217,8 @@ bool run_block_coroutines(unsigned n_threads) {
     }
 }
 
+int g_misaligned_bytes = 0;  // the width of the misaligned load that ended the launch
+
 void segv_handler(int sig, siginfo_t* info, void*) {
     if (!g_in_launch) {
         signal(sig, SIG_DFL);
@@ -227,6 +230,13 @@ void segv_handler(int sig, siginfo_t* info, void*) {
 }
 
 }  // namespace
+
+// A wide load the GPU would refuse (kernels.cu: mp_aligned_load): the launch ends as on a fault, at p
+void mp_emu_misaligned(const void* p, int n) {
+    g_fault_addr = const_cast<void*>(p);
+    g_misaligned_bytes = n;
+    siglongjmp(g_jmp, 2);
+}
 
 static void mp_emu_warp_reduce_op(float* v, int n, int op) {
     Lane& L = g_lanes[g_cur];
@@ -325,10 +335,13 @@ int emu_signature(const char* name, int* codes, int max) {
 }
 
 // Guarded buffers: data ends exactly where a PROT_NONE page begins.
-void* emu_guarded_alloc(size_t nbytes, void** base_out, size_t* map_len_out) {
+// nbytes ending at most 15 bytes before a guard page, starting at `offset` mod 16 (the address mod 16 of
+// the array it stands for: the kernels' alignment checks see what they would see on the GPU)
+void* emu_guarded_alloc(size_t nbytes, size_t offset, void** base_out, size_t* map_len_out) {
     size_t page = (size_t)sysconf(_SC_PAGESIZE);
     size_t data_pages = (nbytes + page - 1) / page;
     if (data_pages == 0) data_pages = 1;
+    if ((nbytes + 15) / page >= data_pages) data_pages += 1;  // room for the slack
     size_t len = (data_pages + 1) * page;
     void* base = mmap(nullptr, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (base == MAP_FAILED) return nullptr;
@@ -336,13 +349,16 @@ void* emu_guarded_alloc(size_t nbytes, void** base_out, size_t* map_len_out) {
     mprotect(guard, page, PROT_NONE);
     *base_out = base;
     *map_len_out = len;
-    return guard - nbytes;
+    char* data = guard - nbytes;
+    data -= ((size_t)data - offset) & 15;
+    return data;
 }
 
 void emu_guarded_free(void* base, size_t len) { munmap(base, len); }
 
 // Returns 0 on success; 1 with `err` filled on a kernel error; 2 on a fault (fault address in
-// *fault_addr); -1 for an unknown kernel.
+// *fault_addr); 3 on a misaligned wide load (its address in *fault_addr, its width in `err`); -1 for an
+// unknown kernel.
 int emu_launch(const char* name, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz,
                void** args, int coroutines, char* err, int err_len, void** fault_addr) {
     const MpEntry* e = find_entry(name);
@@ -367,11 +383,16 @@ int emu_launch(const char* name, unsigned gx, unsigned gy, unsigned gz, unsigned
     struct sigaction old_bus;
     sigaction(SIGBUS, &sa, &old_bus);
     int rc = 0;
-    if (sigsetjmp(g_jmp, 1) != 0) {
+    const int jumped = sigsetjmp(g_jmp, 1);
+    if (jumped != 0) {
         g_in_launch = 0;
         *fault_addr = (void*)g_fault_addr;
         sigaction(SIGSEGV, &old, nullptr);
         sigaction(SIGBUS, &old_bus, nullptr);
+        if (jumped == 2) {
+            std::snprintf(err, err_len, "%d", g_misaligned_bytes);
+            return 3;
+        }
         return 2;
     }
     g_in_launch = 1;

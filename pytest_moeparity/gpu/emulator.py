@@ -91,7 +91,7 @@ def load_library():
             lib.emu_signature.restype = ctypes.c_int
             lib.emu_signature.argtypes = [ctypes.c_char_p, ctypes.POINTER(ctypes.c_int), ctypes.c_int]
             lib.emu_guarded_alloc.restype = ctypes.c_void_p
-            lib.emu_guarded_alloc.argtypes = [ctypes.c_size_t, ctypes.POINTER(ctypes.c_void_p),
+            lib.emu_guarded_alloc.argtypes = [ctypes.c_size_t, ctypes.c_size_t, ctypes.POINTER(ctypes.c_void_p),
                                               ctypes.POINTER(ctypes.c_size_t)]
             lib.emu_guarded_free.restype = None
             lib.emu_guarded_free.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
@@ -166,7 +166,8 @@ class EmulatorBackend(K.Backend):
                             written.add(holder.value)
                     elif self.guard:
                         base, length = ctypes.c_void_p(), ctypes.c_size_t()
-                        data = self.lib.emu_guarded_alloc(max(a.nbytes, 0), ctypes.byref(base), ctypes.byref(length))
+                        data = self.lib.emu_guarded_alloc(max(a.nbytes, 0), a.ctypes.data % 16, ctypes.byref(base),
+                                                          ctypes.byref(length))
                         if not data:
                             raise MemoryError("emulator: guarded allocation failed")
                         if a.nbytes:
@@ -193,14 +194,15 @@ class EmulatorBackend(K.Backend):
                 raise K.KernelError(f"emulator: unknown kernel {name}")
             if rc == 1:
                 raise K.KernelError(f"{name} grid={g} block={b}: {err.value.decode()}")
-            if rc == 2:
+            if rc in (2, 3):
                 addr = fault.value or 0
                 where = "an address outside every argument"
                 for i, p, a, data, base, length in guarded:
                     if base <= addr < base + length:
                         where = (f"argument {i} ({p.ctype} {p.name}, {a.nbytes} bytes): "
                                  f"offset {addr - data} from its start")
-                raise K.KernelError(f"{name} grid={g} block={b}: out-of-bounds access at {where}")
+                what = "out-of-bounds access" if rc == 2 else f"misaligned {err.value.decode()}-byte load"
+                raise K.KernelError(f"{name} grid={g} block={b}: {what} at {where}")
             for i, p, a, data, base, length in guarded:
                 if data in written and a.nbytes:
                     ctypes.memmove(a.ctypes.data, data, a.nbytes)

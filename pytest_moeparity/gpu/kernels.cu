@@ -287,6 +287,15 @@ template <int N> MP_HD void mp_warp_allmax(float (&v)[N]) { mp_warp_butterfly<tr
 
 MP_HD float mp_warp_sum1(float x) { float v[1] = {x}; mp_warp_allreduce<1>(v); return v[0]; }
 
+// memory written by some lanes of a warp made visible to all of them (the emulator: a warp barrier)
+MP_HD void mp_syncwarp() {
+#ifdef MOEPARITY_EMULATOR
+    (void)mp_warp_sum1(0.0f);
+#elif defined(__CUDA_ARCH__)
+    __syncwarp();
+#endif
+}
+
 // block-wide barrier and shared arrays (the emulator runs a block's threads as coroutines and keeps a
 // shared array as a static: its blocks run one after another)
 #ifdef MOEPARITY_EMULATOR
@@ -358,22 +367,36 @@ MP_HD mp_u32 mp_ld32_a2(const mp_u8* p) {
     return (mp_u32)p[0] | ((mp_u32)p[1] << 8) | ((mp_u32)p[2] << 16) | ((mp_u32)p[3] << 24);
 }
 
+// The emulator checks the alignment the GPU's wide loads need (a misaligned one is an error there, which
+// a CPU would read silently): mp_aligned_load(p, n) stands for an n-byte load at p.
+#ifdef MOEPARITY_EMULATOR
+void mp_emu_misaligned(const void* p, int n);  // the emulator's prelude: ends the launch with an error
+MP_HD void mp_aligned_load(const void* p, int n) {
+    if ((((unsigned long long)p) & (unsigned long long)(n - 1)) != 0) mp_emu_misaligned(p, n);
+}
+#else
+MP_HD void mp_aligned_load(const void*, int) {}
+#endif
+
 // Loads inside the product loops. AL (decided once per warp: its activation rows start 16-byte aligned
 // and its weight rows as the type's loads need, mp_chunk<QT>::align) makes them single unconditional loads, so a chunk's loads issue together;
 // without AL they take the alignment-checking paths above, correct at any address.
 template <bool AL> MP_HD mp_u32 mp_h32(const mp_u8* p) {  // p 2-aligned under AL
+    if (AL) mp_aligned_load(p, 2);
 #if defined(__CUDA_ARCH__)
     if (AL) return (mp_u32)*(const mp_u16*)p | ((mp_u32)*(const mp_u16*)(p + 2) << 16);
 #endif
     return mp_ld32_a2(p);
 }
 template <bool AL> MP_HD float mp_hf16(const mp_u8* p) {  // f16 at a 2-aligned p under AL
+    if (AL) mp_aligned_load(p, 2);
 #if defined(__CUDA_ARCH__)
     if (AL) return mp_half_to_float((mp_u32)*(const mp_u16*)p);
 #endif
     return mp_ldf16(p);
 }
 template <bool AL> MP_HD void mp_x8(const float* __restrict__ p, float (&v)[8]) {  // p 16-aligned under AL
+    if (AL) mp_aligned_load(p, 16);
 #if defined(__CUDA_ARCH__)
     if (AL) {
         const mp_f4 a = *(const mp_f4*)p, b = *(const mp_f4*)(p + 4);
@@ -392,6 +415,7 @@ template <bool AL> MP_HD void mp_x8(const float* __restrict__ p, float (&v)[8]) 
 struct alignas(8) mp_u2 { mp_u32 x, y; };
 struct alignas(16) mp_u4 { mp_u32 x, y, z, w; };
 template <bool AL> MP_HD void mp_w64(const mp_u8* p, mp_u32 (&v)[2]) {
+    if (AL && MP_VECLOADS) mp_aligned_load(p, 8);
 #if defined(__CUDA_ARCH__)
     if (AL && MP_VECLOADS) {
         const mp_u2 u = *(const mp_u2*)p;
@@ -403,6 +427,7 @@ template <bool AL> MP_HD void mp_w64(const mp_u8* p, mp_u32 (&v)[2]) {
     }
 }
 template <bool AL> MP_HD void mp_w128(const mp_u8* p, mp_u32 (&v)[4]) {
+    if (AL && MP_VECLOADS) mp_aligned_load(p, 16);
 #if defined(__CUDA_ARCH__)
     if (AL && MP_VECLOADS) {
         const mp_u4 u = *(const mp_u4*)p;
@@ -418,6 +443,7 @@ template <bool AL> MP_HD void mp_w128(const mp_u8* p, mp_u32 (&v)[4]) {
 // 32 bytes of 16-bit values (F16 / BF16 chunks) as 8 words: two 128-bit loads under AL, else
 // 2-aligned word loads (rows of these types are only 2-byte aligned in general)
 template <bool AL> MP_HD void mp_w16x2(const mp_u8* p, mp_u32 (&v)[8]) {
+    if (AL && MP_VECLOADS) mp_aligned_load(p, 16);
 #if defined(__CUDA_ARCH__)
     if (AL && MP_VECLOADS) {
         const mp_u4 a = *(const mp_u4*)p, b = *(const mp_u4*)(p + 16);
@@ -1011,67 +1037,114 @@ MP_HD int mp_float_to_int_rn(float x) {  // round to nearest even, |x| < 2^31
 #endif
 }
 
-// ---- act_digits: x [R, K] (K a multiple of 32, at most 32 * 4 * MP_DIGITS_GROUPS) -> xd [R, K / 32, 4, 8]
-// words (sub-block j, digit p: the 32 values' digit bytes in column order), xs [R, K / 32] (each sub-block's
-// sum: 4-value partial sums added over 8 lanes by xor butterfly), xunit [R] (2^(E - 30), NaN for a row
-// with a non-finite value). grid ceil(R / MP_WARPS), a warp per row holding it in registers (lane l has the
-// 4-value groups l, l + 32, ...): one trip to memory, then shuffles.
-#define MP_DIGITS_GROUPS 16     // 4-value groups per lane: rows up to 2048 (kernels.py: MMA_KMAX)
-MP_GLOBAL void act_digits(const float* __restrict__ x, int R, int K, mp_u32* __restrict__ xd, float* __restrict__ xs,
-                          float* __restrict__ xunit) {
-    mp_grid_sync();
-    const int lane = threadIdx.x & 31, r = (int)blockIdx.x * MP_WARPS + (int)(threadIdx.x >> 5);
-    if (r >= R) return;  // uniform over the warp
-    const float* row = x + (mp_i64)r * K;
-    const int groups = K >> 2;
-    float v[MP_DIGITS_GROUPS][4];
-    float m[1] = {0.0f};  // the largest |x| as its bits >> 8 (exact in a float; NaN > inf > every finite value)
+// ---- act_digits: x [R, K] (K a multiple of 32) -> xd [R, K / 32, 4, 8] words (sub-block j, digit p: the
+// 32 values' digit bytes in column order), xs [R, K / 32] (each sub-block's sum: 4-value partial sums added
+// over 8 lanes by xor butterfly), xunit [R] (2^(E - 30), NaN for a row with a non-finite value).
+// grid R, a block of MP_DIGITS_THREADS threads per row: thread i holds the 4-value groups i, i + threads, ...
+// of a slab of 4 MP_DIGITS_THREADS MP_DIGITS_GROUPS columns in registers. A row of one slab is read once;
+// a wider one is read for its largest |x| and then slab by slab again (the last slab read is still
+// held). A block per row, not a warp: a short prompt has a handful of rows, and a warp walking 2048
+// values alone issues ~1000 instructions one after another (H100: ~10 us; Nsight: mostly waiting for
+// instruction fetch), where 256 threads issue ~100 each.
+#define MP_DIGITS_THREADS 256   // kernels.py: DIGITS_THREADS
+#define MP_DIGITS_GROUPS 8      // 4-value groups per thread and slab: 8192 columns (kernels.py: DIGITS_SLAB)
+
+// 4 floats at p: one 16-byte load under AL (p 16-aligned), else four
+template <bool AL> MP_HD void mp_x4(const float* p, float (&v)[4]) {
+    if (AL) mp_aligned_load(p, 16);
+#if defined(__CUDA_ARCH__)
+    if (AL) {
+        const mp_f4 a = *(const mp_f4*)p;
+        v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
+        return;
+    }
+#endif
+#pragma unroll
+    for (int c = 0; c < 4; ++c) v[c] = p[c];
+}
+
+// slab `slab` of the row (groups 4-value groups in all) into v (0 past the row's end); m = max(m, the largest
+// |x| as its bits >> 8: exact in a float; NaN > inf > every finite value); AL: the row starts 16-byte
+// aligned. The loads are unconditional (a thread past the end reads the last group again), so that all of
+// them are in flight together: a load behind a branch waits for the one before it.
+template <bool AL>
+MP_HD void mp_digits_load(const float* __restrict__ row, int groups, int slab, int tid, float (&v)[MP_DIGITS_GROUPS][4], float& m) {
+    const int base = MP_DIGITS_THREADS * MP_DIGITS_GROUPS * slab + tid;
 #pragma unroll
     for (int i = 0; i < MP_DIGITS_GROUPS; ++i) {
-        const int g = lane + 32 * i;
-        if (g < groups) {
-            mp_u32 w[4];
-            mp_w128<true>((const mp_u8*)(row + 4 * g), w);
+        const int g = base + MP_DIGITS_THREADS * i;
+        mp_x4<AL>(row + 4 * (g < groups ? g : groups - 1), v[i]);
+    }
 #pragma unroll
-            for (int c = 0; c < 4; ++c) {
-                v[i][c] = mp_bits_to_float(w[c]);
-                m[0] = fmaxf(m[0], (float)((w[c] & 0x7FFFFFFFu) >> 8));
-            }
+    for (int i = 0; i < MP_DIGITS_GROUPS; ++i) {
+        const bool in = base + MP_DIGITS_THREADS * i < groups;
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+            v[i][c] = in ? v[i][c] : 0.0f;
+            m = fmaxf(m, (float)((mp_float_to_bits(v[i][c]) & 0x7FFFFFFFu) >> 8));
         }
     }
+}
+
+MP_GLOBAL void act_digits(const float* __restrict__ x, int R, int K, mp_u32* __restrict__ xd, float* __restrict__ xs,
+                          float* __restrict__ xunit) {
+    MP_SHARED float wmax[MP_DIGITS_THREADS / 32];
+    mp_grid_sync();
+    const int tid = threadIdx.x, lane = tid & 31, r = (int)blockIdx.x;  // grid R: every block has a row
+    const float* row = x + (mp_i64)r * K;
+    const int groups = K >> 2, per = MP_DIGITS_THREADS * MP_DIGITS_GROUPS, slabs = (groups + per - 1) / per;
+    const bool al = mp_aligned(x, 16);  // every row then (K a multiple of 32)
+    float v[MP_DIGITS_GROUPS][4];
+    float m[1] = {0.0f};
+    for (int slab = 0; slab < slabs; ++slab) {
+        if (al) mp_digits_load<true>(row, groups, slab, tid, v, m[0]);
+        else mp_digits_load<false>(row, groups, slab, tid, v, m[0]);
+    }
     mp_warp_allmax<1>(m);
+    if (lane == 0) wmax[tid >> 5] = m[0];
+    mp_syncthreads();
+#pragma unroll
+    for (int w = 0; w < MP_DIGITS_THREADS / 32; ++w) m[0] = fmaxf(m[0], wmax[w]);
     int e = (int)m[0] >> 15;              // the biased exponent of the largest |x|: |x| < 2^(e - 126)
     const bool bad = e == 255;
     e = e < 30 ? 30 : e;                  // (tiny or zero rows: the unit stays a normal float)
     const float inv = bad ? 0.0f : mp_bits_to_float((mp_u32)(283 - e) << 23);  // 2^(30 - E), E = e - 126
-    if (lane == 0) xunit[r] = bad ? mp_bits_to_float(0x7FC00000u) : mp_bits_to_float((mp_u32)(e - 29) << 23);
+    if (tid == 0) xunit[r] = bad ? mp_bits_to_float(0x7FC00000u) : mp_bits_to_float((mp_u32)(e - 29) << 23);
     mp_u32* dr = xd + (mp_i64)r * K;
+    float* sr = xs + (mp_i64)r * (K >> 5);
+    for (int slab = slabs - 1; slab >= 0; --slab) {
+        if (slab != slabs - 1) {
+            float unused = 0.0f;
+            if (al) mp_digits_load<true>(row, groups, slab, tid, v, unused);
+            else mp_digits_load<false>(row, groups, slab, tid, v, unused);
+        }
 #pragma unroll
-    for (int i = 0; i < MP_DIGITS_GROUPS; ++i) {
-        const int g = lane + 32 * i;
-        if (32 * i < groups) {  // uniform over the warp (groups is a multiple of 8, lanes 8 at a time)
-            float part = 0.0f;
-            if (g < groups) {
-                mp_u32 n[4];
+        for (int i = 0; i < MP_DIGITS_GROUPS; ++i) {
+            const int g0 = per * slab + MP_DIGITS_THREADS * i + (tid & ~31), g = g0 + lane;
+            if (g0 < groups) {  // uniform over the warp (groups is a multiple of 8, lanes 8 at a time)
+                float part = 0.0f;
+                if (g < groups) {
+                    mp_u32 n[4];
 #pragma unroll
-                for (int c = 0; c < 4; ++c) {  // the digits of N are the bytes of (N + 0x808080) ^ 0x808080
-                    const float z = mp_fmul(v[i][c], inv);  // NaN only in a bad row (0 * inf): digits 0
-                    n[c] = ((mp_u32)(z == z ? mp_float_to_int_rn(z) : 0) + 0x00808080u) ^ 0x00808080u;
+                    for (int c = 0; c < 4; ++c) {  // the digits of N are the bytes of (N + 0x808080) ^ 0x808080
+                        const float z = mp_fmul(v[i][c], inv);  // NaN only in a bad row (0 * inf): digits 0
+                        n[c] = ((mp_u32)(z == z ? mp_float_to_int_rn(z) : 0) + 0x00808080u) ^ 0x00808080u;
+                    }
+                    const mp_u32 lo01 = mp_byte_perm(n[0], n[1], 0x5140u), lo23 = mp_byte_perm(n[2], n[3], 0x5140u);
+                    const mp_u32 hi01 = mp_byte_perm(n[0], n[1], 0x7362u), hi23 = mp_byte_perm(n[2], n[3], 0x7362u);
+                    mp_u32* dst = dr + 32 * (g >> 3) + (g & 7);
+                    dst[0] = mp_byte_perm(lo01, lo23, 0x5410u);   // digit 0 of the 4 values
+                    dst[8] = mp_byte_perm(lo01, lo23, 0x7632u);   // digit 1
+                    dst[16] = mp_byte_perm(hi01, hi23, 0x5410u);
+                    dst[24] = mp_byte_perm(hi01, hi23, 0x7632u);
+                    part = mp_fadd(mp_fadd(v[i][0], v[i][1]), mp_fadd(v[i][2], v[i][3]));
                 }
-                const mp_u32 lo01 = mp_byte_perm(n[0], n[1], 0x5140u), lo23 = mp_byte_perm(n[2], n[3], 0x5140u);
-                const mp_u32 hi01 = mp_byte_perm(n[0], n[1], 0x7362u), hi23 = mp_byte_perm(n[2], n[3], 0x7362u);
-                mp_u32* dst = dr + 32 * (g >> 3) + (g & 7);
-                dst[0] = mp_byte_perm(lo01, lo23, 0x5410u);   // digit 0 of the 4 values
-                dst[8] = mp_byte_perm(lo01, lo23, 0x7632u);   // digit 1
-                dst[16] = mp_byte_perm(hi01, hi23, 0x5410u);
-                dst[24] = mp_byte_perm(hi01, hi23, 0x7632u);
-                part = mp_fadd(mp_fadd(v[i][0], v[i][1]), mp_fadd(v[i][2], v[i][3]));
+                // the sub-block g / 8 is held by lanes 8 (lane / 8) .. + 7
+                part = mp_fadd(part, mp_shfl_xor(part, 1));
+                part = mp_fadd(part, mp_shfl_xor(part, 2));
+                part = mp_fadd(part, mp_shfl_xor(part, 4));
+                if (g < groups && (g & 7) == 0) sr[g >> 3] = part;
             }
-            // the sub-block g / 8 is held by lanes 8 (lane / 8) .. + 7
-            part = mp_fadd(part, mp_shfl_xor(part, 1));
-            part = mp_fadd(part, mp_shfl_xor(part, 2));
-            part = mp_fadd(part, mp_shfl_xor(part, 4));
-            if (g < groups && (g & 7) == 0) xs[(mp_i64)r * (K >> 5) + (g >> 3)] = part;
         }
     }
 }
@@ -1082,14 +1155,15 @@ MP_HD mp_u32 mp_byte8(const mp_u32 (&w)[2], int j) { return mp_byte(w[j >> 2], (
 // One warp, one pass of up to 2 TILES tokens: rows n0 + gid and n0 + gid + 8 (clamped to N - 1) of lane
 // 4 gid + tig. In n-tile i the lane's B column gid is digit gid & 3 of the token whose digits start at
 // bq[i] (bon[i]: a token of the pass, else zeros), and its D columns 2 tig, 2 tig + 1 are digits
-// 2 (tig & 1) + 0, 1 of the token whose sub-block sums start at sq[i] and whose output row is opair[i]
-// (-1: none); it sums that token's mins' term for its own row (gid for tig even, gid + 8 for odd), stores
-// that row, and gets the other half of its digits from lane ^ 1. Each super-block's loads (weights,
-// digits, sums) are issued together before any is used.
+// 2 (tig & 1) + 0, 1 of the token whose sub-block sums start at sq[i] (and unit is unit[i]); it sums that
+// token's mins' term for its own row (gid for tig even, gid + 8 for odd), gets the other half of its
+// digits from lane ^ 1 and returns that (row, token) value over super-blocks s0, s0 + step, ... of the
+// K / 256 in res[i]. Each super-block's loads (weights, digits, sums) are issued together before any is
+// used.
 template <bool AL, int TILES>
-MP_HD void mp_mma_q4k_pass(const mp_u8* __restrict__ we, mp_i64 row_bytes, int N, int n0, int K,
+MP_HD void mp_mma_q4k_pass(const mp_u8* __restrict__ we, mp_i64 row_bytes, int N, int n0, int K, int s0, int step,
                            const mp_u32* const (&bq)[2], const bool (&bon)[2], const float* const (&sq)[2],
-                           const int (&opair)[2], const float (&unit)[2], int lane, float* __restrict__ out, int ldo) {
+                           const float (&unit)[2], int lane, float (&res)[2]) {
     const int gid = lane >> 2, tig = lane & 3, own = tig & 1;
     const mp_u8* rows[2];
     rows[0] = we + (mp_i64)(n0 + gid < N ? n0 + gid : N - 1) * row_bytes;
@@ -1100,7 +1174,7 @@ MP_HD void mp_mma_q4k_pass(const mp_u8* __restrict__ we, mp_i64 row_bytes, int N
         acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.0f;
         mins[i] = 0.0f;
     }
-    for (int s = 0; s < (K >> 8); ++s) {
+    for (int s = s0; s < (K >> 8); s += step) {
         mp_u32 h[2][4], q[2][4][2], b[TILES][8][2];
         float xsv[TILES][8];
 #pragma unroll
@@ -1169,7 +1243,6 @@ MP_HD void mp_mma_q4k_pass(const mp_u8* __restrict__ we, mp_i64 row_bytes, int N
             mins[i] = fmaf(dm, ms, mins[i]);
         }
     }
-    const int n = n0 + gid + 8 * own;
 #pragma unroll
     for (int i = 0; i < TILES; ++i) {
         // this lane's part of each row: digits 0, 1 (tig even) or 2, 3 (odd); the pair's halves meet
@@ -1178,7 +1251,21 @@ MP_HD void mp_mma_q4k_pass(const mp_u8* __restrict__ we, mp_i64 row_bytes, int N
         const float p1 = mp_fadd(mp_fmul(w0, acc[i][2]), mp_fmul(w1, acc[i][3]));  // row gid + 8
         const float got = mp_shfl_xor(own ? p0 : p1, 1);   // even lanes get row gid's high half, odd row gid + 8's low
         const float v = own ? mp_fadd(got, p1) : mp_fadd(p0, got);
-        if (opair[i] >= 0 && n < N) out[(mp_i64)opair[i] * ldo + n] = mp_fsub(mp_fmul(v, unit[i]), mins[i]);
+        res[i] = mp_fsub(mp_fmul(v, unit[i]), mins[i]);
+    }
+}
+
+// mp_mma_q4k_pass for a pass of nt tokens (one n-tile up to 2) with the alignment the warp found (res[1]
+// is left unwritten for one n-tile)
+MP_HD void mp_mma_q4k_dispatch(bool al, int nt, const mp_u8* __restrict__ we, mp_i64 row_bytes, int N, int n0, int K,
+                               int s0, int step, const mp_u32* const (&bq)[2], const bool (&bon)[2],
+                               const float* const (&sq)[2], const float (&unit)[2], int lane, float (&res)[2]) {
+    if (nt <= 2) {
+        if (al) mp_mma_q4k_pass<true, 1>(we, row_bytes, N, n0, K, s0, step, bq, bon, sq, unit, lane, res);
+        else mp_mma_q4k_pass<false, 1>(we, row_bytes, N, n0, K, s0, step, bq, bon, sq, unit, lane, res);
+    } else {
+        if (al) mp_mma_q4k_pass<true, 2>(we, row_bytes, N, n0, K, s0, step, bq, bon, sq, unit, lane, res);
+        else mp_mma_q4k_pass<false, 2>(we, row_bytes, N, n0, K, s0, step, bq, bon, sq, unit, lane, res);
     }
 }
 
@@ -1220,12 +1307,73 @@ MP_MMA_GLOBAL void qmm_experts_mma(const mp_u8* __restrict__ w0, const mp_u8* __
             unit[i] = xunit[rd];
             opair[i] = ud < nt ? pd : -1;
         }
-        if (nt <= 2) {  // one n-tile
-            if (al) mp_mma_q4k_pass<true, 1>(we, row_bytes, N, n0, K, bq, bon, sq, opair, unit, lane, out, ldo);
-            else mp_mma_q4k_pass<false, 1>(we, row_bytes, N, n0, K, bq, bon, sq, opair, unit, lane, out, ldo);
-        } else {
-            if (al) mp_mma_q4k_pass<true, 2>(we, row_bytes, N, n0, K, bq, bon, sq, opair, unit, lane, out, ldo);
-            else mp_mma_q4k_pass<false, 2>(we, row_bytes, N, n0, K, bq, bon, sq, opair, unit, lane, out, ldo);
+        float res[2];
+        mp_mma_q4k_dispatch(al, nt, we, row_bytes, N, n0, K, 0, 1, bq, bon, sq, unit, lane, res);
+        const int n = n0 + gid + 8 * (tig & 1);
+#pragma unroll
+        for (int i = 0; i < 2; ++i)
+            if (opair[i] >= 0 && n < N) out[(mp_i64)opair[i] * ldo + n] = res[i];
+    }
+}
+
+// ---- short prompts' Q4_K dense products on the tensor cores ----------------------------------------------
+// qmm_dense's product for 1-4 tokens with the activations as act_digits wrote them (out_m[t, n] as in
+// qmm_dense_splitk). A block's warps (blockDim.x / 32 of them, up to MP_MMA_DENSE_WARPS) take the same 16
+// weight rows and all the tokens, warp w super-blocks w, w + warps, ... of the row: every warp has its
+// loads in flight at once (a warp of qmm_experts_mma walks its row alone, which suits an expert's many
+// small matrices but leaves a dense matrix of a few hundred row groups waiting on memory). The warps'
+// values meet in shared memory and are added in warp order (deterministic).
+// grid (row groups of 16 over the matrices), block 32 x warps.
+
+#define MP_MMA_DENSE_WARPS 8    // the most warps per block of qmm_dense_mma (kernels.py: MMA_DENSE_WARPS)
+#ifdef MOEPARITY_EMULATOR
+#define MP_MMA_DENSE_GLOBAL MP_GLOBAL
+#else
+// the register cap of qmm_experts_mma (128) for blocks of up to MP_MMA_DENSE_WARPS warps
+#define MP_MMA_DENSE_GLOBAL __global__ __launch_bounds__(32 * MP_MMA_DENSE_WARPS, MP_MMA_MIN_BLOCKS * MP_WARPS / MP_MMA_DENSE_WARPS)
+#endif
+
+template <int QT>
+MP_MMA_DENSE_GLOBAL void qmm_dense_mma(const mp_u8* __restrict__ w0, const mp_u8* __restrict__ w1, const mp_u8* __restrict__ w2,
+                                       mp_i64 row_bytes, int N0, int N1, int N2, int K, const mp_u32* __restrict__ xd,
+                                       const float* __restrict__ xs, const float* __restrict__ xunit, int T,
+                                       float* __restrict__ out0, float* __restrict__ out1, float* __restrict__ out2) {
+    MP_SHARED float part[MP_MMA_DENSE_WARPS][2][32];
+    int group = (int)blockIdx.x;
+    const mp_u8* w;
+    int N;
+    const int m = mp_pick_matrix(group, 16, w0, w1, w2, N0, N1, N2, w, N);
+    const int warps = (int)(blockDim.x >> 5), warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int gid = lane >> 2, tig = lane & 3, n0 = group * 16;
+    if (threadIdx.x == 0 && n0 < N) mp_prefetch_rows(w, row_bytes, N, n0, 16);  // the weights: not written by an earlier kernel
+    mp_grid_sync();  // the digits were
+    if (n0 >= N) return;  // uniform over the block
+    const int nt = T < 4 ? T : 4, subs = K >> 5;
+    const mp_u32* bq[2];
+    const float* sq[2];
+    bool bon[2];
+    float unit[2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        const int ub = 2 * i + (gid >> 2), ud = 2 * i + (tig >> 1);
+        bon[i] = ub < nt;
+        const int rb = ub < nt ? ub : 0, rd = ud < nt ? ud : 0;
+        bq[i] = xd + (mp_i64)rb * K + 8 * (gid & 3) + 2 * tig;
+        sq[i] = xs + (mp_i64)rd * subs;
+        unit[i] = xunit[rd];
+    }
+    const bool al = mp_aligned(w, 16) && (row_bytes & 15) == 0;  // uniform over the block
+    float res[2] = {0.0f, 0.0f};  // res[1]: no second n-tile up to 2 tokens
+    mp_mma_q4k_dispatch(al, nt, w, row_bytes, N, n0, K, warp, warps, bq, bon, sq, unit, lane, res);
+    part[warp][0][lane] = res[0];
+    part[warp][1][lane] = res[1];
+    mp_syncthreads();
+    for (int j = threadIdx.x; j < 64; j += (int)blockDim.x) {  // j = 32 i + l: lane l's (row, token) of n-tile i
+        const int i = j >> 5, l = j & 31, t = 2 * i + ((l & 3) >> 1), n = n0 + (l >> 2) + 8 * (l & 1);
+        if (t < nt && n < N) {
+            float v = part[0][i][l];
+            for (int u = 1; u < warps; ++u) v = mp_fadd(v, part[u][i][l]);
+            mp_pick_out(m, out0, out1, out2)[(mp_i64)t * N + n] = v;
         }
     }
 }
@@ -1498,15 +1646,6 @@ extern "C" MP_GLOBAL void softmax_rows(const float* __restrict__ x, int rows, in
     const int row = blockIdx.x * MP_WARPS + (threadIdx.x >> 5), lane = threadIdx.x & 31;
     if (row >= rows) return;
     mp_softmax_row(x + (mp_i64)row * n, n, causal > 0 ? row / causal + 1 : n, out + (mp_i64)row * n, lane);
-}
-
-// memory written by some lanes of a warp made visible to all of them (the emulator: a warp barrier)
-MP_HD void mp_syncwarp() {
-#ifdef MOEPARITY_EMULATOR
-    (void)mp_warp_sum1(0.0f);
-#elif defined(__CUDA_ARCH__)
-    __syncwarp();
-#endif
 }
 
 // A residual add and the RMSNorm of its result in one launch (the post-attention residual and

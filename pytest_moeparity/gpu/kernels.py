@@ -61,18 +61,23 @@ ELEMENTWISE_THREADS = 256
 MAX_ELEMENTWISE_BLOCKS = 8192
 
 # kernels whose threads meet at warp reductions or block barriers (the emulator runs them as coroutines)
-WARP_KERNELS = ("qmm_dense", "qmm_dense_splitk", "qmm_experts", "qmm_experts_mma", "act_digits", "expert_group", "router_topk", "rms_norm",
+WARP_KERNELS = ("qmm_dense", "qmm_dense_splitk", "qmm_dense_mma", "qmm_experts", "qmm_experts_mma", "act_digits", "expert_group", "router_topk", "rms_norm",
                 "softmax_rows", "attention_core", "qk_norm_rope", "moe_route", "add_rms_norm")
 SPLITK_TILES = (1, 4)     # the token tiles with a split-K dense instance (prompts of up to 4 tokens)
 # split K only while the plain kernel's grid is small: a large matrix (the output head's 152k rows) already
 # fills the GPU, and splitting it only adds the blocks' shared-memory step
 SPLITK_MAX_GROUPS = _tuning_define("MP_SPLITK_MAX_GROUPS", 2048)
-# Short prompts' Q4_K expert products on the tensor cores (qmm_experts_mma: int8 mma over exact integer
-# digits of the activations, written once per activation row by act_digits; compute capability 8.0 or
-# later). MP_MMA=0 keeps them on qmm_experts (tuning switch).
+# Short prompts' Q4_K products on the tensor cores (qmm_experts_mma, qmm_dense_mma: int8 mma over exact
+# integer digits of the activations, written once per activation row by act_digits; compute capability
+# 8.0 or later). MP_MMA=0 keeps them on qmm_experts / qmm_dense_splitk (tuning switch).
 MMA = _tuning_define("MP_MMA", 1)
-MMA_ROWS = 16             # weight rows per warp of qmm_experts_mma
-MMA_KMAX = 2048           # the widest activation row act_digits holds in registers (MP_DIGITS_GROUPS)
+MMA_ROWS = 16             # weight rows per warp of the mma kernels
+DIGITS_THREADS = 256      # act_digits: threads per row (MP_DIGITS_THREADS)
+DIGITS_SLAB = 8192        # act_digits holds this many columns of a row in registers (MP_DIGITS_GROUPS): a
+                          # wider row is read twice
+MMA_DENSE_WARPS = 8       # the most warps per block of qmm_dense_mma (MP_MMA_DENSE_WARPS)
+# super-blocks each warp of a qmm_dense_mma block walks: warps = K / 256 / this, from 1 to MMA_DENSE_WARPS
+MMA_DENSE_SBS = _tuning_define("MP_MMA_DENSE_SBS", 2)
 MMA_QTYPES = (KERNEL_QTYPES[Q.Q4_K],)
 # up to this many tokens every expert has at most 4 pairs: one pass of the kernel (an expert with more
 # pairs takes passes of 4 one after another, which long prompts with skewed routing would feel)
@@ -86,6 +91,7 @@ NAME_EXPRESSIONS: tuple[str, ...] = tuple(
     + [f"qmm_dense_splitk<{q},{nt}>" for q in sorted(KERNEL_QTYPES.values()) for nt in SPLITK_TILES]
     + [f"qmm_experts<{q},{nt}>" for q in sorted(KERNEL_QTYPES.values()) for nt in TOKEN_TILES]
     + [f"qmm_experts_mma<{q}>" for q in MMA_QTYPES]
+    + [f"qmm_dense_mma<{q}>" for q in MMA_QTYPES]
     + ["act_digits", "expert_group", "router_topk", "moe_route", "moe_combine", "round_bf16", "rms_norm", "add_rms_norm", "softmax_rows", "attention_core",
        "qk_norm_rope", "rope_neox", "swiglu", "add_f32"])
 
@@ -126,7 +132,7 @@ class Param:
 
 
 _CTYPES = {"mp_u8": np.uint8, "mp_u32": np.uint32, "float": np.float32, "int": np.int32, "mp_i64": np.int64}
-_SIG_RE = re.compile(r"MP_(?:MATMUL_|MMA_)?GLOBAL\s+void\s+(\w+)\s*\(([^)]*)\)", re.S)
+_SIG_RE = re.compile(r"MP_(?:MATMUL_|MMA_|MMA_DENSE_)?GLOBAL\s+void\s+(\w+)\s*\(([^)]*)\)", re.S)
 
 
 def _parse_param(text: str) -> Param:
@@ -492,11 +498,19 @@ def qmatmul_shared_input(x, wts, *, outs=None, as_qtypes=None, backend: Backend 
         if T and N:
             _, code, kq = _kernel_type(wt, as_q)
             todo.append(((code, kq, wt.row_bytes), (wt, out)))
+    digits = None  # act_digits' output, written once for the launches that use it
     for (code, kq, row_bytes), mats in _share_launches(todo, MAX_SHARED_INPUT):
         Ns = tuple(int(wt.shape[0]) for wt, _ in mats)
-        kernel, grid = dense_launch(code, Ns, T)
         pad = mats + [mats[0]] * (MAX_SHARED_INPUT - len(mats))  # unused slots: N = 0, no blocks
         Np = Ns + (0,) * (MAX_SHARED_INPUT - len(mats))
+        if use_mma(be, code, kq, K, T):
+            if digits is None:
+                digits = act_digits(x, backend=be)
+            be.launch(f"qmm_dense_mma<{code}>", (sum(_cdiv(N, MMA_ROWS) for N in Ns), 1, 1), (32 * dense_mma_warps(K), 1, 1),
+                      tuple(wt.raw for wt, _ in pad) + (np.int64(row_bytes),) + tuple(np.int32(n) for n in Np)
+                      + (np.int32(K), *digits, np.int32(T)) + tuple(o for _, o in pad))
+            continue
+        kernel, grid = dense_launch(code, Ns, T)
         be.launch(kernel, grid, (THREADS, 1, 1),
                   tuple(wt.raw for wt, _ in pad) + (np.int64(row_bytes),) + tuple(np.int32(n) for n in Np)
                   + (np.int32(kq), x, np.int32(K), np.int32(T)) + tuple(o for _, o in pad))
@@ -578,30 +592,40 @@ def route_experts(logits, k: int, *, backend: Backend | None = None):
 
 
 def use_mma(be: Backend, code: int, kq: int, K: int, T: int) -> bool:
-    """Whether an expert product of kernel type ``code`` over ``kq`` of ``K`` columns for ``T`` tokens
-    runs on qmm_experts_mma: Q4_K over whole super-blocks up to MMA_KMAX columns (not under the fault
-    switch's column limit), MMA_MIN_TOKENS to MMA_MAX_TOKENS tokens, a backend that runs mma (the emulator does),
-    and MP_MMA not 0."""
-    return (bool(MMA) and be.mma and code in MMA_QTYPES and kq == K and K % 256 == 0 and K <= MMA_KMAX
+    """Whether a product of kernel type ``code`` over ``kq`` of ``K`` columns for ``T`` tokens runs on
+    the tensor cores (qmm_experts_mma, qmm_dense_mma): Q4_K over whole super-blocks (not under the fault
+    switch's column limit), MMA_MIN_TOKENS to MMA_MAX_TOKENS tokens, a backend that runs mma (the
+    emulator does), and MP_MMA not 0."""
+    return (bool(MMA) and be.mma and code in MMA_QTYPES and kq == K and K % 256 == 0
             and MMA_MIN_TOKENS <= T <= MMA_MAX_TOKENS)
 
 
+def dense_mma_warps(K: int) -> int:
+    """Warps per block of qmm_dense_mma for rows of K columns: MMA_DENSE_SBS super-blocks each."""
+    return max(1, min(MMA_DENSE_WARPS, K // 256 // max(1, MMA_DENSE_SBS)))
+
+
 def act_digits(x, *, backend: Backend | None = None) -> tuple:
-    """The exact integer form of float32 rows ``x`` ``[R, K]`` (K a multiple of 32 up to MMA_KMAX) that
-    qmm_experts_mma reads (kernel ``act_digits``): ``(xd uint32 [R, K], xs float32 [R, K/32],
+    """The exact integer form of float32 rows ``x`` ``[R, K]`` (K a multiple of 32) that the mma
+    kernels read (kernel ``act_digits``): ``(xd uint32 [R, K], xs float32 [R, K/32],
     xunit float32 [R])``: four base-256 digits per value, each 32-value sub-block's sum, each row's
     unit (NaN for a row holding a non-finite value)."""
     be = _backend(backend)
     _check_f32_2d("act_digits: x", x, be)
     R, K = (int(s) for s in x.shape)
-    if K % 32 or K > MMA_KMAX:
-        raise KernelError(f"act_digits: K={K} must be a multiple of 32 up to {MMA_KMAX}")
-    xp = be.xp
-    xd, xs, xunit = (xp.empty((R, K), dtype=np.uint32), xp.empty((R, K // 32), dtype=np.float32),
-                     xp.empty((R,), dtype=np.float32))
+    digits = _digits_out("act_digits", R, K, be)
     if R:
-        be.launch("act_digits", (_cdiv(R, WARPS), 1, 1), (THREADS, 1, 1), (x, np.int32(R), np.int32(K), xd, xs, xunit))
-    return xd, xs, xunit
+        be.launch("act_digits", (R, 1, 1), (DIGITS_THREADS, 1, 1), (x, np.int32(R), np.int32(K), *digits))
+    return digits
+
+
+def _digits_out(what: str, R: int, K: int, be: Backend) -> tuple:
+    """Fresh (xd, xs, xunit) buffers for R rows of K columns (K a multiple of 32)."""
+    if K % 32:
+        raise KernelError(f"{what}: K={K} must be a multiple of 32 for the digits")
+    xp = be.xp
+    return (xp.empty((R, K), dtype=np.uint32), xp.empty((R, K // 32), dtype=np.float32),
+            xp.empty((R,), dtype=np.float32))
 
 
 def qmatmul_experts(x, wt3: DeviceTensor, routing, out=None, *, x_per_pair: bool = False,
