@@ -1056,11 +1056,12 @@ template <bool AL> MP_HD void mp_x4(const float* p, float (&v)[4]) {
     if (AL) {
         const mp_f4 a = *(const mp_f4*)p;
         v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
-        return;
-    }
+    } else
 #endif
+    {
 #pragma unroll
-    for (int c = 0; c < 4; ++c) v[c] = p[c];
+        for (int c = 0; c < 4; ++c) v[c] = p[c];
+    }
 }
 
 // slab `slab` of the row (groups 4-value groups in all) into v (0 past the row's end); m = max(m, the largest
@@ -1255,6 +1256,26 @@ MP_HD void mp_mma_q4k_pass(const mp_u8* __restrict__ we, mp_i64 row_bytes, int N
     }
 }
 
+// The activation operands of a pass of nt (<= 4) tokens whose digit rows are row_of(0 .. nt - 1), for lane
+// 4 gid + tig (as mp_mma_q4k_pass reads them): in n-tile i, B column gid is token 2 i + gid / 4's digit
+// gid & 3 (bon[i]: that token is in the pass), D columns 2 tig, 2 tig + 1 belong to token 2 i + tig / 2
+// (sums sq[i], unit unit[i]); tokens past the pass read token 0's rows.
+template <class RowOf>
+MP_HD void mp_mma_pass_inputs(int nt, RowOf row_of, int K, const mp_u32* __restrict__ xd, const float* __restrict__ xs,
+                              const float* __restrict__ xunit, int lane, const mp_u32* (&bq)[2], bool (&bon)[2],
+                              const float* (&sq)[2], float (&unit)[2]) {
+    const int gid = lane >> 2, tig = lane & 3;
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        const int ub = 2 * i + (gid >> 2), ud = 2 * i + (tig >> 1);
+        bon[i] = ub < nt;
+        const int rb = row_of(ub < nt ? ub : 0), rd = row_of(ud < nt ? ud : 0);
+        bq[i] = xd + (mp_i64)rb * K + 8 * (gid & 3) + 2 * tig;
+        sq[i] = xs + (mp_i64)rd * (K >> 5);
+        unit[i] = xunit[rd];
+    }
+}
+
 // mp_mma_q4k_pass for a pass of nt tokens (one n-tile up to 2) with the alignment the warp found (res[1]
 // is left unwritten for one n-tile)
 MP_HD void mp_mma_q4k_dispatch(bool al, int nt, const mp_u8* __restrict__ we, mp_i64 row_bytes, int N, int n0, int K,
@@ -1289,23 +1310,19 @@ MP_MMA_GLOBAL void qmm_experts_mma(const mp_u8* __restrict__ w0, const mp_u8* __
     if (lane == 0) mp_prefetch_rows(we, row_bytes, N, n0, 16);
     const bool al = mp_aligned(we, 16) && (row_bytes & 15) == 0;  // uniform over the warp
     float* out = second ? out1 : out0;
-    const int beg = offsets[e], end = offsets[e + 1], subs = K >> 5;
+    const int beg = offsets[e], end = offsets[e + 1];
     for (int p0 = beg; p0 < end; p0 += 4) {
         const int nt = (end - p0) < 4 ? (end - p0) : 4;
         const mp_u32* bq[2];
         const float* sq[2];
         bool bon[2];
-        int opair[2];
         float unit[2];
+        mp_mma_pass_inputs(nt, [&](int u) { return pairs[p0 + u] / x_div; }, K, xd, xs, xunit, lane, bq, bon, sq, unit);
+        int opair[2];
 #pragma unroll
         for (int i = 0; i < 2; ++i) {
-            const int ub = 2 * i + (gid >> 2), ud = 2 * i + (tig >> 1);
-            bon[i] = ub < nt;
-            const int rb = pairs[p0 + (ub < nt ? ub : 0)] / x_div, pd = pairs[p0 + (ud < nt ? ud : 0)], rd = pd / x_div;
-            bq[i] = xd + (mp_i64)rb * K + 8 * (gid & 3) + 2 * tig;
-            sq[i] = xs + (mp_i64)rd * subs;
-            unit[i] = xunit[rd];
-            opair[i] = ud < nt ? pd : -1;
+            const int ud = 2 * i + (tig >> 1);
+            opair[i] = ud < nt ? pairs[p0 + ud] : -1;
         }
         float res[2];
         mp_mma_q4k_dispatch(al, nt, we, row_bytes, N, n0, K, 0, 1, bq, bon, sq, unit, lane, res);
@@ -1344,24 +1361,16 @@ MP_MMA_DENSE_GLOBAL void qmm_dense_mma(const mp_u8* __restrict__ w0, const mp_u8
     int N;
     const int m = mp_pick_matrix(group, 16, w0, w1, w2, N0, N1, N2, w, N);
     const int warps = (int)(blockDim.x >> 5), warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int gid = lane >> 2, tig = lane & 3, n0 = group * 16;
+    const int n0 = group * 16;
     if (threadIdx.x == 0 && n0 < N) mp_prefetch_rows(w, row_bytes, N, n0, 16);  // the weights: not written by an earlier kernel
     mp_grid_sync();  // the digits were
     if (n0 >= N) return;  // uniform over the block
-    const int nt = T < 4 ? T : 4, subs = K >> 5;
+    const int nt = T < 4 ? T : 4;
     const mp_u32* bq[2];
     const float* sq[2];
     bool bon[2];
     float unit[2];
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-        const int ub = 2 * i + (gid >> 2), ud = 2 * i + (tig >> 1);
-        bon[i] = ub < nt;
-        const int rb = ub < nt ? ub : 0, rd = ud < nt ? ud : 0;
-        bq[i] = xd + (mp_i64)rb * K + 8 * (gid & 3) + 2 * tig;
-        sq[i] = xs + (mp_i64)rd * subs;
-        unit[i] = xunit[rd];
-    }
+    mp_mma_pass_inputs(nt, [](int u) { return u; }, K, xd, xs, xunit, lane, bq, bon, sq, unit);
     const bool al = mp_aligned(w, 16) && (row_bytes & 15) == 0;  // uniform over the block
     float res[2] = {0.0f, 0.0f};  // res[1]: no second n-tile up to 2 tokens
     mp_mma_q4k_dispatch(al, nt, w, row_bytes, N, n0, K, warp, warps, bq, bon, sq, unit, lane, res);
