@@ -979,6 +979,100 @@ def test_add_rms_norm_is_add_then_rms_norm(backend):
         K.add_rms_norm(da, db[:4], dw, 1e-6, backend=backend)
 
 
+def _digit_rows(rng, rows: int, n: int) -> np.ndarray:
+    """Rows of wide dynamic range (2^-40 .. 2^40 between rows, 2^+-6 within), one with an outlier."""
+    x = rng.standard_normal((rows, n)) * np.exp2(rng.integers(-6, 6, size=(rows, n)))
+    x *= np.exp2(rng.integers(-40, 40, size=(rows, 1)))
+    x[0, n // 3] *= 1e4
+    return x.astype(np.float32)
+
+
+def _assert_same_digits(backend, got, want, what: str) -> None:
+    for name, a, b in zip(("digits", "sub-block sums", "units"), got, want):
+        a, b = _host(backend, a), _host(backend, b)
+        assert a.shape == b.shape, f"{what}: {name} shapes {a.shape} vs {b.shape}"
+        assert np.array_equal(a.view(np.uint32), b.view(np.uint32)), (
+            f"{what}: {name} differ from act_digits' at {np.argwhere(a.view(np.uint32) != b.view(np.uint32))[:5].tolist()}")
+
+
+@pytest.mark.parametrize("n", [2048, 768, 128, 4096])  # 4096: wider than a block's row (rms_norm, then act_digits)
+def test_norms_write_their_digits(backend, n):
+    """rms_norm and add_rms_norm asked for their output's digits (the tensor-core products' input) give,
+    in one launch where the rows fit a block, their plain results and act_digits(out) bit for bit, on
+    rows of wide dynamic range, a NaN row and an inf row staying in their rows (NaN unit); outputs and
+    digit buffers poisoned first are written whole."""
+    from pytest_moeparity.gpu import kernels as K
+
+    rng = _rng("norm-digits", n)
+    R = 24  # many rows: a sum of squares added in another order moves the norm's last bit in a few of them
+    a, b = _digit_rows(rng, R, n), _digit_rows(rng, R, n)
+    a[2, 7] = np.nan
+    b[3, n - 1] = np.inf
+    w = rng.uniform(0.5, 1.5, n).astype(np.float32)
+    da, db, dw = (_dev(backend, v) for v in (a, b, w))
+    n_before = len(getattr(backend, "launches", []))
+    out, dig = K.rms_norm(da, dw, 1e-6, digits=True, backend=backend)
+    s2, out2, dig2 = K.add_rms_norm(da, db, dw, 1e-6, digits=True, backend=backend)
+    if hasattr(backend, "launches"):
+        want = ["norm_digits"] * 2 if n <= K.ROW_BLOCK_COLS else ["rms_norm", "act_digits", "add_rms_norm", "act_digits"]
+        assert backend.launches[n_before:] == want, backend.launches[n_before:]
+    plain = K.rms_norm(da, dw, 1e-6, backend=backend)
+    s_plain, out2_plain = K.add_rms_norm(da, db, dw, 1e-6, backend=backend)
+    for what, got, ref in (("rms_norm", out, plain), ("add_rms_norm sum", s2, s_plain), ("add_rms_norm", out2, out2_plain)):
+        got = _host(backend, got)
+        assert np.array_equal(got, _host(backend, ref), equal_nan=True), f"{what} with digits differs from {what} (n={n})"
+    _assert_same_digits(backend, dig, K.act_digits(plain, backend=backend), f"rms_norm n={n}")
+    _assert_same_digits(backend, dig2, K.act_digits(out2_plain, backend=backend), f"add_rms_norm n={n}")
+    assert np.isnan(_host(backend, dig[2])[2]) and not np.isnan(np.delete(_host(backend, dig[2]), 2)).any()
+    assert np.isnan(_host(backend, dig2[2])[[2, 3]]).all()
+    ref = a.astype(np.float64) / np.sqrt((a.astype(np.float64) ** 2).mean(-1, keepdims=True) + 1e-6) * w
+    ok = [r for r in range(R) if r != 2]
+    _assert_close(_host(backend, out)[ok], ref[ok], f"rms_norm n={n} vs float64", tol=1e-6)
+    # poisoned buffers: the fused kernel writes every output and digit word
+    if n <= K.ROW_BLOCK_COLS:
+        outp = _poisoned(backend, (R, n))
+        digp = (_dev(backend, np.full((R, n), 0xFFFFFFFF, np.uint32)), _poisoned(backend, (R, n // 32)),
+                _poisoned(backend, (R,)))
+        backend.launch("norm_digits", (R, 1, 1), (K.DIGITS_THREADS, 1, 1),
+                       (da, da, np.int32(0), np.int32(R), np.int32(n), dw, np.float32(1e-6), outp, outp, *digp))
+        assert np.array_equal(_host(backend, outp), _host(backend, out), equal_nan=True)
+        _assert_same_digits(backend, digp, dig, f"norm_digits on poisoned buffers n={n}")
+    with pytest.raises(K.KernelError, match="multiple of 32"):
+        K.rms_norm(_dev(backend, np.ones((2, 48), np.float32)), _dev(backend, np.ones(48, np.float32)), 1e-6,
+                   digits=True, backend=backend)
+
+
+@pytest.mark.parametrize("n", [768, 2048, 96])
+def test_swiglu_writes_its_digits(backend, n):
+    """swiglu asked for its output's digits (the down projection's input, a row per (token, slot)
+    pair): swiglu's result and act_digits(out) bit for bit, in one launch; a pair row holding inf gets a
+    NaN unit; the result is float64's SwiGLU within float32 rounding."""
+    from pytest_moeparity.gpu import kernels as K
+
+    rng = _rng("swiglu-digits", n)
+    T, k = 3, 8
+    g = (rng.standard_normal((T, k, n)) * 4).astype(np.float32)
+    u = _digit_rows(rng, T * k, n).reshape(T, k, n)
+    u[2, 5, 9] = np.inf
+    dg, du = _dev(backend, g), _dev(backend, u)
+    n_before = len(getattr(backend, "launches", []))
+    out, dig = K.swiglu(dg, du, digits=True, backend=backend)
+    if hasattr(backend, "launches"):
+        assert backend.launches[n_before:] == ["swiglu_digits"], backend.launches[n_before:]
+    plain = K.swiglu(dg, du, backend=backend)
+    assert np.array_equal(_host(backend, out), _host(backend, plain), equal_nan=True)
+    _assert_same_digits(backend, dig, K.act_digits(plain.reshape(T * k, n), backend=backend), f"swiglu n={n}")
+    unit = _host(backend, dig[2])
+    assert np.isnan(unit[2 * k + 5]) and np.isfinite(np.delete(unit, 2 * k + 5)).all()
+    g64 = g.astype(np.float64)
+    ref = g64 / (1 + np.exp(-g64)) * u.astype(np.float64)
+    ok = np.isfinite(ref)
+    np.testing.assert_allclose(_host(backend, out)[ok], ref[ok], rtol=1e-5, atol=0)
+    wt = _device_tensor(backend, _quantized(rng, Q.Q4_K, (16, 256)), Q.Q4_K, (16, 256))
+    with pytest.raises(K.KernelError, match="do not belong"):  # digits of other rows than the product's
+        K.qmatmul_shared_input(_dev(backend, np.ones((T, 256), np.float32)), (wt,), digits=dig, backend=backend)
+
+
 def _bf16_numpy(x: np.ndarray) -> np.ndarray:
     x = np.ascontiguousarray(x, dtype=np.float32)
     u = x.view(np.uint32).astype(np.uint64)
@@ -1098,10 +1192,11 @@ def test_forward_matches_reference(backend, model_factory, preset, quant):
 
 @pytest.mark.parametrize("n_tokens", [2, 3, 4])
 @pytest.mark.parametrize("preset", ["tiny", "small"])
-def test_short_prompt_forward_on_tensor_cores(backend, model_factory, preset, n_tokens):
+def test_short_prompt_forward_on_tensor_cores(backend, model_factory, preset, n_tokens, monkeypatch):
     """A Q4_K_M model's short prompt takes the tensor-core products (dense and expert, their inputs'
-    digits written once per input by act_digits): every stage, position and layer Matches the NumPy
-    reference."""
+    digits written once per input: by the norms and SwiGLU that write the inputs, by act_digits for
+    the attention's output): every stage, position and layer Matches the NumPy reference, and the trace
+    is bit for bit the one with every input's digits written by act_digits."""
     _skip_slow_emulator(backend, preset)
     from pytest_moeparity.gpu import kernels as Kn
 
@@ -1120,10 +1215,20 @@ def test_short_prompt_forward_on_tensor_cores(backend, model_factory, preset, n_
         n_layers = model.config.n_layers
         for name in ("qmm_dense_mma<12>", "qmm_experts_mma<12>"):
             assert name in launched, f"{name} not launched: {sorted(set(launched))}"
-        # per layer: attn_norm (q / k / v), attention (attn_output), ffn_norm (gate / up), and SwiGLU where
-        # ffn_down_exps is Q4_K: each input's digits once, however many products read it
+        # each product input's digits once, however many products read it: per layer attn_norm (q / k / v)
+        # and ffn_norm (gate / up) by their norms, SwiGLU's where ffn_down_exps is Q4_K by SwiGLU, the
+        # attention's output (attn_output) by act_digits
         n_q4k_down = sum(model.layer(L, "ffn_down_exps").type_name == "Q4_K" for L in range(n_layers))
-        assert launched.count("act_digits") == 3 * n_layers + n_q4k_down, sorted(set(launched))
+        assert launched.count("norm_digits") == 2 * n_layers, sorted(set(launched))
+        assert launched.count("swiglu_digits") == n_q4k_down, sorted(set(launched))
+        assert launched.count("act_digits") == n_layers, sorted(set(launched))
+    if backend.mma and Kn.MMA:  # the same trace with every input's digits from act_digits in the products
+        monkeypatch.setattr(Kn, "reads_digits", lambda *a, **k: False)
+        plain = engine.run(tokens, plan)
+        assert set(res.trace.keys()) == set(plain.trace.keys())
+        for name in res.trace.keys():
+            assert np.array_equal(res.trace[name], plain.trace[name], equal_nan=True), f"{name}: digits written by the producer differ"
+        assert np.array_equal(res.logits, plain.logits)
 
 
 def test_forward_all_experts_and_partial_plans(backend, model_factory):

@@ -101,11 +101,23 @@ class CupyEngine:
     def _layer_mm(self, x, layer: int, name: str, weights: DeviceWeights):
         return self._layer_mms(x, layer, (name,), weights)[0]
 
-    def _layer_mms(self, x, layer: int, names, weights: DeviceWeights) -> list:
-        """Products of one input with several of a layer's matrices (one launch where their types agree)."""
+    def _layer_tensors(self, layer: int, names, weights: DeviceWeights) -> tuple[list, list]:
+        """A layer's matrices and the kernel type each is read with (None: its own)."""
         wts = [weights.layer(layer, n) for n in names]
-        return K.qmatmul_shared_input(self._c(x), wts, as_qtypes=[self._as_qtype(layer, n, wt) for n, wt in zip(names, wts)],
-                                      backend=self.backend)
+        return wts, [self._as_qtype(layer, n, wt) for n, wt in zip(names, wts)]
+
+    def _layer_mms(self, x, layer: int, names, weights: DeviceWeights, digits=None) -> list:
+        """Products of one input with several of a layer's matrices (one launch where their types agree);
+        ``digits``: x's, written by the kernel that wrote x (see _wants_digits)."""
+        wts, as_qtypes = self._layer_tensors(layer, names, weights)
+        return K.qmatmul_shared_input(self._c(x), wts, as_qtypes=as_qtypes, digits=digits, backend=self.backend)
+
+    def _wants_digits(self, rec: Recorder, layer: int, stage: str, n_tokens: int, wts, as_qtypes) -> bool:
+        """Whether the kernel writing ``stage``'s value should write its digits too: the products reading
+        the value take the tensor cores, and nothing changes it in between (float32, no planted fault on
+        the stage)."""
+        return (bool(K.FUSE_DIGITS) and self._fusable(rec, layer, (stage,))
+                and K.reads_digits(n_tokens, wts, as_qtypes, backend=self.backend))
 
     def _vec(self, layer: int, name: str, weights: DeviceWeights):
         """A layer's 1-D weight (norm), honouring a planted dispatch fault as the reference does."""
@@ -121,7 +133,7 @@ class CupyEngine:
         """Planted faults of a per-expert stage on the grouped [T, k, ...] values: each fault acts on
         the rows of the (token, slot) pairs routed to its expert (all pairs without an expert), as
         the reference applies it to each expert's rows."""
-        fs = [f for f in rec.faults if f.target == stage and (f.layer == "*" or f.layer == layer)]
+        fs = self._stage_faults(rec, stage, layer)
         if not fs:
             return val
         xp = self.xp
@@ -155,6 +167,12 @@ class CupyEngine:
 
     def _rms_norm(self, x, weight):
         return K.rms_norm(x, weight, self.cfg.rms_eps, backend=self.backend)
+
+    def _norm(self, x, weight, digits: bool):
+        """The stored RMSNorm of x and, where ``digits``, its digits from the same launch (else None)."""
+        if digits:
+            return K.rms_norm(x, weight, self.cfg.rms_eps, digits=True, backend=self.backend)
+        return self._a(self._rms_norm(x, weight)), None
 
     def _rope_tables(self, n_tokens: int):
         """cos/sin [T, 1, hd/2] computed on the host exactly as reference.rope_neox does."""
@@ -286,9 +304,11 @@ class CupyEngine:
         cfg, a, L, xp = self.cfg, self._a, layer, self.xp
         T, nh, nkv, hd = x.shape[0], cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
 
-        h = a(self._rms_norm(x, self._vec(L, "attn_norm", weights)))
+        qkv = ("attn_q", "attn_k", "attn_v")
+        h, h_dig = self._norm(x, self._vec(L, "attn_norm", weights),
+                            self._wants_digits(rec, L, S.attn_norm, T, *self._layer_tensors(L, qkv, weights)))
         h = rec.tap(S.attn_norm, L, h)
-        q, k, v = (a(y) for y in self._layer_mms(h, L, ("attn_q", "attn_k", "attn_v"), weights))
+        q, k, v = (a(y) for y in self._layer_mms(h, L, qkv, weights, digits=h_dig))
         q = rec.tap(S.q_proj, L, q)
         k = rec.tap(S.k_proj, L, k)
         v = rec.tap(S.v_proj, L, v)
@@ -326,8 +346,13 @@ class CupyEngine:
     def _fusable(self, rec: Recorder, layer: int, inner) -> bool:
         """Whether one fused kernel may compute a run of stages whose ``inner`` stages feed the next
         within it: float32 activations (no rounding between the stages) and no planted fault on an
-        inner stage (the next stage must read the faulted value, so those take the stage path)."""
-        return self.act_dtype == "float32" and not any(f.matches(st, layer) for f in rec.faults for st in inner)
+        inner stage, of any expert (the next stage must read the faulted value, so those take the stage path)."""
+        return self.act_dtype == "float32" and not any(self._stage_faults(rec, st, layer) for st in inner)
+
+    @staticmethod
+    def _stage_faults(rec: Recorder, stage: str, layer: int) -> list:
+        """The planted value faults on ``stage`` at ``layer`` (any expert, any column)."""
+        return [f for f in rec.faults if f.kind != "dispatch" and f.target == stage and f.layer in ("*", layer)]
 
     def _attention_stages(self, L: int, q, k, v, rec: Recorder):
         """Scores, causal softmax and context as separate steps (each rounded to the activation dtype)."""
@@ -357,14 +382,21 @@ class CupyEngine:
     def moe(self, layer: int, x, attn, rec: Recorder, weights: DeviceWeights):
         """The post-attention residual ``x + attn``, then the MoE block and its residual."""
         cfg, a, L, be, xp = self.cfg, self._a, layer, self.backend, self.xp
+        T = x.shape[0]
+        (gate_t, up_t, down_t), (g_as, u_as, d_as) = self._layer_tensors(L, ("ffn_gate_exps", "ffn_up_exps",
+                                                                             "ffn_down_exps"), weights)
         wn = self._vec(L, "ffn_norm", weights)
+        h_digits = self._wants_digits(rec, L, S.ffn_norm, T, (gate_t, up_t), (g_as, u_as))
         if self._fusable(rec, L, (S.post_attn_residual,)):  # the residual add and ffn_norm in one launch
-            x, h = K.add_rms_norm(x, attn, wn, cfg.rms_eps, backend=be)
+            if h_digits:  # and ffn_norm's digits for the tensor-core gate / up products
+                x, h, h_dig = K.add_rms_norm(x, attn, wn, cfg.rms_eps, digits=True, backend=be)
+            else:
+                (x, h), h_dig = K.add_rms_norm(x, attn, wn, cfg.rms_eps, backend=be), None
             x = rec.tap(S.post_attn_residual, L, x)
         else:
             x = a(K.add(x, attn, backend=be))
             x = rec.tap(S.post_attn_residual, L, x)
-            h = a(self._rms_norm(x, wn))
+            h, h_dig = self._norm(x, wn, h_digits)
         h = rec.tap(S.ffn_norm, L, h)
         logits = a(self._layer_mm(h, L, "ffn_gate_inp", weights))          # [T, E]
         logits = rec.tap(S.moe_router_logits, L, logits)
@@ -387,20 +419,21 @@ class CupyEngine:
         rw = rec.tap(S.moe_router, L, rw)
         rec.capture(S.moe_router_indices, L, ids)
 
-        gate_t, up_t, down_t = (weights.layer(L, n) for n in ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"))
-        g_as = self._as_qtype(L, "ffn_gate_exps", gate_t)
-        u_as = self._as_qtype(L, "ffn_up_exps", up_t)
-        d_as = self._as_qtype(L, "ffn_down_exps", down_t)
         if routing is None:
             routing = K.expert_routing(ids, cfg.n_experts, backend=be)
         hc = self._c(h)
         ef = self._expert_faults
-        g, u = K.qmatmul_experts_shared_input(hc, (gate_t, up_t), routing, as_qtypes=(g_as, u_as), backend=be)
+        g, u = K.qmatmul_experts_shared_input(hc, (gate_t, up_t), routing, as_qtypes=(g_as, u_as), digits=h_dig, backend=be)
         g = ef(rec, S.moe_expert_gate, L, a(g), ids)
         u = ef(rec, S.moe_expert_up, L, a(u), ids)
-        s = ef(rec, S.moe_expert_swiglu, L, a(K.swiglu(g, u, backend=be)), ids)      # [T, k, F]
+        if self._wants_digits(rec, L, S.moe_expert_swiglu, T, (down_t,), (d_as,)):  # SwiGLU writes the down
+            s, s_dig = K.swiglu(g, u, digits=True, backend=be)                     # projection's digits
+        else:
+            s, s_dig = a(K.swiglu(g, u, backend=be)), None
+        s = ef(rec, S.moe_expert_swiglu, L, s, ids)                                   # [T, k, F]
         y = ef(rec, S.moe_expert_out, L,
-               a(K.qmatmul_experts(self._c(s), down_t, routing, x_per_pair=True, as_qtype=d_as, backend=be)), ids)
+               a(K.qmatmul_experts(self._c(s), down_t, routing, x_per_pair=True, as_qtype=d_as, digits=s_dig,
+                                   backend=be)), ids)
         if any(rec.wants(st, L) for st in _EXPERT_STAGES):
             self._capture_experts(L, h, ids, (gate_t, g_as), (up_t, u_as), (down_t, d_as), rec)
         if self._fusable(rec, L, (S.moe_ffn_out,)):  # the combination and the residual add in one launch

@@ -1064,25 +1064,87 @@ template <bool AL> MP_HD void mp_x4(const float* p, float (&v)[4]) {
     }
 }
 
-// slab `slab` of the row (groups 4-value groups in all) into v (0 past the row's end); m = max(m, the largest
-// |x| as its bits >> 8: exact in a float; NaN > inf > every finite value); AL: the row starts 16-byte
-// aligned. The loads are unconditional (a thread past the end reads the last group again), so that all of
-// them are in flight together: a load behind a branch waits for the one before it.
-template <bool AL>
-MP_HD void mp_digits_load(const float* __restrict__ row, int groups, int slab, int tid, float (&v)[MP_DIGITS_GROUPS][4], float& m) {
-    const int base = MP_DIGITS_THREADS * MP_DIGITS_GROUPS * slab + tid;
+// |x| as its bits >> 8, exact in a float (NaN > inf > every finite value): the key whose row maximum
+// sets the digits' scale
+MP_HD float mp_abs_key(float x) { return (float)((mp_float_to_bits(x) & 0x7FFFFFFFu) >> 8); }
+
+// slab `slab` of the row (groups 4-value groups in all) into v (0 past the row's end); m = max(m, the
+// largest mp_abs_key); AL: the row starts 16-byte aligned. The loads are unconditional (a thread past the
+// end reads the last group again), so that all of them are in flight together: a load behind a branch
+// waits for the one before it.
+template <bool AL, int G>
+MP_HD void mp_digits_load(const float* __restrict__ row, int groups, int slab, int tid, float (&v)[G][4], float& m) {
+    const int base = MP_DIGITS_THREADS * G * slab + tid;
 #pragma unroll
-    for (int i = 0; i < MP_DIGITS_GROUPS; ++i) {
+    for (int i = 0; i < G; ++i) {
         const int g = base + MP_DIGITS_THREADS * i;
         mp_x4<AL>(row + 4 * (g < groups ? g : groups - 1), v[i]);
     }
 #pragma unroll
-    for (int i = 0; i < MP_DIGITS_GROUPS; ++i) {
+    for (int i = 0; i < G; ++i) {
         const bool in = base + MP_DIGITS_THREADS * i < groups;
 #pragma unroll
         for (int c = 0; c < 4; ++c) {
             v[i][c] = in ? v[i][c] : 0.0f;
-            m = fmaxf(m, (float)((mp_float_to_bits(v[i][c]) & 0x7FFFFFFFu) >> 8));
+            m = fmaxf(m, mp_abs_key(v[i][c]));
+        }
+    }
+}
+
+// the largest m of the block's MP_DIGITS_THREADS threads (wmax: a shared float per warp, not read again
+// by the block before its next barrier)
+MP_HD float mp_digits_block_max(float m, float* wmax, int tid) {
+    float v[1] = {m};
+    mp_warp_allmax<1>(v);
+    if ((tid & 31) == 0) wmax[tid >> 5] = v[0];
+    mp_syncthreads();
+#pragma unroll
+    for (int w = 0; w < MP_DIGITS_THREADS / 32; ++w) v[0] = fmaxf(v[0], wmax[w]);
+    return v[0];
+}
+
+// from the row's largest mp_abs_key m: the scale 2^(30 - E) that turns its values into digits (0 for a row
+// holding a non-finite value) and writes *unit = 2^(E - 30) (NaN for such a row) where unit is not null
+MP_HD float mp_digits_scale(float m, float* unit) {
+    int e = (int)m >> 15;                 // the biased exponent of the largest |x|: |x| < 2^(e - 126)
+    const bool bad = e == 255;
+    e = e < 30 ? 30 : e;                  // (tiny or zero rows: the unit stays a normal float)
+    if (unit) *unit = bad ? mp_bits_to_float(0x7FC00000u) : mp_bits_to_float((mp_u32)(e - 29) << 23);
+    return bad ? 0.0f : mp_bits_to_float((mp_u32)(283 - e) << 23);  // 2^(30 - E), E = e - 126
+}
+
+// the digits (dr: the row's words) and sub-block sums (sr) of the groups a thread holds in v: group
+// MP_DIGITS_THREADS G slab + tid + MP_DIGITS_THREADS i in v[i] (0 past the row's end), scale inv
+template <int G>
+MP_HD void mp_digits_store(const float (&v)[G][4], int groups, int slab, int tid, float inv, mp_u32* __restrict__ dr,
+                           float* __restrict__ sr) {
+    const int lane = tid & 31, per = MP_DIGITS_THREADS * G;
+#pragma unroll
+    for (int i = 0; i < G; ++i) {
+        const int g0 = per * slab + MP_DIGITS_THREADS * i + (tid & ~31), g = g0 + lane;
+        if (g0 < groups) {  // uniform over the warp (groups is a multiple of 8, lanes 8 at a time)
+            float part = 0.0f;
+            if (g < groups) {
+                mp_u32 n[4];
+#pragma unroll
+                for (int c = 0; c < 4; ++c) {  // the digits of N are the bytes of (N + 0x808080) ^ 0x808080
+                    const float z = mp_fmul(v[i][c], inv);  // NaN only in a bad row (0 * inf): digits 0
+                    n[c] = ((mp_u32)(z == z ? mp_float_to_int_rn(z) : 0) + 0x00808080u) ^ 0x00808080u;
+                }
+                const mp_u32 lo01 = mp_byte_perm(n[0], n[1], 0x5140u), lo23 = mp_byte_perm(n[2], n[3], 0x5140u);
+                const mp_u32 hi01 = mp_byte_perm(n[0], n[1], 0x7362u), hi23 = mp_byte_perm(n[2], n[3], 0x7362u);
+                mp_u32* dst = dr + 32 * (g >> 3) + (g & 7);
+                dst[0] = mp_byte_perm(lo01, lo23, 0x5410u);   // digit 0 of the 4 values
+                dst[8] = mp_byte_perm(lo01, lo23, 0x7632u);   // digit 1
+                dst[16] = mp_byte_perm(hi01, hi23, 0x5410u);
+                dst[24] = mp_byte_perm(hi01, hi23, 0x7632u);
+                part = mp_fadd(mp_fadd(v[i][0], v[i][1]), mp_fadd(v[i][2], v[i][3]));
+            }
+            // the sub-block g / 8 is held by lanes 8 (lane / 8) .. + 7
+            part = mp_fadd(part, mp_shfl_xor(part, 1));
+            part = mp_fadd(part, mp_shfl_xor(part, 2));
+            part = mp_fadd(part, mp_shfl_xor(part, 4));
+            if (g < groups && (g & 7) == 0) sr[g >> 3] = part;
         }
     }
 }
@@ -1091,26 +1153,17 @@ MP_GLOBAL void act_digits(const float* __restrict__ x, int R, int K, mp_u32* __r
                           float* __restrict__ xunit) {
     MP_SHARED float wmax[MP_DIGITS_THREADS / 32];
     mp_grid_sync();
-    const int tid = threadIdx.x, lane = tid & 31, r = (int)blockIdx.x;  // grid R: every block has a row
+    const int tid = threadIdx.x, r = (int)blockIdx.x;  // grid R: every block has a row
     const float* row = x + (mp_i64)r * K;
     const int groups = K >> 2, per = MP_DIGITS_THREADS * MP_DIGITS_GROUPS, slabs = (groups + per - 1) / per;
     const bool al = mp_aligned(x, 16);  // every row then (K a multiple of 32)
     float v[MP_DIGITS_GROUPS][4];
-    float m[1] = {0.0f};
+    float m = 0.0f;
     for (int slab = 0; slab < slabs; ++slab) {
-        if (al) mp_digits_load<true>(row, groups, slab, tid, v, m[0]);
-        else mp_digits_load<false>(row, groups, slab, tid, v, m[0]);
+        if (al) mp_digits_load<true>(row, groups, slab, tid, v, m);
+        else mp_digits_load<false>(row, groups, slab, tid, v, m);
     }
-    mp_warp_allmax<1>(m);
-    if (lane == 0) wmax[tid >> 5] = m[0];
-    mp_syncthreads();
-#pragma unroll
-    for (int w = 0; w < MP_DIGITS_THREADS / 32; ++w) m[0] = fmaxf(m[0], wmax[w]);
-    int e = (int)m[0] >> 15;              // the biased exponent of the largest |x|: |x| < 2^(e - 126)
-    const bool bad = e == 255;
-    e = e < 30 ? 30 : e;                  // (tiny or zero rows: the unit stays a normal float)
-    const float inv = bad ? 0.0f : mp_bits_to_float((mp_u32)(283 - e) << 23);  // 2^(30 - E), E = e - 126
-    if (tid == 0) xunit[r] = bad ? mp_bits_to_float(0x7FC00000u) : mp_bits_to_float((mp_u32)(e - 29) << 23);
+    const float inv = mp_digits_scale(mp_digits_block_max(m, wmax, tid), tid == 0 ? xunit + r : nullptr);
     mp_u32* dr = xd + (mp_i64)r * K;
     float* sr = xs + (mp_i64)r * (K >> 5);
     for (int slab = slabs - 1; slab >= 0; --slab) {
@@ -1119,34 +1172,7 @@ MP_GLOBAL void act_digits(const float* __restrict__ x, int R, int K, mp_u32* __r
             if (al) mp_digits_load<true>(row, groups, slab, tid, v, unused);
             else mp_digits_load<false>(row, groups, slab, tid, v, unused);
         }
-#pragma unroll
-        for (int i = 0; i < MP_DIGITS_GROUPS; ++i) {
-            const int g0 = per * slab + MP_DIGITS_THREADS * i + (tid & ~31), g = g0 + lane;
-            if (g0 < groups) {  // uniform over the warp (groups is a multiple of 8, lanes 8 at a time)
-                float part = 0.0f;
-                if (g < groups) {
-                    mp_u32 n[4];
-#pragma unroll
-                    for (int c = 0; c < 4; ++c) {  // the digits of N are the bytes of (N + 0x808080) ^ 0x808080
-                        const float z = mp_fmul(v[i][c], inv);  // NaN only in a bad row (0 * inf): digits 0
-                        n[c] = ((mp_u32)(z == z ? mp_float_to_int_rn(z) : 0) + 0x00808080u) ^ 0x00808080u;
-                    }
-                    const mp_u32 lo01 = mp_byte_perm(n[0], n[1], 0x5140u), lo23 = mp_byte_perm(n[2], n[3], 0x5140u);
-                    const mp_u32 hi01 = mp_byte_perm(n[0], n[1], 0x7362u), hi23 = mp_byte_perm(n[2], n[3], 0x7362u);
-                    mp_u32* dst = dr + 32 * (g >> 3) + (g & 7);
-                    dst[0] = mp_byte_perm(lo01, lo23, 0x5410u);   // digit 0 of the 4 values
-                    dst[8] = mp_byte_perm(lo01, lo23, 0x7632u);   // digit 1
-                    dst[16] = mp_byte_perm(hi01, hi23, 0x5410u);
-                    dst[24] = mp_byte_perm(hi01, hi23, 0x7632u);
-                    part = mp_fadd(mp_fadd(v[i][0], v[i][1]), mp_fadd(v[i][2], v[i][3]));
-                }
-                // the sub-block g / 8 is held by lanes 8 (lane / 8) .. + 7
-                part = mp_fadd(part, mp_shfl_xor(part, 1));
-                part = mp_fadd(part, mp_shfl_xor(part, 2));
-                part = mp_fadd(part, mp_shfl_xor(part, 4));
-                if (g < groups && (g & 7) == 0) sr[g >> 3] = part;
-            }
-        }
+        mp_digits_store(v, groups, slab, tid, inv, dr, sr);
     }
 }
 
@@ -1671,6 +1697,138 @@ extern "C" MP_GLOBAL void add_rms_norm(const float* __restrict__ a, const float*
     mp_rms_norm_row(sum + off, n, weight, eps, out + off, lane);
 }
 
+// ---- row kernels that also write their output's digits (short prompts on the tensor cores) ---------------
+// The tensor-core products read their input's digits (act_digits); where the kernel that writes the input
+// row writes them too, act_digits' launch is saved. A block of MP_DIGITS_THREADS threads per row, thread
+// tid holding the row's 4-value groups tid + MP_DIGITS_THREADS i as act_digits' threads do, for rows of up
+// to MP_ROW_BLOCK_COLS columns (a multiple of 32): bit for bit the separate kernels' outputs and digits.
+#define MP_ROW_GROUPS 2                                            // 4-value groups per thread
+#define MP_ROW_BLOCK_COLS (4 * MP_DIGITS_THREADS * MP_ROW_GROUPS)  // 2048 (kernels.py: ROW_BLOCK_COLS)
+static_assert(MP_ROW_BLOCK_COLS <= 32 * MP_RMS_REGS, "norm_digits follows mp_rms_norm_row's in-register order");
+
+// 4 floats to p: one 16-byte store under AL (p 16-aligned), else four
+template <bool AL> MP_HD void mp_st4(float* p, const float (&v)[4]) {
+    if (AL) mp_aligned_load(p, 16);
+#if defined(__CUDA_ARCH__)
+    if (AL) {
+        mp_f4 a;
+        a.x = v[0]; a.y = v[1]; a.z = v[2]; a.w = v[3];
+        *(mp_f4*)p = a;
+    } else
+#endif
+    {
+#pragma unroll
+        for (int c = 0; c < 4; ++c) p[c] = v[c];
+    }
+}
+
+// the groups of the row at p that thread tid holds (clamped: every load issued, those past the end read
+// the last group again; mp_row_keep zeroes them)
+template <bool AL> MP_HD void mp_row_groups(const float* __restrict__ p, int groups, int tid, float (&v)[MP_ROW_GROUPS][4]) {
+#pragma unroll
+    for (int i = 0; i < MP_ROW_GROUPS; ++i) {
+        const int g = tid + MP_DIGITS_THREADS * i;
+        mp_x4<AL>(p + 4 * (g < groups ? g : groups - 1), v[i]);
+    }
+}
+
+// out (the row's output): the groups thread tid holds, those past the end zeroed; then the row's digits
+// (dr, sr, *unit) as act_digits writes them
+template <bool AL>
+MP_HD void mp_row_out_digits(float (&v)[MP_ROW_GROUPS][4], int groups, int tid, float* __restrict__ out, mp_u32* __restrict__ dr,
+                             float* __restrict__ sr, float* unit, float* wmax) {
+    float m = 0.0f;
+#pragma unroll
+    for (int i = 0; i < MP_ROW_GROUPS; ++i) {
+        const int g = tid + MP_DIGITS_THREADS * i;
+        if (g < groups) mp_st4<AL>(out + 4 * g, v[i]);
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+            v[i][c] = g < groups ? v[i][c] : 0.0f;
+            m = fmaxf(m, mp_abs_key(v[i][c]));
+        }
+    }
+    const float inv = mp_digits_scale(mp_digits_block_max(m, wmax, tid), tid == 0 ? unit : nullptr);
+    mp_digits_store(v, groups, 0, tid, inv, dr, sr);
+}
+
+// RMSNorm of a row (a + b where add: the residual add written to sum as add_f32 does) in rms_norm's
+// operations and order: mp_rms_norm_row's lane l adds the squares of columns l + 32 j into part[j & 7] in
+// order of j, then its parts in order, then the warp's butterfly; here the squares meet in shared memory
+// (sq) and warp 0 adds them so.
+template <bool AL>
+MP_HD void mp_norm_digits_row(const float* __restrict__ a, const float* __restrict__ b, bool add, int n,
+                              const float* __restrict__ weight, float eps, float* __restrict__ sum, float* __restrict__ out,
+                              mp_u32* __restrict__ dr, float* __restrict__ sr, float* unit, int tid, float* sq, float* wmax,
+                              float* sinv) {
+    const int groups = n >> 2, lane = tid & 31;
+    float v[MP_ROW_GROUPS][4], w[MP_ROW_GROUPS][4], t[MP_ROW_GROUPS][4];
+    mp_row_groups<AL>(a, groups, tid, v);
+    mp_row_groups<AL>(weight, groups, tid, w);
+    if (add) {
+        mp_row_groups<AL>(b, groups, tid, t);
+#pragma unroll
+        for (int i = 0; i < MP_ROW_GROUPS; ++i) {
+#pragma unroll
+            for (int c = 0; c < 4; ++c) v[i][c] = mp_fadd(v[i][c], t[i][c]);
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < MP_ROW_GROUPS; ++i) {
+        const int g = tid + MP_DIGITS_THREADS * i;
+        if (g < groups) {
+            if (add) mp_st4<AL>(sum + 4 * g, v[i]);
+#pragma unroll
+            for (int c = 0; c < 4; ++c) sq[4 * g + c] = mp_fmul(v[i][c], v[i][c]);
+        }
+    }
+    mp_syncthreads();
+    if (tid < 32) {  // warp 0 (every lane of it)
+        float part[8];
+#pragma unroll
+        for (int j = 0; j < 8; ++j) part[j] = 0.0f;
+#pragma unroll
+        for (int j = 0; j < MP_ROW_BLOCK_COLS / 32; ++j) {  // columns past n: rms_norm adds 0 * 0 there
+            const int i = lane + 32 * j;
+            if (i < n) part[j & 7] = mp_fadd(part[j & 7], sq[i]);
+        }
+        float ss = 0.0f;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) ss = mp_fadd(ss, part[j]);
+        ss = mp_warp_sum1(ss);
+        if (lane == 0) *sinv = 1.0f / sqrtf(mp_fadd(ss / (float)n, eps));
+    }
+    mp_syncthreads();
+    const float inv = *sinv;
+#pragma unroll
+    for (int i = 0; i < MP_ROW_GROUPS; ++i) {
+#pragma unroll
+        for (int c = 0; c < 4; ++c) v[i][c] = mp_fmul(mp_fmul(v[i][c], inv), w[i][c]);
+    }
+    mp_row_out_digits<AL>(v, groups, tid, out, dr, sr, unit, wmax);
+}
+
+// rms_norm (add = 0) or add_rms_norm (add = 1: sum = a + b, then its norm) of `rows` rows of n columns (n a
+// multiple of 32, at most MP_ROW_BLOCK_COLS), a block per row, and the digits of out: bit for bit those
+// kernels' outputs and act_digits(out). Without add, b and sum are not read or written.
+extern "C" MP_GLOBAL void norm_digits(const float* __restrict__ a, const float* __restrict__ b, int add, int rows, int n,
+                                      const float* __restrict__ weight, float eps, float* __restrict__ sum,
+                                      float* __restrict__ out, mp_u32* __restrict__ xd, float* __restrict__ xs,
+                                      float* __restrict__ xunit) {
+    MP_SHARED float sq[MP_ROW_BLOCK_COLS];
+    MP_SHARED float wmax[MP_DIGITS_THREADS / 32];
+    MP_SHARED float sinv[1];
+    mp_grid_sync();
+    const int tid = threadIdx.x, r = (int)blockIdx.x;  // grid rows: every block has a row
+    const mp_i64 off = (mp_i64)r * n;
+    const bool al = mp_aligned(a, 16) && mp_aligned(b, 16) && mp_aligned(weight, 16) && mp_aligned(sum, 16)
+                    && mp_aligned(out, 16);  // every row then (n a multiple of 32)
+    if (al) mp_norm_digits_row<true>(a + off, b + off, add != 0, n, weight, eps, sum + off, out + off, xd + off,
+                                     xs + off / 32, xunit + r, tid, sq, wmax, sinv);
+    else mp_norm_digits_row<false>(a + off, b + off, add != 0, n, weight, eps, sum + off, out + off, xd + off,
+                                   xs + off / 32, xunit + r, tid, sq, wmax, sinv);
+}
+
 // ---- the router in one launch: softmax, top-k and (one block) the grouping ----------------------------
 // Warp w of block b takes token t = b * MP_WARPS + w: the softmax of its logits row into probs (as
 // softmax_rows), then its top-k (as router_topk). When the grid is one block (T <= MP_WARPS, short
@@ -1779,13 +1937,42 @@ extern "C" MP_GLOBAL void qk_norm_rope(const float* __restrict__ q, const float*
 }
 
 // SwiGLU: out = g / (1 + exp(-g)) * u
+MP_HD float mp_swiglu(float g, float u) { return mp_fmul(g / mp_fadd(1.0f, expf(-g)), u); }
+
 extern "C" MP_GLOBAL void swiglu(const float* __restrict__ g, const float* __restrict__ u, mp_i64 n,
                                  float* __restrict__ out) {
     mp_grid_sync();
-    for (mp_i64 i = (mp_i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (mp_i64)gridDim.x * blockDim.x) {
-        const float v = g[i];
-        out[i] = mp_fmul(v / mp_fadd(1.0f, expf(-v)), u[i]);
+    for (mp_i64 i = (mp_i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (mp_i64)gridDim.x * blockDim.x)
+        out[i] = mp_swiglu(g[i], u[i]);
+}
+
+// swiglu of `rows` rows of n columns (a multiple of 32, at most MP_ROW_BLOCK_COLS), a block per row, and
+// the digits of out (the down projection's input): bit for bit swiglu and act_digits(out)
+template <bool AL>
+MP_HD void mp_swiglu_digits_row(const float* __restrict__ g, const float* __restrict__ u, int n, float* __restrict__ out,
+                                mp_u32* __restrict__ dr, float* __restrict__ sr, float* unit, int tid, float* wmax) {
+    const int groups = n >> 2;
+    float v[MP_ROW_GROUPS][4], w[MP_ROW_GROUPS][4];
+    mp_row_groups<AL>(g, groups, tid, v);
+    mp_row_groups<AL>(u, groups, tid, w);
+#pragma unroll
+    for (int i = 0; i < MP_ROW_GROUPS; ++i) {
+#pragma unroll
+        for (int c = 0; c < 4; ++c) v[i][c] = mp_swiglu(v[i][c], w[i][c]);
     }
+    mp_row_out_digits<AL>(v, groups, tid, out, dr, sr, unit, wmax);
+}
+
+extern "C" MP_GLOBAL void swiglu_digits(const float* __restrict__ g, const float* __restrict__ u, int rows, int n,
+                                        float* __restrict__ out, mp_u32* __restrict__ xd, float* __restrict__ xs,
+                                        float* __restrict__ xunit) {
+    MP_SHARED float wmax[MP_DIGITS_THREADS / 32];
+    mp_grid_sync();
+    const int tid = threadIdx.x, r = (int)blockIdx.x;  // grid rows
+    const mp_i64 off = (mp_i64)r * n;
+    if (mp_aligned(g, 16) && mp_aligned(u, 16) && mp_aligned(out, 16))
+        mp_swiglu_digits_row<true>(g + off, u + off, n, out + off, xd + off, xs + off / 32, xunit + r, tid, wmax);
+    else mp_swiglu_digits_row<false>(g + off, u + off, n, out + off, xd + off, xs + off / 32, xunit + r, tid, wmax);
 }
 
 // residual add: out = a + b

@@ -62,7 +62,7 @@ MAX_ELEMENTWISE_BLOCKS = 8192
 
 # kernels whose threads meet at warp reductions or block barriers (the emulator runs them as coroutines)
 WARP_KERNELS = ("qmm_dense", "qmm_dense_splitk", "qmm_dense_mma", "qmm_experts", "qmm_experts_mma", "act_digits", "expert_group", "router_topk", "rms_norm",
-                "softmax_rows", "attention_core", "qk_norm_rope", "moe_route", "add_rms_norm")
+                "softmax_rows", "attention_core", "qk_norm_rope", "moe_route", "add_rms_norm", "norm_digits", "swiglu_digits")
 SPLITK_TILES = (1, 4)     # the token tiles with a split-K dense instance (prompts of up to 4 tokens)
 # split K only while the plain kernel's grid is small: a large matrix (the output head's 152k rows) already
 # fills the GPU, and splitting it only adds the blocks' shared-memory step
@@ -75,6 +75,12 @@ MMA_ROWS = 16             # weight rows per warp of the mma kernels
 DIGITS_THREADS = 256      # act_digits: threads per row (MP_DIGITS_THREADS)
 DIGITS_SLAB = 8192        # act_digits holds this many columns of a row in registers (MP_DIGITS_GROUPS): a
                           # wider row is read twice
+# norm_digits / swiglu_digits (the row kernels that write their output's digits too, a block per row): rows
+# of up to this many columns (MP_ROW_BLOCK_COLS); wider ones take the kernel and act_digits after it
+ROW_BLOCK_COLS = 2048
+# the forward has the norms and SwiGLU write the digits of the tensor-core products' inputs, saving
+# act_digits' launches; MP_FUSE_DIGITS=0 leaves them to act_digits in the products (tuning switch)
+FUSE_DIGITS = _tuning_define("MP_FUSE_DIGITS", 1)
 MMA_DENSE_WARPS = 8       # the most warps per block of qmm_dense_mma (MP_MMA_DENSE_WARPS)
 # super-blocks each warp of a qmm_dense_mma block walks: warps = K / 256 / this, from 1 to MMA_DENSE_WARPS
 MMA_DENSE_SBS = _tuning_define("MP_MMA_DENSE_SBS", 2)
@@ -92,7 +98,7 @@ NAME_EXPRESSIONS: tuple[str, ...] = tuple(
     + [f"qmm_experts<{q},{nt}>" for q in sorted(KERNEL_QTYPES.values()) for nt in TOKEN_TILES]
     + [f"qmm_experts_mma<{q}>" for q in MMA_QTYPES]
     + [f"qmm_dense_mma<{q}>" for q in MMA_QTYPES]
-    + ["act_digits", "expert_group", "router_topk", "moe_route", "moe_combine", "round_bf16", "rms_norm", "add_rms_norm", "softmax_rows", "attention_core",
+    + ["act_digits", "norm_digits", "swiglu_digits", "expert_group", "router_topk", "moe_route", "moe_combine", "round_bf16", "rms_norm", "add_rms_norm", "softmax_rows", "attention_core",
        "qk_norm_rope", "rope_neox", "swiglu", "add_f32"])
 
 COMPILE_OPTIONS = ("-std=c++17",)
@@ -472,11 +478,13 @@ def qmatmul(x, wt: DeviceTensor, out=None, *, as_qtype: Q | None = None, backend
     return qmatmul_shared_input(x, (wt,), outs=(out,), as_qtypes=(as_qtype,), backend=backend)[0]
 
 
-def qmatmul_shared_input(x, wts, *, outs=None, as_qtypes=None, backend: Backend | None = None) -> list:
+def qmatmul_shared_input(x, wts, *, outs=None, as_qtypes=None, digits=None, backend: Backend | None = None) -> list:
     """``[x @ W.T for W in wts]`` in as few launches as possible: consecutive matrices of the same
     kernel type and row layout (up to MAX_SHARED_INPUT) share one launch, which is what a short
     prompt's attn_q / attn_k / attn_v products need (each alone is latency-bound). Each result is
-    what :func:`qmatmul` gives for that matrix, bit for bit; ``outs`` / ``as_qtypes`` per matrix."""
+    what :func:`qmatmul` gives for that matrix, bit for bit; ``outs`` / ``as_qtypes`` per matrix.
+    ``digits``: ``act_digits(x)``'s result where the kernel that wrote x wrote it too (see
+    :func:`reads_digits`); the tensor-core products read it instead of launching act_digits."""
     be = _backend(backend)
     wts = tuple(wts)
     outs, as_qtypes = _per_matrix("qmatmul", len(wts), outs, as_qtypes)
@@ -498,7 +506,7 @@ def qmatmul_shared_input(x, wts, *, outs=None, as_qtypes=None, backend: Backend 
         if T and N:
             _, code, kq = _kernel_type(wt, as_q)
             todo.append(((code, kq, wt.row_bytes), (wt, out)))
-    digits = None  # act_digits' output, written once for the launches that use it
+    digits = _given_digits("qmatmul", digits, x, be)  # else act_digits' output, written once for the launches that use it
     for (code, kq, row_bytes), mats in _share_launches(todo, MAX_SHARED_INPUT):
         Ns = tuple(int(wt.shape[0]) for wt, _ in mats)
         pad = mats + [mats[0]] * (MAX_SHARED_INPUT - len(mats))  # unused slots: N = 0, no blocks
@@ -605,6 +613,30 @@ def dense_mma_warps(K: int) -> int:
     return max(1, min(MMA_DENSE_WARPS, K // 256 // max(1, MMA_DENSE_SBS)))
 
 
+def reads_digits(n_tokens: int, wts, as_qtypes=None, *, backend: Backend | None = None) -> bool:
+    """Whether a product of ``n_tokens`` tokens' rows (2-D ``wts``) or pairs' rows (3-D, grouped experts)
+    with any of ``wts`` takes the tensor cores, so reads the rows' digits: then the kernel that writes the
+    rows may write them too (``rms_norm``, ``add_rms_norm``, ``swiglu`` with ``digits=True``)."""
+    be = _backend(backend)
+    as_qtypes = tuple(as_qtypes) if as_qtypes is not None else (None,) * len(wts)
+    for wt, as_q in zip(wts, as_qtypes):
+        _, code, kq = _kernel_type(wt, as_q)
+        if use_mma(be, code, kq, int(wt.shape[-1]), n_tokens):
+            return True
+    return False
+
+
+def _given_digits(what: str, digits, x, be: Backend):
+    """A product's ``digits`` argument checked against its rows x (None: none given)."""
+    if digits is None:
+        return None
+    xd, xs, xunit = digits
+    R, K = int(x.size) // max(int(x.shape[-1]), 1), int(x.shape[-1])
+    if tuple(xd.shape) != (R, K) or tuple(xs.shape) != (R, K // 32) or tuple(xunit.shape) != (R,):
+        raise KernelError(f"{what}: digits of shapes {xd.shape} / {xs.shape} / {xunit.shape} do not belong to rows {x.shape}")
+    return tuple(digits)
+
+
 def act_digits(x, *, backend: Backend | None = None) -> tuple:
     """The exact integer form of float32 rows ``x`` ``[R, K]`` (K a multiple of 32) that the mma
     kernels read (kernel ``act_digits``): ``(xd uint32 [R, K], xs float32 [R, K/32],
@@ -629,7 +661,7 @@ def _digits_out(what: str, R: int, K: int, be: Backend) -> tuple:
 
 
 def qmatmul_experts(x, wt3: DeviceTensor, routing, out=None, *, x_per_pair: bool = False,
-                    as_qtype: Q | None = None, backend: Backend | None = None):
+                    as_qtype: Q | None = None, digits=None, backend: Backend | None = None):
     """Grouped expert product ("mul_mat_id").
 
     ``wt3`` a 3-D :class:`DeviceTensor` ``[E, N, K]``; ``routing`` an :class:`ExpertRouting` (or
@@ -638,14 +670,15 @@ def qmatmul_experts(x, wt3: DeviceTensor, routing, out=None, *, x_per_pair: bool
     (token, slot) pair: the down projection's swiglu input). Returns float32 ``[T, k, N]``: the
     product of pair (t, j)'s input row with expert ``ids[t, j]``'s weights.
 
-    ``as_qtype``: TEST-ONLY fault injection, as in :func:`qmatmul`.
+    ``as_qtype``: TEST-ONLY fault injection, as in :func:`qmatmul`; ``digits`` as in
+    :func:`qmatmul_shared_input`.
     """
     return qmatmul_experts_shared_input(x, (wt3,), routing, outs=(out,), x_per_pair=x_per_pair,
-                                        as_qtypes=(as_qtype,), backend=backend)[0]
+                                        as_qtypes=(as_qtype,), digits=digits, backend=backend)[0]
 
 
 def qmatmul_experts_shared_input(x, wt3s, routing, *, outs=None, x_per_pair: bool = False, as_qtypes=None,
-                                 backend: Backend | None = None) -> list:
+                                 digits=None, backend: Backend | None = None) -> list:
     """:func:`qmatmul_experts` for one or two expert tensors that read the same rows (ffn_gate_exps
     and ffn_up_exps): one launch when both have the same kernel type and shape, else one each.
     Each result is what :func:`qmatmul_experts` gives for that tensor, bit for bit."""
@@ -689,7 +722,7 @@ def qmatmul_experts_shared_input(x, wt3s, routing, *, outs=None, x_per_pair: boo
         _, code, kq = _kernel_type(wt3, as_q)
         todo.append(((code, kq, wt3.row_bytes), (wt3, out)))
     nt = _token_tile(T)
-    digits = None  # act_digits' output, written once for the launches that use it
+    digits = _given_digits("qmatmul_experts", digits, x, be)  # else act_digits' output, written once
     for (code, kq, row_bytes), mats in _share_launches(todo, 2):
         (w0, o0), (w1, o1) = mats[0], mats[-1]
         if use_mma(be, code, kq, K, T):
@@ -778,8 +811,26 @@ def _f32c(name: str, x, be: Backend):
     return be.xp.ascontiguousarray(x)
 
 
-def rms_norm(x, weight, eps: float, *, backend: Backend | None = None):
-    """``x / sqrt(mean(x * x, -1) + eps) * weight`` over the last axis (one warp per row)."""
+def _fused_digits(n: int) -> bool:
+    """Whether rows of n columns take the block-per-row kernels that write their output's digits too."""
+    return 0 < n <= ROW_BLOCK_COLS and n % 32 == 0
+
+
+def _fused_with_digits(what: str, out, rows: int, n: int, be: Backend, launch) -> tuple:
+    """``(out, digits)`` of a row kernel's block-per-row form: ``launch(digits)`` launches it on fresh
+    digit buffers, which it fills with ``act_digits(out)``."""
+    digits = _digits_out(what, rows, n, be)
+    if rows:
+        launch(digits)
+    return out, digits
+
+
+def rms_norm(x, weight, eps: float, *, digits: bool = False, backend: Backend | None = None):
+    """``x / sqrt(mean(x * x, -1) + eps) * weight`` over the last axis (one warp per row).
+
+    ``digits``: ``(out, act_digits(out))`` (the tensor-core products' input), bit for bit, from one
+    launch (kernel ``norm_digits``, a block per row) where the rows have up to ROW_BLOCK_COLS columns, a
+    multiple of 32."""
     be = _backend(backend)
     x, weight = _f32c("rms_norm: x", x, be), _f32c("rms_norm: weight", weight, be)
     n = int(x.shape[-1])
@@ -787,10 +838,14 @@ def rms_norm(x, weight, eps: float, *, backend: Backend | None = None):
         raise KernelError(f"rms_norm: weight shape {weight.shape}, expected ({n},)")
     out = be.xp.empty(x.shape, dtype=np.float32)
     rows = int(x.size) // max(n, 1)
+    if digits and _fused_digits(n):
+        return _fused_with_digits("rms_norm", out, rows, n, be, lambda dg: be.launch(
+            "norm_digits", (rows, 1, 1), (DIGITS_THREADS, 1, 1),
+            (x, x, np.int32(0), np.int32(rows), np.int32(n), weight, np.float32(eps), out, out, *dg)))
     if rows and n:
         be.launch("rms_norm", (_cdiv(rows, WARPS), 1, 1), (THREADS, 1, 1),
                   (x, np.int32(rows), np.int32(n), weight, np.float32(eps), out))
-    return out
+    return (out, act_digits(out.reshape(rows, n), backend=be)) if digits else out
 
 
 def softmax(x, *, causal_period: int = 0, backend: Backend | None = None):
@@ -835,9 +890,10 @@ def attention_core(q, k, v, out=None, *, backend: Backend | None = None):
     return scores, probs, ctx
 
 
-def add_rms_norm(a, b, weight, eps: float, *, backend: Backend | None = None):
+def add_rms_norm(a, b, weight, eps: float, *, digits: bool = False, backend: Backend | None = None):
     """``s = a + b`` and ``rms_norm(s, weight, eps)`` in one launch: ``(s, normed)``, bit for bit
-    :func:`add` then :func:`rms_norm` (one warp per row of the last axis)."""
+    :func:`add` then :func:`rms_norm` (one warp per row of the last axis). ``digits``: ``(s, normed,
+    act_digits(normed))``, in one launch where :func:`rms_norm`'s would be."""
     be = _backend(backend)
     a, b, weight = (_f32c(f"add_rms_norm: {n}", v, be) for n, v in (("a", a), ("b", b), ("weight", weight)))
     if tuple(a.shape) != tuple(b.shape):
@@ -847,10 +903,14 @@ def add_rms_norm(a, b, weight, eps: float, *, backend: Backend | None = None):
         raise KernelError(f"add_rms_norm: weight shape {weight.shape}, expected ({n},)")
     s, out = (be.xp.empty(a.shape, dtype=np.float32) for _ in range(2))
     rows = int(a.size) // max(n, 1)
+    if digits and _fused_digits(n):
+        return (s, *_fused_with_digits("add_rms_norm", out, rows, n, be, lambda dg: be.launch(
+            "norm_digits", (rows, 1, 1), (DIGITS_THREADS, 1, 1),
+            (a, b, np.int32(1), np.int32(rows), np.int32(n), weight, np.float32(eps), s, out, *dg))))
     if rows and n:
         be.launch("add_rms_norm", (_cdiv(rows, WARPS), 1, 1), (THREADS, 1, 1),
                   (a, b, np.int32(rows), np.int32(n), weight, np.float32(eps), s, out))
-    return s, out
+    return (s, out, act_digits(out.reshape(rows, n), backend=be)) if digits else (s, out)
 
 
 def qk_norm_rope(q, k, wq, wk, eps: float, cos, sin, *, backend: Backend | None = None):
@@ -892,10 +952,15 @@ def rope_neox(x, cos, sin, *, backend: Backend | None = None):
     return out
 
 
-def _binary(kernel: str, a, b, be: Backend):
+def _binary_args(kernel: str, a, b, be: Backend):
     a, b = _f32c(f"{kernel}: a", a, be), _f32c(f"{kernel}: b", b, be)
     if tuple(a.shape) != tuple(b.shape):
         raise KernelError(f"{kernel}: shapes {a.shape} and {b.shape} differ")
+    return a, b
+
+
+def _binary(kernel: str, a, b, be: Backend):
+    a, b = _binary_args(kernel, a, b, be)
     out = be.xp.empty(a.shape, dtype=np.float32)
     if a.size:
         be.launch(kernel, _elementwise_grid(int(a.size)), (ELEMENTWISE_THREADS, 1, 1),
@@ -903,9 +968,22 @@ def _binary(kernel: str, a, b, be: Backend):
     return out
 
 
-def swiglu(g, u, *, backend: Backend | None = None):
-    """``g / (1 + exp(-g)) * u`` elementwise."""
-    return _binary("swiglu", g, u, _backend(backend))
+def swiglu(g, u, *, digits: bool = False, backend: Backend | None = None):
+    """``g / (1 + exp(-g)) * u`` elementwise. ``digits``: ``(out, act_digits(out))`` over the rows of
+    the last axis (the down projection's input), bit for bit, from one launch (kernel
+    ``swiglu_digits``, a block per row) where the rows have up to ROW_BLOCK_COLS columns, a multiple of 32."""
+    be = _backend(backend)
+    if not digits:
+        return _binary("swiglu", g, u, be)
+    g, u = _binary_args("swiglu", g, u, be)
+    n = int(g.shape[-1])
+    rows = int(g.size) // max(n, 1)
+    if not _fused_digits(n):
+        out = _binary("swiglu", g, u, be)
+        return out, act_digits(out.reshape(rows, n), backend=be)
+    out = be.xp.empty(g.shape, dtype=np.float32)
+    return _fused_with_digits("swiglu", out, rows, n, be, lambda dg: be.launch(
+        "swiglu_digits", (rows, 1, 1), (DIGITS_THREADS, 1, 1), (g, u, np.int32(rows), np.int32(n), out, *dg)))
 
 
 def add(a, b, *, backend: Backend | None = None):
