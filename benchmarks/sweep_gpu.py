@@ -26,7 +26,8 @@ from _common import write_result  # noqa: E402
 
 from tabulate import tabulate  # noqa: E402
 
-PRODUCTS = ("qmm_experts_mma<12", "qmm_dense_mma<12", "act_digits", "norm_digits", "swiglu_digits", "rms_norm", "add_rms_norm", "qmm_experts<12", "qmm_experts<14", "qmm_dense<12", "qmm_dense<14", "qmm_dense<0",
+PRODUCTS = ("qmm_experts_mma<12", "qmm_dense_mma<12", "act_digits", "norm_digits", "swiglu_digits", "norm_rope_attention", "rms_norm", "add_rms_norm",
+            "qk_norm_rope", "attention_core", "qmm_experts<12", "qmm_experts<14", "qmm_dense<12", "qmm_dense<14", "qmm_dense<0",
             "qmm_dense_splitk<12", "qmm_dense_splitk<14", "qmm_dense_splitk<0")
 
 

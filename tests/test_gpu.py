@@ -960,6 +960,48 @@ def test_qk_norm_rope_is_norm_then_rope(backend, T, nh, nkv, hd):
     _assert_close(qn[ok], ref[ok], "q_norm vs float64", tol=1e-6)
 
 
+@pytest.mark.parametrize("T,nh,nkv,hd", [(3, 32, 4, 128), (4, 32, 8, 128), (2, 4, 2, 64), (1, 6, 3, 32), (3, 8, 2, 256),
+                                         (9, 32, 4, 128), (2, 4, 1, 512)])  # the last two: too large for one block
+def test_norm_rope_attention_is_the_three_kernels(backend, T, nh, nkv, hd):
+    """The q/k norms + RoPE, attention and the context's digits in one launch (a block per token) give
+    qk_norm_rope's, attention_core's and act_digits' results bit for bit (each checked against float64
+    above), with a NaN in one token's q staying in that token's rows; sizes past one block take the three
+    kernels."""
+    from pytest_moeparity.gpu import kernels as K
+
+    rng = _rng("norm-rope-attention", T, nh, nkv, hd)
+    q = (rng.standard_normal((T, nh, hd)) * 3).astype(np.float32)
+    k = (rng.standard_normal((T, nkv, hd)) * 3).astype(np.float32)
+    v = (rng.standard_normal((T, nkv * hd)) * np.exp2(rng.integers(-8, 8, size=(T, nkv * hd)))).astype(np.float32)
+    if T > 1:
+        q[T - 2, nh - 1, 3] = np.nan
+    wq, wk = (rng.uniform(0.5, 1.5, hd).astype(np.float32) for _ in range(2))
+    half = hd // 2
+    ang = np.arange(T)[:, None] * (1e6 ** (-np.arange(half) * 2.0 / hd))[None, :]
+    cos, sin = (_dev(backend, f(ang).astype(np.float32)) for f in (np.cos, np.sin))
+    dq, dk, dv, dwq, dwk = (_dev(backend, a) for a in (q, k, v, wq, wk))
+    fused = T * nkv * hd <= K.ATTN_KV and hd <= K.ATTN_HEAD_DIM
+    n_before = len(getattr(backend, "launches", []))
+    got = K.norm_rope_attention(dq, dk, dv, dwq, dwk, 1e-6, cos, sin, backend=backend)
+    if hasattr(backend, "launches"):
+        want_l = ["norm_rope_attention"] if fused else ["qk_norm_rope", "attention_core", "act_digits"]
+        assert backend.launches[n_before:] == want_l, backend.launches[n_before:]
+    qn, kn, qr, kr = K.qk_norm_rope(dq, dk, dwq, dwk, 1e-6, cos, sin, backend=backend)
+    scores, probs, ctx = K.attention_core(qr, kr, dv, backend=backend)
+    want = (qn, kn, qr, kr, scores, probs, ctx)
+    for name, g, w in zip(("q_norm", "k_norm", "q rope", "k rope", "scores", "probs", "ctx"), got[:7], want):
+        g, w = _host(backend, g), _host(backend, w)
+        assert g.shape == w.shape, f"{name}: shape {g.shape}, want {w.shape}"
+        assert np.array_equal(g, w, equal_nan=True), f"{name} (T={T}, nh={nh}, nkv={nkv}, hd={hd}) differs from the kernel's"
+    _assert_same_digits(backend, got[7], K.act_digits(ctx, backend=backend), f"context digits T={T}")
+    c = _host(backend, got[6])
+    if T > 1:  # a NaN in token T - 2's q: its scores row, so its context; later tokens' keys are not its
+        assert np.isnan(c[T - 2]).any() and not np.isnan(np.delete(c, T - 2, axis=0)).any()
+        assert np.isnan(_host(backend, got[7][2])[T - 2])
+    else:
+        assert np.isfinite(c).all()
+
+
 def test_add_rms_norm_is_add_then_rms_norm(backend):
     """The fused residual add + RMSNorm gives add's and rms_norm's results bit for bit, a NaN staying
     in its own row."""
@@ -1194,9 +1236,9 @@ def test_forward_matches_reference(backend, model_factory, preset, quant):
 @pytest.mark.parametrize("preset", ["tiny", "small"])
 def test_short_prompt_forward_on_tensor_cores(backend, model_factory, preset, n_tokens, monkeypatch):
     """A Q4_K_M model's short prompt takes the tensor-core products (dense and expert, their inputs'
-    digits written once per input: by the norms and SwiGLU that write the inputs, by act_digits for
-    the attention's output): every stage, position and layer Matches the NumPy reference, and the trace
-    is bit for bit the one with every input's digits written by act_digits."""
+    digits written once per input, by the kernels that write the inputs: the norms, the one-launch
+    attention, SwiGLU): every stage, position and layer Matches the NumPy reference, and the trace is bit
+    for bit the one with every input's digits written by act_digits."""
     _skip_slow_emulator(backend, preset)
     from pytest_moeparity.gpu import kernels as Kn
 
@@ -1215,13 +1257,14 @@ def test_short_prompt_forward_on_tensor_cores(backend, model_factory, preset, n_
         n_layers = model.config.n_layers
         for name in ("qmm_dense_mma<12>", "qmm_experts_mma<12>"):
             assert name in launched, f"{name} not launched: {sorted(set(launched))}"
-        # each product input's digits once, however many products read it: per layer attn_norm (q / k / v)
-        # and ffn_norm (gate / up) by their norms, SwiGLU's where ffn_down_exps is Q4_K by SwiGLU, the
-        # attention's output (attn_output) by act_digits
+        # each product input's digits once, however many products read it, by the kernel writing the input:
+        # per layer attn_norm (q / k / v) and ffn_norm (gate / up) by their norms, the context (attn_output)
+        # by the one-launch norms + RoPE + attention, SwiGLU's where ffn_down_exps is Q4_K by SwiGLU
         n_q4k_down = sum(model.layer(L, "ffn_down_exps").type_name == "Q4_K" for L in range(n_layers))
         assert launched.count("norm_digits") == 2 * n_layers, sorted(set(launched))
+        assert launched.count("norm_rope_attention") == n_layers, sorted(set(launched))
         assert launched.count("swiglu_digits") == n_q4k_down, sorted(set(launched))
-        assert launched.count("act_digits") == n_layers, sorted(set(launched))
+        assert "act_digits" not in launched and "qk_norm_rope" not in launched, sorted(set(launched))
     if backend.mma and Kn.MMA:  # the same trace with every input's digits from act_digits in the products
         monkeypatch.setattr(Kn, "reads_digits", lambda *a, **k: False)
         plain = engine.run(tokens, plan)

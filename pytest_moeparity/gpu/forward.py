@@ -98,8 +98,8 @@ class CupyEngine:
         kind, victim, wrong_t = FAULTS[self.fault]
         return wrong_t if (tensor_kind == kind and wt.qtype == victim) else None
 
-    def _layer_mm(self, x, layer: int, name: str, weights: DeviceWeights):
-        return self._layer_mms(x, layer, (name,), weights)[0]
+    def _layer_mm(self, x, layer: int, name: str, weights: DeviceWeights, digits=None):
+        return self._layer_mms(x, layer, (name,), weights, digits)[0]
 
     def _layer_tensors(self, layer: int, names, weights: DeviceWeights) -> tuple[list, list]:
         """A layer's matrices and the kernel type each is read with (None: its own)."""
@@ -314,6 +314,27 @@ class CupyEngine:
         v = rec.tap(S.v_proj, L, v)
 
         wq, wk = self._vec(L, "attn_q_norm", weights), self._vec(L, "attn_k_norm", weights)
+        ctx_dig = None
+        if (self._fusable(rec, L, (S.q_norm, S.k_norm, S.q_post_rope, S.k_post_rope, S.attn_scores, S.attn_softmax))
+                and self._wants_digits(rec, L, S.attention, T, *self._layer_tensors(L, ("attn_output",), weights))):
+            # the q/k norms, RoPE, attention and the context's digits for the tensor-core attn_output product in
+            # one launch (short prompts)
+            qn, kn, q, k, scores, p, ctx, ctx_dig = K.norm_rope_attention(
+                q.reshape(T, nh, hd), k.reshape(T, nkv, hd), v, wq, wk, cfg.rms_eps, cos, sin, backend=self.backend)
+            for stage, val in ((S.q_norm, qn), (S.k_norm, kn), (S.q_post_rope, q), (S.k_post_rope, k),
+                               (S.attn_scores, scores), (S.attn_softmax, p)):
+                rec.tap(stage, L, val)
+        else:
+            ctx = self._attention_parts(L, q, k, v, wq, wk, cos, sin, rec)
+        ctx = rec.tap(S.attention, L, ctx)
+        out = a(self._layer_mm(ctx, L, "attn_output", weights, digits=ctx_dig))
+        return rec.tap(S.attn_out, L, out)  # moe() adds the residual
+
+    def _attention_parts(self, L: int, q, k, v, wq, wk, cos, sin, rec: Recorder):
+        """The q/k norms and RoPE, then scores, softmax and context (the layer's context), in the fewest
+        launches its faults and precision mode allow."""
+        cfg, a = self.cfg, self._a
+        T, nh, nkv, hd = q.shape[0], cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         if self._fusable(rec, L, (S.q_norm, S.k_norm)):
             # one launch for the q/k norms and RoPE (a planted fault on a norm's output, or a rounding
             # precision mode, takes the stage-by-stage path below)
@@ -339,9 +360,7 @@ class CupyEngine:
             rec.tap(S.attn_softmax, L, p)
         else:
             scores, p, ctx = self._attention_stages(L, q, k, v, rec)
-        ctx = rec.tap(S.attention, L, ctx)
-        out = a(self._layer_mm(ctx, L, "attn_output", weights))
-        return rec.tap(S.attn_out, L, out)  # moe() adds the residual
+        return ctx
 
     def _fusable(self, rec: Recorder, layer: int, inner) -> bool:
         """Whether one fused kernel may compute a run of stages whose ``inner`` stages feed the next

@@ -1091,15 +1091,16 @@ MP_HD void mp_digits_load(const float* __restrict__ row, int groups, int slab, i
     }
 }
 
-// the largest m of the block's MP_DIGITS_THREADS threads (wmax: a shared float per warp, not read again
-// by the block before its next barrier)
+// the largest m of the block's TH threads (wmax: a shared float per warp, not read again by the block
+// before its next barrier)
+template <int TH = MP_DIGITS_THREADS>
 MP_HD float mp_digits_block_max(float m, float* wmax, int tid) {
     float v[1] = {m};
     mp_warp_allmax<1>(v);
     if ((tid & 31) == 0) wmax[tid >> 5] = v[0];
     mp_syncthreads();
 #pragma unroll
-    for (int w = 0; w < MP_DIGITS_THREADS / 32; ++w) v[0] = fmaxf(v[0], wmax[w]);
+    for (int w = 0; w < TH / 32; ++w) v[0] = fmaxf(v[0], wmax[w]);
     return v[0];
 }
 
@@ -1113,15 +1114,16 @@ MP_HD float mp_digits_scale(float m, float* unit) {
     return bad ? 0.0f : mp_bits_to_float((mp_u32)(283 - e) << 23);  // 2^(30 - E), E = e - 126
 }
 
-// the digits (dr: the row's words) and sub-block sums (sr) of the groups a thread holds in v: group
-// MP_DIGITS_THREADS G slab + tid + MP_DIGITS_THREADS i in v[i] (0 past the row's end), scale inv
-template <int G>
+// the digits (dr: the row's words) and sub-block sums (sr) of the groups a thread of TH holds in v: group
+// TH G slab + tid + TH i in v[i] (0 past the row's end), scale inv. (A sub-block's 8 groups lie in 8
+// consecutive lanes whatever TH, so its sum is the same.)
+template <int G, int TH = MP_DIGITS_THREADS>
 MP_HD void mp_digits_store(const float (&v)[G][4], int groups, int slab, int tid, float inv, mp_u32* __restrict__ dr,
                            float* __restrict__ sr) {
-    const int lane = tid & 31, per = MP_DIGITS_THREADS * G;
+    const int lane = tid & 31, per = TH * G;
 #pragma unroll
     for (int i = 0; i < G; ++i) {
-        const int g0 = per * slab + MP_DIGITS_THREADS * i + (tid & ~31), g = g0 + lane;
+        const int g0 = per * slab + TH * i + (tid & ~31), g = g0 + lane;
         if (g0 < groups) {  // uniform over the warp (groups is a multiple of 8, lanes 8 at a time)
             float part = 0.0f;
             if (g < groups) {
@@ -1609,24 +1611,26 @@ extern "C" MP_GLOBAL void moe_combine(const float* __restrict__ y, const float* 
 #define MP_RMS_REGS 64          // rms_norm: values per lane held in registers (rows up to 2048)
 
 // RMSNorm: out = x / sqrt(mean(x * x) + eps) * weight[i % n]
-// one row xr[0..n) into o by the lanes of a warp
+// one row xr[0..n) into o by the lanes of a warp. REGS < MP_RMS_REGS (fewer registers, for large blocks)
+// gives the same result for rows of up to 32 REGS values: the values past them add 0 * 0 to the parts.
+template <int REGS = MP_RMS_REGS>
 MP_HD void mp_rms_norm_row(const float* xr, int n, const float* __restrict__ weight, float eps,
                            float* __restrict__ o, int lane) {
-    // rows of up to 32 * MP_RMS_REGS values are held in registers with their weights: one burst of
+    // rows of up to 32 * REGS values are held in registers with their weights: one burst of
     // independent loads (the row costs one memory round trip), sums of squares in 8 partial sums
-    float v[MP_RMS_REGS], wv[MP_RMS_REGS], part[8];
+    float v[REGS], wv[REGS], part[8];
 #pragma unroll
     for (int j = 0; j < 8; ++j) part[j] = 0.0f;
-    const bool in_regs = n <= 32 * MP_RMS_REGS;
+    const bool in_regs = n <= 32 * REGS;
     if (in_regs) {
 #pragma unroll
-        for (int j = 0; j < MP_RMS_REGS; ++j) {
+        for (int j = 0; j < REGS; ++j) {
             const int i = lane + 32 * j;
             v[j] = i < n ? xr[i] : 0.0f;
             wv[j] = i < n ? weight[i] : 0.0f;
         }
 #pragma unroll
-        for (int j = 0; j < MP_RMS_REGS; ++j) part[j & 7] = mp_fadd(part[j & 7], mp_fmul(v[j], v[j]));
+        for (int j = 0; j < REGS; ++j) part[j & 7] = mp_fadd(part[j & 7], mp_fmul(v[j], v[j]));
     } else {
         for (int i = lane; i < n; i += 32) part[0] = mp_fadd(part[0], mp_fmul(xr[i], xr[i]));
     }
@@ -1638,7 +1642,7 @@ MP_HD void mp_rms_norm_row(const float* xr, int n, const float* __restrict__ wei
     const float inv = 1.0f / sqrtf(mp_fadd(ss / (float)n, eps));
     if (in_regs) {
 #pragma unroll
-        for (int j = 0; j < MP_RMS_REGS; ++j) {
+        for (int j = 0; j < REGS; ++j) {
             const int i = lane + 32 * j;
             if (i < n) o[i] = mp_fmul(mp_fmul(v[j], inv), wv[j]);
         }
@@ -1860,18 +1864,13 @@ extern "C" MP_GLOBAL void moe_route(const float* __restrict__ logits, int T, int
 //   probs[t, h, :]  = softmax of the row with the columns s > t masked (mp_softmax_row)
 //   ctx[t, h*hd + d] = sum_s probs[t, h, s] v[s, g, d]          over every s, as p @ v (0 * NaN is NaN)
 // q [T, nh, hd], k and v [T, nkv, hd], all contiguous float32.
-extern "C" MP_GLOBAL void attention_core(const float* __restrict__ q, const float* __restrict__ k,
-                                         const float* __restrict__ v, int T, int nh, int nkv, int hd, float sqrt_hd,
-                                         float* __restrict__ scores, float* __restrict__ probs, float* __restrict__ ctx) {
-    mp_grid_sync();
-    const int row = blockIdx.x * MP_WARPS + (threadIdx.x >> 5), lane = threadIdx.x & 31;
-    if (row >= T * nh) return;  // uniform over the warp
-    const int t = row / nh, h = row % nh, g = h / (nh / nkv);
-    const float* qr = q + (mp_i64)row * hd;
-    float* sr = scores + (mp_i64)row * T;
-    float* pr = probs + (mp_i64)row * T;
+// one (t, head) row of attention by a warp: q row qr [hd], k and v [T, nkv, hd] (kv head g); the scores
+// into sr [T], the probabilities into pr [T], the context into cr [hd] (cr may be qr: a lane writes the
+// columns it read)
+MP_HD void mp_attention_row(const float* qr, const float* kb, const float* __restrict__ v, int T, int nkv, int hd, int g,
+                            int t, float sqrt_hd, float* sr, float* pr, float* cr, int lane) {
     for (int s = 0; s < T; ++s) {
-        const float* kr = k + ((mp_i64)s * nkv + g) * hd;
+        const float* kr = kb + ((mp_i64)s * nkv + g) * hd;
         float part = 0.0f;
         for (int d = lane; d < hd; d += 32) part = fmaf(qr[d], kr[d], part);
         const float dot = mp_warp_sum1(part);
@@ -1879,12 +1878,22 @@ extern "C" MP_GLOBAL void attention_core(const float* __restrict__ q, const floa
     }
     mp_softmax_row(sr, T, t + 1, pr, lane);
     mp_syncwarp();  // every lane reads every column of the probabilities below
-    float* cr = ctx + (mp_i64)row * hd;  // [T, nh, hd] = [T, nh * hd]
     for (int d = lane; d < hd; d += 32) {
         float acc = 0.0f;
         for (int s = 0; s < T; ++s) acc = fmaf(pr[s], v[((mp_i64)s * nkv + g) * hd + d], acc);
         cr[d] = acc;
     }
+}
+
+extern "C" MP_GLOBAL void attention_core(const float* __restrict__ q, const float* __restrict__ k,
+                                         const float* __restrict__ v, int T, int nh, int nkv, int hd, float sqrt_hd,
+                                         float* __restrict__ scores, float* __restrict__ probs, float* __restrict__ ctx) {
+    mp_grid_sync();
+    const int row = blockIdx.x * MP_WARPS + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+    if (row >= T * nh) return;  // uniform over the warp
+    const int t = row / nh, h = row % nh;
+    mp_attention_row(q + (mp_i64)row * hd, k, v, T, nkv, hd, h / (nh / nkv), t, sqrt_hd, scores + (mp_i64)row * T,
+                     probs + (mp_i64)row * T, ctx + (mp_i64)row * hd, lane);  // ctx [T, nh, hd] = [T, nh * hd]
 }
 
 // ---- elementwise ----------------------------------------------------------------------------------------
@@ -1917,6 +1926,32 @@ extern "C" MP_GLOBAL void rope_neox(const float* __restrict__ x, int T, int head
 // as rms_norm does (mp_rms_norm_row, weights wq / wk) into qn / kn, which the captures of q_norm /
 // k_norm read, then rotated as rope_neox does (mp_rope_value) into qr / kr: bit for bit the two-kernel
 // results.
+
+// one head row x [hd] (hd <= 32 REGS) by a warp: normalised into nr, then rotated (c / s: its position's
+// cos / sin) into rr and, where not null, rr2; rr may be nr (the rotated row is held in registers first)
+template <int REGS>
+MP_HD void mp_norm_rope_row(const float* x, int hd, const float* __restrict__ w, float eps, const float* __restrict__ c,
+                            const float* __restrict__ s, float* nr, float* rr, float* rr2, int lane) {
+    mp_rms_norm_row<REGS>(x, hd, w, eps, nr, lane);
+    mp_syncwarp();  // a lane rotates columns that other lanes normalised
+    const int half = hd / 2;
+    float r[REGS];
+#pragma unroll
+    for (int i = 0; i < REGS; ++i) {
+        const int j = lane + 32 * i;
+        r[i] = j < hd ? mp_rope_value(nr, j, half, c, s) : 0.0f;
+    }
+    mp_syncwarp();  // every lane has read nr
+#pragma unroll
+    for (int i = 0; i < REGS; ++i) {
+        const int j = lane + 32 * i;
+        if (j < hd) {
+            rr[j] = r[i];
+            if (rr2) rr2[j] = r[i];
+        }
+    }
+}
+
 extern "C" MP_GLOBAL void qk_norm_rope(const float* __restrict__ q, const float* __restrict__ k, int T, int nh, int nkv,
                                        int hd, const float* __restrict__ wq, const float* __restrict__ wk, float eps,
                                        const float* __restrict__ cosv, const float* __restrict__ sinv,
@@ -1929,11 +1964,85 @@ extern "C" MP_GLOBAL void qk_norm_rope(const float* __restrict__ q, const float*
     const bool isq = row < qrows;
     const int r = isq ? row : row - qrows, t = r / (isq ? nh : nkv), half = hd / 2;
     const mp_i64 off = (mp_i64)r * hd;
-    float* nr = (isq ? qn : kn) + off;
-    mp_rms_norm_row((isq ? q : k) + off, hd, isq ? wq : wk, eps, nr, lane);
-    mp_syncwarp();  // a lane rotates columns that other lanes normalised
-    float* rr = (isq ? qr : kr) + off;
-    for (int j = lane; j < hd; j += 32) rr[j] = mp_rope_value(nr, j, half, cosv + (mp_i64)t * half, sinv + (mp_i64)t * half);
+    mp_norm_rope_row<MP_RMS_REGS>((isq ? q : k) + off, hd, isq ? wq : wk, eps, cosv + (mp_i64)t * half,
+                                  sinv + (mp_i64)t * half, (isq ? qn : kn) + off, (isq ? qr : kr) + off, nullptr, lane);
+}
+
+// ---- q/k norm + RoPE, attention and the digits of its output in one launch (short prompts) -------------
+// Block t (grid T) of MP_ATTN_THREADS threads, for the tensor-core attn_output product:
+//   1. warp w normalises and rotates rows w, w + 32, ... of token t's q heads (into qn / qr and shared
+//      memory) and of every token's k heads (into shared memory; token t's also into kn / kr), as
+//      qk_norm_rope does;
+//   2. warp w computes the attention of token t's heads w, w + 32, ... as attention_core does (scores and
+//      probs into their captures, the context into shared memory over the head's q row);
+//   3. the block writes the context row to ctx and its digits as act_digits does.
+// Bit for bit qk_norm_rope, attention_core and act_digits(ctx). Three launches of a few us each (their
+// latency chains, not their work) become one. Sizes (kernels.py checks): hd even and at most
+// 32 MP_ATTN_NORM_REGS, nh hd at most MP_ATTN_COLS and a multiple of 32, T nkv hd at most MP_ATTN_KV.
+#define MP_ATTN_THREADS 1024    // kernels.py: ATTN_THREADS
+#define MP_ATTN_COLS 4096       // kernels.py: ATTN_COLS
+#define MP_ATTN_KV 4096         // kernels.py: ATTN_KV
+#define MP_ATTN_NORM_REGS 8     // head rows of up to 256 (kernels.py: ATTN_HEAD_DIM)
+#ifdef MOEPARITY_EMULATOR
+#define MP_ATTN_GLOBAL MP_GLOBAL
+#else
+#define MP_ATTN_GLOBAL __global__ __launch_bounds__(MP_ATTN_THREADS)
+#endif
+
+extern "C" MP_ATTN_GLOBAL void norm_rope_attention(const float* __restrict__ q, const float* __restrict__ k,
+        const float* __restrict__ v, int T, int nh, int nkv, int hd, const float* __restrict__ wq,
+        const float* __restrict__ wk, float eps, const float* __restrict__ cosv, const float* __restrict__ sinv,
+        float sqrt_hd, float* __restrict__ qn, float* __restrict__ kn, float* __restrict__ qr, float* __restrict__ kr,
+        float* __restrict__ scores, float* __restrict__ probs, float* __restrict__ ctx, mp_u32* __restrict__ xd,
+        float* __restrict__ xs, float* __restrict__ xunit) {
+    MP_SHARED float qs[MP_ATTN_COLS];  // token t's rotated q rows [nh, hd], then its context row
+    MP_SHARED float ks[MP_ATTN_KV];    // every token's rotated k rows [T, nkv, hd]
+    MP_SHARED float wmax[MP_ATTN_THREADS / 32];
+    mp_grid_sync();
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, t = (int)blockIdx.x, half = hd / 2;
+    const int cols = nh * hd;
+    for (int r = warp; r < nh + T * nkv; r += MP_ATTN_THREADS / 32) {  // 1. norms and RoPE
+        if (r < nh) {
+            const mp_i64 off = ((mp_i64)t * nh + r) * hd;
+            mp_norm_rope_row<MP_ATTN_NORM_REGS>(q + off, hd, wq, eps, cosv + (mp_i64)t * half, sinv + (mp_i64)t * half,
+                                                qn + off, qs + r * hd, qr + off, lane);
+        } else {
+            const int rk = r - nh, s = rk / nkv;
+            const mp_i64 off = (mp_i64)rk * hd;
+            float* own = ks + rk * hd;
+            mp_norm_rope_row<MP_ATTN_NORM_REGS>(k + off, hd, wk, eps, cosv + (mp_i64)s * half, sinv + (mp_i64)s * half,
+                                                s == t ? kn + off : own, own, s == t ? kr + off : nullptr, lane);
+        }
+    }
+    mp_syncthreads();
+    for (int h = warp; h < nh; h += MP_ATTN_THREADS / 32) {  // 2. attention (the context over the q row)
+        const mp_i64 row = (mp_i64)t * nh + h;
+        mp_attention_row(qs + h * hd, ks, v, T, nkv, hd, h / (nh / nkv), t, sqrt_hd, scores + row * T, probs + row * T,
+                         qs + h * hd, lane);
+    }
+    mp_syncthreads();
+    const int groups = cols >> 2;  // 3. the context row and its digits
+    float cv[MP_ATTN_COLS / 4 / MP_ATTN_THREADS][4];
+    float m = 0.0f;
+    float* cr = ctx + (mp_i64)t * cols;
+    const bool al = mp_aligned(ctx, 16);  // every row then (cols a multiple of 32)
+#pragma unroll
+    for (int i = 0; i < MP_ATTN_COLS / 4 / MP_ATTN_THREADS; ++i) {
+        const int g = tid + MP_ATTN_THREADS * i;
+        mp_x4<false>(qs + 4 * (g < groups ? g : groups - 1), cv[i]);
+        if (g < groups) {
+            if (al) mp_st4<true>(cr + 4 * g, cv[i]);
+            else mp_st4<false>(cr + 4 * g, cv[i]);
+        }
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+            cv[i][c] = g < groups ? cv[i][c] : 0.0f;
+            m = fmaxf(m, mp_abs_key(cv[i][c]));
+        }
+    }
+    const float inv = mp_digits_scale(mp_digits_block_max<MP_ATTN_THREADS>(m, wmax, tid), tid == 0 ? xunit + t : nullptr);
+    mp_digits_store<MP_ATTN_COLS / 4 / MP_ATTN_THREADS, MP_ATTN_THREADS>(cv, groups, 0, tid, inv, xd + (mp_i64)t * cols,
+                                                                        xs + (mp_i64)t * (cols >> 5));
 }
 
 // SwiGLU: out = g / (1 + exp(-g)) * u

@@ -62,7 +62,8 @@ MAX_ELEMENTWISE_BLOCKS = 8192
 
 # kernels whose threads meet at warp reductions or block barriers (the emulator runs them as coroutines)
 WARP_KERNELS = ("qmm_dense", "qmm_dense_splitk", "qmm_dense_mma", "qmm_experts", "qmm_experts_mma", "act_digits", "expert_group", "router_topk", "rms_norm",
-                "softmax_rows", "attention_core", "qk_norm_rope", "moe_route", "add_rms_norm", "norm_digits", "swiglu_digits")
+                "softmax_rows", "attention_core", "qk_norm_rope", "moe_route", "add_rms_norm", "norm_digits", "swiglu_digits",
+                "norm_rope_attention")
 SPLITK_TILES = (1, 4)     # the token tiles with a split-K dense instance (prompts of up to 4 tokens)
 # split K only while the plain kernel's grid is small: a large matrix (the output head's 152k rows) already
 # fills the GPU, and splitting it only adds the blocks' shared-memory step
@@ -81,6 +82,12 @@ ROW_BLOCK_COLS = 2048
 # the forward has the norms and SwiGLU write the digits of the tensor-core products' inputs, saving
 # act_digits' launches; MP_FUSE_DIGITS=0 leaves them to act_digits in the products (tuning switch)
 FUSE_DIGITS = _tuning_define("MP_FUSE_DIGITS", 1)
+# norm_rope_attention (q/k norms + RoPE, attention and the context's digits, a block per token): its sizes
+ATTN_THREADS = 1024       # MP_ATTN_THREADS: threads per block (a warp per head row)
+ATTN_HEAD_DIM = 256       # 32 MP_ATTN_NORM_REGS: the longest head row
+ATTN_COLS = 4096          # MP_ATTN_COLS: the most q columns of a token (heads x head_dim), in shared memory
+ATTN_KV = 4096            # MP_ATTN_KV: the most k values of the prompt (tokens x kv heads x head_dim), too
+QK_NORM_MAX_HEAD_DIM = 2048  # qk_norm_rope: 32 MP_RMS_REGS (a head row in a warp's registers)
 MMA_DENSE_WARPS = 8       # the most warps per block of qmm_dense_mma (MP_MMA_DENSE_WARPS)
 # super-blocks each warp of a qmm_dense_mma block walks: warps = K / 256 / this, from 1 to MMA_DENSE_WARPS
 MMA_DENSE_SBS = _tuning_define("MP_MMA_DENSE_SBS", 2)
@@ -98,7 +105,7 @@ NAME_EXPRESSIONS: tuple[str, ...] = tuple(
     + [f"qmm_experts<{q},{nt}>" for q in sorted(KERNEL_QTYPES.values()) for nt in TOKEN_TILES]
     + [f"qmm_experts_mma<{q}>" for q in MMA_QTYPES]
     + [f"qmm_dense_mma<{q}>" for q in MMA_QTYPES]
-    + ["act_digits", "norm_digits", "swiglu_digits", "expert_group", "router_topk", "moe_route", "moe_combine", "round_bf16", "rms_norm", "add_rms_norm", "softmax_rows", "attention_core",
+    + ["act_digits", "norm_digits", "swiglu_digits", "norm_rope_attention", "expert_group", "router_topk", "moe_route", "moe_combine", "round_bf16", "rms_norm", "add_rms_norm", "softmax_rows", "attention_core",
        "qk_norm_rope", "rope_neox", "swiglu", "add_f32"])
 
 COMPILE_OPTIONS = ("-std=c++17",)
@@ -138,7 +145,7 @@ class Param:
 
 
 _CTYPES = {"mp_u8": np.uint8, "mp_u32": np.uint32, "float": np.float32, "int": np.int32, "mp_i64": np.int64}
-_SIG_RE = re.compile(r"MP_(?:MATMUL_|MMA_|MMA_DENSE_)?GLOBAL\s+void\s+(\w+)\s*\(([^)]*)\)", re.S)
+_SIG_RE = re.compile(r"MP_(?:MATMUL_|MMA_|MMA_DENSE_|ATTN_)?GLOBAL\s+void\s+(\w+)\s*\(([^)]*)\)", re.S)
 
 
 def _parse_param(text: str) -> Param:
@@ -872,13 +879,9 @@ def attention_core(q, k, v, out=None, *, backend: Backend | None = None):
     if q.ndim != 3:
         raise KernelError(f"attention_core: q must be [T, heads, head_dim], got shape {q.shape}")
     T, nh, hd = (int(s) for s in q.shape)
-    k, v = _f32c("attention_core: k", k, be), _f32c("attention_core: v", v, be)
+    k = _f32c("attention_core: k", k, be)
     nkv = int(k.shape[1]) if k.ndim == 3 else int(k.shape[-1]) // max(hd, 1)
-    for name, a in (("k", k), ("v", v)):
-        if int(a.size) != T * nkv * hd or int(a.shape[0]) != T:
-            raise KernelError(f"attention_core: {name} has shape {a.shape}, expected [{T}, {nkv}, {hd}]")
-    if nkv < 1 or nh % nkv:
-        raise KernelError(f"attention_core: {nh} query heads do not group over {nkv} kv heads")
+    v = _kv_check("attention_core", k, v, T, nh, nkv, hd, be)
     scores, probs, ctx = out if out is not None else (None, None, None)
     scores = _out("attention_core: scores", scores, (T, nh, T), be)
     probs = _out("attention_core: probs", probs, (T, nh, T), be)
@@ -888,6 +891,17 @@ def attention_core(q, k, v, out=None, *, backend: Backend | None = None):
                   (q, k, v, np.int32(T), np.int32(nh), np.int32(nkv), np.int32(hd), np.float32(np.sqrt(hd)),
                    scores, probs, ctx))
     return scores, probs, ctx
+
+
+def _kv_check(what: str, k, v, T: int, nh: int, nkv: int, hd: int, be: Backend):
+    """k and v must hold [T, nkv, hd] values, the nh query heads grouping over the nkv: v as float32."""
+    v = _f32c(f"{what}: v", v, be)
+    for name, a in (("k", k), ("v", v)):
+        if int(a.size) != T * nkv * hd or int(a.shape[0]) != T:
+            raise KernelError(f"{what}: {name} has shape {a.shape}, expected [{T}, {nkv}, {hd}]")
+    if nkv < 1 or nh % nkv:
+        raise KernelError(f"{what}: {nh} query heads do not group over {nkv} kv heads")
+    return v
 
 
 def add_rms_norm(a, b, weight, eps: float, *, digits: bool = False, backend: Backend | None = None):
@@ -918,16 +932,7 @@ def qk_norm_rope(q, k, wq, wk, eps: float, cos, sin, *, backend: Backend | None 
     ``[hd]``) then NEOX RoPE, in one launch: ``(qn, kn, qr, kr)``, bit for bit :func:`rms_norm` then
     :func:`rope_neox` (``cos``/``sin`` ``[T, hd/2]``)."""
     be = _backend(backend)
-    q, k, wq, wk, cos, sin = (_f32c(f"qk_norm_rope: {n}", a, be) for n, a in
-                              (("q", q), ("k", k), ("wq", wq), ("wk", wk), ("cos", cos), ("sin", sin)))
-    if q.ndim != 3 or k.ndim != 3 or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]:
-        raise KernelError(f"qk_norm_rope: q {q.shape} and k {k.shape} must be [T, heads, hd] with the same T and hd")
-    T, nh, hd = (int(s) for s in q.shape)
-    nkv = int(k.shape[1])
-    if hd % 2 or int(cos.size) != T * (hd // 2) or int(sin.size) != T * (hd // 2):
-        raise KernelError(f"qk_norm_rope: q {q.shape} with cos {cos.shape} / sin {sin.shape}")
-    if tuple(wq.shape) != (hd,) or tuple(wk.shape) != (hd,):
-        raise KernelError(f"qk_norm_rope: weights {wq.shape} / {wk.shape}, expected ({hd},)")
+    q, k, wq, wk, cos, sin, (T, nh, nkv, hd) = _qk_args("qk_norm_rope", q, k, wq, wk, cos, sin, be)
     qn, qr = (be.xp.empty(q.shape, dtype=np.float32) for _ in range(2))
     kn, kr = (be.xp.empty(k.shape, dtype=np.float32) for _ in range(2))
     rows = T * (nh + nkv)
@@ -936,6 +941,51 @@ def qk_norm_rope(q, k, wq, wk, eps: float, cos, sin, *, backend: Backend | None 
                   (q, k, np.int32(T), np.int32(nh), np.int32(nkv), np.int32(hd), wq, wk, np.float32(eps), cos, sin,
                    qn, kn, qr, kr))
     return qn, kn, qr, kr
+
+
+def _qk_args(what: str, q, k, wq, wk, cos, sin, be: Backend) -> tuple:
+    """The checked inputs of the q/k norms + RoPE: (q, k, wq, wk, cos, sin, (T, nh, nkv, hd))."""
+    q, k, wq, wk, cos, sin = (_f32c(f"{what}: {n}", a, be) for n, a in
+                              (("q", q), ("k", k), ("wq", wq), ("wk", wk), ("cos", cos), ("sin", sin)))
+    if q.ndim != 3 or k.ndim != 3 or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]:
+        raise KernelError(f"{what}: q {q.shape} and k {k.shape} must be [T, heads, hd] with the same T and hd")
+    T, nh, hd = (int(s) for s in q.shape)
+    nkv = int(k.shape[1])
+    if hd % 2 or int(cos.size) != T * (hd // 2) or int(sin.size) != T * (hd // 2):
+        raise KernelError(f"{what}: q {q.shape} with cos {cos.shape} / sin {sin.shape}")
+    if hd > QK_NORM_MAX_HEAD_DIM:
+        raise KernelError(f"{what}: head_dim {hd} > {QK_NORM_MAX_HEAD_DIM}, the most a warp holds")
+    if tuple(wq.shape) != (hd,) or tuple(wk.shape) != (hd,):
+        raise KernelError(f"{what}: weights {wq.shape} / {wk.shape}, expected ({hd},)")
+    return q, k, wq, wk, cos, sin, (T, nh, nkv, hd)
+
+
+def norm_rope_attention(q, k, v, wq, wk, eps: float, cos, sin, *, backend: Backend | None = None) -> tuple:
+    """:func:`qk_norm_rope`, :func:`attention_core` of its rotated q / k with v, and :func:`act_digits`
+    of the context (the tensor-core attn_output product's input) for a short prompt: ``(qn, kn, qr, kr,
+    scores, probs, ctx, digits)``, bit for bit those three, from one launch (kernel
+    ``norm_rope_attention``, a block per token) where the sizes fit it (head_dim <= ATTN_HEAD_DIM,
+    heads x head_dim <= ATTN_COLS and a multiple of 32, tokens x kv heads x head_dim <= ATTN_KV), else
+    from those three."""
+    be = _backend(backend)
+    q, k, wq, wk, cos, sin, (T, nh, nkv, hd) = _qk_args("norm_rope_attention", q, k, wq, wk, cos, sin, be)
+    v = _kv_check("norm_rope_attention", k, v, T, nh, nkv, hd, be)
+    cols = nh * hd
+    if not (hd <= ATTN_HEAD_DIM and cols <= ATTN_COLS and cols % 32 == 0 and T * nkv * hd <= ATTN_KV):
+        qn, kn, qr, kr = qk_norm_rope(q, k, wq, wk, eps, cos, sin, backend=be)
+        scores, probs, ctx = attention_core(qr, kr, v, backend=be)
+        return qn, kn, qr, kr, scores, probs, ctx, act_digits(ctx, backend=be)
+    xp = be.xp
+    qn, qr = (xp.empty(q.shape, dtype=np.float32) for _ in range(2))
+    kn, kr = (xp.empty(k.shape, dtype=np.float32) for _ in range(2))
+    scores, probs = (xp.empty((T, nh, T), dtype=np.float32) for _ in range(2))
+    ctx = xp.empty((T, cols), dtype=np.float32)
+    digits = _digits_out("norm_rope_attention", T, cols, be)
+    if T:
+        be.launch("norm_rope_attention", (T, 1, 1), (ATTN_THREADS, 1, 1),
+                  (q, k, v, np.int32(T), np.int32(nh), np.int32(nkv), np.int32(hd), wq, wk, np.float32(eps), cos, sin,
+                   np.float32(np.sqrt(hd)), qn, kn, qr, kr, scores, probs, ctx, *digits))
+    return qn, kn, qr, kr, scores, probs, ctx, digits
 
 
 def rope_neox(x, cos, sin, *, backend: Backend | None = None):
