@@ -1037,6 +1037,25 @@ def _assert_same_digits(backend, got, want, what: str) -> None:
             f"{what}: {name} differ from act_digits' at {np.argwhere(a.view(np.uint32) != b.view(np.uint32))[:5].tolist()}")
 
 
+def test_reads_digits_follows_the_products_paths(backend):
+    """reads_digits (whether the kernel writing a product's input should write its digits) says yes exactly
+    where the product takes the tensor cores: Q4_K over whole super-blocks, 2-4 tokens, not re-read as
+    another type by a planted dispatch fault."""
+    from pytest_moeparity.gpu import kernels as K
+
+    rng = _rng("reads-digits")
+    q4k = _device_tensor(backend, _quantized(rng, Q.Q4_K, (16, 512)), Q.Q4_K, (16, 512))
+    q6k = _device_tensor(backend, _quantized(rng, Q.Q6_K, (16, 512)), Q.Q6_K, (16, 512))
+    q4k3 = _device_tensor(backend, _quantized(rng, Q.Q4_K, (2, 16, 512)), Q.Q4_K, (2, 16, 512))
+    on = bool(backend.mma and K.MMA)
+    for T in range(1, 10):
+        short = on and K.MMA_MIN_TOKENS <= T <= K.MMA_MAX_TOKENS
+        assert K.reads_digits(T, [q4k], backend=backend) is short, T
+        assert K.reads_digits(T, [q4k3], backend=backend) is short, T
+        assert K.reads_digits(T, [q6k, q4k], backend=backend) is short, T
+        assert K.reads_digits(T, [q6k], backend=backend) is False, T
+        assert K.reads_digits(T, [q4k], [Q.Q6_K], backend=backend) is False, T
+
 @pytest.mark.parametrize("n", [2048, 768, 128, 4096])  # 4096: wider than a block's row (rms_norm, then act_digits)
 def test_norms_write_their_digits(backend, n):
     """rms_norm and add_rms_norm asked for their output's digits (the tensor-core products' input) give,
