@@ -581,9 +581,10 @@ def test_act_digits_are_the_exact_integer_form(backend, Kc):  # 553: three slabs
 
 
 @pytest.mark.parametrize("T", [2, 3, 4])
-def test_experts_tensor_core_path(backend, T):
-    """Short prompts' Q4_K expert products run on the tensor-core kernel (exact integer digits of the
-    activations) where the device has it: float64's products within 1e-5 on rows with a wide dynamic
+@pytest.mark.parametrize("qt", [Q.Q4_K, Q.Q6_K], ids=["Q4_K", "Q6_K"])  # Q6_K: 630-byte rows, 2-byte aligned
+def test_experts_tensor_core_path(backend, T, qt):
+    """Short prompts' Q4_K and Q6_K expert products run on the tensor-core kernel (exact integer digits of
+    the activations) where the device has it: float64's products within 1e-5 on rows with a wide dynamic
     range, the same within 1e-5 as the float kernel (MP_MMA off), and a token with a non-finite
     activation gives NaN in its own products only."""
     from pytest_moeparity.gpu import kernels as Kn
@@ -591,10 +592,10 @@ def test_experts_tensor_core_path(backend, T):
     if not backend.mma:
         pytest.skip("the device has no int8 mma (compute capability below 8.0)")
     E, N, Kc, k = 5, 70, 768, 3
-    rng = _rng("experts-mma", T)
-    raw = _quantized(rng, Q.Q4_K, (E, N, Kc))
-    w = _deq(raw, Q.Q4_K, (E, N, Kc)).astype(np.float64)
-    wt3 = _device_tensor(backend, raw, Q.Q4_K, (E, N, Kc))
+    rng = _rng("experts-mma", T, qt.name)
+    raw = _quantized(rng, qt, (E, N, Kc))
+    w = _deq(raw, qt, (E, N, Kc)).astype(np.float64)
+    wt3 = _device_tensor(backend, raw, qt, (E, N, Kc))
     ids = _routing_ids(rng, T, k, E)
     routing = Kn.expert_routing(_dev(backend, ids), E, backend=backend)
     x = (rng.standard_normal((T, Kc)) * np.exp2(rng.integers(-8, 8, size=(T, Kc)))).astype(np.float32)
@@ -602,9 +603,10 @@ def test_experts_tensor_core_path(backend, T):
     out = _poisoned(backend, (T, k, N))
     Kn.qmatmul_experts(_dev(backend, x), wt3, routing, out=out, backend=backend)
     if hasattr(backend, "launches"):
-        assert backend.launches[n_before:] == ["act_digits", "qmm_experts_mma<12>"], backend.launches[n_before:]
+        want = ["act_digits", f"qmm_experts_mma<{Kn.KERNEL_QTYPES[qt]}>"]
+        assert backend.launches[n_before:] == want, backend.launches[n_before:]
     got = _host(backend, out)
-    what = f"tensor-core Q4_K experts T={T}"
+    what = f"tensor-core {qt.name} experts T={T}"
     _assert_written(got, what)
     ref = np.einsum("tc,tjnc->tjn", x.astype(np.float64), w[ids])
     _assert_close(got, ref, what, ref_abs=np.einsum("tc,tjnc->tjn", np.abs(x.astype(np.float64)), np.abs(w[ids])))
@@ -634,8 +636,8 @@ def test_dense_tensor_core_path(backend, T, Kc):
     """Short prompts' Q4_K dense products (q / k / v style: three matrices of one input, one launch)
     run on the tensor-core kernel, a block's warps splitting each row's super-blocks: float64's products
     within 1e-5 on rows with a wide dynamic range, each matrix's result bit for bit the product alone,
-    within 1e-5 of the float kernel (MP_MMA off); a Q6_K matrix in the call takes its own launch on
-    the same digits; a token with a non-finite activation gives NaN in its own row only."""
+    within 1e-5 of the float kernel (MP_MMA off); a Q6_K matrix in the call takes its own tensor-core
+    launch on the same digits; a token with a non-finite activation gives NaN in its own row only."""
     from pytest_moeparity.gpu import kernels as Kn
 
     if not backend.mma:
@@ -650,7 +652,7 @@ def test_dense_tensor_core_path(backend, T, Kc):
     n_before = len(getattr(backend, "launches", []))
     Kn.qmatmul_shared_input(xd, wts, outs=outs, backend=backend)
     if hasattr(backend, "launches"):
-        assert backend.launches[n_before:] == ["act_digits", "qmm_dense_mma<12>", "qmm_dense_splitk<14,4>",
+        assert backend.launches[n_before:] == ["act_digits", "qmm_dense_mma<12>", "qmm_dense_mma<14>",
                                                "qmm_dense_mma<12>"], backend.launches[n_before:]
     old = backend.mma
     backend.mma = False
@@ -1039,22 +1041,24 @@ def _assert_same_digits(backend, got, want, what: str) -> None:
 
 def test_reads_digits_follows_the_products_paths(backend):
     """reads_digits (whether the kernel writing a product's input should write its digits) says yes exactly
-    where the product takes the tensor cores: Q4_K over whole super-blocks, 2-4 tokens, not re-read as
-    another type by a planted dispatch fault."""
+    where the product takes the tensor cores: Q4_K or Q6_K over whole super-blocks, 2-4 tokens, not re-read
+    as another type by a planted dispatch fault (nor a Q8_0 matrix)."""
     from pytest_moeparity.gpu import kernels as K
 
     rng = _rng("reads-digits")
     q4k = _device_tensor(backend, _quantized(rng, Q.Q4_K, (16, 512)), Q.Q4_K, (16, 512))
     q6k = _device_tensor(backend, _quantized(rng, Q.Q6_K, (16, 512)), Q.Q6_K, (16, 512))
     q4k3 = _device_tensor(backend, _quantized(rng, Q.Q4_K, (2, 16, 512)), Q.Q4_K, (2, 16, 512))
+    q80 = _device_tensor(backend, _quantized(rng, Q.Q8_0, (16, 512)), Q.Q8_0, (16, 512))
     on = bool(backend.mma and K.MMA)
     for T in range(1, 10):
         short = on and K.MMA_MIN_TOKENS <= T <= K.MMA_MAX_TOKENS
         assert K.reads_digits(T, [q4k], backend=backend) is short, T
         assert K.reads_digits(T, [q4k3], backend=backend) is short, T
-        assert K.reads_digits(T, [q6k, q4k], backend=backend) is short, T
-        assert K.reads_digits(T, [q6k], backend=backend) is False, T
-        assert K.reads_digits(T, [q4k], [Q.Q6_K], backend=backend) is False, T
+        assert K.reads_digits(T, [q80, q4k], backend=backend) is short, T
+        assert K.reads_digits(T, [q6k], backend=backend) is (short and bool(K.MMA_Q6K)), T
+        assert K.reads_digits(T, [q80], backend=backend) is False, T
+        assert K.reads_digits(T, [q4k], [Q.Q6_K], backend=backend) is False, T  # 288-byte rows: 1 Q6_K block
 
 @pytest.mark.parametrize("n", [2048, 768, 128, 4096])  # 4096: wider than a block's row (rms_norm, then act_digits)
 def test_norms_write_their_digits(backend, n):
@@ -1254,10 +1258,10 @@ def test_forward_matches_reference(backend, model_factory, preset, quant):
 @pytest.mark.parametrize("n_tokens", [2, 3, 4])
 @pytest.mark.parametrize("preset", ["tiny", "small"])
 def test_short_prompt_forward_on_tensor_cores(backend, model_factory, preset, n_tokens, monkeypatch):
-    """A Q4_K_M model's short prompt takes the tensor-core products (dense and expert, their inputs'
-    digits written once per input, by the kernels that write the inputs: the norms, the one-launch
-    attention, SwiGLU): every stage, position and layer Matches the NumPy reference, and the trace is bit
-    for bit the one with every input's digits written by act_digits."""
+    """A Q4_K_M model's short prompt takes the tensor-core products (dense and expert, Q4_K and Q6_K, the
+    head too; their inputs' digits written once per input, by the kernels that write the inputs: the
+    norms, the one-launch attention, SwiGLU): every stage, position and layer Matches the NumPy
+    reference, and the trace is bit for bit the one with every input's digits written by act_digits."""
     _skip_slow_emulator(backend, preset)
     from pytest_moeparity.gpu import kernels as Kn
 
@@ -1274,15 +1278,17 @@ def test_short_prompt_forward_on_tensor_cores(backend, model_factory, preset, n_
         engine.run(tokens, SavePlan.empty())  # the forward alone (captured per-expert stages add products)
         launched = backend.launches[n_before:]
         n_layers = model.config.n_layers
-        for name in ("qmm_dense_mma<12>", "qmm_experts_mma<12>"):
+        for name in ("qmm_dense_mma<12>", "qmm_experts_mma<12>", "qmm_dense_mma<14>", "qmm_experts_mma<14>"):
             assert name in launched, f"{name} not launched: {sorted(set(launched))}"
         # each product input's digits once, however many products read it, by the kernel writing the input:
         # per layer attn_norm (q / k / v) and ffn_norm (gate / up) by their norms, the context (attn_output)
-        # by the one-launch norms + RoPE + attention, SwiGLU's where ffn_down_exps is Q4_K by SwiGLU
-        n_q4k_down = sum(model.layer(L, "ffn_down_exps").type_name == "Q4_K" for L in range(n_layers))
-        assert launched.count("norm_digits") == 2 * n_layers, sorted(set(launched))
+        # by the one-launch norms + RoPE + attention, SwiGLU's (ffn_down_exps, Q4_K or Q6_K) by SwiGLU; the
+        # final norm's (the Q6_K head) by the final norm
+        assert {model.layer(L, "ffn_down_exps").type_name for L in range(n_layers)} == {"Q4_K", "Q6_K"}
+        assert model.output.type_name == "Q6_K"
+        assert launched.count("norm_digits") == 2 * n_layers + 1, sorted(set(launched))
         assert launched.count("norm_rope_attention") == n_layers, sorted(set(launched))
-        assert launched.count("swiglu_digits") == n_q4k_down, sorted(set(launched))
+        assert launched.count("swiglu_digits") == n_layers, sorted(set(launched))
         assert "act_digits" not in launched and "qk_norm_rope" not in launched, sorted(set(launched))
     if backend.mma and Kn.MMA:  # the same trace with every input's digits from act_digits in the products
         monkeypatch.setattr(Kn, "reads_digits", lambda *a, **k: False)

@@ -36,6 +36,7 @@ void mp_emu_warp_allreduce_max(float* v, int n);
 void mp_emu_syncthreads();
 typedef unsigned int mp_emu_u32;
 void mp_emu_mma_u8s8(const mp_emu_u32* a, const mp_emu_u32* b, int* d);
+void mp_emu_mma_s8s8_k16(const mp_emu_u32* a, const mp_emu_u32* b, int* d);
 float mp_emu_shfl_xor(float v, int off);
 void mp_emu_misaligned(const void* p, int n);
 
@@ -55,7 +56,8 @@ struct Lane {
     bool waiting;   // at a warp reduction
     bool barrier;   // at __syncthreads
     int n;
-    int op;  // 0: sum, 1: max, 2: mma (vals hold the bits of a[4], b[2], then of d[4]), 3: xor exchange (vals: v, offset)
+    int op;  // 0: sum, 1: max, 2: mma k32 u8 x s8 (vals hold the bits of a[4], b[2], then of d[4]), 3: xor exchange
+             // (vals: v, offset), 4: mma k16 s8 x s8 (vals: a[2], b[1], then d[4])
     float vals[kMaxReduce];
     unsigned tid;
 };
@@ -168,6 +170,33 @@ bool run_block_coroutines(unsigned n_threads) {
                 progress = true;
                 continue;
             }
+            if (op == 4) {  // mma.m16n8k16 s8 x s8 -> s32: the fragments of all 32 lanes, exact integer sums
+                int A[16][16], B[16][8];
+                for (int i = 0; i < 32; ++i) {
+                    std::uint32_t w[3];
+                    std::memcpy(w, g_lanes[w0 + i].vals, sizeof w);
+                    const int g = i >> 2, t = i & 3;
+                    for (int q = 0; q < 4; ++q) {
+                        A[g][4 * t + q] = (int)(signed char)((w[0] >> (8 * q)) & 0xFFu);
+                        A[g + 8][4 * t + q] = (int)(signed char)((w[1] >> (8 * q)) & 0xFFu);
+                        B[4 * t + q][g] = (int)(signed char)((w[2] >> (8 * q)) & 0xFFu);
+                    }
+                }
+                for (int i = 0; i < 32; ++i) {
+                    const int g = i >> 2, t = i & 3;
+                    int d[4] = {0, 0, 0, 0};
+                    for (int k = 0; k < 16; ++k) {
+                        d[0] += A[g][k] * B[k][2 * t];
+                        d[1] += A[g][k] * B[k][2 * t + 1];
+                        d[2] += A[g + 8][k] * B[k][2 * t];
+                        d[3] += A[g + 8][k] * B[k][2 * t + 1];
+                    }
+                    std::memcpy(g_lanes[w0 + i].vals, d, sizeof d);
+                    g_lanes[w0 + i].waiting = false;
+                }
+                progress = true;
+                continue;
+            }
             if (op == 3) {  // __shfl_xor_sync(mask, v, off): every lane gets lane (i ^ off)'s v
                 const int off = (int)g_lanes[w0].vals[1];
                 float got[32];
@@ -262,6 +291,17 @@ void mp_emu_mma_u8s8(const mp_emu_u32* a, const mp_emu_u32* b, int* d) {
     std::memcpy(L.vals + 4, b, 2 * sizeof(mp_emu_u32));
     L.n = 6;
     L.op = 2;
+    L.waiting = true;
+    swapcontext(&L.ctx, &g_sched);
+    std::memcpy(d, L.vals, 4 * sizeof(int));
+}
+
+void mp_emu_mma_s8s8_k16(const mp_emu_u32* a, const mp_emu_u32* b, int* d) {
+    Lane& L = g_lanes[g_cur];
+    std::memcpy(L.vals, a, 2 * sizeof(mp_emu_u32));
+    std::memcpy(L.vals + 2, b, sizeof(mp_emu_u32));
+    L.n = 3;
+    L.op = 4;
     L.waiting = true;
     swapcontext(&L.ctx, &g_sched);
     std::memcpy(d, L.vals, 4 * sizeof(int));

@@ -13,6 +13,7 @@ expert list depends on the routing).
 """
 from __future__ import annotations
 
+import itertools
 import json
 
 import numpy as np
@@ -247,9 +248,13 @@ class CupyEngine:
             attn = self.attention(layer, x, cos, sin, rec, weights)
             x = self.moe(layer, x, attn, rec, weights)
             weights.release_layer(layer)
-        h = a(self._rms_norm(x, weights.vector("output_norm.weight")))
+        chunks = weights.output_chunks()
+        first = next(chunks)
+        # the final norm writes its digits where the head takes the tensor cores (short prompts, Q4_K / Q6_K)
+        h_digits = self._wants_digits(rec, None, S.final_norm, int(x.shape[0]), [first[1]], [None])
+        h, h_dig = self._norm(x, weights.vector("output_norm.weight"), h_digits)
         h = rec.tap(S.final_norm, None, h)
-        logits = a(self.lm_head(h, weights))
+        logits = a(self.lm_head(h, weights, digits=h_dig, chunks=itertools.chain([first], chunks)))
         return rec.tap(S.lm_head, None, logits)
 
     def graphed(self, tokens) -> "GraphedForward":
@@ -494,13 +499,17 @@ class CupyEngine:
                                (S.moe_expert_out, o)):
                 rec.capture(stage, layer, val, expert=e, preselected=True)
 
-    def lm_head(self, h, weights: DeviceWeights):
+    def lm_head(self, h, weights: DeviceWeights, *, digits=None, chunks=None):
+        """The logits of the normed rows h; ``digits``: h's, where the final norm wrote them; ``chunks``:
+        ``weights.output_chunks()`` (or what is left of it)."""
         xp = self.xp
         hc = self._c(h)
         V = self.model.output.shape[0]
         logits = None
-        for r0, wt in weights.output_chunks():
-            part = K.qmatmul(hc, wt, backend=self.backend)
+        for r0, wt in (weights.output_chunks() if chunks is None else chunks):
+            if digits is None and K.reads_digits(int(hc.shape[0]), [wt], backend=self.backend):
+                digits = K.act_digits(hc, backend=self.backend)  # once for all the chunks
+            part = K.qmatmul(hc, wt, digits=digits, backend=self.backend)
             if r0 == 0 and wt.shape[0] == V:
                 return part
             if logits is None:

@@ -1009,6 +1009,7 @@ MP_MATMUL_GLOBAL void qmm_experts(const mp_u8* __restrict__ w0, const mp_u8* __r
 #endif
 #ifdef MOEPARITY_EMULATOR
 void mp_emu_mma_u8s8(const mp_u32* a, const mp_u32* b, int* d);  // the emulator's prelude: a warp-wide exchange
+void mp_emu_mma_s8s8_k16(const mp_u32* a, const mp_u32* b, int* d);
 #define MP_MMA_GLOBAL MP_GLOBAL
 #else
 #define MP_MMA_GLOBAL __global__ __launch_bounds__(MP_THREADS, MP_MMA_MIN_BLOCKS)
@@ -1024,6 +1025,21 @@ MP_HD void mp_mma_u8s8(const mp_u32 (&a)[4], const mp_u32 (&b)[2], int (&d)[4]) 
     asm("mma.sync.aligned.m16n8k32.row.col.s32.u8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%10,%10,%10,%10};"
         : "=r"(d[0]), "=r"(d[1]), "=r"(d[2]), "=r"(d[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "r"(0));
+#else
+    d[0] = d[1] = d[2] = d[3] = 0;  // never launched below compute capability 8.0 (kernels.py)
+#endif
+}
+
+// D = A B for A 16 x 16 s8 (a[2]), B 16 x 8 s8 (b): lane 4 g + t holds A[g][4t..4t+3] (a0), A[g+8][4t..4t+3]
+// (a1), B[4t..4t+3][g] (b), and gets D[g][2t], D[g][2t+1], D[g+8][2t], D[g+8][2t+1] (as mp_mma_u8s8).
+MP_HD void mp_mma_s8s8_k16(const mp_u32 (&a)[2], mp_u32 b, int (&d)[4]) {
+#if defined(MOEPARITY_EMULATOR)
+    const mp_u32 bw[1] = {b};
+    mp_emu_mma_s8s8_k16(a, bw, d);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm("mma.sync.aligned.m16n8k16.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5}, {%6}, {%7,%7,%7,%7};"
+        : "=r"(d[0]), "=r"(d[1]), "=r"(d[2]), "=r"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(b), "r"(0));
 #else
     d[0] = d[1] = d[2] = d[3] = 0;  // never launched below compute capability 8.0 (kernels.py)
 #endif
@@ -1181,6 +1197,25 @@ MP_GLOBAL void act_digits(const float* __restrict__ x, int R, int K, mp_u32* __r
 // byte j (a constant after unrolling) of a pair of words holding bytes 0-3 and 4-7
 MP_HD mp_u32 mp_byte8(const mp_u32 (&w)[2], int j) { return mp_byte(w[j >> 2], (mp_u32)(j & 3)); }
 
+// The (row, token) values of a pass from each n-tile's per-digit sums acc[i] (D's layout: columns 2 tig,
+// 2 tig + 1 of rows gid and gid + 8): this lane's part of each row is digits 0, 1 (tig even) or 2, 3 (odd);
+// the pair's halves meet, then res[i] = value * unit[i] - mins[i] for the lane's own row (gid for tig
+// even, gid + 8 for odd).
+template <int TILES>
+MP_HD void mp_mma_digits_result(const float (&acc)[TILES][4], const float (&mins)[TILES], const float (&unit)[2],
+                                int lane, float (&res)[2]) {
+    const bool own = (lane & 1) != 0;
+#pragma unroll
+    for (int i = 0; i < TILES; ++i) {
+        const float w0 = own ? 65536.0f : 1.0f, w1 = own ? 16777216.0f : 256.0f;
+        const float p0 = mp_fadd(mp_fmul(w0, acc[i][0]), mp_fmul(w1, acc[i][1]));  // row gid
+        const float p1 = mp_fadd(mp_fmul(w0, acc[i][2]), mp_fmul(w1, acc[i][3]));  // row gid + 8
+        const float got = mp_shfl_xor(own ? p0 : p1, 1);   // even lanes get row gid's high half, odd row gid + 8's low
+        const float v = own ? mp_fadd(got, p1) : mp_fadd(p0, got);
+        res[i] = mp_fsub(mp_fmul(v, unit[i]), mins[i]);
+    }
+}
+
 // One warp, one pass of up to 2 TILES tokens: rows n0 + gid and n0 + gid + 8 (clamped to N - 1) of lane
 // 4 gid + tig. In n-tile i the lane's B column gid is digit gid & 3 of the token whose digits start at
 // bq[i] (bon[i]: a token of the pass, else zeros), and its D columns 2 tig, 2 tig + 1 are digits
@@ -1272,16 +1307,7 @@ MP_HD void mp_mma_q4k_pass(const mp_u8* __restrict__ we, mp_i64 row_bytes, int N
             mins[i] = fmaf(dm, ms, mins[i]);
         }
     }
-#pragma unroll
-    for (int i = 0; i < TILES; ++i) {
-        // this lane's part of each row: digits 0, 1 (tig even) or 2, 3 (odd); the pair's halves meet
-        const float w0 = own ? 65536.0f : 1.0f, w1 = own ? 16777216.0f : 256.0f;
-        const float p0 = mp_fadd(mp_fmul(w0, acc[i][0]), mp_fmul(w1, acc[i][1]));  // row gid
-        const float p1 = mp_fadd(mp_fmul(w0, acc[i][2]), mp_fmul(w1, acc[i][3]));  // row gid + 8
-        const float got = mp_shfl_xor(own ? p0 : p1, 1);   // even lanes get row gid's high half, odd row gid + 8's low
-        const float v = own ? mp_fadd(got, p1) : mp_fadd(p0, got);
-        res[i] = mp_fsub(mp_fmul(v, unit[i]), mins[i]);
-    }
+    mp_mma_digits_result<TILES>(acc, mins, unit, lane, res);
 }
 
 // The activation operands of a pass of nt (<= 4) tokens whose digit rows are row_of(0 .. nt - 1), for lane
@@ -1304,18 +1330,127 @@ MP_HD void mp_mma_pass_inputs(int nt, RowOf row_of, int K, const mp_u32* __restr
     }
 }
 
-// mp_mma_q4k_pass for a pass of nt tokens (one n-tile up to 2) with the alignment the warp found (res[1]
-// is left unwritten for one n-tile)
-MP_HD void mp_mma_q4k_dispatch(bool al, int nt, const mp_u8* __restrict__ we, mp_i64 row_bytes, int N, int n0, int K,
-                               int s0, int step, const mp_u32* const (&bq)[2], const bool (&bon)[2],
-                               const float* const (&sq)[2], const float (&unit)[2], int lane, float (&res)[2]) {
-    if (nt <= 2) {
-        if (al) mp_mma_q4k_pass<true, 1>(we, row_bytes, N, n0, K, s0, step, bq, bon, sq, unit, lane, res);
-        else mp_mma_q4k_pass<false, 1>(we, row_bytes, N, n0, K, s0, step, bq, bon, sq, unit, lane, res);
-    } else {
-        if (al) mp_mma_q4k_pass<true, 2>(we, row_bytes, N, n0, K, s0, step, bq, bon, sq, unit, lane, res);
-        else mp_mma_q4k_pass<false, 2>(we, row_bytes, N, n0, K, s0, step, bq, bon, sq, unit, lane, res);
+// ---- Q6_K on the tensor cores ----
+// A Q6_K super-block (ql[128] @0, qh[64] @128, int8 scales[16] @192, f16 d @208) holds value 128 h + 32 qd + l
+// (half h, quarter qd, l < 32) as d * scales[8 h + 2 qd + l / 16] * (q - 32), q = the low (qd < 2) or high
+// nibble of ql[64 h + 32 (qd & 1) + l] with bits 2 qd, 2 qd + 1 of qh[32 h + l] above it. A scale covers 16
+// values, so each 16 go through one mma.m16n8k16 (s8 x s8: q - 32 fits a signed byte and needs no mins'
+// term): lane 4 gid + tig takes values l = 16 u + 4 tig .. + 3 of its rows (4 bytes of ql and of qh: one
+// word each) and the digit word 4 u + tig of sub-block 4 h + qd. Per super-block and row I = sum over the
+// 16 scales of scale * S is exact (|S| <= 16 * 32 * 128, |I| < 2^28) and acc += d * I, as for Q4_K.
+
+// four Q6_K quants (bytes 0..63) minus 32 as signed bytes: q ^ 32 is q - 32 in 6-bit two's complement;
+// its sign bit (5) copied to bits 6 and 7
+MP_HD mp_u32 mp_q6_s8(mp_u32 q) {
+    const mp_u32 x = q ^ 0x20202020u, sgn = x & 0x20202020u;
+    return x | (sgn << 1) | (sgn << 2);
+}
+
+// as mp_mma_q4k_pass (sq is not read: no mins); AL: the rows' super-blocks are 2-byte aligned
+template <bool AL, int TILES>
+MP_HD void mp_mma_q6k_pass(const mp_u8* __restrict__ we, mp_i64 row_bytes, int N, int n0, int K, int s0, int step,
+                           const mp_u32* const (&bq)[2], const bool (&bon)[2], const float (&unit)[2], int lane,
+                           float (&res)[2]) {
+    const int gid = lane >> 2, tig = lane & 3;
+    const mp_u8* rows[2];
+    rows[0] = we + (mp_i64)(n0 + gid < N ? n0 + gid : N - 1) * row_bytes;
+    rows[1] = we + (mp_i64)(n0 + gid + 8 < N ? n0 + gid + 8 : N - 1) * row_bytes;
+    float acc[TILES][4], mins[TILES];
+#pragma unroll
+    for (int i = 0; i < TILES; ++i) {
+        acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.0f;
+        mins[i] = 0.0f;
     }
+    for (int s = s0; s < (K >> 8); s += step) {
+        mp_u32 ql[2][8], qh[2][4], sc[2][4], b[TILES][8][2];
+        float d[2];
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            const mp_u8* blk = rows[r] + (mp_i64)s * 210;
+#pragma unroll
+            for (int i = 0; i < 8; ++i) ql[r][i] = mp_h32<AL>(blk + 16 * i + 4 * tig);  // i = 4 h + 2 (qd & 1) + u
+#pragma unroll
+            for (int i = 0; i < 4; ++i) qh[r][i] = mp_h32<AL>(blk + 128 + 16 * i + 4 * tig);  // i = 2 h + u
+#pragma unroll
+            for (int i = 0; i < 4; ++i) sc[r][i] = mp_h32<AL>(blk + 192 + 4 * i);
+            d[r] = mp_hf16<AL>(blk + 208);
+        }
+#pragma unroll
+        for (int i = 0; i < TILES; ++i) {
+            const mp_u32* bs = bq[i] - tig + 32 * (8 * s);  // digit word 4 u + tig (bq[i]: word 2 tig)
+#pragma unroll
+            for (int j = 0; j < 8; ++j) {
+                b[i][j][0] = bs[32 * j];
+                b[i][j][1] = bs[32 * j + 4];
+            }
+        }
+        int ia[TILES][4];
+#pragma unroll
+        for (int i = 0; i < TILES; ++i) ia[i][0] = ia[i][1] = ia[i][2] = ia[i][3] = 0;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {  // the 32 values 32 j of the super-block: half j / 4, quarter j % 4
+            const int h = j >> 2, qd = j & 3;
+#pragma unroll
+            for (int u = 0; u < 2; ++u) {
+                mp_u32 a[2];
+#pragma unroll
+                for (int r = 0; r < 2; ++r) {
+                    const mp_u32 lo = (ql[r][4 * h + 2 * (qd & 1) + u] >> (4 * (qd >> 1))) & 0x0F0F0F0Fu;
+                    const mp_u32 hw = qh[r][2 * h + u];
+                    const mp_u32 hi = (qd < 2 ? hw << (4 - 2 * qd) : hw >> (2 * qd - 4)) & 0x30303030u;
+                    a[r] = mp_q6_s8(lo | hi);
+                }
+                const int m = 8 * h + 2 * qd + u;  // the scale of these 16 values
+                const int s0v = (int)(signed char)mp_byte(sc[0][m >> 2], (mp_u32)(m & 3));
+                const int s1v = (int)(signed char)mp_byte(sc[1][m >> 2], (mp_u32)(m & 3));
+#pragma unroll
+                for (int i = 0; i < TILES; ++i) {
+                    int dd[4];
+                    mp_mma_s8s8_k16(a, bon[i] ? b[i][j][u] : 0u, dd);
+                    ia[i][0] += s0v * dd[0];
+                    ia[i][1] += s0v * dd[1];
+                    ia[i][2] += s1v * dd[2];
+                    ia[i][3] += s1v * dd[3];
+                }
+            }
+        }
+#pragma unroll
+        for (int i = 0; i < TILES; ++i) {
+            acc[i][0] = fmaf(d[0], (float)ia[i][0], acc[i][0]);
+            acc[i][1] = fmaf(d[0], (float)ia[i][1], acc[i][1]);
+            acc[i][2] = fmaf(d[1], (float)ia[i][2], acc[i][2]);
+            acc[i][3] = fmaf(d[1], (float)ia[i][3], acc[i][3]);
+        }
+    }
+    mp_mma_digits_result<TILES>(acc, mins, unit, lane, res);
+}
+
+// The tensor-core pass of type QT (Q4_K 12, Q6_K 14) for a pass of nt tokens (one n-tile up to 2), with the
+// alignment the warp found (res[1] is left unwritten for one n-tile)
+template <int QT, bool AL, int TILES>
+MP_HD void mp_mma_pass(const mp_u8* __restrict__ we, mp_i64 row_bytes, int N, int n0, int K, int s0, int step,
+                       const mp_u32* const (&bq)[2], const bool (&bon)[2], const float* const (&sq)[2],
+                       const float (&unit)[2], int lane, float (&res)[2]) {
+    if constexpr (QT == 14) mp_mma_q6k_pass<AL, TILES>(we, row_bytes, N, n0, K, s0, step, bq, bon, unit, lane, res);
+    else mp_mma_q4k_pass<AL, TILES>(we, row_bytes, N, n0, K, s0, step, bq, bon, sq, unit, lane, res);
+}
+template <int QT>
+MP_HD void mp_mma_dispatch(bool al, int nt, const mp_u8* __restrict__ we, mp_i64 row_bytes, int N, int n0, int K,
+                           int s0, int step, const mp_u32* const (&bq)[2], const bool (&bon)[2],
+                           const float* const (&sq)[2], const float (&unit)[2], int lane, float (&res)[2]) {
+    if (nt <= 2) {
+        if (al) mp_mma_pass<QT, true, 1>(we, row_bytes, N, n0, K, s0, step, bq, bon, sq, unit, lane, res);
+        else mp_mma_pass<QT, false, 1>(we, row_bytes, N, n0, K, s0, step, bq, bon, sq, unit, lane, res);
+    } else {
+        if (al) mp_mma_pass<QT, true, 2>(we, row_bytes, N, n0, K, s0, step, bq, bon, sq, unit, lane, res);
+        else mp_mma_pass<QT, false, 2>(we, row_bytes, N, n0, K, s0, step, bq, bon, sq, unit, lane, res);
+    }
+}
+
+// whether the weight rows at w allow the pass's aligned loads (Q4_K: 16 bytes, Q6_K: 2)
+template <int QT> MP_HD bool mp_mma_aligned(const mp_u8* w, mp_i64 row_bytes) {
+    const int need = QT == 14 ? 2 : 16;
+    return mp_aligned(w, need) && (row_bytes % need) == 0;
 }
 
 // grid (groups * matrices, active experts) with groups = ceil(N / (16 MP_WARPS)), block MP_THREADS;
@@ -1336,7 +1471,7 @@ MP_MMA_GLOBAL void qmm_experts_mma(const mp_u8* __restrict__ w0, const mp_u8* __
     if (n0 >= N) return;  // uniform over the warp
     const mp_u8* we = (second ? w1 : w0) + (mp_i64)e * expert_bytes;
     if (lane == 0) mp_prefetch_rows(we, row_bytes, N, n0, 16);
-    const bool al = mp_aligned(we, 16) && (row_bytes & 15) == 0;  // uniform over the warp
+    const bool al = mp_mma_aligned<QT>(we, row_bytes);  // uniform over the warp
     float* out = second ? out1 : out0;
     const int beg = offsets[e], end = offsets[e + 1];
     for (int p0 = beg; p0 < end; p0 += 4) {
@@ -1353,7 +1488,7 @@ MP_MMA_GLOBAL void qmm_experts_mma(const mp_u8* __restrict__ w0, const mp_u8* __
             opair[i] = ud < nt ? pairs[p0 + ud] : -1;
         }
         float res[2];
-        mp_mma_q4k_dispatch(al, nt, we, row_bytes, N, n0, K, 0, 1, bq, bon, sq, unit, lane, res);
+        mp_mma_dispatch<QT>(al, nt, we, row_bytes, N, n0, K, 0, 1, bq, bon, sq, unit, lane, res);
         const int n = n0 + gid + 8 * (tig & 1);
 #pragma unroll
         for (int i = 0; i < 2; ++i)
@@ -1399,9 +1534,9 @@ MP_MMA_DENSE_GLOBAL void qmm_dense_mma(const mp_u8* __restrict__ w0, const mp_u8
     bool bon[2];
     float unit[2];
     mp_mma_pass_inputs(nt, [](int u) { return u; }, K, xd, xs, xunit, lane, bq, bon, sq, unit);
-    const bool al = mp_aligned(w, 16) && (row_bytes & 15) == 0;  // uniform over the block
+    const bool al = mp_mma_aligned<QT>(w, row_bytes);  // uniform over the block
     float res[2] = {0.0f, 0.0f};  // res[1]: no second n-tile up to 2 tokens
-    mp_mma_q4k_dispatch(al, nt, w, row_bytes, N, n0, K, warp, warps, bq, bon, sq, unit, lane, res);
+    mp_mma_dispatch<QT>(al, nt, w, row_bytes, N, n0, K, warp, warps, bq, bon, sq, unit, lane, res);
     part[warp][0][lane] = res[0];
     part[warp][1][lane] = res[1];
     mp_syncthreads();

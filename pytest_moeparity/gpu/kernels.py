@@ -68,9 +68,10 @@ SPLITK_TILES = (1, 4)     # the token tiles with a split-K dense instance (promp
 # split K only while the plain kernel's grid is small: a large matrix (the output head's 152k rows) already
 # fills the GPU, and splitting it only adds the blocks' shared-memory step
 SPLITK_MAX_GROUPS = _tuning_define("MP_SPLITK_MAX_GROUPS", 2048)
-# Short prompts' Q4_K products on the tensor cores (qmm_experts_mma, qmm_dense_mma: int8 mma over exact
-# integer digits of the activations, written once per activation row by act_digits; compute capability
-# 8.0 or later). MP_MMA=0 keeps them on qmm_experts / qmm_dense_splitk (tuning switch).
+# Short prompts' Q4_K and Q6_K products on the tensor cores (qmm_experts_mma, qmm_dense_mma: int8 mma over
+# exact integer digits of the activations, written once per activation row by act_digits or by the kernel
+# writing the row; compute capability 8.0 or later). MP_MMA=0 keeps them on qmm_experts / qmm_dense_splitk,
+# MP_MMA_Q6K=0 keeps only Q6_K there (tuning switches).
 MMA = _tuning_define("MP_MMA", 1)
 MMA_ROWS = 16             # weight rows per warp of the mma kernels
 DIGITS_THREADS = 256      # act_digits: threads per row (MP_DIGITS_THREADS)
@@ -91,7 +92,9 @@ QK_NORM_MAX_HEAD_DIM = 2048  # qk_norm_rope: 32 MP_RMS_REGS (a head row in a war
 MMA_DENSE_WARPS = 8       # the most warps per block of qmm_dense_mma (MP_MMA_DENSE_WARPS)
 # super-blocks each warp of a qmm_dense_mma block walks: warps = K / 256 / this, from 1 to MMA_DENSE_WARPS
 MMA_DENSE_SBS = _tuning_define("MP_MMA_DENSE_SBS", 2)
-MMA_QTYPES = (KERNEL_QTYPES[Q.Q4_K],)
+MMA_Q6K = _tuning_define("MP_MMA_Q6K", 1)
+MMA_QTYPES = (KERNEL_QTYPES[Q.Q4_K], KERNEL_QTYPES[Q.Q6_K])  # the instances compiled
+MMA_ON_QTYPES = MMA_QTYPES if MMA_Q6K else MMA_QTYPES[:1]    # the types use_mma sends there
 # up to this many tokens every expert has at most 4 pairs: one pass of the kernel (an expert with more
 # pairs takes passes of 4 one after another, which long prompts with skewed routing would feel)
 MMA_MAX_TOKENS = _tuning_define("MP_MMA_MAX_TOKENS", 4)
@@ -474,15 +477,16 @@ def _share_launches(items, cap: int) -> list[tuple[tuple, list]]:
     return launches
 
 
-def qmatmul(x, wt: DeviceTensor, out=None, *, as_qtype: Q | None = None, backend: Backend | None = None):
+def qmatmul(x, wt: DeviceTensor, out=None, *, as_qtype: Q | None = None, digits=None, backend: Backend | None = None):
     """``x @ W.T``: x float32 ``[T, K]`` (C-contiguous), ``wt`` a 2-D :class:`DeviceTensor` ``[N, K]``
     -> float32 ``[T, N]``; :func:`dense_launch` picks the kernel (split K for short prompts and
-    matrices that do not fill the GPU on their own).
+    matrices that do not fill the GPU on their own; the tensor cores where :func:`use_mma` says).
 
     ``as_qtype`` is a TEST-ONLY fault injection: read ``wt``'s bytes with another type's kernel
-    (whole blocks of that type inside each row; the remaining columns contribute 0).
+    (whole blocks of that type inside each row; the remaining columns contribute 0). ``digits`` as in
+    :func:`qmatmul_shared_input`.
     """
-    return qmatmul_shared_input(x, (wt,), outs=(out,), as_qtypes=(as_qtype,), backend=backend)[0]
+    return qmatmul_shared_input(x, (wt,), outs=(out,), as_qtypes=(as_qtype,), digits=digits, backend=backend)[0]
 
 
 def qmatmul_shared_input(x, wts, *, outs=None, as_qtypes=None, digits=None, backend: Backend | None = None) -> list:
@@ -608,10 +612,10 @@ def route_experts(logits, k: int, *, backend: Backend | None = None):
 
 def use_mma(be: Backend, code: int, kq: int, K: int, T: int) -> bool:
     """Whether a product of kernel type ``code`` over ``kq`` of ``K`` columns for ``T`` tokens runs on
-    the tensor cores (qmm_experts_mma, qmm_dense_mma): Q4_K over whole super-blocks (not under the fault
-    switch's column limit), MMA_MIN_TOKENS to MMA_MAX_TOKENS tokens, a backend that runs mma (the
+    the tensor cores (qmm_experts_mma, qmm_dense_mma): Q4_K or Q6_K over whole super-blocks (not under the
+    fault switch's column limit), MMA_MIN_TOKENS to MMA_MAX_TOKENS tokens, a backend that runs mma (the
     emulator does), and MP_MMA not 0."""
-    return (bool(MMA) and be.mma and code in MMA_QTYPES and kq == K and K % 256 == 0
+    return (bool(MMA) and be.mma and code in MMA_ON_QTYPES and kq == K and K % 256 == 0
             and MMA_MIN_TOKENS <= T <= MMA_MAX_TOKENS)
 
 
