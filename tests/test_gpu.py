@@ -963,7 +963,8 @@ def test_qk_norm_rope_is_norm_then_rope(backend, T, nh, nkv, hd):
 
 
 @pytest.mark.parametrize("T,nh,nkv,hd", [(3, 32, 4, 128), (4, 32, 8, 128), (2, 4, 2, 64), (1, 6, 3, 32), (3, 8, 2, 256),
-                                         (9, 32, 4, 128), (2, 4, 1, 512)])  # the last two: too large for one block
+                                         (6, 8, 2, 64), (32, 4, 1, 64),  # key chunks of 4 and 2; the most tokens
+                                         (9, 32, 4, 128), (2, 4, 1, 512), (33, 4, 1, 64)])  # the last three: too large
 def test_norm_rope_attention_is_the_three_kernels(backend, T, nh, nkv, hd):
     """The q/k norms + RoPE, attention and the context's digits in one launch (a block per token) give
     qk_norm_rope's, attention_core's and act_digits' results bit for bit (each checked against float64
@@ -982,7 +983,7 @@ def test_norm_rope_attention_is_the_three_kernels(backend, T, nh, nkv, hd):
     ang = np.arange(T)[:, None] * (1e6 ** (-np.arange(half) * 2.0 / hd))[None, :]
     cos, sin = (_dev(backend, f(ang).astype(np.float32)) for f in (np.cos, np.sin))
     dq, dk, dv, dwq, dwk = (_dev(backend, a) for a in (q, k, v, wq, wk))
-    fused = T * nkv * hd <= K.ATTN_KV and hd <= K.ATTN_HEAD_DIM
+    fused = T * nkv * hd <= K.ATTN_KV and hd <= K.ATTN_HEAD_DIM and T <= K.ATTN_MAX_T
     n_before = len(getattr(backend, "launches", []))
     got = K.norm_rope_attention(dq, dk, dv, dwq, dwk, 1e-6, cos, sin, backend=backend)
     if hasattr(backend, "launches"):

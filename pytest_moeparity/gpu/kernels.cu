@@ -1661,8 +1661,9 @@ extern "C" MP_GLOBAL void expert_group(const int* __restrict__ ids, int T, int k
 // the lowest id holding it.
 
 // (p, and ids in mp_group_pairs, are not __restrict__: moe_route writes them in the same launch)
-// The first MP_TOPK_REGS values of each lane (E <= 32 MP_TOPK_REGS) are read once into registers; a
-// larger E reads the rest from p in every round. A round is two warp maxima: the largest untaken
+// The first REGS values of each lane (E <= 32 REGS) are read once into registers; a larger E reads the rest
+// from p in every round. mp_topk_row takes REGS = 4 up to 128 experts, else MP_TOPK_REGS (the slots past
+// E are skipped either way: the same candidates in the same order, so the same result). A round is two warp maxima: the largest untaken
 // number (NaN, which fmaxf passes over, where the lane has none; NaN overall when only NaN are left),
 // then the lowest id holding it (or, when only NaN are left, the lowest untaken NaN id).
 #define MP_TOPK_REGS 8
@@ -1675,23 +1676,24 @@ MP_HD void mp_topk_consider(float v, int e, float& best, int& best_e, int& nan_e
         best_e = e;
     }
 }
-MP_HD void mp_topk_row(const float* p, int E, int k, int* __restrict__ id, float* __restrict__ wt, int lane) {
+template <int REGS>
+MP_HD void mp_topk_row_regs(const float* p, int E, int k, int* __restrict__ id, float* __restrict__ wt, int lane) {
     unsigned long long taken = 0ull;  // bit q: expert lane + 32 q is chosen (E <= 2048)
     const float NEG_INF = mp_bits_to_float(0xFF800000u), QNAN = mp_bits_to_float(0x7FC00000u);
-    float pv[MP_TOPK_REGS];
+    float pv[REGS];
 #pragma unroll
-    for (int q = 0; q < MP_TOPK_REGS; ++q) pv[q] = lane + 32 * q < E ? p[lane + 32 * q] : 0.0f;
+    for (int q = 0; q < REGS; ++q) pv[q] = lane + 32 * q < E ? p[lane + 32 * q] : 0.0f;
     float sum = 0.0f;
     for (int r = 0; r < k; ++r) {
         // best untaken value of this lane: numbers first, then NaN; lowest id among equals
         float best = NEG_INF;
         int best_e = -1, nan_e = -1;
 #pragma unroll
-        for (int q = 0; q < MP_TOPK_REGS; ++q) {
+        for (int q = 0; q < REGS; ++q) {
             const int e = lane + 32 * q;
             if (e < E && !((taken >> q) & 1ull)) mp_topk_consider(pv[q], e, best, best_e, nan_e);
         }
-        for (int e = lane + 32 * MP_TOPK_REGS, q = MP_TOPK_REGS; e < E; e += 32, ++q)
+        for (int e = lane + 32 * REGS, q = REGS; e < E; e += 32, ++q)
             if (!((taken >> q) & 1ull)) mp_topk_consider(p[e], e, best, best_e, nan_e);
         const float m = mp_warp_max1(best_e >= 0 ? best : QNAN);  // NaN: no number is left
         const bool num = m == m, mine = num ? (best_e >= 0 && best == m) : nan_e >= 0;
@@ -1707,6 +1709,10 @@ MP_HD void mp_topk_row(const float* p, int E, int k, int* __restrict__ id, float
     }
     if (lane == 0)
         for (int r = 0; r < k; ++r) wt[r] = wt[r] / sum;
+}
+MP_HD void mp_topk_row(const float* p, int E, int k, int* __restrict__ id, float* __restrict__ wt, int lane) {
+    if (E <= 128) mp_topk_row_regs<4>(p, E, k, id, wt, lane);
+    else mp_topk_row_regs<MP_TOPK_REGS>(p, E, k, id, wt, lane);
 }
 
 extern "C" MP_GLOBAL void router_topk(const float* __restrict__ probs, int T, int E, int k,
@@ -1750,7 +1756,7 @@ extern "C" MP_GLOBAL void moe_combine(const float* __restrict__ y, const float* 
 // gives the same result for rows of up to 32 REGS values: the values past them add 0 * 0 to the parts.
 template <int REGS = MP_RMS_REGS>
 MP_HD void mp_rms_norm_row(const float* xr, int n, const float* __restrict__ weight, float eps,
-                           float* __restrict__ o, int lane) {
+                           float* __restrict__ o, int lane, float* __restrict__ o2 = nullptr) {  // o2: a copy, or null
     // rows of up to 32 * REGS values are held in registers with their weights: one burst of
     // independent loads (the row costs one memory round trip), sums of squares in 8 partial sums
     float v[REGS], wv[REGS], part[8];
@@ -1779,10 +1785,18 @@ MP_HD void mp_rms_norm_row(const float* xr, int n, const float* __restrict__ wei
 #pragma unroll
         for (int j = 0; j < REGS; ++j) {
             const int i = lane + 32 * j;
-            if (i < n) o[i] = mp_fmul(mp_fmul(v[j], inv), wv[j]);
+            if (i < n) {
+                const float y = mp_fmul(mp_fmul(v[j], inv), wv[j]);
+                o[i] = y;
+                if (o2) o2[i] = y;
+            }
         }
     } else {
-        for (int k = lane; k < n; k += 32) o[k] = mp_fmul(mp_fmul(xr[k], inv), weight[k]);
+        for (int k = lane; k < n; k += 32) {
+            const float y = mp_fmul(mp_fmul(xr[k], inv), weight[k]);
+            o[k] = y;
+            if (o2) o2[k] = y;
+        }
     }
 }
 
@@ -2002,20 +2016,45 @@ extern "C" MP_GLOBAL void moe_route(const float* __restrict__ logits, int T, int
 // one (t, head) row of attention by a warp: q row qr [hd], k and v [T, nkv, hd] (kv head g); the scores
 // into sr [T], the probabilities into pr [T], the context into cr [hd] (cr may be qr: a lane writes the
 // columns it read)
+// The scores go MP_ATTN_CHUNK key positions at a time (their dot products share one warp reduction, each
+// its own butterfly: the sums of one at a time), and the context's loads of a chunk are issued together.
+#define MP_ATTN_CHUNK 4
 MP_HD void mp_attention_row(const float* qr, const float* kb, const float* __restrict__ v, int T, int nkv, int hd, int g,
                             int t, float sqrt_hd, float* sr, float* pr, float* cr, int lane) {
-    for (int s = 0; s < T; ++s) {
-        const float* kr = kb + ((mp_i64)s * nkv + g) * hd;
-        float part = 0.0f;
-        for (int d = lane; d < hd; d += 32) part = fmaf(qr[d], kr[d], part);
-        const float dot = mp_warp_sum1(part);
-        if (lane == (s & 31)) sr[s] = dot / sqrt_hd;  // the lane that reads column s in the softmax
+    const mp_i64 kstride = (mp_i64)nkv * hd;  // from one key position to the next
+    for (int s0 = 0; s0 < T; s0 += MP_ATTN_CHUNK) {
+        const float* kr = kb + ((mp_i64)s0 * nkv + g) * hd;
+        int last = T - 1 - s0;  // chunk positions past T read the last one again (a copy, not stored)
+        last = last < MP_ATTN_CHUNK - 1 ? last : MP_ATTN_CHUNK - 1;
+        float part[MP_ATTN_CHUNK];
+#pragma unroll
+        for (int c = 0; c < MP_ATTN_CHUNK; ++c) part[c] = 0.0f;
+        for (int d = lane; d < hd; d += 32) {
+            const float qv = qr[d];
+#pragma unroll
+            for (int c = 0; c < MP_ATTN_CHUNK; ++c) part[c] = fmaf(qv, kr[(c < last ? c : last) * kstride + d], part[c]);
+        }
+        mp_warp_allreduce<MP_ATTN_CHUNK>(part);
+#pragma unroll
+        for (int c = 0; c < MP_ATTN_CHUNK; ++c)
+            if (s0 + c < T && lane == ((s0 + c) & 31)) sr[s0 + c] = part[c] / sqrt_hd;  // the lane reading it in the softmax
     }
     mp_softmax_row(sr, T, t + 1, pr, lane);
     mp_syncwarp();  // every lane reads every column of the probabilities below
     for (int d = lane; d < hd; d += 32) {
         float acc = 0.0f;
-        for (int s = 0; s < T; ++s) acc = fmaf(pr[s], v[((mp_i64)s * nkv + g) * hd + d], acc);
+        for (int s0 = 0; s0 < T; s0 += MP_ATTN_CHUNK) {
+            float pv[MP_ATTN_CHUNK], vv[MP_ATTN_CHUNK];
+#pragma unroll
+            for (int c = 0; c < MP_ATTN_CHUNK; ++c) {
+                const int s = s0 + c < T ? s0 + c : T - 1;
+                pv[c] = pr[s];
+                vv[c] = v[(s * kstride) + g * hd + d];
+            }
+#pragma unroll
+            for (int c = 0; c < MP_ATTN_CHUNK; ++c)
+                if (s0 + c < T) acc = fmaf(pv[c], vv[c], acc);
+        }
         cr[d] = acc;
     }
 }
@@ -2062,12 +2101,13 @@ extern "C" MP_GLOBAL void rope_neox(const float* __restrict__ x, int T, int head
 // k_norm read, then rotated as rope_neox does (mp_rope_value) into qr / kr: bit for bit the two-kernel
 // results.
 
-// one head row x [hd] (hd <= 32 REGS) by a warp: normalised into nr, then rotated (c / s: its position's
-// cos / sin) into rr and, where not null, rr2; rr may be nr (the rotated row is held in registers first)
+// one head row x [hd] (hd <= 32 REGS) by a warp: normalised into nr and, where not null, n2, then rotated
+// (c / s: its position's cos / sin, read from nr) into rr and, where not null, rr2; rr may be nr (the
+// rotated row is held in registers first)
 template <int REGS>
 MP_HD void mp_norm_rope_row(const float* x, int hd, const float* __restrict__ w, float eps, const float* __restrict__ c,
-                            const float* __restrict__ s, float* nr, float* rr, float* rr2, int lane) {
-    mp_rms_norm_row<REGS>(x, hd, w, eps, nr, lane);
+                            const float* __restrict__ s, float* nr, float* n2, float* rr, float* rr2, int lane) {
+    mp_rms_norm_row<REGS>(x, hd, w, eps, nr, lane, n2);
     mp_syncwarp();  // a lane rotates columns that other lanes normalised
     const int half = hd / 2;
     float r[REGS];
@@ -2100,7 +2140,8 @@ extern "C" MP_GLOBAL void qk_norm_rope(const float* __restrict__ q, const float*
     const int r = isq ? row : row - qrows, t = r / (isq ? nh : nkv), half = hd / 2;
     const mp_i64 off = (mp_i64)r * hd;
     mp_norm_rope_row<MP_RMS_REGS>((isq ? q : k) + off, hd, isq ? wq : wk, eps, cosv + (mp_i64)t * half,
-                                  sinv + (mp_i64)t * half, (isq ? qn : kn) + off, (isq ? qr : kr) + off, nullptr, lane);
+                                  sinv + (mp_i64)t * half, (isq ? qn : kn) + off, nullptr, (isq ? qr : kr) + off, nullptr,
+                                  lane);
 }
 
 // ---- q/k norm + RoPE, attention and the digits of its output in one launch (short prompts) -------------
@@ -2113,7 +2154,9 @@ extern "C" MP_GLOBAL void qk_norm_rope(const float* __restrict__ q, const float*
 //   3. the block writes the context row to ctx and its digits as act_digits does.
 // Bit for bit qk_norm_rope, attention_core and act_digits(ctx). Three launches of a few us each (their
 // latency chains, not their work) become one. Sizes (kernels.py checks): hd even and at most
-// 32 MP_ATTN_NORM_REGS, nh hd at most MP_ATTN_COLS and a multiple of 32, T nkv hd at most MP_ATTN_KV.
+// 32 MP_ATTN_NORM_REGS, nh hd at most MP_ATTN_COLS and a multiple of 32, T nkv hd at most MP_ATTN_KV, T at most
+// MP_ATTN_MAX_T. The rows the steps pass on stay in shared memory (a global write read back is an L2 round
+// trip in the middle of a warp's chain); the captures are written besides.
 #define MP_ATTN_THREADS 1024    // kernels.py: ATTN_THREADS
 #define MP_ATTN_COLS 4096       // kernels.py: ATTN_COLS
 #define MP_ATTN_KV 4096         // kernels.py: ATTN_KV
@@ -2124,6 +2167,33 @@ extern "C" MP_GLOBAL void qk_norm_rope(const float* __restrict__ q, const float*
 #define MP_ATTN_GLOBAL __global__ __launch_bounds__(MP_ATTN_THREADS)
 #endif
 
+#define MP_ATTN_MAX_T 32         // the most tokens (kernels.py: ATTN_MAX_T): a warp's scores and probabilities in shared memory
+
+// step 1 for rows of up to 32 REGS: token t's q heads normalised into qs (and qn) and rotated in place (and
+// into qr); every token's k heads likewise into ks (token t's also into kn and kr)
+template <int REGS>
+MP_HD void mp_nra_norms(const float* __restrict__ q, const float* __restrict__ k, int T, int t, int nh, int nkv, int hd,
+                        const float* __restrict__ wq, const float* __restrict__ wk, float eps,
+                        const float* __restrict__ cosv, const float* __restrict__ sinv, float* __restrict__ qn,
+                        float* __restrict__ kn, float* __restrict__ qr, float* __restrict__ kr, float* qs, float* ks,
+                        int warp, int lane) {
+    const int half = hd / 2;
+    for (int r = warp; r < nh + T * nkv; r += MP_ATTN_THREADS / 32) {
+        if (r < nh) {
+            const mp_i64 off = ((mp_i64)t * nh + r) * hd;
+            float* own = qs + r * hd;
+            mp_norm_rope_row<REGS>(q + off, hd, wq, eps, cosv + (mp_i64)t * half, sinv + (mp_i64)t * half, own, qn + off,
+                                   own, qr + off, lane);
+        } else {
+            const int rk = r - nh, s = rk / nkv;
+            const mp_i64 off = (mp_i64)rk * hd;
+            float* own = ks + rk * hd;
+            mp_norm_rope_row<REGS>(k + off, hd, wk, eps, cosv + (mp_i64)s * half, sinv + (mp_i64)s * half, own,
+                                   s == t ? kn + off : nullptr, own, s == t ? kr + off : nullptr, lane);
+        }
+    }
+}
+
 extern "C" MP_ATTN_GLOBAL void norm_rope_attention(const float* __restrict__ q, const float* __restrict__ k,
         const float* __restrict__ v, int T, int nh, int nkv, int hd, const float* __restrict__ wq,
         const float* __restrict__ wk, float eps, const float* __restrict__ cosv, const float* __restrict__ sinv,
@@ -2132,28 +2202,24 @@ extern "C" MP_ATTN_GLOBAL void norm_rope_attention(const float* __restrict__ q, 
         float* __restrict__ xs, float* __restrict__ xunit) {
     MP_SHARED float qs[MP_ATTN_COLS];  // token t's rotated q rows [nh, hd], then its context row
     MP_SHARED float ks[MP_ATTN_KV];    // every token's rotated k rows [T, nkv, hd]
+    MP_SHARED float sp[MP_ATTN_THREADS / 32][2][MP_ATTN_MAX_T];  // a warp's scores and probabilities
     MP_SHARED float wmax[MP_ATTN_THREADS / 32];
     mp_grid_sync();
-    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, t = (int)blockIdx.x, half = hd / 2;
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, t = (int)blockIdx.x;
     const int cols = nh * hd;
-    for (int r = warp; r < nh + T * nkv; r += MP_ATTN_THREADS / 32) {  // 1. norms and RoPE
-        if (r < nh) {
-            const mp_i64 off = ((mp_i64)t * nh + r) * hd;
-            mp_norm_rope_row<MP_ATTN_NORM_REGS>(q + off, hd, wq, eps, cosv + (mp_i64)t * half, sinv + (mp_i64)t * half,
-                                                qn + off, qs + r * hd, qr + off, lane);
-        } else {
-            const int rk = r - nh, s = rk / nkv;
-            const mp_i64 off = (mp_i64)rk * hd;
-            float* own = ks + rk * hd;
-            mp_norm_rope_row<MP_ATTN_NORM_REGS>(k + off, hd, wk, eps, cosv + (mp_i64)s * half, sinv + (mp_i64)s * half,
-                                                s == t ? kn + off : own, own, s == t ? kr + off : nullptr, lane);
-        }
-    }
+    // 1. norms and RoPE (everything the attention reads is in shared memory, every capture written besides)
+    if (hd <= 128) mp_nra_norms<4>(q, k, T, t, nh, nkv, hd, wq, wk, eps, cosv, sinv, qn, kn, qr, kr, qs, ks, warp, lane);
+    else mp_nra_norms<MP_ATTN_NORM_REGS>(q, k, T, t, nh, nkv, hd, wq, wk, eps, cosv, sinv, qn, kn, qr, kr, qs, ks, warp, lane);
     mp_syncthreads();
     for (int h = warp; h < nh; h += MP_ATTN_THREADS / 32) {  // 2. attention (the context over the q row)
         const mp_i64 row = (mp_i64)t * nh + h;
-        mp_attention_row(qs + h * hd, ks, v, T, nkv, hd, h / (nh / nkv), t, sqrt_hd, scores + row * T, probs + row * T,
+        mp_attention_row(qs + h * hd, ks, v, T, nkv, hd, h / (nh / nkv), t, sqrt_hd, sp[warp][0], sp[warp][1],
                          qs + h * hd, lane);
+        for (int s = lane; s < T; s += 32) {  // the captures (a lane wrote its own columns of both)
+            scores[row * T + s] = sp[warp][0][s];
+            probs[row * T + s] = sp[warp][1][s];
+        }
+        mp_syncwarp();  // the next head's row reuses the warp's scores and probabilities
     }
     mp_syncthreads();
     const int groups = cols >> 2;  // 3. the context row and its digits

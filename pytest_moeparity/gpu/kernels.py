@@ -88,6 +88,7 @@ ATTN_THREADS = 1024       # MP_ATTN_THREADS: threads per block (a warp per head 
 ATTN_HEAD_DIM = 256       # 32 MP_ATTN_NORM_REGS: the longest head row
 ATTN_COLS = 4096          # MP_ATTN_COLS: the most q columns of a token (heads x head_dim), in shared memory
 ATTN_KV = 4096            # MP_ATTN_KV: the most k values of the prompt (tokens x kv heads x head_dim), too
+ATTN_MAX_T = 32           # MP_ATTN_MAX_T: the most tokens (a warp's scores and probabilities in shared memory)
 QK_NORM_MAX_HEAD_DIM = 2048  # qk_norm_rope: 32 MP_RMS_REGS (a head row in a warp's registers)
 MMA_DENSE_WARPS = 8       # the most warps per block of qmm_dense_mma (MP_MMA_DENSE_WARPS)
 # super-blocks each warp of a qmm_dense_mma block walks: warps = K / 256 / this, from 1 to MMA_DENSE_WARPS
@@ -969,13 +970,14 @@ def norm_rope_attention(q, k, v, wq, wk, eps: float, cos, sin, *, backend: Backe
     of the context (the tensor-core attn_output product's input) for a short prompt: ``(qn, kn, qr, kr,
     scores, probs, ctx, digits)``, bit for bit those three, from one launch (kernel
     ``norm_rope_attention``, a block per token) where the sizes fit it (head_dim <= ATTN_HEAD_DIM,
-    heads x head_dim <= ATTN_COLS and a multiple of 32, tokens x kv heads x head_dim <= ATTN_KV), else
-    from those three."""
+    heads x head_dim <= ATTN_COLS and a multiple of 32, tokens x kv heads x head_dim <= ATTN_KV, tokens <=
+    ATTN_MAX_T), else from those three."""
     be = _backend(backend)
     q, k, wq, wk, cos, sin, (T, nh, nkv, hd) = _qk_args("norm_rope_attention", q, k, wq, wk, cos, sin, be)
     v = _kv_check("norm_rope_attention", k, v, T, nh, nkv, hd, be)
     cols = nh * hd
-    if not (hd <= ATTN_HEAD_DIM and cols <= ATTN_COLS and cols % 32 == 0 and T * nkv * hd <= ATTN_KV):
+    if not (hd <= ATTN_HEAD_DIM and cols <= ATTN_COLS and cols % 32 == 0 and T * nkv * hd <= ATTN_KV
+            and T <= ATTN_MAX_T):
         qn, kn, qr, kr = qk_norm_rope(q, k, wq, wk, eps, cos, sin, backend=be)
         scores, probs, ctx = attention_core(qr, kr, v, backend=be)
         return qn, kn, qr, kr, scores, probs, ctx, act_digits(ctx, backend=be)
