@@ -785,6 +785,41 @@ def test_moe_combine_bit_exact(backend):
     assert np.array_equal(_host(backend, res), x + want)
 
 
+@pytest.mark.parametrize("T,k,N", [(3, 8, 2048), (4, 3, 768), (2, 6, 96), (3, 4, 4096)])  # 4096: past one block
+def test_moe_combine_norm_is_combine_then_norm(backend, T, k, N):
+    """The layer boundary in one launch (the experts' combination, the residual, the next norm and its
+    digits; a block per token) gives moe_combine's (with the residual), rms_norm's and act_digits' results
+    bit for bit (the combination checked against float32 step by step above), with slot counts that leave
+    a partial chunk of loads, a NaN staying in its own token's rows; rows past one block take those
+    kernels."""
+    from pytest_moeparity.gpu import kernels as K
+
+    rng = _rng("combine-norm", T, k, N)
+    E = 2 * k + 1
+    y = (rng.standard_normal((T, k, N)) * np.exp2(rng.integers(-6, 6, size=(T, k, N)))).astype(np.float32)
+    w = rng.random((T, k)).astype(np.float32)
+    ids = np.stack([rng.permutation(E)[:k] for _ in range(T)]).astype(np.int32)
+    x = (rng.standard_normal((T, N)) * 4).astype(np.float32)
+    y[T - 1, k - 1, N // 2] = np.nan
+    nw = rng.uniform(0.5, 1.5, N).astype(np.float32)
+    routing = K.expert_routing(_dev(backend, ids), E, backend=backend)
+    dy, dw, dx, dnw = (_dev(backend, a) for a in (y, w, x, nw))
+    n_before = len(getattr(backend, "launches", []))
+    out, res, normed, digits = K.moe_combine_norm(dy, dw, routing, dx, dnw, 1e-6, backend=backend)
+    if hasattr(backend, "launches"):
+        want_l = ["combine_norm_digits"] if N <= K.ROW_BLOCK_COLS else ["moe_combine", "rms_norm", "act_digits"]
+        assert backend.launches[n_before:] == want_l, backend.launches[n_before:]
+    w_out, w_res = K.moe_combine(dy, dw, routing, residual=dx, backend=backend)
+    w_normed = K.rms_norm(w_res, dnw, 1e-6, backend=backend)
+    for name, g, want in (("out", out, w_out), ("res", res, w_res), ("normed", normed, w_normed)):
+        g, want = _host(backend, g), _host(backend, want)
+        assert np.array_equal(g, want, equal_nan=True), f"{name} (T={T}, k={k}, N={N}) differs from the kernels'"
+    _assert_same_digits(backend, digits, K.act_digits(w_normed, backend=backend), f"normed digits T={T} k={k} N={N}")
+    nrm = _host(backend, normed)
+    assert np.isnan(nrm[T - 1]).all() and np.isfinite(nrm[:T - 1]).all()
+    assert np.isnan(_host(backend, digits[2])[T - 1]) and np.isfinite(_host(backend, digits[2])[:T - 1]).all()
+
+
 @pytest.mark.parametrize("E", [128, 300, 2048])
 def test_router_topk_many_experts(backend, E):
     """128 experts, top-8 (Qwen3-30B-A3B's router): several values per lane, exact ties across lanes;
@@ -1284,12 +1319,15 @@ def test_short_prompt_forward_on_tensor_cores(backend, model_factory, preset, n_
         # each product input's digits once, however many products read it, by the kernel writing the input:
         # per layer attn_norm (q / k / v) and ffn_norm (gate / up) by their norms, the context (attn_output)
         # by the one-launch norms + RoPE + attention, SwiGLU's (ffn_down_exps, Q4_K or Q6_K) by SwiGLU; the
-        # final norm's (the Q6_K head) by the final norm
+        # final norm's (the Q6_K head) by the last layer's boundary launch
         assert {model.layer(L, "ffn_down_exps").type_name for L in range(n_layers)} == {"Q4_K", "Q6_K"}
         assert model.output.type_name == "Q6_K"
-        assert launched.count("norm_digits") == 2 * n_layers + 1, sorted(set(launched))
+        # (the attn_norm after a layer and the final norm by the layer boundary's one launch with the combination)
+        assert launched.count("norm_digits") == n_layers + 1, sorted(set(launched))
+        assert launched.count("combine_norm_digits") == n_layers, sorted(set(launched))
         assert launched.count("norm_rope_attention") == n_layers, sorted(set(launched))
         assert launched.count("swiglu_digits") == n_layers, sorted(set(launched))
+        assert "moe_combine" not in launched, sorted(set(launched))
         assert "act_digits" not in launched and "qk_norm_rope" not in launched, sorted(set(launched))
     if backend.mma and Kn.MMA:  # the same trace with every input's digits from act_digits in the products
         monkeypatch.setattr(Kn, "reads_digits", lambda *a, **k: False)

@@ -35,6 +35,7 @@ FAULTS = {
     # expert products of every Q4_K ffn_down_exps read its bytes with the Q6_K kernel
     "q4k-as-q6k": ("ffn_down_exps", Q.Q4_K, Q.Q6_K),
 }
+_QKV = ("attn_q", "attn_k", "attn_v")
 _EXPERT_STAGES = (S.moe_expert_gate, S.moe_expert_up, S.moe_expert_swiglu, S.moe_expert_out)
 
 
@@ -243,16 +244,19 @@ class CupyEngine:
 
     def _layers_and_head(self, x, cos, sin, rec: Recorder, weights: DeviceWeights):
         """Every layer, the final norm and the head on device arrays: device logits [T, V]."""
-        a = self._a
-        for layer in range(self.cfg.n_layers):
-            attn = self.attention(layer, x, cos, sin, rec, weights)
-            x = self.moe(layer, x, attn, rec, weights)
+        a, n = self._a, self.cfg.n_layers
+        normed = None  # the next norm's output and digits, where the layer boundary's launch wrote them
+        for layer in range(n):
+            attn = self.attention(layer, x, cos, sin, rec, weights, normed=normed)
+            x, normed = self.moe(layer, x, attn, rec, weights, next_norm=self._next_norm(rec, layer, x, weights))
             weights.release_layer(layer)
         chunks = weights.output_chunks()
         first = next(chunks)
-        # the final norm writes its digits where the head takes the tensor cores (short prompts, Q4_K / Q6_K)
-        h_digits = self._wants_digits(rec, None, S.final_norm, int(x.shape[0]), [first[1]], [None])
-        h, h_dig = self._norm(x, weights.vector("output_norm.weight"), h_digits)
+        if normed is None:
+            # the final norm writes its digits where the head takes the tensor cores (short prompts, Q4_K / Q6_K)
+            h_digits = self._wants_digits(rec, None, S.final_norm, int(x.shape[0]), [first[1]], [None])
+            normed = self._norm(x, weights.vector("output_norm.weight"), h_digits)
+        h, h_dig = normed
         h = rec.tap(S.final_norm, None, h)
         logits = a(self.lm_head(h, weights, digits=h_dig, chunks=itertools.chain([first], chunks)))
         return rec.tap(S.lm_head, None, logits)
@@ -305,13 +309,34 @@ class CupyEngine:
             raise ValueError(f"{what} has shape {tuple(arr.shape)}, expected {tuple(shape)}")
         return arr
 
-    def attention(self, layer: int, x, cos, sin, rec: Recorder, weights: DeviceWeights):
+    def _next_norm(self, rec: Recorder, layer: int, x, weights: DeviceWeights):
+        """The weight of the norm after ``layer`` (the next layer's attn_norm, or the output norm) where the
+        layer's last launch should compute it with its digits (the layer boundary in one launch: short
+        prompts whose next products take the tensor cores, resident weights); else None."""
+        if weights.streaming or not K.FUSE_DIGITS:
+            return None
+        T, nxt = int(x.shape[0]), layer + 1
+        if nxt < self.cfg.n_layers:
+            if self._wants_digits(rec, nxt, S.attn_norm, T, *self._layer_tensors(nxt, _QKV, weights)):
+                return self._vec(nxt, "attn_norm", weights)
+            return None
+        out_t = weights.tensor(self.model.output.name)
+        if self._wants_digits(rec, None, S.final_norm, T, [out_t], [None]):
+            return weights.vector("output_norm.weight")
+        return None
+
+    def attention(self, layer: int, x, cos, sin, rec: Recorder, weights: DeviceWeights, *, normed=None):
+        """The attention block of ``layer`` on the residual x; ``normed``: its attn_norm output and digits
+        where the previous layer's boundary launch computed them (see _next_norm)."""
         cfg, a, L, xp = self.cfg, self._a, layer, self.xp
         T, nh, nkv, hd = x.shape[0], cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
 
-        qkv = ("attn_q", "attn_k", "attn_v")
-        h, h_dig = self._norm(x, self._vec(L, "attn_norm", weights),
-                            self._wants_digits(rec, L, S.attn_norm, T, *self._layer_tensors(L, qkv, weights)))
+        qkv = _QKV
+        if normed is not None:
+            h, h_dig = normed
+        else:
+            h, h_dig = self._norm(x, self._vec(L, "attn_norm", weights),
+                                self._wants_digits(rec, L, S.attn_norm, T, *self._layer_tensors(L, qkv, weights)))
         h = rec.tap(S.attn_norm, L, h)
         q, k, v = (a(y) for y in self._layer_mms(h, L, qkv, weights, digits=h_dig))
         q = rec.tap(S.q_proj, L, q)
@@ -403,8 +428,10 @@ class CupyEngine:
             ctx = a(xp.matmul(ph, vh).transpose(1, 0, 2).reshape(T, nh * hd))
         return scores, p, ctx
 
-    def moe(self, layer: int, x, attn, rec: Recorder, weights: DeviceWeights):
-        """The post-attention residual ``x + attn``, then the MoE block and its residual."""
+    def moe(self, layer: int, x, attn, rec: Recorder, weights: DeviceWeights, *, next_norm=None):
+        """The post-attention residual ``x + attn``, then the MoE block and its residual: ``(x, normed)``,
+        normed the next norm's output and digits where ``next_norm`` (its weight) is given and the
+        combination, the residual and that norm may share a launch, else None."""
         cfg, a, L, be, xp = self.cfg, self._a, layer, self.backend, self.xp
         T = x.shape[0]
         (gate_t, up_t, down_t), (g_as, u_as, d_as) = self._layer_tensors(L, ("ffn_gate_exps", "ffn_up_exps",
@@ -460,7 +487,14 @@ class CupyEngine:
                                    backend=be)), ids)
         if any(rec.wants(st, L) for st in _EXPERT_STAGES):
             self._capture_experts(L, h, ids, (gate_t, g_as), (up_t, u_as), (down_t, d_as), rec)
-        if self._fusable(rec, L, (S.moe_ffn_out,)):  # the combination and the residual add in one launch
+        normed = None
+        if next_norm is not None and self._fusable(rec, L, (S.moe_ffn_out, S.post_ffn_residual)):
+            # the combination, the residual add and the next norm with its digits in one launch
+            out, x, hn, hn_dig = K.moe_combine_norm(self._c(y), self._c(rw), routing, x, next_norm, cfg.rms_eps,
+                                                    backend=be)
+            rec.tap(S.moe_ffn_out, L, out)
+            normed = (hn, hn_dig)
+        elif self._fusable(rec, L, (S.moe_ffn_out,)):  # the combination and the residual add in one launch
             out, x = K.moe_combine(self._c(y), self._c(rw), routing, residual=x, backend=be)
             rec.tap(S.moe_ffn_out, L, out)
         else:
@@ -468,7 +502,7 @@ class CupyEngine:
             out = rec.tap(S.moe_ffn_out, L, out)
             x = a(K.add(x, out, backend=be))
         x = rec.tap(S.post_ffn_residual, L, x)
-        return x
+        return x, normed
 
     def _forced_ids(self, layer: int, n_tokens: int):
         """The forced expert ids of ``layer`` as an int32 [T, K] device array (validated)."""

@@ -1569,23 +1569,46 @@ MP_HD void mp_atomic_add_shared(int* a, int v) {
 #endif
 }
 
+#define MP_GROUP_IDS 1024        // prompts of up to this many pairs have their ids copied to shared memory first
 struct mp_group_smem {  // the kernel's shared memory (a __shared__ variable cannot live in an MP_HD function)
     int next[MP_MAX_EXPERTS];  // pairs per expert, then the expert's next free position
-    int scan_n[MP_THREADS], scan_a[MP_THREADS], round_ids[MP_THREADS];
+    int warp_n[MP_WARPS], warp_a[MP_WARPS], round_ids[MP_THREADS];
+    int ids[MP_GROUP_IDS];
 };
+
+// inclusive prefix sums over a warp's lanes of (n, a) by xor exchanges (each lane adds the totals of the
+// lower halves it meets); tn / ta: the warp's totals. Integers below 2^24 (exact as floats).
+MP_HD void mp_warp_scan2(int& n, int& a, int& tn, int& ta, int lane) {
+    float pn = (float)n, pa = (float)a, sn = pn, sa = pa;
+#pragma unroll
+    for (int off = 1; off < 32; off <<= 1) {
+        const float on = mp_shfl_xor(sn, off), oa = mp_shfl_xor(sa, off);
+        if (lane & off) {
+            pn += on;
+            pa += oa;
+        }
+        sn += on;
+        sa += oa;
+    }
+    n = (int)pn;
+    a = (int)pa;
+    tn = (int)sn;
+    ta = (int)sa;
+}
 
 MP_HD void mp_group_pairs(const int* ids, int T, int k, int E, int* __restrict__ pairs,
                           int* __restrict__ offsets, int* __restrict__ active, int n_act_len, int* __restrict__ order,
                           mp_group_smem& sm) {
     int* next = sm.next;
-    int* scan_n = sm.scan_n;
-    int* scan_a = sm.scan_a;
     int* round_ids = sm.round_ids;
-    const int tid = threadIdx.x, P = T * k;
+    const int tid = threadIdx.x, P = T * k, lane = tid & 31, warp = tid >> 5;
     for (int e = tid; e < E; e += MP_THREADS) next[e] = 0;
+    if (P <= MP_GROUP_IDS)  // read below from shared memory (ids may have been written in this launch)
+        for (int p = tid; p < P; p += MP_THREADS) sm.ids[p] = ids[p];
     mp_syncthreads();
+    const int* src = P <= MP_GROUP_IDS ? sm.ids : ids;
     for (int p = tid; p < P; p += MP_THREADS) {
-        const int id = ids[p];
+        const int id = src[p];
         if (id >= 0 && id < E) mp_atomic_add_shared(&next[id], 1);
     }
     mp_syncthreads();
@@ -1595,18 +1618,24 @@ MP_HD void mp_group_pairs(const int* ids, int T, int k, int E, int* __restrict__
         mine += next[e_lo + q];
         mine_active += next[e_lo + q] > 0;
     }
-    scan_n[tid] = mine;
-    scan_a[tid] = mine_active;
-    mp_syncthreads();
-    for (int off = 1; off < MP_THREADS; off <<= 1) {  // inclusive scans (Hillis-Steele)
-        const int vn = tid >= off ? scan_n[tid - off] : 0, va = tid >= off ? scan_a[tid - off] : 0;
-        mp_syncthreads();
-        scan_n[tid] += vn;
-        scan_a[tid] += va;
-        mp_syncthreads();
+    int inc_n = mine, inc_a = mine_active, tot_n, tot_a;  // inclusive scans: in the warp, then over the warps
+    mp_warp_scan2(inc_n, inc_a, tot_n, tot_a, lane);
+    if (lane == 0) {
+        sm.warp_n[warp] = tot_n;
+        sm.warp_a[warp] = tot_a;
     }
-    int pos = scan_n[tid] - mine, act = scan_a[tid] - mine_active;
-    const int n_active = scan_a[MP_THREADS - 1];
+    mp_syncthreads();
+    int n_active = 0, n_total = 0;
+#pragma unroll
+    for (int w = 0; w < MP_WARPS; ++w) {
+        if (w < warp) {
+            inc_n += sm.warp_n[w];
+            inc_a += sm.warp_a[w];
+        }
+        n_total += sm.warp_n[w];
+        n_active += sm.warp_a[w];
+    }
+    int pos = inc_n - mine, act = inc_a - mine_active;
     for (int q = 0; q < per && e_lo + q < E; ++q) {
         const int e = e_lo + q, c = next[e];
         offsets[e] = pos;
@@ -1614,12 +1643,12 @@ MP_HD void mp_group_pairs(const int* ids, int T, int k, int E, int* __restrict__
         next[e] = pos;
         pos += c;
     }
-    if (tid == MP_THREADS - 1) offsets[E] = scan_n[MP_THREADS - 1];  // every pair of an id in 0..E-1
+    if (tid == MP_THREADS - 1) offsets[E] = n_total;  // every pair of an id in 0..E-1
     for (int i = n_active + tid; i < n_act_len; i += MP_THREADS) active[i] = -1;
     mp_syncthreads();
     for (int r0 = 0; r0 < P; r0 += MP_THREADS) {  // stable placement, a round of MP_THREADS pairs at a time
         const int p = r0 + tid;
-        const int id = p < P ? ids[p] : -1;
+        const int id = p < P ? src[p] : -1;
         const bool valid = id >= 0 && id < E;
         round_ids[tid] = valid ? id : -1;
         mp_syncthreads();
@@ -1634,7 +1663,7 @@ MP_HD void mp_group_pairs(const int* ids, int T, int k, int E, int* __restrict__
     }
     for (int p = tid; p < P; p += MP_THREADS) {  // one thread per slot j of token t
         const int t = p / k, j = p - t * k;
-        const int* it = ids + (mp_i64)t * k;
+        const int* it = src + (mp_i64)t * k;
         const int idj = it[j];
         int rank = 0;  // slots with a smaller id, or the same id earlier
         for (int q = 0; q < k; ++q) {
@@ -1905,6 +1934,11 @@ MP_HD void mp_row_out_digits(float (&v)[MP_ROW_GROUPS][4], int groups, int tid, 
     mp_digits_store(v, groups, 0, tid, inv, dr, sr);
 }
 
+template <bool AL>
+MP_HD void mp_norm_digits_tail(float (&v)[MP_ROW_GROUPS][4], const float (&w)[MP_ROW_GROUPS][4], int n, float eps,
+                               float* __restrict__ out, mp_u32* __restrict__ dr, float* __restrict__ sr, float* unit,
+                               int tid, float* sq, float* wmax, float* sinv);
+
 // RMSNorm of a row (a + b where add: the residual add written to sum as add_f32 does) in rms_norm's
 // operations and order: mp_rms_norm_row's lane l adds the squares of columns l + 32 j into part[j & 7] in
 // order of j, then its parts in order, then the warp's butterfly; here the squares meet in shared memory
@@ -1914,7 +1948,7 @@ MP_HD void mp_norm_digits_row(const float* __restrict__ a, const float* __restri
                               const float* __restrict__ weight, float eps, float* __restrict__ sum, float* __restrict__ out,
                               mp_u32* __restrict__ dr, float* __restrict__ sr, float* unit, int tid, float* sq, float* wmax,
                               float* sinv) {
-    const int groups = n >> 2, lane = tid & 31;
+    const int groups = n >> 2;
     float v[MP_ROW_GROUPS][4], w[MP_ROW_GROUPS][4], t[MP_ROW_GROUPS][4];
     mp_row_groups<AL>(a, groups, tid, v);
     mp_row_groups<AL>(weight, groups, tid, w);
@@ -1929,8 +1963,21 @@ MP_HD void mp_norm_digits_row(const float* __restrict__ a, const float* __restri
 #pragma unroll
     for (int i = 0; i < MP_ROW_GROUPS; ++i) {
         const int g = tid + MP_DIGITS_THREADS * i;
+        if (add && g < groups) mp_st4<AL>(sum + 4 * g, v[i]);
+    }
+    mp_norm_digits_tail<AL>(v, w, n, eps, out, dr, sr, unit, tid, sq, wmax, sinv);
+}
+
+// the RMSNorm (weights w, held as v) of the row whose groups thread tid holds in v, into out, then its digits
+template <bool AL>
+MP_HD void mp_norm_digits_tail(float (&v)[MP_ROW_GROUPS][4], const float (&w)[MP_ROW_GROUPS][4], int n, float eps,
+                               float* __restrict__ out, mp_u32* __restrict__ dr, float* __restrict__ sr, float* unit,
+                               int tid, float* sq, float* wmax, float* sinv) {
+    const int groups = n >> 2, lane = tid & 31;
+#pragma unroll
+    for (int i = 0; i < MP_ROW_GROUPS; ++i) {
+        const int g = tid + MP_DIGITS_THREADS * i;
         if (g < groups) {
-            if (add) mp_st4<AL>(sum + 4 * g, v[i]);
 #pragma unroll
             for (int c = 0; c < 4; ++c) sq[4 * g + c] = mp_fmul(v[i][c], v[i][c]);
         }
@@ -1980,6 +2027,83 @@ extern "C" MP_GLOBAL void norm_digits(const float* __restrict__ a, const float* 
                                      xs + off / 32, xunit + r, tid, sq, wmax, sinv);
     else mp_norm_digits_row<false>(a + off, b + off, add != 0, n, weight, eps, sum + off, out + off, xd + off,
                                    xs + off / 32, xunit + r, tid, sq, wmax, sinv);
+}
+
+// ---- the layer boundary in one launch (short prompts): the experts' combination, the residual, the next norm --
+// Block t (grid T, MP_DIGITS_THREADS threads) for a row of n columns (a multiple of 32, at most
+// MP_ROW_BLOCK_COLS): out = moe_combine's row t (slots in `order`, each product and sum rounded as there;
+// a chunk of MP_COMBINE_SLOTS slots' loads issued together), res = x + out (its residual), then normed =
+// the RMSNorm of res with `weight` (the next layer's attn_norm or the output norm) and its digits, as
+// norm_digits: bit for bit moe_combine(residual) then rms_norm and act_digits. One launch instead of two
+// at every layer boundary.
+#define MP_COMBINE_SLOTS 4
+template <bool AL>
+MP_HD void mp_combine_row(const float* __restrict__ y, const float* __restrict__ w, const int* __restrict__ order, int t,
+                          int k, int n, int tid, float (&acc)[MP_ROW_GROUPS][4]) {
+    const int groups = n >> 2;
+#pragma unroll
+    for (int i = 0; i < MP_ROW_GROUPS; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.0f;
+    for (int r0 = 0; r0 < k; r0 += MP_COMBINE_SLOTS) {
+        float wj[MP_COMBINE_SLOTS], yv[MP_COMBINE_SLOTS][MP_ROW_GROUPS][4];
+#pragma unroll
+        for (int c = 0; c < MP_COMBINE_SLOTS; ++c) {
+            const int r = r0 + c < k ? r0 + c : k - 1;  // past k: the last slot again, not added
+            const int j = order[(mp_i64)t * k + r];
+            wj[c] = w[(mp_i64)t * k + j];
+            mp_row_groups<AL>(y + ((mp_i64)t * k + j) * n, groups, tid, yv[c]);
+        }
+#pragma unroll
+        for (int c = 0; c < MP_COMBINE_SLOTS; ++c) {
+            if (r0 + c < k) {
+#pragma unroll
+                for (int i = 0; i < MP_ROW_GROUPS; ++i) {
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) acc[i][e] = mp_fadd(acc[i][e], mp_fmul(wj[c], yv[c][i][e]));
+                }
+            }
+        }
+    }
+}
+
+extern "C" MP_GLOBAL void combine_norm_digits(const float* __restrict__ y, const float* __restrict__ w,
+                                              const int* __restrict__ order, int T, int k, int n,
+                                              const float* __restrict__ x, const float* __restrict__ weight, float eps,
+                                              float* __restrict__ out, float* __restrict__ res, float* __restrict__ normed,
+                                              mp_u32* __restrict__ xd, float* __restrict__ xs, float* __restrict__ xunit) {
+    MP_SHARED float sq[MP_ROW_BLOCK_COLS];
+    MP_SHARED float wmax[MP_DIGITS_THREADS / 32];
+    MP_SHARED float sinv[1];
+    mp_grid_sync();
+    const int tid = threadIdx.x, t = (int)blockIdx.x, groups = n >> 2;  // grid T: every block has a row
+    const mp_i64 off = (mp_i64)t * n;
+    const bool al = mp_aligned(y, 16) && mp_aligned(x, 16) && mp_aligned(weight, 16) && mp_aligned(out, 16)
+                    && mp_aligned(res, 16) && mp_aligned(normed, 16);  // every row then (n a multiple of 32)
+    float v[MP_ROW_GROUPS][4], xv[MP_ROW_GROUPS][4], wv[MP_ROW_GROUPS][4];
+    if (al) {
+        mp_row_groups<true>(x + off, groups, tid, xv);
+        mp_row_groups<true>(weight, groups, tid, wv);
+        mp_combine_row<true>(y, w, order, t, k, n, tid, v);
+    } else {
+        mp_row_groups<false>(x + off, groups, tid, xv);
+        mp_row_groups<false>(weight, groups, tid, wv);
+        mp_combine_row<false>(y, w, order, t, k, n, tid, v);
+    }
+#pragma unroll
+    for (int i = 0; i < MP_ROW_GROUPS; ++i) {
+        const int g = tid + MP_DIGITS_THREADS * i;
+        if (g < groups) {
+            if (al) mp_st4<true>(out + off + 4 * g, v[i]);
+            else mp_st4<false>(out + off + 4 * g, v[i]);
+        }
+#pragma unroll
+        for (int e = 0; e < 4; ++e) v[i][e] = mp_fadd(xv[i][e], v[i][e]);
+        if (g < groups) {
+            if (al) mp_st4<true>(res + off + 4 * g, v[i]);
+            else mp_st4<false>(res + off + 4 * g, v[i]);
+        }
+    }
+    if (al) mp_norm_digits_tail<true>(v, wv, n, eps, normed + off, xd + off, xs + off / 32, xunit + t, tid, sq, wmax, sinv);
+    else mp_norm_digits_tail<false>(v, wv, n, eps, normed + off, xd + off, xs + off / 32, xunit + t, tid, sq, wmax, sinv);
 }
 
 // ---- the router in one launch: softmax, top-k and (one block) the grouping ----------------------------

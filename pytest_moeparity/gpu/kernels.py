@@ -63,7 +63,7 @@ MAX_ELEMENTWISE_BLOCKS = 8192
 # kernels whose threads meet at warp reductions or block barriers (the emulator runs them as coroutines)
 WARP_KERNELS = ("qmm_dense", "qmm_dense_splitk", "qmm_dense_mma", "qmm_experts", "qmm_experts_mma", "act_digits", "expert_group", "router_topk", "rms_norm",
                 "softmax_rows", "attention_core", "qk_norm_rope", "moe_route", "add_rms_norm", "norm_digits", "swiglu_digits",
-                "norm_rope_attention")
+                "norm_rope_attention", "combine_norm_digits")
 SPLITK_TILES = (1, 4)     # the token tiles with a split-K dense instance (prompts of up to 4 tokens)
 # split K only while the plain kernel's grid is small: a large matrix (the output head's 152k rows) already
 # fills the GPU, and splitting it only adds the blocks' shared-memory step
@@ -109,7 +109,7 @@ NAME_EXPRESSIONS: tuple[str, ...] = tuple(
     + [f"qmm_experts<{q},{nt}>" for q in sorted(KERNEL_QTYPES.values()) for nt in TOKEN_TILES]
     + [f"qmm_experts_mma<{q}>" for q in MMA_QTYPES]
     + [f"qmm_dense_mma<{q}>" for q in MMA_QTYPES]
-    + ["act_digits", "norm_digits", "swiglu_digits", "norm_rope_attention", "expert_group", "router_topk", "moe_route", "moe_combine", "round_bf16", "rms_norm", "add_rms_norm", "softmax_rows", "attention_core",
+    + ["act_digits", "norm_digits", "swiglu_digits", "norm_rope_attention", "combine_norm_digits", "expert_group", "router_topk", "moe_route", "moe_combine", "round_bf16", "rms_norm", "add_rms_norm", "softmax_rows", "attention_core",
        "qk_norm_rope", "rope_neox", "swiglu", "add_f32"])
 
 COMPILE_OPTIONS = ("-std=c++17",)
@@ -803,6 +803,34 @@ def moe_combine(y, weights, routing: ExpertRouting, *, residual=None, backend: B
                    np.int32(T), np.int32(k), np.int32(N), out, np.int32(residual is not None),
                    residual if residual is not None else out, res))
     return out if residual is None else (out, res)
+
+
+def moe_combine_norm(y, weights, routing: ExpertRouting, residual, norm_weight, eps: float, *,
+                     backend: Backend | None = None) -> tuple:
+    """The layer boundary of a short prompt: ``(out, res, normed, digits)`` = :func:`moe_combine` with
+    ``residual`` (the combination and the post-FFN residual), then :func:`rms_norm` of the residual with
+    ``norm_weight`` (the next layer's attn_norm, or the output norm) and its digits, bit for bit, from one
+    launch (kernel ``combine_norm_digits``, a block per token) where the rows have up to ROW_BLOCK_COLS
+    columns, a multiple of 32; else from those two."""
+    be = _backend(backend)
+    T, k, N = (int(s) for s in y.shape)
+    norm_weight = _f32c("moe_combine_norm: norm_weight", norm_weight, be)
+    if tuple(norm_weight.shape) != (N,):
+        raise KernelError(f"moe_combine_norm: norm_weight shape {norm_weight.shape}, expected ({N},)")
+    if not _fused_digits(N):
+        out, res = moe_combine(y, weights, routing, residual=residual, backend=be)
+        return (out, res, *rms_norm(res, norm_weight, eps, digits=True, backend=be))
+    residual = _f32c("moe_combine_norm: residual", residual, be)
+    if tuple(weights.shape) != (T, k) or (routing.n_tokens, routing.k) != (T, k) or tuple(residual.shape) != (T, N):
+        raise KernelError(f"moe_combine_norm: weights {weights.shape} / routing {(routing.n_tokens, routing.k)} / "
+                          f"residual {residual.shape} do not fit y {y.shape}")
+    xp = be.xp
+    out, res, normed = (xp.empty((T, N), dtype=np.float32) for _ in range(3))
+    _, digits = _fused_with_digits("moe_combine_norm", normed, T, N, be, lambda dg: be.launch(
+        "combine_norm_digits", (T, 1, 1), (DIGITS_THREADS, 1, 1),
+        (xp.ascontiguousarray(y), xp.ascontiguousarray(weights), routing.order, np.int32(T), np.int32(k), np.int32(N),
+         residual, norm_weight, np.float32(eps), out, res, normed, *dg)))
+    return out, res, normed, digits
 
 
 def round_bf16_(x, *, backend: Backend | None = None):
