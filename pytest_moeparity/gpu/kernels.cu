@@ -1453,6 +1453,38 @@ template <int QT> MP_HD bool mp_mma_aligned(const mp_u8* w, mp_i64 row_bytes) {
     return mp_aligned(w, need) && (row_bytes % need) == 0;
 }
 
+// ---- a warp's Q6_K weight rows staged in shared memory ----
+// Q6_K's 210-byte blocks are only 2-byte aligned, so the pass reads its words as pairs of 16-bit loads, and
+// each such load of a warp touches 8 rows: ~8 L1 wavefronts for 64 bytes (H100, 30b-a3b's down projections:
+// ~1.4 TB/s, where the Q4_K pass's 8- and 16-byte loads reach ~2.4). An expert's 16 rows are contiguous, so
+// where they start 16-byte aligned and fit MP_Q6_STAGE bytes (K up to 768) the warp first copies them to
+// shared memory in 16-byte pieces (cp.async: no registers, all in flight at once), and the pass reads there.
+#define MP_Q6_STAGE 10240       // bytes of a warp's staged rows (16 rows of 630: K = 768)
+MP_HD void mp_cp_async16(void* smem, const void* gmem) {
+    mp_aligned_load(smem, 16);
+    mp_aligned_load(gmem, 16);
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"((unsigned)__cvta_generic_to_shared(smem)), "l"(gmem)
+                 : "memory");
+#else
+    for (int i = 0; i < 16; ++i) ((mp_u8*)smem)[i] = ((const mp_u8*)gmem)[i];
+#endif
+}
+MP_HD void mp_cp_async_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.wait_all;" ::: "memory");
+#endif
+}
+// the warp copies `bytes` (even) from src (16-byte aligned) to dst (16-byte aligned): 16-byte pieces, then
+// the tail 2 bytes a lane; every lane of the warp calls it, and may read all of dst when it returns
+MP_HD void mp_warp_stage(mp_u8* dst, const mp_u8* __restrict__ src, int bytes, int lane) {
+    const int whole = bytes >> 4;
+    for (int i = lane; i < whole; i += 32) mp_cp_async16(dst + 16 * i, src + 16 * i);
+    for (int i = 16 * whole + 2 * lane; i < bytes; i += 64) *(mp_u16*)(dst + i) = *(const mp_u16*)(src + i);
+    mp_cp_async_wait();
+    mp_syncwarp();
+}
+
 // grid (groups * matrices, active experts) with groups = ceil(N / (16 MP_WARPS)), block MP_THREADS;
 // arguments as qmm_experts, with the activations as act_digits wrote them (K: whole super-blocks).
 template <int QT>
@@ -1461,6 +1493,7 @@ MP_MMA_GLOBAL void qmm_experts_mma(const mp_u8* __restrict__ w0, const mp_u8* __
                                    const float* __restrict__ xs, const float* __restrict__ xunit, int x_div,
                                    const int* __restrict__ pairs, const int* __restrict__ offsets,
                                    const int* __restrict__ active, float* __restrict__ out0, float* __restrict__ out1, int ldo) {
+    MP_SHARED mp_u4 stage[QT == 14 ? MP_WARPS : 1][QT == 14 ? MP_Q6_STAGE / 16 : 1];  // Q6_K: staged rows
     mp_grid_sync();  // the routing and the digits were written by earlier kernels
     const int e = active[blockIdx.y];
     if (e < 0) return;
@@ -1470,7 +1503,16 @@ MP_MMA_GLOBAL void qmm_experts_mma(const mp_u8* __restrict__ w0, const mp_u8* __
     const int n0 = (((int)blockIdx.x - (second ? groups : 0)) * MP_WARPS + warp) * 16;
     if (n0 >= N) return;  // uniform over the warp
     const mp_u8* we = (second ? w1 : w0) + (mp_i64)e * expert_bytes;
-    if (lane == 0) mp_prefetch_rows(we, row_bytes, N, n0, 16);
+    int wN = N, wn0 = n0;  // the pass's rows: we's rows n0 .. (clamped to N - 1)
+    if (QT == 14 && 16 * row_bytes <= MP_Q6_STAGE && mp_aligned(we + (mp_i64)n0 * row_bytes, 16)) {
+        wN = N - n0 < 16 ? N - n0 : 16;  // uniform over the warp
+        mp_u8* st = (mp_u8*)stage[QT == 14 ? warp : 0];
+        mp_warp_stage(st, we + (mp_i64)n0 * row_bytes, (int)(wN * row_bytes), lane);
+        we = st;
+        wn0 = 0;
+    } else if (lane == 0) {
+        mp_prefetch_rows(we, row_bytes, N, n0, 16);
+    }
     const bool al = mp_mma_aligned<QT>(we, row_bytes);  // uniform over the warp
     float* out = second ? out1 : out0;
     const int beg = offsets[e], end = offsets[e + 1];
@@ -1488,7 +1530,7 @@ MP_MMA_GLOBAL void qmm_experts_mma(const mp_u8* __restrict__ w0, const mp_u8* __
             opair[i] = ud < nt ? pairs[p0 + ud] : -1;
         }
         float res[2];
-        mp_mma_dispatch<QT>(al, nt, we, row_bytes, N, n0, K, 0, 1, bq, bon, sq, unit, lane, res);
+        mp_mma_dispatch<QT>(al, nt, we, row_bytes, wN, wn0, K, 0, 1, bq, bon, sq, unit, lane, res);
         const int n = n0 + gid + 8 * (tig & 1);
 #pragma unroll
         for (int i = 0; i < 2; ++i)
