@@ -1475,14 +1475,14 @@ MP_HD void mp_cp_async_wait() {
     asm volatile("cp.async.wait_all;" ::: "memory");
 #endif
 }
-// the warp copies `bytes` (even) from src (16-byte aligned) to dst (16-byte aligned): 16-byte pieces, then
-// the tail 2 bytes a lane; every lane of the warp calls it, and may read all of dst when it returns
-MP_HD void mp_warp_stage(mp_u8* dst, const mp_u8* __restrict__ src, int bytes, int lane) {
+// thread tid of nth copies its share of `bytes` (even) from src (16-byte aligned) to dst (16-byte aligned):
+// 16-byte pieces, then the tail 2 bytes a thread; the copies are complete for the thread on return (the
+// caller's barrier makes them visible to the others)
+MP_HD void mp_stage_rows(mp_u8* dst, const mp_u8* __restrict__ src, int bytes, int tid, int nth) {
     const int whole = bytes >> 4;
-    for (int i = lane; i < whole; i += 32) mp_cp_async16(dst + 16 * i, src + 16 * i);
-    for (int i = 16 * whole + 2 * lane; i < bytes; i += 64) *(mp_u16*)(dst + i) = *(const mp_u16*)(src + i);
+    for (int i = tid; i < whole; i += nth) mp_cp_async16(dst + 16 * i, src + 16 * i);
+    for (int i = 16 * whole + 2 * tid; i < bytes; i += 2 * nth) *(mp_u16*)(dst + i) = *(const mp_u16*)(src + i);
     mp_cp_async_wait();
-    mp_syncwarp();
 }
 
 // grid (groups * matrices, active experts) with groups = ceil(N / (16 MP_WARPS)), block MP_THREADS;
@@ -1507,7 +1507,8 @@ MP_MMA_GLOBAL void qmm_experts_mma(const mp_u8* __restrict__ w0, const mp_u8* __
     if (QT == 14 && 16 * row_bytes <= MP_Q6_STAGE && mp_aligned(we + (mp_i64)n0 * row_bytes, 16)) {
         wN = N - n0 < 16 ? N - n0 : 16;  // uniform over the warp
         mp_u8* st = (mp_u8*)stage[QT == 14 ? warp : 0];
-        mp_warp_stage(st, we + (mp_i64)n0 * row_bytes, (int)(wN * row_bytes), lane);
+        mp_stage_rows(st, we + (mp_i64)n0 * row_bytes, (int)(wN * row_bytes), lane, 32);
+        mp_syncwarp();
         we = st;
         wn0 = 0;
     } else if (lane == 0) {
@@ -1555,19 +1556,31 @@ MP_MMA_GLOBAL void qmm_experts_mma(const mp_u8* __restrict__ w0, const mp_u8* __
 #define MP_MMA_DENSE_GLOBAL __global__ __launch_bounds__(32 * MP_MMA_DENSE_WARPS, MP_MMA_MIN_BLOCKS * MP_WARPS / MP_MMA_DENSE_WARPS)
 #endif
 
+#define MP_Q6_DENSE_STAGE 26880 // bytes of a qmm_dense_mma block's staged Q6_K rows (16 rows of 1680: K = 2048)
 template <int QT>
 MP_MMA_DENSE_GLOBAL void qmm_dense_mma(const mp_u8* __restrict__ w0, const mp_u8* __restrict__ w1, const mp_u8* __restrict__ w2,
                                        mp_i64 row_bytes, int N0, int N1, int N2, int K, const mp_u32* __restrict__ xd,
                                        const float* __restrict__ xs, const float* __restrict__ xunit, int T,
                                        float* __restrict__ out0, float* __restrict__ out1, float* __restrict__ out2) {
     MP_SHARED float part[MP_MMA_DENSE_WARPS][2][32];
+    MP_SHARED mp_u4 stage[QT == 14 ? MP_Q6_DENSE_STAGE / 16 : 1];  // Q6_K: the block's rows (see mp_stage_rows)
     int group = (int)blockIdx.x;
     const mp_u8* w;
     int N;
     const int m = mp_pick_matrix(group, 16, w0, w1, w2, N0, N1, N2, w, N);
     const int warps = (int)(blockDim.x >> 5), warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int n0 = group * 16;
-    if (threadIdx.x == 0 && n0 < N) mp_prefetch_rows(w, row_bytes, N, n0, 16);  // the weights: not written by an earlier kernel
+    int wN = N, wn0 = n0;  // the pass's rows: w's rows n0 .. (clamped to N - 1)
+    // the weights were not written by an earlier kernel: staged (Q6_K) or prefetched before the wait
+    if (QT == 14 && n0 < N && 16 * row_bytes <= MP_Q6_DENSE_STAGE && mp_aligned(w + (mp_i64)n0 * row_bytes, 16)) {
+        wN = N - n0 < 16 ? N - n0 : 16;  // uniform over the block
+        mp_stage_rows((mp_u8*)stage, w + (mp_i64)n0 * row_bytes, (int)(wN * row_bytes), (int)threadIdx.x, (int)blockDim.x);
+        mp_syncthreads();
+        w = (const mp_u8*)stage;
+        wn0 = 0;
+    } else if (threadIdx.x == 0 && n0 < N) {
+        mp_prefetch_rows(w, row_bytes, N, n0, 16);
+    }
     mp_grid_sync();  // the digits were
     if (n0 >= N) return;  // uniform over the block
     const int nt = T < 4 ? T : 4;
@@ -1578,7 +1591,7 @@ MP_MMA_DENSE_GLOBAL void qmm_dense_mma(const mp_u8* __restrict__ w0, const mp_u8
     mp_mma_pass_inputs(nt, [](int u) { return u; }, K, xd, xs, xunit, lane, bq, bon, sq, unit);
     const bool al = mp_mma_aligned<QT>(w, row_bytes);  // uniform over the block
     float res[2] = {0.0f, 0.0f};  // res[1]: no second n-tile up to 2 tokens
-    mp_mma_dispatch<QT>(al, nt, w, row_bytes, N, n0, K, warp, warps, bq, bon, sq, unit, lane, res);
+    mp_mma_dispatch<QT>(al, nt, w, row_bytes, wN, wn0, K, warp, warps, bq, bon, sq, unit, lane, res);
     part[warp][0][lane] = res[0];
     part[warp][1][lane] = res[1];
     mp_syncthreads();
