@@ -140,52 +140,33 @@ bool run_block_coroutines(unsigned n_threads) {
                 g_error = "warp reduction called with different lengths or operations by different lanes";
                 return false;
             }
-            if (op == 2) {  // mma.m16n8k32 u8 x s8 -> s32: the fragments of all 32 lanes, exact integer sums
+            if (op == 2 || op == 4) {  // mma.m16n8k32 u8 x s8 / m16n8k16 s8 x s8 -> s32: all 32 lanes' fragments
+                const int kdim = op == 2 ? 32 : 16;
                 int A[16][32], B[32][8];
                 for (int i = 0; i < 32; ++i) {
                     std::uint32_t w[6];
                     std::memcpy(w, g_lanes[w0 + i].vals, sizeof w);
                     const int g = i >> 2, t = i & 3;
                     for (int q = 0; q < 4; ++q) {
-                        A[g][4 * t + q] = (int)((w[0] >> (8 * q)) & 0xFFu);
-                        A[g + 8][4 * t + q] = (int)((w[1] >> (8 * q)) & 0xFFu);
-                        A[g][16 + 4 * t + q] = (int)((w[2] >> (8 * q)) & 0xFFu);
-                        A[g + 8][16 + 4 * t + q] = (int)((w[3] >> (8 * q)) & 0xFFu);
-                        B[4 * t + q][g] = (int)(signed char)((w[4] >> (8 * q)) & 0xFFu);
-                        B[16 + 4 * t + q][g] = (int)(signed char)((w[5] >> (8 * q)) & 0xFFu);
+                        const auto byte = [&](int r) { return (w[r] >> (8 * q)) & 0xFFu; };
+                        if (op == 2) {  // a[4] unsigned (rows g, g + 8; k and 16 + k), b[2] signed
+                            A[g][4 * t + q] = (int)byte(0);
+                            A[g + 8][4 * t + q] = (int)byte(1);
+                            A[g][16 + 4 * t + q] = (int)byte(2);
+                            A[g + 8][16 + 4 * t + q] = (int)byte(3);
+                            B[4 * t + q][g] = (int)(signed char)byte(4);
+                            B[16 + 4 * t + q][g] = (int)(signed char)byte(5);
+                        } else {  // a[2] signed (rows g, g + 8), b[1] signed
+                            A[g][4 * t + q] = (int)(signed char)byte(0);
+                            A[g + 8][4 * t + q] = (int)(signed char)byte(1);
+                            B[4 * t + q][g] = (int)(signed char)byte(2);
+                        }
                     }
                 }
                 for (int i = 0; i < 32; ++i) {
                     const int g = i >> 2, t = i & 3;
                     int d[4] = {0, 0, 0, 0};
-                    for (int k = 0; k < 32; ++k) {
-                        d[0] += A[g][k] * B[k][2 * t];
-                        d[1] += A[g][k] * B[k][2 * t + 1];
-                        d[2] += A[g + 8][k] * B[k][2 * t];
-                        d[3] += A[g + 8][k] * B[k][2 * t + 1];
-                    }
-                    std::memcpy(g_lanes[w0 + i].vals, d, sizeof d);
-                    g_lanes[w0 + i].waiting = false;
-                }
-                progress = true;
-                continue;
-            }
-            if (op == 4) {  // mma.m16n8k16 s8 x s8 -> s32: the fragments of all 32 lanes, exact integer sums
-                int A[16][16], B[16][8];
-                for (int i = 0; i < 32; ++i) {
-                    std::uint32_t w[3];
-                    std::memcpy(w, g_lanes[w0 + i].vals, sizeof w);
-                    const int g = i >> 2, t = i & 3;
-                    for (int q = 0; q < 4; ++q) {
-                        A[g][4 * t + q] = (int)(signed char)((w[0] >> (8 * q)) & 0xFFu);
-                        A[g + 8][4 * t + q] = (int)(signed char)((w[1] >> (8 * q)) & 0xFFu);
-                        B[4 * t + q][g] = (int)(signed char)((w[2] >> (8 * q)) & 0xFFu);
-                    }
-                }
-                for (int i = 0; i < 32; ++i) {
-                    const int g = i >> 2, t = i & 3;
-                    int d[4] = {0, 0, 0, 0};
-                    for (int k = 0; k < 16; ++k) {
+                    for (int k = 0; k < kdim; ++k) {
                         d[0] += A[g][k] * B[k][2 * t];
                         d[1] += A[g][k] * B[k][2 * t + 1];
                         d[2] += A[g + 8][k] * B[k][2 * t];

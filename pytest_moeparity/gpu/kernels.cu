@@ -986,7 +986,7 @@ MP_MATMUL_GLOBAL void qmm_experts(const mp_u8* __restrict__ w0, const mp_u8* __r
     }
 }
 
-// ---- short prompts' Q4_K expert products on the tensor cores (compute capability 8.0 and later) ----------
+// ---- short prompts' Q4_K (and Q6_K, below) expert products on the tensor cores (compute capability 8.0+) --
 // The activations are first written exactly enough as integers, once per activation row (act_digits):
 // with 2^E above the row's largest |x|, N_k = rint(x_k 2^(30 - E)) (|N_k| <= 2^30: an error of at most
 // 2^-31 of 2^E, far below float32's rounding of the products), stored as four signed base-256 digits
@@ -1001,7 +1001,7 @@ MP_MATMUL_GLOBAL void qmm_experts(const mp_u8* __restrict__ w0, const mp_u8* __r
 // within 1e-5). A warp takes 16 weight rows (lane 4 gid + tig: rows gid and gid + 8, quant bytes
 // 8 tig .. 8 tig + 7 of every 32 in both: the mma sums over k, so k may be permuted in A and B alike, and
 // the digits are read in the same order), a block MP_WARPS warps; an expert's pairs go in passes of 4
-// tokens (2 n-tiles of 2 tokens x 4 digits). kernels.py uses it for Q4_K with whole super-blocks, for
+// tokens (2 n-tiles of 2 tokens x 4 digits). kernels.py uses it for Q4_K (and Q6_K) with whole super-blocks, for
 // prompts of up to MMA_MAX_TOKENS tokens (each expert then has at most that many pairs: one pass).
 
 #ifndef MP_MMA_MIN_BLOCKS
@@ -1216,6 +1216,29 @@ MP_HD void mp_mma_digits_result(const float (&acc)[TILES][4], const float (&mins
     }
 }
 
+// a pass's start for lane 4 gid + tig: its weight rows n0 + gid and n0 + gid + 8 (clamped to N - 1), and
+// zero sums
+template <int TILES>
+MP_HD void mp_mma_pass_start(const mp_u8* we, mp_i64 row_bytes, int N, int n0, int lane, const mp_u8* (&rows)[2],
+                             float (&acc)[TILES][4], float (&mins)[TILES]) {
+    const int gid = lane >> 2;
+    rows[0] = we + (mp_i64)(n0 + gid < N ? n0 + gid : N - 1) * row_bytes;
+    rows[1] = we + (mp_i64)(n0 + gid + 8 < N ? n0 + gid + 8 : N - 1) * row_bytes;
+#pragma unroll
+    for (int i = 0; i < TILES; ++i) {
+        acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.0f;
+        mins[i] = 0.0f;
+    }
+}
+
+// a super-block's exact integer sums ia (D's layout: rows gid, gid + 8) times their rows' d, added to acc
+MP_HD void mp_mma_scale_add(const float (&d)[2], const int (&ia)[4], float (&acc)[4]) {
+    acc[0] = fmaf(d[0], (float)ia[0], acc[0]);
+    acc[1] = fmaf(d[0], (float)ia[1], acc[1]);
+    acc[2] = fmaf(d[1], (float)ia[2], acc[2]);
+    acc[3] = fmaf(d[1], (float)ia[3], acc[3]);
+}
+
 // One warp, one pass of up to 2 TILES tokens: rows n0 + gid and n0 + gid + 8 (clamped to N - 1) of lane
 // 4 gid + tig. In n-tile i the lane's B column gid is digit gid & 3 of the token whose digits start at
 // bq[i] (bon[i]: a token of the pass, else zeros), and its D columns 2 tig, 2 tig + 1 are digits
@@ -1228,16 +1251,10 @@ template <bool AL, int TILES>
 MP_HD void mp_mma_q4k_pass(const mp_u8* __restrict__ we, mp_i64 row_bytes, int N, int n0, int K, int s0, int step,
                            const mp_u32* const (&bq)[2], const bool (&bon)[2], const float* const (&sq)[2],
                            const float (&unit)[2], int lane, float (&res)[2]) {
-    const int gid = lane >> 2, tig = lane & 3, own = tig & 1;
+    const int tig = lane & 3, own = tig & 1;
     const mp_u8* rows[2];
-    rows[0] = we + (mp_i64)(n0 + gid < N ? n0 + gid : N - 1) * row_bytes;
-    rows[1] = we + (mp_i64)(n0 + gid + 8 < N ? n0 + gid + 8 : N - 1) * row_bytes;
     float acc[TILES][4], mins[TILES];
-#pragma unroll
-    for (int i = 0; i < TILES; ++i) {
-        acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.0f;
-        mins[i] = 0.0f;
-    }
+    mp_mma_pass_start<TILES>(we, row_bytes, N, n0, lane, rows, acc, mins);
     for (int s = s0; s < (K >> 8); s += step) {
         mp_u32 h[2][4], q[2][4][2], b[TILES][8][2];
         float xsv[TILES][8];
@@ -1296,10 +1313,7 @@ MP_HD void mp_mma_q4k_pass(const mp_u8* __restrict__ we, mp_i64 row_bytes, int N
         mp_scale_min_k4_words(ho1, ho2, ho3, true, unused, mo[1]);
 #pragma unroll
         for (int i = 0; i < TILES; ++i) {
-            acc[i][0] = fmaf(d[0], (float)ia[i][0], acc[i][0]);
-            acc[i][1] = fmaf(d[0], (float)ia[i][1], acc[i][1]);
-            acc[i][2] = fmaf(d[1], (float)ia[i][2], acc[i][2]);
-            acc[i][3] = fmaf(d[1], (float)ia[i][3], acc[i][3]);
+            mp_mma_scale_add(d, ia[i], acc[i]);
             float ms = 0.0f;
 #pragma unroll
             for (int j = 0; j < 8; ++j)
@@ -1351,16 +1365,10 @@ template <bool AL, int TILES>
 MP_HD void mp_mma_q6k_pass(const mp_u8* __restrict__ we, mp_i64 row_bytes, int N, int n0, int K, int s0, int step,
                            const mp_u32* const (&bq)[2], const bool (&bon)[2], const float (&unit)[2], int lane,
                            float (&res)[2]) {
-    const int gid = lane >> 2, tig = lane & 3;
+    const int tig = lane & 3;
     const mp_u8* rows[2];
-    rows[0] = we + (mp_i64)(n0 + gid < N ? n0 + gid : N - 1) * row_bytes;
-    rows[1] = we + (mp_i64)(n0 + gid + 8 < N ? n0 + gid + 8 : N - 1) * row_bytes;
     float acc[TILES][4], mins[TILES];
-#pragma unroll
-    for (int i = 0; i < TILES; ++i) {
-        acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.0f;
-        mins[i] = 0.0f;
-    }
+    mp_mma_pass_start<TILES>(we, row_bytes, N, n0, lane, rows, acc, mins);
     for (int s = s0; s < (K >> 8); s += step) {
         mp_u32 ql[2][8], qh[2][4], sc[2][4], b[TILES][8][2];
         float d[2];
@@ -1415,12 +1423,7 @@ MP_HD void mp_mma_q6k_pass(const mp_u8* __restrict__ we, mp_i64 row_bytes, int N
             }
         }
 #pragma unroll
-        for (int i = 0; i < TILES; ++i) {
-            acc[i][0] = fmaf(d[0], (float)ia[i][0], acc[i][0]);
-            acc[i][1] = fmaf(d[0], (float)ia[i][1], acc[i][1]);
-            acc[i][2] = fmaf(d[1], (float)ia[i][2], acc[i][2]);
-            acc[i][3] = fmaf(d[1], (float)ia[i][3], acc[i][3]);
-        }
+        for (int i = 0; i < TILES; ++i) mp_mma_scale_add(d, ia[i], acc[i]);
     }
     mp_mma_digits_result<TILES>(acc, mins, unit, lane, res);
 }
@@ -1539,7 +1542,7 @@ MP_MMA_GLOBAL void qmm_experts_mma(const mp_u8* __restrict__ w0, const mp_u8* __
     }
 }
 
-// ---- short prompts' Q4_K dense products on the tensor cores ----------------------------------------------
+// ---- short prompts' Q4_K and Q6_K dense products on the tensor cores ---------------------------------------
 // qmm_dense's product for 1-4 tokens with the activations as act_digits wrote them (out_m[t, n] as in
 // qmm_dense_splitk). A block's warps (blockDim.x / 32 of them, up to MP_MMA_DENSE_WARPS) take the same 16
 // weight rows and all the tokens, warp w super-blocks w, w + warps, ... of the row: every warp has its
@@ -1610,9 +1613,11 @@ MP_MMA_DENSE_GLOBAL void qmm_dense_mma(const mp_u8* __restrict__ w0, const mp_u8
 // (expert, p)), offsets[E + 1], active[n_active] (experts owning pairs, ascending, then -1 up to
 // n_act_len), and order[T, k] (token t's slots in ascending expert-id order, ties by slot: the order
 // of the reference's `for e in unique(ids)` accumulation). Counts by shared-memory atomics, offsets
-// and the active list by a block scan (thread i owns experts i*per .. i*per + per - 1), placement in
-// rounds of MP_THREADS pairs, each pair ranked among the round's earlier pairs of its expert. Ids
-// outside 0..E-1 are left out (the host validates them). Every thread of the block must call it.
+// and the active list by a block scan (thread i owns experts i*per .. i*per + per - 1; scans within the
+// warps by xor exchanges, then the warps' totals), placement in rounds of MP_THREADS pairs, each pair ranked
+// among the round's earlier pairs of its expert; up to MP_GROUP_IDS pairs read their ids from a copy in
+// shared memory (moe_route writes them in the same launch: a global read-back would be an L2 round trip).
+// Ids outside 0..E-1 are left out (the host validates them). Every thread of the block must call it.
 
 #define MP_MAX_EXPERTS 512      // kernels.py: MAX_EXPERTS
 
