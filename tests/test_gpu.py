@@ -1492,7 +1492,11 @@ def test_weights_uploaded_once_per_model(backend, model_factory):
     assert e2.weights is e1.weights
 
 
-def test_streaming_mode_gives_identical_traces(backend, model_factory, tmp_path, monkeypatch):
+@pytest.mark.parametrize("n_tokens", [7, 3])  # 3: resident, the layer boundaries' launches write the next norms
+def test_streaming_mode_gives_identical_traces(backend, model_factory, tmp_path, monkeypatch, n_tokens):
+    """Streaming (layer by layer, the head in chunks) gives the resident forward's trace bit for bit; at 3
+    tokens the resident forward folds each layer boundary into one launch and the head's chunks share one
+    set of digits, the streaming one does neither."""
     from pytest_moeparity.gpu import weights as W
     from pytest_moeparity.model import load_model
 
@@ -1501,7 +1505,7 @@ def test_streaming_mode_gives_identical_traces(backend, model_factory, tmp_path,
     shutil.copy(src.path, copy)  # another file: its own cache entry
     model = load_model(copy)
     monkeypatch.setattr(W, "LM_HEAD_CHUNK_BYTES", 40_000)  # several output chunks
-    tokens = _tokens(model, 7)
+    tokens = _tokens(model, n_tokens)
     plan = SavePlan.parse(experts="all")
     resident = _engine(src, backend).trace(tokens, plan)
     eng = _engine(model, backend, streaming=True)
