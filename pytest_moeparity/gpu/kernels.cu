@@ -1752,9 +1752,10 @@ extern "C" MP_GLOBAL void expert_group(const int* __restrict__ ids, int T, int k
 // (p, and ids in mp_group_pairs, are not __restrict__: moe_route writes them in the same launch)
 // The first REGS values of each lane (E <= 32 REGS) are read once into registers; a larger E reads the rest
 // from p in every round. mp_topk_row takes REGS = 4 up to 128 experts, else MP_TOPK_REGS (the slots past
-// E are skipped either way: the same candidates in the same order, so the same result). A round is two warp maxima: the largest untaken
-// number (NaN, which fmaxf passes over, where the lane has none; NaN overall when only NaN are left),
-// then the lowest id holding it (or, when only NaN are left, the lowest untaken NaN id).
+// E are skipped either way: the same candidates in the same order, so the same result). A round is two
+// warp maxima: the largest untaken number (NaN, which fmaxf passes over, where the lane has none; NaN
+// overall when only NaN are left), then the lowest id holding it (or, when only NaN are left, the lowest
+// untaken NaN id).
 #define MP_TOPK_REGS 8
 // a lane's candidate e with value v, its ids taken in ascending order: the first NaN, the largest number
 MP_HD void mp_topk_consider(float v, int e, float& best, int& best_e, int& nan_e) {
@@ -2028,7 +2029,8 @@ MP_HD void mp_norm_digits_row(const float* __restrict__ a, const float* __restri
     mp_norm_digits_tail<AL>(v, w, n, eps, out, dr, sr, unit, tid, sq, wmax, sinv);
 }
 
-// the RMSNorm (weights w, held as v) of the row whose groups thread tid holds in v, into out, then its digits
+// the RMSNorm with weights w (thread tid's groups, as in v) of the row whose groups thread tid holds in v,
+// into out, then its digits
 template <bool AL>
 MP_HD void mp_norm_digits_tail(float (&v)[MP_ROW_GROUPS][4], const float (&w)[MP_ROW_GROUPS][4], int n, float eps,
                                float* __restrict__ out, mp_u32* __restrict__ dr, float* __restrict__ sr, float* unit,
