@@ -63,7 +63,7 @@ MAX_ELEMENTWISE_BLOCKS = 8192
 # kernels whose threads meet at warp reductions or block barriers (the emulator runs them as coroutines)
 WARP_KERNELS = ("qmm_dense", "qmm_dense_splitk", "qmm_dense_mma", "qmm_experts", "qmm_experts_mma", "act_digits", "expert_group", "router_topk", "rms_norm",
                 "softmax_rows", "attention_core", "qk_norm_rope", "moe_route", "add_rms_norm", "norm_digits", "swiglu_digits",
-                "norm_rope_attention", "combine_norm_digits")
+                "norm_rope_attention", "combine_norm_digits", "moe_experts_mma")
 SPLITK_TILES = (1, 4)     # the token tiles with a split-K dense instance (prompts of up to 4 tokens)
 # split K only while the plain kernel's grid is small: a large matrix (the output head's 152k rows) already
 # fills the GPU, and splitting it only adds the blocks' shared-memory step
@@ -102,6 +102,12 @@ MMA_MAX_TOKENS = _tuning_define("MP_MMA_MAX_TOKENS", 4)
 # from this many tokens on: a single token's products are as fast on qmm_experts, and act_digits' extra
 # launch then costs more than the tensor cores save (H100, 4-layer 30b-a3b: 0.378 vs 0.363 ms a forward)
 MMA_MIN_TOKENS = _tuning_define("MP_MMA_MIN_TOKENS", 2)
+MMA_MIN_BLOCKS = _tuning_define("MP_MMA_MIN_BLOCKS", 4)  # resident blocks per SM of qmm_experts_mma
+# moe_experts_mma: the expert block (gate / up, SwiGLU with digits, down) of a short prompt in one launch
+FUSE_EXPERTS = _tuning_define("MP_FUSE_EXPERTS", 1)
+FUSED_PAIRS = 4           # MP_FUSED_PAIRS: the most pairs of one expert (prompts of up to this many tokens)
+FUSED_COLS = 768          # MP_FUSED_COLS: the longest SwiGLU row (expert_ff) it holds in shared memory
+Q6_STAGE = 10240          # MP_Q6_STAGE: bytes of a warp's staged Q6_K rows
 
 NAME_EXPRESSIONS: tuple[str, ...] = tuple(
     [f"qmm_dense<{q},{nt}>" for q in sorted(KERNEL_QTYPES.values()) for nt in TOKEN_TILES]
@@ -109,6 +115,7 @@ NAME_EXPRESSIONS: tuple[str, ...] = tuple(
     + [f"qmm_experts<{q},{nt}>" for q in sorted(KERNEL_QTYPES.values()) for nt in TOKEN_TILES]
     + [f"qmm_experts_mma<{q}>" for q in MMA_QTYPES]
     + [f"qmm_dense_mma<{q}>" for q in MMA_QTYPES]
+    + [f"moe_experts_mma<{g},{d}>" for g in MMA_QTYPES for d in MMA_QTYPES]
     + ["act_digits", "norm_digits", "swiglu_digits", "norm_rope_attention", "combine_norm_digits", "expert_group", "router_topk", "moe_route", "moe_combine", "round_bf16", "rms_norm", "add_rms_norm", "softmax_rows", "attention_core",
        "qk_norm_rope", "rope_neox", "swiglu", "add_f32"])
 
@@ -216,9 +223,11 @@ class Backend:
     name = "abstract"
     xp: Any = None
     mma = False  # the device runs mma.sync (compute capability 8.0 or later): qmm_experts_mma
+    sm_count = 2  # multiprocessors (sizes the grid of the kernels that loop over a work queue)
     oom_errors: tuple[type[BaseException], ...] = (MemoryError,)
 
-    def launch(self, name: str, grid: tuple, block: tuple, args: tuple) -> None:
+    def launch(self, name: str, grid: tuple, block: tuple, args: tuple, shared: int = 0) -> None:
+        """Launch kernel ``name``; ``shared``: bytes of dynamic shared memory."""
         raise NotImplementedError
 
     def is_array(self, a) -> bool:
@@ -239,6 +248,9 @@ class Backend:
 
     def synchronize(self) -> None:
         pass
+
+
+_ATTR_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8  # CUfunction_attribute
 
 
 class CupyBackend(Backend):
@@ -264,6 +276,8 @@ class CupyBackend(Backend):
         # programmatic dependent launch (pdl.py); `pdl_off` says why not where it is not used
         self._pdl, self.pdl_off = pdl_launcher(cc)
         self._pdl_ptrs: dict[str, int] = {}
+        self._shared_set: dict[str, int] = {}  # the dynamic shared memory each kernel was allowed
+        self.sm_count = int(cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)["multiProcessorCount"])
 
     @property
     def pdl(self) -> bool:
@@ -290,17 +304,21 @@ class CupyBackend(Backend):
             f = self._functions[name] = self.module.get_function(name)
         return f
 
-    def launch(self, name, grid, block, args):
+    def launch(self, name, grid, block, args, shared=0):
         check_args(name, args, self.is_array)
         f = self.function(name)
         try:
+            if shared > self._shared_set.get(name, 48 * 1024):  # over the default: the kernel must opt in
+                self.cupy.cuda.driver.funcSetAttribute(int(getattr(f, "kernel", f).ptr),
+                                                       _ATTR_MAX_DYNAMIC_SHARED_SIZE_BYTES, int(shared))
+                self._shared_set[name] = int(shared)
             if self._pdl is not None:
                 ptr = self._pdl_ptrs.get(name)
                 if ptr is None:
                     ptr = self._pdl_ptrs[name] = int(getattr(f, "kernel", f).ptr)
-                self._pdl.launch(ptr, grid, block, self.cupy.cuda.get_current_stream().ptr, args)
+                self._pdl.launch(ptr, grid, block, self.cupy.cuda.get_current_stream().ptr, args, shared)
             else:
-                f(tuple(int(g) for g in grid), tuple(int(b) for b in block), args)
+                f(tuple(int(g) for g in grid), tuple(int(b) for b in block), args, shared_mem=int(shared))
         except Exception as exc:
             raise KernelError(f"launching {name} grid={tuple(grid)} block={tuple(block)} failed: "
                               f"{type(exc).__name__}: {exc}") from exc
@@ -750,6 +768,82 @@ def qmatmul_experts_shared_input(x, wt3s, routing, *, outs=None, x_per_pair: boo
                   (w0.raw, w1.raw, np.int64(row_bytes), np.int64(N * row_bytes), np.int32(N), np.int32(kq),
                    x, np.int32(K), np.int32(x_div), routing.pairs, routing.offsets, routing.active, o0, o1, np.int32(N)))
     return list(outs)
+
+
+def fused_smem(q6: bool) -> int:
+    """Bytes of dynamic shared memory of moe_experts_mma (MP_FUSED_SMEM): the warps' Q6_K staging where
+    either type is Q6_K, the SwiGLU rows' digits, sums and units."""
+    return (WARPS * Q6_STAGE if q6 else 0) + FUSED_PAIRS * (4 * FUSED_COLS + FUSED_COLS // 8 + 4)
+
+
+def moe_sync_buffer(*, backend: Backend | None = None):
+    """The zeroed int32 counters moe_experts_mma's work queue needs (it leaves them zeroed): one buffer
+    per stream of launches (launches on one stream may share it; concurrent streams may not)."""
+    be = _backend(backend)
+    return be.xp.zeros((2 + MAX_EXPERTS,), dtype=np.int32)
+
+
+def fuses_experts(n_tokens: int, wt3s, as_qtypes=None, *, backend: Backend | None = None) -> bool:
+    """Whether :func:`moe_experts` takes the one-launch path for this prompt and these expert tensors
+    (gate, up, down): MP_FUSE_EXPERTS on, all three on the tensor cores, gate and up of one type, up to
+    FUSED_PAIRS tokens, rows of up to FUSED_COLS, no dispatch override."""
+    be = _backend(backend)
+    gate, up, down = wt3s
+    if not FUSE_EXPERTS or any(a is not None for a in (as_qtypes or ())) or not 0 < n_tokens <= FUSED_PAIRS:
+        return False
+    if len(gate.shape) != 3 or tuple(gate.shape) != tuple(up.shape) or len(down.shape) != 3:
+        return False
+    E, F, H = (int(v) for v in gate.shape)
+    if tuple(int(v) for v in down.shape) != (E, H, F) or F > FUSED_COLS or E > MAX_EXPERTS:
+        return False
+    codes = []
+    for wt in wt3s:
+        _, code, kq = _kernel_type(wt, None)
+        if not use_mma(be, code, kq, int(wt.shape[-1]), n_tokens):
+            return False
+        codes.append(code)
+    return codes[0] == codes[1]
+
+
+def moe_experts(x, wt3s, routing: "ExpertRouting", sync, *, digits=None, backend: Backend | None = None) -> tuple:
+    """The expert block of a short prompt in one launch (kernel ``moe_experts_mma``): ``(g, u, s, y)``,
+    bit for bit ``g, u = qmatmul_experts_shared_input(x, (gate, up), routing)``, ``s = swiglu(g, u)`` and
+    ``y = qmatmul_experts(s, down, routing, x_per_pair=True)`` (float32 ``[T, k, F]`` and ``[T, k, H]``).
+    ``wt3s``: (gate, up, down) where :func:`fuses_experts` holds; ``sync``: :func:`moe_sync_buffer`;
+    ``digits``: ``act_digits(x)`` where the kernel writing x wrote them."""
+    be = _backend(backend)
+    if not fuses_experts(routing.n_tokens, wt3s, backend=be):
+        raise KernelError("moe_experts: these tensors / this prompt do not take the one-launch path (fuses_experts)")
+    gate, up, down = wt3s
+    E, F, H = (int(v) for v in gate.shape)
+    if routing.n_experts != E:
+        raise KernelError(f"moe_experts: routing built for {routing.n_experts} experts, {gate.name} has {E}")
+    T, k = routing.n_tokens, routing.k
+    _check_f32_2d("moe_experts: x", x, be, H)
+    if x.shape[0] != T:
+        raise KernelError(f"moe_experts: x has {x.shape[0]} rows, the routing has {T} tokens")
+    n_act = int(routing.active.shape[0])
+    if not (be.is_array(sync) and sync.dtype == np.int32 and sync.ndim == 1 and int(sync.size) >= 2 + n_act):
+        raise KernelError("moe_experts: sync must be moe_sync_buffer()'s int32 counters")
+    for wt in wt3s:
+        if not wt.raw.flags.c_contiguous or int(wt.raw.shape[0]) != E:
+            raise KernelError(f"{wt.name}: raw bytes must be a C-contiguous [E, N, row_bytes] array, got {wt.raw.shape}")
+    digits = _given_digits("moe_experts", digits, x, be)
+    if digits is None:
+        digits = act_digits(x, backend=be)
+    xp = be.xp
+    g, u, s = (xp.empty((T, k, F), dtype=np.float32) for _ in range(3))
+    y = xp.empty((T, k, H), dtype=np.float32)
+    codes = [_kernel_type(wt, None)[1] for wt in wt3s]
+    per = WARPS * MMA_ROWS
+    items = (2 * _cdiv(F, per) + _cdiv(H, per)) * n_act
+    grid = (max(1, min(items, MMA_MIN_BLOCKS * be.sm_count)), 1, 1)
+    be.launch(f"moe_experts_mma<{codes[0]},{codes[2]}>", grid, (THREADS, 1, 1),
+              (gate.raw, up.raw, np.int64(gate.row_bytes), np.int64(F * gate.row_bytes), down.raw,
+               np.int64(down.row_bytes), np.int64(H * down.row_bytes), np.int32(F), np.int32(H), *digits, np.int32(k),
+               routing.pairs, routing.offsets, routing.active, np.int32(n_act), g, u, s, y, sync),
+              shared=fused_smem(14 in (codes[0], codes[2])))
+    return g, u, s, y
 
 
 # ---- router and combination -----------------------------------------------------------------------------
