@@ -1489,14 +1489,14 @@ MP_HD void mp_stage_rows(mp_u8* dst, const mp_u8* __restrict__ src, int bytes, i
 }
 
 // A warp's share of a grouped tensor-core product: rows n0 .. n0 + 15 (clamped to N - 1) of one expert's
-// matrix we (Q6_K: staged first in `stage`, MP_Q6_STAGE bytes, where they fit), for the expert's pairs
-// pairs[beg .. end) taken 4 at a time; the digits of pass input u of the pairs from p0 are row
-// row_of(p0, u) of xd / xs / xunit; pair p's values go to out[p * ldo + n].
+// matrix we (Q6_K: staged first in `stage`, MP_Q6_STAGE bytes, where they fit), for expert e's pairs
+// pairs[offsets[e] .. offsets[e + 1]) taken 4 at a time; the digits of pass input u of the pairs from p0
+// are row row_of(p0, u) of xd / xs / xunit; pair p's values go to out[p * ldo + n].
 template <int QT, class RowOf>
 MP_HD void mp_experts_mma_warp(const mp_u8* __restrict__ we, mp_i64 row_bytes, int N, int n0, int K,
                                const mp_u32* xd, const float* xs, const float* xunit, RowOf row_of,
-                               const int* __restrict__ pairs, int beg, int end, float* __restrict__ out, int ldo,
-                               mp_u8* stage, int lane) {
+                               const int* __restrict__ pairs, const int* __restrict__ offsets, int e,
+                               float* __restrict__ out, int ldo, mp_u8* stage, int lane) {
     const int gid = lane >> 2, tig = lane & 3;
     int wN = N, wn0 = n0;  // the pass's rows: we's rows n0 .. (clamped to N - 1)
     if (QT == 14 && 16 * row_bytes <= MP_Q6_STAGE && mp_aligned(we + (mp_i64)n0 * row_bytes, 16)) {
@@ -1509,6 +1509,7 @@ MP_HD void mp_experts_mma_warp(const mp_u8* __restrict__ we, mp_i64 row_bytes, i
         mp_prefetch_rows(we, row_bytes, N, n0, 16);
     }
     const bool al = mp_mma_aligned<QT>(we, row_bytes);  // uniform over the warp
+    const int beg = offsets[e], end = offsets[e + 1];
     for (int p0 = beg; p0 < end; p0 += 4) {
         const int nt = (end - p0) < 4 ? (end - p0) : 4;
         const mp_u32* bq[2];
@@ -1549,7 +1550,7 @@ MP_MMA_GLOBAL void qmm_experts_mma(const mp_u8* __restrict__ w0, const mp_u8* __
     const int n0 = (((int)blockIdx.x - (second ? groups : 0)) * MP_WARPS + warp) * 16;
     if (n0 >= N) return;  // uniform over the warp
     mp_experts_mma_warp<QT>((second ? w1 : w0) + (mp_i64)e * expert_bytes, row_bytes, N, n0, K, xd, xs, xunit,
-                            [&](int p0, int u) { return pairs[p0 + u] / x_div; }, pairs, offsets[e], offsets[e + 1],
+                            [=](int p0, int u) { return pairs[p0 + u] / x_div; }, pairs, offsets, e,
                             second ? out1 : out0, ldo, (mp_u8*)stage[QT == 14 ? warp : 0], lane);
 }
 
@@ -2583,8 +2584,8 @@ MP_MMA_GLOBAL void moe_experts_mma(const mp_u8* __restrict__ wg, const mp_u8* __
             const int n0 = ((bx - (second ? Gg : 0)) * MP_WARPS + warp) * 16;
             if (e >= 0 && n0 < F)  // uniform over the warp
                 mp_experts_mma_warp<QG>((second ? wu : wg) + (mp_i64)e * gu_expert_bytes, gu_row_bytes, F, n0, H, xd,
-                                        xs, xunit, [&](int p0, int v) { return pairs[p0 + v] / k; }, pairs,
-                                        offsets[e], offsets[e + 1], second ? u : g, F, st, lane);
+                                        xs, xunit, [=](int p0, int v) { return pairs[p0 + v] / k; }, pairs,
+                                        offsets, e, second ? u : g, F, st, lane);
             mp_syncthreads();  // the block's rows written
             if (tid == 0) {
                 mp_fence();
@@ -2633,7 +2634,7 @@ MP_MMA_GLOBAL void moe_experts_mma(const mp_u8* __restrict__ wg, const mp_u8* __
                 const int n0 = (grp * MP_WARPS + warp) * 16;
                 if (n0 < H)  // uniform over the warp
                     mp_experts_mma_warp<QD>(wd + (mp_i64)e * d_expert_bytes, d_row_bytes, H, n0, F, sd, ss,
-                                            sunit, [&](int p0, int v) { return p0 - beg + v; }, pairs, beg, beg + np,
+                                            sunit, [=](int p0, int v) { return p0 - beg + v; }, pairs, offsets, e,
                                             y, H, st, lane);
             }
         }
