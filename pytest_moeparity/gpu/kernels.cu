@@ -1481,34 +1481,50 @@ MP_HD void mp_cp_async_wait() {
 // thread tid of nth copies its share of `bytes` (even) from src (16-byte aligned) to dst (16-byte aligned):
 // 16-byte pieces, then the tail 2 bytes a thread; the copies are complete for the thread on return (the
 // caller's barrier makes them visible to the others)
-MP_HD void mp_stage_rows(mp_u8* dst, const mp_u8* __restrict__ src, int bytes, int tid, int nth) {
+MP_HD void mp_stage_rows_issue(mp_u8* dst, const mp_u8* __restrict__ src, int bytes, int tid, int nth) {
     const int whole = bytes >> 4;
     for (int i = tid; i < whole; i += nth) mp_cp_async16(dst + 16 * i, src + 16 * i);
     for (int i = 16 * whole + 2 * tid; i < bytes; i += 2 * nth) *(mp_u16*)(dst + i) = *(const mp_u16*)(src + i);
+}
+MP_HD void mp_stage_rows(mp_u8* dst, const mp_u8* __restrict__ src, int bytes, int tid, int nth) {
+    mp_stage_rows_issue(dst, src, bytes, tid, nth);  // (mp_stage_rows_issue: the copies only issued)
     mp_cp_async_wait();
 }
 
-// A warp's share of a grouped tensor-core product: rows n0 .. n0 + 15 (clamped to N - 1) of one expert's
-// matrix we (Q6_K: staged first in `stage`, MP_Q6_STAGE bytes, where they fit), for expert e's pairs
-// pairs[offsets[e] .. offsets[e + 1]) taken 4 at a time; the digits of pass input u of the pairs from p0
-// are row row_of(p0, u) of xd / xs / xunit; pair p's values go to out[p * ldo + n].
-template <int QT, class RowOf>
-MP_HD void mp_experts_mma_warp(const mp_u8* __restrict__ we, mp_i64 row_bytes, int N, int n0, int K,
-                               const mp_u32* xd, const float* xs, const float* xunit, RowOf row_of,
-                               const int* __restrict__ pairs, const int* __restrict__ offsets, int e,
-                               float* __restrict__ out, int ldo, mp_u8* stage, int lane) {
-    const int gid = lane >> 2, tig = lane & 3;
-    int wN = N, wn0 = n0;  // the pass's rows: we's rows n0 .. (clamped to N - 1)
+// A warp's rows n0 .. n0 + 15 (clamped to N - 1) of one expert's matrix we, loaded for its pass: Q6_K rows
+// that fit MP_Q6_STAGE bytes and start 16-byte aligned are staged into `stage` (the copies issued only:
+// mp_rows_ready completes them), others prefetched into L2. Returns where the pass reads, with its row
+// count wN and first row wn0 there.
+template <int QT>
+MP_HD const mp_u8* mp_rows_load(const mp_u8* __restrict__ we, mp_i64 row_bytes, int N, int n0, mp_u8* stage, int lane,
+                                int& wN, int& wn0) {
     if (QT == 14 && 16 * row_bytes <= MP_Q6_STAGE && mp_aligned(we + (mp_i64)n0 * row_bytes, 16)) {
         wN = N - n0 < 16 ? N - n0 : 16;  // uniform over the warp
-        mp_stage_rows(stage, we + (mp_i64)n0 * row_bytes, (int)(wN * row_bytes), lane, 32);
-        mp_syncwarp();
-        we = stage;
         wn0 = 0;
-    } else if (lane == 0) {
-        mp_prefetch_rows(we, row_bytes, N, n0, 16);
+        mp_stage_rows_issue(stage, we + (mp_i64)n0 * row_bytes, (int)(wN * row_bytes), lane, 32);
+        return stage;
     }
-    const bool al = mp_mma_aligned<QT>(we, row_bytes);  // uniform over the warp
+    wN = N;
+    wn0 = n0;
+    if (lane == 0) mp_prefetch_rows(we, row_bytes, N, n0, 16);
+    return we;
+}
+MP_HD void mp_rows_ready() {  // the warp's staged rows complete and visible to its lanes
+    mp_cp_async_wait();
+    mp_syncwarp();
+}
+
+// A warp's share of a grouped tensor-core product: the rows mp_rows_load gave (wr, wN, wn0: rows n0 ..
+// n0 + 15 of an N-row matrix), for expert e's pairs pairs[offsets[e] .. offsets[e + 1]) taken 4 at a time;
+// the digits of pass input u of the pairs from p0 are row row_of(p0, u) of xd / xs / xunit; pair p's
+// values go to out[p * ldo + n].
+template <int QT, class RowOf>
+MP_HD void mp_experts_mma_warp(const mp_u8* wr, mp_i64 row_bytes, int wN, int wn0, int N, int n0, int K,
+                               const mp_u32* xd, const float* xs, const float* xunit, RowOf row_of,
+                               const int* __restrict__ pairs, const int* __restrict__ offsets, int e,
+                               float* __restrict__ out, int ldo, int lane) {
+    const int gid = lane >> 2, tig = lane & 3;
+    const bool al = mp_mma_aligned<QT>(wr, row_bytes);  // uniform over the warp
     const int beg = offsets[e], end = offsets[e + 1];
     for (int p0 = beg; p0 < end; p0 += 4) {
         const int nt = (end - p0) < 4 ? (end - p0) : 4;
@@ -1524,7 +1540,7 @@ MP_HD void mp_experts_mma_warp(const mp_u8* __restrict__ we, mp_i64 row_bytes, i
             opair[i] = ud < nt ? pairs[p0 + ud] : -1;
         }
         float res[2];
-        mp_mma_dispatch<QT>(al, nt, we, row_bytes, wN, wn0, K, 0, 1, bq, bon, sq, unit, lane, res);
+        mp_mma_dispatch<QT>(al, nt, wr, row_bytes, wN, wn0, K, 0, 1, bq, bon, sq, unit, lane, res);
         const int n = n0 + gid + 8 * (tig & 1);
 #pragma unroll
         for (int i = 0; i < 2; ++i)
@@ -1549,9 +1565,13 @@ MP_MMA_GLOBAL void qmm_experts_mma(const mp_u8* __restrict__ w0, const mp_u8* __
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int n0 = (((int)blockIdx.x - (second ? groups : 0)) * MP_WARPS + warp) * 16;
     if (n0 >= N) return;  // uniform over the warp
-    mp_experts_mma_warp<QT>((second ? w1 : w0) + (mp_i64)e * expert_bytes, row_bytes, N, n0, K, xd, xs, xunit,
+    int wN, wn0;
+    const mp_u8* wr = mp_rows_load<QT>((second ? w1 : w0) + (mp_i64)e * expert_bytes, row_bytes, N, n0,
+                                       (mp_u8*)stage[QT == 14 ? warp : 0], lane, wN, wn0);
+    mp_rows_ready();
+    mp_experts_mma_warp<QT>(wr, row_bytes, wN, wn0, N, n0, K, xd, xs, xunit,
                             [=](int p0, int u) { return pairs[p0 + u] / x_div; }, pairs, offsets, e,
-                            second ? out1 : out0, ldo, (mp_u8*)stage[QT == 14 ? warp : 0], lane);
+                            second ? out1 : out0, ldo, lane);
 }
 
 // ---- short prompts' Q4_K and Q6_K dense products on the tensor cores ---------------------------------------
@@ -2504,6 +2524,9 @@ extern "C" MP_GLOBAL void swiglu_digits(const float* __restrict__ g, const float
 #define MP_FUSED_PAIRS 4        // kernels.py: FUSED_PAIRS
 #define MP_FUSED_COLS 768       // kernels.py: FUSED_COLS
 #define MP_FUSED_GROUPS ((MP_FUSED_COLS / 4 + MP_THREADS - 1) / MP_THREADS)  // 4-value groups per thread of a row
+#ifndef MP_FUSED_TICKET_AHEAD
+#define MP_FUSED_TICKET_AHEAD 1  // a block takes its next item's ticket while the current one runs (tuning switch)
+#endif
 #define MP_FUSED_STAGE(Q6) ((Q6) ? MP_WARPS * MP_Q6_STAGE : 0)
 #define MP_FUSED_SMEM(Q6) (MP_FUSED_STAGE(Q6) + MP_FUSED_PAIRS * (4 * MP_FUSED_COLS + MP_FUSED_COLS / 8 + 4))
 #ifdef MOEPARITY_EMULATOR
@@ -2577,68 +2600,84 @@ MP_MMA_GLOBAL void moe_experts_mma(const mp_u8* __restrict__ wg, const mp_u8* __
     for (int it = 0;; it ^= 1) {
         const int item = tk[it];
         if (item >= total) break;  // uniform over the block
-        if (tid == 0) tk[it ^ 1] = mp_atomic_add_global(&sync[0], 1);  // the next item, in flight meanwhile
-        if (item < n_gu) {  // gate / up: as block (item % 2 Gg, item / 2 Gg) of qmm_experts_mma
-            const int slot = item / (2 * Gg), bx = item % (2 * Gg), e = active[slot];
-            const bool second = bx >= Gg;
-            const int n0 = ((bx - (second ? Gg : 0)) * MP_WARPS + warp) * 16;
-            if (e >= 0 && n0 < F)  // uniform over the warp
-                mp_experts_mma_warp<QG>((second ? wu : wg) + (mp_i64)e * gu_expert_bytes, gu_row_bytes, F, n0, H, xd,
-                                        xs, xunit, [=](int p0, int v) { return pairs[p0 + v] / k; }, pairs,
-                                        offsets, e, second ? u : g, F, st, lane);
-            mp_syncthreads();  // the block's rows written
+        if (MP_FUSED_TICKET_AHEAD && tid == 0) tk[it ^ 1] = mp_atomic_add_global(&sync[0], 1);  // in flight meanwhile
+        const bool down = item >= n_gu;
+        const int slot = down ? (item - n_gu) / Gd : item / (2 * Gg), e = active[slot];
+        const int bx = down ? (item - n_gu) % Gd : item % (2 * Gg);
+        const bool second = !down && bx >= Gg;  // gate / up: as block (bx, slot) of qmm_experts_mma
+        const int n0 = ((bx - (second ? Gg : 0)) * MP_WARPS + warp) * 16, N = down ? H : F;
+        const bool mine = e >= 0 && n0 < N;  // uniform over the warp
+        int wN = 0, wn0 = 0, beg = 0;
+        const mp_u8* wr = nullptr;
+        if (mine && !down)
+            wr = mp_rows_load<QG>((second ? wu : wg) + (mp_i64)e * gu_expert_bytes, gu_row_bytes, F, n0, st, lane, wN, wn0);
+        if (down && e >= 0) {  // uniform over the block
+            // the weight rows first (they do not wait for anything), then the expert's gate / up rows
+            if (mine) wr = mp_rows_load<QD>(wd + (mp_i64)e * d_expert_bytes, d_row_bytes, H, n0, st, lane, wN, wn0);
             if (tid == 0) {
+                int spins = 0;
+                while (mp_ld_volatile(&sync[2 + slot]) < 2 * Gg) {
+                    if (++spins > MP_FUSED_SPIN_LIMIT) mp_trap("moe_experts_mma: a down item's gate / up rows never came");
+                    mp_pause();
+                }
+                mp_fence();
+            }
+            mp_syncthreads();
+            beg = offsets[e];
+            const int np = offsets[e + 1] - beg;
+            if (np > MP_FUSED_PAIRS) mp_trap("moe_experts_mma: an expert with more pairs than MP_FUSED_PAIRS");
+            const int groups = F >> 2;
+            for (int j = 0; j < np; ++j) {  // SwiGLU of pair j's rows and their digits, as swiglu_digits
+                const mp_i64 off = (mp_i64)pairs[beg + j] * F;
+                float v[MP_FUSED_GROUPS][4];
+                float m = 0.0f;
+#pragma unroll
+                for (int i = 0; i < MP_FUSED_GROUPS; ++i) {
+                    const int gi = tid + MP_THREADS * i, gc = gi < groups ? gi : groups - 1;
+                    float gv[4], uv[4];
+#pragma unroll
+                    for (int c = 0; c < 4; ++c) {
+                        gv[c] = mp_ldcg(g + off + 4 * gc + c);
+                        uv[c] = mp_ldcg(u + off + 4 * gc + c);
+                    }
+#pragma unroll
+                    for (int c = 0; c < 4; ++c) {
+                        v[i][c] = gi < groups ? mp_swiglu(gv[c], uv[c]) : 0.0f;
+                        if (gi < groups && bx == 0) s[off + 4 * gi + c] = v[i][c];
+                        m = fmaxf(m, mp_abs_key(v[i][c]));
+                    }
+                }
+                const float inv = mp_digits_scale(mp_digits_block_max<MP_THREADS>(m, wmax[j], tid),
+                                                  tid == 0 ? sunit + j : nullptr);
+                mp_digits_store<MP_FUSED_GROUPS, MP_THREADS>(v, groups, 0, tid, inv, sd + j * F, ss + j * (F >> 5));
+            }
+            mp_syncthreads();  // the digits in shared memory
+        }
+        if (mine) {
+            mp_rows_ready();
+            if constexpr (QG == QD) {  // one call of the pass (its code once in the kernel)
+                mp_experts_mma_warp<QG>(wr, down ? d_row_bytes : gu_row_bytes, wN, wn0, N, n0, down ? F : H,
+                                        down ? sd : xd, down ? ss : xs, down ? sunit : xunit,
+                                        [=](int p0, int v) { return down ? p0 - beg + v : pairs[p0 + v] / k; }, pairs,
+                                        offsets, e, down ? y : second ? u : g, N, lane);
+            } else if (down) {
+                mp_experts_mma_warp<QD>(wr, d_row_bytes, wN, wn0, H, n0, F, sd, ss, sunit,
+                                        [=](int p0, int v) { return p0 - beg + v; }, pairs, offsets, e, y, H, lane);
+            } else {
+                mp_experts_mma_warp<QG>(wr, gu_row_bytes, wN, wn0, F, n0, H, xd, xs, xunit,
+                                        [=](int p0, int v) { return pairs[p0 + v] / k; }, pairs, offsets, e,
+                                        second ? u : g, F, lane);
+            }
+        }
+        mp_syncthreads();  // the block's rows written; the shared rows free again
+        if (tid == 0) {
+            if (!down) {  // one more of the slot's gate / up items done
                 mp_fence();
                 mp_atomic_add_global(&sync[2 + slot], 1);
             }
-        } else {  // down: row group of slot
-            const int slot = (item - n_gu) / Gd, grp = (item - n_gu) % Gd, e = active[slot];
-            if (e >= 0) {  // uniform over the block
-                if (tid == 0) {
-                    int spins = 0;
-                    while (mp_ld_volatile(&sync[2 + slot]) < 2 * Gg) {
-                        if (++spins > MP_FUSED_SPIN_LIMIT) mp_trap("moe_experts_mma: a down item's gate / up rows never came");
-                        mp_pause();
-                    }
-                    mp_fence();
-                }
-                mp_syncthreads();
-                const int beg = offsets[e], np = offsets[e + 1] - beg;
-                if (np > MP_FUSED_PAIRS) mp_trap("moe_experts_mma: an expert with more pairs than MP_FUSED_PAIRS");
-                const int groups = F >> 2;
-                for (int j = 0; j < np; ++j) {  // SwiGLU of pair j's rows and their digits, as swiglu_digits
-                    const mp_i64 off = (mp_i64)pairs[beg + j] * F;
-                    float v[MP_FUSED_GROUPS][4];
-                    float m = 0.0f;
-#pragma unroll
-                    for (int i = 0; i < MP_FUSED_GROUPS; ++i) {
-                        const int gi = tid + MP_THREADS * i, gc = gi < groups ? gi : groups - 1;
-                        float gv[4], uv[4];
-#pragma unroll
-                        for (int c = 0; c < 4; ++c) {
-                            gv[c] = mp_ldcg(g + off + 4 * gc + c);
-                            uv[c] = mp_ldcg(u + off + 4 * gc + c);
-                        }
-#pragma unroll
-                        for (int c = 0; c < 4; ++c) {
-                            v[i][c] = gi < groups ? mp_swiglu(gv[c], uv[c]) : 0.0f;
-                            if (gi < groups && grp == 0) s[off + 4 * gi + c] = v[i][c];
-                            m = fmaxf(m, mp_abs_key(v[i][c]));
-                        }
-                    }
-                    const float inv = mp_digits_scale(mp_digits_block_max<MP_THREADS>(m, wmax[j], tid),
-                                                      tid == 0 ? sunit + j : nullptr);
-                    mp_digits_store<MP_FUSED_GROUPS, MP_THREADS>(v, groups, 0, tid, inv, sd + j * F, ss + j * (F >> 5));
-                }
-                mp_syncthreads();  // the digits in shared memory
-                const int n0 = (grp * MP_WARPS + warp) * 16;
-                if (n0 < H)  // uniform over the warp
-                    mp_experts_mma_warp<QD>(wd + (mp_i64)e * d_expert_bytes, d_row_bytes, H, n0, F, sd, ss,
-                                            sunit, [=](int p0, int v) { return p0 - beg + v; }, pairs, offsets, e,
-                                            y, H, st, lane);
-            }
+            if (!MP_FUSED_TICKET_AHEAD) tk[it ^ 1] = mp_atomic_add_global(&sync[0], 1);
         }
-        mp_syncthreads();  // tk[it ^ 1] visible; the shared rows free again
+        mp_syncthreads();  // tk[it ^ 1] visible
     }
     if (tid == 0) {  // the last block out resets the counters for the next launch
         mp_fence();

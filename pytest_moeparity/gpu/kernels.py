@@ -102,7 +102,6 @@ MMA_MAX_TOKENS = _tuning_define("MP_MMA_MAX_TOKENS", 4)
 # from this many tokens on: a single token's products are as fast on qmm_experts, and act_digits' extra
 # launch then costs more than the tensor cores save (H100, 4-layer 30b-a3b: 0.378 vs 0.363 ms a forward)
 MMA_MIN_TOKENS = _tuning_define("MP_MMA_MIN_TOKENS", 2)
-MMA_MIN_BLOCKS = _tuning_define("MP_MMA_MIN_BLOCKS", 4)  # resident blocks per SM of qmm_experts_mma
 # moe_experts_mma: the expert block (gate / up, SwiGLU with digits, down) of a short prompt in one launch
 FUSE_EXPERTS = _tuning_define("MP_FUSE_EXPERTS", 1)
 FUSED_PAIRS = 4           # MP_FUSED_PAIRS: the most pairs of one expert (prompts of up to this many tokens)
@@ -233,6 +232,11 @@ class Backend:
     def is_array(self, a) -> bool:
         return isinstance(a, self.xp.ndarray)
 
+    def resident_blocks(self, name: str, threads: int, shared: int = 0) -> int:
+        """How many blocks of kernel ``name`` (``threads`` threads, ``shared`` bytes of dynamic shared
+        memory) the device holds at once (sizes the grid of a kernel that loops over a work queue)."""
+        return 2 * self.sm_count
+
     def asnumpy(self, a) -> np.ndarray:
         raise NotImplementedError
 
@@ -251,6 +255,7 @@ class Backend:
 
 
 _ATTR_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8  # CUfunction_attribute
+_ATTR_PREFERRED_SHARED_MEMORY_CARVEOUT = 9  # CUfunction_attribute: percent of the unified L1 / shared memory
 
 
 class CupyBackend(Backend):
@@ -277,6 +282,7 @@ class CupyBackend(Backend):
         self._pdl, self.pdl_off = pdl_launcher(cc)
         self._pdl_ptrs: dict[str, int] = {}
         self._shared_set: dict[str, int] = {}  # the dynamic shared memory each kernel was allowed
+        self._resident: dict[tuple, int] = {}  # resident_blocks' answers
         self.sm_count = int(cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)["multiProcessorCount"])
 
     @property
@@ -308,10 +314,7 @@ class CupyBackend(Backend):
         check_args(name, args, self.is_array)
         f = self.function(name)
         try:
-            if shared > self._shared_set.get(name, 48 * 1024):  # over the default: the kernel must opt in
-                self.cupy.cuda.driver.funcSetAttribute(int(getattr(f, "kernel", f).ptr),
-                                                       _ATTR_MAX_DYNAMIC_SHARED_SIZE_BYTES, int(shared))
-                self._shared_set[name] = int(shared)
+            self._allow_shared(name, int(getattr(f, "kernel", f).ptr), shared)
             if self._pdl is not None:
                 ptr = self._pdl_ptrs.get(name)
                 if ptr is None:
@@ -328,6 +331,24 @@ class CupyBackend(Backend):
             except Exception as exc:
                 raise KernelError(f"kernel {name} grid={tuple(grid)} block={tuple(block)} failed on the device: "
                                   f"{type(exc).__name__}: {exc}") from exc
+
+    def resident_blocks(self, name, threads, shared=0):
+        key = (name, int(threads), int(shared))
+        n = self._resident.get(key)
+        if n is None:
+            f = self.function(name)
+            ptr = int(getattr(f, "kernel", f).ptr)
+            self._allow_shared(name, ptr, shared)
+            per_sm = int(self.cupy.cuda.driver.occupancyMaxActiveBlocksPerMultiprocessor(ptr, int(threads), int(shared)))
+            n = self._resident[key] = max(1, per_sm) * self.sm_count
+        return n
+
+    def _allow_shared(self, name: str, ptr: int, shared: int) -> None:
+        """Dynamic shared memory: the kernel opts in (over 48 KB) and prefers it to L1 (blocks per SM)."""
+        if shared and shared > self._shared_set.get(name, 0):
+            self.cupy.cuda.driver.funcSetAttribute(ptr, _ATTR_MAX_DYNAMIC_SHARED_SIZE_BYTES, int(shared))
+            self.cupy.cuda.driver.funcSetAttribute(ptr, _ATTR_PREFERRED_SHARED_MEMORY_CARVEOUT, 100)
+            self._shared_set[name] = int(shared)
 
     def asnumpy(self, a):
         return self.cupy.asnumpy(a)
@@ -837,12 +858,12 @@ def moe_experts(x, wt3s, routing: "ExpertRouting", sync, *, digits=None, backend
     codes = [_kernel_type(wt, None)[1] for wt in wt3s]
     per = WARPS * MMA_ROWS
     items = (2 * _cdiv(F, per) + _cdiv(H, per)) * n_act
-    grid = (max(1, min(items, MMA_MIN_BLOCKS * be.sm_count)), 1, 1)
-    be.launch(f"moe_experts_mma<{codes[0]},{codes[2]}>", grid, (THREADS, 1, 1),
+    name, shared = f"moe_experts_mma<{codes[0]},{codes[2]}>", fused_smem(14 in (codes[0], codes[2]))
+    grid = (max(1, min(items, be.resident_blocks(name, THREADS, shared))), 1, 1)  # every block resident at once
+    be.launch(name, grid, (THREADS, 1, 1),
               (gate.raw, up.raw, np.int64(gate.row_bytes), np.int64(F * gate.row_bytes), down.raw,
                np.int64(down.row_bytes), np.int64(H * down.row_bytes), np.int32(F), np.int32(H), *digits, np.int32(k),
-               routing.pairs, routing.offsets, routing.active, np.int32(n_act), g, u, s, y, sync),
-              shared=fused_smem(14 in (codes[0], codes[2])))
+               routing.pairs, routing.offsets, routing.active, np.int32(n_act), g, u, s, y, sync), shared=shared)
     return g, u, s, y
 
 
