@@ -692,7 +692,7 @@ def test_moe_experts_is_the_three_launches(backend, T, types, F, H):
     assert not Kn.fuses_experts(1, (gate, up, down), backend=backend)   # one token: the float kernels
     assert not Kn.fuses_experts(T, (gate, up, down), (None, None, Q.Q6_K), backend=backend)  # a dispatch override
     assert not Kn.fuses_experts(T, (gate, down, up), backend=backend)   # shapes that do not chain
-    with pytest.raises(Kn.KernelError, match="one-launch"):
+    with pytest.raises(Kn.KernelError, match="do not fit the one-launch"):
         Kn.moe_experts(dx, (gate, down, up), routing, sync, backend=backend)
 
 
@@ -1372,6 +1372,7 @@ def test_short_prompt_forward_on_tensor_cores(backend, model_factory, preset, n_
     plan = SavePlan.parse()
     ref = NumpyForward(model).run(tokens, plan).trace
     engine = _engine(model, backend)
+    monkeypatch.setattr(Kn, "FUSE_EXPERTS", 1)  # the experts' one launch, whatever the default
     res = engine.run(tokens, plan)
     report = _compare(ref, res.trace)
     assert report.ok, f"{preset} Q4_K_M, {n_tokens} tokens: cupy vs numpy\n{_explain(report)}"
@@ -1380,7 +1381,7 @@ def test_short_prompt_forward_on_tensor_cores(backend, model_factory, preset, n_
         engine.run(tokens, SavePlan.empty())  # the forward alone (captured per-expert stages add products)
         launched = backend.launches[n_before:]
         n_layers = model.config.n_layers
-        fused = bool(Kn.FUSE_EXPERTS) and n_tokens <= Kn.FUSED_PAIRS
+        fused = n_tokens <= Kn.FUSED_PAIRS
         experts = ("moe_experts_mma<12,12>", "moe_experts_mma<12,14>") if fused else ("qmm_experts_mma<12>", "qmm_experts_mma<14>")
         for name in ("qmm_dense_mma<12>", "qmm_dense_mma<14>") + experts:
             assert name in launched, f"{name} not launched: {sorted(set(launched))}"

@@ -482,7 +482,7 @@ class CupyEngine:
         hc = self._c(h)
         ef = self._expert_faults
         if (L not in self._forced and self._fusable(rec, L, (S.moe_expert_gate, S.moe_expert_up, S.moe_expert_swiglu))
-                and K.fuses_experts(T, (gate_t, up_t, down_t), (g_as, u_as, d_as), backend=be)):
+                and K.FUSE_EXPERTS and K.fuses_experts(T, (gate_t, up_t, down_t), (g_as, u_as, d_as), backend=be)):
             # gate / up, SwiGLU with its digits and down in one launch
             g, u, s, y = K.moe_experts(hc, (gate_t, up_t, down_t), routing, self._moe_sync(), digits=h_dig, backend=be)
             y = ef(rec, S.moe_expert_out, L, y, ids)

@@ -805,12 +805,12 @@ def moe_sync_buffer(*, backend: Backend | None = None):
 
 
 def fuses_experts(n_tokens: int, wt3s, as_qtypes=None, *, backend: Backend | None = None) -> bool:
-    """Whether :func:`moe_experts` takes the one-launch path for this prompt and these expert tensors
-    (gate, up, down): MP_FUSE_EXPERTS on, all three on the tensor cores, gate and up of one type, up to
-    FUSED_PAIRS tokens, rows of up to FUSED_COLS, no dispatch override."""
+    """Whether :func:`moe_experts` can run this prompt with these expert tensors (gate, up, down): all three
+    on the tensor cores, gate and up of one type, up to FUSED_PAIRS tokens, rows of up to FUSED_COLS, no
+    dispatch override. (The forward takes it where FUSE_EXPERTS is on too.)"""
     be = _backend(backend)
     gate, up, down = wt3s
-    if not FUSE_EXPERTS or any(a is not None for a in (as_qtypes or ())) or not 0 < n_tokens <= FUSED_PAIRS:
+    if any(a is not None for a in (as_qtypes or ())) or not 0 < n_tokens <= FUSED_PAIRS:
         return False
     if len(gate.shape) != 3 or tuple(gate.shape) != tuple(up.shape) or len(down.shape) != 3:
         return False
@@ -834,7 +834,7 @@ def moe_experts(x, wt3s, routing: "ExpertRouting", sync, *, digits=None, backend
     ``digits``: ``act_digits(x)`` where the kernel writing x wrote them."""
     be = _backend(backend)
     if not fuses_experts(routing.n_tokens, wt3s, backend=be):
-        raise KernelError("moe_experts: these tensors / this prompt do not take the one-launch path (fuses_experts)")
+        raise KernelError("moe_experts: these tensors / this prompt do not fit the one-launch path (fuses_experts)")
     gate, up, down = wt3s
     E, F, H = (int(v) for v in gate.shape)
     if routing.n_experts != E:
