@@ -103,7 +103,7 @@ MMA_MAX_TOKENS = _tuning_define("MP_MMA_MAX_TOKENS", 4)
 # launch then costs more than the tensor cores save (H100, 4-layer 30b-a3b: 0.378 vs 0.363 ms a forward)
 MMA_MIN_TOKENS = _tuning_define("MP_MMA_MIN_TOKENS", 2)
 # moe_experts_mma: the expert block (gate / up, SwiGLU with digits, down) of a short prompt in one launch
-FUSE_EXPERTS = _tuning_define("MP_FUSE_EXPERTS", 1)
+FUSE_EXPERTS = _tuning_define("MP_FUSE_EXPERTS", 0)  # off by default: see benchmarks/NOTES.md step 33
 FUSED_PAIRS = 4           # MP_FUSED_PAIRS: the most pairs of one expert (prompts of up to this many tokens)
 FUSED_COLS = 768          # MP_FUSED_COLS: the longest SwiGLU row (expert_ff) it holds in shared memory
 Q6_STAGE = 10240          # MP_Q6_STAGE: bytes of a warp's staged Q6_K rows
