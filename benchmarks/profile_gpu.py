@@ -4,7 +4,8 @@ sees every kernel of the process, CuPy's included).
     python benchmarks/profile_gpu.py --model /tmp/30b4.gguf --tokens 3,64
 
 For each prompt length: the eager forward's wall time, its summed kernel time, and the kernels
-grouped by name (count, total and mean device microseconds, share), then the same for one CUDA
+grouped by name (count, total and mean device microseconds, exposed microseconds: what the kernel
+adds to the span, walking the kernels in the order they end; share), then the same for one CUDA
 graph replay. Prints tables; writes benchmarks/results/profile-<tag>.json. Needs torch (present
 on the GPU machines); a development aid next to bench_gpu.py, not a benchmark of record.
 """
