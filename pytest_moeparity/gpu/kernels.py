@@ -258,6 +258,11 @@ _ATTR_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8  # CUfunction_attribute
 _ATTR_PREFERRED_SHARED_MEMORY_CARVEOUT = 9  # CUfunction_attribute: percent of the unified L1 / shared memory
 
 
+def _function_ptr(f) -> int:
+    """The CUfunction of a CuPy module function."""
+    return int(getattr(f, "kernel", f).ptr)
+
+
 class CupyBackend(Backend):
     name = "cupy"
 
@@ -314,11 +319,12 @@ class CupyBackend(Backend):
         check_args(name, args, self.is_array)
         f = self.function(name)
         try:
-            self._allow_shared(name, int(getattr(f, "kernel", f).ptr), shared)
+            if shared:
+                self._allow_shared(name, shared)
             if self._pdl is not None:
                 ptr = self._pdl_ptrs.get(name)
                 if ptr is None:
-                    ptr = self._pdl_ptrs[name] = int(getattr(f, "kernel", f).ptr)
+                    ptr = self._pdl_ptrs[name] = _function_ptr(f)
                 self._pdl.launch(ptr, grid, block, self.cupy.cuda.get_current_stream().ptr, args, shared)
             else:
                 f(tuple(int(g) for g in grid), tuple(int(b) for b in block), args, shared_mem=int(shared))
@@ -336,16 +342,16 @@ class CupyBackend(Backend):
         key = (name, int(threads), int(shared))
         n = self._resident.get(key)
         if n is None:
-            f = self.function(name)
-            ptr = int(getattr(f, "kernel", f).ptr)
-            self._allow_shared(name, ptr, shared)
-            per_sm = int(self.cupy.cuda.driver.occupancyMaxActiveBlocksPerMultiprocessor(ptr, int(threads), int(shared)))
+            self._allow_shared(name, shared)
+            per_sm = int(self.cupy.cuda.driver.occupancyMaxActiveBlocksPerMultiprocessor(
+                _function_ptr(self.function(name)), int(threads), int(shared)))
             n = self._resident[key] = max(1, per_sm) * self.sm_count
         return n
 
-    def _allow_shared(self, name: str, ptr: int, shared: int) -> None:
+    def _allow_shared(self, name: str, shared: int) -> None:
         """Dynamic shared memory: the kernel opts in (over 48 KB) and prefers it to L1 (blocks per SM)."""
-        if shared and shared > self._shared_set.get(name, 0):
+        if shared > self._shared_set.get(name, 0):
+            ptr = _function_ptr(self.function(name))
             self.cupy.cuda.driver.funcSetAttribute(ptr, _ATTR_MAX_DYNAMIC_SHARED_SIZE_BYTES, int(shared))
             self.cupy.cuda.driver.funcSetAttribute(ptr, _ATTR_PREFERRED_SHARED_MEMORY_CARVEOUT, 100)
             self._shared_set[name] = int(shared)
