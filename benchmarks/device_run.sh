@@ -3,8 +3,8 @@
 # files from $OUT, and this writes 8):
 #   bash benchmarks/device_run.sh [BASELINE_OPTIONS]
 # after `../shared/gpu/wheels.sh` here, with `.whl` carried. In order: the GPU tests, the built-in tiny
-# check, the per-kernel device times of a 4-layer 30b-a3b-shaped model at 3 tokens (ordinary launches), the
-# full 30b-a3b forward at 3 and 64 tokens (the models are made in the background meanwhile), a same-machine
+# check, the per-kernel device times of a 4-layer 30b-a3b-shaped model at 3 tokens (ordinary launches; then
+# for each of the compile options in PROFILE_VARIANTS, ';'-separated, its table only), the full 30b-a3b forward at 3 and 64 tokens (the models are made in the background meanwhile), a same-machine
 # baseline at 3 tokens, then, while under DEVICE_RUN_BUDGET_S (default 250) seconds have passed, the heavy
 # pytest wall time. The baseline is the tree in .gpu/base where there is one (made here with
 # `mkdir -p .gpu/base && git archive REV | tar -x -C .gpu/base`, `.gpu` ignored and carried), else this tree
@@ -29,6 +29,13 @@ timeout 40 python3 -m pytest_moeparity.cli check builtin:tiny --candidate cupy -
 while [ ! -s /tmp/30b4.gguf ]; do sleep 2; done; el "4-layer model made"
 MOEPARITY_PDL=0 timeout 90 python3 benchmarks/profile_gpu.py --model /tmp/30b4.gguf --tokens 3 --graph-only --top 22 \
   --tag 30b4-pdl-off --out "$out/profile-30b4-pdl-off.json" 2>&1 | grep -E "^\||graph" | cut -c1-120 | head -30
+# compile-option variants of the same profile, tables printed only: PROFILE_VARIANTS="-DMP_FUSE_EXPERTS=1;..."
+IFS=';' read -ra variants <<< "${PROFILE_VARIANTS:-}"
+for opt in "${variants[@]}"; do
+  echo "variant: $opt"
+  MOEPARITY_NVRTC_OPTIONS="$opt" MOEPARITY_PDL=0 timeout 60 python3 benchmarks/profile_gpu.py --model /tmp/30b4.gguf \
+    --tokens 3 --graph-only --top 12 --tag variant --out /tmp/variant.json 2>&1 | grep -E "^\||graph" | cut -c1-120
+done
 while ! grep -q "make rc" "$out/make.log"; do sleep 2; done; tail -1 "$out/make.log"; el made
 timeout 100 python3 benchmarks/bench_gpu.py --model /tmp/30b.gguf --tokens 3,64 --repeat 3 --tag 30b-a3b \
   --out "$out/gpu-30b-a3b.json" > "$out/bench.log" 2>&1; el "bench rc=$?"
