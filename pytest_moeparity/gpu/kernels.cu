@@ -2007,24 +2007,24 @@ template <bool AL> MP_HD void mp_row_groups(const float* __restrict__ p, int gro
     }
 }
 
-// out (the row's output): the groups thread tid holds, those past the end zeroed; then the row's digits
-// (dr, sr, *unit) as act_digits writes them
-template <bool AL>
-MP_HD void mp_row_out_digits(float (&v)[MP_ROW_GROUPS][4], int groups, int tid, float* __restrict__ out, mp_u32* __restrict__ dr,
+// out (the row's output, where not null): the groups thread tid of TH holds (group tid + TH i in v[i]), those
+// past the end zeroed; then the row's digits (dr, sr, *unit) as act_digits writes them
+template <bool AL, int G = MP_ROW_GROUPS, int TH = MP_DIGITS_THREADS>
+MP_HD void mp_row_out_digits(float (&v)[G][4], int groups, int tid, float* __restrict__ out, mp_u32* __restrict__ dr,
                              float* __restrict__ sr, float* unit, float* wmax) {
     float m = 0.0f;
 #pragma unroll
-    for (int i = 0; i < MP_ROW_GROUPS; ++i) {
-        const int g = tid + MP_DIGITS_THREADS * i;
-        if (g < groups) mp_st4<AL>(out + 4 * g, v[i]);
+    for (int i = 0; i < G; ++i) {
+        const int g = tid + TH * i;
+        if (out && g < groups) mp_st4<AL>(out + 4 * g, v[i]);
 #pragma unroll
         for (int c = 0; c < 4; ++c) {
             v[i][c] = g < groups ? v[i][c] : 0.0f;
             m = fmaxf(m, mp_abs_key(v[i][c]));
         }
     }
-    const float inv = mp_digits_scale(mp_digits_block_max(m, wmax, tid), tid == 0 ? unit : nullptr);
-    mp_digits_store(v, groups, 0, tid, inv, dr, sr);
+    const float inv = mp_digits_scale(mp_digits_block_max<TH>(m, wmax, tid), tid == 0 ? unit : nullptr);
+    mp_digits_store<G, TH>(v, groups, 0, tid, inv, dr, sr);
 }
 
 template <bool AL>
@@ -2630,26 +2630,16 @@ MP_MMA_GLOBAL void moe_experts_mma(const mp_u8* __restrict__ wg, const mp_u8* __
             for (int j = 0; j < np; ++j) {  // SwiGLU of pair j's rows and their digits, as swiglu_digits
                 const mp_i64 off = (mp_i64)pairs[beg + j] * F;
                 float v[MP_FUSED_GROUPS][4];
-                float m = 0.0f;
 #pragma unroll
                 for (int i = 0; i < MP_FUSED_GROUPS; ++i) {
                     const int gi = tid + MP_THREADS * i, gc = gi < groups ? gi : groups - 1;
-                    float gv[4], uv[4];
 #pragma unroll
-                    for (int c = 0; c < 4; ++c) {
-                        gv[c] = mp_ldcg(g + off + 4 * gc + c);
-                        uv[c] = mp_ldcg(u + off + 4 * gc + c);
-                    }
-#pragma unroll
-                    for (int c = 0; c < 4; ++c) {
-                        v[i][c] = gi < groups ? mp_swiglu(gv[c], uv[c]) : 0.0f;
-                        if (gi < groups && bx == 0) s[off + 4 * gi + c] = v[i][c];
-                        m = fmaxf(m, mp_abs_key(v[i][c]));
-                    }
+                    for (int c = 0; c < 4; ++c)
+                        v[i][c] = mp_swiglu(mp_ldcg(g + off + 4 * gc + c), mp_ldcg(u + off + 4 * gc + c));
                 }
-                const float inv = mp_digits_scale(mp_digits_block_max<MP_THREADS>(m, wmax[j], tid),
-                                                  tid == 0 ? sunit + j : nullptr);
-                mp_digits_store<MP_FUSED_GROUPS, MP_THREADS>(v, groups, 0, tid, inv, sd + j * F, ss + j * (F >> 5));
+                // (row group 0's item writes the SwiGLU rows too)
+                mp_row_out_digits<false, MP_FUSED_GROUPS, MP_THREADS>(v, groups, tid, bx == 0 ? s + off : nullptr,
+                                                                      sd + j * F, ss + j * (F >> 5), sunit + j, wmax[j]);
             }
             mp_syncthreads();  // the digits in shared memory
         }
