@@ -2507,17 +2507,18 @@ extern "C" MP_GLOBAL void swiglu_digits(const float* __restrict__ g, const float
 // qmm_experts_mma over ffn_gate_exps and ffn_up_exps (QG), swiglu_digits, and qmm_experts_mma over
 // ffn_down_exps (QD), bit for bit, as one launch whose blocks take work items from a queue (sync[0]):
 // first the gate / up items (row group of 16 MP_WARPS rows x matrix x active expert slot, as
-// qmm_experts_mma's blocks), then the down items (row group x slot). A down item of slot y first waits until
-// slot y's 2 Gg gate / up items are done (sync[2 + y] counts them), then computes SwiGLU of the expert's
-// pairs from g and u and their digits into shared memory (as swiglu_digits; the item of row group 0 also
-// writes the SwiGLU rows to s), then its rows of the down product from there. Items are taken in queue
-// order by running blocks, so an item waited for is always held by a running block that never waits
-// itself (a gate / up item): no deadlock, whatever the grid and however many blocks are resident. The
-// three launches' ramps, tails and the SwiGLU launch between them are saved; down items start as soon as
-// their expert's gate / up rows are there. The last block out puts the counters back to 0
-// (sync: 2 + n_act_len zeroed ints before the first launch). The expert's pairs (at most MP_FUSED_PAIRS:
-// prompts of up to that many tokens) and the SwiGLU rows (F <= MP_FUSED_COLS, a multiple of 32) must fit
-// the shared memory (kernels.py checks).
+// qmm_experts_mma's blocks), then the down items (row group x slot). sync[2 + y] counts slot y's done gate /
+// up items; the block finishing the last of its 2 Gg computes SwiGLU of the expert's pairs once (as
+// swiglu_digits: the rows into s, their digits into sxd / sxs / sxunit) and then counts once more. A down
+// item of slot y loads its weight rows, waits for that count (2 Gg + 1), copies the expert's digits from L2
+// into shared memory (cp.async.cg: the rows were written by another block of this launch, so never through
+// L1) and runs its rows of the down product from there. Items are taken in queue order by running blocks,
+// so an item waited for is always held by a running block that never waits itself (a gate / up item): no
+// deadlock, whatever the grid and however many blocks are resident. The three launches' ramps, tails and the
+// SwiGLU launch between them are saved; down items start as soon as their expert's SwiGLU rows are there.
+// The last block out puts the counters back to 0 (sync: 2 + n_act_len zeroed ints before the first
+// launch). The expert's pairs (at most MP_FUSED_PAIRS: prompts of up to that many tokens) and the SwiGLU
+// rows (F <= MP_FUSED_COLS, a multiple of 32) must fit the shared memory (kernels.py checks).
 // Its shared memory is dynamic (over the 48 KB a static one may take): the Q6_K staging of the warps
 // (where either type is Q6_K), then the SwiGLU rows' digits [MP_FUSED_PAIRS][MP_FUSED_COLS] words, their
 // sub-block sums [MP_FUSED_PAIRS][MP_FUSED_COLS / 32] and units [MP_FUSED_PAIRS] (kernels.py: fused_smem).
@@ -2577,19 +2578,43 @@ MP_HD void mp_trap(const char*) {
 #define MP_FUSED_SPIN_LIMIT (1 << 26)
 #endif
 
+// block-wide: SwiGLU of the np pairs pairs[beg ..) of rows F from g and u (written by other blocks of this
+// launch: read from L2) into s and their digits into sxd / sxs / sxunit, as swiglu_digits (rows by pair)
+MP_HD void mp_fused_swiglu_rows(const float* g, const float* u, const int* __restrict__ pairs, int beg, int np, int F,
+                                float* __restrict__ s, mp_u32* __restrict__ sxd, float* __restrict__ sxs,
+                                float* __restrict__ sxunit, int tid, float* wmax) {
+    const int groups = F >> 2;
+    for (int j = 0; j < np; ++j) {
+        const int p = pairs[beg + j];
+        const mp_i64 off = (mp_i64)p * F;
+        float v[MP_FUSED_GROUPS][4];
+#pragma unroll
+        for (int i = 0; i < MP_FUSED_GROUPS; ++i) {
+            const int gi = tid + MP_THREADS * i, gc = gi < groups ? gi : groups - 1;
+#pragma unroll
+            for (int c = 0; c < 4; ++c) v[i][c] = mp_swiglu(mp_ldcg(g + off + 4 * gc + c), mp_ldcg(u + off + 4 * gc + c));
+        }
+        mp_row_out_digits<false, MP_FUSED_GROUPS, MP_THREADS>(v, groups, tid, s + off, sxd + off, sxs + (off >> 5),
+                                                              sxunit + p, wmax);
+        mp_syncthreads();  // wmax is read again by the next pair's maximum
+    }
+}
+
 template <int QG, int QD>
 MP_MMA_GLOBAL void moe_experts_mma(const mp_u8* __restrict__ wg, const mp_u8* __restrict__ wu, mp_i64 gu_row_bytes,
         mp_i64 gu_expert_bytes, const mp_u8* __restrict__ wd, mp_i64 d_row_bytes, mp_i64 d_expert_bytes, int F, int H,
         const mp_u32* __restrict__ xd, const float* __restrict__ xs, const float* __restrict__ xunit, int k,
         const int* __restrict__ pairs, const int* __restrict__ offsets, const int* __restrict__ active, int n_act_len,
-        float* __restrict__ g, float* __restrict__ u, float* __restrict__ s, float* __restrict__ y, int* sync) {
+        float* g, float* u, float* __restrict__ s, mp_u32* sxd, float* sxs, float* sxunit,
+        float* __restrict__ y, int* sync) {
     constexpr bool q6 = QG == 14 || QD == 14;
     MP_DYNAMIC_SHARED(dyn, MP_FUSED_SMEM(q6));
     mp_u32* sd = (mp_u32*)((mp_u8*)dyn + MP_FUSED_STAGE(q6));  // the SwiGLU rows' digits, sums and units
     float* ss = (float*)(sd + MP_FUSED_PAIRS * MP_FUSED_COLS);
     float* sunit = ss + MP_FUSED_PAIRS * (MP_FUSED_COLS / 32);
-    MP_SHARED float wmax[MP_FUSED_PAIRS][MP_WARPS];
+    MP_SHARED float wmax[MP_WARPS];
     MP_SHARED int tk[2];
+    MP_SHARED int last;  // the block did its slot's last gate / up item
     mp_grid_sync();  // the routing and ffn_norm's digits were written by earlier kernels
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int Gg = (F + MP_WARPS * 16 - 1) / (MP_WARPS * 16), Gd = (H + MP_WARPS * 16 - 1) / (MP_WARPS * 16);
@@ -2607,40 +2632,31 @@ MP_MMA_GLOBAL void moe_experts_mma(const mp_u8* __restrict__ wg, const mp_u8* __
         const bool second = !down && bx >= Gg;  // gate / up: as block (bx, slot) of qmm_experts_mma
         const int n0 = ((bx - (second ? Gg : 0)) * MP_WARPS + warp) * 16, N = down ? H : F;
         const bool mine = e >= 0 && n0 < N;  // uniform over the warp
-        int wN = 0, wn0 = 0, beg = 0;
+        const int beg = e >= 0 ? offsets[e] : 0, np = e >= 0 ? offsets[e + 1] - beg : 0;
+        int wN = 0, wn0 = 0;
         const mp_u8* wr = nullptr;
         if (mine && !down)
             wr = mp_rows_load<QG>((second ? wu : wg) + (mp_i64)e * gu_expert_bytes, gu_row_bytes, F, n0, st, lane, wN, wn0);
         if (down && e >= 0) {  // uniform over the block
-            // the weight rows first (they do not wait for anything), then the expert's gate / up rows
+            // the weight rows first (they do not wait for anything), then the expert's SwiGLU digits
             if (mine) wr = mp_rows_load<QD>(wd + (mp_i64)e * d_expert_bytes, d_row_bytes, H, n0, st, lane, wN, wn0);
+            if (np > MP_FUSED_PAIRS) mp_trap("moe_experts_mma: an expert with more pairs than MP_FUSED_PAIRS");
             if (tid == 0) {
                 int spins = 0;
-                while (mp_ld_volatile(&sync[2 + slot]) < 2 * Gg) {
-                    if (++spins > MP_FUSED_SPIN_LIMIT) mp_trap("moe_experts_mma: a down item's gate / up rows never came");
+                while (mp_ld_volatile(&sync[2 + slot]) <= 2 * Gg) {
+                    if (++spins > MP_FUSED_SPIN_LIMIT) mp_trap("moe_experts_mma: a down item's SwiGLU rows never came");
                     mp_pause();
                 }
                 mp_fence();
             }
             mp_syncthreads();
-            beg = offsets[e];
-            const int np = offsets[e + 1] - beg;
-            if (np > MP_FUSED_PAIRS) mp_trap("moe_experts_mma: an expert with more pairs than MP_FUSED_PAIRS");
-            const int groups = F >> 2;
-            for (int j = 0; j < np; ++j) {  // SwiGLU of pair j's rows and their digits, as swiglu_digits
-                const mp_i64 off = (mp_i64)pairs[beg + j] * F;
-                float v[MP_FUSED_GROUPS][4];
-#pragma unroll
-                for (int i = 0; i < MP_FUSED_GROUPS; ++i) {
-                    const int gi = tid + MP_THREADS * i, gc = gi < groups ? gi : groups - 1;
-#pragma unroll
-                    for (int c = 0; c < 4; ++c)
-                        v[i][c] = mp_swiglu(mp_ldcg(g + off + 4 * gc + c), mp_ldcg(u + off + 4 * gc + c));
-                }
-                // (row group 0's item writes the SwiGLU rows too)
-                mp_row_out_digits<false, MP_FUSED_GROUPS, MP_THREADS>(v, groups, tid, bx == 0 ? s + off : nullptr,
-                                                                      sd + j * F, ss + j * (F >> 5), sunit + j, wmax[j]);
+            for (int j = 0; j < np; ++j) {  // pair j's digits (16 bytes a copy), sums and unit
+                const mp_i64 p = pairs[beg + j];
+                mp_stage_rows_issue((mp_u8*)(sd + j * F), (const mp_u8*)(sxd + p * F), 4 * F, tid, MP_THREADS);
+                for (int i = tid; i < (F >> 5); i += MP_THREADS) ss[j * (F >> 5) + i] = mp_ldcg(sxs + p * (F >> 5) + i);
+                if (tid == 0) sunit[j] = mp_ldcg(sxunit + p);
             }
+            mp_cp_async_wait();
             mp_syncthreads();  // the digits in shared memory
         }
         if (mine) {
@@ -2661,13 +2677,22 @@ MP_MMA_GLOBAL void moe_experts_mma(const mp_u8* __restrict__ wg, const mp_u8* __
         }
         mp_syncthreads();  // the block's rows written; the shared rows free again
         if (tid == 0) {
-            if (!down) {  // one more of the slot's gate / up items done
+            last = 0;
+            if (!down && e >= 0) {  // one more of the slot's gate / up items done
                 mp_fence();
-                mp_atomic_add_global(&sync[2 + slot], 1);
+                last = mp_atomic_add_global(&sync[2 + slot], 1) == 2 * Gg - 1;
+                if (last) mp_fence();
             }
             if (!MP_FUSED_TICKET_AHEAD) tk[it ^ 1] = mp_atomic_add_global(&sync[0], 1);
         }
-        mp_syncthreads();  // tk[it ^ 1] visible
+        mp_syncthreads();  // tk[it ^ 1] and last visible
+        if (last) {  // the slot's gate / up rows are all there: its SwiGLU rows, once
+            mp_fused_swiglu_rows(g, u, pairs, beg, np, F, s, sxd, sxs, sxunit, tid, wmax);
+            if (tid == 0) {
+                mp_fence();
+                mp_atomic_add_global(&sync[2 + slot], 1);  // 2 Gg + 1: the down items may go
+            }
+        }
     }
     if (tid == 0) {  // the last block out resets the counters for the next launch
         mp_fence();

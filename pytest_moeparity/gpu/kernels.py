@@ -861,6 +861,8 @@ def moe_experts(x, wt3s, routing: "ExpertRouting", sync, *, digits=None, backend
     xp = be.xp
     g, u, s = (xp.empty((T, k, F), dtype=np.float32) for _ in range(3))
     y = xp.empty((T, k, H), dtype=np.float32)
+    sdig = (xp.empty((T * k, F), dtype=np.uint32), xp.empty((T * k, F // 32), dtype=np.float32),
+            xp.empty(T * k, dtype=np.float32))  # the SwiGLU rows' digits, as swiglu_digits writes them
     codes = [_kernel_type(wt, None)[1] for wt in wt3s]
     per = WARPS * MMA_ROWS
     items = (2 * _cdiv(F, per) + _cdiv(H, per)) * n_act
@@ -869,7 +871,7 @@ def moe_experts(x, wt3s, routing: "ExpertRouting", sync, *, digits=None, backend
     be.launch(name, grid, (THREADS, 1, 1),
               (gate.raw, up.raw, np.int64(gate.row_bytes), np.int64(F * gate.row_bytes), down.raw,
                np.int64(down.row_bytes), np.int64(H * down.row_bytes), np.int32(F), np.int32(H), *digits, np.int32(k),
-               routing.pairs, routing.offsets, routing.active, np.int32(n_act), g, u, s, y, sync), shared=shared)
+               routing.pairs, routing.offsets, routing.active, np.int32(n_act), g, u, s, *sdig, y, sync), shared=shared)
     return g, u, s, y
 
 
