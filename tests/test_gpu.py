@@ -630,72 +630,6 @@ def test_experts_tensor_core_path(backend, T, qt):
     _assert_close(got2[good], ref2[good], what + " (pair rows)")
 
 
-def _distinct_ids(rng, T: int, k: int, E: int) -> np.ndarray:
-    """Top-k-like ids (k distinct experts per token) leaving the last expert unused, expert 0 chosen by
-    every token (the most pairs one expert can own)."""
-    ids = np.stack([rng.permutation(np.arange(1, E - 1))[:k] for _ in range(T)]).astype(np.int32)
-    ids[:, 0] = 0
-    return ids
-
-
-@pytest.mark.parametrize("T", [2, 3, 4])
-@pytest.mark.parametrize("types,F,H", [((Q.Q4_K, Q.Q4_K), 768, 256), ((Q.Q4_K, Q.Q6_K), 256, 512),
-                                       ((Q.Q6_K, Q.Q6_K), 512, 256), ((Q.Q6_K, Q.Q4_K), 256, 256)],
-                         ids=["Q4_K-Q4_K-F768", "Q4_K-Q6_K", "Q6_K-Q6_K", "Q6_K-Q4_K"])
-def test_moe_experts_is_the_three_launches(backend, T, types, F, H):
-    """The expert block in one launch (gate / up, SwiGLU with its digits, down; a work queue with per-expert
-    counters) gives bit for bit the three launches' g, u, SwiGLU and down rows, on fresh outputs fully
-    written, twice in a row on the same counters (which it leaves zeroed); a token holding inf gets NaN in
-    its own rows only; the down rows are float64's products of the SwiGLU rows within 1e-5."""
-    from pytest_moeparity.gpu import kernels as Kn
-
-    if not backend.mma:
-        pytest.skip("the device has no int8 mma (compute capability below 8.0)")
-    E, k = 7, 3
-    gq, dq = types
-    rng = _rng("moe-experts", T, gq.name, dq.name, F, H)
-    wts = []
-    for qt, shape in ((gq, (E, F, H)), (gq, (E, F, H)), (dq, (E, H, F))):
-        raw = _quantized(rng, qt, shape)
-        wts.append((_device_tensor(backend, raw, qt, shape), _deq(raw, qt, shape).astype(np.float64)))
-    (gate, _), (up, _), (down, wd) = wts
-    assert Kn.fuses_experts(T, (gate, up, down), backend=backend)
-    ids = _distinct_ids(rng, T, k, E)
-    routing = Kn.expert_routing(_dev(backend, ids), E, backend=backend)
-    x = _digit_rows(rng, T, H)
-    x[T - 1, 5] = np.inf
-    dx = _dev(backend, x)
-    sync = Kn.moe_sync_buffer(backend=backend)
-    n_before = len(getattr(backend, "launches", []))
-    got = [Kn.moe_experts(dx, (gate, up, down), routing, sync, backend=backend) for _ in range(2)]
-    if hasattr(backend, "launches"):
-        want = ["act_digits", f"moe_experts_mma<{Kn.KERNEL_QTYPES[gq]},{Kn.KERNEL_QTYPES[dq]}>"] * 2
-        assert backend.launches[n_before:] == want, backend.launches[n_before:]
-    assert not _host(backend, sync).any(), "the counters must be left zeroed"
-    g, u = Kn.qmatmul_experts_shared_input(dx, (gate, up), routing, backend=backend)
-    s, s_dig = Kn.swiglu(g, u, digits=True, backend=backend)
-    y = Kn.qmatmul_experts(s, down, routing, x_per_pair=True, digits=s_dig, backend=backend)
-    what = f"moe_experts {gq.name}/{dq.name} T={T}"
-    for name, want_v, i in (("gate", g, 0), ("up", u, 1), ("swiglu", s, 2), ("down", y, 3)):
-        want_h = _host(backend, want_v)
-        for run in got:
-            assert np.array_equal(_host(backend, run[i]), want_h, equal_nan=True), f"{what}: {name} differs from the three launches"
-    y_h, s_h = _host(backend, got[0][3]), _host(backend, got[0][2])
-    bad = np.zeros((T, k), bool)
-    bad[T - 1] = True
-    assert np.isnan(y_h[bad]).all() and np.isfinite(y_h[~bad]).all()
-    ref = np.einsum("tjf,tjnf->tjn", s_h.astype(np.float64), wd[ids])
-    ref_abs = np.einsum("tjf,tjnf->tjn", np.abs(s_h.astype(np.float64)), np.abs(wd[ids]))
-    _assert_close(y_h[~bad], ref[~bad], what, ref_abs=ref_abs[~bad])
-    # what the one launch declines (those take the three launches)
-    assert not Kn.fuses_experts(5, (gate, up, down), backend=backend)   # more pairs per expert than it holds
-    assert not Kn.fuses_experts(1, (gate, up, down), backend=backend)   # one token: the float kernels
-    assert not Kn.fuses_experts(T, (gate, up, down), (None, None, Q.Q6_K), backend=backend)  # a dispatch override
-    assert not Kn.fuses_experts(T, (gate, down, up), backend=backend)   # shapes that do not chain
-    with pytest.raises(Kn.KernelError, match="do not fit the one-launch"):
-        Kn.moe_experts(dx, (gate, down, up), routing, sync, backend=backend)
-
-
 @pytest.mark.parametrize("T", [2, 3, 4])
 @pytest.mark.parametrize("Kc", [2048, 4352])  # 8 super-blocks (4 warps of 2), 17 (8 warps, uneven)
 def test_dense_tensor_core_path(backend, T, Kc):
@@ -1372,7 +1306,6 @@ def test_short_prompt_forward_on_tensor_cores(backend, model_factory, preset, n_
     plan = SavePlan.parse()
     ref = NumpyForward(model).run(tokens, plan).trace
     engine = _engine(model, backend)
-    monkeypatch.setattr(Kn, "FUSE_EXPERTS", 1)  # the experts' one launch, whatever the default
     res = engine.run(tokens, plan)
     report = _compare(ref, res.trace)
     assert report.ok, f"{preset} Q4_K_M, {n_tokens} tokens: cupy vs numpy\n{_explain(report)}"
@@ -1381,28 +1314,23 @@ def test_short_prompt_forward_on_tensor_cores(backend, model_factory, preset, n_
         engine.run(tokens, SavePlan.empty())  # the forward alone (captured per-expert stages add products)
         launched = backend.launches[n_before:]
         n_layers = model.config.n_layers
-        fused = n_tokens <= Kn.FUSED_PAIRS
-        experts = ("moe_experts_mma<12,12>", "moe_experts_mma<12,14>") if fused else ("qmm_experts_mma<12>", "qmm_experts_mma<14>")
-        for name in ("qmm_dense_mma<12>", "qmm_dense_mma<14>") + experts:
+        for name in ("qmm_dense_mma<12>", "qmm_experts_mma<12>", "qmm_dense_mma<14>", "qmm_experts_mma<14>"):
             assert name in launched, f"{name} not launched: {sorted(set(launched))}"
         # each product input's digits once, however many products read it, by the kernel writing the input:
         # per layer attn_norm (q / k / v) and ffn_norm (gate / up) by their norms, the context (attn_output)
-        # by the one-launch norms + RoPE + attention, SwiGLU's (ffn_down_exps, Q4_K or Q6_K) by SwiGLU (in the
-        # experts' one launch: gate / up, SwiGLU, down); the final norm's (the Q6_K head) by the last layer's
-        # boundary launch
+        # by the one-launch norms + RoPE + attention, SwiGLU's (ffn_down_exps, Q4_K or Q6_K) by SwiGLU; the
+        # final norm's (the Q6_K head) by the last layer's boundary launch
         assert {model.layer(L, "ffn_down_exps").type_name for L in range(n_layers)} == {"Q4_K", "Q6_K"}
         assert model.output.type_name == "Q6_K"
         # (the attn_norm after a layer and the final norm by the layer boundary's one launch with the combination)
         assert launched.count("norm_digits") == n_layers + 1, sorted(set(launched))
         assert launched.count("combine_norm_digits") == n_layers, sorted(set(launched))
         assert launched.count("norm_rope_attention") == n_layers, sorted(set(launched))
-        assert launched.count("swiglu_digits") == (0 if fused else n_layers), sorted(set(launched))
-        assert sum(launched.count(e) for e in experts) == (n_layers if fused else 2 * n_layers), sorted(set(launched))
+        assert launched.count("swiglu_digits") == n_layers, sorted(set(launched))
         assert "moe_combine" not in launched, sorted(set(launched))
         assert "act_digits" not in launched and "qk_norm_rope" not in launched, sorted(set(launched))
-    if backend.mma and Kn.MMA:  # the same trace with every input's digits from act_digits in the products,
-        monkeypatch.setattr(Kn, "reads_digits", lambda *a, **k: False)  # and the experts in three launches
-        monkeypatch.setattr(Kn, "FUSE_EXPERTS", 0)
+    if backend.mma and Kn.MMA:  # the same trace with every input's digits from act_digits in the products
+        monkeypatch.setattr(Kn, "reads_digits", lambda *a, **k: False)
         plain = engine.run(tokens, plan)
         assert set(res.trace.keys()) == set(plain.trace.keys())
         for name in res.trace.keys():

@@ -248,12 +248,6 @@ void mp_emu_misaligned(const void* p, int n) {
     siglongjmp(g_jmp, 2);
 }
 
-// A kernel's trap (kernels.cu: mp_trap): the launch ends with its message
-void mp_emu_trap(const char* what) {
-    g_error = what;
-    siglongjmp(g_jmp, 4);
-}
-
 static void mp_emu_warp_reduce_op(float* v, int n, int op) {
     Lane& L = g_lanes[g_cur];
     if (n > kMaxReduce) {
@@ -419,10 +413,6 @@ int emu_launch(const char* name, unsigned gx, unsigned gy, unsigned gz, unsigned
         if (jumped == 2) {
             std::snprintf(err, err_len, "%d", g_misaligned_bytes);
             return 3;
-        }
-        if (jumped == 4) {
-            std::snprintf(err, err_len, "%s", g_error.c_str());
-            return 1;
         }
         return 2;
     }

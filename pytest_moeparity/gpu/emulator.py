@@ -147,7 +147,7 @@ class EmulatorBackend(K.Backend):
     def mem_info(self):
         return self.free_bytes, self.total_bytes
 
-    def launch(self, name, grid, block, args, shared=0):  # dynamic shared memory: a static array there
+    def launch(self, name, grid, block, args):
         K.check_args(name, args, self.is_array)
         if name not in K.NAME_EXPRESSIONS:
             raise K.KernelError(f"kernel {name!r} is not among the compiled name expressions")

@@ -67,7 +67,6 @@ class CupyEngine:
         self._capturing = False  # inside graphed(): no cuBLAS calls
         self._faults: list = []      # planted faults of the current run (faults.py)
         self._forced: dict = {}      # forced routing of the current run
-        self._moe_sync_buf = None    # moe_experts_mma's work-queue counters
 
     # -- weights -----------------------------------------------------------------------------
     @property
@@ -150,12 +149,6 @@ class CupyEngine:
                 if int(rows.size):
                     flat[rows] = f.apply(flat[rows])
         return flat.reshape(val.shape)
-
-    def _moe_sync(self):
-        """The work-queue counters of moe_experts_mma (allocated once; every launch leaves them zeroed)."""
-        if self._moe_sync_buf is None:
-            self._moe_sync_buf = K.moe_sync_buffer(backend=self.backend)
-        return self._moe_sync_buf
 
     # -- elementwise helpers -------------------------------------------------------------------
     def _a(self, x):
@@ -481,24 +474,17 @@ class CupyEngine:
             routing = K.expert_routing(ids, cfg.n_experts, backend=be)
         hc = self._c(h)
         ef = self._expert_faults
-        if (L not in self._forced and self._fusable(rec, L, (S.moe_expert_gate, S.moe_expert_up, S.moe_expert_swiglu))
-                and K.FUSE_EXPERTS and K.fuses_experts(T, (gate_t, up_t, down_t), (g_as, u_as, d_as), backend=be)):
-            # gate / up, SwiGLU with its digits and down in one launch
-            g, u, s, y = K.moe_experts(hc, (gate_t, up_t, down_t), routing, self._moe_sync(), digits=h_dig, backend=be)
-            y = ef(rec, S.moe_expert_out, L, y, ids)
+        g, u = K.qmatmul_experts_shared_input(hc, (gate_t, up_t), routing, as_qtypes=(g_as, u_as), digits=h_dig, backend=be)
+        g = ef(rec, S.moe_expert_gate, L, a(g), ids)
+        u = ef(rec, S.moe_expert_up, L, a(u), ids)
+        if self._wants_digits(rec, L, S.moe_expert_swiglu, T, (down_t,), (d_as,)):  # SwiGLU writes the down
+            s, s_dig = K.swiglu(g, u, digits=True, backend=be)                     # projection's digits
         else:
-            g, u = K.qmatmul_experts_shared_input(hc, (gate_t, up_t), routing, as_qtypes=(g_as, u_as), digits=h_dig,
-                                                  backend=be)
-            g = ef(rec, S.moe_expert_gate, L, a(g), ids)
-            u = ef(rec, S.moe_expert_up, L, a(u), ids)
-            if self._wants_digits(rec, L, S.moe_expert_swiglu, T, (down_t,), (d_as,)):  # SwiGLU writes the down
-                s, s_dig = K.swiglu(g, u, digits=True, backend=be)                     # projection's digits
-            else:
-                s, s_dig = a(K.swiglu(g, u, backend=be)), None
-            s = ef(rec, S.moe_expert_swiglu, L, s, ids)                                   # [T, k, F]
-            y = ef(rec, S.moe_expert_out, L,
-                   a(K.qmatmul_experts(self._c(s), down_t, routing, x_per_pair=True, as_qtype=d_as, digits=s_dig,
-                                       backend=be)), ids)
+            s, s_dig = a(K.swiglu(g, u, backend=be)), None
+        s = ef(rec, S.moe_expert_swiglu, L, s, ids)                                   # [T, k, F]
+        y = ef(rec, S.moe_expert_out, L,
+               a(K.qmatmul_experts(self._c(s), down_t, routing, x_per_pair=True, as_qtype=d_as, digits=s_dig,
+                                   backend=be)), ids)
         if any(rec.wants(st, L) for st in _EXPERT_STAGES):
             self._capture_experts(L, h, ids, (gate_t, g_as), (up_t, u_as), (down_t, d_as), rec)
         normed = None

@@ -1481,71 +1481,11 @@ MP_HD void mp_cp_async_wait() {
 // thread tid of nth copies its share of `bytes` (even) from src (16-byte aligned) to dst (16-byte aligned):
 // 16-byte pieces, then the tail 2 bytes a thread; the copies are complete for the thread on return (the
 // caller's barrier makes them visible to the others)
-MP_HD void mp_stage_rows_issue(mp_u8* dst, const mp_u8* __restrict__ src, int bytes, int tid, int nth) {
+MP_HD void mp_stage_rows(mp_u8* dst, const mp_u8* __restrict__ src, int bytes, int tid, int nth) {
     const int whole = bytes >> 4;
     for (int i = tid; i < whole; i += nth) mp_cp_async16(dst + 16 * i, src + 16 * i);
     for (int i = 16 * whole + 2 * tid; i < bytes; i += 2 * nth) *(mp_u16*)(dst + i) = *(const mp_u16*)(src + i);
-}
-MP_HD void mp_stage_rows(mp_u8* dst, const mp_u8* __restrict__ src, int bytes, int tid, int nth) {
-    mp_stage_rows_issue(dst, src, bytes, tid, nth);  // (mp_stage_rows_issue: the copies only issued)
     mp_cp_async_wait();
-}
-
-// A warp's rows n0 .. n0 + 15 (clamped to N - 1) of one expert's matrix we, loaded for its pass: Q6_K rows
-// that fit MP_Q6_STAGE bytes and start 16-byte aligned are staged into `stage` (the copies issued only:
-// mp_rows_ready completes them), others prefetched into L2. Returns where the pass reads, with its row
-// count wN and first row wn0 there.
-template <int QT>
-MP_HD const mp_u8* mp_rows_load(const mp_u8* __restrict__ we, mp_i64 row_bytes, int N, int n0, mp_u8* stage, int lane,
-                                int& wN, int& wn0) {
-    if (QT == 14 && 16 * row_bytes <= MP_Q6_STAGE && mp_aligned(we + (mp_i64)n0 * row_bytes, 16)) {
-        wN = N - n0 < 16 ? N - n0 : 16;  // uniform over the warp
-        wn0 = 0;
-        mp_stage_rows_issue(stage, we + (mp_i64)n0 * row_bytes, (int)(wN * row_bytes), lane, 32);
-        return stage;
-    }
-    wN = N;
-    wn0 = n0;
-    if (lane == 0) mp_prefetch_rows(we, row_bytes, N, n0, 16);
-    return we;
-}
-MP_HD void mp_rows_ready() {  // the warp's staged rows complete and visible to its lanes
-    mp_cp_async_wait();
-    mp_syncwarp();
-}
-
-// A warp's share of a grouped tensor-core product: the rows mp_rows_load gave (wr, wN, wn0: rows n0 ..
-// n0 + 15 of an N-row matrix), for expert e's pairs pairs[offsets[e] .. offsets[e + 1]) taken 4 at a time;
-// the digits of pass input u of the pairs from p0 are row row_of(p0, u) of xd / xs / xunit; pair p's
-// values go to out[p * ldo + n].
-template <int QT, class RowOf>
-MP_HD void mp_experts_mma_warp(const mp_u8* wr, mp_i64 row_bytes, int wN, int wn0, int N, int n0, int K,
-                               const mp_u32* xd, const float* xs, const float* xunit, RowOf row_of,
-                               const int* __restrict__ pairs, const int* __restrict__ offsets, int e,
-                               float* __restrict__ out, int ldo, int lane) {
-    const int gid = lane >> 2, tig = lane & 3;
-    const bool al = mp_mma_aligned<QT>(wr, row_bytes);  // uniform over the warp
-    const int beg = offsets[e], end = offsets[e + 1];
-    for (int p0 = beg; p0 < end; p0 += 4) {
-        const int nt = (end - p0) < 4 ? (end - p0) : 4;
-        const mp_u32* bq[2];
-        const float* sq[2];
-        bool bon[2];
-        float unit[2];
-        mp_mma_pass_inputs(nt, [&](int u) { return row_of(p0, u); }, K, xd, xs, xunit, lane, bq, bon, sq, unit);
-        int opair[2];
-#pragma unroll
-        for (int i = 0; i < 2; ++i) {
-            const int ud = 2 * i + (tig >> 1);
-            opair[i] = ud < nt ? pairs[p0 + ud] : -1;
-        }
-        float res[2];
-        mp_mma_dispatch<QT>(al, nt, wr, row_bytes, wN, wn0, K, 0, 1, bq, bon, sq, unit, lane, res);
-        const int n = n0 + gid + 8 * (tig & 1);
-#pragma unroll
-        for (int i = 0; i < 2; ++i)
-            if (opair[i] >= 0 && n < N) out[(mp_i64)opair[i] * ldo + n] = res[i];
-    }
 }
 
 // grid (groups * matrices, active experts) with groups = ceil(N / (16 MP_WARPS)), block MP_THREADS;
@@ -1562,16 +1502,44 @@ MP_MMA_GLOBAL void qmm_experts_mma(const mp_u8* __restrict__ w0, const mp_u8* __
     if (e < 0) return;
     const int groups = (N + MP_WARPS * 16 - 1) / (MP_WARPS * 16);
     const bool second = (int)blockIdx.x >= groups;
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gid = lane >> 2, tig = lane & 3;
     const int n0 = (((int)blockIdx.x - (second ? groups : 0)) * MP_WARPS + warp) * 16;
     if (n0 >= N) return;  // uniform over the warp
-    int wN, wn0;
-    const mp_u8* wr = mp_rows_load<QT>((second ? w1 : w0) + (mp_i64)e * expert_bytes, row_bytes, N, n0,
-                                       (mp_u8*)stage[QT == 14 ? warp : 0], lane, wN, wn0);
-    mp_rows_ready();
-    mp_experts_mma_warp<QT>(wr, row_bytes, wN, wn0, N, n0, K, xd, xs, xunit,
-                            [=](int p0, int u) { return pairs[p0 + u] / x_div; }, pairs, offsets, e,
-                            second ? out1 : out0, ldo, lane);
+    const mp_u8* we = (second ? w1 : w0) + (mp_i64)e * expert_bytes;
+    int wN = N, wn0 = n0;  // the pass's rows: we's rows n0 .. (clamped to N - 1)
+    if (QT == 14 && 16 * row_bytes <= MP_Q6_STAGE && mp_aligned(we + (mp_i64)n0 * row_bytes, 16)) {
+        wN = N - n0 < 16 ? N - n0 : 16;  // uniform over the warp
+        mp_u8* st = (mp_u8*)stage[QT == 14 ? warp : 0];
+        mp_stage_rows(st, we + (mp_i64)n0 * row_bytes, (int)(wN * row_bytes), lane, 32);
+        mp_syncwarp();
+        we = st;
+        wn0 = 0;
+    } else if (lane == 0) {
+        mp_prefetch_rows(we, row_bytes, N, n0, 16);
+    }
+    const bool al = mp_mma_aligned<QT>(we, row_bytes);  // uniform over the warp
+    float* out = second ? out1 : out0;
+    const int beg = offsets[e], end = offsets[e + 1];
+    for (int p0 = beg; p0 < end; p0 += 4) {
+        const int nt = (end - p0) < 4 ? (end - p0) : 4;
+        const mp_u32* bq[2];
+        const float* sq[2];
+        bool bon[2];
+        float unit[2];
+        mp_mma_pass_inputs(nt, [&](int u) { return pairs[p0 + u] / x_div; }, K, xd, xs, xunit, lane, bq, bon, sq, unit);
+        int opair[2];
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+            const int ud = 2 * i + (tig >> 1);
+            opair[i] = ud < nt ? pairs[p0 + ud] : -1;
+        }
+        float res[2];
+        mp_mma_dispatch<QT>(al, nt, we, row_bytes, wN, wn0, K, 0, 1, bq, bon, sq, unit, lane, res);
+        const int n = n0 + gid + 8 * (tig & 1);
+#pragma unroll
+        for (int i = 0; i < 2; ++i)
+            if (opair[i] >= 0 && n < N) out[(mp_i64)opair[i] * ldo + n] = res[i];
+    }
 }
 
 // ---- short prompts' Q4_K and Q6_K dense products on the tensor cores ---------------------------------------
@@ -2007,24 +1975,24 @@ template <bool AL> MP_HD void mp_row_groups(const float* __restrict__ p, int gro
     }
 }
 
-// out (the row's output, where not null): the groups thread tid of TH holds (group tid + TH i in v[i]), those
-// past the end zeroed; then the row's digits (dr, sr, *unit) as act_digits writes them
-template <bool AL, int G = MP_ROW_GROUPS, int TH = MP_DIGITS_THREADS>
-MP_HD void mp_row_out_digits(float (&v)[G][4], int groups, int tid, float* __restrict__ out, mp_u32* __restrict__ dr,
+// out (the row's output): the groups thread tid holds, those past the end zeroed; then the row's digits
+// (dr, sr, *unit) as act_digits writes them
+template <bool AL>
+MP_HD void mp_row_out_digits(float (&v)[MP_ROW_GROUPS][4], int groups, int tid, float* __restrict__ out, mp_u32* __restrict__ dr,
                              float* __restrict__ sr, float* unit, float* wmax) {
     float m = 0.0f;
 #pragma unroll
-    for (int i = 0; i < G; ++i) {
-        const int g = tid + TH * i;
-        if (out && g < groups) mp_st4<AL>(out + 4 * g, v[i]);
+    for (int i = 0; i < MP_ROW_GROUPS; ++i) {
+        const int g = tid + MP_DIGITS_THREADS * i;
+        if (g < groups) mp_st4<AL>(out + 4 * g, v[i]);
 #pragma unroll
         for (int c = 0; c < 4; ++c) {
             v[i][c] = g < groups ? v[i][c] : 0.0f;
             m = fmaxf(m, mp_abs_key(v[i][c]));
         }
     }
-    const float inv = mp_digits_scale(mp_digits_block_max<TH>(m, wmax, tid), tid == 0 ? unit : nullptr);
-    mp_digits_store<G, TH>(v, groups, 0, tid, inv, dr, sr);
+    const float inv = mp_digits_scale(mp_digits_block_max(m, wmax, tid), tid == 0 ? unit : nullptr);
+    mp_digits_store(v, groups, 0, tid, inv, dr, sr);
 }
 
 template <bool AL>
@@ -2501,206 +2469,6 @@ extern "C" MP_GLOBAL void swiglu_digits(const float* __restrict__ g, const float
     if (mp_aligned(g, 16) && mp_aligned(u, 16) && mp_aligned(out, 16))
         mp_swiglu_digits_row<true>(g + off, u + off, n, out + off, xd + off, xs + off / 32, xunit + r, tid, wmax);
     else mp_swiglu_digits_row<false>(g + off, u + off, n, out + off, xd + off, xs + off / 32, xunit + r, tid, wmax);
-}
-
-// ---- the expert block of a short prompt in one launch: gate / up, SwiGLU with its digits, down -----------
-// qmm_experts_mma over ffn_gate_exps and ffn_up_exps (QG), swiglu_digits, and qmm_experts_mma over
-// ffn_down_exps (QD), bit for bit, as one launch whose blocks take work items from a queue (sync[0]):
-// first the gate / up items (row group of 16 MP_WARPS rows x matrix x active expert slot, as
-// qmm_experts_mma's blocks), then the down items (row group x slot). sync[2 + y] counts slot y's done gate /
-// up items; the block finishing the last of its 2 Gg computes SwiGLU of the expert's pairs once (as
-// swiglu_digits: the rows into s, their digits into sxd / sxs / sxunit) and then counts once more. A down
-// item of slot y loads its weight rows, waits for that count (2 Gg + 1), copies the expert's digits from L2
-// into shared memory (cp.async.cg: the rows were written by another block of this launch, so never through
-// L1) and runs its rows of the down product from there. Items are taken in queue order by running blocks,
-// so an item waited for is always held by a running block that never waits itself (a gate / up item): no
-// deadlock, whatever the grid and however many blocks are resident. The three launches' ramps, tails and the
-// SwiGLU launch between them are saved; down items start as soon as their expert's SwiGLU rows are there.
-// The last block out puts the counters back to 0 (sync: 2 + n_act_len zeroed ints before the first
-// launch). The expert's pairs (at most MP_FUSED_PAIRS: prompts of up to that many tokens) and the SwiGLU
-// rows (F <= MP_FUSED_COLS, a multiple of 32) must fit the shared memory (kernels.py checks).
-// Its shared memory is dynamic (over the 48 KB a static one may take): the Q6_K staging of the warps
-// (where either type is Q6_K), then the SwiGLU rows' digits [MP_FUSED_PAIRS][MP_FUSED_COLS] words, their
-// sub-block sums [MP_FUSED_PAIRS][MP_FUSED_COLS / 32] and units [MP_FUSED_PAIRS] (kernels.py: fused_smem).
-#define MP_FUSED_PAIRS 4        // kernels.py: FUSED_PAIRS
-#define MP_FUSED_COLS 768       // kernels.py: FUSED_COLS
-#define MP_FUSED_GROUPS ((MP_FUSED_COLS / 4 + MP_THREADS - 1) / MP_THREADS)  // 4-value groups per thread of a row
-#ifndef MP_FUSED_TICKET_AHEAD
-#define MP_FUSED_TICKET_AHEAD 1  // a block takes its next item's ticket while the current one runs (tuning switch)
-#endif
-#define MP_FUSED_STAGE(Q6) ((Q6) ? MP_WARPS * MP_Q6_STAGE : 0)
-#define MP_FUSED_SMEM(Q6) (MP_FUSED_STAGE(Q6) + MP_FUSED_PAIRS * (4 * MP_FUSED_COLS + MP_FUSED_COLS / 8 + 4))
-#ifdef MOEPARITY_EMULATOR
-#define MP_DYNAMIC_SHARED(name, bytes) static mp_u4 name[((bytes) + 15) / 16]
-#else
-#define MP_DYNAMIC_SHARED(name, bytes) extern __shared__ mp_u4 name[]
-#endif
-
-MP_HD int mp_atomic_add_global(int* a, int v) {
-#if defined(__CUDA_ARCH__)
-    return atomicAdd(a, v);
-#else
-    const int old = *a;  // the emulator runs one block at a time, its threads switching only at barriers
-    *a = old + v;
-    return old;
-#endif
-}
-MP_HD void mp_fence() {
-#if defined(__CUDA_ARCH__)
-    __threadfence();
-#endif
-}
-MP_HD int mp_ld_volatile(const int* a) { return *(const volatile int*)a; }
-MP_HD void mp_pause() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 700
-    __nanosleep(128);
-#endif
-}
-MP_HD float mp_ldcg(const float* p) {  // from L2: the row was written by another block of this launch
-#if defined(__CUDA_ARCH__)
-    return __ldcg(p);
-#else
-    return *p;
-#endif
-}
-// a wait that never ends (a broken queue) traps instead of hanging the GPU: after ~8 s of waiting there;
-// at once in the emulator, where the items waited for were done earlier by the same block
-#ifdef MOEPARITY_EMULATOR
-void mp_emu_trap(const char* what);  // the emulator's prelude: ends the launch with an error
-MP_HD void mp_trap(const char* what) { mp_emu_trap(what); }
-#define MP_FUSED_SPIN_LIMIT 0
-#else
-MP_HD void mp_trap(const char*) {
-#if defined(__CUDA_ARCH__)
-    __trap();
-#endif
-}
-#define MP_FUSED_SPIN_LIMIT (1 << 26)
-#endif
-
-// block-wide: SwiGLU of the np pairs pairs[beg ..) of rows F from g and u (written by other blocks of this
-// launch: read from L2) into s and their digits into sxd / sxs / sxunit, as swiglu_digits (rows by pair)
-MP_HD void mp_fused_swiglu_rows(const float* g, const float* u, const int* __restrict__ pairs, int beg, int np, int F,
-                                float* __restrict__ s, mp_u32* __restrict__ sxd, float* __restrict__ sxs,
-                                float* __restrict__ sxunit, int tid, float* wmax) {
-    const int groups = F >> 2;
-    for (int j = 0; j < np; ++j) {
-        const int p = pairs[beg + j];
-        const mp_i64 off = (mp_i64)p * F;
-        float v[MP_FUSED_GROUPS][4];
-#pragma unroll
-        for (int i = 0; i < MP_FUSED_GROUPS; ++i) {
-            const int gi = tid + MP_THREADS * i, gc = gi < groups ? gi : groups - 1;
-#pragma unroll
-            for (int c = 0; c < 4; ++c) v[i][c] = mp_swiglu(mp_ldcg(g + off + 4 * gc + c), mp_ldcg(u + off + 4 * gc + c));
-        }
-        mp_row_out_digits<false, MP_FUSED_GROUPS, MP_THREADS>(v, groups, tid, s + off, sxd + off, sxs + (off >> 5),
-                                                              sxunit + p, wmax);
-        mp_syncthreads();  // wmax is read again by the next pair's maximum
-    }
-}
-
-template <int QG, int QD>
-MP_MMA_GLOBAL void moe_experts_mma(const mp_u8* __restrict__ wg, const mp_u8* __restrict__ wu, mp_i64 gu_row_bytes,
-        mp_i64 gu_expert_bytes, const mp_u8* __restrict__ wd, mp_i64 d_row_bytes, mp_i64 d_expert_bytes, int F, int H,
-        const mp_u32* __restrict__ xd, const float* __restrict__ xs, const float* __restrict__ xunit, int k,
-        const int* __restrict__ pairs, const int* __restrict__ offsets, const int* __restrict__ active, int n_act_len,
-        float* g, float* u, float* __restrict__ s, mp_u32* sxd, float* sxs, float* sxunit,
-        float* __restrict__ y, int* sync) {
-    constexpr bool q6 = QG == 14 || QD == 14;
-    MP_DYNAMIC_SHARED(dyn, MP_FUSED_SMEM(q6));
-    mp_u32* sd = (mp_u32*)((mp_u8*)dyn + MP_FUSED_STAGE(q6));  // the SwiGLU rows' digits, sums and units
-    float* ss = (float*)(sd + MP_FUSED_PAIRS * MP_FUSED_COLS);
-    float* sunit = ss + MP_FUSED_PAIRS * (MP_FUSED_COLS / 32);
-    MP_SHARED float wmax[MP_WARPS];
-    MP_SHARED int tk[2];
-    MP_SHARED int last;  // the block did its slot's last gate / up item
-    mp_grid_sync();  // the routing and ffn_norm's digits were written by earlier kernels
-    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-    const int Gg = (F + MP_WARPS * 16 - 1) / (MP_WARPS * 16), Gd = (H + MP_WARPS * 16 - 1) / (MP_WARPS * 16);
-    const int n_gu = 2 * Gg * n_act_len, total = n_gu + Gd * n_act_len;
-    mp_u8* st = (mp_u8*)dyn + (q6 ? warp * MP_Q6_STAGE : 0);  // the warp's Q6_K staging (unused otherwise)
-    if (tid == 0) tk[0] = mp_atomic_add_global(&sync[0], 1);
-    mp_syncthreads();
-    for (int it = 0;; it ^= 1) {
-        const int item = tk[it];
-        if (item >= total) break;  // uniform over the block
-        if (MP_FUSED_TICKET_AHEAD && tid == 0) tk[it ^ 1] = mp_atomic_add_global(&sync[0], 1);  // in flight meanwhile
-        const bool down = item >= n_gu;
-        const int slot = down ? (item - n_gu) / Gd : item / (2 * Gg), e = active[slot];
-        const int bx = down ? (item - n_gu) % Gd : item % (2 * Gg);
-        const bool second = !down && bx >= Gg;  // gate / up: as block (bx, slot) of qmm_experts_mma
-        const int n0 = ((bx - (second ? Gg : 0)) * MP_WARPS + warp) * 16, N = down ? H : F;
-        const bool mine = e >= 0 && n0 < N;  // uniform over the warp
-        const int beg = e >= 0 ? offsets[e] : 0, np = e >= 0 ? offsets[e + 1] - beg : 0;
-        int wN = 0, wn0 = 0;
-        const mp_u8* wr = nullptr;
-        if (mine && !down)
-            wr = mp_rows_load<QG>((second ? wu : wg) + (mp_i64)e * gu_expert_bytes, gu_row_bytes, F, n0, st, lane, wN, wn0);
-        if (down && e >= 0) {  // uniform over the block
-            // the weight rows first (they do not wait for anything), then the expert's SwiGLU digits
-            if (mine) wr = mp_rows_load<QD>(wd + (mp_i64)e * d_expert_bytes, d_row_bytes, H, n0, st, lane, wN, wn0);
-            if (np > MP_FUSED_PAIRS) mp_trap("moe_experts_mma: an expert with more pairs than MP_FUSED_PAIRS");
-            if (tid == 0) {
-                int spins = 0;
-                while (mp_ld_volatile(&sync[2 + slot]) <= 2 * Gg) {
-                    if (++spins > MP_FUSED_SPIN_LIMIT) mp_trap("moe_experts_mma: a down item's SwiGLU rows never came");
-                    mp_pause();
-                }
-                mp_fence();
-            }
-            mp_syncthreads();
-            for (int j = 0; j < np; ++j) {  // pair j's digits (16 bytes a copy), sums and unit
-                const mp_i64 p = pairs[beg + j];
-                mp_stage_rows_issue((mp_u8*)(sd + j * F), (const mp_u8*)(sxd + p * F), 4 * F, tid, MP_THREADS);
-                for (int i = tid; i < (F >> 5); i += MP_THREADS) ss[j * (F >> 5) + i] = mp_ldcg(sxs + p * (F >> 5) + i);
-                if (tid == 0) sunit[j] = mp_ldcg(sxunit + p);
-            }
-            mp_cp_async_wait();
-            mp_syncthreads();  // the digits in shared memory
-        }
-        if (mine) {
-            mp_rows_ready();
-            if constexpr (QG == QD) {  // one call of the pass (its code once in the kernel)
-                mp_experts_mma_warp<QG>(wr, down ? d_row_bytes : gu_row_bytes, wN, wn0, N, n0, down ? F : H,
-                                        down ? sd : xd, down ? ss : xs, down ? sunit : xunit,
-                                        [=](int p0, int v) { return down ? p0 - beg + v : pairs[p0 + v] / k; }, pairs,
-                                        offsets, e, down ? y : second ? u : g, N, lane);
-            } else if (down) {
-                mp_experts_mma_warp<QD>(wr, d_row_bytes, wN, wn0, H, n0, F, sd, ss, sunit,
-                                        [=](int p0, int v) { return p0 - beg + v; }, pairs, offsets, e, y, H, lane);
-            } else {
-                mp_experts_mma_warp<QG>(wr, gu_row_bytes, wN, wn0, F, n0, H, xd, xs, xunit,
-                                        [=](int p0, int v) { return pairs[p0 + v] / k; }, pairs, offsets, e,
-                                        second ? u : g, F, lane);
-            }
-        }
-        mp_syncthreads();  // the block's rows written; the shared rows free again
-        if (tid == 0) {
-            last = 0;
-            if (!down && e >= 0) {  // one more of the slot's gate / up items done
-                mp_fence();
-                last = mp_atomic_add_global(&sync[2 + slot], 1) == 2 * Gg - 1;
-                if (last) mp_fence();
-            }
-            if (!MP_FUSED_TICKET_AHEAD) tk[it ^ 1] = mp_atomic_add_global(&sync[0], 1);
-        }
-        mp_syncthreads();  // tk[it ^ 1] and last visible
-        if (last) {  // the slot's gate / up rows are all there: its SwiGLU rows, once
-            mp_fused_swiglu_rows(g, u, pairs, beg, np, F, s, sxd, sxs, sxunit, tid, wmax);
-            if (tid == 0) {
-                mp_fence();
-                mp_atomic_add_global(&sync[2 + slot], 1);  // 2 Gg + 1: the down items may go
-            }
-        }
-    }
-    if (tid == 0) {  // the last block out resets the counters for the next launch
-        mp_fence();
-        if (mp_atomic_add_global(&sync[1], 1) == (int)gridDim.x - 1) {
-            for (int i = 0; i < 2 + n_act_len; ++i) sync[i] = 0;
-            mp_fence();
-        }
-    }
 }
 
 // residual add: out = a + b

@@ -63,7 +63,7 @@ MAX_ELEMENTWISE_BLOCKS = 8192
 # kernels whose threads meet at warp reductions or block barriers (the emulator runs them as coroutines)
 WARP_KERNELS = ("qmm_dense", "qmm_dense_splitk", "qmm_dense_mma", "qmm_experts", "qmm_experts_mma", "act_digits", "expert_group", "router_topk", "rms_norm",
                 "softmax_rows", "attention_core", "qk_norm_rope", "moe_route", "add_rms_norm", "norm_digits", "swiglu_digits",
-                "norm_rope_attention", "combine_norm_digits", "moe_experts_mma")
+                "norm_rope_attention", "combine_norm_digits")
 SPLITK_TILES = (1, 4)     # the token tiles with a split-K dense instance (prompts of up to 4 tokens)
 # split K only while the plain kernel's grid is small: a large matrix (the output head's 152k rows) already
 # fills the GPU, and splitting it only adds the blocks' shared-memory step
@@ -102,11 +102,6 @@ MMA_MAX_TOKENS = _tuning_define("MP_MMA_MAX_TOKENS", 4)
 # from this many tokens on: a single token's products are as fast on qmm_experts, and act_digits' extra
 # launch then costs more than the tensor cores save (H100, 4-layer 30b-a3b: 0.378 vs 0.363 ms a forward)
 MMA_MIN_TOKENS = _tuning_define("MP_MMA_MIN_TOKENS", 2)
-# moe_experts_mma: the expert block (gate / up, SwiGLU with digits, down) of a short prompt in one launch
-FUSE_EXPERTS = _tuning_define("MP_FUSE_EXPERTS", 0)  # off by default: see benchmarks/NOTES.md step 33
-FUSED_PAIRS = 4           # MP_FUSED_PAIRS: the most pairs of one expert (prompts of up to this many tokens)
-FUSED_COLS = 768          # MP_FUSED_COLS: the longest SwiGLU row (expert_ff) it holds in shared memory
-Q6_STAGE = 10240          # MP_Q6_STAGE: bytes of a warp's staged Q6_K rows
 
 NAME_EXPRESSIONS: tuple[str, ...] = tuple(
     [f"qmm_dense<{q},{nt}>" for q in sorted(KERNEL_QTYPES.values()) for nt in TOKEN_TILES]
@@ -114,7 +109,6 @@ NAME_EXPRESSIONS: tuple[str, ...] = tuple(
     + [f"qmm_experts<{q},{nt}>" for q in sorted(KERNEL_QTYPES.values()) for nt in TOKEN_TILES]
     + [f"qmm_experts_mma<{q}>" for q in MMA_QTYPES]
     + [f"qmm_dense_mma<{q}>" for q in MMA_QTYPES]
-    + [f"moe_experts_mma<{g},{d}>" for g in MMA_QTYPES for d in MMA_QTYPES]
     + ["act_digits", "norm_digits", "swiglu_digits", "norm_rope_attention", "combine_norm_digits", "expert_group", "router_topk", "moe_route", "moe_combine", "round_bf16", "rms_norm", "add_rms_norm", "softmax_rows", "attention_core",
        "qk_norm_rope", "rope_neox", "swiglu", "add_f32"])
 
@@ -222,20 +216,13 @@ class Backend:
     name = "abstract"
     xp: Any = None
     mma = False  # the device runs mma.sync (compute capability 8.0 or later): qmm_experts_mma
-    sm_count = 2  # multiprocessors (sizes the grid of the kernels that loop over a work queue)
     oom_errors: tuple[type[BaseException], ...] = (MemoryError,)
 
-    def launch(self, name: str, grid: tuple, block: tuple, args: tuple, shared: int = 0) -> None:
-        """Launch kernel ``name``; ``shared``: bytes of dynamic shared memory."""
+    def launch(self, name: str, grid: tuple, block: tuple, args: tuple) -> None:
         raise NotImplementedError
 
     def is_array(self, a) -> bool:
         return isinstance(a, self.xp.ndarray)
-
-    def resident_blocks(self, name: str, threads: int, shared: int = 0) -> int:
-        """How many blocks of kernel ``name`` (``threads`` threads, ``shared`` bytes of dynamic shared
-        memory) the device holds at once (sizes the grid of a kernel that loops over a work queue)."""
-        return 2 * self.sm_count
 
     def asnumpy(self, a) -> np.ndarray:
         raise NotImplementedError
@@ -252,15 +239,6 @@ class Backend:
 
     def synchronize(self) -> None:
         pass
-
-
-_ATTR_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8  # CUfunction_attribute
-_ATTR_PREFERRED_SHARED_MEMORY_CARVEOUT = 9  # CUfunction_attribute: percent of the unified L1 / shared memory
-
-
-def _function_ptr(f) -> int:
-    """The CUfunction of a CuPy module function."""
-    return int(getattr(f, "kernel", f).ptr)
 
 
 class CupyBackend(Backend):
@@ -286,9 +264,6 @@ class CupyBackend(Backend):
         # programmatic dependent launch (pdl.py); `pdl_off` says why not where it is not used
         self._pdl, self.pdl_off = pdl_launcher(cc)
         self._pdl_ptrs: dict[str, int] = {}
-        self._shared_set: dict[str, int] = {}  # the dynamic shared memory each kernel was allowed
-        self._resident: dict[tuple, int] = {}  # resident_blocks' answers
-        self.sm_count = int(cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)["multiProcessorCount"])
 
     @property
     def pdl(self) -> bool:
@@ -315,19 +290,17 @@ class CupyBackend(Backend):
             f = self._functions[name] = self.module.get_function(name)
         return f
 
-    def launch(self, name, grid, block, args, shared=0):
+    def launch(self, name, grid, block, args):
         check_args(name, args, self.is_array)
         f = self.function(name)
         try:
-            if shared:
-                self._allow_shared(name, shared)
             if self._pdl is not None:
                 ptr = self._pdl_ptrs.get(name)
                 if ptr is None:
-                    ptr = self._pdl_ptrs[name] = _function_ptr(f)
-                self._pdl.launch(ptr, grid, block, self.cupy.cuda.get_current_stream().ptr, args, shared)
+                    ptr = self._pdl_ptrs[name] = int(getattr(f, "kernel", f).ptr)
+                self._pdl.launch(ptr, grid, block, self.cupy.cuda.get_current_stream().ptr, args)
             else:
-                f(tuple(int(g) for g in grid), tuple(int(b) for b in block), args, shared_mem=int(shared))
+                f(tuple(int(g) for g in grid), tuple(int(b) for b in block), args)
         except Exception as exc:
             raise KernelError(f"launching {name} grid={tuple(grid)} block={tuple(block)} failed: "
                               f"{type(exc).__name__}: {exc}") from exc
@@ -337,24 +310,6 @@ class CupyBackend(Backend):
             except Exception as exc:
                 raise KernelError(f"kernel {name} grid={tuple(grid)} block={tuple(block)} failed on the device: "
                                   f"{type(exc).__name__}: {exc}") from exc
-
-    def resident_blocks(self, name, threads, shared=0):
-        key = (name, int(threads), int(shared))
-        n = self._resident.get(key)
-        if n is None:
-            self._allow_shared(name, shared)
-            per_sm = int(self.cupy.cuda.driver.occupancyMaxActiveBlocksPerMultiprocessor(
-                _function_ptr(self.function(name)), int(threads), int(shared)))
-            n = self._resident[key] = max(1, per_sm) * self.sm_count
-        return n
-
-    def _allow_shared(self, name: str, shared: int) -> None:
-        """Dynamic shared memory: the kernel opts in (over 48 KB) and prefers it to L1 (blocks per SM)."""
-        if shared > self._shared_set.get(name, 0):
-            ptr = _function_ptr(self.function(name))
-            self.cupy.cuda.driver.funcSetAttribute(ptr, _ATTR_MAX_DYNAMIC_SHARED_SIZE_BYTES, int(shared))
-            self.cupy.cuda.driver.funcSetAttribute(ptr, _ATTR_PREFERRED_SHARED_MEMORY_CARVEOUT, 100)
-            self._shared_set[name] = int(shared)
 
     def asnumpy(self, a):
         return self.cupy.asnumpy(a)
@@ -795,84 +750,6 @@ def qmatmul_experts_shared_input(x, wt3s, routing, *, outs=None, x_per_pair: boo
                   (w0.raw, w1.raw, np.int64(row_bytes), np.int64(N * row_bytes), np.int32(N), np.int32(kq),
                    x, np.int32(K), np.int32(x_div), routing.pairs, routing.offsets, routing.active, o0, o1, np.int32(N)))
     return list(outs)
-
-
-def fused_smem(q6: bool) -> int:
-    """Bytes of dynamic shared memory of moe_experts_mma (MP_FUSED_SMEM): the warps' Q6_K staging where
-    either type is Q6_K, the SwiGLU rows' digits, sums and units."""
-    return (WARPS * Q6_STAGE if q6 else 0) + FUSED_PAIRS * (4 * FUSED_COLS + FUSED_COLS // 8 + 4)
-
-
-def moe_sync_buffer(*, backend: Backend | None = None):
-    """The zeroed int32 counters moe_experts_mma's work queue needs (it leaves them zeroed): one buffer
-    per stream of launches (launches on one stream may share it; concurrent streams may not)."""
-    be = _backend(backend)
-    return be.xp.zeros((2 + MAX_EXPERTS,), dtype=np.int32)
-
-
-def fuses_experts(n_tokens: int, wt3s, as_qtypes=None, *, backend: Backend | None = None) -> bool:
-    """Whether :func:`moe_experts` can run this prompt with these expert tensors (gate, up, down): all three
-    on the tensor cores, gate and up of one type, up to FUSED_PAIRS tokens, rows of up to FUSED_COLS, no
-    dispatch override. (The forward takes it where FUSE_EXPERTS is on too.)"""
-    be = _backend(backend)
-    gate, up, down = wt3s
-    if any(a is not None for a in (as_qtypes or ())) or not 0 < n_tokens <= FUSED_PAIRS:
-        return False
-    if len(gate.shape) != 3 or tuple(gate.shape) != tuple(up.shape) or len(down.shape) != 3:
-        return False
-    E, F, H = (int(v) for v in gate.shape)
-    if tuple(int(v) for v in down.shape) != (E, H, F) or F > FUSED_COLS or E > MAX_EXPERTS:
-        return False
-    codes = []
-    for wt in wt3s:
-        _, code, kq = _kernel_type(wt, None)
-        if not use_mma(be, code, kq, int(wt.shape[-1]), n_tokens):
-            return False
-        codes.append(code)
-    return codes[0] == codes[1]
-
-
-def moe_experts(x, wt3s, routing: "ExpertRouting", sync, *, digits=None, backend: Backend | None = None) -> tuple:
-    """The expert block of a short prompt in one launch (kernel ``moe_experts_mma``): ``(g, u, s, y)``,
-    bit for bit ``g, u = qmatmul_experts_shared_input(x, (gate, up), routing)``, ``s = swiglu(g, u)`` and
-    ``y = qmatmul_experts(s, down, routing, x_per_pair=True)`` (float32 ``[T, k, F]`` and ``[T, k, H]``).
-    ``wt3s``: (gate, up, down) where :func:`fuses_experts` holds; ``sync``: :func:`moe_sync_buffer`;
-    ``digits``: ``act_digits(x)`` where the kernel writing x wrote them."""
-    be = _backend(backend)
-    if not fuses_experts(routing.n_tokens, wt3s, backend=be):
-        raise KernelError("moe_experts: these tensors / this prompt do not fit the one-launch path (fuses_experts)")
-    gate, up, down = wt3s
-    E, F, H = (int(v) for v in gate.shape)
-    if routing.n_experts != E:
-        raise KernelError(f"moe_experts: routing built for {routing.n_experts} experts, {gate.name} has {E}")
-    T, k = routing.n_tokens, routing.k
-    _check_f32_2d("moe_experts: x", x, be, H)
-    if x.shape[0] != T:
-        raise KernelError(f"moe_experts: x has {x.shape[0]} rows, the routing has {T} tokens")
-    n_act = int(routing.active.shape[0])
-    if not (be.is_array(sync) and sync.dtype == np.int32 and sync.ndim == 1 and int(sync.size) >= 2 + n_act):
-        raise KernelError("moe_experts: sync must be moe_sync_buffer()'s int32 counters")
-    for wt in wt3s:
-        if not wt.raw.flags.c_contiguous or int(wt.raw.shape[0]) != E:
-            raise KernelError(f"{wt.name}: raw bytes must be a C-contiguous [E, N, row_bytes] array, got {wt.raw.shape}")
-    digits = _given_digits("moe_experts", digits, x, be)
-    if digits is None:
-        digits = act_digits(x, backend=be)
-    xp = be.xp
-    g, u, s = (xp.empty((T, k, F), dtype=np.float32) for _ in range(3))
-    y = xp.empty((T, k, H), dtype=np.float32)
-    sdig = (xp.empty((T * k, F), dtype=np.uint32), xp.empty((T * k, F // 32), dtype=np.float32),
-            xp.empty(T * k, dtype=np.float32))  # the SwiGLU rows' digits, as swiglu_digits writes them
-    codes = [_kernel_type(wt, None)[1] for wt in wt3s]
-    per = WARPS * MMA_ROWS
-    items = (2 * _cdiv(F, per) + _cdiv(H, per)) * n_act
-    name, shared = f"moe_experts_mma<{codes[0]},{codes[2]}>", fused_smem(14 in (codes[0], codes[2]))
-    grid = (max(1, min(items, be.resident_blocks(name, THREADS, shared))), 1, 1)  # every block resident at once
-    be.launch(name, grid, (THREADS, 1, 1),
-              (gate.raw, up.raw, np.int64(gate.row_bytes), np.int64(F * gate.row_bytes), down.raw,
-               np.int64(down.row_bytes), np.int64(H * down.row_bytes), np.int32(F), np.int32(H), *digits, np.int32(k),
-               routing.pairs, routing.offsets, routing.active, np.int32(n_act), g, u, s, *sdig, y, sync), shared=shared)
-    return g, u, s, y
 
 
 # ---- router and combination -----------------------------------------------------------------------------
