@@ -29,11 +29,11 @@ timeout 40 python3 -m pytest_moeparity.cli check builtin:tiny --candidate cupy -
 while [ ! -s /tmp/30b4.gguf ]; do sleep 2; done; el "4-layer model made"
 MOEPARITY_PDL=0 timeout 90 python3 benchmarks/profile_gpu.py --model /tmp/30b4.gguf --tokens 3 --graph-only --top 22 \
   --tag 30b4-pdl-off --out "$out/profile-30b4-pdl-off.json" 2>&1 | grep -E "^\||graph" | cut -c1-120 | head -30
-# compile-option variants of the same profile, tables printed only: PROFILE_VARIANTS="-DMP_FUSE_EXPERTS=1;..."
+# compile-option variants of the same profile, tables printed only: PROFILE_VARIANTS="-DMP_MMA_Q6K=0;-DMP_FUSE_DIGITS=0"
 IFS=';' read -ra variants <<< "${PROFILE_VARIANTS:-}"
 for opt in "${variants[@]}"; do
   echo "variant: $opt"
-  MOEPARITY_NVRTC_OPTIONS="$opt" MOEPARITY_PDL=0 timeout 60 python3 benchmarks/profile_gpu.py --model /tmp/30b4.gguf \
+  MOEPARITY_NVRTC_OPTIONS="$opt" MOEPARITY_PDL=0 timeout 150 python3 benchmarks/profile_gpu.py --model /tmp/30b4.gguf \
     --tokens 3 --graph-only --top 12 --tag variant --out /tmp/variant.json 2>&1 | grep -E "^\||graph" | cut -c1-120
 done
 while ! grep -q "make rc" "$out/make.log"; do sleep 2; done; tail -1 "$out/make.log"; el made
