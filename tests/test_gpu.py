@@ -763,75 +763,6 @@ def test_route_experts_is_softmax_topk_grouping(backend, T, E, k):
         assert np.array_equal(_host(backend, getattr(routing, f)), _host(backend, getattr(want_r, f))), f
 
 
-@pytest.mark.parametrize("T,E,k,n", [(1, 8, 2, 256), (2, 128, 8, 2048), (3, 130, 8, 768), (4, 60, 4, 96),
-                                     (3, 256, 8, 1024)])  # 130: a partial last block of router rows
-def test_norm_route_is_norm_router_route(backend, T, E, k, n):
-    """ffn_norm, the router product and the routing in one launch: the residual sum, the normed rows and
-    their digits bit for bit add_rms_norm's (digits=True); the logits float64's product of those rows within
-    1e-5 (poisoned buffers written whole); the probabilities, top-k and grouping bit for bit route_experts
-    of those logits; twice on one counter, which it leaves at zero; a token holding inf routes NaN in its
-    own rows only. What it declines: too many tokens or experts, a non-F32 router, an override."""
-    from pytest_moeparity.gpu import kernels as K
-
-    rng = _rng("norm-route", T, E, k, n)
-    x, attn = _digit_rows(rng, T, n), (rng.standard_normal((T, n)) * 3).astype(np.float32)
-    x *= np.float32(1.0 / np.abs(x).max(axis=1, keepdims=True))  # rows near 1: logits of a useful size
-    if T > 1:
-        attn[T - 1, n // 2] = np.inf
-    w = rng.uniform(0.5, 1.5, n).astype(np.float32)
-    wr = (rng.standard_normal((E, n)) / np.sqrt(n)).astype(np.float32)
-    router = _device_tensor(backend, wr.view(np.uint8).reshape(E, 4 * n), Q.F32, (E, n))
-    assert K.fuses_norm_route(T, router, k)
-    dx, da, dw = (_dev(backend, v) for v in (x, attn, w))
-    sync = K.counter_buffer(backend=backend)
-    n_before = len(getattr(backend, "launches", []))
-    runs = [K.norm_route(dx, da, dw, 1e-6, router, k, sync, backend=backend) for _ in range(2)]
-    if hasattr(backend, "launches"):
-        assert backend.launches[n_before:] == ["norm_route"] * 2, backend.launches[n_before:]
-    assert not _host(backend, sync).any(), "the counter must be left at zero"
-    s_w, h_w, dig_w = K.add_rms_norm(dx, da, dw, 1e-6, digits=True, backend=backend)
-    what = f"norm_route T={T} E={E} k={k} n={n}"
-    for s, h, dig, logits, probs, ids, weights, routing in runs:
-        assert np.array_equal(_host(backend, s), _host(backend, s_w), equal_nan=True), f"{what}: residual sum"
-        assert np.array_equal(_host(backend, h), _host(backend, h_w), equal_nan=True), f"{what}: ffn_norm rows"
-        _assert_same_digits(backend, dig, dig_w, what)
-        p_w, ids_w, w_w, r_w = K.route_experts(logits, k, backend=backend)
-        assert np.array_equal(_host(backend, probs), _host(backend, p_w), equal_nan=True), f"{what}: probabilities"
-        assert np.array_equal(_host(backend, ids), _host(backend, ids_w)), f"{what}: top-k ids"
-        assert np.array_equal(_host(backend, weights), _host(backend, w_w), equal_nan=True), f"{what}: weights"
-        for f in ("pairs", "offsets", "active", "order"):
-            assert np.array_equal(_host(backend, getattr(routing, f)), _host(backend, getattr(r_w, f))), f"{what}: {f}"
-    h64, lg = _host(backend, runs[0][1]).astype(np.float64), _host(backend, runs[0][3])
-    good = np.isfinite(h64).all(axis=1)
-    assert good.sum() == (T - 1 if T > 1 else 1)
-    ref = h64[good] @ wr.astype(np.float64).T
-    _assert_close(lg[good], ref, what + " logits vs float64", ref_abs=np.abs(h64[good]) @ np.abs(wr.astype(np.float64)).T)
-    assert np.isnan(lg[~good]).all()
-    assert len(set(_host(backend, runs[0][5])[good][0].tolist())) == k  # k distinct experts
-    # poisoned outputs: every logit written (the product's own launch on fresh poisoned buffers)
-    lp = _poisoned(backend, (T, E))
-    outs = [_poisoned(backend, (T, n)) for _ in range(2)]
-    dig_p = (_dev(backend, np.full((T, n), 0xFFFFFFFF, np.uint32)), _poisoned(backend, (T, n // 32)), _poisoned(backend, (T,)))
-    r_p = K.expert_routing(runs[0][5], E, backend=backend)
-    backend.launch("norm_route", ((E + K.WARPS - 1) // K.WARPS, 1, 1), (K.THREADS, 1, 1),
-                   (dx, da, np.int32(T), np.int32(n), dw, np.float32(1e-6), router.raw, np.int32(E), np.int32(k),
-                    *outs, *dig_p, lp, _poisoned(backend, (T, E)), _dev(backend, np.zeros((T, k), np.int32)),
-                    _poisoned(backend, (T, k)), r_p.pairs, r_p.offsets, r_p.active, np.int32(r_p.active.shape[0]),
-                    r_p.order, sync))
-    assert np.array_equal(_host(backend, lp), lg, equal_nan=True), f"{what}: logits on poisoned buffers"
-    _assert_same_digits(backend, dig_p, dig_w, what + " (poisoned)")
-    # what it declines
-    assert not K.fuses_norm_route(K.WARPS + 1, router, k)
-    assert not K.fuses_norm_route(T, router, k, as_qtype=Q.F16)
-    assert not K.fuses_norm_route(T, router, E + 1)
-    big = _device_tensor(backend, np.zeros((K.NORM_ROUTE_EXPERTS + 1, 4 * n), np.uint8), Q.F32, (K.NORM_ROUTE_EXPERTS + 1, n))
-    assert not K.fuses_norm_route(T, big, k)
-    q8 = _device_tensor(backend, _quantized(rng, Q.Q8_0, (E, n)), Q.Q8_0, (E, n))
-    assert not K.fuses_norm_route(T, q8, k)
-    with pytest.raises(K.KernelError, match="does not fit the one-launch"):
-        K.norm_route(dx, da, dw, 1e-6, q8, k, sync, backend=backend)
-
-
 def test_moe_combine_bit_exact(backend):
     from pytest_moeparity.gpu import kernels as K
 
@@ -1365,8 +1296,7 @@ def test_forward_matches_reference(backend, model_factory, preset, quant):
 def test_short_prompt_forward_on_tensor_cores(backend, model_factory, preset, n_tokens, monkeypatch):
     """A Q4_K_M model's short prompt takes the tensor-core products (dense and expert, Q4_K and Q6_K, the
     head too; their inputs' digits written once per input, by the kernels that write the inputs: the
-    norms, the one-launch attention, the one launch of ffn_norm with the router, SwiGLU): every stage,
-    position and layer Matches the NumPy
+    norms, the one-launch attention, SwiGLU): every stage, position and layer Matches the NumPy
     reference, and the trace is bit for bit the one with every input's digits written by act_digits."""
     _skip_slow_emulator(backend, preset)
     from pytest_moeparity.gpu import kernels as Kn
@@ -1392,12 +1322,8 @@ def test_short_prompt_forward_on_tensor_cores(backend, model_factory, preset, n_
         # final norm's (the Q6_K head) by the last layer's boundary launch
         assert {model.layer(L, "ffn_down_exps").type_name for L in range(n_layers)} == {"Q4_K", "Q6_K"}
         assert model.output.type_name == "Q6_K"
-        # (the attn_norm after a layer and the final norm by the layer boundary's one launch with the combination,
-        # ffn_norm by the one launch with the router product and the routing: layer 0's attn_norm is left)
-        assert launched.count("norm_digits") == 1, sorted(set(launched))
-        assert launched.count("norm_route") == n_layers, sorted(set(launched))
-        assert "moe_route" not in launched and not any(n.startswith(("qmm_dense<0,", "qmm_dense_splitk<0,"))
-                                                       for n in launched), sorted(set(launched))
+        # (the attn_norm after a layer and the final norm by the layer boundary's one launch with the combination)
+        assert launched.count("norm_digits") == n_layers + 1, sorted(set(launched))
         assert launched.count("combine_norm_digits") == n_layers, sorted(set(launched))
         assert launched.count("norm_rope_attention") == n_layers, sorted(set(launched))
         assert launched.count("swiglu_digits") == n_layers, sorted(set(launched))

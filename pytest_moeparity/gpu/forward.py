@@ -67,7 +67,6 @@ class CupyEngine:
         self._capturing = False  # inside graphed(): no cuBLAS calls
         self._faults: list = []      # planted faults of the current run (faults.py)
         self._forced: dict = {}      # forced routing of the current run
-        self._counter_buf = None     # norm_route's counter (_counter)
 
     # -- weights -----------------------------------------------------------------------------
     @property
@@ -150,13 +149,6 @@ class CupyEngine:
                 if int(rows.size):
                     flat[rows] = f.apply(flat[rows])
         return flat.reshape(val.shape)
-
-    def _counter(self):
-        """The counter of the kernels whose last block does the launch's last step (allocated once; every
-        launch leaves it at zero; the engine's launches run in one stream)."""
-        if self._counter_buf is None:
-            self._counter_buf = K.counter_buffer(backend=self.backend)
-        return self._counter_buf
 
     # -- elementwise helpers -------------------------------------------------------------------
     def _a(self, x):
@@ -446,19 +438,6 @@ class CupyEngine:
                                                                              "ffn_down_exps"), weights)
         wn = self._vec(L, "ffn_norm", weights)
         h_digits = self._wants_digits(rec, L, S.ffn_norm, T, (gate_t, up_t), (g_as, u_as))
-        (router_t,), (r_as,) = self._layer_tensors(L, ("ffn_gate_inp",), weights)
-        if (L not in self._forced and K.fuses_norm_route(T, router_t, cfg.n_experts_used, r_as)
-                and self._fusable(rec, L, (S.post_attn_residual, S.ffn_norm, S.moe_router_logits, S.moe_router_probs))):
-            # short prompts: the residual add, ffn_norm (with its digits), the router product and the routing
-            # in one launch (forced routing, a planted fault on these stages, a rounding precision mode or a
-            # dispatch override on the router take the path below)
-            x, h, dig, logits, probs, ids, rw, routing = K.norm_route(
-                x, attn, wn, cfg.rms_eps, router_t, cfg.n_experts_used, self._counter(), backend=be)
-            h_dig = dig if h_digits else None
-            for stage, val in ((S.post_attn_residual, x), (S.ffn_norm, h), (S.moe_router_logits, logits),
-                               (S.moe_router_probs, probs)):
-                rec.tap(stage, L, val)
-            return self._experts(L, x, h, h_dig, ids, rw, routing, rec, weights, next_norm=next_norm)
         if self._fusable(rec, L, (S.post_attn_residual,)):  # the residual add and ffn_norm in one launch
             if h_digits:  # and ffn_norm's digits for the tensor-core gate / up products
                 x, h, h_dig = K.add_rms_norm(x, attn, wn, cfg.rms_eps, digits=True, backend=be)
@@ -487,20 +466,12 @@ class CupyEngine:
                 rw = top / xp.sum(top, axis=-1, keepdims=True)
             else:
                 ids, rw = K.router_topk(self._c(probs), cfg.n_experts_used, backend=be)
-        if routing is None:
-            routing = K.expert_routing(ids, cfg.n_experts, backend=be)
-        return self._experts(L, x, h, h_dig, ids, a(rw), routing, rec, weights, next_norm=next_norm)
-
-    def _experts(self, L: int, x, h, h_dig, ids, rw, routing, rec: Recorder, weights: DeviceWeights, *,
-                 next_norm=None):
-        """The MoE block of layer L after its routing (ffn_norm's output h and its digits h_dig, the chosen
-        ids, their weights rw and their grouping by expert) and its residual: ``(x, normed)`` as moe()."""
-        cfg, a, be = self.cfg, self._a, self.backend
-        T = x.shape[0]
-        (gate_t, up_t, down_t), (g_as, u_as, d_as) = self._layer_tensors(L, ("ffn_gate_exps", "ffn_up_exps",
-                                                                             "ffn_down_exps"), weights)
+        rw = a(rw)
         rw = rec.tap(S.moe_router, L, rw)
         rec.capture(S.moe_router_indices, L, ids)
+
+        if routing is None:
+            routing = K.expert_routing(ids, cfg.n_experts, backend=be)
         hc = self._c(h)
         ef = self._expert_faults
         g, u = K.qmatmul_experts_shared_input(hc, (gate_t, up_t), routing, as_qtypes=(g_as, u_as), digits=h_dig, backend=be)

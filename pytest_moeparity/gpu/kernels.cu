@@ -1967,26 +1967,23 @@ template <bool AL> MP_HD void mp_st4(float* p, const float (&v)[4]) {
 
 // the groups of the row at p that thread tid holds (clamped: every load issued, those past the end read
 // the last group again; mp_row_keep zeroes them)
-// (G groups a thread, TH threads: group tid + TH i in v[i])
-template <bool AL, int G = MP_ROW_GROUPS, int TH = MP_DIGITS_THREADS>
-MP_HD void mp_row_groups(const float* __restrict__ p, int groups, int tid, float (&v)[G][4]) {
+template <bool AL> MP_HD void mp_row_groups(const float* __restrict__ p, int groups, int tid, float (&v)[MP_ROW_GROUPS][4]) {
 #pragma unroll
-    for (int i = 0; i < G; ++i) {
-        const int g = tid + TH * i;
+    for (int i = 0; i < MP_ROW_GROUPS; ++i) {
+        const int g = tid + MP_DIGITS_THREADS * i;
         mp_x4<AL>(p + 4 * (g < groups ? g : groups - 1), v[i]);
     }
 }
 
-// out (the row's output): the groups thread tid of TH holds (group tid + TH i in v[i]), those past the end
-// zeroed; then the row's digits (dr, sr, *unit) as act_digits writes them (the same for any TH: a
-// sub-block's 8 groups lie in 8 consecutive lanes)
-template <bool AL, int G = MP_ROW_GROUPS, int TH = MP_DIGITS_THREADS>
-MP_HD void mp_row_out_digits(float (&v)[G][4], int groups, int tid, float* __restrict__ out, mp_u32* __restrict__ dr,
+// out (the row's output): the groups thread tid holds, those past the end zeroed; then the row's digits
+// (dr, sr, *unit) as act_digits writes them
+template <bool AL>
+MP_HD void mp_row_out_digits(float (&v)[MP_ROW_GROUPS][4], int groups, int tid, float* __restrict__ out, mp_u32* __restrict__ dr,
                              float* __restrict__ sr, float* unit, float* wmax) {
     float m = 0.0f;
 #pragma unroll
-    for (int i = 0; i < G; ++i) {
-        const int g = tid + TH * i;
+    for (int i = 0; i < MP_ROW_GROUPS; ++i) {
+        const int g = tid + MP_DIGITS_THREADS * i;
         if (g < groups) mp_st4<AL>(out + 4 * g, v[i]);
 #pragma unroll
         for (int c = 0; c < 4; ++c) {
@@ -1994,8 +1991,8 @@ MP_HD void mp_row_out_digits(float (&v)[G][4], int groups, int tid, float* __res
             m = fmaxf(m, mp_abs_key(v[i][c]));
         }
     }
-    const float inv = mp_digits_scale(mp_digits_block_max<TH>(m, wmax, tid), tid == 0 ? unit : nullptr);
-    mp_digits_store<G, TH>(v, groups, 0, tid, inv, dr, sr);
+    const float inv = mp_digits_scale(mp_digits_block_max(m, wmax, tid), tid == 0 ? unit : nullptr);
+    mp_digits_store(v, groups, 0, tid, inv, dr, sr);
 }
 
 template <bool AL>
@@ -2032,14 +2029,16 @@ MP_HD void mp_norm_digits_row(const float* __restrict__ a, const float* __restri
     mp_norm_digits_tail<AL>(v, w, n, eps, out, dr, sr, unit, tid, sq, wmax, sinv);
 }
 
-// the RMSNorm with weights w (thread tid's groups, as in v) of the row of n columns whose groups thread tid
-// of TH holds in v, in place: rms_norm's operations and order whatever TH (the squares meet in sq)
-template <int G = MP_ROW_GROUPS, int TH = MP_DIGITS_THREADS>
-MP_HD void mp_norm_scale(float (&v)[G][4], const float (&w)[G][4], int n, float eps, int tid, float* sq, float* sinv) {
+// the RMSNorm with weights w (thread tid's groups, as in v) of the row whose groups thread tid holds in v,
+// into out, then its digits
+template <bool AL>
+MP_HD void mp_norm_digits_tail(float (&v)[MP_ROW_GROUPS][4], const float (&w)[MP_ROW_GROUPS][4], int n, float eps,
+                               float* __restrict__ out, mp_u32* __restrict__ dr, float* __restrict__ sr, float* unit,
+                               int tid, float* sq, float* wmax, float* sinv) {
     const int groups = n >> 2, lane = tid & 31;
 #pragma unroll
-    for (int i = 0; i < G; ++i) {
-        const int g = tid + TH * i;
+    for (int i = 0; i < MP_ROW_GROUPS; ++i) {
+        const int g = tid + MP_DIGITS_THREADS * i;
         if (g < groups) {
 #pragma unroll
             for (int c = 0; c < 4; ++c) sq[4 * g + c] = mp_fmul(v[i][c], v[i][c]);
@@ -2064,20 +2063,11 @@ MP_HD void mp_norm_scale(float (&v)[G][4], const float (&w)[G][4], int n, float 
     mp_syncthreads();
     const float inv = *sinv;
 #pragma unroll
-    for (int i = 0; i < G; ++i) {
+    for (int i = 0; i < MP_ROW_GROUPS; ++i) {
 #pragma unroll
         for (int c = 0; c < 4; ++c) v[i][c] = mp_fmul(mp_fmul(v[i][c], inv), w[i][c]);
     }
-}
-
-// the RMSNorm with weights w (thread tid's groups, as in v) of the row whose groups thread tid holds in v,
-// into out, then its digits
-template <bool AL>
-MP_HD void mp_norm_digits_tail(float (&v)[MP_ROW_GROUPS][4], const float (&w)[MP_ROW_GROUPS][4], int n, float eps,
-                               float* __restrict__ out, mp_u32* __restrict__ dr, float* __restrict__ sr, float* unit,
-                               int tid, float* sq, float* wmax, float* sinv) {
-    mp_norm_scale(v, w, n, eps, tid, sq, sinv);
-    mp_row_out_digits<AL>(v, n >> 2, tid, out, dr, sr, unit, wmax);
+    mp_row_out_digits<AL>(v, groups, tid, out, dr, sr, unit, wmax);
 }
 
 // rms_norm (add = 0) or add_rms_norm (add = 1: sum = a + b, then its norm) of `rows` rows of n columns (n a
@@ -2200,160 +2190,6 @@ extern "C" MP_GLOBAL void moe_route(const float* __restrict__ logits, int T, int
         mp_syncthreads();  // every token's ids written and visible to the block
         mp_group_pairs(ids, T, k, E, pairs, offsets, active, n_act_len, order, sm);
     }
-}
-
-// ---- ffn_norm, the router product and the routing in one launch (short prompts) -----------------------
-// The post-attention residual and ffn_norm (norm_digits with add), the F32 router product and the routing
-// (moe_route with its grouping) of up to MP_WARPS tokens, one launch instead of three. Grid ceil(E /
-// MP_WARPS) blocks of MP_THREADS threads; warp w of block b takes router row e = b MP_WARPS + w, its weights
-// loaded into registers before the programmatic-launch wait (nothing earlier writes them).
-//   1. every block computes every token's ffn_norm row into shared memory, in norm_digits' operations
-//      and order (mp_norm_scale: the same bits whatever the thread count); block 0 also writes the
-//      residual sum, the row and its digits (bit for bit norm_digits);
-//   2. warp w: logits[t, e] for every token (a lane's columns 4 (lane + 32 j) .. + 3 in order of j, fmaf,
-//      then the warp's butterfly);
-//   3. the block that finishes last (an atomic count in sync[0], which it puts back to 0) copies the logits
-//      from L2 and routes them as moe_route does: bit for bit moe_route of these logits.
-// Sizes (kernels.py: fuses_norm_route): T <= MP_WARPS, n a multiple of 32 up to MP_ROW_BLOCK_COLS,
-// E <= MP_NR_EXPERTS.
-#define MP_NR_GROUPS (MP_ROW_BLOCK_COLS / 4 / MP_THREADS)  // 4-value groups a thread of a row
-#define MP_NR_EXPERTS 256       // the most router rows (kernels.py: NORM_ROUTE_EXPERTS)
-
-MP_HD int mp_atomic_add_global(int* a, int v) {
-#if defined(__CUDA_ARCH__)
-    return atomicAdd(a, v);
-#else
-    const int old = *a;  // the emulator runs one block at a time
-    *a = old + v;
-    return old;
-#endif
-}
-MP_HD void mp_fence() {
-#if defined(__CUDA_ARCH__)
-    __threadfence();
-#endif
-}
-MP_HD float mp_ldcg(const float* p) {  // from L2: written by another block of this launch
-#if defined(__CUDA_ARCH__)
-    return __ldcg(p);
-#else
-    return *p;
-#endif
-}
-
-union alignas(16) mp_norm_route_smem {
-    float h[MP_WARPS][MP_ROW_BLOCK_COLS];  // steps 1-2: the tokens' ffn_norm rows
-    struct {
-        float logits[MP_WARPS * MP_NR_EXPERTS];
-        mp_group_smem g;
-    } r;                                   // step 3
-};
-
-extern "C" MP_GLOBAL void norm_route(const float* __restrict__ x, const float* __restrict__ attn, int T, int n,
-        const float* __restrict__ weight, float eps, const mp_u8* __restrict__ wr8, int E, int k,
-        float* __restrict__ sum, float* __restrict__ normed, mp_u32* __restrict__ xd, float* __restrict__ xs,
-        float* __restrict__ xunit, float* logits, float* probs, int* ids, float* __restrict__ weights,
-        int* __restrict__ pairs, int* __restrict__ offsets, int* __restrict__ active, int n_act_len,
-        int* __restrict__ order, int* sync) {
-    MP_SHARED mp_norm_route_smem sm;
-    MP_SHARED float sq[MP_ROW_BLOCK_COLS];
-    MP_SHARED float wmax[MP_WARPS];
-    MP_SHARED float sinv[1];
-    MP_SHARED int last;
-    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, groups = n >> 2;
-    const int e = (int)blockIdx.x * MP_WARPS + warp;
-    const bool b0 = blockIdx.x == 0;
-    float wv[MP_ROW_BLOCK_COLS / 128][4];  // the warp's router row: lane's columns 4 (lane + 32 j) .. + 3
-    const float* wr = (const float*)wr8;  // the router's F32 rows [E, n]
-    const float* wrow = wr + (mp_i64)(e < E ? e : E - 1) * n;
-    const bool wal = mp_aligned(wr, 16);  // every row then (n a multiple of 32)
-#pragma unroll
-    for (int j = 0; j < MP_ROW_BLOCK_COLS / 128; ++j) {
-        const int g = lane + 32 * j, gc = g < groups ? g : groups - 1;
-        if (wal) mp_x4<true>(wrow + 4 * gc, wv[j]);
-        else mp_x4<false>(wrow + 4 * gc, wv[j]);
-    }
-    mp_grid_sync();  // the attention output was written by the previous kernel
-    const bool al = mp_aligned(x, 16) && mp_aligned(attn, 16) && mp_aligned(weight, 16) && mp_aligned(sum, 16)
-                    && mp_aligned(normed, 16);  // every row then (n a multiple of 32)
-    for (int t = 0; t < T; ++t) {  // 1. the ffn_norm rows
-        const mp_i64 off = (mp_i64)t * n;
-        float v[MP_NR_GROUPS][4], b[MP_NR_GROUPS][4], w[MP_NR_GROUPS][4];
-        if (al) {
-            mp_row_groups<true, MP_NR_GROUPS, MP_THREADS>(x + off, groups, tid, v);
-            mp_row_groups<true, MP_NR_GROUPS, MP_THREADS>(attn + off, groups, tid, b);
-            mp_row_groups<true, MP_NR_GROUPS, MP_THREADS>(weight, groups, tid, w);
-        } else {
-            mp_row_groups<false, MP_NR_GROUPS, MP_THREADS>(x + off, groups, tid, v);
-            mp_row_groups<false, MP_NR_GROUPS, MP_THREADS>(attn + off, groups, tid, b);
-            mp_row_groups<false, MP_NR_GROUPS, MP_THREADS>(weight, groups, tid, w);
-        }
-#pragma unroll
-        for (int i = 0; i < MP_NR_GROUPS; ++i) {
-            const int g = tid + MP_THREADS * i;
-#pragma unroll
-            for (int c = 0; c < 4; ++c) v[i][c] = mp_fadd(v[i][c], b[i][c]);
-            if (b0 && g < groups) {
-                if (al) mp_st4<true>(sum + off + 4 * g, v[i]);
-                else mp_st4<false>(sum + off + 4 * g, v[i]);
-            }
-        }
-        mp_norm_scale<MP_NR_GROUPS, MP_THREADS>(v, w, n, eps, tid, sq, sinv);
-#pragma unroll
-        for (int i = 0; i < MP_NR_GROUPS; ++i) {
-            const int g = tid + MP_THREADS * i;
-            if (g < groups) mp_st4<true>(&sm.h[t][4 * g], v[i]);
-        }
-        if (b0) {  // uniform over the block
-            if (al) mp_row_out_digits<true, MP_NR_GROUPS, MP_THREADS>(v, groups, tid, normed + off, xd + off,
-                                                                      xs + off / 32, xunit + t, wmax);
-            else mp_row_out_digits<false, MP_NR_GROUPS, MP_THREADS>(v, groups, tid, normed + off, xd + off,
-                                                                    xs + off / 32, xunit + t, wmax);
-        }
-        mp_syncthreads();  // sq, sinv and wmax are the next token's; the row is in shared memory
-    }
-    float acc[MP_WARPS];  // 2. the router row's logits of every token
-#pragma unroll
-    for (int t = 0; t < MP_WARPS; ++t) {
-        acc[t] = 0.0f;
-        if (t < T) {
-#pragma unroll
-            for (int j = 0; j < MP_ROW_BLOCK_COLS / 128; ++j) {
-                const int g = lane + 32 * j;
-                if (g < groups) {
-#pragma unroll
-                    for (int c = 0; c < 4; ++c) acc[t] = fmaf(sm.h[t][4 * g + c], wv[j][c], acc[t]);
-                }
-            }
-        }
-    }
-    mp_warp_allreduce<MP_WARPS>(acc);
-    if (lane == 0 && e < E) {
-#pragma unroll
-        for (int t = 0; t < MP_WARPS; ++t)
-            if (t < T) logits[(mp_i64)t * E + e] = acc[t];
-    }
-    mp_syncthreads();  // the block's logits written; the rows read
-    if (tid == 0) {  // 3. the last block routes
-        mp_fence();
-        last = mp_atomic_add_global(&sync[0], 1) == (int)gridDim.x - 1;
-        if (last) {
-            mp_fence();
-            sync[0] = 0;  // for the next launch
-        }
-    }
-    mp_syncthreads();
-    if (!last) return;  // uniform over the block
-    for (int i = tid; i < T * E; i += MP_THREADS) sm.r.logits[i] = mp_ldcg(logits + i);
-    mp_syncthreads();
-    if (warp < T) {
-        float* pr = probs + (mp_i64)warp * E;
-        mp_softmax_row(sm.r.logits + warp * E, E, E, pr, lane);
-        mp_syncwarp();  // a lane's top-k scan reads columns other lanes wrote
-        mp_topk_row(pr, E, k, ids + (mp_i64)warp * k, weights + (mp_i64)warp * k, lane);
-    }
-    mp_syncthreads();  // every token's ids written and visible to the block
-    mp_group_pairs(ids, T, k, E, pairs, offsets, active, n_act_len, order, sm.r.g);
 }
 
 // ---- attention core ---------------------------------------------------------------------------------------

@@ -63,7 +63,7 @@ MAX_ELEMENTWISE_BLOCKS = 8192
 # kernels whose threads meet at warp reductions or block barriers (the emulator runs them as coroutines)
 WARP_KERNELS = ("qmm_dense", "qmm_dense_splitk", "qmm_dense_mma", "qmm_experts", "qmm_experts_mma", "act_digits", "expert_group", "router_topk", "rms_norm",
                 "softmax_rows", "attention_core", "qk_norm_rope", "moe_route", "add_rms_norm", "norm_digits", "swiglu_digits",
-                "norm_rope_attention", "combine_norm_digits", "norm_route")
+                "norm_rope_attention", "combine_norm_digits")
 SPLITK_TILES = (1, 4)     # the token tiles with a split-K dense instance (prompts of up to 4 tokens)
 # split K only while the plain kernel's grid is small: a large matrix (the output head's 152k rows) already
 # fills the GPU, and splitting it only adds the blocks' shared-memory step
@@ -80,7 +80,6 @@ DIGITS_SLAB = 8192        # act_digits holds this many columns of a row in regis
 # norm_digits / swiglu_digits (the row kernels that write their output's digits too, a block per row): rows
 # of up to this many columns (MP_ROW_BLOCK_COLS); wider ones take the kernel and act_digits after it
 ROW_BLOCK_COLS = 2048
-NORM_ROUTE_EXPERTS = 256  # MP_NR_EXPERTS: the most router rows of norm_route (its logits in shared memory)
 # the forward has the norms and SwiGLU write the digits of the tensor-core products' inputs, saving
 # act_digits' launches; MP_FUSE_DIGITS=0 leaves them to act_digits in the products (tuning switch)
 FUSE_DIGITS = _tuning_define("MP_FUSE_DIGITS", 1)
@@ -110,7 +109,7 @@ NAME_EXPRESSIONS: tuple[str, ...] = tuple(
     + [f"qmm_experts<{q},{nt}>" for q in sorted(KERNEL_QTYPES.values()) for nt in TOKEN_TILES]
     + [f"qmm_experts_mma<{q}>" for q in MMA_QTYPES]
     + [f"qmm_dense_mma<{q}>" for q in MMA_QTYPES]
-    + ["act_digits", "norm_digits", "norm_route", "swiglu_digits", "norm_rope_attention", "combine_norm_digits", "expert_group", "router_topk", "moe_route", "moe_combine", "round_bf16", "rms_norm", "add_rms_norm", "softmax_rows", "attention_core",
+    + ["act_digits", "norm_digits", "swiglu_digits", "norm_rope_attention", "combine_norm_digits", "expert_group", "router_topk", "moe_route", "moe_combine", "round_bf16", "rms_norm", "add_rms_norm", "softmax_rows", "attention_core",
        "qk_norm_rope", "rope_neox", "swiglu", "add_f32"])
 
 COMPILE_OPTIONS = ("-std=c++17",)
@@ -610,53 +609,6 @@ def route_experts(logits, k: int, *, backend: Backend | None = None):
         if blocks > 1:
             _launch_grouping(routing, be)
     return probs, ids, weights, routing
-
-
-def counter_buffer(*, backend: Backend | None = None):
-    """A zeroed int32 counter for the kernels whose last block to finish does the launch's last step
-    (norm_route); each launch leaves it zeroed. One per stream of launches."""
-    return _backend(backend).xp.zeros((1,), dtype=np.int32)
-
-
-def fuses_norm_route(n_tokens: int, router: DeviceTensor, k: int, as_qtype: Q | None = None) -> bool:
-    """Whether :func:`norm_route` runs this prompt with this router matrix: up to WARPS tokens, a float32
-    router ``[E, n]`` read as its own type with E up to NORM_ROUTE_EXPERTS and n a multiple of 32 up to
-    ROW_BLOCK_COLS, and 0 < k <= E."""
-    if as_qtype is not None or router.qtype != Q.F32 or len(router.shape) != 2:
-        return False
-    E, n = (int(v) for v in router.shape)
-    return (0 < n_tokens <= WARPS and 0 < E <= NORM_ROUTE_EXPERTS and 0 < k <= E and _fused_digits(n)
-            and router.row_bytes == 4 * n)
-
-
-def norm_route(x, attn, weight, eps: float, router: DeviceTensor, k: int, sync, *,
-               backend: Backend | None = None) -> tuple:
-    """The post-attention residual, ffn_norm, the router product and the routing of a short prompt in one
-    launch (kernel ``norm_route``): ``(s, normed, digits, logits, probs, ids, weights, routing)`` with
-    ``s, normed, digits = add_rms_norm(x, attn, weight, eps, digits=True)`` bit for bit, ``logits = normed
-    @ router.T`` (float32, its own summation order) and the rest ``route_experts(logits, k)`` bit for bit.
-    ``sync``: :func:`counter_buffer`; where :func:`fuses_norm_route` holds."""
-    be = _backend(backend)
-    if not fuses_norm_route(int(x.shape[0]) if getattr(x, "ndim", 0) == 2 else 0, router, k):
-        raise KernelError("norm_route: this prompt / router does not fit the one-launch path (fuses_norm_route)")
-    E, n = (int(v) for v in router.shape)
-    x, attn, weight = (_f32c(f"norm_route: {nm}", v, be) for nm, v in (("x", x), ("attn", attn), ("weight", weight)))
-    _check_f32_2d("norm_route: x", x, be, n)
-    if tuple(attn.shape) != tuple(x.shape) or tuple(weight.shape) != (n,):
-        raise KernelError(f"norm_route: attn {attn.shape} / weight {weight.shape} do not fit x {x.shape}")
-    if not (be.is_array(sync) and sync.dtype == np.int32 and sync.size >= 1):
-        raise KernelError("norm_route: sync must be counter_buffer()'s int32 counter")
-    T, xp = int(x.shape[0]), be.xp
-    s, normed = (xp.empty((T, n), dtype=np.float32) for _ in range(2))
-    digits = _digits_out("norm_route", T, n, be)
-    logits, probs = (xp.empty((T, E), dtype=np.float32) for _ in range(2))
-    ids, weights = xp.empty((T, k), dtype=np.int32), xp.empty((T, k), dtype=np.float32)
-    routing = _empty_routing(ids, E, be)
-    be.launch("norm_route", (_cdiv(E, WARPS), 1, 1), (THREADS, 1, 1),
-              (x, attn, np.int32(T), np.int32(n), weight, np.float32(eps), router.raw, np.int32(E), np.int32(k),
-               s, normed, *digits, logits, probs, ids, weights, routing.pairs, routing.offsets, routing.active,
-               np.int32(routing.active.shape[0]), routing.order, sync))
-    return s, normed, digits, logits, probs, ids, weights, routing
 
 
 def use_mma(be: Backend, code: int, kq: int, K: int, T: int) -> bool:
