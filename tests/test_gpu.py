@@ -999,12 +999,14 @@ def test_qk_norm_rope_is_norm_then_rope(backend, T, nh, nkv, hd):
 
 @pytest.mark.parametrize("T,nh,nkv,hd", [(3, 32, 4, 128), (4, 32, 8, 128), (2, 4, 2, 64), (1, 6, 3, 32), (3, 8, 2, 256),
                                          (6, 8, 2, 64), (32, 4, 1, 64),  # key chunks of 4 and 2; the most tokens
-                                         (9, 32, 4, 128), (2, 4, 1, 512), (33, 4, 1, 64)])  # the last three: too large
+                                         (9, 32, 4, 128), (5, 16, 16, 128),  # 9 tokens; a q head per kv head
+                                         (17, 2, 1, 256), (2, 4, 1, 512), (33, 4, 1, 64)])  # the last three: too large
 def test_norm_rope_attention_is_the_three_kernels(backend, T, nh, nkv, hd):
-    """The q/k norms + RoPE, attention and the context's digits in one launch (a block per token) give
-    qk_norm_rope's, attention_core's and act_digits' results bit for bit (each checked against float64
-    above), with a NaN in one token's q staying in that token's rows; sizes past one block take the three
-    kernels."""
+    """The q/k norms + RoPE, attention and the context's digits in one launch (a block per token and kv
+    head, the last of a token's blocks writing its digits) give qk_norm_rope's, attention_core's and
+    act_digits' results bit for bit (each checked against float64 above), with a NaN in one token's q
+    staying in that token's rows, and leave their per-token counts at 0 for the next launch (run twice on
+    the same counts); sizes past one block take the three kernels."""
     from pytest_moeparity.gpu import kernels as K
 
     rng = _rng("norm-rope-attention", T, nh, nkv, hd)
@@ -1018,12 +1020,16 @@ def test_norm_rope_attention_is_the_three_kernels(backend, T, nh, nkv, hd):
     ang = np.arange(T)[:, None] * (1e6 ** (-np.arange(half) * 2.0 / hd))[None, :]
     cos, sin = (_dev(backend, f(ang).astype(np.float32)) for f in (np.cos, np.sin))
     dq, dk, dv, dwq, dwk = (_dev(backend, a) for a in (q, k, v, wq, wk))
-    fused = T * nkv * hd <= K.ATTN_KV and hd <= K.ATTN_HEAD_DIM and T <= K.ATTN_MAX_T
+    fused = T * hd <= K.ATTN_KV and hd <= K.ATTN_HEAD_DIM and T <= K.ATTN_MAX_T
+    sync = K.counter_buffer(backend=backend)
     n_before = len(getattr(backend, "launches", []))
-    got = K.norm_rope_attention(dq, dk, dv, dwq, dwk, 1e-6, cos, sin, backend=backend)
+    first = K.norm_rope_attention(dq, dk, dv, dwq, dwk, 1e-6, cos, sin, sync=sync, backend=backend)
     if hasattr(backend, "launches"):
         want_l = ["norm_rope_attention"] if fused else ["qk_norm_rope", "attention_core", "act_digits"]
         assert backend.launches[n_before:] == want_l, backend.launches[n_before:]
+    assert not _host(backend, sync).any(), "the per-token counts were not set back to 0"
+    got = K.norm_rope_attention(dq, dk, dv, dwq, dwk, 1e-6, cos, sin, sync=sync, backend=backend)  # the counts reused
+    _assert_same_digits(backend, first[7], got[7], f"context digits of the first call T={T}")
     qn, kn, qr, kr = K.qk_norm_rope(dq, dk, dwq, dwk, 1e-6, cos, sin, backend=backend)
     scores, probs, ctx = K.attention_core(qr, kr, dv, backend=backend)
     want = (qn, kn, qr, kr, scores, probs, ctx)

@@ -67,6 +67,9 @@ class CupyEngine:
         self._capturing = False  # inside graphed(): no cuBLAS calls
         self._faults: list = []      # planted faults of the current run (faults.py)
         self._forced: dict = {}      # forced routing of the current run
+        # the counts of the launches whose last block to get there finishes the launch (norm_rope_attention);
+        # each launch leaves them at 0, and the engine's launches run one after another
+        self._sync = K.counter_buffer(backend=self.backend)
 
     # -- weights -----------------------------------------------------------------------------
     @property
@@ -350,7 +353,8 @@ class CupyEngine:
             # the q/k norms, RoPE, attention and the context's digits for the tensor-core attn_output product in
             # one launch (short prompts)
             qn, kn, q, k, scores, p, ctx, ctx_dig = K.norm_rope_attention(
-                q.reshape(T, nh, hd), k.reshape(T, nkv, hd), v, wq, wk, cfg.rms_eps, cos, sin, backend=self.backend)
+                q.reshape(T, nh, hd), k.reshape(T, nkv, hd), v, wq, wk, cfg.rms_eps, cos, sin, sync=self._sync,
+                backend=self.backend)
             for stage, val in ((S.q_norm, qn), (S.k_norm, kn), (S.q_post_rope, q), (S.k_post_rope, k),
                                (S.attn_scores, scores), (S.attn_softmax, p)):
                 rec.tap(stage, L, val)

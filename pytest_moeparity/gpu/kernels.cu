@@ -2199,17 +2199,17 @@ extern "C" MP_GLOBAL void moe_route(const float* __restrict__ logits, int T, int
 //   probs[t, h, :]  = softmax of the row with the columns s > t masked (mp_softmax_row)
 //   ctx[t, h*hd + d] = sum_s probs[t, h, s] v[s, g, d]          over every s, as p @ v (0 * NaN is NaN)
 // q [T, nh, hd], k and v [T, nkv, hd], all contiguous float32.
-// one (t, head) row of attention by a warp: q row qr [hd], k and v [T, nkv, hd] (kv head g); the scores
-// into sr [T], the probabilities into pr [T], the context into cr [hd] (cr may be qr: a lane writes the
-// columns it read)
+// one (t, head) row of attention by a warp: q row qr [hd]; kb and vb the kv head's row of key position 0,
+// the next position's kstride / vstride floats on (k and v [T, nkv, hd]: kv head g at kb = k + g hd, kstride
+// nkv hd); the scores into sr [T], the probabilities into pr [T], the context into cr [hd] (cr may be qr: a
+// lane writes the columns it read)
 // The scores go MP_ATTN_CHUNK key positions at a time (their dot products share one warp reduction, each
 // its own butterfly: the sums of one at a time), and the context's loads of a chunk are issued together.
 #define MP_ATTN_CHUNK 4
-MP_HD void mp_attention_row(const float* qr, const float* kb, const float* __restrict__ v, int T, int nkv, int hd, int g,
-                            int t, float sqrt_hd, float* sr, float* pr, float* cr, int lane) {
-    const mp_i64 kstride = (mp_i64)nkv * hd;  // from one key position to the next
+MP_HD void mp_attention_row(const float* qr, const float* kb, mp_i64 kstride, const float* __restrict__ vb, mp_i64 vstride,
+                            int T, int hd, int t, float sqrt_hd, float* sr, float* pr, float* cr, int lane) {
     for (int s0 = 0; s0 < T; s0 += MP_ATTN_CHUNK) {
-        const float* kr = kb + ((mp_i64)s0 * nkv + g) * hd;
+        const float* kr = kb + (mp_i64)s0 * kstride;
         int last = T - 1 - s0;  // chunk positions past T read the last one again (a copy, not stored)
         last = last < MP_ATTN_CHUNK - 1 ? last : MP_ATTN_CHUNK - 1;
         float part[MP_ATTN_CHUNK];
@@ -2235,7 +2235,7 @@ MP_HD void mp_attention_row(const float* qr, const float* kb, const float* __res
             for (int c = 0; c < MP_ATTN_CHUNK; ++c) {
                 const int s = s0 + c < T ? s0 + c : T - 1;
                 pv[c] = pr[s];
-                vv[c] = v[(s * kstride) + g * hd + d];
+                vv[c] = vb[s * vstride + d];
             }
 #pragma unroll
             for (int c = 0; c < MP_ATTN_CHUNK; ++c)
@@ -2252,8 +2252,9 @@ extern "C" MP_GLOBAL void attention_core(const float* __restrict__ q, const floa
     const int row = blockIdx.x * MP_WARPS + (threadIdx.x >> 5), lane = threadIdx.x & 31;
     if (row >= T * nh) return;  // uniform over the warp
     const int t = row / nh, h = row % nh;
-    mp_attention_row(q + (mp_i64)row * hd, k, v, T, nkv, hd, h / (nh / nkv), t, sqrt_hd, scores + (mp_i64)row * T,
-                     probs + (mp_i64)row * T, ctx + (mp_i64)row * hd, lane);  // ctx [T, nh, hd] = [T, nh * hd]
+    const mp_i64 g = h / (nh / nkv), stride = (mp_i64)nkv * hd;
+    mp_attention_row(q + (mp_i64)row * hd, k + g * hd, stride, v + g * hd, stride, T, hd, t, sqrt_hd,
+                     scores + (mp_i64)row * T, probs + (mp_i64)row * T, ctx + (mp_i64)row * hd, lane);  // ctx [T, nh * hd]
 }
 
 // ---- elementwise ----------------------------------------------------------------------------------------
@@ -2331,49 +2332,102 @@ extern "C" MP_GLOBAL void qk_norm_rope(const float* __restrict__ q, const float*
 }
 
 // ---- q/k norm + RoPE, attention and the digits of its output in one launch (short prompts) -------------
-// Block t (grid T) of MP_ATTN_THREADS threads, for the tensor-core attn_output product:
-//   1. warp w normalises and rotates rows w, w + 32, ... of token t's q heads (into qn / qr and shared
-//      memory) and of every token's k heads (into shared memory; token t's also into kn / kr), as
+// Block b = t nkv + g (grid T nkv) of MP_ATTN_THREADS threads takes token t's q heads of kv head g (heads
+// g gs .. g gs + gs - 1, gs = nh / nkv), for the tensor-core attn_output product:
+//   1. warp w normalises and rotates rows w, w + warps, ... of those q heads (into qn / qr and shared
+//      memory) and of every token's k head g (into shared memory; token t's also into kn / kr), as
 //      qk_norm_rope does;
-//   2. warp w computes the attention of token t's heads w, w + 32, ... as attention_core does (scores and
-//      probs into their captures, the context into shared memory over the head's q row);
-//   3. the block writes the context row to ctx and its digits as act_digits does.
+//   2. warp w computes the attention of the block's heads w, w + warps, ... as attention_core does (scores
+//      and probs into their captures, the context into shared memory over the head's q row), and the block
+//      writes its gs hd context columns to ctx;
+//   3. the last of token t's nkv blocks to get there (a count per token in sync, which that block sets back
+//      to 0 for the next launch) reads the whole context row back from L2 and writes its digits as
+//      act_digits does.
 // Bit for bit qk_norm_rope, attention_core and act_digits(ctx). Three launches of a few us each (their
-// latency chains, not their work) become one. Sizes (kernels.py checks): hd even and at most
-// 32 MP_ATTN_NORM_REGS, nh hd at most MP_ATTN_COLS and a multiple of 32, T nkv hd at most MP_ATTN_KV, T at most
-// MP_ATTN_MAX_T. The rows the steps pass on stay in shared memory (a global write read back is an L2 round
-// trip in the middle of a warp's chain); the captures are written besides.
-#define MP_ATTN_THREADS 1024    // kernels.py: ATTN_THREADS
+// latency chains, not their work) become one, spread over T nkv SMs: a block per token had every warp of
+// one SM walk 1-2 head rows' norms and attention, the SM's issue slots the limit (~11 us at 3 tokens).
+// Sizes (kernels.py checks): hd even and at most 32 MP_ATTN_NORM_REGS, nh hd at most MP_ATTN_COLS and a
+// multiple of 32, T hd at most MP_ATTN_KV, T at most MP_ATTN_MAX_T. The rows the steps pass on stay in
+// shared memory (a global write read back is an L2 round trip in the middle of a warp's chain); the
+// captures are written besides.
+#define MP_ATTN_THREADS 512     // kernels.py: ATTN_THREADS
+#define MP_ATTN_WARPS (MP_ATTN_THREADS / 32)
 #define MP_ATTN_COLS 4096       // kernels.py: ATTN_COLS
 #define MP_ATTN_KV 4096         // kernels.py: ATTN_KV
 #define MP_ATTN_NORM_REGS 8     // head rows of up to 256 (kernels.py: ATTN_HEAD_DIM)
 #ifdef MOEPARITY_EMULATOR
 #define MP_ATTN_GLOBAL MP_GLOBAL
 #else
-#define MP_ATTN_GLOBAL __global__ __launch_bounds__(MP_ATTN_THREADS)
+#define MP_ATTN_GLOBAL __global__ __launch_bounds__(MP_ATTN_THREADS, 1)  // 1: else ptxas caps it at 64 registers and spills
 #endif
 
 #define MP_ATTN_MAX_T 32         // the most tokens (kernels.py: ATTN_MAX_T): a warp's scores and probabilities in shared memory
 
-// step 1 for rows of up to 32 REGS: token t's q heads normalised into qs (and qn) and rotated in place (and
-// into qr); every token's k heads likewise into ks (token t's also into kn and kr)
+MP_HD int mp_atomic_add_global(int* a, int v) {
+#if defined(__CUDA_ARCH__)
+    return atomicAdd(a, v);
+#else
+    const int old = *a;  // the emulator runs one block at a time
+    *a = old + v;
+    return old;
+#endif
+}
+MP_HD void mp_fence() {  // this thread's global writes seen device-wide before its later ones
+#if defined(__CUDA_ARCH__)
+    __threadfence();
+#endif
+}
+// 4 floats at p from L2 (written by another block of this launch): one 16-byte load under AL
+template <bool AL> MP_HD void mp_x4_l2(const float* p, float (&v)[4]) {
+#if defined(__CUDA_ARCH__)
+    if (AL) {
+        const float4 a = __ldcg((const float4*)p);
+        v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
+        return;
+    }
+#pragma unroll
+    for (int c = 0; c < 4; ++c) v[c] = __ldcg(p + c);
+#else
+    mp_x4<false>(p, v);
+#endif
+}
+
+// whether this block is the last of `of` blocks sharing the count *cnt to get here (every thread's global
+// writes before the call are then visible to it); that block sets the count back to 0. Every thread of
+// the block calls it; flag: a shared int.
+MP_HD bool mp_last_block(int* cnt, int of, int* flag) {
+    mp_fence();
+    mp_syncthreads();
+    if (threadIdx.x == 0) {
+        *flag = mp_atomic_add_global(cnt, 1) == of - 1;
+        if (*flag) {
+            mp_fence();
+            *cnt = 0;
+        }
+    }
+    mp_syncthreads();
+    return *flag != 0;
+}
+
+// step 1 for rows of up to 32 REGS: the block's q heads (token t, kv head g) normalised into qs (and qn)
+// and rotated in place (and into qr); every token's k head g likewise into ks (token t's also into kn and kr)
 template <int REGS>
-MP_HD void mp_nra_norms(const float* __restrict__ q, const float* __restrict__ k, int T, int t, int nh, int nkv, int hd,
-                        const float* __restrict__ wq, const float* __restrict__ wk, float eps,
+MP_HD void mp_nra_norms(const float* __restrict__ q, const float* __restrict__ k, int T, int t, int g, int nh, int nkv,
+                        int hd, const float* __restrict__ wq, const float* __restrict__ wk, float eps,
                         const float* __restrict__ cosv, const float* __restrict__ sinv, float* __restrict__ qn,
                         float* __restrict__ kn, float* __restrict__ qr, float* __restrict__ kr, float* qs, float* ks,
                         int warp, int lane) {
-    const int half = hd / 2;
-    for (int r = warp; r < nh + T * nkv; r += MP_ATTN_THREADS / 32) {
-        if (r < nh) {
-            const mp_i64 off = ((mp_i64)t * nh + r) * hd;
+    const int half = hd / 2, gs = nh / nkv;
+    for (int r = warp; r < gs + T; r += MP_ATTN_WARPS) {
+        if (r < gs) {
+            const mp_i64 off = ((mp_i64)t * nh + g * gs + r) * hd;
             float* own = qs + r * hd;
             mp_norm_rope_row<REGS>(q + off, hd, wq, eps, cosv + (mp_i64)t * half, sinv + (mp_i64)t * half, own, qn + off,
                                    own, qr + off, lane);
         } else {
-            const int rk = r - nh, s = rk / nkv;
-            const mp_i64 off = (mp_i64)rk * hd;
-            float* own = ks + rk * hd;
+            const int s = r - gs;
+            const mp_i64 off = ((mp_i64)s * nkv + g) * hd;
+            float* own = ks + s * hd;
             mp_norm_rope_row<REGS>(k + off, hd, wk, eps, cosv + (mp_i64)s * half, sinv + (mp_i64)s * half, own,
                                    s == t ? kn + off : nullptr, own, s == t ? kr + off : nullptr, lane);
         }
@@ -2384,23 +2438,26 @@ extern "C" MP_ATTN_GLOBAL void norm_rope_attention(const float* __restrict__ q, 
         const float* __restrict__ v, int T, int nh, int nkv, int hd, const float* __restrict__ wq,
         const float* __restrict__ wk, float eps, const float* __restrict__ cosv, const float* __restrict__ sinv,
         float sqrt_hd, float* __restrict__ qn, float* __restrict__ kn, float* __restrict__ qr, float* __restrict__ kr,
-        float* __restrict__ scores, float* __restrict__ probs, float* __restrict__ ctx, mp_u32* __restrict__ xd,
-        float* __restrict__ xs, float* __restrict__ xunit) {
-    MP_SHARED float qs[MP_ATTN_COLS];  // token t's rotated q rows [nh, hd], then its context row
-    MP_SHARED float ks[MP_ATTN_KV];    // every token's rotated k rows [T, nkv, hd]
-    MP_SHARED float sp[MP_ATTN_THREADS / 32][2][MP_ATTN_MAX_T];  // a warp's scores and probabilities
-    MP_SHARED float wmax[MP_ATTN_THREADS / 32];
+        float* __restrict__ scores, float* __restrict__ probs, float* ctx, mp_u32* __restrict__ xd,
+        float* __restrict__ xs, float* __restrict__ xunit, int* sync) {
+    MP_SHARED float qs[MP_ATTN_COLS];  // the block's rotated q rows [gs, hd], then their context
+    MP_SHARED float ks[MP_ATTN_KV];    // every token's rotated k row of kv head g [T, hd]
+    MP_SHARED float sp[MP_ATTN_WARPS][2][MP_ATTN_MAX_T];  // a warp's scores and probabilities
+    MP_SHARED float wmax[MP_ATTN_WARPS];
+    MP_SHARED int last;
     mp_grid_sync();
-    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, t = (int)blockIdx.x;
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int t = (int)blockIdx.x / nkv, g = (int)blockIdx.x - t * nkv, gs = nh / nkv;
     const int cols = nh * hd;
     // 1. norms and RoPE (everything the attention reads is in shared memory, every capture written besides)
-    if (hd <= 128) mp_nra_norms<4>(q, k, T, t, nh, nkv, hd, wq, wk, eps, cosv, sinv, qn, kn, qr, kr, qs, ks, warp, lane);
-    else mp_nra_norms<MP_ATTN_NORM_REGS>(q, k, T, t, nh, nkv, hd, wq, wk, eps, cosv, sinv, qn, kn, qr, kr, qs, ks, warp, lane);
+    if (hd <= 128) mp_nra_norms<4>(q, k, T, t, g, nh, nkv, hd, wq, wk, eps, cosv, sinv, qn, kn, qr, kr, qs, ks, warp, lane);
+    else mp_nra_norms<MP_ATTN_NORM_REGS>(q, k, T, t, g, nh, nkv, hd, wq, wk, eps, cosv, sinv, qn, kn, qr, kr, qs, ks,
+                                          warp, lane);
     mp_syncthreads();
-    for (int h = warp; h < nh; h += MP_ATTN_THREADS / 32) {  // 2. attention (the context over the q row)
-        const mp_i64 row = (mp_i64)t * nh + h;
-        mp_attention_row(qs + h * hd, ks, v, T, nkv, hd, h / (nh / nkv), t, sqrt_hd, sp[warp][0], sp[warp][1],
-                         qs + h * hd, lane);
+    for (int j = warp; j < gs; j += MP_ATTN_WARPS) {  // 2. attention (the context over the q row)
+        const mp_i64 row = (mp_i64)t * nh + g * gs + j;
+        mp_attention_row(qs + j * hd, ks, hd, v + (mp_i64)g * hd, (mp_i64)nkv * hd, T, hd, t, sqrt_hd, sp[warp][0],
+                         sp[warp][1], qs + j * hd, lane);
         for (int s = lane; s < T; s += 32) {  // the captures (a lane wrote its own columns of both)
             scores[row * T + s] = sp[warp][0][s];
             probs[row * T + s] = sp[warp][1][s];
@@ -2408,22 +2465,21 @@ extern "C" MP_ATTN_GLOBAL void norm_rope_attention(const float* __restrict__ q, 
         mp_syncwarp();  // the next head's row reuses the warp's scores and probabilities
     }
     mp_syncthreads();
-    const int groups = cols >> 2;  // 3. the context row and its digits
+    float* cr = ctx + (mp_i64)t * cols;
+    for (int i = tid; i < gs * hd; i += MP_ATTN_THREADS) cr[g * gs * hd + i] = qs[i];
+    if (!mp_last_block(sync + t, nkv, &last)) return;  // uniform over the block
+    const int groups = cols >> 2;  // 3. the whole context row and its digits
     float cv[MP_ATTN_COLS / 4 / MP_ATTN_THREADS][4];
     float m = 0.0f;
-    float* cr = ctx + (mp_i64)t * cols;
     const bool al = mp_aligned(ctx, 16);  // every row then (cols a multiple of 32)
 #pragma unroll
     for (int i = 0; i < MP_ATTN_COLS / 4 / MP_ATTN_THREADS; ++i) {
-        const int g = tid + MP_ATTN_THREADS * i;
-        mp_x4<false>(qs + 4 * (g < groups ? g : groups - 1), cv[i]);
-        if (g < groups) {
-            if (al) mp_st4<true>(cr + 4 * g, cv[i]);
-            else mp_st4<false>(cr + 4 * g, cv[i]);
-        }
+        const int gi = tid + MP_ATTN_THREADS * i, gc = gi < groups ? gi : groups - 1;
+        if (al) mp_x4_l2<true>(cr + 4 * gc, cv[i]);
+        else mp_x4_l2<false>(cr + 4 * gc, cv[i]);
 #pragma unroll
         for (int c = 0; c < 4; ++c) {
-            cv[i][c] = g < groups ? cv[i][c] : 0.0f;
+            cv[i][c] = gi < groups ? cv[i][c] : 0.0f;
             m = fmaxf(m, mp_abs_key(cv[i][c]));
         }
     }

@@ -83,11 +83,12 @@ ROW_BLOCK_COLS = 2048
 # the forward has the norms and SwiGLU write the digits of the tensor-core products' inputs, saving
 # act_digits' launches; MP_FUSE_DIGITS=0 leaves them to act_digits in the products (tuning switch)
 FUSE_DIGITS = _tuning_define("MP_FUSE_DIGITS", 1)
-# norm_rope_attention (q/k norms + RoPE, attention and the context's digits, a block per token): its sizes
-ATTN_THREADS = 1024       # MP_ATTN_THREADS: threads per block (a warp per head row)
+# norm_rope_attention (q/k norms + RoPE, attention and the context's digits, a block per token and kv head):
+# its sizes
+ATTN_THREADS = 512        # MP_ATTN_THREADS: threads per block (a warp per head row)
 ATTN_HEAD_DIM = 256       # 32 MP_ATTN_NORM_REGS: the longest head row
-ATTN_COLS = 4096          # MP_ATTN_COLS: the most q columns of a token (heads x head_dim), in shared memory
-ATTN_KV = 4096            # MP_ATTN_KV: the most k values of the prompt (tokens x kv heads x head_dim), too
+ATTN_COLS = 4096          # MP_ATTN_COLS: the most q columns of a token (heads x head_dim)
+ATTN_KV = 4096            # MP_ATTN_KV: the most k values of one kv head (tokens x head_dim), in shared memory
 ATTN_MAX_T = 32           # MP_ATTN_MAX_T: the most tokens (a warp's scores and probabilities in shared memory)
 QK_NORM_MAX_HEAD_DIM = 2048  # qk_norm_rope: 32 MP_RMS_REGS (a head row in a warp's registers)
 MMA_DENSE_WARPS = 8       # the most warps per block of qmm_dense_mma (MP_MMA_DENSE_WARPS)
@@ -993,19 +994,30 @@ def _qk_args(what: str, q, k, wq, wk, cos, sin, be: Backend) -> tuple:
     return q, k, wq, wk, cos, sin, (T, nh, nkv, hd)
 
 
-def norm_rope_attention(q, k, v, wq, wk, eps: float, cos, sin, *, backend: Backend | None = None) -> tuple:
+def counter_buffer(*, backend: Backend | None = None):
+    """Zeroed int32 counts (ATTN_MAX_T of them) for the kernels whose last block to get there finishes the
+    launch (norm_rope_attention: one per token); each launch leaves them at 0. One per stream of launches."""
+    return _backend(backend).xp.zeros((ATTN_MAX_T,), dtype=np.int32)
+
+
+def fuses_norm_rope_attention(T: int, nh: int, nkv: int, hd: int) -> bool:
+    """Whether :func:`norm_rope_attention` runs these sizes in one launch: head_dim <= ATTN_HEAD_DIM,
+    heads x head_dim <= ATTN_COLS and a multiple of 32, tokens x head_dim <= ATTN_KV, tokens <= ATTN_MAX_T."""
+    cols = nh * hd
+    return hd <= ATTN_HEAD_DIM and cols <= ATTN_COLS and cols % 32 == 0 and T * hd <= ATTN_KV and T <= ATTN_MAX_T
+
+
+def norm_rope_attention(q, k, v, wq, wk, eps: float, cos, sin, *, sync=None, backend: Backend | None = None) -> tuple:
     """:func:`qk_norm_rope`, :func:`attention_core` of its rotated q / k with v, and :func:`act_digits`
     of the context (the tensor-core attn_output product's input) for a short prompt: ``(qn, kn, qr, kr,
     scores, probs, ctx, digits)``, bit for bit those three, from one launch (kernel
-    ``norm_rope_attention``, a block per token) where the sizes fit it (head_dim <= ATTN_HEAD_DIM,
-    heads x head_dim <= ATTN_COLS and a multiple of 32, tokens x kv heads x head_dim <= ATTN_KV, tokens <=
-    ATTN_MAX_T), else from those three."""
+    ``norm_rope_attention``, a block per token and kv head) where :func:`fuses_norm_rope_attention` holds,
+    else from those three. ``sync``: :func:`counter_buffer`'s counts (a fresh one where None)."""
     be = _backend(backend)
     q, k, wq, wk, cos, sin, (T, nh, nkv, hd) = _qk_args("norm_rope_attention", q, k, wq, wk, cos, sin, be)
     v = _kv_check("norm_rope_attention", k, v, T, nh, nkv, hd, be)
     cols = nh * hd
-    if not (hd <= ATTN_HEAD_DIM and cols <= ATTN_COLS and cols % 32 == 0 and T * nkv * hd <= ATTN_KV
-            and T <= ATTN_MAX_T):
+    if not fuses_norm_rope_attention(T, nh, nkv, hd):
         qn, kn, qr, kr = qk_norm_rope(q, k, wq, wk, eps, cos, sin, backend=be)
         scores, probs, ctx = attention_core(qr, kr, v, backend=be)
         return qn, kn, qr, kr, scores, probs, ctx, act_digits(ctx, backend=be)
@@ -1015,10 +1027,14 @@ def norm_rope_attention(q, k, v, wq, wk, eps: float, cos, sin, *, backend: Backe
     scores, probs = (xp.empty((T, nh, T), dtype=np.float32) for _ in range(2))
     ctx = xp.empty((T, cols), dtype=np.float32)
     digits = _digits_out("norm_rope_attention", T, cols, be)
+    if sync is None:
+        sync = counter_buffer(backend=be)
+    elif not (be.is_array(sync) and sync.dtype == np.int32 and sync.size >= ATTN_MAX_T):
+        raise KernelError("norm_rope_attention: sync must be counter_buffer()'s int32 counts")
     if T:
-        be.launch("norm_rope_attention", (T, 1, 1), (ATTN_THREADS, 1, 1),
+        be.launch("norm_rope_attention", (T * nkv, 1, 1), (ATTN_THREADS, 1, 1),
                   (q, k, v, np.int32(T), np.int32(nh), np.int32(nkv), np.int32(hd), wq, wk, np.float32(eps), cos, sin,
-                   np.float32(np.sqrt(hd)), qn, kn, qr, kr, scores, probs, ctx, *digits))
+                   np.float32(np.sqrt(hd)), qn, kn, qr, kr, scores, probs, ctx, *digits, sync))
     return qn, kn, qr, kr, scores, probs, ctx, digits
 
 
