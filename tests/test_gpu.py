@@ -736,10 +736,11 @@ def test_router_topk_matches_numpy(backend):
 
 
 @pytest.mark.parametrize("T", [1, 3, 4, 5, 9])  # one block (grouped in the launch) or more (grouped after)
-@pytest.mark.parametrize("E,k", [(128, 8), (60, 4)])
+@pytest.mark.parametrize("E,k", [(128, 8), (60, 4), (160, 9)])
 def test_route_experts_is_softmax_topk_grouping(backend, T, E, k):
     """The one-launch router gives softmax's, router_topk's and expert_routing's results bit for bit,
-    with a tie and a NaN row among the tokens."""
+    with a tie and a NaN row among the tokens: rows of up to 128 experts held in registers and up to 32
+    pairs grouped by one warp, or (160 experts, 4 tokens x 9) through memory and the block."""
     from pytest_moeparity.gpu import kernels as K
 
     rng = _rng("route", T, E, k)

@@ -1560,13 +1560,35 @@ MP_MMA_GLOBAL void qmm_experts_mma(const mp_u8* __restrict__ w0, const mp_u8* __
 #endif
 
 #define MP_Q6_DENSE_STAGE 26880 // bytes of a qmm_dense_mma block's staged Q6_K rows (16 rows of 1680: K = 2048)
+// Q4_K rows are staged too, before the programmatic-launch wait, so that after it only the digits come from
+// L2: 16 rows of up to K = 4096 (2304 bytes), each MP_Q4_PAD bytes further on than the last (the rows' 8-
+// and 16-byte loads of a warp then fall in different banks: 2304 and 1152 are multiples of 128).
+// MP_STAGE_Q4_DENSE=0 prefetches them to L2 instead (tuning switch).
+#ifndef MP_STAGE_Q4_DENSE
+#define MP_STAGE_Q4_DENSE 1
+#endif
+#define MP_Q4_PAD 32
+#define MP_Q4_DENSE_STAGE (16 * (2304 + MP_Q4_PAD))
+// thread tid of nth copies rows rows of `bytes` (a multiple of 16) each from src (16-byte aligned, rows
+// contiguous) to dst (16-byte aligned), row r at dst + r * stride (a multiple of 16); complete for the
+// thread on return (the caller's barrier makes them visible to the others)
+MP_HD void mp_stage_rows_strided(mp_u8* dst, const mp_u8* __restrict__ src, int rows, int bytes, int stride, int tid,
+                                 int nth) {
+    const int per = bytes >> 4;
+    for (int i = tid; i < rows * per; i += nth) {
+        const int r = i / per, c = i - r * per;
+        mp_cp_async16(dst + r * stride + 16 * c, src + (mp_i64)r * bytes + 16 * c);
+    }
+    mp_cp_async_wait();
+}
 template <int QT>
 MP_MMA_DENSE_GLOBAL void qmm_dense_mma(const mp_u8* __restrict__ w0, const mp_u8* __restrict__ w1, const mp_u8* __restrict__ w2,
                                        mp_i64 row_bytes, int N0, int N1, int N2, int K, const mp_u32* __restrict__ xd,
                                        const float* __restrict__ xs, const float* __restrict__ xunit, int T,
                                        float* __restrict__ out0, float* __restrict__ out1, float* __restrict__ out2) {
     MP_SHARED float part[MP_MMA_DENSE_WARPS][2][32];
-    MP_SHARED mp_u4 stage[QT == 14 ? MP_Q6_DENSE_STAGE / 16 : 1];  // Q6_K: the block's rows (see mp_stage_rows)
+    // the block's rows (see mp_stage_rows): Q6_K, and Q4_K unless MP_STAGE_Q4_DENSE is 0
+    MP_SHARED mp_u4 stage[QT == 14 ? MP_Q6_DENSE_STAGE / 16 : QT == 12 && MP_STAGE_Q4_DENSE ? MP_Q4_DENSE_STAGE / 16 : 1];
     int group = (int)blockIdx.x;
     const mp_u8* w;
     int N;
@@ -1574,13 +1596,23 @@ MP_MMA_DENSE_GLOBAL void qmm_dense_mma(const mp_u8* __restrict__ w0, const mp_u8
     const int warps = (int)(blockDim.x >> 5), warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int n0 = group * 16;
     int wN = N, wn0 = n0;  // the pass's rows: w's rows n0 .. (clamped to N - 1)
-    // the weights were not written by an earlier kernel: staged (Q6_K) or prefetched before the wait
+    // the weights were not written by an earlier kernel: staged or prefetched before the wait
     if (QT == 14 && n0 < N && 16 * row_bytes <= MP_Q6_DENSE_STAGE && mp_aligned(w + (mp_i64)n0 * row_bytes, 16)) {
         wN = N - n0 < 16 ? N - n0 : 16;  // uniform over the block
         mp_stage_rows((mp_u8*)stage, w + (mp_i64)n0 * row_bytes, (int)(wN * row_bytes), (int)threadIdx.x, (int)blockDim.x);
         mp_syncthreads();
         w = (const mp_u8*)stage;
         wn0 = 0;
+    } else if (QT == 12 && MP_STAGE_Q4_DENSE && n0 < N && 16 * (row_bytes + MP_Q4_PAD) <= MP_Q4_DENSE_STAGE
+               && mp_aligned(w + (mp_i64)n0 * row_bytes, 16)) {  // (row_bytes: a multiple of 144, so of 16)
+        wN = N - n0 < 16 ? N - n0 : 16;  // uniform over the block
+        const int stride = (int)row_bytes + MP_Q4_PAD;
+        mp_stage_rows_strided((mp_u8*)stage, w + (mp_i64)n0 * row_bytes, wN, (int)row_bytes, stride, (int)threadIdx.x,
+                              (int)blockDim.x);
+        mp_syncthreads();
+        w = (const mp_u8*)stage;
+        wn0 = 0;
+        row_bytes = stride;
     } else if (threadIdx.x == 0 && n0 < N) {
         mp_prefetch_rows(w, row_bytes, N, n0, 16);
     }
@@ -1734,6 +1766,56 @@ MP_HD void mp_group_pairs(const int* ids, int T, int k, int E, int* __restrict__
     }
 }
 
+// mp_group_pairs by one warp, for up to 32 pairs (lane p holds pair p) and MP_GROUP_WARP_EXPERTS experts
+// (lane l owns experts 4 l .. 4 l + 3), ids in shared memory: the same outputs without a block barrier
+// or a shared-memory atomic (moe_route of a short prompt: ~30 % of its chain was mp_group_pairs' barriers).
+// Every lane of the warp must call it.
+#define MP_GROUP_WARP_EXPERTS 128
+MP_HD void mp_group_pairs_warp(const int* ids, int T, int k, int E, int* __restrict__ pairs, int* __restrict__ offsets,
+                               int* __restrict__ active, int n_act_len, int* __restrict__ order, int lane) {
+    const int P = T * k, p = lane;
+    const int idp = p < P ? ids[p] : -1;
+    int cnt[4] = {0, 0, 0, 0}, pos = 0;  // pairs of the lane's experts; pair p's place among the valid pairs
+    for (int q = 0; q < P; ++q) {
+        const int iq = ids[q];
+        pos += iq >= 0 && iq < E && (iq < idp || (iq == idp && q < p));
+#pragma unroll
+        for (int j = 0; j < 4; ++j) cnt[j] += iq == 4 * lane + j;
+    }
+    if (idp >= 0 && idp < E) pairs[pos] = p;
+    int mine = 0, mine_active = 0;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+        if (4 * lane + j < E) {
+            mine += cnt[j];
+            mine_active += cnt[j] > 0;
+        }
+    }
+    int inc_n = mine, inc_a = mine_active, tot_n, tot_a;
+    mp_warp_scan2(inc_n, inc_a, tot_n, tot_a, lane);
+    int off = inc_n - mine, act = inc_a - mine_active;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+        const int e = 4 * lane + j;
+        if (e < E) {
+            offsets[e] = off;
+            if (cnt[j] > 0) active[act++] = e;
+            off += cnt[j];
+        }
+    }
+    if (lane == 0) offsets[E] = tot_n;
+    for (int i = tot_a + lane; i < n_act_len; i += 32) active[i] = -1;
+    if (p < P) {  // token t's slots in ascending expert-id order
+        const int t = p / k, j = p - t * k;
+        int rank = 0;
+        for (int q = 0; q < k; ++q) {
+            const int idq = ids[t * k + q];
+            rank += (idq < idp) || (idq == idp && q < j);
+        }
+        order[t * k + rank] = j;
+    }
+}
+
 extern "C" MP_GLOBAL void expert_group(const int* __restrict__ ids, int T, int k, int E,
                                        int* __restrict__ pairs, int* __restrict__ offsets,
                                        int* __restrict__ active, int n_act_len, int* __restrict__ order) {
@@ -1766,13 +1848,13 @@ MP_HD void mp_topk_consider(float v, int e, float& best, int& best_e, int& nan_e
         best_e = e;
     }
 }
+// pv: the lane's first REGS values of p, already read (moe_route: from its softmax's registers); id2, where
+// not null, gets the ids too (moe_route: shared memory, for its grouping)
 template <int REGS>
-MP_HD void mp_topk_row_regs(const float* p, int E, int k, int* __restrict__ id, float* __restrict__ wt, int lane) {
+MP_HD void mp_topk_row_held(const float (&pv)[REGS], const float* p, int E, int k, int* __restrict__ id,
+                            float* __restrict__ wt, int* id2, int lane) {
     unsigned long long taken = 0ull;  // bit q: expert lane + 32 q is chosen (E <= 2048)
     const float NEG_INF = mp_bits_to_float(0xFF800000u), QNAN = mp_bits_to_float(0x7FC00000u);
-    float pv[REGS];
-#pragma unroll
-    for (int q = 0; q < REGS; ++q) pv[q] = lane + 32 * q < E ? p[lane + 32 * q] : 0.0f;
     float sum = 0.0f;
     for (int r = 0; r < k; ++r) {
         // best untaken value of this lane: numbers first, then NaN; lowest id among equals
@@ -1793,12 +1875,20 @@ MP_HD void mp_topk_row_regs(const float* p, int E, int k, int* __restrict__ id, 
         const float v = num && m != 0.0f ? m : p[win];
         if (lane == 0) {
             id[r] = win;
+            if (id2) id2[r] = win;
             wt[r] = v;
         }
         sum = mp_fadd(sum, v);
     }
     if (lane == 0)
         for (int r = 0; r < k; ++r) wt[r] = wt[r] / sum;
+}
+template <int REGS>
+MP_HD void mp_topk_row_regs(const float* p, int E, int k, int* __restrict__ id, float* __restrict__ wt, int lane) {
+    float pv[REGS];
+#pragma unroll
+    for (int q = 0; q < REGS; ++q) pv[q] = lane + 32 * q < E ? p[lane + 32 * q] : 0.0f;
+    mp_topk_row_held<REGS>(pv, p, E, k, id, wt, nullptr, lane);
 }
 MP_HD void mp_topk_row(const float* p, int E, int k, int* __restrict__ id, float* __restrict__ wt, int lane) {
     if (E <= 128) mp_topk_row_regs<4>(p, E, k, id, wt, lane);
@@ -2173,22 +2263,69 @@ extern "C" MP_GLOBAL void combine_norm_digits(const float* __restrict__ y, const
 // softmax_rows), then its top-k (as router_topk). When the grid is one block (T <= MP_WARPS, short
 // prompts) the block then meets at a barrier and groups the pairs by expert (as expert_group);
 // with more blocks `group` is 0 and expert_group runs after. Bit for bit the separate kernels' results.
+// Up to 128 experts a warp keeps its row in registers from the logits to the top-k, and up to 32 pairs
+// warp 0 alone groups them (mp_group_pairs_warp).
+
+// mp_softmax_row of a row of E <= 128 values, 4 a lane (x[q]: column lane + 32 q), into o and, in place, x
+MP_HD void mp_softmax_regs4(float (&x)[4], int E, float* __restrict__ o, int lane) {
+    const float NEG_INF = mp_bits_to_float(0xFF800000u);
+    float mv[2] = {NEG_INF, 0.0f};  // the largest number; whether there is a NaN
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+        if (lane + 32 * q < E) {
+            if (x[q] == x[q]) mv[0] = fmaxf(mv[0], x[q]);
+            else mv[1] = 1.0f;
+        }
+    }
+    mp_warp_allmax<2>(mv);
+    const float m = mv[1] > 0.0f ? mp_bits_to_float(0x7FC00000u) : mv[0];  // NumPy's max propagates NaN
+    float ex[4], sum = 0.0f;
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+        ex[q] = expf(mp_fsub(x[q], m));
+        if (lane + 32 * q < E) sum = mp_fadd(sum, ex[q]);
+    }
+    sum = mp_warp_sum1(sum);
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+        const int i = lane + 32 * q;
+        x[q] = ex[q] / sum;
+        if (i < E) o[i] = x[q];
+    }
+}
+
 extern "C" MP_GLOBAL void moe_route(const float* __restrict__ logits, int T, int E, int k, float* probs,
                                     int* ids, float* __restrict__ weights, int group,
                                     int* __restrict__ pairs, int* __restrict__ offsets, int* __restrict__ active,
                                     int n_act_len, int* __restrict__ order) {
+    MP_SHARED mp_group_smem sm;
     mp_grid_sync();
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, t = blockIdx.x * MP_WARPS + warp;
+    const bool quick = group && T * k <= 32 && E <= MP_GROUP_WARP_EXPERTS;  // uniform over the block
     if (t < T) {  // no early return: the whole block meets at the barrier below
         float* pr = probs + (mp_i64)t * E;
-        mp_softmax_row(logits + (mp_i64)t * E, E, E, pr, lane);
-        mp_syncwarp();  // a lane's top-k scan reads columns other lanes wrote
-        mp_topk_row(pr, E, k, ids + (mp_i64)t * k, weights + (mp_i64)t * k, lane);
+        if (E <= 128) {
+            const float* lr = logits + (mp_i64)t * E;
+            float x[4];
+#pragma unroll
+            for (int q = 0; q < 4; ++q) x[q] = lr[lane + 32 * q < E ? lane + 32 * q : 0];
+            mp_softmax_regs4(x, E, pr, lane);
+            mp_syncwarp();  // a zero or NaN winner's value is read back from pr
+            mp_topk_row_held<4>(x, pr, E, k, ids + (mp_i64)t * k, weights + (mp_i64)t * k, quick ? sm.ids + t * k : nullptr,
+                                lane);
+        } else {
+            mp_softmax_row(logits + (mp_i64)t * E, E, E, pr, lane);
+            mp_syncwarp();  // a lane's top-k scan reads columns other lanes wrote
+            mp_topk_row(pr, E, k, ids + (mp_i64)t * k, weights + (mp_i64)t * k, lane);
+        }
     }
-    MP_SHARED mp_group_smem sm;
     if (group) {
         mp_syncthreads();  // every token's ids written and visible to the block
-        mp_group_pairs(ids, T, k, E, pairs, offsets, active, n_act_len, order, sm);
+        if (quick) {
+            if (warp == 0) mp_group_pairs_warp(sm.ids, T, k, E, pairs, offsets, active, n_act_len, order, lane);
+        } else {
+            mp_group_pairs(ids, T, k, E, pairs, offsets, active, n_act_len, order, sm);
+        }
     }
 }
 
