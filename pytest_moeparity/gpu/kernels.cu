@@ -2188,7 +2188,7 @@ extern "C" MP_GLOBAL void norm_digits(const float* __restrict__ a, const float* 
 // the RMSNorm of res with `weight` (the next layer's attn_norm or the output norm) and its digits, as
 // norm_digits: bit for bit moe_combine(residual) then rms_norm and act_digits. One launch instead of two
 // at every layer boundary.
-#define MP_COMBINE_SLOTS 4
+#define MP_COMBINE_SLOTS 8       // every slot of a top-8 router in one chunk: the rows' loads behind one read of `order`
 template <bool AL>
 MP_HD void mp_combine_row(const float* __restrict__ y, const float* __restrict__ w, const int* __restrict__ order, int t,
                           int k, int n, int tid, float (&acc)[MP_ROW_GROUPS][4]) {
