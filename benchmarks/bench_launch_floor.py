@@ -10,7 +10,10 @@ Kernels (each starts with the forward's own wait, `griddepcontrol.wait` then `la
   row    a block per row of 2048 floats (256 threads): load, block sum through shared memory, scale,
          store (a row kernel like norm_digits, on rows the previous launch wrote).
 Each chain is --launches launches long (default 480: 48 layers x 10); the table gives the graph replay's
-median time per launch. Needs CuPy and a GPU (sm_90 for PDL).
+median time per launch. A second table gives what a persistent kernel would pay instead: one launch whose
+blocks (all resident at once; the occupancy API checks) cross --launches grid-wide barriers (each block's
+thread 0 adds to a count in global memory and spins on an acquire load until every block has), the median
+microseconds per barrier. Needs CuPy and a GPU (sm_90 for PDL).
 
     python benchmarks/bench_launch_floor.py [--launches 480] [--repeat 20] [--out PATH]
 """
@@ -39,6 +42,22 @@ extern "C" __global__ void noop(float* buf, int n) { grid_sync(); }
 extern "C" __global__ void touch(float* buf, int n) {
     grid_sync();
     if (threadIdx.x == 0) buf[blockIdx.x] = buf[blockIdx.x] + 1.0f;
+}
+// a persistent grid crossing `rounds` grid-wide barriers (count zeroed before the launch)
+extern "C" __global__ void barriers(unsigned int* count, int rounds) {
+    for (int r = 1; r <= rounds; ++r) {
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            __threadfence();
+            atomicAdd(count, 1u);
+            const unsigned int target = (unsigned int)r * gridDim.x;
+            unsigned int seen;
+            do {
+                asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(seen) : "l"(count) : "memory");
+            } while (seen < target);
+        }
+        __syncthreads();
+    }
 }
 extern "C" __global__ void row(float* buf, int n) {  // block b: row b of n floats, in place
     __shared__ float part[8];
@@ -93,6 +112,45 @@ def _chain_ms(cp, fn, grid: int, block: int, buf, launches: int, pdl, repeat: in
     return statistics.median(times)
 
 
+BARRIER_GRIDS = [(132, 128), (264, 128), (528, 128)]  # a block per SM, 2 and 4 (the product kernels' residency)
+
+
+def _resident_blocks(fn, block: int) -> int:
+    """Blocks of fn that fit on the whole GPU at once (cuOccupancyMaxActiveBlocksPerMultiprocessor x SMs)."""
+    import ctypes
+
+    import cupy as cp
+
+    lib = ctypes.CDLL("libcuda.so.1")
+    per_sm = ctypes.c_int(0)
+    rc = lib.cuOccupancyMaxActiveBlocksPerMultiprocessor(ctypes.byref(per_sm), ctypes.c_void_p(int(fn.ptr)),
+                                                         ctypes.c_int(block), ctypes.c_size_t(0))
+    if rc != 0:
+        raise RuntimeError(f"cuOccupancyMaxActiveBlocksPerMultiprocessor failed ({rc})")
+    sms = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)["multiProcessorCount"]
+    return per_sm.value * sms
+
+
+def _barrier_us(cp, fn, grid: int, block: int, rounds: int, repeat: int) -> float:
+    """Median microseconds per grid-wide barrier of one persistent launch crossing `rounds` of them."""
+    count = cp.zeros(1, dtype=np.uint32)
+    stream = cp.cuda.Stream(non_blocking=True)
+    times = []
+    with stream:
+        for i in range(repeat + 1):
+            count.fill(0)
+            start, end = cp.cuda.Event(), cp.cuda.Event()
+            start.record(stream)
+            fn((grid,), (block,), (count, np.int32(rounds)))
+            end.record(stream)
+            end.synchronize()
+            if i:  # the first launch is a warm-up
+                times.append(cp.cuda.get_elapsed_time(start, end))
+    if int(count.get()[0]) != rounds * grid:
+        raise RuntimeError(f"barrier count {int(count.get()[0])}, expected {rounds * grid}")
+    return 1000.0 * statistics.median(times) / rounds
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--launches", type=int, default=480, help="launches per chain (48 layers x 10 by default)")
@@ -128,8 +186,19 @@ def main(argv=None) -> int:
     print(f"{args.launches} dependent launches per chain, graph replay, median of {args.repeat}"
           + ("" if pdl is not None else f" (PDL unavailable: {why_not})"))
     print(tabulate(rows, headers="keys", tablefmt="github"))
+    bfn = module.get_function("barriers")
+    barrier_rows = []
+    for grid, block in BARRIER_GRIDS:
+        fits = _resident_blocks(bfn, block)
+        row = {"grid": grid, "block": block, "resident_blocks": fits}
+        # a grid that does not fit at once would spin forever on blocks that never start
+        row["us_per_barrier"] = round(_barrier_us(cp, bfn, grid, block, args.launches, args.repeat), 3) if grid <= fits else None
+        barrier_rows.append(row)
+    print(f"\none persistent launch crossing {args.launches} grid-wide barriers, median of {args.repeat}")
+    print(tabulate(barrier_rows, headers="keys", tablefmt="github"))
     path = write_result("launch-floor", {"benchmark": "launch_floor", "launches": args.launches,
-                                         "repeat": args.repeat, "compute_capability": cc, "rows": rows}, args.out)
+                                         "repeat": args.repeat, "compute_capability": cc, "rows": rows,
+                                         "barriers": barrier_rows}, args.out)
     print(f"wrote {path}")
     return 0
 
