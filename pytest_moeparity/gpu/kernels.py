@@ -1000,7 +1000,7 @@ def counter_buffer(*, backend: Backend | None = None):
     return _backend(backend).xp.zeros((ATTN_MAX_T,), dtype=np.int32)
 
 
-def fuses_norm_rope_attention(T: int, nh: int, nkv: int, hd: int) -> bool:
+def fuses_norm_rope_attention(T: int, nh: int, hd: int) -> bool:
     """Whether :func:`norm_rope_attention` runs these sizes in one launch: head_dim <= ATTN_HEAD_DIM,
     heads x head_dim <= ATTN_COLS and a multiple of 32, tokens x head_dim <= ATTN_KV, tokens <= ATTN_MAX_T."""
     cols = nh * hd
@@ -1017,7 +1017,7 @@ def norm_rope_attention(q, k, v, wq, wk, eps: float, cos, sin, *, sync=None, bac
     q, k, wq, wk, cos, sin, (T, nh, nkv, hd) = _qk_args("norm_rope_attention", q, k, wq, wk, cos, sin, be)
     v = _kv_check("norm_rope_attention", k, v, T, nh, nkv, hd, be)
     cols = nh * hd
-    if not fuses_norm_rope_attention(T, nh, nkv, hd):
+    if not fuses_norm_rope_attention(T, nh, hd):
         qn, kn, qr, kr = qk_norm_rope(q, k, wq, wk, eps, cos, sin, backend=be)
         scores, probs, ctx = attention_core(qr, kr, v, backend=be)
         return qn, kn, qr, kr, scores, probs, ctx, act_digits(ctx, backend=be)
