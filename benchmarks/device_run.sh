@@ -6,10 +6,10 @@
 # check, the per-kernel device times of a 4-layer 30b-a3b-shaped model at 3 tokens (ordinary launches; then
 # for each of the compile options in PROFILE_VARIANTS, ';'-separated, its table only), the full 30b-a3b forward at 3 and 64 tokens (the models are made in the background meanwhile), a same-machine
 # baseline at 3 tokens, then, while under DEVICE_RUN_BUDGET_S (default 250) seconds have passed, the heavy
-# pytest wall time. The baseline is the tree in .gpu/base where there is one (made here with
+# pytest wall time. After the tiny check, bench_launch_floor.py (launch-floor.json). The baseline is the tree in .gpu/base where there is one (made here with
 # `mkdir -p .gpu/base && git archive REV | tar -x -C .gpu/base`, `.gpu` ignored and carried), else this tree
 # with MOEPARITY_NVRTC_OPTIONS=BASELINE_OPTIONS (default "-DMP_MMA_Q6K=0"). Results: $OUT/gpu-30b-a3b.json,
-# gpu-30b-a3b-baseline.json, profile-30b4-pdl-off.json, gpu-pytest-30b-a3b.json and the logs.
+# gpu-30b-a3b-baseline.json, profile-30b4-pdl-off.json, gpu-pytest-30b-a3b.json, launch-floor.json and the logs.
 cd "$(dirname "$0")/.."
 base_opts=${1:--DMP_MMA_Q6K=0}
 budget=${DEVICE_RUN_BUDGET_S:-250}
@@ -21,11 +21,12 @@ export PYTHONPATH=/tmp/site MOEPARITY_CACHE=/tmp/mpcache
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 (python3 -m pytest_moeparity.cli make-model /tmp/30b4.gguf --preset 30b-a3b --layers 4 --jobs 4 --quiet; \
  python3 -m pytest_moeparity.cli make-model /tmp/30b.gguf --preset 30b-a3b --jobs 11 --quiet; echo "make rc=$?") \
-  > "$out/make.log" 2>&1 &
+  > /tmp/make.log 2>&1 &
 timeout 200 python3 -m pytest -m gpu -n 5 -q tests/test_gpu.py > "$out/gpu-tests.log" 2>&1
 rc=$?; el "gpu tests rc=$rc"
 tail -2 "$out/gpu-tests.log"; grep -E "^(FAILED|ERROR)" "$out/gpu-tests.log" | head -20
 timeout 40 python3 -m pytest_moeparity.cli check builtin:tiny --candidate cupy --stages all 2>&1 | tail -1
+timeout 60 python3 benchmarks/bench_launch_floor.py --out "$out/launch-floor.json" 2>&1 | grep -E "^\||launch"; el "launch floor"
 while [ ! -s /tmp/30b4.gguf ]; do sleep 2; done; el "4-layer model made"
 MOEPARITY_PDL=0 timeout 90 python3 benchmarks/profile_gpu.py --model /tmp/30b4.gguf --tokens 3 --graph-only --top 22 \
   --tag 30b4-pdl-off --out "$out/profile-30b4-pdl-off.json" 2>&1 | grep -E "^\||graph" | cut -c1-120 | head -30
@@ -36,7 +37,7 @@ for opt in "${variants[@]}"; do
   MOEPARITY_NVRTC_OPTIONS="$opt" MOEPARITY_PDL=0 timeout 150 python3 benchmarks/profile_gpu.py --model /tmp/30b4.gguf \
     --tokens 3 --graph-only --top 12 --tag variant --out /tmp/variant.json 2>&1 | grep -E "^\||graph" | cut -c1-120
 done
-while ! grep -q "make rc" "$out/make.log"; do sleep 2; done; tail -1 "$out/make.log"; el made
+while ! grep -q "make rc" /tmp/make.log; do sleep 2; done; tail -1 /tmp/make.log; el made
 timeout 100 python3 benchmarks/bench_gpu.py --model /tmp/30b.gguf --tokens 3,64 --repeat 3 --tag 30b-a3b \
   --out "$out/gpu-30b-a3b.json" > "$out/bench.log" 2>&1; el "bench rc=$?"
 grep -E "^\|" "$out/bench.log" | cut -c1-250 | tail -6
