@@ -603,7 +603,10 @@ def test_experts_tensor_core_path(backend, T, qt):
     out = _poisoned(backend, (T, k, N))
     Kn.qmatmul_experts(_dev(backend, x), wt3, routing, out=out, backend=backend)
     if hasattr(backend, "launches"):
-        want = ["act_digits", f"qmm_experts_mma<{Kn.KERNEL_QTYPES[qt]}>"]
+        # K = 768: a warp's 16 rows are staged in shared memory (Q4_K: 432-byte rows, the <12,1> instance)
+        want = ["act_digits", Kn.experts_mma_kernel(Kn.KERNEL_QTYPES[qt], int(raw.shape[-1]))]
+        assert want[1] == (f"qmm_experts_mma<{Kn.KERNEL_QTYPES[qt]},1>" if qt == Q.Q4_K and Kn.STAGE_Q4_EXPERTS
+                           else f"qmm_experts_mma<{Kn.KERNEL_QTYPES[qt]}>")
         assert backend.launches[n_before:] == want, backend.launches[n_before:]
     got = _host(backend, out)
     what = f"tensor-core {qt.name} experts T={T}"
@@ -628,6 +631,47 @@ def test_experts_tensor_core_path(backend, T, qt):
     assert np.isfinite(got2[good]).all()
     ref2 = np.einsum("pc,pnc->pn", xp_.astype(np.float64), w[ids.reshape(-1)])
     _assert_close(got2[good], ref2[good], what + " (pair rows)")
+
+
+@pytest.mark.parametrize("qt,Kc", [(Q.Q4_K, 768), (Q.Q4_K, 2048), (Q.Q6_K, 768)], ids=["Q4_K-staged", "Q4_K", "Q6_K"])
+def test_experts_mma_reads_settled_routing_early(backend, qt, Kc):
+    """A routing written two or more launches back is read (and the expert's rows staged) before the
+    programmatic-launch wait: the launch counts say when, per stream, and the products are bit for bit
+    those of the same routing read after the wait; one launch back, or not known, it is read after."""
+    from dataclasses import replace
+
+    from pytest_moeparity.gpu import kernels as Kn
+
+    if not backend.mma:
+        pytest.skip("the device has no int8 mma (compute capability below 8.0)")
+    E, N, T, k = 6, 40, 3, 4
+    rng = _rng("experts-early", qt.name, Kc)
+    raw = _quantized(rng, qt, (E, N, Kc))
+    wt3 = _device_tensor(backend, raw, qt, (E, N, Kc))
+    logits = _dev(backend, rng.standard_normal((T, E)).astype(np.float32))
+    x = _dev(backend, rng.standard_normal((T * k, Kc)).astype(np.float32))
+    _, ids, _, routing = Kn.route_experts(logits, k, backend=backend)
+    assert routing.written_at == backend.launch_mark()
+    assert not Kn._written_two_back(routing, backend)  # the next launch is the one right after
+    digits = Kn.act_digits(x, backend=backend)             # one launch between
+    assert Kn._written_two_back(routing, backend) == bool(Kn.EXPERTS_EARLY)  # (MP_EXPERTS_EARLY=0: never)
+    assert not Kn._written_two_back(replace(routing, written_at=None), backend)
+    early = _host(backend, Kn.qmatmul_experts(x, wt3, routing, x_per_pair=True, digits=digits, backend=backend))
+    late = _host(backend, Kn.qmatmul_experts(x, wt3, replace(routing, written_at=None), x_per_pair=True,
+                                             digits=digits, backend=backend))
+    assert np.isfinite(early).all()
+    assert np.array_equal(early.view(np.uint32), late.view(np.uint32))
+    w = _deq(raw, qt, (E, N, Kc)).astype(np.float64)
+    ref = np.einsum("pc,pnc->pn", _host(backend, x).astype(np.float64), w[_host(backend, ids).reshape(-1)])
+    _assert_close(early.reshape(T * k, N), ref, f"{qt.name} K={Kc} early routing")
+    if backend.name == "cupy":  # launch counts are per stream: a routing of another stream is not early
+        import cupy
+
+        with cupy.cuda.Stream():
+            assert not Kn._written_two_back(routing, backend)
+            Kn.act_digits(x, backend=backend)
+            Kn.act_digits(x, backend=backend)
+            assert not Kn._written_two_back(routing, backend)
 
 
 @pytest.mark.parametrize("T", [2, 3, 4])
@@ -1321,7 +1365,8 @@ def test_short_prompt_forward_on_tensor_cores(backend, model_factory, preset, n_
         engine.run(tokens, SavePlan.empty())  # the forward alone (captured per-expert stages add products)
         launched = backend.launches[n_before:]
         n_layers = model.config.n_layers
-        for name in ("qmm_dense_mma<12>", "qmm_experts_mma<12>", "qmm_dense_mma<14>", "qmm_experts_mma<14>"):
+        # (the tiny and small presets' Q4_K expert rows are short enough to be staged: <12,1>)
+        for name in ("qmm_dense_mma<12>", "qmm_experts_mma<12,1>", "qmm_dense_mma<14>", "qmm_experts_mma<14>"):
             assert name in launched, f"{name} not launched: {sorted(set(launched))}"
         # each product input's digits once, however many products read it, by the kernel writing the input:
         # per layer attn_norm (q / k / v) and ffn_norm (gate / up) by their norms, the context (attn_output)

@@ -190,6 +190,7 @@ class EmulatorBackend(K.Backend):
             b = tuple(int(v) for v in block) + (1,) * (3 - len(block))
             rc = self.lib.emu_launch(name.encode(), *g, *b, ptrs, int(uses_warp), err, 512, ctypes.byref(fault))
             self.launches.append(name)
+            self._count_launch()
             if rc == -1:
                 raise K.KernelError(f"emulator: unknown kernel {name}")
             if rc == 1:

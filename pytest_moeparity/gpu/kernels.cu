@@ -1481,64 +1481,104 @@ MP_HD void mp_cp_async_wait() {
 // thread tid of nth copies its share of `bytes` (even) from src (16-byte aligned) to dst (16-byte aligned):
 // 16-byte pieces, then the tail 2 bytes a thread; the copies are complete for the thread on return (the
 // caller's barrier makes them visible to the others)
-MP_HD void mp_stage_rows(mp_u8* dst, const mp_u8* __restrict__ src, int bytes, int tid, int nth) {
+MP_HD void mp_stage_rows_issue(mp_u8* dst, const mp_u8* __restrict__ src, int bytes, int tid, int nth) {
     const int whole = bytes >> 4;
     for (int i = tid; i < whole; i += nth) mp_cp_async16(dst + 16 * i, src + 16 * i);
     for (int i = 16 * whole + 2 * tid; i < bytes; i += 2 * nth) *(mp_u16*)(dst + i) = *(const mp_u16*)(src + i);
+}
+MP_HD void mp_stage_rows(mp_u8* dst, const mp_u8* __restrict__ src, int bytes, int tid, int nth) {
+    mp_stage_rows_issue(dst, src, bytes, tid, nth);  // (its 16-byte pieces complete at the wait)
     mp_cp_async_wait();
 }
 
+// an int from L2 (not L1): read before the programmatic-launch wait, written by an earlier kernel
+MP_HD int mp_ld_l2(const int* p) {
+#if defined(__CUDA_ARCH__)
+    return __ldcg(p);
+#else
+    return *p;
+#endif
+}
+// v[u] for u < 4 (u not known at compile time) without a local-memory array
+MP_HD int mp_pick4(const int (&v)[4], int u) { return u == 0 ? v[0] : u == 1 ? v[1] : u == 2 ? v[2] : v[3]; }
+
 // grid (groups * matrices, active experts) with groups = ceil(N / (16 MP_WARPS)), block MP_THREADS;
 // arguments as qmm_experts, with the activations as act_digits wrote them (K: whole super-blocks).
-template <int QT>
+// ST: a warp's 16 rows are staged in shared memory where they fit MP_Q6_STAGE bytes and start 16-byte
+// aligned (Q6_K always: its rows are only 2-byte aligned; Q4_K where kernels.py picks <12,1>: the down
+// projection's 432-byte rows, whose 3 super-blocks then arrive in one round instead of one after another;
+// 432 = 108 words puts a warp's 8 rows on distinct banks, so they need no padding). early: the routing
+// was written two or more launches before this one in the stream (kernels.py counts), so it is complete
+// when this kernel starts (every block of the launch before passed its own wait, which waited for it):
+// the routing is read and the rows staged or prefetched before the wait, while that launch still runs.
+template <int QT, int ST = (QT == 14)>
 MP_MMA_GLOBAL void qmm_experts_mma(const mp_u8* __restrict__ w0, const mp_u8* __restrict__ w1, mp_i64 row_bytes,
                                    mp_i64 expert_bytes, int N, int K, const mp_u32* __restrict__ xd,
                                    const float* __restrict__ xs, const float* __restrict__ xunit, int x_div,
                                    const int* __restrict__ pairs, const int* __restrict__ offsets,
-                                   const int* __restrict__ active, float* __restrict__ out0, float* __restrict__ out1, int ldo) {
-    MP_SHARED mp_u4 stage[QT == 14 ? MP_WARPS : 1][QT == 14 ? MP_Q6_STAGE / 16 : 1];  // Q6_K: staged rows
-    mp_grid_sync();  // the routing and the digits were written by earlier kernels
-    const int e = active[blockIdx.y];
-    if (e < 0) return;
+                                   const int* __restrict__ active, float* __restrict__ out0, float* __restrict__ out1, int ldo,
+                                   int early) {
+    MP_SHARED mp_u4 stage[ST ? MP_WARPS : 1][ST ? MP_Q6_STAGE / 16 : 1];  // the staged rows
     const int groups = (N + MP_WARPS * 16 - 1) / (MP_WARPS * 16);
     const bool second = (int)blockIdx.x >= groups;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gid = lane >> 2, tig = lane & 3;
     const int n0 = (((int)blockIdx.x - (second ? groups : 0)) * MP_WARPS + warp) * 16;
-    if (n0 >= N) return;  // uniform over the warp
-    const mp_u8* we = (second ? w1 : w0) + (mp_i64)e * expert_bytes;
+    int e = -1, beg = 0, end = 0, pp[4] = {0, 0, 0, 0};  // pp: the pairs of the pass starting at beg
+    const mp_u8* we = nullptr;
     int wN = N, wn0 = n0;  // the pass's rows: we's rows n0 .. (clamped to N - 1)
-    if (QT == 14 && 16 * row_bytes <= MP_Q6_STAGE && mp_aligned(we + (mp_i64)n0 * row_bytes, 16)) {
-        wN = N - n0 < 16 ? N - n0 : 16;  // uniform over the warp
-        mp_u8* st = (mp_u8*)stage[QT == 14 ? warp : 0];
-        mp_stage_rows(st, we + (mp_i64)n0 * row_bytes, (int)(wN * row_bytes), lane, 32);
+    bool staged = false;
+    auto pass_pairs = [&](int p0) {
+#pragma unroll
+        for (int u = 0; u < 4; ++u) pp[u] = mp_ld_l2(pairs + (p0 + u < end ? p0 + u : end - 1));
+    };
+    auto prepare = [&]() {  // uniform over the warp
+        e = mp_ld_l2(active + blockIdx.y);
+        if (e < 0 || n0 >= N) return;
+        we = (second ? w1 : w0) + (mp_i64)e * expert_bytes;
+        if (ST && 16 * row_bytes <= MP_Q6_STAGE && mp_aligned(we + (mp_i64)n0 * row_bytes, 16)) {
+            wN = N - n0 < 16 ? N - n0 : 16;
+            mp_u8* st = (mp_u8*)stage[ST ? warp : 0];
+            mp_stage_rows_issue(st, we + (mp_i64)n0 * row_bytes, (int)(wN * row_bytes), lane, 32);
+            we = st;
+            wn0 = 0;
+            staged = true;
+        } else if (lane == 0) {
+            mp_prefetch_rows(we, row_bytes, N, n0, 16);
+        }
+        beg = mp_ld_l2(offsets + e);
+        end = mp_ld_l2(offsets + e + 1);
+        if (end > beg) pass_pairs(beg);
+    };
+    if (early) prepare();
+    mp_grid_sync();  // the digits were written by the launch before (the routing too, unless early)
+    if (!early) prepare();
+    if (e < 0 || n0 >= N) return;  // uniform over the warp
+    if (staged) {
+        mp_cp_async_wait();
         mp_syncwarp();
-        we = st;
-        wn0 = 0;
-    } else if (lane == 0) {
-        mp_prefetch_rows(we, row_bytes, N, n0, 16);
     }
     const bool al = mp_mma_aligned<QT>(we, row_bytes);  // uniform over the warp
     float* out = second ? out1 : out0;
-    const int beg = offsets[e], end = offsets[e + 1];
-    for (int p0 = beg; p0 < end; p0 += 4) {
+    for (int p0 = beg; p0 < end; p0 += 4) {  // pp: this pass's pairs
         const int nt = (end - p0) < 4 ? (end - p0) : 4;
         const mp_u32* bq[2];
         const float* sq[2];
         bool bon[2];
         float unit[2];
-        mp_mma_pass_inputs(nt, [&](int u) { return pairs[p0 + u] / x_div; }, K, xd, xs, xunit, lane, bq, bon, sq, unit);
         int opair[2];
 #pragma unroll
         for (int i = 0; i < 2; ++i) {
             const int ud = 2 * i + (tig >> 1);
-            opair[i] = ud < nt ? pairs[p0 + ud] : -1;
+            opair[i] = ud < nt ? mp_pick4(pp, ud) : -1;
         }
+        mp_mma_pass_inputs(nt, [&](int u) { return mp_pick4(pp, u) / x_div; }, K, xd, xs, xunit, lane, bq, bon, sq, unit);
         float res[2];
         mp_mma_dispatch<QT>(al, nt, we, row_bytes, wN, wn0, K, 0, 1, bq, bon, sq, unit, lane, res);
         const int n = n0 + gid + 8 * (tig & 1);
 #pragma unroll
         for (int i = 0; i < 2; ++i)
             if (opair[i] >= 0 && n < N) out[(mp_i64)opair[i] * ldo + n] = res[i];
+        if (p0 + 4 < end) pass_pairs(p0 + 4);
     }
 }
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 import re
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +97,15 @@ MMA_DENSE_SBS = _tuning_define("MP_MMA_DENSE_SBS", 2)
 MMA_Q6K = _tuning_define("MP_MMA_Q6K", 1)
 MMA_QTYPES = (KERNEL_QTYPES[Q.Q4_K], KERNEL_QTYPES[Q.Q6_K])  # the instances compiled
 MMA_ON_QTYPES = MMA_QTYPES if MMA_Q6K else MMA_QTYPES[:1]    # the types use_mma sends there
+# qmm_experts_mma stages a warp's 16 weight rows in shared memory where they fit this many bytes
+# (MP_Q6_STAGE): Q6_K always (<14>), Q4_K in its own instance <12,1> (the 30b-a3b down projection's 432-byte
+# rows) unless MP_STAGE_Q4_EXPERTS is 0; <12> (gate / up's 1152-byte rows) keeps no shared memory, so L1
+# keeps its whole share
+EXPERT_STAGE_BYTES = 10240
+STAGE_Q4_EXPERTS = _tuning_define("MP_STAGE_Q4_EXPERTS", 1)
+# qmm_experts_mma reads a routing written two or more launches back before its programmatic-launch wait
+# (MP_EXPERTS_EARLY=0: always after it; tuning switch)
+EXPERTS_EARLY = _tuning_define("MP_EXPERTS_EARLY", 1)
 # up to this many tokens every expert has at most 4 pairs: one pass of the kernel (an expert with more
 # pairs takes passes of 4 one after another, which long prompts with skewed routing would feel)
 MMA_MAX_TOKENS = _tuning_define("MP_MMA_MAX_TOKENS", 4)
@@ -108,7 +117,7 @@ NAME_EXPRESSIONS: tuple[str, ...] = tuple(
     [f"qmm_dense<{q},{nt}>" for q in sorted(KERNEL_QTYPES.values()) for nt in TOKEN_TILES]
     + [f"qmm_dense_splitk<{q},{nt}>" for q in sorted(KERNEL_QTYPES.values()) for nt in SPLITK_TILES]
     + [f"qmm_experts<{q},{nt}>" for q in sorted(KERNEL_QTYPES.values()) for nt in TOKEN_TILES]
-    + [f"qmm_experts_mma<{q}>" for q in MMA_QTYPES]
+    + [f"qmm_experts_mma<{q}>" for q in MMA_QTYPES] + [f"qmm_experts_mma<{KERNEL_QTYPES[Q.Q4_K]},1>"]
     + [f"qmm_dense_mma<{q}>" for q in MMA_QTYPES]
     + ["act_digits", "norm_digits", "swiglu_digits", "norm_rope_attention", "combine_norm_digits", "expert_group", "router_topk", "moe_route", "moe_combine", "round_bf16", "rms_norm", "add_rms_norm", "softmax_rows", "attention_core",
        "qk_norm_rope", "rope_neox", "swiglu", "add_f32"])
@@ -222,6 +231,21 @@ class Backend:
     def launch(self, name: str, grid: tuple, block: tuple, args: tuple) -> None:
         raise NotImplementedError
 
+    def stream_key(self) -> int:
+        """The stream the next launch goes to (launches are ordered per stream)."""
+        return 0
+
+    def launch_mark(self) -> tuple[int, int]:
+        """(stream, launches made on it through this backend so far): where a kernel's output was written,
+        so that a later launch knows how far back that was (see :func:`_written_two_back`)."""
+        key = self.stream_key()
+        return key, self.__dict__.setdefault("_launch_counts", {}).get(key, 0)
+
+    def _count_launch(self) -> None:
+        """Subclasses call it after each launch."""
+        counts, key = self.__dict__.setdefault("_launch_counts", {}), self.stream_key()
+        counts[key] = counts.get(key, 0) + 1
+
     def is_array(self, a) -> bool:
         return isinstance(a, self.xp.ndarray)
 
@@ -305,12 +329,16 @@ class CupyBackend(Backend):
         except Exception as exc:
             raise KernelError(f"launching {name} grid={tuple(grid)} block={tuple(block)} failed: "
                               f"{type(exc).__name__}: {exc}") from exc
+        self._count_launch()
         if _DEBUG:
             try:
                 self.cupy.cuda.runtime.deviceSynchronize()
             except Exception as exc:
                 raise KernelError(f"kernel {name} grid={tuple(grid)} block={tuple(block)} failed on the device: "
                                   f"{type(exc).__name__}: {exc}") from exc
+
+    def stream_key(self):
+        return int(self.cupy.cuda.get_current_stream().ptr)
 
     def asnumpy(self, a):
         return self.cupy.asnumpy(a)
@@ -554,6 +582,8 @@ class ExpertRouting:
     active: Any    # int32 [min(E, T*k)]
     order: Any     # int32 [T, k]
     n_experts: int
+    # Backend.launch_mark() just after the launch that wrote it (None: not known)
+    written_at: tuple[int, int] | None = None
 
     @property
     def n_tokens(self) -> int:
@@ -576,7 +606,17 @@ def expert_routing(ids, n_experts: int, *, backend: Backend | None = None) -> Ex
     ids = xp.ascontiguousarray(ids.astype(np.int32, copy=False))
     routing = _empty_routing(ids, n_experts, be)
     _launch_grouping(routing, be)
-    return routing
+    return replace(routing, written_at=be.launch_mark())
+
+
+def _written_two_back(routing: ExpertRouting, be: Backend) -> bool:
+    """Whether the routing was written two or more launches before the next launch on this stream. Every
+    kernel waits for the one before it (mp_grid_sync) before it lets the next one start, so that next one
+    starts only once the routing's kernel is complete: qmm_experts_mma may read it before its own wait."""
+    if routing.written_at is None or not EXPERTS_EARLY:
+        return False
+    key, n = be.launch_mark()
+    return routing.written_at[0] == key and n - routing.written_at[1] >= 1
 
 
 def _empty_routing(ids, n_experts: int, be: Backend) -> "ExpertRouting":
@@ -609,6 +649,7 @@ def route_experts(logits, k: int, *, backend: Backend | None = None):
                    routing.pairs, routing.offsets, routing.active, np.int32(routing.active.shape[0]), routing.order))
         if blocks > 1:
             _launch_grouping(routing, be)
+        routing = replace(routing, written_at=be.launch_mark())
     return probs, ids, weights, routing
 
 
@@ -619,6 +660,14 @@ def use_mma(be: Backend, code: int, kq: int, K: int, T: int) -> bool:
     emulator does), and MP_MMA not 0."""
     return (bool(MMA) and be.mma and code in MMA_ON_QTYPES and kq == K and K % 256 == 0
             and MMA_MIN_TOKENS <= T <= MMA_MAX_TOKENS)
+
+
+def experts_mma_kernel(code: int, row_bytes: int) -> str:
+    """The qmm_experts_mma instance for weight rows of kernel type ``code`` and ``row_bytes`` bytes: Q4_K
+    rows whose warp's 16 fit EXPERT_STAGE_BYTES take the staging instance <12,1>."""
+    if code == KERNEL_QTYPES[Q.Q4_K] and STAGE_Q4_EXPERTS and 16 * row_bytes <= EXPERT_STAGE_BYTES:
+        return f"qmm_experts_mma<{code},1>"
+    return f"qmm_experts_mma<{code}>"
 
 
 def dense_mma_warps(K: int) -> int:
@@ -742,9 +791,10 @@ def qmatmul_experts_shared_input(x, wt3s, routing, *, outs=None, x_per_pair: boo
             if digits is None:
                 digits = act_digits(x, backend=be)
             grid = (_cdiv(N, WARPS * MMA_ROWS) * len(mats), int(routing.active.shape[0]), 1)
-            be.launch(f"qmm_experts_mma<{code}>", grid, (THREADS, 1, 1),
+            be.launch(experts_mma_kernel(code, row_bytes), grid, (THREADS, 1, 1),
                       (w0.raw, w1.raw, np.int64(row_bytes), np.int64(N * row_bytes), np.int32(N), np.int32(K), *digits,
-                       np.int32(x_div), routing.pairs, routing.offsets, routing.active, o0, o1, np.int32(N)))
+                       np.int32(x_div), routing.pairs, routing.offsets, routing.active, o0, o1, np.int32(N),
+                       np.int32(_written_two_back(routing, be))))
             continue
         grid = (_cdiv(N, WARPS * rows_for(nt)) * len(mats), int(routing.active.shape[0]), 1)  # y: the active experts only
         be.launch(f"qmm_experts<{code},{nt}>", grid, (THREADS, 1, 1),
