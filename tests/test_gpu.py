@@ -634,17 +634,18 @@ def test_experts_tensor_core_path(backend, T, qt):
 
 
 @pytest.mark.parametrize("qt,Kc", [(Q.Q4_K, 768), (Q.Q4_K, 2048), (Q.Q6_K, 768)], ids=["Q4_K-staged", "Q4_K", "Q6_K"])
-def test_experts_mma_reads_settled_routing_early(backend, qt, Kc):
+def test_settled_routing_is_read_early(backend, qt, Kc):
     """A routing written two or more launches back is read (and the expert's rows staged) before the
-    programmatic-launch wait: the launch counts say when, per stream, and the products are bit for bit
-    those of the same routing read after the wait; one launch back, or not known, it is read after."""
+    programmatic-launch wait: the launch counts say when, per stream, and the products and the layer
+    boundary's combination are bit for bit those of the same routing read after the wait; one launch
+    back, or not known, it is read after."""
     from dataclasses import replace
 
     from pytest_moeparity.gpu import kernels as Kn
 
     if not backend.mma:
         pytest.skip("the device has no int8 mma (compute capability below 8.0)")
-    E, N, T, k = 6, 40, 3, 4
+    E, N, T, k = 6, 96, 3, 4  # N: a multiple of 32 (the boundary's digits), a block with idle warps
     rng = _rng("experts-early", qt.name, Kc)
     raw = _quantized(rng, qt, (E, N, Kc))
     wt3 = _device_tensor(backend, raw, qt, (E, N, Kc))
@@ -664,6 +665,14 @@ def test_experts_mma_reads_settled_routing_early(backend, qt, Kc):
     w = _deq(raw, qt, (E, N, Kc)).astype(np.float64)
     ref = np.einsum("pc,pnc->pn", _host(backend, x).astype(np.float64), w[_host(backend, ids).reshape(-1)])
     _assert_close(early.reshape(T * k, N), ref, f"{qt.name} K={Kc} early routing")
+    y = _dev(backend, early.reshape(T, k, N))
+    rw = _dev(backend, rng.random((T, k)).astype(np.float32))
+    resid = _dev(backend, rng.standard_normal((T, N)).astype(np.float32))
+    nw = _dev(backend, rng.standard_normal(N).astype(np.float32))
+    got = [Kn.moe_combine_norm(y, rw, r, resid, nw, 1e-6, backend=backend)
+           for r in (routing, replace(routing, written_at=None))]
+    for a, b in zip(got[0][:3] + got[0][3], got[1][:3] + got[1][3]):
+        assert np.array_equal(_host(backend, a), _host(backend, b), equal_nan=True)
     if backend.name == "cupy":  # launch counts are per stream: a routing of another stream is not early
         import cupy
 

@@ -2229,18 +2229,30 @@ extern "C" MP_GLOBAL void norm_digits(const float* __restrict__ a, const float* 
 // norm_digits: bit for bit moe_combine(residual) then rms_norm and act_digits. One launch instead of two
 // at every layer boundary.
 #define MP_COMBINE_SLOTS 8       // every slot of a top-8 router in one chunk: the rows' loads behind one read of `order`
+// the slots of token t's chunk starting at r0 (past k: the last slot again, not added)
+MP_HD void mp_combine_chunk(const int* __restrict__ order, int t, int k, int r0, int (&js)[MP_COMBINE_SLOTS]) {
+#pragma unroll
+    for (int c = 0; c < MP_COMBINE_SLOTS; ++c) js[c] = mp_ld_l2(order + (mp_i64)t * k + (r0 + c < k ? r0 + c : k - 1));
+}
+// first: the first chunk's slots (mp_combine_chunk at r0 = 0)
 template <bool AL>
 MP_HD void mp_combine_row(const float* __restrict__ y, const float* __restrict__ w, const int* __restrict__ order, int t,
-                          int k, int n, int tid, float (&acc)[MP_ROW_GROUPS][4]) {
+                          int k, int n, int tid, const int (&first)[MP_COMBINE_SLOTS], float (&acc)[MP_ROW_GROUPS][4]) {
     const int groups = n >> 2;
 #pragma unroll
     for (int i = 0; i < MP_ROW_GROUPS; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.0f;
     for (int r0 = 0; r0 < k; r0 += MP_COMBINE_SLOTS) {
         float wj[MP_COMBINE_SLOTS], yv[MP_COMBINE_SLOTS][MP_ROW_GROUPS][4];
+        int js[MP_COMBINE_SLOTS];
+        if (r0 == 0) {
+#pragma unroll
+            for (int c = 0; c < MP_COMBINE_SLOTS; ++c) js[c] = first[c];
+        } else {
+            mp_combine_chunk(order, t, k, r0, js);
+        }
 #pragma unroll
         for (int c = 0; c < MP_COMBINE_SLOTS; ++c) {
-            const int r = r0 + c < k ? r0 + c : k - 1;  // past k: the last slot again, not added
-            const int j = order[(mp_i64)t * k + r];
+            const int j = js[c];
             wj[c] = w[(mp_i64)t * k + j];
             mp_row_groups<AL>(y + ((mp_i64)t * k + j) * n, groups, tid, yv[c]);
         }
@@ -2261,24 +2273,30 @@ extern "C" MP_GLOBAL void combine_norm_digits(const float* __restrict__ y, const
                                               const int* __restrict__ order, int T, int k, int n,
                                               const float* __restrict__ x, const float* __restrict__ weight, float eps,
                                               float* __restrict__ out, float* __restrict__ res, float* __restrict__ normed,
-                                              mp_u32* __restrict__ xd, float* __restrict__ xs, float* __restrict__ xunit) {
+                                              mp_u32* __restrict__ xd, float* __restrict__ xs, float* __restrict__ xunit,
+                                              int early) {
     MP_SHARED float sq[MP_ROW_BLOCK_COLS];
     MP_SHARED float wmax[MP_DIGITS_THREADS / 32];
     MP_SHARED float sinv[1];
-    mp_grid_sync();
     const int tid = threadIdx.x, t = (int)blockIdx.x, groups = n >> 2;  // grid T: every block has a row
     const mp_i64 off = (mp_i64)t * n;
     const bool al = mp_aligned(y, 16) && mp_aligned(x, 16) && mp_aligned(weight, 16) && mp_aligned(out, 16)
                     && mp_aligned(res, 16) && mp_aligned(normed, 16);  // every row then (n a multiple of 32)
     float v[MP_ROW_GROUPS][4], xv[MP_ROW_GROUPS][4], wv[MP_ROW_GROUPS][4];
+    int first[MP_COMBINE_SLOTS];
+    // the norm's weights were written by no kernel; early: `order` was written two or more launches back
+    // (see qmm_experts_mma), so the rows' loads after the wait do not wait for it
+    if (al) mp_row_groups<true>(weight, groups, tid, wv);
+    else mp_row_groups<false>(weight, groups, tid, wv);
+    if (early) mp_combine_chunk(order, t, k, 0, first);
+    mp_grid_sync();
+    if (!early) mp_combine_chunk(order, t, k, 0, first);
     if (al) {
         mp_row_groups<true>(x + off, groups, tid, xv);
-        mp_row_groups<true>(weight, groups, tid, wv);
-        mp_combine_row<true>(y, w, order, t, k, n, tid, v);
+        mp_combine_row<true>(y, w, order, t, k, n, tid, first, v);
     } else {
         mp_row_groups<false>(x + off, groups, tid, xv);
-        mp_row_groups<false>(weight, groups, tid, wv);
-        mp_combine_row<false>(y, w, order, t, k, n, tid, v);
+        mp_combine_row<false>(y, w, order, t, k, n, tid, first, v);
     }
 #pragma unroll
     for (int i = 0; i < MP_ROW_GROUPS; ++i) {

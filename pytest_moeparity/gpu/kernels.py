@@ -880,7 +880,7 @@ def moe_combine_norm(y, weights, routing: ExpertRouting, residual, norm_weight, 
     _, digits = _fused_with_digits("moe_combine_norm", normed, T, N, be, lambda dg: be.launch(
         "combine_norm_digits", (T, 1, 1), (DIGITS_THREADS, 1, 1),
         (xp.ascontiguousarray(y), xp.ascontiguousarray(weights), routing.order, np.int32(T), np.int32(k), np.int32(N),
-         residual, norm_weight, np.float32(eps), out, res, normed, *dg)))
+         residual, norm_weight, np.float32(eps), out, res, normed, *dg, np.int32(_written_two_back(routing, be)))))
     return out, res, normed, digits
 
 
