@@ -728,6 +728,20 @@ def test_dense_tensor_core_path(backend, T, Kc):
     assert np.array_equal(got[:bad], _host(backend, outs[1])[:bad]), "the other tokens' products must not change"
 
 
+def _assert_records(backend, r) -> None:
+    """r.records against its pairs / offsets / active: per active slot {expert, first place, one past the
+    last, 0, the first 4 pairs with the last repeated}, {-1, 0, 0, 0, -1 x 4} past them."""
+    pairs, offsets, active = (_host(backend, a) for a in (r.pairs, r.offsets, r.active))
+    want = np.tile(np.array([-1, 0, 0, 0, -1, -1, -1, -1], np.int32), (active.size, 1))
+    for i, e in enumerate(active):
+        if e >= 0:
+            beg, end = int(offsets[e]), int(offsets[e + 1])
+            want[i, :4] = (e, beg, end, 0)
+            want[i, 4:] = pairs[np.minimum(np.arange(beg, beg + 4), end - 1)]
+    got = _host(backend, r.records)
+    assert got.shape == want.shape and np.array_equal(got, want), f"records\n{got}\nwant\n{want}"
+
+
 def test_expert_routing_groups_pairs(backend):
     from pytest_moeparity.gpu import kernels as K
 
@@ -745,6 +759,7 @@ def test_expert_routing_groups_pairs(backend):
     active = _host(backend, r.active)
     assert active.tolist() == used.tolist() + [-1] * (min(E, T * k) - len(used))
     assert _host(backend, r.order).tolist() == np.argsort(ids, axis=1, kind="stable").tolist()
+    _assert_records(backend, r)
 
 
 @pytest.mark.parametrize("E", [8, 128, 160, 512])
@@ -765,6 +780,7 @@ def test_expert_routing_many_experts(backend, E):
     used = np.nonzero(counts)[0].tolist()
     assert _host(backend, r.active).tolist() == used + [-1] * (min(E, T * k) - len(used))
     assert _host(backend, r.order).tolist() == np.argsort(ids, axis=1, kind="stable").tolist()
+    _assert_records(backend, r)  # (token 0's expert: 8 pairs, more than a record holds)
 
 
 # ---- router, combination, bf16 rounding ------------------------------------------------------------------------
@@ -813,8 +829,9 @@ def test_route_experts_is_softmax_topk_grouping(backend, T, E, k):
     assert np.array_equal(_host(backend, ids), _host(backend, want_ids))
     assert np.array_equal(_host(backend, weights), _host(backend, want_w), equal_nan=True)
     assert _host(backend, ids)[0, :2].tolist() == [5, 9]
-    for f in ("pairs", "offsets", "active", "order"):
+    for f in ("pairs", "offsets", "active", "order", "records"):
         assert np.array_equal(_host(backend, getattr(routing, f)), _host(backend, getattr(want_r, f))), f
+    _assert_records(backend, routing)
 
 
 def test_moe_combine_bit_exact(backend):

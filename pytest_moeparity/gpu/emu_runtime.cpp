@@ -38,6 +38,7 @@ typedef unsigned int mp_emu_u32;
 void mp_emu_mma_u8s8(const mp_emu_u32* a, const mp_emu_u32* b, int* d);
 void mp_emu_mma_s8s8_k16(const mp_emu_u32* a, const mp_emu_u32* b, int* d);
 float mp_emu_shfl_xor(float v, int off);
+float mp_emu_shfl_idx(float v, int src);
 void mp_emu_misaligned(const void* p, int n);
 
 #include MP_KERNELS_PATH
@@ -178,6 +179,23 @@ bool run_block_coroutines(unsigned n_threads) {
                 progress = true;
                 continue;
             }
+            if (op == 5) {  // __shfl_sync(mask, v, src): every lane gets lane src's v (its own src)
+                float got[32];
+                for (int i = 0; i < 32; ++i) {
+                    const int src = (int)g_lanes[w0 + i].vals[1];
+                    if (src < 0 || src > 31) {
+                        g_error = "warp exchange from a lane outside 0..31";
+                        return false;
+                    }
+                    got[i] = g_lanes[w0 + src].vals[0];
+                }
+                for (int i = 0; i < 32; ++i) {
+                    g_lanes[w0 + i].vals[0] = got[i];
+                    g_lanes[w0 + i].waiting = false;
+                }
+                progress = true;
+                continue;
+            }
             if (op == 3) {  // __shfl_xor_sync(mask, v, off): every lane gets lane (i ^ off)'s v
                 const int off = (int)g_lanes[w0].vals[1];
                 float got[32];
@@ -286,6 +304,17 @@ void mp_emu_mma_s8s8_k16(const mp_emu_u32* a, const mp_emu_u32* b, int* d) {
     L.waiting = true;
     swapcontext(&L.ctx, &g_sched);
     std::memcpy(d, L.vals, 4 * sizeof(int));
+}
+
+float mp_emu_shfl_idx(float v, int src) {
+    Lane& L = g_lanes[g_cur];
+    L.vals[0] = v;
+    L.vals[1] = (float)src;
+    L.n = 2;
+    L.op = 5;
+    L.waiting = true;
+    swapcontext(&L.ctx, &g_sched);
+    return L.vals[0];
 }
 
 float mp_emu_shfl_xor(float v, int off) {

@@ -284,6 +284,17 @@ MP_HD float mp_shfl_xor(float v, int off) {
 #endif
 }
 template <int N> MP_HD void mp_warp_allmax(float (&v)[N]) { mp_warp_butterfly<true, N>(v); }
+#ifdef MOEPARITY_EMULATOR
+float mp_emu_shfl_idx(float v, int src);
+#endif
+// the v (an int below 2^24) of lane src (each lane its own)
+MP_HD int mp_shfl_idx(int v, int src) {
+#ifdef MOEPARITY_EMULATOR
+    return (int)mp_emu_shfl_idx((float)v, src);
+#else
+    return __shfl_sync(0xFFFFFFFFu, v, src);
+#endif
+}
 
 MP_HD float mp_warp_sum1(float x) { float v[1] = {x}; mp_warp_allreduce<1>(v); return v[0]; }
 
@@ -1499,6 +1510,19 @@ MP_HD int mp_ld_l2(const int* p) {
     return *p;
 #endif
 }
+#define MP_REC 8                // ints per expert record (mp_record_pairs)
+// 8 ints at p (16-byte aligned) from L2: two 16-byte loads
+MP_HD void mp_ld8_l2(const int* p, int (&v)[8]) {
+    mp_aligned_load(p, 16);
+#if defined(__CUDA_ARCH__)
+    const int4 a = __ldcg((const int4*)p), b = __ldcg((const int4*)p + 1);
+    v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
+    v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
+#else
+#pragma unroll
+    for (int i = 0; i < 8; ++i) v[i] = p[i];
+#endif
+}
 // v[u] for u < 4 (u not known at compile time) without a local-memory array
 MP_HD int mp_pick4(const int (&v)[4], int u) { return u == 0 ? v[0] : u == 1 ? v[1] : u == 2 ? v[2] : v[3]; }
 
@@ -1515,9 +1539,8 @@ template <int QT, int ST = (QT == 14)>
 MP_MMA_GLOBAL void qmm_experts_mma(const mp_u8* __restrict__ w0, const mp_u8* __restrict__ w1, mp_i64 row_bytes,
                                    mp_i64 expert_bytes, int N, int K, const mp_u32* __restrict__ xd,
                                    const float* __restrict__ xs, const float* __restrict__ xunit, int x_div,
-                                   const int* __restrict__ pairs, const int* __restrict__ offsets,
-                                   const int* __restrict__ active, float* __restrict__ out0, float* __restrict__ out1, int ldo,
-                                   int early) {
+                                   const int* __restrict__ pairs, const int* __restrict__ records,
+                                   float* __restrict__ out0, float* __restrict__ out1, int ldo, int early) {
     MP_SHARED mp_u4 stage[ST ? MP_WARPS : 1][ST ? MP_Q6_STAGE / 16 : 1];  // the staged rows
     const int groups = (N + MP_WARPS * 16 - 1) / (MP_WARPS * 16);
     const bool second = (int)blockIdx.x >= groups;
@@ -1531,8 +1554,10 @@ MP_MMA_GLOBAL void qmm_experts_mma(const mp_u8* __restrict__ w0, const mp_u8* __
 #pragma unroll
         for (int u = 0; u < 4; ++u) pp[u] = mp_ld_l2(pairs + (p0 + u < end ? p0 + u : end - 1));
     };
-    auto prepare = [&]() {  // uniform over the warp
-        e = mp_ld_l2(active + blockIdx.y);
+    auto prepare = [&]() {  // uniform over the warp: the expert's record (mp_record_pairs), its rows
+        int rec[MP_REC];
+        mp_ld8_l2(records + (mp_i64)MP_REC * blockIdx.y, rec);
+        e = rec[0];
         if (e < 0 || n0 >= N) return;
         we = (second ? w1 : w0) + (mp_i64)e * expert_bytes;
         if (ST && 16 * row_bytes <= MP_Q6_STAGE && mp_aligned(we + (mp_i64)n0 * row_bytes, 16)) {
@@ -1545,9 +1570,10 @@ MP_MMA_GLOBAL void qmm_experts_mma(const mp_u8* __restrict__ w0, const mp_u8* __
         } else if (lane == 0) {
             mp_prefetch_rows(we, row_bytes, N, n0, 16);
         }
-        beg = mp_ld_l2(offsets + e);
-        end = mp_ld_l2(offsets + e + 1);
-        if (end > beg) pass_pairs(beg);
+        beg = rec[1];
+        end = rec[2];
+#pragma unroll
+        for (int u = 0; u < 4; ++u) pp[u] = rec[4 + u];
     };
     if (early) prepare();
     mp_grid_sync();  // the digits were written by the launch before (the routing too, unless early)
@@ -1728,9 +1754,22 @@ MP_HD void mp_warp_scan2(int& n, int& a, int& tn, int& ta, int lane) {
     ta = (int)sa;
 }
 
+// records [n_act_len, MP_REC]: per active slot i, {expert, its first pair's place, one past its last, 0, its
+// first 4 pairs (the last one repeated past its count)}; a slot past the active experts {-1, 0, 0, 0, -1 x 4}.
+// What qmm_experts_mma reads first: one 32-byte record where active -> offsets -> pairs were three reads
+// one after another.
+MP_HD void mp_record_pairs(int* __restrict__ rec, int e, int beg, int end, const int* __restrict__ pairs) {
+    rec[0] = e;
+    rec[1] = beg;
+    rec[2] = end;
+    rec[3] = 0;
+#pragma unroll
+    for (int u = 0; u < 4; ++u) rec[4 + u] = e < 0 ? -1 : pairs[beg + u < end ? beg + u : end - 1];
+}
+
 MP_HD void mp_group_pairs(const int* ids, int T, int k, int E, int* __restrict__ pairs,
                           int* __restrict__ offsets, int* __restrict__ active, int n_act_len, int* __restrict__ order,
-                          mp_group_smem& sm) {
+                          int* __restrict__ records, mp_group_smem& sm) {
     int* next = sm.next;
     int* round_ids = sm.round_ids;
     const int tid = threadIdx.x, P = T * k, lane = tid & 31, warp = tid >> 5;
@@ -1804,6 +1843,11 @@ MP_HD void mp_group_pairs(const int* ids, int T, int k, int E, int* __restrict__
         }
         order[(mp_i64)t * k + rank] = j;
     }
+    mp_syncthreads();  // pairs, offsets and active written (by this block: visible to it after the barrier)
+    for (int i = tid; i < n_act_len; i += MP_THREADS) {
+        const int e = i < n_active ? active[i] : -1;
+        mp_record_pairs(records + (mp_i64)MP_REC * i, e, e < 0 ? 0 : offsets[e], e < 0 ? 0 : offsets[e + 1], pairs);
+    }
 }
 
 // mp_group_pairs by one warp, for up to 32 pairs (lane p holds pair p) and MP_GROUP_WARP_EXPERTS experts
@@ -1812,7 +1856,8 @@ MP_HD void mp_group_pairs(const int* ids, int T, int k, int E, int* __restrict__
 // Every lane of the warp must call it.
 #define MP_GROUP_WARP_EXPERTS 128
 MP_HD void mp_group_pairs_warp(const int* ids, int T, int k, int E, int* __restrict__ pairs, int* __restrict__ offsets,
-                               int* __restrict__ active, int n_act_len, int* __restrict__ order, int lane) {
+                               int* __restrict__ active, int n_act_len, int* __restrict__ order, int* __restrict__ records,
+                               int lane) {
     const int P = T * k, p = lane;
     const int idp = p < P ? ids[p] : -1;
     int cnt[4] = {0, 0, 0, 0}, pos = 0;  // pairs of the lane's experts; pair p's place among the valid pairs
@@ -1834,17 +1879,51 @@ MP_HD void mp_group_pairs_warp(const int* ids, int T, int k, int E, int* __restr
     int inc_n = mine, inc_a = mine_active, tot_n, tot_a;
     mp_warp_scan2(inc_n, inc_a, tot_n, tot_a, lane);
     int off = inc_n - mine, act = inc_a - mine_active;
+    int offj[4], slotj[4];  // the lane's experts' first places and active slots (for the records)
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
         const int e = 4 * lane + j;
+        offj[j] = off;
+        slotj[j] = act;
         if (e < E) {
             offsets[e] = off;
-            if (cnt[j] > 0) active[act++] = e;
+            if (cnt[j] > 0) {
+                int* rec = records + (mp_i64)MP_REC * act;
+                rec[0] = e;
+                rec[1] = off;
+                rec[2] = off + cnt[j];
+                rec[3] = 0;
+                active[act++] = e;
+            }
             off += cnt[j];
         }
     }
     if (lane == 0) offsets[E] = tot_n;
-    for (int i = tot_a + lane; i < n_act_len; i += 32) active[i] = -1;
+    for (int i = tot_a + lane; i < n_act_len; i += 32) {
+        active[i] = -1;
+        mp_record_pairs(records + (mp_i64)MP_REC * i, -1, 0, 0, pairs);
+    }
+    // pair p's expert idp: its first place, slot and pair count from the lane owning it, then the record's
+    // pair entries (the expert's last pair also fills those past its count)
+    int eo = 0, es = 0, ec = 0;
+    const bool valid = idp >= 0 && idp < E;
+    const int src = valid ? idp >> 2 : 0;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+        const int o = mp_shfl_idx(offj[j], src), sl = mp_shfl_idx(slotj[j], src), c = mp_shfl_idx(cnt[j], src);
+        if ((idp & 3) == j) {
+            eo = o;
+            es = sl;
+            ec = c;
+        }
+    }
+    if (valid) {
+        const int r = pos - eo;
+        int* rec = records + (mp_i64)MP_REC * es + 4;
+        if (r < 4) rec[r] = p;
+        if (r == ec - 1)
+            for (int u = r + 1; u < 4; ++u) rec[u] = p;
+    }
     if (p < P) {  // token t's slots in ascending expert-id order
         const int t = p / k, j = p - t * k;
         int rank = 0;
@@ -1858,10 +1937,11 @@ MP_HD void mp_group_pairs_warp(const int* ids, int T, int k, int E, int* __restr
 
 extern "C" MP_GLOBAL void expert_group(const int* __restrict__ ids, int T, int k, int E,
                                        int* __restrict__ pairs, int* __restrict__ offsets,
-                                       int* __restrict__ active, int n_act_len, int* __restrict__ order) {
+                                       int* __restrict__ active, int n_act_len, int* __restrict__ order,
+                                       int* __restrict__ records) {
     mp_grid_sync();
     MP_SHARED mp_group_smem sm;
-    mp_group_pairs(ids, T, k, E, pairs, offsets, active, n_act_len, order, sm);
+    mp_group_pairs(ids, T, k, E, pairs, offsets, active, n_act_len, order, records, sm);
 }
 
 // ---- router top-k ----------------------------------------------------------------------------------
@@ -2355,7 +2435,7 @@ MP_HD void mp_softmax_regs4(float (&x)[4], int E, float* __restrict__ o, int lan
 extern "C" MP_GLOBAL void moe_route(const float* __restrict__ logits, int T, int E, int k, float* probs,
                                     int* ids, float* __restrict__ weights, int group,
                                     int* __restrict__ pairs, int* __restrict__ offsets, int* __restrict__ active,
-                                    int n_act_len, int* __restrict__ order) {
+                                    int n_act_len, int* __restrict__ order, int* __restrict__ records) {
     MP_SHARED mp_group_smem sm;
     mp_grid_sync();
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, t = blockIdx.x * MP_WARPS + warp;
@@ -2380,9 +2460,9 @@ extern "C" MP_GLOBAL void moe_route(const float* __restrict__ logits, int T, int
     if (group) {
         mp_syncthreads();  // every token's ids written and visible to the block
         if (quick) {
-            if (warp == 0) mp_group_pairs_warp(sm.ids, T, k, E, pairs, offsets, active, n_act_len, order, lane);
+            if (warp == 0) mp_group_pairs_warp(sm.ids, T, k, E, pairs, offsets, active, n_act_len, order, records, lane);
         } else {
-            mp_group_pairs(ids, T, k, E, pairs, offsets, active, n_act_len, order, sm);
+            mp_group_pairs(ids, T, k, E, pairs, offsets, active, n_act_len, order, records, sm);
         }
     }
 }

@@ -102,6 +102,7 @@ MMA_ON_QTYPES = MMA_QTYPES if MMA_Q6K else MMA_QTYPES[:1]    # the types use_mma
 # rows) unless MP_STAGE_Q4_EXPERTS is 0; <12> (gate / up's 1152-byte rows) keeps no shared memory, so L1
 # keeps its whole share
 EXPERT_STAGE_BYTES = 10240
+RECORD_INTS = 8  # MP_REC: ints per expert record of ExpertRouting.records
 STAGE_Q4_EXPERTS = _tuning_define("MP_STAGE_Q4_EXPERTS", 1)
 # qmm_experts_mma reads a routing written two or more launches back before its programmatic-launch wait
 # (MP_EXPERTS_EARLY=0: always after it; tuning switch)
@@ -582,6 +583,9 @@ class ExpertRouting:
     active: Any    # int32 [min(E, T*k)]
     order: Any     # int32 [T, k]
     n_experts: int
+    # int32 [len(active), 8] per active slot {expert, first place in pairs, one past its last, 0, its first
+    # 4 pairs (the last repeated past its count)}; {-1, 0, 0, 0, -1, -1, -1, -1} past the active experts
+    records: Any = None
     # Backend.launch_mark() just after the launch that wrote it (None: not known)
     written_at: tuple[int, int] | None = None
 
@@ -623,15 +627,16 @@ def _empty_routing(ids, n_experts: int, be: Backend) -> "ExpertRouting":
     xp = be.xp
     T, k = (int(s) for s in ids.shape)
     P = T * k
+    n_act = max(1, min(n_experts, P))
     return ExpertRouting(ids, xp.empty((P,), dtype=np.int32), xp.empty((n_experts + 1,), dtype=np.int32),
-                         xp.empty((max(1, min(n_experts, P)),), dtype=np.int32), xp.empty((T, k), dtype=np.int32),
-                         int(n_experts))
+                         xp.empty((n_act,), dtype=np.int32), xp.empty((T, k), dtype=np.int32), int(n_experts),
+                         records=xp.empty((n_act, RECORD_INTS), dtype=np.int32))
 
 
 def _launch_grouping(r: "ExpertRouting", be: Backend) -> None:
     be.launch("expert_group", (1, 1, 1), (THREADS, 1, 1),
               (r.ids, np.int32(r.n_tokens), np.int32(r.k), np.int32(r.n_experts), r.pairs, r.offsets, r.active,
-               np.int32(r.active.shape[0]), r.order))
+               np.int32(r.active.shape[0]), r.order, r.records))
 
 
 def route_experts(logits, k: int, *, backend: Backend | None = None):
@@ -646,7 +651,8 @@ def route_experts(logits, k: int, *, backend: Backend | None = None):
         blocks = _cdiv(T, WARPS)
         be.launch("moe_route", (blocks, 1, 1), (THREADS, 1, 1),
                   (logits, np.int32(T), np.int32(E), np.int32(k), probs, ids, weights, np.int32(blocks == 1),
-                   routing.pairs, routing.offsets, routing.active, np.int32(routing.active.shape[0]), routing.order))
+                   routing.pairs, routing.offsets, routing.active, np.int32(routing.active.shape[0]), routing.order,
+                   routing.records))
         if blocks > 1:
             _launch_grouping(routing, be)
         routing = replace(routing, written_at=be.launch_mark())
@@ -793,7 +799,7 @@ def qmatmul_experts_shared_input(x, wt3s, routing, *, outs=None, x_per_pair: boo
             grid = (_cdiv(N, WARPS * MMA_ROWS) * len(mats), int(routing.active.shape[0]), 1)
             be.launch(experts_mma_kernel(code, row_bytes), grid, (THREADS, 1, 1),
                       (w0.raw, w1.raw, np.int64(row_bytes), np.int64(N * row_bytes), np.int32(N), np.int32(K), *digits,
-                       np.int32(x_div), routing.pairs, routing.offsets, routing.active, o0, o1, np.int32(N),
+                       np.int32(x_div), routing.pairs, routing.records, o0, o1, np.int32(N),
                        np.int32(_written_two_back(routing, be))))
             continue
         grid = (_cdiv(N, WARPS * rows_for(nt)) * len(mats), int(routing.active.shape[0]), 1)  # y: the active experts only
