@@ -193,7 +193,7 @@ def test_cpu_kernel_signatures_parse():
     assert [p.ctype for p in sigs["qmm_dense"]][:4] == ["const mp_u8*"] * 3 + ["mp_i64"]
     z = np.zeros(3, np.int32)
     with pytest.raises(K.KernelError, match="numpy int32 scalar"):
-        K.check_args("expert_group", (z, 3, np.int32(1), np.int32(2), z, z, z, np.int32(1), z),
+        K.check_args("expert_group", (z, 3, np.int32(1), np.int32(2), z, z, z, np.int32(1), z, z),
                      lambda a: isinstance(a, np.ndarray))
     for name in K.WARP_KERNELS:
         assert name in sigs, name
