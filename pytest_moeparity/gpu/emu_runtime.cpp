@@ -179,32 +179,21 @@ bool run_block_coroutines(unsigned n_threads) {
                 progress = true;
                 continue;
             }
-            if (op == 5) {  // __shfl_sync(mask, v, src): every lane gets lane src's v (its own src)
-                float got[32];
-                for (int i = 0; i < 32; ++i) {
-                    const int src = (int)g_lanes[w0 + i].vals[1];
-                    if (src < 0 || src > 31) {
-                        g_error = "warp exchange from a lane outside 0..31";
-                        return false;
-                    }
-                    got[i] = g_lanes[w0 + src].vals[0];
-                }
-                for (int i = 0; i < 32; ++i) {
-                    g_lanes[w0 + i].vals[0] = got[i];
-                    g_lanes[w0 + i].waiting = false;
-                }
-                progress = true;
-                continue;
-            }
-            if (op == 3) {  // __shfl_xor_sync(mask, v, off): every lane gets lane (i ^ off)'s v
+            if (op == 3 || op == 5) {  // __shfl_xor_sync(mask, v, off) (3: every lane gets lane (i ^ off)'s v;
+                                       // off the same in every lane) or __shfl_sync(mask, v, src) (5: lane src's)
                 const int off = (int)g_lanes[w0].vals[1];
                 float got[32];
                 for (int i = 0; i < 32; ++i) {
-                    if ((int)g_lanes[w0 + i].vals[1] != off || off < 0 || off > 31) {
+                    const int arg = (int)g_lanes[w0 + i].vals[1];
+                    if (op == 3 && arg != off) {
                         g_error = "warp exchange called with different offsets by different lanes";
                         return false;
                     }
-                    got[i] = g_lanes[w0 + (i ^ off)].vals[0];
+                    if (arg < 0 || arg > 31) {
+                        g_error = "warp exchange with a lane outside 0..31";
+                        return false;
+                    }
+                    got[i] = g_lanes[w0 + (op == 3 ? i ^ arg : arg)].vals[0];
                 }
                 for (int i = 0; i < 32; ++i) {
                     g_lanes[w0 + i].vals[0] = got[i];
@@ -306,27 +295,19 @@ void mp_emu_mma_s8s8_k16(const mp_emu_u32* a, const mp_emu_u32* b, int* d) {
     std::memcpy(d, L.vals, 4 * sizeof(int));
 }
 
-float mp_emu_shfl_idx(float v, int src) {
+// a lane exchange (op 3: xor with arg, 5: from lane arg)
+static float emu_exchange(float v, int arg, int op) {
     Lane& L = g_lanes[g_cur];
     L.vals[0] = v;
-    L.vals[1] = (float)src;
+    L.vals[1] = (float)arg;
     L.n = 2;
-    L.op = 5;
+    L.op = op;
     L.waiting = true;
     swapcontext(&L.ctx, &g_sched);
     return L.vals[0];
 }
-
-float mp_emu_shfl_xor(float v, int off) {
-    Lane& L = g_lanes[g_cur];
-    L.vals[0] = v;
-    L.vals[1] = (float)off;
-    L.n = 2;
-    L.op = 3;
-    L.waiting = true;
-    swapcontext(&L.ctx, &g_sched);
-    return L.vals[0];
-}
+float mp_emu_shfl_idx(float v, int src) { return emu_exchange(v, src, 5); }
+float mp_emu_shfl_xor(float v, int off) { return emu_exchange(v, off, 3); }
 
 void mp_emu_syncthreads() {
     Lane& L = g_lanes[g_cur];
