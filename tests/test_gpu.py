@@ -581,35 +581,40 @@ def test_act_digits_are_the_exact_integer_form(backend, Kc):  # 553: three slabs
 
 
 @pytest.mark.parametrize("T", [2, 3, 4])
-@pytest.mark.parametrize("qt", [Q.Q4_K, Q.Q6_K], ids=["Q4_K", "Q6_K"])  # Q6_K: 630-byte rows, 2-byte aligned
-def test_experts_tensor_core_path(backend, T, qt):
+@pytest.mark.parametrize("qt,Kc", [(Q.Q4_K, 768), (Q.Q4_K, 2048), (Q.Q6_K, 768)],  # Q6_K: 630-byte rows, 2-byte aligned
+                         ids=["Q4_K-staged", "Q4_K-ring", "Q6_K"])
+def test_experts_tensor_core_path(backend, T, qt, Kc):
     """Short prompts' Q4_K and Q6_K expert products run on the tensor-core kernel (exact integer digits of
     the activations) where the device has it: float64's products within 1e-5 on rows with a wide dynamic
     range, the same within 1e-5 as the float kernel (MP_MMA off), and a token with a non-finite
-    activation gives NaN in its own products only."""
+    activation gives NaN in its own products only. Expert 1 has 5 or more pairs: passes of 4 one after
+    another, each walking the rows again (through the ring, for Q4_K rows too long to stage whole)."""
     from pytest_moeparity.gpu import kernels as Kn
 
     if not backend.mma:
         pytest.skip("the device has no int8 mma (compute capability below 8.0)")
-    E, N, Kc, k = 5, 70, 768, 3
-    rng = _rng("experts-mma", T, qt.name)
+    E, N, k = 5, 70, 3  # N = 70: a last row group of 6 rows
+    rng = _rng("experts-mma", T, qt.name, Kc)
     raw = _quantized(rng, qt, (E, N, Kc))
     w = _deq(raw, qt, (E, N, Kc)).astype(np.float64)
     wt3 = _device_tensor(backend, raw, qt, (E, N, Kc))
     ids = _routing_ids(rng, T, k, E)
+    ids[1, :2] = 1
     routing = Kn.expert_routing(_dev(backend, ids), E, backend=backend)
     x = (rng.standard_normal((T, Kc)) * np.exp2(rng.integers(-8, 8, size=(T, Kc)))).astype(np.float32)
     n_before = len(getattr(backend, "launches", []))
     out = _poisoned(backend, (T, k, N))
     Kn.qmatmul_experts(_dev(backend, x), wt3, routing, out=out, backend=backend)
     if hasattr(backend, "launches"):
-        # K = 768: a warp's 16 rows are staged in shared memory (Q4_K: 432-byte rows, the <12,1> instance)
+        # K = 768: a warp's 16 rows are staged in shared memory (Q4_K: 432-byte rows, the <12,1> instance);
+        # Q4_K K = 2048 (1152-byte rows): the ring, <12,2>
         want = ["act_digits", Kn.experts_mma_kernel(Kn.KERNEL_QTYPES[qt], int(raw.shape[-1]))]
-        assert want[1] == (f"qmm_experts_mma<{Kn.KERNEL_QTYPES[qt]},1>" if qt == Q.Q4_K and Kn.STAGE_Q4_EXPERTS
-                           else f"qmm_experts_mma<{Kn.KERNEL_QTYPES[qt]}>")
+        inst = {(Q.Q4_K, 768): 1 if Kn.STAGE_Q4_EXPERTS else 0, (Q.Q4_K, 2048): 2 if Kn.Q4_RING >= 2 else 0}
+        st = inst.get((qt, Kc), 0)
+        assert want[1] == f"qmm_experts_mma<{Kn.KERNEL_QTYPES[qt]}" + (f",{st}>" if st else ">")
         assert backend.launches[n_before:] == want, backend.launches[n_before:]
     got = _host(backend, out)
-    what = f"tensor-core {qt.name} experts T={T}"
+    what = f"tensor-core {qt.name} K={Kc} experts T={T}"
     _assert_written(got, what)
     ref = np.einsum("tc,tjnc->tjn", x.astype(np.float64), w[ids])
     _assert_close(got, ref, what, ref_abs=np.einsum("tc,tjnc->tjn", np.abs(x.astype(np.float64)), np.abs(w[ids])))

@@ -99,11 +99,12 @@ MMA_QTYPES = (KERNEL_QTYPES[Q.Q4_K], KERNEL_QTYPES[Q.Q6_K])  # the instances com
 MMA_ON_QTYPES = MMA_QTYPES if MMA_Q6K else MMA_QTYPES[:1]    # the types use_mma sends there
 # qmm_experts_mma stages a warp's 16 weight rows in shared memory where they fit this many bytes
 # (MP_Q6_STAGE): Q6_K always (<14>), Q4_K in its own instance <12,1> (the 30b-a3b down projection's 432-byte
-# rows) unless MP_STAGE_Q4_EXPERTS is 0; <12> (gate / up's 1152-byte rows) keeps no shared memory, so L1
-# keeps its whole share
+# rows) unless MP_STAGE_Q4_EXPERTS is 0. Longer Q4_K rows (gate / up's 1152 bytes) pass through a ring of
+# Q4_RING super-blocks a warp (<12,2>, MP_Q4_RING); below 2 they take <12>, which keeps no shared memory
 EXPERT_STAGE_BYTES = 10240
 RECORD_INTS = 8  # MP_REC: ints per expert record of ExpertRouting.records
 STAGE_Q4_EXPERTS = _tuning_define("MP_STAGE_Q4_EXPERTS", 1)
+Q4_RING = _tuning_define("MP_Q4_RING", 4)
 # qmm_experts_mma reads a routing written two or more launches back before its programmatic-launch wait
 # (MP_EXPERTS_EARLY=0: always after it; tuning switch)
 EXPERTS_EARLY = _tuning_define("MP_EXPERTS_EARLY", 1)
@@ -119,6 +120,7 @@ NAME_EXPRESSIONS: tuple[str, ...] = tuple(
     + [f"qmm_dense_splitk<{q},{nt}>" for q in sorted(KERNEL_QTYPES.values()) for nt in SPLITK_TILES]
     + [f"qmm_experts<{q},{nt}>" for q in sorted(KERNEL_QTYPES.values()) for nt in TOKEN_TILES]
     + [f"qmm_experts_mma<{q}>" for q in MMA_QTYPES] + [f"qmm_experts_mma<{KERNEL_QTYPES[Q.Q4_K]},1>"]
+    + ([f"qmm_experts_mma<{KERNEL_QTYPES[Q.Q4_K]},2>"] if Q4_RING >= 2 else [])
     + [f"qmm_dense_mma<{q}>" for q in MMA_QTYPES]
     + ["act_digits", "norm_digits", "swiglu_digits", "norm_rope_attention", "combine_norm_digits", "expert_group", "router_topk", "moe_route", "moe_combine", "round_bf16", "rms_norm", "add_rms_norm", "softmax_rows", "attention_core",
        "qk_norm_rope", "rope_neox", "swiglu", "add_f32"])
@@ -670,9 +672,14 @@ def use_mma(be: Backend, code: int, kq: int, K: int, T: int) -> bool:
 
 def experts_mma_kernel(code: int, row_bytes: int) -> str:
     """The qmm_experts_mma instance for weight rows of kernel type ``code`` and ``row_bytes`` bytes: Q4_K
-    rows whose warp's 16 fit EXPERT_STAGE_BYTES take the staging instance <12,1>."""
-    if code == KERNEL_QTYPES[Q.Q4_K] and STAGE_Q4_EXPERTS and 16 * row_bytes <= EXPERT_STAGE_BYTES:
-        return f"qmm_experts_mma<{code},1>"
+    rows whose warp's 16 fit EXPERT_STAGE_BYTES take the staging instance <12,1>, longer ones the ring
+    <12,2>."""
+    if code == KERNEL_QTYPES[Q.Q4_K]:
+        if 16 * row_bytes <= EXPERT_STAGE_BYTES:
+            if STAGE_Q4_EXPERTS:
+                return f"qmm_experts_mma<{code},1>"
+        elif Q4_RING >= 2:
+            return f"qmm_experts_mma<{code},2>"
     return f"qmm_experts_mma<{code}>"
 
 
