@@ -1550,6 +1550,9 @@ MP_HD int mp_pick4(const int (&v)[4], int u) { return u == 0 ? v[0] : u == 1 ? v
 #undef MP_Q4_RING
 #define MP_Q4_RING 2
 #endif
+#ifndef MP_Q4_RING_PREFETCH
+#define MP_Q4_RING_PREFETCH 1   // the ring's warp also asks L2 for its whole 16 rows at the start (tuning switch)
+#endif
 #define MP_Q4_RING_ROW 160
 #define MP_Q4_RING_SLOT (16 * MP_Q4_RING_ROW)
 MP_HD void mp_cp_async_commit() {
@@ -1635,7 +1638,7 @@ MP_MMA_GLOBAL void qmm_experts_mma(const mp_u8* __restrict__ w0, const mp_u8* __
             ring.src = we + (mp_i64)n0 * row_bytes;
             ring.rows = N - n0 < 16 ? N - n0 : 16;
             ring.start();
-            if (lane == 0) mp_prefetch_rows(we, row_bytes, N, n0, 16);
+            if (MP_Q4_RING_PREFETCH && lane == 0) mp_prefetch_rows(we, row_bytes, N, n0, 16);
         } else if (ST == 1 && 16 * row_bytes <= MP_Q6_STAGE && mp_aligned(we + (mp_i64)n0 * row_bytes, 16)) {
             wN = N - n0 < 16 ? N - n0 : 16;
             mp_u8* st = (mp_u8*)stage[ST ? warp : 0];
