@@ -6,7 +6,8 @@
 # check, bench_launch_floor.py (launch-floor.json), the per-kernel device times of a 4-layer
 # 30b-a3b-shaped model at 3 tokens under programmatic dependent launch (then for each of the compile
 # options in PROFILE_VARIANTS, ';'-separated, its table only), Nsight Compute's sections on the first 6
-# expert-product launches of that model (ordinary launches; NCU=0 skips it), the full 30b-a3b forward at
+# expert-product launches of that model (ordinary launches; NCU=0 skips it; NCU_VARIANT: compile options
+# of a second run, same file), the full 30b-a3b forward at
 # 3 and 64 tokens (the models are made in the background meanwhile), a same-machine baseline at 3 tokens,
 # then, while under DEVICE_RUN_BUDGET_S (default 250) seconds have passed, the heavy pytest wall time.
 # The baseline is the tree in .gpu/base where there is one (made here with
@@ -43,12 +44,16 @@ for opt in "${variants[@]}"; do
 done
 if [ "${NCU:-1}" != 0 ]; then  # where the expert products' time goes (benchmarks/NOTES.md, step 36 and item 000)
   ncu=$(command -v ncu || ls /usr/local/cuda*/bin/ncu 2>/dev/null | head -1)
-  MOEPARITY_PDL=0 timeout 90 "$ncu" --profile-from-start off --clock-control none -k regex:qmm_experts_mma --launch-count 6 \
-    --section SpeedOfLight --section Occupancy --section WarpStateStats --section SchedulerStats \
-    --section MemoryWorkloadAnalysis python3 benchmarks/ncu_forward.py --model /tmp/30b4.gguf --tokens 3 \
-    > "$out/ncu-experts.txt" 2>&1; el "ncu rc=$?"
-  grep -E "^  [a-z].*qmm_experts|Duration|DRAM Throughput|L2 Hit|L1/TEX Hit|Warp Cycles Per Issued|Achieved Occ|Waves Per" \
-    "$out/ncu-experts.txt" | cut -c1-110 | head -48
+  # this tree, then (NCU_VARIANT: compile options) the same launches of a variant, into the same file
+  for opt in "" ${NCU_VARIANT:+"$NCU_VARIANT"}; do
+    echo "==== ncu: MOEPARITY_NVRTC_OPTIONS='$opt'" >> "$out/ncu-experts.txt"
+    MOEPARITY_NVRTC_OPTIONS="$opt" MOEPARITY_PDL=0 timeout 90 "$ncu" --profile-from-start off --clock-control none \
+      -k regex:qmm_experts_mma --launch-count 6 --section SpeedOfLight --section Occupancy --section WarpStateStats \
+      --section SchedulerStats --section MemoryWorkloadAnalysis python3 benchmarks/ncu_forward.py \
+      --model /tmp/30b4.gguf --tokens 3 >> "$out/ncu-experts.txt" 2>&1; el "ncu '$opt' rc=$?"
+  done
+  grep -E "^==== ncu|^  [a-z].*qmm_experts|Duration|DRAM Throughput|L2 Hit|Warp Cycles Per Issued|Achieved Occ|being stalled" \
+    "$out/ncu-experts.txt" | cut -c1-150 | head -70
 fi
 # a result file's forwards as one line each
 summary() { python3 -c "
