@@ -826,7 +826,7 @@ def test_route_experts_is_softmax_topk_grouping(backend, T, E, k):
     n_before = len(getattr(backend, "launches", []))
     probs, ids, weights, routing = K.route_experts(dl, k, backend=backend)
     if hasattr(backend, "launches"):
-        assert backend.launches[n_before:] == (["moe_route"] if T <= K.WARPS else ["moe_route", "expert_group"])
+        assert backend.launches[n_before:] == want_launches(T)
     want_p = K.softmax(dl, backend=backend)
     want_ids, want_w = K.router_topk(want_p, k, backend=backend)
     want_r = K.expert_routing(want_ids, E, backend=backend)
@@ -837,6 +837,56 @@ def test_route_experts_is_softmax_topk_grouping(backend, T, E, k):
     for f in ("pairs", "offsets", "active", "order", "records"):
         assert np.array_equal(_host(backend, getattr(routing, f)), _host(backend, getattr(want_r, f))), f
     _assert_records(backend, routing)
+
+
+@pytest.mark.parametrize("T", [1, 3, 4, 5])  # 5: more tokens than a block routes (two launches)
+@pytest.mark.parametrize("E,k,Kc", [(128, 8, 2048), (60, 4, 96), (160, 9, 64)])  # 160: past the registers' 128
+def test_router_route_is_product_then_route(backend, T, E, k, Kc):
+    """The router's F32 product and its routing from one launch (the last block to finish the product
+    routes) give qmatmul's logits and route_experts' results bit for bit, launch after launch (the count
+    goes back to 0), with a tie for first place; other sizes and a planted kernel type take those two
+    launches. The logits checked against float64."""
+    from pytest_moeparity.gpu import kernels as Kn
+
+    rng = _rng("router-route", T, E, k, Kc)
+    raw = _quantized(rng, Q.F32, (E, Kc))
+    raw[9] = raw[5]  # equal logits: the lower id first where they win
+    w = _deq(raw, Q.F32, (E, Kc)).astype(np.float64)
+    x = rng.standard_normal((T, Kc)).astype(np.float32)
+    if T > 2:
+        x[2, 7] = np.nan  # a NaN row of logits
+    wt = _device_tensor(backend, raw, Q.F32, (E, Kc))
+    dx = _dev(backend, x)
+    sync = Kn.counter_buffer(backend=backend)
+    fused = Kn.fuses_router_route(wt, T, k)
+    assert fused == (bool(Kn.FUSE_ROUTER) and T <= Kn.WARPS and E <= 128)
+    want_l = Kn.qmatmul(dx, wt, backend=backend)
+    ok = np.isfinite(x).all(1)
+    _assert_close(_host(backend, want_l)[ok], x[ok].astype(np.float64) @ w.T, f"router logits T={T} E={E}",
+                  ref_abs=np.abs(x[ok].astype(np.float64)) @ np.abs(w.T))
+    assert np.array_equal(_host(backend, want_l)[:, 5], _host(backend, want_l)[:, 9], equal_nan=True)
+    want = (want_l, *Kn.route_experts(want_l, k, backend=backend))
+    for rep in range(2):
+        n_before = len(getattr(backend, "launches", []))
+        got = Kn.router_route(dx, wt, k, sync=sync, backend=backend)
+        if hasattr(backend, "launches"):
+            launched = backend.launches[n_before:]
+            assert launched == ([f"router_route<{1 if T == 1 else 4}>"] if fused else launched[:1] + want_launches(T)), launched
+        assert not _host(backend, sync).any(), "the counts must be left at 0"
+        for name, a, b in zip(("logits", "probs", "ids", "weights"), got[:4], want[:4]):
+            assert np.array_equal(_host(backend, a), _host(backend, b), equal_nan=True), f"{name} differ (run {rep})"
+        for f in ("pairs", "offsets", "active", "order", "records"):
+            assert np.array_equal(_host(backend, getattr(got[4], f)), _host(backend, getattr(want[4], f))), f
+        assert got[4].written_at == backend.launch_mark()
+    # a planted kernel type (the fault switch) is never fused
+    assert not Kn.fuses_router_route(wt, T, k, Q.F16)
+
+
+def want_launches(T: int) -> list[str]:
+    """route_experts' launches for T tokens (grouped in the launch up to a block's tokens)."""
+    from pytest_moeparity.gpu import kernels as K
+
+    return ["moe_route"] if T <= K.WARPS else ["moe_route", "expert_group"]
 
 
 def test_moe_combine_bit_exact(backend):

@@ -919,22 +919,15 @@ MP_MATMUL_GLOBAL void qmm_dense(const mp_u8* __restrict__ w0, const mp_u8* __res
 // The warps' partial sums meet in shared memory and are added in warp order (deterministic).
 // grid (row groups of MP_ROWS_FOR(NT) over the matrices, * tiles), block MP_THREADS.
 
-template <int QT, int NT>
-MP_MATMUL_GLOBAL void qmm_dense_splitk(const mp_u8* __restrict__ w0, const mp_u8* __restrict__ w1, const mp_u8* __restrict__ w2,
-                                mp_i64 row_bytes, int N0, int N1, int N2, int kq, const float* __restrict__ x, int ldx,
-                                int T, float* __restrict__ out0, float* __restrict__ out1, float* __restrict__ out2) {
-    MP_SHARED float part[MP_WARPS][MP_ROWS_FOR(NT) * NT];
-    const int tiles = (T + NT - 1) / NT;
-    const int tile = (int)(blockIdx.x % (unsigned)tiles);
-    int group = (int)(blockIdx.x / (unsigned)tiles);
-    const mp_u8* w;
-    int N;
-    const int m = mp_pick_matrix(group, MP_ROWS_FOR(NT), w0, w1, w2, N0, N1, N2, w, N);
+// a block of qmm_dense_splitk after its wait: rows n0 .. n0 + MP_ROWS_FOR(NT) - 1 of w (N rows) times tokens
+// t0 .. t0 + NT - 1 of x (T rows) into out() [T, N] (asked for where it is stored: see mp_pick_out), each
+// row's columns split over the block's warps and their sums added in warp order in part (the kernel's
+// shared memory); nothing where the block has no rows or tokens (uniform over the block)
+template <int QT, int NT, class Out>
+MP_HD void mp_splitk_block(const mp_u8* __restrict__ w, mp_i64 row_bytes, int N, int n0, int kq, const float* __restrict__ x,
+                           int ldx, int T, int t0, Out out, float (&part)[MP_WARPS][MP_ROWS_FOR(NT) * NT]) {
+    if (n0 >= N || t0 >= T) return;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int n0 = group * MP_ROWS_FOR(NT), t0 = tile * NT;
-    if (tile == 0 && threadIdx.x == 0) mp_prefetch_rows(w, row_bytes, N, n0, MP_ROWS_FOR(NT));  // the weights: not written by an earlier kernel
-    mp_grid_sync();
-    if (n0 >= N || t0 >= T) return;  // uniform over the block
     const int nt = (T - t0) < NT ? (T - t0) : NT;
     const float* xp[NT];
     int orow[NT];
@@ -951,9 +944,26 @@ MP_MATMUL_GLOBAL void qmm_dense_splitk(const mp_u8* __restrict__ w0, const mp_u8
         if (t < nt && n0 + r < N) {
             float s = part[0][threadIdx.x];
             for (int v = 1; v < MP_WARPS; ++v) s = mp_fadd(s, part[v][threadIdx.x]);
-            mp_pick_out(m, out0, out1, out2)[(mp_i64)(t0 + t) * N + n0 + r] = s;  // t0 + t: orow[t] with a runtime t would go to local memory
+            out()[(mp_i64)(t0 + t) * N + n0 + r] = s;  // t0 + t: orow[t] with a runtime t would go to local memory
         }
     }
+}
+
+template <int QT, int NT>
+MP_MATMUL_GLOBAL void qmm_dense_splitk(const mp_u8* __restrict__ w0, const mp_u8* __restrict__ w1, const mp_u8* __restrict__ w2,
+                                mp_i64 row_bytes, int N0, int N1, int N2, int kq, const float* __restrict__ x, int ldx,
+                                int T, float* __restrict__ out0, float* __restrict__ out1, float* __restrict__ out2) {
+    MP_SHARED float part[MP_WARPS][MP_ROWS_FOR(NT) * NT];
+    const int tiles = (T + NT - 1) / NT;
+    const int tile = (int)(blockIdx.x % (unsigned)tiles);
+    int group = (int)(blockIdx.x / (unsigned)tiles);
+    const mp_u8* w;
+    int N;
+    const int m = mp_pick_matrix(group, MP_ROWS_FOR(NT), w0, w1, w2, N0, N1, N2, w, N);
+    const int n0 = group * MP_ROWS_FOR(NT), t0 = tile * NT;
+    if (tile == 0 && threadIdx.x == 0) mp_prefetch_rows(w, row_bytes, N, n0, MP_ROWS_FOR(NT));  // the weights: not written by an earlier kernel
+    mp_grid_sync();
+    mp_splitk_block<QT, NT>(w, row_bytes, N, n0, kq, x, ldx, T, t0, [&] { return mp_pick_out(m, out0, out1, out2); }, part);
 }
 
 // ---- grouped expert products ("mul_mat_id") --------------------------------------------------------------
@@ -2521,13 +2531,55 @@ MP_HD void mp_softmax_regs4(float (&x)[4], int E, float* __restrict__ o, int lan
     }
 }
 
-extern "C" MP_GLOBAL void moe_route(const float* __restrict__ logits, int T, int E, int k, float* probs,
-                                    int* ids, float* __restrict__ weights, int group,
-                                    int* __restrict__ pairs, int* __restrict__ offsets, int* __restrict__ active,
-                                    int n_act_len, int* __restrict__ order, int* __restrict__ records) {
-    MP_SHARED mp_group_smem sm;
-    mp_grid_sync();
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, t = blockIdx.x * MP_WARPS + warp;
+MP_HD int mp_atomic_add_global(int* a, int v) {
+#if defined(__CUDA_ARCH__)
+    return atomicAdd(a, v);
+#else
+    const int old = *a;  // the emulator runs one block at a time
+    *a = old + v;
+    return old;
+#endif
+}
+MP_HD void mp_fence() {  // this thread's global writes seen device-wide before its later ones
+#if defined(__CUDA_ARCH__)
+    __threadfence();
+#endif
+}
+// whether this block is the last of `of` blocks sharing the count *cnt to get here (every thread's global
+// writes before the call are then visible to it); that block sets the count back to 0. Every thread of
+// the block calls it; flag: a shared int.
+MP_HD bool mp_last_block(int* cnt, int of, int* flag) {
+    mp_fence();
+    mp_syncthreads();
+    if (threadIdx.x == 0) {
+        *flag = mp_atomic_add_global(cnt, 1) == of - 1;
+        if (*flag) {
+            mp_fence();
+            *cnt = 0;
+        }
+    }
+    mp_syncthreads();
+    return *flag != 0;
+}
+
+// a float from L2 (not L1): written by another block of this launch
+MP_HD float mp_ldf_l2(const float* p) {
+#if defined(__CUDA_ARCH__)
+    return __ldcg(p);
+#else
+    return *p;
+#endif
+}
+
+// moe_route's work for tokens first + warp of the block (every thread of the block calls it): softmax,
+// top-k and, with group (the block then holds all T tokens), the grouping by expert. L2: the logits were
+// written by other blocks of this launch, and are read from L2 (up to 128 experts: router_route)
+template <bool L2>
+MP_HD void mp_route_block(const float* __restrict__ logits, int T, int E, int k, float* probs, int* ids,
+                          float* __restrict__ weights, int group, int first, int* __restrict__ pairs,
+                          int* __restrict__ offsets, int* __restrict__ active, int n_act_len, int* __restrict__ order,
+                          int* __restrict__ records, mp_group_smem& sm) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, t = first + warp;
     const bool quick = group && T * k <= 32 && E <= MP_GROUP_WARP_EXPERTS;  // uniform over the block
     if (t < T) {  // no early return: the whole block meets at the barrier below
         float* pr = probs + (mp_i64)t * E;
@@ -2535,12 +2587,15 @@ extern "C" MP_GLOBAL void moe_route(const float* __restrict__ logits, int T, int
             const float* lr = logits + (mp_i64)t * E;
             float x[4];
 #pragma unroll
-            for (int q = 0; q < 4; ++q) x[q] = lr[lane + 32 * q < E ? lane + 32 * q : 0];
+            for (int q = 0; q < 4; ++q) {
+                const float* at = lr + (lane + 32 * q < E ? lane + 32 * q : 0);
+                x[q] = L2 ? mp_ldf_l2(at) : *at;
+            }
             mp_softmax_regs4(x, E, pr, lane);
             mp_syncwarp();  // a zero or NaN winner's value is read back from pr
             mp_topk_row_held<4>(x, pr, E, k, ids + (mp_i64)t * k, weights + (mp_i64)t * k, quick ? sm.ids + t * k : nullptr,
                                 lane);
-        } else {
+        } else if (!L2) {
             mp_softmax_row(logits + (mp_i64)t * E, E, E, pr, lane);
             mp_syncwarp();  // a lane's top-k scan reads columns other lanes wrote
             mp_topk_row(pr, E, k, ids + (mp_i64)t * k, weights + (mp_i64)t * k, lane);
@@ -2554,6 +2609,37 @@ extern "C" MP_GLOBAL void moe_route(const float* __restrict__ logits, int T, int
             mp_group_pairs(ids, T, k, E, pairs, offsets, active, n_act_len, order, records, sm);
         }
     }
+}
+
+extern "C" MP_GLOBAL void moe_route(const float* __restrict__ logits, int T, int E, int k, float* probs,
+                                    int* ids, float* __restrict__ weights, int group,
+                                    int* __restrict__ pairs, int* __restrict__ offsets, int* __restrict__ active,
+                                    int n_act_len, int* __restrict__ order, int* __restrict__ records) {
+    MP_SHARED mp_group_smem sm;
+    mp_grid_sync();
+    mp_route_block<false>(logits, T, E, k, probs, ids, weights, group, (int)blockIdx.x * MP_WARPS, pairs, offsets, active,
+                          n_act_len, order, records, sm);
+}
+
+// The router's product (qmm_dense_splitk<0, NT>'s, of its F32 rows E x kq: the logits) and then, by the last
+// of the launch's blocks to finish its rows (mp_last_block: every block's logits are then visible), moe_route's
+// work for all T <= MP_WARPS tokens, up to 128 experts: one launch where there were two, bit for bit theirs
+// (kernels.py: router_route). grid ceil(E / MP_ROWS_FOR(NT)), block MP_THREADS; cnt: a count left at 0.
+template <int NT>
+MP_MATMUL_GLOBAL void router_route(const mp_u8* __restrict__ w, mp_i64 row_bytes, int kq, const float* __restrict__ x,
+                                   int ldx, int T, float* logits, int E, int k, float* probs, int* ids,
+                                   float* __restrict__ weights, int* __restrict__ pairs, int* __restrict__ offsets,
+                                   int* __restrict__ active, int n_act_len, int* __restrict__ order,
+                                   int* __restrict__ records, int* cnt) {
+    MP_SHARED float part[MP_WARPS][MP_ROWS_FOR(NT) * NT];
+    MP_SHARED mp_group_smem sm;
+    MP_SHARED int last;
+    const int n0 = (int)blockIdx.x * MP_ROWS_FOR(NT);
+    if (threadIdx.x == 0) mp_prefetch_rows(w, row_bytes, E, n0, MP_ROWS_FOR(NT));  // the weights: not written by an earlier kernel
+    mp_grid_sync();
+    mp_splitk_block<0, NT>(w, row_bytes, E, n0, kq, x, ldx, T, 0, [&] { return logits; }, part);
+    if (!mp_last_block(cnt, (int)gridDim.x, &last)) return;
+    mp_route_block<true>(logits, T, E, k, probs, ids, weights, 1, 0, pairs, offsets, active, n_act_len, order, records, sm);
 }
 
 // ---- attention core ---------------------------------------------------------------------------------------
@@ -2727,20 +2813,6 @@ extern "C" MP_GLOBAL void qk_norm_rope(const float* __restrict__ q, const float*
 
 #define MP_ATTN_MAX_T 32         // the most tokens (kernels.py: ATTN_MAX_T): a warp's scores and probabilities in shared memory
 
-MP_HD int mp_atomic_add_global(int* a, int v) {
-#if defined(__CUDA_ARCH__)
-    return atomicAdd(a, v);
-#else
-    const int old = *a;  // the emulator runs one block at a time
-    *a = old + v;
-    return old;
-#endif
-}
-MP_HD void mp_fence() {  // this thread's global writes seen device-wide before its later ones
-#if defined(__CUDA_ARCH__)
-    __threadfence();
-#endif
-}
 // 4 floats at p from L2 (written by another block of this launch): one 16-byte load under AL
 template <bool AL> MP_HD void mp_x4_l2(const float* p, float (&v)[4]) {
 #if defined(__CUDA_ARCH__)
@@ -2756,22 +2828,6 @@ template <bool AL> MP_HD void mp_x4_l2(const float* p, float (&v)[4]) {
 #endif
 }
 
-// whether this block is the last of `of` blocks sharing the count *cnt to get here (every thread's global
-// writes before the call are then visible to it); that block sets the count back to 0. Every thread of
-// the block calls it; flag: a shared int.
-MP_HD bool mp_last_block(int* cnt, int of, int* flag) {
-    mp_fence();
-    mp_syncthreads();
-    if (threadIdx.x == 0) {
-        *flag = mp_atomic_add_global(cnt, 1) == of - 1;
-        if (*flag) {
-            mp_fence();
-            *cnt = 0;
-        }
-    }
-    mp_syncthreads();
-    return *flag != 0;
-}
 
 // step 1 for rows of up to 32 REGS: the block's q heads (token t, kv head g) normalised into qs (and qn)
 // and rotated in place (and into qr); every token's k head g likewise into ks (token t's also into kn and kr)
