@@ -1460,6 +1460,9 @@ def test_short_prompt_forward_on_tensor_cores(backend, model_factory, preset, n_
         assert launched.count("combine_norm_digits") == n_layers, sorted(set(launched))
         assert launched.count("norm_rope_attention") == n_layers, sorted(set(launched))
         assert launched.count("swiglu_digits") == n_layers, sorted(set(launched))
+        # the router's product and routing (its F32 matrix) in one launch a layer
+        assert launched.count(f"router_route<{1 if n_tokens == 1 else 4}>") == n_layers * Kn.FUSE_ROUTER, sorted(set(launched))
+        assert "moe_route" not in launched or not Kn.FUSE_ROUTER, sorted(set(launched))
         assert "moe_combine" not in launched, sorted(set(launched))
         assert "act_digits" not in launched and "qk_norm_rope" not in launched, sorted(set(launched))
     if backend.mma and Kn.MMA:  # the same trace with every input's digits from act_digits in the products
@@ -1726,7 +1729,7 @@ FAULT_SPECS = [
     "add=0.5@embedding;scale=-1@6:moe_expert_swiglu",
     "scale=3@2:attn_scores;add=0.01@4:attn_softmax",  # these layers leave the one-launch attention
     "scale=1.5@1:q_norm;add=0.02@3:k_norm",  # and these the one-launch q/k norm + RoPE
-    "add=0.3@2:moe_router_probs",             # and this the one-launch router
+    "add=0.3@2:moe_router_probs;add=0.2@4:moe_router_logits",  # and these the one-launch routers
     "add=0.5@1:post_attn_residual",           # and this the residual add + ffn_norm launch (not scale: RMSNorm ignores it)
     "dispatch=q6_k@*:ffn_down_exps",
     "dispatch=q8_0@2:attn_q;dispatch=bf16@3:ffn_gate_inp;dispatch=q8_0@4:attn_norm",
