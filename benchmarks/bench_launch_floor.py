@@ -116,19 +116,19 @@ BARRIER_GRIDS = [(132, 128), (264, 128), (528, 128)]  # a block per SM, 2 and 4 
 
 
 def _resident_blocks(fn, block: int) -> int:
-    """Blocks of fn that fit on the whole GPU at once (cuOccupancyMaxActiveBlocksPerMultiprocessor x SMs)."""
-    import ctypes
-
+    """Blocks of fn (a cupy.RawKernel) that fit on the whole GPU at once, from its registers and shared
+    memory (the occupancy rule of compute capability 9.0: 2048 threads, 32 blocks, 64 K registers allocated
+    per warp in units of 256, 228 KB of shared memory, 1 KB of it reserved per block, a multiprocessor)."""
     import cupy as cp
 
-    lib = ctypes.CDLL("libcuda.so.1")
-    per_sm = ctypes.c_int(0)
-    rc = lib.cuOccupancyMaxActiveBlocksPerMultiprocessor(ctypes.byref(per_sm), ctypes.c_void_p(int(fn.ptr)),
-                                                         ctypes.c_int(block), ctypes.c_size_t(0))
-    if rc != 0:
-        raise RuntimeError(f"cuOccupancyMaxActiveBlocksPerMultiprocessor failed ({rc})")
-    sms = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)["multiProcessorCount"]
-    return per_sm.value * sms
+    props = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)
+    warps = -(-block // 32)
+    regs_per_warp = -(-fn.num_regs * 32 // 256) * 256
+    limits = [32, props.get("maxThreadsPerMultiProcessor", 2048) // block,
+              props.get("regsPerMultiprocessor", 65536) // max(regs_per_warp * warps, 1)]
+    if fn.shared_size_bytes:
+        limits.append(props.get("sharedMemPerMultiprocessor", 233472) // (fn.shared_size_bytes + 1024))
+    return min(limits) * props["multiProcessorCount"]
 
 
 def _barrier_us(cp, fn, grid: int, block: int, rounds: int, repeat: int) -> float:

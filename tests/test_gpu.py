@@ -582,13 +582,13 @@ def test_act_digits_are_the_exact_integer_form(backend, Kc):  # 553: three slabs
 
 @pytest.mark.parametrize("T", [2, 3, 4])
 @pytest.mark.parametrize("qt,Kc", [(Q.Q4_K, 768), (Q.Q4_K, 2048), (Q.Q6_K, 768)],  # Q6_K: 630-byte rows, 2-byte aligned
-                         ids=["Q4_K-staged", "Q4_K-ring", "Q6_K"])
+                         ids=["Q4_K-staged", "Q4_K", "Q6_K"])
 def test_experts_tensor_core_path(backend, T, qt, Kc):
     """Short prompts' Q4_K and Q6_K expert products run on the tensor-core kernel (exact integer digits of
     the activations) where the device has it: float64's products within 1e-5 on rows with a wide dynamic
     range, the same within 1e-5 as the float kernel (MP_MMA off), and a token with a non-finite
     activation gives NaN in its own products only. Expert 1 has 5 or more pairs: passes of 4 one after
-    another, each walking the rows again (through the ring, for Q4_K rows too long to stage whole)."""
+    another, each walking the rows again."""
     from pytest_moeparity.gpu import kernels as Kn
 
     if not backend.mma:
@@ -607,11 +607,10 @@ def test_experts_tensor_core_path(backend, T, qt, Kc):
     Kn.qmatmul_experts(_dev(backend, x), wt3, routing, out=out, backend=backend)
     if hasattr(backend, "launches"):
         # K = 768: a warp's 16 rows are staged in shared memory (Q4_K: 432-byte rows, the <12,1> instance);
-        # Q4_K K = 2048 (1152-byte rows): the ring, <12,2>
+        # Q4_K K = 2048 (1152-byte rows): <12>, the rows read where they lie
         want = ["act_digits", Kn.experts_mma_kernel(Kn.KERNEL_QTYPES[qt], int(raw.shape[-1]))]
-        inst = {(Q.Q4_K, 768): 1 if Kn.STAGE_Q4_EXPERTS else 0, (Q.Q4_K, 2048): 2 if Kn.Q4_RING >= 2 else 0}
-        st = inst.get((qt, Kc), 0)
-        assert want[1] == f"qmm_experts_mma<{Kn.KERNEL_QTYPES[qt]}" + (f",{st}>" if st else ">")
+        staged = qt == Q.Q4_K and Kc == 768 and Kn.STAGE_Q4_EXPERTS
+        assert want[1] == f"qmm_experts_mma<{Kn.KERNEL_QTYPES[qt]}" + (",1>" if staged else ">")
         assert backend.launches[n_before:] == want, backend.launches[n_before:]
     got = _host(backend, out)
     what = f"tensor-core {qt.name} K={Kc} experts T={T}"
@@ -826,7 +825,7 @@ def test_route_experts_is_softmax_topk_grouping(backend, T, E, k):
     n_before = len(getattr(backend, "launches", []))
     probs, ids, weights, routing = K.route_experts(dl, k, backend=backend)
     if hasattr(backend, "launches"):
-        assert backend.launches[n_before:] == want_launches(T)
+        assert backend.launches[n_before:] == (["moe_route"] if T <= K.WARPS else ["moe_route", "expert_group"])
     want_p = K.softmax(dl, backend=backend)
     want_ids, want_w = K.router_topk(want_p, k, backend=backend)
     want_r = K.expert_routing(want_ids, E, backend=backend)
@@ -837,56 +836,6 @@ def test_route_experts_is_softmax_topk_grouping(backend, T, E, k):
     for f in ("pairs", "offsets", "active", "order", "records"):
         assert np.array_equal(_host(backend, getattr(routing, f)), _host(backend, getattr(want_r, f))), f
     _assert_records(backend, routing)
-
-
-@pytest.mark.parametrize("T", [1, 3, 4, 5])  # 5: more tokens than a block routes (two launches)
-@pytest.mark.parametrize("E,k,Kc", [(128, 8, 2048), (60, 4, 96), (160, 9, 64)])  # 160: past the registers' 128
-def test_router_route_is_product_then_route(backend, T, E, k, Kc):
-    """The router's F32 product and its routing from one launch (the last block to finish the product
-    routes) give qmatmul's logits and route_experts' results bit for bit, launch after launch (the count
-    goes back to 0), with a tie for first place; other sizes and a planted kernel type take those two
-    launches. The logits checked against float64."""
-    from pytest_moeparity.gpu import kernels as Kn
-
-    rng = _rng("router-route", T, E, k, Kc)
-    raw = _quantized(rng, Q.F32, (E, Kc))
-    raw[9] = raw[5]  # equal logits: the lower id first where they win
-    w = _deq(raw, Q.F32, (E, Kc)).astype(np.float64)
-    x = rng.standard_normal((T, Kc)).astype(np.float32)
-    if T > 2:
-        x[2, 7] = np.nan  # a NaN row of logits
-    wt = _device_tensor(backend, raw, Q.F32, (E, Kc))
-    dx = _dev(backend, x)
-    sync = Kn.counter_buffer(backend=backend)
-    fused = Kn.fuses_router_route(wt, T, k)
-    assert fused == (bool(Kn.FUSE_ROUTER) and T <= Kn.WARPS and E <= 128)
-    want_l = Kn.qmatmul(dx, wt, backend=backend)
-    ok = np.isfinite(x).all(1)
-    _assert_close(_host(backend, want_l)[ok], x[ok].astype(np.float64) @ w.T, f"router logits T={T} E={E}",
-                  ref_abs=np.abs(x[ok].astype(np.float64)) @ np.abs(w.T))
-    assert np.array_equal(_host(backend, want_l)[:, 5], _host(backend, want_l)[:, 9], equal_nan=True)
-    want = (want_l, *Kn.route_experts(want_l, k, backend=backend))
-    for rep in range(2):
-        n_before = len(getattr(backend, "launches", []))
-        got = Kn.router_route(dx, wt, k, sync=sync, backend=backend)
-        if hasattr(backend, "launches"):
-            launched = backend.launches[n_before:]
-            assert launched == ([f"router_route<{1 if T == 1 else 4}>"] if fused else launched[:1] + want_launches(T)), launched
-        assert not _host(backend, sync).any(), "the counts must be left at 0"
-        for name, a, b in zip(("logits", "probs", "ids", "weights"), got[:4], want[:4]):
-            assert np.array_equal(_host(backend, a), _host(backend, b), equal_nan=True), f"{name} differ (run {rep})"
-        for f in ("pairs", "offsets", "active", "order", "records"):
-            assert np.array_equal(_host(backend, getattr(got[4], f)), _host(backend, getattr(want[4], f))), f
-        assert got[4].written_at == backend.launch_mark()
-    # a planted kernel type (the fault switch) is never fused
-    assert not Kn.fuses_router_route(wt, T, k, Q.F16)
-
-
-def want_launches(T: int) -> list[str]:
-    """route_experts' launches for T tokens (grouped in the launch up to a block's tokens)."""
-    from pytest_moeparity.gpu import kernels as K
-
-    return ["moe_route"] if T <= K.WARPS else ["moe_route", "expert_group"]
 
 
 def test_moe_combine_bit_exact(backend):
@@ -1460,9 +1409,6 @@ def test_short_prompt_forward_on_tensor_cores(backend, model_factory, preset, n_
         assert launched.count("combine_norm_digits") == n_layers, sorted(set(launched))
         assert launched.count("norm_rope_attention") == n_layers, sorted(set(launched))
         assert launched.count("swiglu_digits") == n_layers, sorted(set(launched))
-        # the router's product and routing (its F32 matrix) in one launch a layer
-        assert launched.count(f"router_route<{1 if n_tokens == 1 else 4}>") == n_layers * Kn.FUSE_ROUTER, sorted(set(launched))
-        assert "moe_route" not in launched or not Kn.FUSE_ROUTER, sorted(set(launched))
         assert "moe_combine" not in launched, sorted(set(launched))
         assert "act_digits" not in launched and "qk_norm_rope" not in launched, sorted(set(launched))
     if backend.mma and Kn.MMA:  # the same trace with every input's digits from act_digits in the products
@@ -1729,7 +1675,7 @@ FAULT_SPECS = [
     "add=0.5@embedding;scale=-1@6:moe_expert_swiglu",
     "scale=3@2:attn_scores;add=0.01@4:attn_softmax",  # these layers leave the one-launch attention
     "scale=1.5@1:q_norm;add=0.02@3:k_norm",  # and these the one-launch q/k norm + RoPE
-    "add=0.3@2:moe_router_probs;add=0.2@4:moe_router_logits",  # and these the one-launch routers
+    "add=0.3@2:moe_router_probs",             # and this the one-launch router
     "add=0.5@1:post_attn_residual",           # and this the residual add + ffn_norm launch (not scale: RMSNorm ignores it)
     "dispatch=q6_k@*:ffn_down_exps",
     "dispatch=q8_0@2:attn_q;dispatch=bf16@3:ffn_gate_inp;dispatch=q8_0@4:attn_norm",

@@ -67,8 +67,8 @@ class CupyEngine:
         self._capturing = False  # inside graphed(): no cuBLAS calls
         self._faults: list = []      # planted faults of the current run (faults.py)
         self._forced: dict = {}      # forced routing of the current run
-        # the counts of the launches whose last block to get there finishes the launch (norm_rope_attention,
-        # router_route); each launch leaves them at 0, and the engine's launches run one after another
+        # the counts of the launches whose last block to get there finishes the launch (norm_rope_attention);
+        # each launch leaves them at 0, and the engine's launches run one after another
         self._sync = K.counter_buffer(backend=self.backend)
 
     # -- weights -----------------------------------------------------------------------------
@@ -453,32 +453,23 @@ class CupyEngine:
             x = rec.tap(S.post_attn_residual, L, x)
             h, h_dig = self._norm(x, wn, h_digits)
         h = rec.tap(S.ffn_norm, L, h)
-        (router_t,), (router_as,) = self._layer_tensors(L, ("ffn_gate_inp",), weights)
+        logits = a(self._layer_mm(h, L, "ffn_gate_inp", weights))          # [T, E]
+        logits = rec.tap(S.moe_router_logits, L, logits)
         routing = None
-        if (L not in self._forced and self._fusable(rec, L, (S.moe_router_logits, S.moe_router_probs))
-                and K.fuses_router_route(router_t, T, cfg.n_experts_used, router_as)):
-            # a short prompt's router product, softmax, top-k and grouping by expert in one launch
-            logits, probs, ids, rw, routing = K.router_route(self._c(h), router_t, cfg.n_experts_used,
-                                                             sync=self._sync, backend=be)
-            rec.tap(S.moe_router_logits, L, logits)
+        if L not in self._forced and self._fusable(rec, L, (S.moe_router_probs,)):
+            # softmax, top-k and (short prompts) the grouping by expert in one launch (forced routing, a
+            # planted fault on the probabilities or a rounding precision mode take the path below)
+            probs, ids, rw, routing = K.route_experts(self._c(logits), cfg.n_experts_used, backend=be)
             rec.tap(S.moe_router_probs, L, probs)
         else:
-            logits = a(self._layer_mm(h, L, "ffn_gate_inp", weights))          # [T, E]
-            logits = rec.tap(S.moe_router_logits, L, logits)
-            if L not in self._forced and self._fusable(rec, L, (S.moe_router_probs,)):
-                # softmax, top-k and (short prompts) the grouping by expert in one launch (forced routing, a
-                # planted fault on the probabilities or a rounding precision mode take the path below)
-                probs, ids, rw, routing = K.route_experts(self._c(logits), cfg.n_experts_used, backend=be)
-                rec.tap(S.moe_router_probs, L, probs)
+            probs = a(K.softmax(logits, backend=be))
+            probs = rec.tap(S.moe_router_probs, L, probs)
+            if L in self._forced:  # forced routing: given choices, this forward's probabilities
+                ids = self._forced_ids(L, probs.shape[0])
+                top = xp.take_along_axis(probs, ids.astype(np.int64), axis=-1)
+                rw = top / xp.sum(top, axis=-1, keepdims=True)
             else:
-                probs = a(K.softmax(logits, backend=be))
-                probs = rec.tap(S.moe_router_probs, L, probs)
-                if L in self._forced:  # forced routing: given choices, this forward's probabilities
-                    ids = self._forced_ids(L, probs.shape[0])
-                    top = xp.take_along_axis(probs, ids.astype(np.int64), axis=-1)
-                    rw = top / xp.sum(top, axis=-1, keepdims=True)
-                else:
-                    ids, rw = K.router_topk(self._c(probs), cfg.n_experts_used, backend=be)
+                ids, rw = K.router_topk(self._c(probs), cfg.n_experts_used, backend=be)
         rw = a(rw)
         rw = rec.tap(S.moe_router, L, rw)
         rec.capture(S.moe_router_indices, L, ids)

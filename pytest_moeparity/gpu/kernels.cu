@@ -919,15 +919,22 @@ MP_MATMUL_GLOBAL void qmm_dense(const mp_u8* __restrict__ w0, const mp_u8* __res
 // The warps' partial sums meet in shared memory and are added in warp order (deterministic).
 // grid (row groups of MP_ROWS_FOR(NT) over the matrices, * tiles), block MP_THREADS.
 
-// a block of qmm_dense_splitk after its wait: rows n0 .. n0 + MP_ROWS_FOR(NT) - 1 of w (N rows) times tokens
-// t0 .. t0 + NT - 1 of x (T rows) into out() [T, N] (asked for where it is stored: see mp_pick_out), each
-// row's columns split over the block's warps and their sums added in warp order in part (the kernel's
-// shared memory); nothing where the block has no rows or tokens (uniform over the block)
-template <int QT, int NT, class Out>
-MP_HD void mp_splitk_block(const mp_u8* __restrict__ w, mp_i64 row_bytes, int N, int n0, int kq, const float* __restrict__ x,
-                           int ldx, int T, int t0, Out out, float (&part)[MP_WARPS][MP_ROWS_FOR(NT) * NT]) {
-    if (n0 >= N || t0 >= T) return;
+template <int QT, int NT>
+MP_MATMUL_GLOBAL void qmm_dense_splitk(const mp_u8* __restrict__ w0, const mp_u8* __restrict__ w1, const mp_u8* __restrict__ w2,
+                                mp_i64 row_bytes, int N0, int N1, int N2, int kq, const float* __restrict__ x, int ldx,
+                                int T, float* __restrict__ out0, float* __restrict__ out1, float* __restrict__ out2) {
+    MP_SHARED float part[MP_WARPS][MP_ROWS_FOR(NT) * NT];
+    const int tiles = (T + NT - 1) / NT;
+    const int tile = (int)(blockIdx.x % (unsigned)tiles);
+    int group = (int)(blockIdx.x / (unsigned)tiles);
+    const mp_u8* w;
+    int N;
+    const int m = mp_pick_matrix(group, MP_ROWS_FOR(NT), w0, w1, w2, N0, N1, N2, w, N);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int n0 = group * MP_ROWS_FOR(NT), t0 = tile * NT;
+    if (tile == 0 && threadIdx.x == 0) mp_prefetch_rows(w, row_bytes, N, n0, MP_ROWS_FOR(NT));  // the weights: not written by an earlier kernel
+    mp_grid_sync();
+    if (n0 >= N || t0 >= T) return;  // uniform over the block
     const int nt = (T - t0) < NT ? (T - t0) : NT;
     const float* xp[NT];
     int orow[NT];
@@ -944,26 +951,9 @@ MP_HD void mp_splitk_block(const mp_u8* __restrict__ w, mp_i64 row_bytes, int N,
         if (t < nt && n0 + r < N) {
             float s = part[0][threadIdx.x];
             for (int v = 1; v < MP_WARPS; ++v) s = mp_fadd(s, part[v][threadIdx.x]);
-            out()[(mp_i64)(t0 + t) * N + n0 + r] = s;  // t0 + t: orow[t] with a runtime t would go to local memory
+            mp_pick_out(m, out0, out1, out2)[(mp_i64)(t0 + t) * N + n0 + r] = s;  // t0 + t: orow[t] with a runtime t would go to local memory
         }
     }
-}
-
-template <int QT, int NT>
-MP_MATMUL_GLOBAL void qmm_dense_splitk(const mp_u8* __restrict__ w0, const mp_u8* __restrict__ w1, const mp_u8* __restrict__ w2,
-                                mp_i64 row_bytes, int N0, int N1, int N2, int kq, const float* __restrict__ x, int ldx,
-                                int T, float* __restrict__ out0, float* __restrict__ out1, float* __restrict__ out2) {
-    MP_SHARED float part[MP_WARPS][MP_ROWS_FOR(NT) * NT];
-    const int tiles = (T + NT - 1) / NT;
-    const int tile = (int)(blockIdx.x % (unsigned)tiles);
-    int group = (int)(blockIdx.x / (unsigned)tiles);
-    const mp_u8* w;
-    int N;
-    const int m = mp_pick_matrix(group, MP_ROWS_FOR(NT), w0, w1, w2, N0, N1, N2, w, N);
-    const int n0 = group * MP_ROWS_FOR(NT), t0 = tile * NT;
-    if (tile == 0 && threadIdx.x == 0) mp_prefetch_rows(w, row_bytes, N, n0, MP_ROWS_FOR(NT));  // the weights: not written by an earlier kernel
-    mp_grid_sync();
-    mp_splitk_block<QT, NT>(w, row_bytes, N, n0, kq, x, ldx, T, t0, [&] { return mp_pick_out(m, out0, out1, out2); }, part);
 }
 
 // ---- grouped expert products ("mul_mat_id") --------------------------------------------------------------
@@ -1237,14 +1227,14 @@ MP_HD void mp_mma_digits_result(const float (&acc)[TILES][4], const float (&mins
     }
 }
 
-// a pass's start for lane 4 gid + tig: the byte offsets of its weight rows n0 + gid and n0 + gid + 8
-// (clamped to N - 1) from row n0 (under 16 rows), and zero sums
+// a pass's start for lane 4 gid + tig: its weight rows n0 + gid and n0 + gid + 8 (clamped to N - 1), and
+// zero sums
 template <int TILES>
-MP_HD void mp_mma_pass_start(mp_i64 row_bytes, int N, int n0, int lane, int (&rows)[2], float (&acc)[TILES][4],
-                             float (&mins)[TILES]) {
+MP_HD void mp_mma_pass_start(const mp_u8* we, mp_i64 row_bytes, int N, int n0, int lane, const mp_u8* (&rows)[2],
+                             float (&acc)[TILES][4], float (&mins)[TILES]) {
     const int gid = lane >> 2;
-    rows[0] = ((n0 + gid < N ? n0 + gid : N - 1) - n0) * (int)row_bytes;
-    rows[1] = ((n0 + gid + 8 < N ? n0 + gid + 8 : N - 1) - n0) * (int)row_bytes;
+    rows[0] = we + (mp_i64)(n0 + gid < N ? n0 + gid : N - 1) * row_bytes;
+    rows[1] = we + (mp_i64)(n0 + gid + 8 < N ? n0 + gid + 8 : N - 1) * row_bytes;
 #pragma unroll
     for (int i = 0; i < TILES; ++i) {
         acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.0f;
@@ -1268,23 +1258,20 @@ MP_HD void mp_mma_scale_add(const float (&d)[2], const int (&ia)[4], float (&acc
 // digits from lane ^ 1 and returns that (row, token) value over super-blocks s0, s0 + step, ... of the
 // K / 256 in res[i]. Each super-block's loads (weights, digits, sums) are issued together before any is
 // used.
-// feed(s): where super-block s of row n0 starts (mp_feed_rows: in the rows themselves; mp_q4_ring: in a
-// warp's ring of staged super-blocks, whose rows lie row_bytes apart too)
-template <bool AL, int TILES, class Feed>
-MP_HD void mp_mma_q4k_pass(Feed feed, mp_i64 row_bytes, int N, int n0, int K, int s0, int step,
+template <bool AL, int TILES>
+MP_HD void mp_mma_q4k_pass(const mp_u8* __restrict__ we, mp_i64 row_bytes, int N, int n0, int K, int s0, int step,
                            const mp_u32* const (&bq)[2], const bool (&bon)[2], const float* const (&sq)[2],
                            const float (&unit)[2], int lane, float (&res)[2]) {
     const int tig = lane & 3, own = tig & 1;
-    int rows[2];
+    const mp_u8* rows[2];
     float acc[TILES][4], mins[TILES];
-    mp_mma_pass_start<TILES>(row_bytes, N, n0, lane, rows, acc, mins);
+    mp_mma_pass_start<TILES>(we, row_bytes, N, n0, lane, rows, acc, mins);
     for (int s = s0; s < (K >> 8); s += step) {
         mp_u32 h[2][4], q[2][4][2], b[TILES][8][2];
         float xsv[TILES][8];
-        const mp_u8* base = feed(s);
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
-            const mp_u8* blk = base + rows[r];
+            const mp_u8* blk = rows[r] + (mp_i64)s * 144;
             mp_w128<AL>(blk, h[r]);
 #pragma unroll
             for (int g = 0; g < 4; ++g) mp_w64<AL>(blk + 16 + 32 * g + 8 * tig, q[r][g]);
@@ -1385,21 +1372,20 @@ MP_HD mp_u32 mp_q6_s8(mp_u32 q) {
 }
 
 // as mp_mma_q4k_pass (sq is not read: no mins); AL: the rows' super-blocks are 2-byte aligned
-template <bool AL, int TILES, class Feed>
-MP_HD void mp_mma_q6k_pass(Feed feed, mp_i64 row_bytes, int N, int n0, int K, int s0, int step,
+template <bool AL, int TILES>
+MP_HD void mp_mma_q6k_pass(const mp_u8* __restrict__ we, mp_i64 row_bytes, int N, int n0, int K, int s0, int step,
                            const mp_u32* const (&bq)[2], const bool (&bon)[2], const float (&unit)[2], int lane,
                            float (&res)[2]) {
     const int tig = lane & 3;
-    int rows[2];
+    const mp_u8* rows[2];
     float acc[TILES][4], mins[TILES];
-    mp_mma_pass_start<TILES>(row_bytes, N, n0, lane, rows, acc, mins);
+    mp_mma_pass_start<TILES>(we, row_bytes, N, n0, lane, rows, acc, mins);
     for (int s = s0; s < (K >> 8); s += step) {
         mp_u32 ql[2][8], qh[2][4], sc[2][4], b[TILES][8][2];
         float d[2];
-        const mp_u8* base = feed(s);
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
-            const mp_u8* blk = base + rows[r];
+            const mp_u8* blk = rows[r] + (mp_i64)s * 210;
 #pragma unroll
             for (int i = 0; i < 8; ++i) ql[r][i] = mp_h32<AL>(blk + 16 * i + 4 * tig);  // i = 4 h + 2 (qd & 1) + u
 #pragma unroll
@@ -1453,32 +1439,25 @@ MP_HD void mp_mma_q6k_pass(Feed feed, mp_i64 row_bytes, int N, int n0, int K, in
     mp_mma_digits_result<TILES>(acc, mins, unit, lane, res);
 }
 
-// Where a pass finds super-block s of its rows (row n0's; the others lie row_bytes apart): in the rows
-// themselves, starting at w (global or shared memory)
-template <int QT> struct mp_feed_rows {
-    const mp_u8* w;
-    MP_HD const mp_u8* operator()(int s) const { return w + (mp_i64)s * mp_traits<QT>::tsize; }
-};
-
 // The tensor-core pass of type QT (Q4_K 12, Q6_K 14) for a pass of nt tokens (one n-tile up to 2), with the
 // alignment the warp found (res[1] is left unwritten for one n-tile)
-template <int QT, bool AL, int TILES, class Feed>
-MP_HD void mp_mma_pass(Feed feed, mp_i64 row_bytes, int N, int n0, int K, int s0, int step,
+template <int QT, bool AL, int TILES>
+MP_HD void mp_mma_pass(const mp_u8* __restrict__ we, mp_i64 row_bytes, int N, int n0, int K, int s0, int step,
                        const mp_u32* const (&bq)[2], const bool (&bon)[2], const float* const (&sq)[2],
                        const float (&unit)[2], int lane, float (&res)[2]) {
-    if constexpr (QT == 14) mp_mma_q6k_pass<AL, TILES>(feed, row_bytes, N, n0, K, s0, step, bq, bon, unit, lane, res);
-    else mp_mma_q4k_pass<AL, TILES>(feed, row_bytes, N, n0, K, s0, step, bq, bon, sq, unit, lane, res);
+    if constexpr (QT == 14) mp_mma_q6k_pass<AL, TILES>(we, row_bytes, N, n0, K, s0, step, bq, bon, unit, lane, res);
+    else mp_mma_q4k_pass<AL, TILES>(we, row_bytes, N, n0, K, s0, step, bq, bon, sq, unit, lane, res);
 }
-template <int QT, class Feed>
-MP_HD void mp_mma_dispatch(bool al, int nt, Feed feed, mp_i64 row_bytes, int N, int n0, int K,
+template <int QT>
+MP_HD void mp_mma_dispatch(bool al, int nt, const mp_u8* __restrict__ we, mp_i64 row_bytes, int N, int n0, int K,
                            int s0, int step, const mp_u32* const (&bq)[2], const bool (&bon)[2],
                            const float* const (&sq)[2], const float (&unit)[2], int lane, float (&res)[2]) {
     if (nt <= 2) {
-        if (al) mp_mma_pass<QT, true, 1>(feed, row_bytes, N, n0, K, s0, step, bq, bon, sq, unit, lane, res);
-        else mp_mma_pass<QT, false, 1>(feed, row_bytes, N, n0, K, s0, step, bq, bon, sq, unit, lane, res);
+        if (al) mp_mma_pass<QT, true, 1>(we, row_bytes, N, n0, K, s0, step, bq, bon, sq, unit, lane, res);
+        else mp_mma_pass<QT, false, 1>(we, row_bytes, N, n0, K, s0, step, bq, bon, sq, unit, lane, res);
     } else {
-        if (al) mp_mma_pass<QT, true, 2>(feed, row_bytes, N, n0, K, s0, step, bq, bon, sq, unit, lane, res);
-        else mp_mma_pass<QT, false, 2>(feed, row_bytes, N, n0, K, s0, step, bq, bon, sq, unit, lane, res);
+        if (al) mp_mma_pass<QT, true, 2>(we, row_bytes, N, n0, K, s0, step, bq, bon, sq, unit, lane, res);
+        else mp_mma_pass<QT, false, 2>(we, row_bytes, N, n0, K, s0, step, bq, bon, sq, unit, lane, res);
     }
 }
 
@@ -1547,73 +1526,12 @@ MP_HD void mp_ld8_l2(const int* p, int (&v)[8]) {
 // v[u] for u < 4 (u not known at compile time) without a local-memory array
 MP_HD int mp_pick4(const int (&v)[4], int u) { return u == 0 ? v[0] : u == 1 ? v[1] : u == 2 ? v[2] : v[3]; }
 
-// ---- gate / up's Q4_K rows through a ring of staged super-blocks ----
-// A warp of qmm_experts_mma<12> loads each of its 16 rows' super-blocks into registers when it reaches it:
-// one memory round trip per super-block, one after another (K = 2048: 8 of them). A warp of <12,2> copies
-// them into MP_Q4_RING slots of shared memory (cp.async: no registers), super-blocks s + 1 .. s +
-// MP_Q4_RING - 1 on their way while s is multiplied. A slot holds 16 rows' 144 bytes MP_Q4_RING_ROW bytes
-// apart (144 + 16: a half-warp's 8-byte loads of 4 rows then fall on distinct banks).
-#ifndef MP_Q4_RING
-#define MP_Q4_RING 4            // slots of a warp's ring (kernels.py: Q4_RING; below 2: gate / up take <12>)
-#endif
-#if MP_Q4_RING < 2              // (then <12,2> is not compiled)
-#undef MP_Q4_RING
-#define MP_Q4_RING 2
-#endif
-#ifndef MP_Q4_RING_PREFETCH
-#define MP_Q4_RING_PREFETCH 1   // the ring's warp also asks L2 for its whole 16 rows at the start (tuning switch)
-#endif
-#define MP_Q4_RING_ROW 160
-#define MP_Q4_RING_SLOT (16 * MP_Q4_RING_ROW)
-MP_HD void mp_cp_async_commit() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    asm volatile("cp.async.commit_group;" ::: "memory");
-#endif
-}
-// until at most N of this thread's latest commit groups are still on their way
-template <int N> MP_HD void mp_cp_async_wait_group() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
-#endif
-}
-// a warp's ring over its rows: start() puts super-blocks 0 .. MP_Q4_RING - 2 on their way; then feed(s) for
-// s = 0, 1, ... in order (as mp_feed_rows, rows MP_Q4_RING_ROW apart) waits for super-block s, then puts
-// s + MP_Q4_RING - 1 on its way into the slot s - 1 had (the warp barrier: every lane is done with it).
-// One commit group per super-block (an empty one past the row's end), so the wait's count holds throughout.
-struct mp_q4_ring {
-    mp_u8* ring;       // this warp's MP_Q4_RING slots (16-byte aligned)
-    const mp_u8* src;  // the first row (16-byte aligned; rows row_bytes apart, a multiple of 16)
-    int row_bytes, rows, S; // rows to copy (up to 16), super-blocks a row
-    MP_HD void issue(int s) const {
-        if (s < S) {
-            mp_u8* dst = ring + (s % MP_Q4_RING) * MP_Q4_RING_SLOT;
-            const mp_u8* from = src + s * 144;
-            for (int i = (int)(threadIdx.x & 31); i < 9 * rows; i += 32) {  // 9 pieces of 16 bytes a row
-                const int r = i / 9, c = i - 9 * r;
-                mp_cp_async16(dst + r * MP_Q4_RING_ROW + 16 * c, from + r * row_bytes + 16 * c);
-            }
-        }
-        mp_cp_async_commit();
-    }
-    MP_HD void start() const {
-        for (int s = 0; s < MP_Q4_RING - 1; ++s) issue(s);
-    }
-    MP_HD const mp_u8* operator()(int s) const {
-        mp_cp_async_wait_group<MP_Q4_RING - 2>();
-        mp_syncwarp();
-        issue(s + MP_Q4_RING - 1);
-        return ring + (s % MP_Q4_RING) * MP_Q4_RING_SLOT;
-    }
-};
-
 // grid (groups * matrices, active experts) with groups = ceil(N / (16 MP_WARPS)), block MP_THREADS;
 // arguments as qmm_experts, with the activations as act_digits wrote them (K: whole super-blocks).
-// ST 1: a warp's 16 rows are staged in shared memory where they fit MP_Q6_STAGE bytes and start 16-byte
+// ST: a warp's 16 rows are staged in shared memory where they fit MP_Q6_STAGE bytes and start 16-byte
 // aligned (Q6_K always: its rows are only 2-byte aligned; Q4_K where kernels.py picks <12,1>: the down
 // projection's 432-byte rows, whose 3 super-blocks then arrive in one round instead of one after another;
-// 432 = 108 words puts a warp's 8 rows on distinct banks, so they need no padding). ST 2 (Q4_K, <12,2>:
-// rows too long to stage whole, gate / up's): the rows pass through the warp's ring (mp_q4_ring) where
-// they start 16-byte aligned, their whole 16 rows asked of L2 at the start as for <12>. early: the routing
+// 432 = 108 words puts a warp's 8 rows on distinct banks, so they need no padding). early: the routing
 // was written two or more launches before this one in the stream (kernels.py counts), so it is complete
 // when this kernel starts (every block of the launch before passed its own wait, which waited for it):
 // the routing is read and the rows staged or prefetched before the wait, while that launch still runs.
@@ -1623,8 +1541,7 @@ MP_MMA_GLOBAL void qmm_experts_mma(const mp_u8* __restrict__ w0, const mp_u8* __
                                    const float* __restrict__ xs, const float* __restrict__ xunit, int x_div,
                                    const int* __restrict__ pairs, const int* __restrict__ records,
                                    float* __restrict__ out0, float* __restrict__ out1, int ldo, int early) {
-    // the staged rows (ST 1), the ring (ST 2)
-    MP_SHARED mp_u4 stage[ST ? MP_WARPS : 1][ST == 2 ? MP_Q4_RING * MP_Q4_RING_SLOT / 16 : ST ? MP_Q6_STAGE / 16 : 1];
+    MP_SHARED mp_u4 stage[ST ? MP_WARPS : 1][ST ? MP_Q6_STAGE / 16 : 1];  // the staged rows
     const int groups = (N + MP_WARPS * 16 - 1) / (MP_WARPS * 16);
     const bool second = (int)blockIdx.x >= groups;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gid = lane >> 2, tig = lane & 3;
@@ -1633,7 +1550,6 @@ MP_MMA_GLOBAL void qmm_experts_mma(const mp_u8* __restrict__ w0, const mp_u8* __
     const mp_u8* we = nullptr;
     int wN = N, wn0 = n0;  // the pass's rows: we's rows n0 .. (clamped to N - 1)
     bool staged = false;
-    mp_q4_ring ring{(mp_u8*)stage[ST ? warp : 0], nullptr, (int)row_bytes, 0, K >> 8};  // ST 2's (ring.src: in use)
     auto pass_pairs = [&](int p0) {
 #pragma unroll
         for (int u = 0; u < 4; ++u) pp[u] = mp_ld_l2(pairs + (p0 + u < end ? p0 + u : end - 1));
@@ -1644,12 +1560,7 @@ MP_MMA_GLOBAL void qmm_experts_mma(const mp_u8* __restrict__ w0, const mp_u8* __
         e = rec[0];
         if (e < 0 || n0 >= N) return;
         we = (second ? w1 : w0) + (mp_i64)e * expert_bytes;
-        if (ST == 2 && mp_aligned(we + (mp_i64)n0 * row_bytes, 16) && row_bytes % 16 == 0) {
-            ring.src = we + (mp_i64)n0 * row_bytes;
-            ring.rows = N - n0 < 16 ? N - n0 : 16;
-            ring.start();
-            if (MP_Q4_RING_PREFETCH && lane == 0) mp_prefetch_rows(we, row_bytes, N, n0, 16);
-        } else if (ST == 1 && 16 * row_bytes <= MP_Q6_STAGE && mp_aligned(we + (mp_i64)n0 * row_bytes, 16)) {
+        if (ST && 16 * row_bytes <= MP_Q6_STAGE && mp_aligned(we + (mp_i64)n0 * row_bytes, 16)) {
             wN = N - n0 < 16 ? N - n0 : 16;
             mp_u8* st = (mp_u8*)stage[ST ? warp : 0];
             mp_stage_rows_issue(st, we + (mp_i64)n0 * row_bytes, (int)(wN * row_bytes), lane, 32);
@@ -1688,16 +1599,7 @@ MP_MMA_GLOBAL void qmm_experts_mma(const mp_u8* __restrict__ w0, const mp_u8* __
         }
         mp_mma_pass_inputs(nt, [&](int u) { return mp_pick4(pp, u) / x_div; }, K, xd, xs, xunit, lane, bq, bon, sq, unit);
         float res[2];
-        if (ring.src) {
-            if (p0 != beg) {  // a pass after the first walks the rows again (every lane done with the last)
-                mp_syncwarp();
-                ring.start();
-            }
-            mp_mma_dispatch<QT>(true, nt, ring, MP_Q4_RING_ROW, ring.rows, 0, K, 0, 1, bq, bon, sq, unit, lane, res);
-        } else {
-            mp_mma_dispatch<QT>(al, nt, mp_feed_rows<QT>{we + (mp_i64)wn0 * row_bytes}, row_bytes, wN, wn0, K, 0, 1, bq,
-                                bon, sq, unit, lane, res);
-        }
+        mp_mma_dispatch<QT>(al, nt, we, row_bytes, wN, wn0, K, 0, 1, bq, bon, sq, unit, lane, res);
         const int n = n0 + gid + 8 * (tig & 1);
 #pragma unroll
         for (int i = 0; i < 2; ++i)
@@ -1790,8 +1692,7 @@ MP_MMA_DENSE_GLOBAL void qmm_dense_mma(const mp_u8* __restrict__ w0, const mp_u8
     mp_mma_pass_inputs(nt, [](int u) { return u; }, K, xd, xs, xunit, lane, bq, bon, sq, unit);
     const bool al = mp_mma_aligned<QT>(w, row_bytes);  // uniform over the block
     float res[2] = {0.0f, 0.0f};  // res[1]: no second n-tile up to 2 tokens
-    mp_mma_dispatch<QT>(al, nt, mp_feed_rows<QT>{w + (mp_i64)wn0 * row_bytes}, row_bytes, wN, wn0, K, warp, warps, bq,
-                        bon, sq, unit, lane, res);
+    mp_mma_dispatch<QT>(al, nt, w, row_bytes, wN, wn0, K, warp, warps, bq, bon, sq, unit, lane, res);
     part[warp][0][lane] = res[0];
     part[warp][1][lane] = res[1];
     mp_syncthreads();
@@ -2531,55 +2432,13 @@ MP_HD void mp_softmax_regs4(float (&x)[4], int E, float* __restrict__ o, int lan
     }
 }
 
-MP_HD int mp_atomic_add_global(int* a, int v) {
-#if defined(__CUDA_ARCH__)
-    return atomicAdd(a, v);
-#else
-    const int old = *a;  // the emulator runs one block at a time
-    *a = old + v;
-    return old;
-#endif
-}
-MP_HD void mp_fence() {  // this thread's global writes seen device-wide before its later ones
-#if defined(__CUDA_ARCH__)
-    __threadfence();
-#endif
-}
-// whether this block is the last of `of` blocks sharing the count *cnt to get here (every thread's global
-// writes before the call are then visible to it); that block sets the count back to 0. Every thread of
-// the block calls it; flag: a shared int.
-MP_HD bool mp_last_block(int* cnt, int of, int* flag) {
-    mp_fence();
-    mp_syncthreads();
-    if (threadIdx.x == 0) {
-        *flag = mp_atomic_add_global(cnt, 1) == of - 1;
-        if (*flag) {
-            mp_fence();
-            *cnt = 0;
-        }
-    }
-    mp_syncthreads();
-    return *flag != 0;
-}
-
-// a float from L2 (not L1): written by another block of this launch
-MP_HD float mp_ldf_l2(const float* p) {
-#if defined(__CUDA_ARCH__)
-    return __ldcg(p);
-#else
-    return *p;
-#endif
-}
-
-// moe_route's work for tokens first + warp of the block (every thread of the block calls it): softmax,
-// top-k and, with group (the block then holds all T tokens), the grouping by expert. L2: the logits were
-// written by other blocks of this launch, and are read from L2 (up to 128 experts: router_route)
-template <bool L2>
-MP_HD void mp_route_block(const float* __restrict__ logits, int T, int E, int k, float* probs, int* ids,
-                          float* __restrict__ weights, int group, int first, int* __restrict__ pairs,
-                          int* __restrict__ offsets, int* __restrict__ active, int n_act_len, int* __restrict__ order,
-                          int* __restrict__ records, mp_group_smem& sm) {
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, t = first + warp;
+extern "C" MP_GLOBAL void moe_route(const float* __restrict__ logits, int T, int E, int k, float* probs,
+                                    int* ids, float* __restrict__ weights, int group,
+                                    int* __restrict__ pairs, int* __restrict__ offsets, int* __restrict__ active,
+                                    int n_act_len, int* __restrict__ order, int* __restrict__ records) {
+    MP_SHARED mp_group_smem sm;
+    mp_grid_sync();
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, t = blockIdx.x * MP_WARPS + warp;
     const bool quick = group && T * k <= 32 && E <= MP_GROUP_WARP_EXPERTS;  // uniform over the block
     if (t < T) {  // no early return: the whole block meets at the barrier below
         float* pr = probs + (mp_i64)t * E;
@@ -2587,15 +2446,12 @@ MP_HD void mp_route_block(const float* __restrict__ logits, int T, int E, int k,
             const float* lr = logits + (mp_i64)t * E;
             float x[4];
 #pragma unroll
-            for (int q = 0; q < 4; ++q) {
-                const float* at = lr + (lane + 32 * q < E ? lane + 32 * q : 0);
-                x[q] = L2 ? mp_ldf_l2(at) : *at;
-            }
+            for (int q = 0; q < 4; ++q) x[q] = lr[lane + 32 * q < E ? lane + 32 * q : 0];
             mp_softmax_regs4(x, E, pr, lane);
             mp_syncwarp();  // a zero or NaN winner's value is read back from pr
             mp_topk_row_held<4>(x, pr, E, k, ids + (mp_i64)t * k, weights + (mp_i64)t * k, quick ? sm.ids + t * k : nullptr,
                                 lane);
-        } else if (!L2) {
+        } else {
             mp_softmax_row(logits + (mp_i64)t * E, E, E, pr, lane);
             mp_syncwarp();  // a lane's top-k scan reads columns other lanes wrote
             mp_topk_row(pr, E, k, ids + (mp_i64)t * k, weights + (mp_i64)t * k, lane);
@@ -2609,37 +2465,6 @@ MP_HD void mp_route_block(const float* __restrict__ logits, int T, int E, int k,
             mp_group_pairs(ids, T, k, E, pairs, offsets, active, n_act_len, order, records, sm);
         }
     }
-}
-
-extern "C" MP_GLOBAL void moe_route(const float* __restrict__ logits, int T, int E, int k, float* probs,
-                                    int* ids, float* __restrict__ weights, int group,
-                                    int* __restrict__ pairs, int* __restrict__ offsets, int* __restrict__ active,
-                                    int n_act_len, int* __restrict__ order, int* __restrict__ records) {
-    MP_SHARED mp_group_smem sm;
-    mp_grid_sync();
-    mp_route_block<false>(logits, T, E, k, probs, ids, weights, group, (int)blockIdx.x * MP_WARPS, pairs, offsets, active,
-                          n_act_len, order, records, sm);
-}
-
-// The router's product (qmm_dense_splitk<0, NT>'s, of its F32 rows E x kq: the logits) and then, by the last
-// of the launch's blocks to finish its rows (mp_last_block: every block's logits are then visible), moe_route's
-// work for all T <= MP_WARPS tokens, up to 128 experts: one launch where there were two, bit for bit theirs
-// (kernels.py: router_route). grid ceil(E / MP_ROWS_FOR(NT)), block MP_THREADS; cnt: a count left at 0.
-template <int NT>
-MP_MATMUL_GLOBAL void router_route(const mp_u8* __restrict__ w, mp_i64 row_bytes, int kq, const float* __restrict__ x,
-                                   int ldx, int T, float* logits, int E, int k, float* probs, int* ids,
-                                   float* __restrict__ weights, int* __restrict__ pairs, int* __restrict__ offsets,
-                                   int* __restrict__ active, int n_act_len, int* __restrict__ order,
-                                   int* __restrict__ records, int* cnt) {
-    MP_SHARED float part[MP_WARPS][MP_ROWS_FOR(NT) * NT];
-    MP_SHARED mp_group_smem sm;
-    MP_SHARED int last;
-    const int n0 = (int)blockIdx.x * MP_ROWS_FOR(NT);
-    if (threadIdx.x == 0) mp_prefetch_rows(w, row_bytes, E, n0, MP_ROWS_FOR(NT));  // the weights: not written by an earlier kernel
-    mp_grid_sync();
-    mp_splitk_block<0, NT>(w, row_bytes, E, n0, kq, x, ldx, T, 0, [&] { return logits; }, part);
-    if (!mp_last_block(cnt, (int)gridDim.x, &last)) return;
-    mp_route_block<true>(logits, T, E, k, probs, ids, weights, 1, 0, pairs, offsets, active, n_act_len, order, records, sm);
 }
 
 // ---- attention core ---------------------------------------------------------------------------------------
@@ -2813,6 +2638,20 @@ extern "C" MP_GLOBAL void qk_norm_rope(const float* __restrict__ q, const float*
 
 #define MP_ATTN_MAX_T 32         // the most tokens (kernels.py: ATTN_MAX_T): a warp's scores and probabilities in shared memory
 
+MP_HD int mp_atomic_add_global(int* a, int v) {
+#if defined(__CUDA_ARCH__)
+    return atomicAdd(a, v);
+#else
+    const int old = *a;  // the emulator runs one block at a time
+    *a = old + v;
+    return old;
+#endif
+}
+MP_HD void mp_fence() {  // this thread's global writes seen device-wide before its later ones
+#if defined(__CUDA_ARCH__)
+    __threadfence();
+#endif
+}
 // 4 floats at p from L2 (written by another block of this launch): one 16-byte load under AL
 template <bool AL> MP_HD void mp_x4_l2(const float* p, float (&v)[4]) {
 #if defined(__CUDA_ARCH__)
@@ -2828,6 +2667,22 @@ template <bool AL> MP_HD void mp_x4_l2(const float* p, float (&v)[4]) {
 #endif
 }
 
+// whether this block is the last of `of` blocks sharing the count *cnt to get here (every thread's global
+// writes before the call are then visible to it); that block sets the count back to 0. Every thread of
+// the block calls it; flag: a shared int.
+MP_HD bool mp_last_block(int* cnt, int of, int* flag) {
+    mp_fence();
+    mp_syncthreads();
+    if (threadIdx.x == 0) {
+        *flag = mp_atomic_add_global(cnt, 1) == of - 1;
+        if (*flag) {
+            mp_fence();
+            *cnt = 0;
+        }
+    }
+    mp_syncthreads();
+    return *flag != 0;
+}
 
 // step 1 for rows of up to 32 REGS: the block's q heads (token t, kv head g) normalised into qs (and qn)
 // and rotated in place (and into qr); every token's k head g likewise into ks (token t's also into kn and kr)

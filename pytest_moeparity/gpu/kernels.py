@@ -63,7 +63,7 @@ MAX_ELEMENTWISE_BLOCKS = 8192
 # kernels whose threads meet at warp reductions or block barriers (the emulator runs them as coroutines)
 WARP_KERNELS = ("qmm_dense", "qmm_dense_splitk", "qmm_dense_mma", "qmm_experts", "qmm_experts_mma", "act_digits", "expert_group", "router_topk", "rms_norm",
                 "softmax_rows", "attention_core", "qk_norm_rope", "moe_route", "add_rms_norm", "norm_digits", "swiglu_digits",
-                "norm_rope_attention", "combine_norm_digits", "router_route")
+                "norm_rope_attention", "combine_norm_digits")
 SPLITK_TILES = (1, 4)     # the token tiles with a split-K dense instance (prompts of up to 4 tokens)
 # split K only while the plain kernel's grid is small: a large matrix (the output head's 152k rows) already
 # fills the GPU, and splitting it only adds the blocks' shared-memory step
@@ -99,18 +99,14 @@ MMA_QTYPES = (KERNEL_QTYPES[Q.Q4_K], KERNEL_QTYPES[Q.Q6_K])  # the instances com
 MMA_ON_QTYPES = MMA_QTYPES if MMA_Q6K else MMA_QTYPES[:1]    # the types use_mma sends there
 # qmm_experts_mma stages a warp's 16 weight rows in shared memory where they fit this many bytes
 # (MP_Q6_STAGE): Q6_K always (<14>), Q4_K in its own instance <12,1> (the 30b-a3b down projection's 432-byte
-# rows) unless MP_STAGE_Q4_EXPERTS is 0. Longer Q4_K rows (gate / up's 1152 bytes) pass through a ring of
-# Q4_RING super-blocks a warp (<12,2>, MP_Q4_RING); below 2 they take <12>, which keeps no shared memory
+# rows) unless MP_STAGE_Q4_EXPERTS is 0; <12> (gate / up's 1152-byte rows) keeps no shared memory, so L1
+# keeps its whole share
 EXPERT_STAGE_BYTES = 10240
 RECORD_INTS = 8  # MP_REC: ints per expert record of ExpertRouting.records
 STAGE_Q4_EXPERTS = _tuning_define("MP_STAGE_Q4_EXPERTS", 1)
-Q4_RING = _tuning_define("MP_Q4_RING", 4)
 # qmm_experts_mma reads a routing written two or more launches back before its programmatic-launch wait
 # (MP_EXPERTS_EARLY=0: always after it; tuning switch)
 EXPERTS_EARLY = _tuning_define("MP_EXPERTS_EARLY", 1)
-# a short prompt's F32 router product and its routing (softmax, top-k, grouping) in one launch
-# (router_route; MP_FUSE_ROUTER=0: qmatmul, then route_experts)
-FUSE_ROUTER = _tuning_define("MP_FUSE_ROUTER", 1)
 # up to this many tokens every expert has at most 4 pairs: one pass of the kernel (an expert with more
 # pairs takes passes of 4 one after another, which long prompts with skewed routing would feel)
 MMA_MAX_TOKENS = _tuning_define("MP_MMA_MAX_TOKENS", 4)
@@ -123,8 +119,7 @@ NAME_EXPRESSIONS: tuple[str, ...] = tuple(
     + [f"qmm_dense_splitk<{q},{nt}>" for q in sorted(KERNEL_QTYPES.values()) for nt in SPLITK_TILES]
     + [f"qmm_experts<{q},{nt}>" for q in sorted(KERNEL_QTYPES.values()) for nt in TOKEN_TILES]
     + [f"qmm_experts_mma<{q}>" for q in MMA_QTYPES] + [f"qmm_experts_mma<{KERNEL_QTYPES[Q.Q4_K]},1>"]
-    + ([f"qmm_experts_mma<{KERNEL_QTYPES[Q.Q4_K]},2>"] if Q4_RING >= 2 else [])
-    + [f"qmm_dense_mma<{q}>" for q in MMA_QTYPES] + [f"router_route<{nt}>" for nt in SPLITK_TILES]
+    + [f"qmm_dense_mma<{q}>" for q in MMA_QTYPES]
     + ["act_digits", "norm_digits", "swiglu_digits", "norm_rope_attention", "combine_norm_digits", "expert_group", "router_topk", "moe_route", "moe_combine", "round_bf16", "rms_norm", "add_rms_norm", "softmax_rows", "attention_core",
        "qk_norm_rope", "rope_neox", "swiglu", "add_f32"])
 
@@ -664,44 +659,6 @@ def route_experts(logits, k: int, *, backend: Backend | None = None):
     return probs, ids, weights, routing
 
 
-def fuses_router_route(wt: DeviceTensor, T: int, k: int, as_qtype: Q | None = None) -> bool:
-    """Whether :func:`router_route` runs the router ``wt`` ``[E, K]`` for T tokens in one launch: an F32
-    matrix read whole (no planted fault), up to WARPS tokens (one block routes them all) and 128 experts
-    (a warp's row in registers), the product on the split-K kernel, and MP_FUSE_ROUTER not 0."""
-    if not FUSE_ROUTER or as_qtype is not None or wt.qtype != Q.F32 or len(wt.shape) != 2:
-        return False
-    E = int(wt.shape[0])
-    return (1 <= T <= WARPS and 0 < k <= E <= 128
-            and dense_launch(KERNEL_QTYPES[Q.F32], (E,), T)[0].startswith("qmm_dense_splitk<"))
-
-
-def router_route(x, wt: DeviceTensor, k: int, *, as_qtype: Q | None = None, sync=None,
-                 backend: Backend | None = None):
-    """The router from its input rows ``x`` float32 ``[T, K]`` and matrix ``wt`` ``[E, K]``:
-    ``(logits, probs, ids, weights, routing)``, bit for bit :func:`qmatmul` and :func:`route_experts`,
-    from one launch (kernel ``router_route``: the last of its blocks to finish the product routes)
-    where :func:`fuses_router_route` holds, else from those two. ``sync``: :func:`counter_buffer`'s
-    counts (a fresh one where None); ``as_qtype`` as in :func:`qmatmul`."""
-    be = _backend(backend)
-    T = int(x.shape[0]) if be.is_array(x) and x.ndim == 2 else 0
-    if not fuses_router_route(wt, T, k, as_qtype):
-        logits = qmatmul(x, wt, as_qtype=as_qtype, backend=be)
-        return (logits, *route_experts(logits, k, backend=be))
-    E, K = (int(s) for s in wt.shape)
-    _check_f32_2d("router_route: x", x, be, K)
-    sync = _check_counts("router_route", sync, be)
-    logits = be.xp.empty((T, E), dtype=np.float32)
-    _, E, ids, weights = _router_outputs("router_route", logits, k, 128, be)
-    probs = be.xp.empty((T, E), dtype=np.float32)
-    routing = _empty_routing(ids, E, be)
-    nt = _token_tile(T)
-    be.launch(f"router_route<{nt}>", (_cdiv(E, rows_for(nt)), 1, 1), (THREADS, 1, 1),
-              (wt.raw, np.int64(wt.row_bytes), np.int32(K), x, np.int32(K), np.int32(T), logits, np.int32(E),
-               np.int32(k), probs, ids, weights, routing.pairs, routing.offsets, routing.active,
-               np.int32(routing.active.shape[0]), routing.order, routing.records, sync[ROUTER_COUNT:]))
-    return logits, probs, ids, weights, replace(routing, written_at=be.launch_mark())
-
-
 def use_mma(be: Backend, code: int, kq: int, K: int, T: int) -> bool:
     """Whether a product of kernel type ``code`` over ``kq`` of ``K`` columns for ``T`` tokens runs on
     the tensor cores (qmm_experts_mma, qmm_dense_mma): Q4_K or Q6_K over whole super-blocks (not under the
@@ -713,14 +670,9 @@ def use_mma(be: Backend, code: int, kq: int, K: int, T: int) -> bool:
 
 def experts_mma_kernel(code: int, row_bytes: int) -> str:
     """The qmm_experts_mma instance for weight rows of kernel type ``code`` and ``row_bytes`` bytes: Q4_K
-    rows whose warp's 16 fit EXPERT_STAGE_BYTES take the staging instance <12,1>, longer ones the ring
-    <12,2>."""
-    if code == KERNEL_QTYPES[Q.Q4_K]:
-        if 16 * row_bytes <= EXPERT_STAGE_BYTES:
-            if STAGE_Q4_EXPERTS:
-                return f"qmm_experts_mma<{code},1>"
-        elif Q4_RING >= 2:
-            return f"qmm_experts_mma<{code},2>"
+    rows whose warp's 16 fit EXPERT_STAGE_BYTES take the staging instance <12,1>."""
+    if code == KERNEL_QTYPES[Q.Q4_K] and STAGE_Q4_EXPERTS and 16 * row_bytes <= EXPERT_STAGE_BYTES:
+        return f"qmm_experts_mma<{code},1>"
     return f"qmm_experts_mma<{code}>"
 
 
@@ -1098,23 +1050,10 @@ def _qk_args(what: str, q, k, wq, wk, cos, sin, be: Backend) -> tuple:
     return q, k, wq, wk, cos, sin, (T, nh, nkv, hd)
 
 
-ROUTER_COUNT = ATTN_MAX_T  # router_route's count in counter_buffer() (norm_rope_attention's: 0 .. ATTN_MAX_T - 1)
-
-
 def counter_buffer(*, backend: Backend | None = None):
-    """Zeroed int32 counts for the kernels whose last block to get there finishes the launch
-    (norm_rope_attention: one per token, router_route: ROUTER_COUNT); each launch leaves them at 0. One
-    per stream of launches."""
-    return _backend(backend).xp.zeros((ATTN_MAX_T + 1,), dtype=np.int32)
-
-
-def _check_counts(what: str, sync, be: Backend):
-    """``sync`` checked as counter_buffer()'s counts (a fresh one where None)."""
-    if sync is None:
-        return counter_buffer(backend=be)
-    if not (be.is_array(sync) and sync.dtype == np.int32 and sync.size >= ATTN_MAX_T + 1):
-        raise KernelError(f"{what}: sync must be counter_buffer()'s int32 counts")
-    return sync
+    """Zeroed int32 counts (ATTN_MAX_T of them) for the kernels whose last block to get there finishes the
+    launch (norm_rope_attention: one per token); each launch leaves them at 0. One per stream of launches."""
+    return _backend(backend).xp.zeros((ATTN_MAX_T,), dtype=np.int32)
 
 
 def fuses_norm_rope_attention(T: int, nh: int, hd: int) -> bool:
@@ -1144,7 +1083,10 @@ def norm_rope_attention(q, k, v, wq, wk, eps: float, cos, sin, *, sync=None, bac
     scores, probs = (xp.empty((T, nh, T), dtype=np.float32) for _ in range(2))
     ctx = xp.empty((T, cols), dtype=np.float32)
     digits = _digits_out("norm_rope_attention", T, cols, be)
-    sync = _check_counts("norm_rope_attention", sync, be)
+    if sync is None:
+        sync = counter_buffer(backend=be)
+    elif not (be.is_array(sync) and sync.dtype == np.int32 and sync.size >= ATTN_MAX_T):
+        raise KernelError("norm_rope_attention: sync must be counter_buffer()'s int32 counts")
     if T:
         be.launch("norm_rope_attention", (T * nkv, 1, 1), (ATTN_THREADS, 1, 1),
                   (q, k, v, np.int32(T), np.int32(nh), np.int32(nkv), np.int32(hd), wq, wk, np.float32(eps), cos, sin,
