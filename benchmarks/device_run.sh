@@ -44,8 +44,9 @@ for opt in "${variants[@]}"; do
 done
 if [ "${NCU:-1}" != 0 ]; then  # where the expert products' time goes (benchmarks/NOTES.md, step 36 and item 000)
   ncu=$(command -v ncu || ls /usr/local/cuda*/bin/ncu 2>/dev/null | head -1)
-  # this tree, then (NCU_VARIANT: compile options) the same launches of a variant, into the same file
-  for opt in "" ${NCU_VARIANT:+"$NCU_VARIANT"}; do
+  # this tree (under the caller's MOEPARITY_NVRTC_OPTIONS, as the profile above), then (NCU_VARIANT: compile
+  # options) the same launches of a variant, into the same file
+  for opt in "${MOEPARITY_NVRTC_OPTIONS:-}" ${NCU_VARIANT:+"$NCU_VARIANT"}; do
     echo "==== ncu: MOEPARITY_NVRTC_OPTIONS='$opt'" >> "$out/ncu-experts.txt"
     MOEPARITY_NVRTC_OPTIONS="$opt" MOEPARITY_PDL=0 timeout 90 "$ncu" --profile-from-start off --clock-control none \
       -k regex:qmm_experts_mma --launch-count 6 --section SpeedOfLight --section Occupancy --section WarpStateStats \
