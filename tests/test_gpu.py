@@ -373,8 +373,9 @@ SHARED_INPUT_TYPES = [(Q.Q4_K, Q.Q4_K, Q.Q4_K), (Q.Q4_K, Q.Q4_K, Q.Q6_K), (Q.Q8_
 @pytest.mark.parametrize("T", [1, 3, 17])
 def test_qmatmul_shared_input_matches_single_products(backend, qtypes, T):
     """q / k / v style: three matrices of one input; those of one type share a launch (one launch for
-    three Q4_K, two when v is Q6_K, three when the types alternate), and each result is qmatmul's
-    alone, bit for bit, and float64's within 1e-5; every output element is written."""
+    three Q4_K, two when v is Q6_K but one on the tensor cores, three when the types alternate), and
+    each result is qmatmul's alone, bit for bit, and float64's within 1e-5; every output element is
+    written."""
     from pytest_moeparity.gpu import kernels as Kn
 
     Kc, Ns = 512, (37, 5, 130)
@@ -388,6 +389,8 @@ def test_qmatmul_shared_input_matches_single_products(backend, qtypes, T):
     res = Kn.qmatmul_shared_input(xd, wts, outs=outs, backend=backend)
     if hasattr(backend, "launches"):
         runs = 1 + sum(a != b for a, b in zip(qtypes, qtypes[1:]))
+        mma = all(Kn.use_mma(backend, Kn.KERNEL_QTYPES[q], Kc, Kc, T) for q in qtypes)
+        runs -= bool(Kn.DENSE_MIXED and mma and qtypes == (Q.Q4_K, Q.Q4_K, Q.Q6_K))  # qmm_dense_mma<12,14>
         products = [n for n in backend.launches[n_before:] if n.startswith("qmm_dense")]  # (act_digits aside)
         assert len(products) == runs, backend.launches[n_before:]
         assert backend.launches[n_before:].count("act_digits") <= 1, backend.launches[n_before:]
@@ -580,15 +583,23 @@ def test_act_digits_are_the_exact_integer_form(backend, Kc):  # 553: three slabs
         assert np.array_equal(a.view(np.uint32), b.view(np.uint32)), f"unaligned rows: {name} differ"
 
 
+# the tensor-core expert instance of each shape of test_experts_tensor_core_path (default switches): K = 768
+# (3 super-blocks) a warp per super-block, K = 2048 two warps a row group; Q4_K rows staged where a
+# warp's 16 fit 10240 bytes, Q6_K's always where they fit (not at K = 2048: read where they lie)
+EXPERT_MMA_INSTANCES = {(Q.Q4_K, 768): "qmm_experts_mma<12,1,3>", (Q.Q4_K, 2048): "qmm_experts_mma<12,0,2>",
+                        (Q.Q6_K, 768): "qmm_experts_mma<14,1,3>", (Q.Q6_K, 2048): "qmm_experts_mma<14,1,2>"}
+
+
 @pytest.mark.parametrize("T", [2, 3, 4])
-@pytest.mark.parametrize("qt,Kc", [(Q.Q4_K, 768), (Q.Q4_K, 2048), (Q.Q6_K, 768)],  # Q6_K: 630-byte rows, 2-byte aligned
-                         ids=["Q4_K-staged", "Q4_K", "Q6_K"])
+@pytest.mark.parametrize("qt,Kc", list(EXPERT_MMA_INSTANCES),  # Q6_K: 630- / 1680-byte rows, 2-byte aligned
+                         ids=["Q4_K-staged", "Q4_K", "Q6_K", "Q6_K-long"])
 def test_experts_tensor_core_path(backend, T, qt, Kc):
     """Short prompts' Q4_K and Q6_K expert products run on the tensor-core kernel (exact integer digits of
     the activations) where the device has it: float64's products within 1e-5 on rows with a wide dynamic
-    range, the same within 1e-5 as the float kernel (MP_MMA off), and a token with a non-finite
-    activation gives NaN in its own products only. Expert 1 has 5 or more pairs: passes of 4 one after
-    another, each walking the rows again."""
+    range, the same within 1e-5 as the float kernel (MP_MMA off) and as one warp walking each row group
+    alone (the MP_EXPERTS_SPLIT_* switches off), and a token with a non-finite activation gives NaN in its
+    own products only. Expert 1 has 5 or more pairs: passes of 4 one after another, each walking the rows
+    again; N = 70 leaves a block's last row group past the matrix where a block has two."""
     from pytest_moeparity.gpu import kernels as Kn
 
     if not backend.mma:
@@ -606,11 +617,9 @@ def test_experts_tensor_core_path(backend, T, qt, Kc):
     out = _poisoned(backend, (T, k, N))
     Kn.qmatmul_experts(_dev(backend, x), wt3, routing, out=out, backend=backend)
     if hasattr(backend, "launches"):
-        # K = 768: a warp's 16 rows are staged in shared memory (Q4_K: 432-byte rows, the <12,1> instance);
-        # Q4_K K = 2048 (1152-byte rows): <12>, the rows read where they lie
-        want = ["act_digits", Kn.experts_mma_kernel(Kn.KERNEL_QTYPES[qt], int(raw.shape[-1]))]
-        staged = qt == Q.Q4_K and Kc == 768 and Kn.STAGE_Q4_EXPERTS
-        assert want[1] == f"qmm_experts_mma<{Kn.KERNEL_QTYPES[qt]}" + (",1>" if staged else ">")
+        want = ["act_digits", Kn.experts_mma_kernel(Kn.KERNEL_QTYPES[qt], int(raw.shape[-1]), Kc)]
+        if Kn.STAGE_Q4_EXPERTS and Kn.EXPERTS_SPLIT_SHORT and Kn.EXPERTS_SPLIT_LONG:
+            assert want[1] == EXPERT_MMA_INSTANCES[qt, Kc], want[1]
         assert backend.launches[n_before:] == want, backend.launches[n_before:]
     got = _host(backend, out)
     what = f"tensor-core {qt.name} K={Kc} experts T={T}"
@@ -624,6 +633,17 @@ def test_experts_tensor_core_path(backend, T, qt, Kc):
     finally:
         backend.mma = old
     _assert_close(got, flt.astype(np.float64), what + " vs the float kernel")
+    split = (Kn.EXPERTS_SPLIT_SHORT, Kn.EXPERTS_SPLIT_LONG)
+    Kn.EXPERTS_SPLIT_SHORT = Kn.EXPERTS_SPLIT_LONG = 0
+    try:
+        n_before = len(getattr(backend, "launches", []))
+        alone = _host(backend, Kn.qmatmul_experts(_dev(backend, x), wt3, routing, backend=backend))
+        if hasattr(backend, "launches"):
+            assert backend.launches[-1].count(",") < 2, backend.launches[n_before:]  # SP = 1: <12>, <12,1>, <14>
+    finally:
+        Kn.EXPERTS_SPLIT_SHORT, Kn.EXPERTS_SPLIT_LONG = split
+    _assert_written(alone, what + ", a warp a row group")
+    _assert_close(got, alone.astype(np.float64), what + " vs a warp a row group")
     # per pair rows (the down projection's input), one of them non-finite
     xp_ = rng.standard_normal((T * k, Kc)).astype(np.float32)
     bad = T * k - 1
@@ -693,8 +713,9 @@ def test_dense_tensor_core_path(backend, T, Kc):
     """Short prompts' Q4_K dense products (q / k / v style: three matrices of one input, one launch)
     run on the tensor-core kernel, a block's warps splitting each row's super-blocks: float64's products
     within 1e-5 on rows with a wide dynamic range, each matrix's result bit for bit the product alone,
-    within 1e-5 of the float kernel (MP_MMA off); a Q6_K matrix in the call takes its own tensor-core
-    launch on the same digits; a token with a non-finite activation gives NaN in its own row only."""
+    within 1e-5 of the float kernel (MP_MMA off); a Q6_K matrix after one or two Q4_K ones joins their
+    launch as its third matrix (qmm_dense_mma<12,14>), bit for bit its own launch and the launches
+    MP_DENSE_MIXED=0 gives; a token with a non-finite activation gives NaN in its own row only."""
     from pytest_moeparity.gpu import kernels as Kn
 
     if not backend.mma:
@@ -709,8 +730,21 @@ def test_dense_tensor_core_path(backend, T, Kc):
     n_before = len(getattr(backend, "launches", []))
     Kn.qmatmul_shared_input(xd, wts, outs=outs, backend=backend)
     if hasattr(backend, "launches"):
-        assert backend.launches[n_before:] == ["act_digits", "qmm_dense_mma<12>", "qmm_dense_mma<14>",
-                                               "qmm_dense_mma<12>"], backend.launches[n_before:]
+        assert backend.launches[n_before:] == ["act_digits", "qmm_dense_mma<12,14>", "qmm_dense_mma<12>"], \
+            backend.launches[n_before:]
+    for pick, mixed, want in (((1, 2), 1, ["act_digits", "qmm_dense_mma<12,14>"]),  # matrix 1 of <12,14> unused
+                              ((0, 1, 2), 0, ["act_digits", "qmm_dense_mma<12>", "qmm_dense_mma<14>"])):
+        again = [_poisoned(backend, (T, Ns[i])) for i in pick]
+        n_before = len(getattr(backend, "launches", []))
+        old_mixed, Kn.DENSE_MIXED = Kn.DENSE_MIXED, mixed
+        try:
+            Kn.qmatmul_shared_input(xd, [wts[i] for i in pick], outs=again, backend=backend)
+        finally:
+            Kn.DENSE_MIXED = old_mixed
+        if hasattr(backend, "launches"):
+            assert backend.launches[n_before:] == want, backend.launches[n_before:]
+        for i, got in zip(pick, again):
+            assert np.array_equal(_host(backend, got), _host(backend, outs[i])), f"matrix {i}, launches {want}"
     old = backend.mma
     backend.mma = False
     try:

@@ -1526,48 +1526,58 @@ MP_HD void mp_ld8_l2(const int* p, int (&v)[8]) {
 // v[u] for u < 4 (u not known at compile time) without a local-memory array
 MP_HD int mp_pick4(const int (&v)[4], int u) { return u == 0 ? v[0] : u == 1 ? v[1] : u == 2 ? v[2] : v[3]; }
 
-// grid (groups * matrices, active experts) with groups = ceil(N / (16 MP_WARPS)), block MP_THREADS;
-// arguments as qmm_experts, with the activations as act_digits wrote them (K: whole super-blocks).
-// ST: a warp's 16 rows are staged in shared memory where they fit MP_Q6_STAGE bytes and start 16-byte
+// grid (groups * matrices, active experts) with groups = ceil(N / (16 RG)), block 32 RG SP threads (RG =
+// mp_split_groups(SP) row groups of 16 rows, each taken by SP warps); arguments as qmm_experts, with the
+// activations as act_digits wrote them (K: whole super-blocks).
+// ST: a row group's 16 rows are staged in shared memory where they fit MP_Q6_STAGE bytes and start 16-byte
 // aligned (Q6_K always: its rows are only 2-byte aligned; Q4_K where kernels.py picks <12,1>: the down
 // projection's 432-byte rows, whose 3 super-blocks then arrive in one round instead of one after another;
 // 432 = 108 words puts a warp's 8 rows on distinct banks, so they need no padding). early: the routing
 // was written two or more launches before this one in the stream (kernels.py counts), so it is complete
 // when this kernel starts (every block of the launch before passed its own wait, which waited for it):
 // the routing is read and the rows staged or prefetched before the wait, while that launch still runs.
-template <int QT, int ST = (QT == 14)>
+// SP > 1: warp w of a row group takes super-blocks w, w + SP, ... of its rows (a chain SP times shorter
+// and SP times the warps: the last partial wave of a launch is shorter), and the group's first warp adds
+// the SP warps' values in warp order (qmm_dense_mma's scheme; the same values whichever SP kernels.py
+// picks for a shape, not the same bits as SP = 1).
+MP_HD constexpr int mp_split_groups(int sp) {
+    return sp == 1 || ((sp == 2 || sp == 4) && MP_WARPS % sp == 0) ? MP_WARPS / sp : 1;
+}
+template <int QT, int ST = (QT == 14), int SP = 1>
 MP_MMA_GLOBAL void qmm_experts_mma(const mp_u8* __restrict__ w0, const mp_u8* __restrict__ w1, mp_i64 row_bytes,
                                    mp_i64 expert_bytes, int N, int K, const mp_u32* __restrict__ xd,
                                    const float* __restrict__ xs, const float* __restrict__ xunit, int x_div,
                                    const int* __restrict__ pairs, const int* __restrict__ records,
                                    float* __restrict__ out0, float* __restrict__ out1, int ldo, int early) {
-    MP_SHARED mp_u4 stage[ST ? MP_WARPS : 1][ST ? MP_Q6_STAGE / 16 : 1];  // the staged rows
-    const int groups = (N + MP_WARPS * 16 - 1) / (MP_WARPS * 16);
+    constexpr int RG = mp_split_groups(SP);
+    MP_SHARED mp_u4 stage[ST ? RG : 1][ST ? MP_Q6_STAGE / 16 : 1];  // the staged rows
+    MP_SHARED float part[SP > 1 ? RG * SP : 1][2][32];                // the SP warps' values of a pass
+    const int groups = (N + RG * 16 - 1) / (RG * 16);
     const bool second = (int)blockIdx.x >= groups;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gid = lane >> 2, tig = lane & 3;
-    const int n0 = (((int)blockIdx.x - (second ? groups : 0)) * MP_WARPS + warp) * 16;
+    const int rg = warp / SP, ks = warp - rg * SP;  // the warp's row group and its share of the super-blocks
+    const int n0 = (((int)blockIdx.x - (second ? groups : 0)) * RG + rg) * 16;
     int e = -1, beg = 0, end = 0, pp[4] = {0, 0, 0, 0};  // pp: the pairs of the pass starting at beg
     const mp_u8* we = nullptr;
     int wN = N, wn0 = n0;  // the pass's rows: we's rows n0 .. (clamped to N - 1)
-    bool staged = false;
     auto pass_pairs = [&](int p0) {
 #pragma unroll
         for (int u = 0; u < 4; ++u) pp[u] = mp_ld_l2(pairs + (p0 + u < end ? p0 + u : end - 1));
     };
-    auto prepare = [&]() {  // uniform over the warp: the expert's record (mp_record_pairs), its rows
+    auto prepare = [&]() {  // uniform over the block: the expert's record (mp_record_pairs), its rows
         int rec[MP_REC];
         mp_ld8_l2(records + (mp_i64)MP_REC * blockIdx.y, rec);
         e = rec[0];
-        if (e < 0 || n0 >= N) return;
+        if (e < 0) return;
         we = (second ? w1 : w0) + (mp_i64)e * expert_bytes;
-        if (ST && 16 * row_bytes <= MP_Q6_STAGE && mp_aligned(we + (mp_i64)n0 * row_bytes, 16)) {
+        if (n0 >= N) {  // a row group past the matrix (SP > 1: its warps still meet the block's barriers)
+        } else if (ST && 16 * row_bytes <= MP_Q6_STAGE && mp_aligned(we + (mp_i64)n0 * row_bytes, 16)) {
             wN = N - n0 < 16 ? N - n0 : 16;
-            mp_u8* st = (mp_u8*)stage[ST ? warp : 0];
-            mp_stage_rows_issue(st, we + (mp_i64)n0 * row_bytes, (int)(wN * row_bytes), lane, 32);
+            mp_u8* st = (mp_u8*)stage[ST ? rg : 0];  // copied by the group's SP warps
+            mp_stage_rows_issue(st, we + (mp_i64)n0 * row_bytes, (int)(wN * row_bytes), 32 * ks + lane, 32 * SP);
             we = st;
             wn0 = 0;
-            staged = true;
-        } else if (lane == 0) {
+        } else if (ks == 0 && lane == 0) {
             mp_prefetch_rows(we, row_bytes, N, n0, 16);
         }
         beg = rec[1];
@@ -1578,10 +1588,11 @@ MP_MMA_GLOBAL void qmm_experts_mma(const mp_u8* __restrict__ w0, const mp_u8* __
     if (early) prepare();
     mp_grid_sync();  // the digits were written by the launch before (the routing too, unless early)
     if (!early) prepare();
-    if (e < 0 || n0 >= N) return;  // uniform over the warp
-    if (staged) {
+    if (e < 0 || (SP == 1 && n0 >= N)) return;  // uniform over the block (SP = 1: the warp)
+    if (ST) {  // the staged rows (copies of the group's warps: the block's barrier where SP > 1)
         mp_cp_async_wait();
-        mp_syncwarp();
+        if (SP > 1) mp_syncthreads();
+        else mp_syncwarp();
     }
     const bool al = mp_mma_aligned<QT>(we, row_bytes);  // uniform over the warp
     float* out = second ? out1 : out0;
@@ -1598,12 +1609,24 @@ MP_MMA_GLOBAL void qmm_experts_mma(const mp_u8* __restrict__ w0, const mp_u8* __
             opair[i] = ud < nt ? mp_pick4(pp, ud) : -1;
         }
         mp_mma_pass_inputs(nt, [&](int u) { return mp_pick4(pp, u) / x_div; }, K, xd, xs, xunit, lane, bq, bon, sq, unit);
-        float res[2];
-        mp_mma_dispatch<QT>(al, nt, we, row_bytes, wN, wn0, K, 0, 1, bq, bon, sq, unit, lane, res);
+        float res[2] = {0.0f, 0.0f};  // res[1]: no second n-tile up to 2 tokens
+        mp_mma_dispatch<QT>(al, nt, we, row_bytes, wN, wn0, K, ks, SP, bq, bon, sq, unit, lane, res);
+        if (SP > 1) {  // the group's first warp adds the SP warps' values in warp order
+            part[warp][0][lane] = res[0];
+            part[warp][1][lane] = res[1];
+            mp_syncthreads();
+#pragma unroll
+            for (int i = 0; i < 2; ++i) {
+                float v = part[rg * SP][i][lane];
+                for (int u = 1; u < SP; ++u) v = mp_fadd(v, part[rg * SP + u][i][lane]);
+                res[i] = v;
+            }
+            mp_syncthreads();  // the next pass writes part again
+        }
         const int n = n0 + gid + 8 * (tig & 1);
 #pragma unroll
         for (int i = 0; i < 2; ++i)
-            if (opair[i] >= 0 && n < N) out[(mp_i64)opair[i] * ldo + n] = res[i];
+            if (ks == 0 && opair[i] >= 0 && n < N) out[(mp_i64)opair[i] * ldo + n] = res[i];
         if (p0 + 4 < end) pass_pairs(p0 + 4);
     }
 }
@@ -1647,20 +1670,18 @@ MP_HD void mp_stage_rows_strided(mp_u8* dst, const mp_u8* __restrict__ src, int 
     }
     mp_cp_async_wait();
 }
+// shared-memory words a qmm_dense_mma block stages its rows of type QT in (see above)
+MP_HD constexpr int mp_dense_stage_words(int qt) {
+    return qt == 14 ? MP_Q6_DENSE_STAGE / 16 : qt == 12 && MP_STAGE_Q4_DENSE ? MP_Q4_DENSE_STAGE / 16 : 1;
+}
+// a qmm_dense_mma block whose rows n0 .. n0 + 15 are of matrix m (w: N rows of row_bytes, type QT); stage
+// (at least mp_dense_stage_words(QT) words) and part: the kernel's shared memory
 template <int QT>
-MP_MMA_DENSE_GLOBAL void qmm_dense_mma(const mp_u8* __restrict__ w0, const mp_u8* __restrict__ w1, const mp_u8* __restrict__ w2,
-                                       mp_i64 row_bytes, int N0, int N1, int N2, int K, const mp_u32* __restrict__ xd,
-                                       const float* __restrict__ xs, const float* __restrict__ xunit, int T,
-                                       float* __restrict__ out0, float* __restrict__ out1, float* __restrict__ out2) {
-    MP_SHARED float part[MP_MMA_DENSE_WARPS][2][32];
-    // the block's rows (see mp_stage_rows): Q6_K, and Q4_K unless MP_STAGE_Q4_DENSE is 0
-    MP_SHARED mp_u4 stage[QT == 14 ? MP_Q6_DENSE_STAGE / 16 : QT == 12 && MP_STAGE_Q4_DENSE ? MP_Q4_DENSE_STAGE / 16 : 1];
-    int group = (int)blockIdx.x;
-    const mp_u8* w;
-    int N;
-    const int m = mp_pick_matrix(group, 16, w0, w1, w2, N0, N1, N2, w, N);
+MP_HD void mp_dense_mma_block(mp_u4* stage, float (*part)[2][32], const mp_u8* __restrict__ w, mp_i64 row_bytes, int N,
+                              int n0, int m, int K, const mp_u32* __restrict__ xd, const float* __restrict__ xs,
+                              const float* __restrict__ xunit, int T, float* __restrict__ out0,
+                              float* __restrict__ out1, float* __restrict__ out2) {
     const int warps = (int)(blockDim.x >> 5), warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int n0 = group * 16;
     int wN = N, wn0 = n0;  // the pass's rows: w's rows n0 .. (clamped to N - 1)
     // the weights were not written by an earlier kernel: staged or prefetched before the wait
     if (QT == 14 && n0 < N && 16 * row_bytes <= MP_Q6_DENSE_STAGE && mp_aligned(w + (mp_i64)n0 * row_bytes, 16)) {
@@ -1704,6 +1725,29 @@ MP_MMA_DENSE_GLOBAL void qmm_dense_mma(const mp_u8* __restrict__ w0, const mp_u8
             mp_pick_out(m, out0, out1, out2)[(mp_i64)t * N + n] = v;
         }
     }
+}
+// Matrices 0 and 1 (w0, w1: rows of row_bytes) are of type QT, matrix 2 (w2: rows of row_bytes2) of type QT2:
+// <12,14> takes a layer's Q4_K attn_q / attn_k and its Q6_K attn_v in one launch (Q4_K_M files: half the
+// layers), where two launches were one chain after the other.
+template <int QT, int QT2 = QT>
+MP_MMA_DENSE_GLOBAL void qmm_dense_mma(const mp_u8* __restrict__ w0, const mp_u8* __restrict__ w1, const mp_u8* __restrict__ w2,
+                                       mp_i64 row_bytes, mp_i64 row_bytes2, int N0, int N1, int N2, int K,
+                                       const mp_u32* __restrict__ xd, const float* __restrict__ xs,
+                                       const float* __restrict__ xunit, int T, float* __restrict__ out0,
+                                       float* __restrict__ out1, float* __restrict__ out2) {
+    MP_SHARED float part[MP_MMA_DENSE_WARPS][2][32];
+    // the block's rows (see mp_stage_rows): Q6_K, and Q4_K unless MP_STAGE_Q4_DENSE is 0
+    constexpr int words = mp_dense_stage_words(QT) > mp_dense_stage_words(QT2) ? mp_dense_stage_words(QT)
+                                                                                : mp_dense_stage_words(QT2);
+    MP_SHARED mp_u4 stage[words];
+    int group = (int)blockIdx.x;
+    const mp_u8* w;
+    int N;
+    const int m = mp_pick_matrix(group, 16, w0, w1, w2, N0, N1, N2, w, N);
+    if (QT2 != QT && m == 2)  // uniform over the block
+        mp_dense_mma_block<QT2>(stage, part, w, row_bytes2, N, group * 16, m, K, xd, xs, xunit, T, out0, out1, out2);
+    else
+        mp_dense_mma_block<QT>(stage, part, w, row_bytes, N, group * 16, m, K, xd, xs, xunit, T, out0, out1, out2);
 }
 
 // ---- grouping of (token, slot) pairs by expert ------------------------------------------------------

@@ -97,6 +97,10 @@ MMA_DENSE_SBS = _tuning_define("MP_MMA_DENSE_SBS", 2)
 MMA_Q6K = _tuning_define("MP_MMA_Q6K", 1)
 MMA_QTYPES = (KERNEL_QTYPES[Q.Q4_K], KERNEL_QTYPES[Q.Q6_K])  # the instances compiled
 MMA_ON_QTYPES = MMA_QTYPES if MMA_Q6K else MMA_QTYPES[:1]    # the types use_mma sends there
+# qmm_dense_mma<QT,QT2>: one launch for up to two matrices of type QT and then one of QT2 (a Q4_K_M layer's
+# Q4_K attn_q / attn_k and Q6_K attn_v); MP_DENSE_MIXED=0 gives each type its own launch (tuning switch)
+DENSE_MIXED = _tuning_define("MP_DENSE_MIXED", 1)
+MMA_MIXED = ((KERNEL_QTYPES[Q.Q4_K], KERNEL_QTYPES[Q.Q6_K]),)  # the (QT, QT2) instances compiled
 # qmm_experts_mma stages a warp's 16 weight rows in shared memory where they fit this many bytes
 # (MP_Q6_STAGE): Q6_K always (<14>), Q4_K in its own instance <12,1> (the 30b-a3b down projection's 432-byte
 # rows) unless MP_STAGE_Q4_EXPERTS is 0; <12> (gate / up's 1152-byte rows) keeps no shared memory, so L1
@@ -107,6 +111,14 @@ STAGE_Q4_EXPERTS = _tuning_define("MP_STAGE_Q4_EXPERTS", 1)
 # qmm_experts_mma reads a routing written two or more launches back before its programmatic-launch wait
 # (MP_EXPERTS_EARLY=0: always after it; tuning switch)
 EXPERTS_EARLY = _tuning_define("MP_EXPERTS_EARLY", 1)
+# qmm_experts_mma<QT,ST,SP>: SP warps share a row group's super-blocks (warp w: w, w + SP, ...), their
+# values added in warp order: SP = 3 for rows of 3 super-blocks (the 30b-a3b down projection) unless
+# MP_EXPERTS_SPLIT_SHORT is 0, SP = 2 for rows of an even number of 2 or more (gate / up) unless
+# MP_EXPERTS_SPLIT_LONG is 0 (tuning switches); each shape always takes the same SP, so its values do not
+# depend on the launch
+EXPERTS_SPLIT_SHORT = _tuning_define("MP_EXPERTS_SPLIT_SHORT", 1)
+EXPERTS_SPLIT_LONG = _tuning_define("MP_EXPERTS_SPLIT_LONG", 1)
+MMA_SPLITS = (1, 2, 3)  # the SP instances compiled
 # up to this many tokens every expert has at most 4 pairs: one pass of the kernel (an expert with more
 # pairs takes passes of 4 one after another, which long prompts with skewed routing would feel)
 MMA_MAX_TOKENS = _tuning_define("MP_MMA_MAX_TOKENS", 4)
@@ -114,12 +126,32 @@ MMA_MAX_TOKENS = _tuning_define("MP_MMA_MAX_TOKENS", 4)
 # launch then costs more than the tensor cores save (H100, 4-layer 30b-a3b: 0.378 vs 0.363 ms a forward)
 MMA_MIN_TOKENS = _tuning_define("MP_MMA_MIN_TOKENS", 2)
 
+def _experts_mma_name(code: int, st: int, sp: int) -> str:
+    """qmm_experts_mma<code,st,sp>'s name, its defaults left out (<12>, <12,1>, <14>, <12,0,2>, <14,1,3>)."""
+    args = [code] + ([st, sp] if sp != 1 else [st] if st != (code == KERNEL_QTYPES[Q.Q6_K]) else [])
+    return f"qmm_experts_mma<{','.join(str(a) for a in args)}>"
+
+
+def experts_split(K: int) -> int:
+    """The warps (SP) of qmm_experts_mma that share a row group of K columns' super-blocks."""
+    sbs = K // 256
+    if sbs == 3 and EXPERTS_SPLIT_SHORT:
+        return 3
+    return 2 if sbs >= 2 and sbs % 2 == 0 and EXPERTS_SPLIT_LONG else 1
+
+
+def experts_row_groups(sp: int) -> int:
+    """Row groups of 16 rows per block of qmm_experts_mma<..,SP> (mp_split_groups): SP RG warps a block."""
+    return WARPS // sp if sp in (1, 2, 4) and WARPS % sp == 0 else 1
+
+
 NAME_EXPRESSIONS: tuple[str, ...] = tuple(
     [f"qmm_dense<{q},{nt}>" for q in sorted(KERNEL_QTYPES.values()) for nt in TOKEN_TILES]
     + [f"qmm_dense_splitk<{q},{nt}>" for q in sorted(KERNEL_QTYPES.values()) for nt in SPLITK_TILES]
     + [f"qmm_experts<{q},{nt}>" for q in sorted(KERNEL_QTYPES.values()) for nt in TOKEN_TILES]
-    + [f"qmm_experts_mma<{q}>" for q in MMA_QTYPES] + [f"qmm_experts_mma<{KERNEL_QTYPES[Q.Q4_K]},1>"]
-    + [f"qmm_dense_mma<{q}>" for q in MMA_QTYPES]
+    + [_experts_mma_name(q, st, sp) for q in MMA_QTYPES for st in ((0, 1) if q == KERNEL_QTYPES[Q.Q4_K] else (1,))
+       for sp in MMA_SPLITS]
+    + [f"qmm_dense_mma<{q}>" for q in MMA_QTYPES] + [f"qmm_dense_mma<{a},{b}>" for a, b in MMA_MIXED]
     + ["act_digits", "norm_digits", "swiglu_digits", "norm_rope_attention", "combine_norm_digits", "expert_group", "router_topk", "moe_route", "moe_combine", "round_bf16", "rms_norm", "add_rms_norm", "softmax_rows", "attention_core",
        "qk_norm_rope", "rope_neox", "swiglu", "add_f32"])
 
@@ -549,22 +581,41 @@ def qmatmul_shared_input(x, wts, *, outs=None, as_qtypes=None, digits=None, back
             _, code, kq = _kernel_type(wt, as_q)
             todo.append(((code, kq, wt.row_bytes), (wt, out)))
     digits = _given_digits("qmatmul", digits, x, be)  # else act_digits' output, written once for the launches that use it
-    for (code, kq, row_bytes), mats in _share_launches(todo, MAX_SHARED_INPUT):
-        Ns = tuple(int(wt.shape[0]) for wt, _ in mats)
-        pad = mats + [mats[0]] * (MAX_SHARED_INPUT - len(mats))  # unused slots: N = 0, no blocks
-        Np = Ns + (0,) * (MAX_SHARED_INPUT - len(mats))
-        if use_mma(be, code, kq, K, T):
-            if digits is None:
-                digits = act_digits(x, backend=be)
-            be.launch(f"qmm_dense_mma<{code}>", (sum(_cdiv(N, MMA_ROWS) for N in Ns), 1, 1), (32 * dense_mma_warps(K), 1, 1),
-                      tuple(wt.raw for wt, _ in pad) + (np.int64(row_bytes),) + tuple(np.int32(n) for n in Np)
-                      + (np.int32(K), *digits, np.int32(T)) + tuple(o for _, o in pad))
+    launches = _share_launches(todo, MAX_SHARED_INPUT)
+    i = 0
+    while i < len(launches):
+        (code, kq, row_bytes), mats = launches[i]
+        if not use_mma(be, code, kq, K, T):
+            kernel, grid = dense_launch(code, [int(wt.shape[0]) for wt, _ in mats], T)
+            slots = _slots(mats, MAX_SHARED_INPUT)
+            be.launch(kernel, grid, (THREADS, 1, 1), _slot_args(slots, (np.int64(row_bytes),))
+                      + (np.int32(kq), x, np.int32(K), np.int32(T)) + tuple(o for _, o, _ in slots))
+            i += 1
             continue
-        kernel, grid = dense_launch(code, Ns, T)
-        be.launch(kernel, grid, (THREADS, 1, 1),
-                  tuple(wt.raw for wt, _ in pad) + (np.int64(row_bytes),) + tuple(np.int32(n) for n in Np)
-                  + (np.int32(kq), x, np.int32(K), np.int32(T)) + tuple(o for _, o in pad))
+        if digits is None:
+            digits = act_digits(x, backend=be)
+        (code2, kq2, row_bytes2), mats2 = launches[i + 1] if i + 1 < len(launches) else ((None, 0, 0), [])
+        if (DENSE_MIXED and len(mats) < MAX_SHARED_INPUT and len(mats2) == 1 and (code, code2) in MMA_MIXED
+                and use_mma(be, code2, kq2, K, T)):
+            # matrices 0 and 1 of type code, matrix 2 (the next launch's one) of code2
+            kernel, slots, i = f"qmm_dense_mma<{code},{code2}>", _slots(mats, 2) + _slots(mats2, 1), i + 2
+        else:
+            kernel, slots, row_bytes2, i = f"qmm_dense_mma<{code}>", _slots(mats, MAX_SHARED_INPUT), row_bytes, i + 1
+        be.launch(kernel, (sum(_cdiv(N, MMA_ROWS) for _, _, N in slots), 1, 1), (32 * dense_mma_warps(K), 1, 1),
+                  _slot_args(slots, (np.int64(row_bytes), np.int64(row_bytes2)))
+                  + (np.int32(K), *digits, np.int32(T)) + tuple(o for _, o, _ in slots))
     return results
+
+
+def _slots(mats: list, n: int) -> list:
+    """A dense launch's ``n`` (matrix, output, rows) slots for its ``(matrix, output)`` list: unused slots
+    repeat the first with 0 rows (no blocks)."""
+    return [(wt, out, int(wt.shape[0])) for wt, out in mats] + [(mats[0][0], mats[0][1], 0)] * (n - len(mats))
+
+
+def _slot_args(slots: list, row_bytes: tuple) -> tuple:
+    """A dense launch's leading arguments: the slots' weights, ``row_bytes``, the slots' row counts."""
+    return tuple(wt.raw for wt, _, _ in slots) + row_bytes + tuple(np.int32(n) for _, _, n in slots)
 
 
 # ---- grouped expert product -------------------------------------------------------------------------------
@@ -668,12 +719,13 @@ def use_mma(be: Backend, code: int, kq: int, K: int, T: int) -> bool:
             and MMA_MIN_TOKENS <= T <= MMA_MAX_TOKENS)
 
 
-def experts_mma_kernel(code: int, row_bytes: int) -> str:
-    """The qmm_experts_mma instance for weight rows of kernel type ``code`` and ``row_bytes`` bytes: Q4_K
-    rows whose warp's 16 fit EXPERT_STAGE_BYTES take the staging instance <12,1>."""
-    if code == KERNEL_QTYPES[Q.Q4_K] and STAGE_Q4_EXPERTS and 16 * row_bytes <= EXPERT_STAGE_BYTES:
-        return f"qmm_experts_mma<{code},1>"
-    return f"qmm_experts_mma<{code}>"
+def experts_mma_kernel(code: int, row_bytes: int, K: int) -> str:
+    """The qmm_experts_mma instance for weight rows of kernel type ``code``, ``row_bytes`` bytes and K
+    columns: Q4_K rows whose warp's 16 fit EXPERT_STAGE_BYTES take the staging instance <12,1>; SP is
+    :func:`experts_split`'s."""
+    st = int(code == KERNEL_QTYPES[Q.Q6_K]
+             or (code == KERNEL_QTYPES[Q.Q4_K] and STAGE_Q4_EXPERTS and 16 * row_bytes <= EXPERT_STAGE_BYTES))
+    return _experts_mma_name(code, st, experts_split(K))
 
 
 def dense_mma_warps(K: int) -> int:
@@ -796,8 +848,10 @@ def qmatmul_experts_shared_input(x, wt3s, routing, *, outs=None, x_per_pair: boo
         if use_mma(be, code, kq, K, T):
             if digits is None:
                 digits = act_digits(x, backend=be)
-            grid = (_cdiv(N, WARPS * MMA_ROWS) * len(mats), int(routing.active.shape[0]), 1)
-            be.launch(experts_mma_kernel(code, row_bytes), grid, (THREADS, 1, 1),
+            sp = experts_split(K)
+            rg = experts_row_groups(sp)
+            grid = (_cdiv(N, rg * MMA_ROWS) * len(mats), int(routing.active.shape[0]), 1)
+            be.launch(experts_mma_kernel(code, row_bytes, K), grid, (32 * rg * sp, 1, 1),
                       (w0.raw, w1.raw, np.int64(row_bytes), np.int64(N * row_bytes), np.int32(N), np.int32(K), *digits,
                        np.int32(x_div), routing.pairs, routing.records, o0, o1, np.int32(N),
                        np.int32(_written_two_back(routing, be))))
