@@ -618,7 +618,7 @@ def test_experts_tensor_core_path(backend, T, qt, Kc):
     Kn.qmatmul_experts(_dev(backend, x), wt3, routing, out=out, backend=backend)
     if hasattr(backend, "launches"):
         want = ["act_digits", Kn.experts_mma_kernel(Kn.KERNEL_QTYPES[qt], int(raw.shape[-1]), Kc)]
-        if Kn.STAGE_Q4_EXPERTS and Kn.EXPERTS_SPLIT_SHORT and Kn.EXPERTS_SPLIT_LONG:
+        if Kn.STAGE_Q4_EXPERTS and Kn.EXPERTS_SPLIT_SHORT and Kn.EXPERTS_SPLIT_LONG == 2:
             assert want[1] == EXPERT_MMA_INSTANCES[qt, Kc], want[1]
         assert backend.launches[n_before:] == want, backend.launches[n_before:]
     got = _host(backend, out)
@@ -634,7 +634,7 @@ def test_experts_tensor_core_path(backend, T, qt, Kc):
         backend.mma = old
     _assert_close(got, flt.astype(np.float64), what + " vs the float kernel")
     split = (Kn.EXPERTS_SPLIT_SHORT, Kn.EXPERTS_SPLIT_LONG)
-    Kn.EXPERTS_SPLIT_SHORT = Kn.EXPERTS_SPLIT_LONG = 0
+    Kn.EXPERTS_SPLIT_SHORT, Kn.EXPERTS_SPLIT_LONG = 0, 1
     try:
         n_before = len(getattr(backend, "launches", []))
         alone = _host(backend, Kn.qmatmul_experts(_dev(backend, x), wt3, routing, backend=backend))

@@ -113,12 +113,12 @@ STAGE_Q4_EXPERTS = _tuning_define("MP_STAGE_Q4_EXPERTS", 1)
 EXPERTS_EARLY = _tuning_define("MP_EXPERTS_EARLY", 1)
 # qmm_experts_mma<QT,ST,SP>: SP warps share a row group's super-blocks (warp w: w, w + SP, ...), their
 # values added in warp order: SP = 3 for rows of 3 super-blocks (the 30b-a3b down projection) unless
-# MP_EXPERTS_SPLIT_SHORT is 0, SP = 2 for rows of an even number of 2 or more (gate / up) unless
-# MP_EXPERTS_SPLIT_LONG is 0 (tuning switches); each shape always takes the same SP, so its values do not
-# depend on the launch
+# MP_EXPERTS_SPLIT_SHORT is 0, SP = MP_EXPERTS_SPLIT_LONG (2, or 4; 1: none) for rows of a multiple of
+# that many super-blocks (gate / up: 8) (tuning switches); each shape always takes the same SP, so its
+# values do not depend on the launch
 EXPERTS_SPLIT_SHORT = _tuning_define("MP_EXPERTS_SPLIT_SHORT", 1)
-EXPERTS_SPLIT_LONG = _tuning_define("MP_EXPERTS_SPLIT_LONG", 1)
-MMA_SPLITS = (1, 2, 3)  # the SP instances compiled
+EXPERTS_SPLIT_LONG = _tuning_define("MP_EXPERTS_SPLIT_LONG", 2)
+MMA_SPLITS = tuple(sorted({1, 2, 3} | ({EXPERTS_SPLIT_LONG} if EXPERTS_SPLIT_LONG in (2, 4) else set())))  # compiled
 # up to this many tokens every expert has at most 4 pairs: one pass of the kernel (an expert with more
 # pairs takes passes of 4 one after another, which long prompts with skewed routing would feel)
 MMA_MAX_TOKENS = _tuning_define("MP_MMA_MAX_TOKENS", 4)
@@ -134,10 +134,10 @@ def _experts_mma_name(code: int, st: int, sp: int) -> str:
 
 def experts_split(K: int) -> int:
     """The warps (SP) of qmm_experts_mma that share a row group of K columns' super-blocks."""
-    sbs = K // 256
+    sbs, sp = K // 256, EXPERTS_SPLIT_LONG
     if sbs == 3 and EXPERTS_SPLIT_SHORT:
         return 3
-    return 2 if sbs >= 2 and sbs % 2 == 0 and EXPERTS_SPLIT_LONG else 1
+    return sp if sp in (2, 4) and sbs >= sp and sbs % sp == 0 else 1
 
 
 def experts_row_groups(sp: int) -> int:
