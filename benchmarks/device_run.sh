@@ -3,7 +3,7 @@
 # files from $OUT, and this writes 8):
 #   bash benchmarks/device_run.sh [BASELINE_OPTIONS]
 # after `../shared/gpu/wheels.sh` here, with `.whl` carried. In order: the GPU tests, the built-in tiny
-# check, bench_launch_floor.py (launch-floor.json), the per-kernel device times of a 4-layer
+# check, bench_launch_floor.py (launch-floor.json; FLOOR=0 skips it), the per-kernel device times of a 4-layer
 # 30b-a3b-shaped model at 3 tokens under programmatic dependent launch (then for each of the compile
 # options in PROFILE_VARIANTS, ';'-separated, its table only), Nsight Compute's sections on the first 6
 # expert-product launches of that model (ordinary launches; NCU=0 skips it; NCU_VARIANT: compile options
@@ -31,7 +31,9 @@ timeout 200 python3 -m pytest -m gpu -n 5 -q tests/test_gpu.py > "$out/gpu-tests
 rc=$?; el "gpu tests rc=$rc"
 tail -2 "$out/gpu-tests.log"; grep -E "^(FAILED|ERROR)" "$out/gpu-tests.log" | head -20
 timeout 40 python3 -m pytest_moeparity.cli check builtin:tiny --candidate cupy --stages all 2>&1 | tail -1
-timeout 60 python3 benchmarks/bench_launch_floor.py --out "$out/launch-floor.json" 2>&1 | grep -E "^\||launch"; el "launch floor"
+if [ "${FLOOR:-1}" != 0 ]; then  # FLOOR=0 skips it
+  timeout 60 python3 benchmarks/bench_launch_floor.py --out "$out/launch-floor.json" 2>&1 | grep -E "^\||launch"; el "launch floor"
+fi
 while [ ! -s /tmp/30b4.gguf ]; do sleep 2; done; el "4-layer model made"
 MOEPARITY_PDL=1 timeout 90 python3 benchmarks/profile_gpu.py --model /tmp/30b4.gguf --tokens 3 --graph-only --top 22 \
   --tag 30b4-pdl-on --out "$out/profile-30b4-pdl-on.json" 2>&1 | grep -E "^\||graph" | cut -c1-120 | head -30
