@@ -596,10 +596,11 @@ EXPERT_MMA_INSTANCES = {(Q.Q4_K, 768): "qmm_experts_mma<12,1,3>", (Q.Q4_K, 2048)
 def test_experts_tensor_core_path(backend, T, qt, Kc):
     """Short prompts' Q4_K and Q6_K expert products run on the tensor-core kernel (exact integer digits of
     the activations) where the device has it: float64's products within 1e-5 on rows with a wide dynamic
-    range, the same within 1e-5 as the float kernel (MP_MMA off) and as one warp walking each row group
-    alone (the MP_EXPERTS_SPLIT_* switches off), and a token with a non-finite activation gives NaN in its
-    own products only. Expert 1 has 5 or more pairs: passes of 4 one after another, each walking the rows
-    again; N = 70 leaves a block's last row group past the matrix where a block has two."""
+    range, the same within 1e-5 as the float kernel (MP_MMA off), as one warp walking each row group
+    alone and as 2-3 warps sharing its super-blocks (the MP_EXPERTS_SPLIT_* switches), and a token with a
+    non-finite activation gives NaN in its own products only. Expert 1 has 5 or more pairs: passes of 4
+    one after another, each walking the rows again; N = 70 leaves a block's last row group past the
+    matrix where a block has two."""
     from pytest_moeparity.gpu import kernels as Kn
 
     if not backend.mma:
@@ -634,16 +635,17 @@ def test_experts_tensor_core_path(backend, T, qt, Kc):
         backend.mma = old
     _assert_close(got, flt.astype(np.float64), what + " vs the float kernel")
     split = (Kn.EXPERTS_SPLIT_SHORT, Kn.EXPERTS_SPLIT_LONG)
-    Kn.EXPERTS_SPLIT_SHORT, Kn.EXPERTS_SPLIT_LONG = 0, 1
-    try:
-        n_before = len(getattr(backend, "launches", []))
-        alone = _host(backend, Kn.qmatmul_experts(_dev(backend, x), wt3, routing, backend=backend))
-        if hasattr(backend, "launches"):
-            assert backend.launches[-1].count(",") < 2, backend.launches[n_before:]  # SP = 1: <12>, <12,1>, <14>
-    finally:
-        Kn.EXPERTS_SPLIT_SHORT, Kn.EXPERTS_SPLIT_LONG = split
-    _assert_written(alone, what + ", a warp a row group")
-    _assert_close(got, alone.astype(np.float64), what + " vs a warp a row group")
+    for short, long_, sp in ((0, 1, 1), (1, 2, 3 if Kc == 768 else 2)):  # a warp a row group; the split
+        Kn.EXPERTS_SPLIT_SHORT, Kn.EXPERTS_SPLIT_LONG = short, long_
+        try:
+            other = _host(backend, Kn.qmatmul_experts(_dev(backend, x), wt3, routing, backend=backend))
+            if hasattr(backend, "launches"):  # SP = 1: <12>, <12,1>, <14>; else <QT,ST,SP>
+                name = backend.launches[-1]
+                assert (name.count(",") == 2 and name.endswith(f",{sp}>")) if sp > 1 else name.count(",") <= 1, name
+        finally:
+            Kn.EXPERTS_SPLIT_SHORT, Kn.EXPERTS_SPLIT_LONG = split
+        _assert_written(other, f"{what}, SP = {sp}")
+        _assert_close(got, other.astype(np.float64), f"{what} vs SP = {sp}")
     # per pair rows (the down projection's input), one of them non-finite
     xp_ = rng.standard_normal((T * k, Kc)).astype(np.float32)
     bad = T * k - 1
@@ -730,8 +732,8 @@ def test_dense_tensor_core_path(backend, T, Kc):
     n_before = len(getattr(backend, "launches", []))
     Kn.qmatmul_shared_input(xd, wts, outs=outs, backend=backend)
     if hasattr(backend, "launches"):
-        assert backend.launches[n_before:] == ["act_digits", "qmm_dense_mma<12,14>", "qmm_dense_mma<12>"], \
-            backend.launches[n_before:]
+        mixed = ["qmm_dense_mma<12,14>"] if Kn.DENSE_MIXED else ["qmm_dense_mma<12>", "qmm_dense_mma<14>"]
+        assert backend.launches[n_before:] == ["act_digits", *mixed, "qmm_dense_mma<12>"], backend.launches[n_before:]
     for pick, mixed, want in (((1, 2), 1, ["act_digits", "qmm_dense_mma<12,14>"]),  # matrix 1 of <12,14> unused
                               ((0, 1, 2), 0, ["act_digits", "qmm_dense_mma<12>", "qmm_dense_mma<14>"])):
         again = [_poisoned(backend, (T, Ns[i])) for i in pick]
