@@ -98,8 +98,9 @@ MMA_Q6K = _tuning_define("MP_MMA_Q6K", 1)
 MMA_QTYPES = (KERNEL_QTYPES[Q.Q4_K], KERNEL_QTYPES[Q.Q6_K])  # the instances compiled
 MMA_ON_QTYPES = MMA_QTYPES if MMA_Q6K else MMA_QTYPES[:1]    # the types use_mma sends there
 # qmm_dense_mma<QT,QT2>: one launch for up to two matrices of type QT and then one of QT2 (a Q4_K_M layer's
-# Q4_K attn_q / attn_k and Q6_K attn_v); MP_DENSE_MIXED=0 gives each type its own launch (tuning switch)
-DENSE_MIXED = _tuning_define("MP_DENSE_MIXED", 1)
+# Q4_K attn_q / attn_k and Q6_K attn_v) where MP_DENSE_MIXED is 1, else a launch per type (tuning switch;
+# off until timed on a GPU: benchmarks/NOTES.md step 38)
+DENSE_MIXED = _tuning_define("MP_DENSE_MIXED", 0)
 MMA_MIXED = ((KERNEL_QTYPES[Q.Q4_K], KERNEL_QTYPES[Q.Q6_K]),)  # the (QT, QT2) instances compiled
 # qmm_experts_mma stages a warp's 16 weight rows in shared memory where they fit this many bytes
 # (MP_Q6_STAGE): Q6_K always (<14>), Q4_K in its own instance <12,1> (the 30b-a3b down projection's 432-byte
@@ -112,12 +113,12 @@ STAGE_Q4_EXPERTS = _tuning_define("MP_STAGE_Q4_EXPERTS", 1)
 # (MP_EXPERTS_EARLY=0: always after it; tuning switch)
 EXPERTS_EARLY = _tuning_define("MP_EXPERTS_EARLY", 1)
 # qmm_experts_mma<QT,ST,SP>: SP warps share a row group's super-blocks (warp w: w, w + SP, ...), their
-# values added in warp order: SP = 3 for rows of 3 super-blocks (the 30b-a3b down projection) unless
-# MP_EXPERTS_SPLIT_SHORT is 0, SP = MP_EXPERTS_SPLIT_LONG (2, or 4; 1: none) for rows of a multiple of
-# that many super-blocks (gate / up: 8) (tuning switches); each shape always takes the same SP, so its
-# values do not depend on the launch
-EXPERTS_SPLIT_SHORT = _tuning_define("MP_EXPERTS_SPLIT_SHORT", 1)
-EXPERTS_SPLIT_LONG = _tuning_define("MP_EXPERTS_SPLIT_LONG", 2)
+# values added in warp order: SP = 3 for rows of 3 super-blocks (the 30b-a3b down projection) where
+# MP_EXPERTS_SPLIT_SHORT is 1, SP = MP_EXPERTS_SPLIT_LONG (2 or 4; 1: none) for rows of a multiple of that
+# many super-blocks (gate / up: 8) (tuning switches; off until timed on a GPU: benchmarks/NOTES.md step
+# 38); each shape always takes the same SP, so its values do not depend on the launch
+EXPERTS_SPLIT_SHORT = _tuning_define("MP_EXPERTS_SPLIT_SHORT", 0)
+EXPERTS_SPLIT_LONG = _tuning_define("MP_EXPERTS_SPLIT_LONG", 1)
 MMA_SPLITS = tuple(sorted({1, 2, 3} | ({EXPERTS_SPLIT_LONG} if EXPERTS_SPLIT_LONG in (2, 4) else set())))  # compiled
 # up to this many tokens every expert has at most 4 pairs: one pass of the kernel (an expert with more
 # pairs takes passes of 4 one after another, which long prompts with skewed routing would feel)
