@@ -6,7 +6,8 @@
 # check, bench_launch_floor.py (launch-floor.json; FLOOR=0 skips it), the per-kernel device times of a 4-layer
 # 30b-a3b-shaped model at 3 tokens under programmatic dependent launch (then for each of the compile
 # options in PROFILE_VARIANTS, ';'-separated, its table only), Nsight Compute's sections on the first 6
-# expert-product launches of that model (ordinary launches; NCU=0 skips it; NCU_VARIANT: compile options
+# expert-product launches of that model (ordinary launches; NCU=0 skips it; NCU_KERNELS: another kernel-name
+# regex, e.g. "norm_rope_attention|moe_route", NCU_COUNT: launches, default 6; NCU_VARIANT: compile options
 # of a second run, same file), the full 30b-a3b forward at
 # 3 and 64 tokens (the models are made in the background meanwhile), a same-machine baseline at 3 tokens,
 # then, while under DEVICE_RUN_BUDGET_S (default 250) seconds have passed, the heavy pytest wall time.
@@ -51,11 +52,11 @@ if [ "${NCU:-1}" != 0 ]; then  # where the expert products' time goes (benchmark
   for opt in "${MOEPARITY_NVRTC_OPTIONS:-}" ${NCU_VARIANT:+"$NCU_VARIANT"}; do
     echo "==== ncu: MOEPARITY_NVRTC_OPTIONS='$opt'" >> "$out/ncu-experts.txt"
     MOEPARITY_NVRTC_OPTIONS="$opt" MOEPARITY_PDL=0 timeout 90 "$ncu" --profile-from-start off --clock-control none \
-      -k regex:qmm_experts_mma --launch-count 6 --section SpeedOfLight --section Occupancy --section WarpStateStats \
+      -k "regex:${NCU_KERNELS:-qmm_experts_mma}" --launch-count "${NCU_COUNT:-6}" --section SpeedOfLight --section Occupancy --section WarpStateStats \
       --section SchedulerStats --section MemoryWorkloadAnalysis python3 benchmarks/ncu_forward.py \
       --model /tmp/30b4.gguf --tokens 3 >> "$out/ncu-experts.txt" 2>&1; el "ncu '$opt' rc=$?"
   done
-  grep -E "^==== ncu|^  [a-z].*qmm_experts|Duration|DRAM Throughput|L2 Hit|Warp Cycles Per Issued|Achieved Occ|being stalled" \
+  grep -E "^==== ncu|^  [a-z].*(${NCU_KERNELS:-qmm_experts_mma})|Duration|DRAM Throughput|L2 Hit|Warp Cycles Per Issued|Achieved Occ|being stalled" \
     "$out/ncu-experts.txt" | cut -c1-150 | head -70
 fi
 # a result file's forwards as one line each
