@@ -129,7 +129,8 @@ MMA_MIN_TOKENS = _tuning_define("MP_MMA_MIN_TOKENS", 2)
 
 def _experts_mma_name(code: int, st: int, sp: int) -> str:
     """qmm_experts_mma<code,st,sp>'s name, its defaults left out (<12>, <12,1>, <14>, <12,0,2>, <14,1,3>)."""
-    args = [code] + ([st, sp] if sp != 1 else [st] if st != (code == KERNEL_QTYPES[Q.Q6_K]) else [])
+    default_st = int(code == KERNEL_QTYPES[Q.Q6_K])  # ST = (QT == 14) in kernels.cu
+    args = [code] + ([st, sp] if sp != 1 else [st] if st != default_st else [])
     return f"qmm_experts_mma<{','.join(str(a) for a in args)}>"
 
 
