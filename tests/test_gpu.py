@@ -1217,6 +1217,58 @@ def test_reads_digits_follows_the_products_paths(backend):
         assert K.reads_digits(T, [q80], backend=backend) is False, T
         assert K.reads_digits(T, [q4k], [Q.Q6_K], backend=backend) is False, T  # 288-byte rows: 1 Q6_K block
 
+@pytest.mark.parametrize("T,n,N", [(3, 2048, 128), (2, 768, 70), (4, 128, 9), (3, 2048, 1)])
+def test_norm_router_is_norm_then_router(backend, T, n, N):
+    """norm_digits_router (the post-attention residual, ffn_norm with its digits and the F32 router product in
+    one launch) gives add_rms_norm's sum, norm and digits and qmatmul's router logits of that norm bit for bit
+    (N = 70 and 9: a block's second row group partly or wholly past the matrix), a NaN staying in its token's
+    row; the logits are within 1e-5 of a float64 product; poisoned outputs are written whole; rows and
+    routers it does not take are refused by name."""
+    from pytest_moeparity.gpu import kernels as K
+
+    rng = _rng("norm-router", T, n, N)
+    a, b = (rng.standard_normal((T, n)).astype(np.float32) * 2 for _ in range(2))
+    a[T - 1, n // 2] = np.nan
+    w = rng.uniform(0.5, 1.5, n).astype(np.float32)
+    wr = rng.standard_normal((N, n)).astype(np.float32)
+    router = _device_tensor(backend, wr.view(np.uint8), Q.F32, (N, n))
+    da, db, dw = (_dev(backend, v) for v in (a, b, w))
+    assert K.norm_router_fits(da, router)
+    n_before = len(getattr(backend, "launches", []))
+    s, out, dig, logits = K.add_rms_norm_router(da, db, dw, 1e-6, router, backend=backend)
+    if hasattr(backend, "launches"):
+        assert backend.launches[n_before:] == ["norm_digits_router"], backend.launches[n_before:]
+    s_ref, out_ref, dig_ref = K.add_rms_norm(da, db, dw, 1e-6, digits=True, backend=backend)
+    logits_ref = K.qmatmul(out_ref, router, backend=backend)
+    for what, got, ref in (("sum", s, s_ref), ("norm", out, out_ref), ("logits", logits, logits_ref)):
+        assert np.array_equal(_host(backend, got), _host(backend, ref), equal_nan=True), f"{what} differs (T={T} n={n} N={N})"
+    _assert_same_digits(backend, dig, dig_ref, f"norm_digits_router T={T} n={n}")
+    lg = _host(backend, logits)
+    assert np.isnan(lg[T - 1]).all() and np.isfinite(lg[:T - 1]).all()
+    x64 = a.astype(np.float64) + b
+    h64 = x64 / np.sqrt((x64 ** 2).mean(-1, keepdims=True) + 1e-6) * w
+    want = h64[:T - 1] @ wr.astype(np.float64).T
+    _assert_close(lg[:T - 1], want, f"router logits T={T} n={n} N={N} vs float64", ref_abs=np.abs(h64[:T - 1]) @ np.abs(wr.T))
+    # poisoned buffers: every output, digit word and logit written
+    outs = [_poisoned(backend, (T, n)), _poisoned(backend, (T, n)),
+            _dev(backend, np.full((T, n), 0xFFFFFFFF, np.uint32)), _poisoned(backend, (T, n // 32)), _poisoned(backend, (T,)),
+            _poisoned(backend, (T, N))]
+    blocks = T + K._cdiv(K._cdiv(N, K.ROWS_NT4), K.ROUTER_GROUPS)
+    backend.launch("norm_digits_router", (blocks, 1, 1), (K.DIGITS_THREADS, 1, 1),
+                   (da, db, np.int32(T), np.int32(n), dw, np.float32(1e-6), *outs[:5], router.raw,
+                    np.int64(router.row_bytes), np.int32(N), outs[5]))
+    for what, got, ref in zip(("sum", "norm", "digits", "sub-block sums", "units", "logits"), outs,
+                              (s, out, *dig, logits)):
+        assert np.array_equal(_host(backend, got).view(np.uint32), _host(backend, ref).view(np.uint32)), what
+    # what it does not take: one row (decode), a quantized router, a router of another width
+    assert not K.norm_router_fits(da[:1], router)
+    q8 = _device_tensor(backend, _quantized(rng, Q.Q8_0, (32, n)), Q.Q8_0, (32, n))
+    assert not K.norm_router_fits(da, q8) and not K.norm_router_fits(da, router, Q.Q8_0)
+    assert not K.norm_router_fits(da[:, :64], router)
+    with pytest.raises(K.KernelError, match="norm_router_fits"):
+        K.add_rms_norm_router(da, db, dw, 1e-6, q8, backend=backend)
+
+
 @pytest.mark.parametrize("n", [2048, 768, 128, 4096])  # 4096: wider than a block's row (rms_norm, then act_digits)
 def test_norms_write_their_digits(backend, n):
     """rms_norm and add_rms_norm asked for their output's digits (the tensor-core products' input) give,
@@ -1444,8 +1496,12 @@ def test_short_prompt_forward_on_tensor_cores(backend, model_factory, preset, n_
         # final norm's (the Q6_K head) by the last layer's boundary launch
         assert {model.layer(L, "ffn_down_exps").type_name for L in range(n_layers)} == {"Q4_K", "Q6_K"}
         assert model.output.type_name == "Q6_K"
-        # (the attn_norm after a layer and the final norm by the layer boundary's one launch with the combination)
-        assert launched.count("norm_digits") == n_layers + 1, sorted(set(launched))
+        # (the attn_norm after a layer and the final norm by the layer boundary's one launch with the combination;
+        # ffn_norm by norm_digits, or with the F32 router product by norm_digits_router where MP_NORM_ROUTER is 1)
+        routed = n_layers if Kn.NORM_ROUTER else 0
+        assert launched.count("norm_digits") == n_layers + 1 - routed, sorted(set(launched))
+        assert launched.count("norm_digits_router") == routed, sorted(set(launched))
+        assert launched.count("qmm_dense_splitk<0,4>") == n_layers - routed, sorted(set(launched))
         assert launched.count("combine_norm_digits") == n_layers, sorted(set(launched))
         assert launched.count("norm_rope_attention") == n_layers, sorted(set(launched))
         assert launched.count("swiglu_digits") == n_layers, sorted(set(launched))

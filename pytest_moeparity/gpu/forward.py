@@ -442,8 +442,13 @@ class CupyEngine:
                                                                              "ffn_down_exps"), weights)
         wn = self._vec(L, "ffn_norm", weights)
         h_digits = self._wants_digits(rec, L, S.ffn_norm, T, (gate_t, up_t), (g_as, u_as))
+        (router_t,), (r_as,) = self._layer_tensors(L, ("ffn_gate_inp",), weights)
+        logits = None
         if self._fusable(rec, L, (S.post_attn_residual,)):  # the residual add and ffn_norm in one launch
-            if h_digits:  # and ffn_norm's digits for the tensor-core gate / up products
+            if h_digits and K.NORM_ROUTER and K.norm_router_fits(x, router_t, r_as):
+                # and ffn_norm's digits, and the router product of its output (h_digits: nothing changes it)
+                x, h, h_dig, logits = K.add_rms_norm_router(x, attn, wn, cfg.rms_eps, router_t, backend=be)
+            elif h_digits:  # and ffn_norm's digits for the tensor-core gate / up products
                 x, h, h_dig = K.add_rms_norm(x, attn, wn, cfg.rms_eps, digits=True, backend=be)
             else:
                 (x, h), h_dig = K.add_rms_norm(x, attn, wn, cfg.rms_eps, backend=be), None
@@ -453,7 +458,9 @@ class CupyEngine:
             x = rec.tap(S.post_attn_residual, L, x)
             h, h_dig = self._norm(x, wn, h_digits)
         h = rec.tap(S.ffn_norm, L, h)
-        logits = a(self._layer_mm(h, L, "ffn_gate_inp", weights))          # [T, E]
+        if logits is None:
+            logits = self._mm(h, router_t, r_as)
+        logits = a(logits)                                                   # [T, E]
         logits = rec.tap(S.moe_router_logits, L, logits)
         routing = None
         if L not in self._forced and self._fusable(rec, L, (S.moe_router_probs,)):

@@ -2254,41 +2254,12 @@ MP_HD void mp_norm_digits_tail(float (&v)[MP_ROW_GROUPS][4], const float (&w)[MP
                                float* __restrict__ out, mp_u32* __restrict__ dr, float* __restrict__ sr, float* unit,
                                int tid, float* sq, float* wmax, float* sinv);
 
-// RMSNorm of a row (a + b where add: the residual add written to sum as add_f32 does) in rms_norm's
-// operations and order: mp_rms_norm_row's lane l adds the squares of columns l + 32 j into part[j & 7] in
-// order of j, then its parts in order, then the warp's butterfly; here the squares meet in shared memory
-// (sq) and warp 0 adds them so.
-template <bool AL>
-MP_HD void mp_norm_digits_row(const float* __restrict__ a, const float* __restrict__ b, bool add, int n,
-                              const float* __restrict__ weight, float eps, float* __restrict__ sum, float* __restrict__ out,
-                              mp_u32* __restrict__ dr, float* __restrict__ sr, float* unit, int tid, float* sq, float* wmax,
-                              float* sinv) {
-    const int groups = n >> 2;
-    float v[MP_ROW_GROUPS][4], w[MP_ROW_GROUPS][4], t[MP_ROW_GROUPS][4];
-    mp_row_groups<AL>(a, groups, tid, v);
-    mp_row_groups<AL>(weight, groups, tid, w);
-    if (add) {
-        mp_row_groups<AL>(b, groups, tid, t);
-#pragma unroll
-        for (int i = 0; i < MP_ROW_GROUPS; ++i) {
-#pragma unroll
-            for (int c = 0; c < 4; ++c) v[i][c] = mp_fadd(v[i][c], t[i][c]);
-        }
-    }
-#pragma unroll
-    for (int i = 0; i < MP_ROW_GROUPS; ++i) {
-        const int g = tid + MP_DIGITS_THREADS * i;
-        if (add && g < groups) mp_st4<AL>(sum + 4 * g, v[i]);
-    }
-    mp_norm_digits_tail<AL>(v, w, n, eps, out, dr, sr, unit, tid, sq, wmax, sinv);
-}
-
-// the RMSNorm with weights w (thread tid's groups, as in v) of the row whose groups thread tid holds in v,
-// into out, then its digits
-template <bool AL>
-MP_HD void mp_norm_digits_tail(float (&v)[MP_ROW_GROUPS][4], const float (&w)[MP_ROW_GROUPS][4], int n, float eps,
-                               float* __restrict__ out, mp_u32* __restrict__ dr, float* __restrict__ sr, float* unit,
-                               int tid, float* sq, float* wmax, float* sinv) {
+// v (thread tid's groups of a row of n columns) times the row's 1 / sqrt(mean(v * v) + eps) times w, in
+// rms_norm's operations and order: mp_rms_norm_row's lane l adds the squares of columns l + 32 j into
+// part[j & 7] in order of j, then its parts in order, then the warp's butterfly; here the squares meet in
+// shared memory (sq) and warp 0 adds them so. Two block barriers (the whole block calls it).
+MP_HD void mp_rms_apply(float (&v)[MP_ROW_GROUPS][4], const float (&w)[MP_ROW_GROUPS][4], int n, float eps, int tid,
+                        float* sq, float* sinv) {
     const int groups = n >> 2, lane = tid & 31;
 #pragma unroll
     for (int i = 0; i < MP_ROW_GROUPS; ++i) {
@@ -2321,7 +2292,43 @@ MP_HD void mp_norm_digits_tail(float (&v)[MP_ROW_GROUPS][4], const float (&w)[MP
 #pragma unroll
         for (int c = 0; c < 4; ++c) v[i][c] = mp_fmul(mp_fmul(v[i][c], inv), w[i][c]);
     }
-    mp_row_out_digits<AL>(v, groups, tid, out, dr, sr, unit, wmax);
+}
+
+// RMSNorm of a row (a + b where add: the residual add written to sum as add_f32 does) in rms_norm's
+// operations and order (mp_rms_apply), then its digits.
+template <bool AL>
+MP_HD void mp_norm_digits_row(const float* __restrict__ a, const float* __restrict__ b, bool add, int n,
+                              const float* __restrict__ weight, float eps, float* __restrict__ sum, float* __restrict__ out,
+                              mp_u32* __restrict__ dr, float* __restrict__ sr, float* unit, int tid, float* sq, float* wmax,
+                              float* sinv) {
+    const int groups = n >> 2;
+    float v[MP_ROW_GROUPS][4], w[MP_ROW_GROUPS][4], t[MP_ROW_GROUPS][4];
+    mp_row_groups<AL>(a, groups, tid, v);
+    mp_row_groups<AL>(weight, groups, tid, w);
+    if (add) {
+        mp_row_groups<AL>(b, groups, tid, t);
+#pragma unroll
+        for (int i = 0; i < MP_ROW_GROUPS; ++i) {
+#pragma unroll
+            for (int c = 0; c < 4; ++c) v[i][c] = mp_fadd(v[i][c], t[i][c]);
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < MP_ROW_GROUPS; ++i) {
+        const int g = tid + MP_DIGITS_THREADS * i;
+        if (add && g < groups) mp_st4<AL>(sum + 4 * g, v[i]);
+    }
+    mp_norm_digits_tail<AL>(v, w, n, eps, out, dr, sr, unit, tid, sq, wmax, sinv);
+}
+
+// the RMSNorm with weights w (thread tid's groups, as in v) of the row whose groups thread tid holds in v,
+// into out, then its digits
+template <bool AL>
+MP_HD void mp_norm_digits_tail(float (&v)[MP_ROW_GROUPS][4], const float (&w)[MP_ROW_GROUPS][4], int n, float eps,
+                               float* __restrict__ out, mp_u32* __restrict__ dr, float* __restrict__ sr, float* unit,
+                               int tid, float* sq, float* wmax, float* sinv) {
+    mp_rms_apply(v, w, n, eps, tid, sq, sinv);
+    mp_row_out_digits<AL>(v, n >> 2, tid, out, dr, sr, unit, wmax);
 }
 
 // rms_norm (add = 0) or add_rms_norm (add = 1: sum = a + b, then its norm) of `rows` rows of n columns (n a
@@ -2343,6 +2350,104 @@ extern "C" MP_GLOBAL void norm_digits(const float* __restrict__ a, const float* 
                                      xs + off / 32, xunit + r, tid, sq, wmax, sinv);
     else mp_norm_digits_row<false>(a + off, b + off, add != 0, n, weight, eps, sum + off, out + off, xd + off,
                                    xs + off / 32, xunit + r, tid, sq, wmax, sinv);
+}
+
+// ---- the post-attention boundary in one launch (short prompts): add_rms_norm and the F32 router product ----
+// Blocks 0 .. rows - 1 are norm_digits with add (row r: sum = a + b, out = its RMSNorm with `weight`, the
+// digits). The blocks after them (MP_DIGITS_THREADS threads each, MP_DIGITS_THREADS / MP_THREADS groups of
+// MP_WARPS warps) each compute the same normed rows again, into shared memory (mp_rms_apply: bit for bit
+// norm_digits' out), and then group q of router block j takes qmm_dense_splitk<0, 4>'s row group j *
+// groups + q of the F32 router matrix wr [N, n]: its warps split each row's chunk iterations as that kernel's
+// MP_WARPS warps do and add in warp order, so logits [rows, N] is bit for bit qmm_dense_splitk's product of
+// out. One dependent launch (and the round trip of out through L2) fewer between the attention output and the
+// routing. rows <= 4, n a multiple of 32 and at most MP_ROW_BLOCK_COLS.
+#ifndef MP_NORM_ROUTER
+#define MP_NORM_ROUTER 0         // kernels.py: NORM_ROUTER (1: the forward takes norm_digits_router; tuning switch)
+#endif
+#define MP_ROUTER_GROUPS (MP_DIGITS_THREADS / MP_THREADS)  // splitk row groups per router block
+static_assert(MP_DIGITS_THREADS % MP_THREADS == 0, "norm_digits_router: whole MP_WARPS-warp groups in a block");
+extern "C" MP_GLOBAL void norm_digits_router(const float* __restrict__ a, const float* __restrict__ b, int rows, int n,
+                                             const float* __restrict__ weight, float eps, float* __restrict__ sum,
+                                             float* __restrict__ out, mp_u32* __restrict__ xd, float* __restrict__ xs,
+                                             float* __restrict__ xunit, const mp_u8* __restrict__ wr, mp_i64 row_bytes,
+                                             int N, float* __restrict__ logits) {
+    MP_SHARED float sq[MP_ROW_BLOCK_COLS];
+    MP_SHARED float wmax[MP_DIGITS_THREADS / 32];
+    MP_SHARED float sinv[1];
+    MP_SHARED mp_f4 xn[4][MP_ROW_BLOCK_COLS / 4];                     // router blocks: the normed rows
+    MP_SHARED float part[MP_DIGITS_THREADS / 32][MP_ROWS_NT4 * 4];    // router blocks: the warps' sums
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int q = warp / MP_WARPS, kw = warp - q * MP_WARPS;          // router blocks: the group, its warp
+    const int n0 = (((int)blockIdx.x - rows) * MP_ROUTER_GROUPS + q) * MP_ROWS_NT4;
+    if ((int)blockIdx.x >= rows && kw == 0 && lane == 0 && n0 < N) mp_prefetch_rows(wr, row_bytes, N, n0, MP_ROWS_NT4);
+    mp_grid_sync();
+    const bool al = mp_aligned(a, 16) && mp_aligned(b, 16) && mp_aligned(weight, 16) && mp_aligned(sum, 16)
+                    && mp_aligned(out, 16);  // every row then (n a multiple of 32)
+    if ((int)blockIdx.x < rows) {
+        const int r = (int)blockIdx.x;
+        const mp_i64 off = (mp_i64)r * n;
+        if (al) mp_norm_digits_row<true>(a + off, b + off, true, n, weight, eps, sum + off, out + off, xd + off,
+                                         xs + off / 32, xunit + r, tid, sq, wmax, sinv);
+        else mp_norm_digits_row<false>(a + off, b + off, true, n, weight, eps, sum + off, out + off, xd + off,
+                                       xs + off / 32, xunit + r, tid, sq, wmax, sinv);
+        return;
+    }
+    const int groups = n >> 2;
+    float v[4][MP_ROW_GROUPS][4], w[MP_ROW_GROUPS][4];  // every row's loads issued before the first reduction
+    if (al) {
+        mp_row_groups<true>(weight, groups, tid, w);
+    } else {
+        mp_row_groups<false>(weight, groups, tid, w);
+    }
+#pragma unroll
+    for (int t = 0; t < 4; ++t) {
+        if (t < rows) {
+            float u[MP_ROW_GROUPS][4];
+            if (al) {
+                mp_row_groups<true>(a + (mp_i64)t * n, groups, tid, v[t]);
+                mp_row_groups<true>(b + (mp_i64)t * n, groups, tid, u);
+            } else {
+                mp_row_groups<false>(a + (mp_i64)t * n, groups, tid, v[t]);
+                mp_row_groups<false>(b + (mp_i64)t * n, groups, tid, u);
+            }
+#pragma unroll
+            for (int i = 0; i < MP_ROW_GROUPS; ++i) {
+#pragma unroll
+                for (int c = 0; c < 4; ++c) v[t][i][c] = mp_fadd(v[t][i][c], u[i][c]);
+            }
+        }
+    }
+#pragma unroll
+    for (int t = 0; t < 4; ++t) {
+        if (t < rows) {  // uniform over the block
+            mp_rms_apply(v[t], w, n, eps, tid, sq, sinv);
+#pragma unroll
+            for (int i = 0; i < MP_ROW_GROUPS; ++i) {
+                const int g = tid + MP_DIGITS_THREADS * i;
+                if (g < groups) xn[t][g] = mp_f4{v[t][i][0], v[t][i][1], v[t][i][2], v[t][i][3]};
+            }
+        }
+    }
+    mp_syncthreads();  // the normed rows (a group past N still meets the barriers: clamped rows, no stores)
+    const float* xp[4];
+#pragma unroll
+    for (int t = 0; t < 4; ++t) xp[t] = (const float*)xn[t < rows ? t : 0];
+    float acc[MP_ROWS_NT4 * 4];
+    mp_warp_rows_sum<0, 4>(wr, row_bytes, N, n0, n, xp, rows, kw * 32 + lane, 32 * MP_WARPS, acc);
+    if (lane == 0) {
+#pragma unroll
+        for (int i = 0; i < MP_ROWS_NT4 * 4; ++i) part[warp][i] = acc[i];
+    }
+    mp_syncthreads();
+    const int i = tid - q * MP_THREADS;  // one thread of the group per (row, token)
+    if (i < MP_ROWS_NT4 * 4) {
+        const int r = i / 4, t = i % 4;
+        if (t < rows && n0 + r < N) {
+            float s = part[q * MP_WARPS][i];
+            for (int u = 1; u < MP_WARPS; ++u) s = mp_fadd(s, part[q * MP_WARPS + u][i]);
+            logits[(mp_i64)t * N + n0 + r] = s;
+        }
+    }
 }
 
 // ---- the layer boundary in one launch (short prompts): the experts' combination, the residual, the next norm --

@@ -63,7 +63,7 @@ MAX_ELEMENTWISE_BLOCKS = 8192
 # kernels whose threads meet at warp reductions or block barriers (the emulator runs them as coroutines)
 WARP_KERNELS = ("qmm_dense", "qmm_dense_splitk", "qmm_dense_mma", "qmm_experts", "qmm_experts_mma", "act_digits", "expert_group", "router_topk", "rms_norm",
                 "softmax_rows", "attention_core", "qk_norm_rope", "moe_route", "add_rms_norm", "norm_digits", "swiglu_digits",
-                "norm_rope_attention", "combine_norm_digits")
+                "norm_rope_attention", "combine_norm_digits", "norm_digits_router")
 SPLITK_TILES = (1, 4)     # the token tiles with a split-K dense instance (prompts of up to 4 tokens)
 # split K only while the plain kernel's grid is small: a large matrix (the output head's 152k rows) already
 # fills the GPU, and splitting it only adds the blocks' shared-memory step
@@ -117,6 +117,10 @@ EXPERTS_EARLY = _tuning_define("MP_EXPERTS_EARLY", 1)
 # MP_EXPERTS_SPLIT_SHORT is 1, SP = MP_EXPERTS_SPLIT_LONG (2 or 4; 1: none) for rows of a multiple of that
 # many super-blocks (gate / up: 8) (tuning switches; off until timed on a GPU: benchmarks/NOTES.md step
 # 38); each shape always takes the same SP, so its values do not depend on the launch
+# norm_digits_router: a short prompt's post-attention residual, ffn_norm with its digits and the F32 router
+# product in one launch (MP_NORM_ROUTER=1; tuning switch, off until timed on a GPU: benchmarks/NOTES.md step 39)
+NORM_ROUTER = _tuning_define("MP_NORM_ROUTER", 0)
+ROUTER_GROUPS = DIGITS_THREADS // THREADS  # MP_ROUTER_GROUPS: split-K row groups a block of norm_digits_router
 EXPERTS_SPLIT_SHORT = _tuning_define("MP_EXPERTS_SPLIT_SHORT", 0)
 EXPERTS_SPLIT_LONG = _tuning_define("MP_EXPERTS_SPLIT_LONG", 1)
 MMA_SPLITS = tuple(sorted({1, 2, 3} | ({EXPERTS_SPLIT_LONG} if EXPERTS_SPLIT_LONG in (2, 4) else set())))  # compiled
@@ -154,7 +158,7 @@ NAME_EXPRESSIONS: tuple[str, ...] = tuple(
     + [_experts_mma_name(q, st, sp) for q in MMA_QTYPES for st in ((0, 1) if q == KERNEL_QTYPES[Q.Q4_K] else (1,))
        for sp in MMA_SPLITS]
     + [f"qmm_dense_mma<{q}>" for q in MMA_QTYPES] + [f"qmm_dense_mma<{a},{b}>" for a, b in MMA_MIXED]
-    + ["act_digits", "norm_digits", "swiglu_digits", "norm_rope_attention", "combine_norm_digits", "expert_group", "router_topk", "moe_route", "moe_combine", "round_bf16", "rms_norm", "add_rms_norm", "softmax_rows", "attention_core",
+    + ["act_digits", "norm_digits", "norm_digits_router", "swiglu_digits", "norm_rope_attention", "combine_norm_digits", "expert_group", "router_topk", "moe_route", "moe_combine", "round_bf16", "rms_norm", "add_rms_norm", "softmax_rows", "attention_core",
        "qk_norm_rope", "rope_neox", "swiglu", "add_f32"])
 
 COMPILE_OPTIONS = ("-std=c++17",)
@@ -999,6 +1003,41 @@ def rms_norm(x, weight, eps: float, *, digits: bool = False, backend: Backend | 
         be.launch("rms_norm", (_cdiv(rows, WARPS), 1, 1), (THREADS, 1, 1),
                   (x, np.int32(rows), np.int32(n), weight, np.float32(eps), out))
     return (out, act_digits(out.reshape(rows, n), backend=be)) if digits else out
+
+
+def norm_router_fits(a, router: DeviceTensor, as_qtype: Q | None = None) -> bool:
+    """Whether :func:`add_rms_norm_router` takes ``a`` ([T, n] rows) and the router matrix ``router``: 2-4
+    rows (the short prompts whose gate / up products read the norm's digits) of up to ROW_BLOCK_COLS
+    columns, a multiple of 32, an F32 ``[N, n]`` router read with its own kernel type."""
+    T, n = (int(v) for v in a.shape) if a.ndim == 2 else (0, 0)
+    return (MMA_MIN_TOKENS <= T <= 4 and _fused_digits(n) and as_qtype is None and router.qtype == Q.F32
+            and len(router.shape) == 2 and int(router.shape[1]) == n and int(router.shape[0]) > 0)
+
+
+def add_rms_norm_router(a, b, weight, eps: float, router: DeviceTensor, *, backend: Backend | None = None):
+    """``(s, normed, digits, logits)``: :func:`add_rms_norm` with ``digits=True`` and the router product
+    ``qmatmul(normed, router)``, bit for bit, in one launch (kernel ``norm_digits_router``: a block per row
+    for the norm, then blocks that each compute the normed rows again in shared memory for their share of
+    the router's rows). Only where :func:`norm_router_fits`."""
+    be = _backend(backend)
+    a, b, weight = (_f32c(f"add_rms_norm_router: {n}", v, be) for n, v in (("a", a), ("b", b), ("weight", weight)))
+    if tuple(a.shape) != tuple(b.shape):
+        raise KernelError(f"add_rms_norm_router: shapes {a.shape} and {b.shape} differ")
+    if not norm_router_fits(a, router):
+        raise KernelError(f"add_rms_norm_router: rows {a.shape} and router {router.name} {router.qtype.name} "
+                          f"{router.shape} do not fit the fused kernel (norm_router_fits)")
+    T, n = (int(v) for v in a.shape)
+    if tuple(weight.shape) != (n,):
+        raise KernelError(f"add_rms_norm_router: weight shape {weight.shape}, expected ({n},)")
+    N = int(router.shape[0])
+    s, out = (be.xp.empty(a.shape, dtype=np.float32) for _ in range(2))
+    logits = be.xp.empty((T, N), dtype=np.float32)
+    blocks = T + _cdiv(_cdiv(N, ROWS_NT4), ROUTER_GROUPS)
+    out, dg = _fused_with_digits("add_rms_norm_router", out, T, n, be, lambda dg: be.launch(
+        "norm_digits_router", (blocks, 1, 1), (DIGITS_THREADS, 1, 1),
+        (a, b, np.int32(T), np.int32(n), weight, np.float32(eps), s, out, *dg, router.raw,
+         np.int64(router.row_bytes), np.int32(N), logits)))
+    return s, out, dg, logits
 
 
 def softmax(x, *, causal_period: int = 0, backend: Backend | None = None):
