@@ -2,7 +2,8 @@
 # One device call that checks and times the GPU backend (development aid; the device returns at most 8
 # files from $OUT, and this writes 8):
 #   bash benchmarks/device_run.sh [BASELINE_OPTIONS]
-# after `../shared/gpu/wheels.sh` here, with `.whl` carried. In order: the GPU tests, the built-in tiny
+# after `../shared/gpu/wheels.sh` here, with `.whl` carried. In order: the GPU tests (GPU_TESTS_K: a -k
+# expression, to run fewer), the built-in tiny
 # check, bench_launch_floor.py (launch-floor.json; FLOOR=0 skips it), the per-kernel device times of a 4-layer
 # 30b-a3b-shaped model at 3 tokens under programmatic dependent launch (then for each of the compile
 # options in PROFILE_VARIANTS, ';'-separated, its table only), Nsight Compute's sections on the first 6
@@ -28,7 +29,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 (python3 -m pytest_moeparity.cli make-model /tmp/30b4.gguf --preset 30b-a3b --layers 4 --jobs 4 --quiet; \
  python3 -m pytest_moeparity.cli make-model /tmp/30b.gguf --preset 30b-a3b --jobs 11 --quiet; echo "make rc=$?") \
   > /tmp/make.log 2>&1 &
-timeout 200 python3 -m pytest -m gpu -n 5 -q tests/test_gpu.py > "$out/gpu-tests.log" 2>&1
+timeout 200 python3 -m pytest -m gpu -n 5 -q tests/test_gpu.py ${GPU_TESTS_K:+-k "$GPU_TESTS_K"} > "$out/gpu-tests.log" 2>&1
 rc=$?; el "gpu tests rc=$rc"
 tail -2 "$out/gpu-tests.log"; grep -E "^(FAILED|ERROR)" "$out/gpu-tests.log" | head -20
 timeout 40 python3 -m pytest_moeparity.cli check builtin:tiny --candidate cupy --stages all 2>&1 | tail -1
