@@ -878,6 +878,63 @@ def test_route_experts_is_softmax_topk_grouping(backend, T, E, k):
     _assert_records(backend, routing)
 
 
+@pytest.mark.parametrize("T,E,k,qt,N,Kc", [(3, 16, 4, Q.Q4_K, 70, 512), (4, 128, 8, Q.Q6_K, 16, 256),
+                                            (2, 32, 8, Q.Q4_K, 33, 2048), (3, 60, 8, Q.Q4_K, 40, 768)])
+def test_routed_gate_up_is_route_then_products(backend, T, E, k, qt, N, Kc, monkeypatch):
+    """qmm_experts_mma_route (the router's softmax, top-k and grouping done by every block of the gate / up
+    launch, block (0, 0) writing them out) gives route_experts' probabilities, ids, weights and routing and
+    qmatmul_experts_shared_input's two products under that routing bit for bit, in one launch, with a tie and
+    a NaN logit among the tokens; the products within 1e-5 of float64; E of 16 to 128, T k up to 32, N with a
+    partial row group. Where no instance fits (a pair list past 32, more than 128 experts, one token) the same
+    results come from the separate launches."""
+    from pytest_moeparity.gpu import kernels as K
+
+    if not backend.mma:
+        pytest.skip("the device has no int8 mma (compute capability below 8.0)")
+    monkeypatch.setattr(K, "EXPERTS_ROUTE", 1)
+    rng = _rng("routed-gate-up", T, E, k, qt.name, N, Kc)
+    raws = [_quantized(rng, qt, (E, N, Kc)) for _ in range(2)]
+    wts = [_device_tensor(backend, r, qt, (E, N, Kc)) for r in raws]
+    logits = rng.standard_normal((T, E)).astype(np.float32) * 2
+    logits[0, 3] = logits[0, 9] = logits[0].max() + 1  # a tie for first place: the lower id first
+    if T > 2:
+        logits[2, 7] = np.nan
+    dl = _dev(backend, logits)
+    x = _dev(backend, rng.standard_normal((T, Kc)).astype(np.float32))
+    name = K.routed_experts_kernel(dl, k, wts, backend=backend)
+    assert name == K._routed_name(K.experts_mma_kernel(K.KERNEL_QTYPES[qt], wts[0].row_bytes, Kc)) or (
+        name is None and K.experts_split(Kc) == 3), name
+    digits = K.act_digits(x, backend=backend)
+    n_before = len(getattr(backend, "launches", []))
+    probs, ids, weights, routing, (g, u) = K.route_experts_shared_input(dl, k, x, wts, digits=digits, backend=backend)
+    if hasattr(backend, "launches"):
+        want = [name] if name else ["moe_route", K.experts_mma_kernel(K.KERNEL_QTYPES[qt], wts[0].row_bytes, Kc)]
+        assert backend.launches[n_before:] == want, backend.launches[n_before:]
+    if name:  # the routing's launch is the last one (the down projection counts from it)
+        assert routing.written_at == backend.launch_mark()
+    want_p, want_ids, want_w, want_r = K.route_experts(dl, k, backend=backend)
+    want_g, want_u = K.qmatmul_experts_shared_input(x, wts, want_r, digits=digits, backend=backend)
+    for what, got, ref in (("probs", probs, want_p), ("ids", ids, want_ids), ("weights", weights, want_w),
+                           ("gate", g, want_g), ("up", u, want_u)):
+        assert np.array_equal(_host(backend, got).view(np.uint32), _host(backend, ref).view(np.uint32)), what
+    for f in ("pairs", "offsets", "active", "order", "records"):
+        assert np.array_equal(_host(backend, getattr(routing, f)), _host(backend, getattr(want_r, f))), f
+    _assert_records(backend, routing)
+    assert _host(backend, ids)[0, :2].tolist() == [3, 9]
+    ids_h = _host(backend, ids)
+    for raw, got in zip(raws, (g, u)):
+        w = _deq(raw, qt, (E, N, Kc)).astype(np.float64)
+        ref = np.einsum("tc,tjnc->tjn", _host(backend, x).astype(np.float64), w[ids_h])
+        _assert_close(_host(backend, got), ref, f"{qt.name} K={Kc} routed gate / up")
+    # where it does not fit, None: one token, T k past 32, more experts than one warp groups
+    assert K.routed_experts_kernel(dl[:1], k, wts, backend=backend) is None
+    if E >= 9:  # 4 tokens x 9 slots: 36 pairs
+        assert K.routed_experts_kernel(_dev(backend, rng.standard_normal((4, E)).astype(np.float32)), 9, wts,
+                                       backend=backend) is None
+    big = [_device_tensor(backend, _quantized(rng, qt, (160, 16, 256)), qt, (160, 16, 256)) for _ in range(2)]
+    assert K.routed_experts_kernel(_dev(backend, logits[:, :1].repeat(160, 1)), k, big, backend=backend) is None
+
+
 def test_moe_combine_bit_exact(backend):
     from pytest_moeparity.gpu import kernels as K
 
@@ -1499,6 +1556,10 @@ def test_short_prompt_forward_on_tensor_cores(backend, model_factory, preset, n_
         # (the attn_norm after a layer and the final norm by the layer boundary's one launch with the combination;
         # ffn_norm by norm_digits, or with the F32 router product by norm_digits_router where MP_NORM_ROUTER is 1)
         routed = n_layers if Kn.NORM_ROUTER else 0
+        # the routing in moe_route, or in the gate / up launch where MP_EXPERTS_ROUTE is 1
+        gate_up = [n for n in launched if n.startswith("qmm_experts_mma_route<")]
+        assert launched.count("moe_route") == (0 if Kn.EXPERTS_ROUTE else n_layers), sorted(set(launched))
+        assert len(gate_up) == (n_layers if Kn.EXPERTS_ROUTE else 0), sorted(set(launched))
         assert launched.count("norm_digits") == n_layers + 1 - routed, sorted(set(launched))
         assert launched.count("norm_digits_router") == routed, sorted(set(launched))
         assert launched.count("qmm_dense_splitk<0,4>") == n_layers - routed, sorted(set(launched))

@@ -462,11 +462,15 @@ class CupyEngine:
             logits = self._mm(h, router_t, r_as)
         logits = a(logits)                                                   # [T, E]
         logits = rec.tap(S.moe_router_logits, L, logits)
-        routing = None
+        routing = gate_up = None
+        hc = self._c(h)
         if L not in self._forced and self._fusable(rec, L, (S.moe_router_probs,)):
-            # softmax, top-k and (short prompts) the grouping by expert in one launch (forced routing, a
-            # planted fault on the probabilities or a rounding precision mode take the path below)
-            probs, ids, rw, routing = K.route_experts(self._c(logits), cfg.n_experts_used, backend=be)
+            # softmax, top-k and (short prompts) the grouping by expert in one launch, and where
+            # MP_EXPERTS_ROUTE is 1 the gate / up products in it too (forced routing, a planted fault on the
+            # probabilities or a rounding precision mode take the path below)
+            probs, ids, rw, routing, gate_up = K.route_experts_shared_input(
+                self._c(logits), cfg.n_experts_used, hc, (gate_t, up_t), as_qtypes=(g_as, u_as), digits=h_dig,
+                backend=be)
             rec.tap(S.moe_router_probs, L, probs)
         else:
             probs = a(K.softmax(logits, backend=be))
@@ -483,9 +487,11 @@ class CupyEngine:
 
         if routing is None:
             routing = K.expert_routing(ids, cfg.n_experts, backend=be)
-        hc = self._c(h)
         ef = self._expert_faults
-        g, u = K.qmatmul_experts_shared_input(hc, (gate_t, up_t), routing, as_qtypes=(g_as, u_as), digits=h_dig, backend=be)
+        if gate_up is None:
+            gate_up = K.qmatmul_experts_shared_input(hc, (gate_t, up_t), routing, as_qtypes=(g_as, u_as), digits=h_dig,
+                                                     backend=be)
+        g, u = gate_up
         g = ef(rec, S.moe_expert_gate, L, a(g), ids)
         u = ef(rec, S.moe_expert_up, L, a(u), ids)
         if self._wants_digits(rec, L, S.moe_expert_swiglu, T, (down_t,), (d_as,)):  # SwiGLU writes the down

@@ -1543,15 +1543,17 @@ MP_HD int mp_pick4(const int (&v)[4], int u) { return u == 0 ? v[0] : u == 1 ? v
 MP_HD constexpr int mp_split_groups(int sp) {
     return sp == 1 || ((sp == 2 || sp == 4) && MP_WARPS % sp == 0) ? MP_WARPS / sp : 1;
 }
-template <int QT, int ST = (QT == 14), int SP = 1>
-MP_MMA_GLOBAL void qmm_experts_mma(const mp_u8* __restrict__ w0, const mp_u8* __restrict__ w1, mp_i64 row_bytes,
-                                   mp_i64 expert_bytes, int N, int K, const mp_u32* __restrict__ xd,
-                                   const float* __restrict__ xs, const float* __restrict__ xunit, int x_div,
-                                   const int* __restrict__ pairs, const int* __restrict__ records,
-                                   float* __restrict__ out0, float* __restrict__ out1, int ldo, int early) {
+// The body of qmm_experts_mma and qmm_experts_mma_route, their shared memory given (stage: RG rows of
+// MP_Q6_STAGE / 16 16-byte units where ST; part: [RG SP][2][32] where SP > 1). record_of(rec): the block's
+// expert record (mp_record_pairs), called by every thread of the block, uniform over it; before the
+// programmatic-launch wait where early, else after it.
+template <int QT, int ST, int SP, class RecordOf>
+MP_HD void mp_experts_mma(mp_u4* stage, float* part, const mp_u8* __restrict__ w0, const mp_u8* __restrict__ w1,
+                          mp_i64 row_bytes, mp_i64 expert_bytes, int N, int K, const mp_u32* __restrict__ xd,
+                          const float* __restrict__ xs, const float* __restrict__ xunit, int x_div,
+                          const int* __restrict__ pairs, float* __restrict__ out0, float* __restrict__ out1, int ldo,
+                          int early, RecordOf record_of) {
     constexpr int RG = mp_split_groups(SP);
-    MP_SHARED mp_u4 stage[ST ? RG : 1][ST ? MP_Q6_STAGE / 16 : 1];  // the staged rows
-    MP_SHARED float part[SP > 1 ? RG * SP : 1][2][32];                // the SP warps' values of a pass
     const int groups = (N + RG * 16 - 1) / (RG * 16);
     const bool second = (int)blockIdx.x >= groups;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gid = lane >> 2, tig = lane & 3;
@@ -1564,16 +1566,16 @@ MP_MMA_GLOBAL void qmm_experts_mma(const mp_u8* __restrict__ w0, const mp_u8* __
 #pragma unroll
         for (int u = 0; u < 4; ++u) pp[u] = mp_ld_l2(pairs + (p0 + u < end ? p0 + u : end - 1));
     };
-    auto prepare = [&]() {  // uniform over the block: the expert's record (mp_record_pairs), its rows
+    auto prepare = [&]() {  // uniform over the block: the expert's record, its rows
         int rec[MP_REC];
-        mp_ld8_l2(records + (mp_i64)MP_REC * blockIdx.y, rec);
+        record_of(rec);
         e = rec[0];
         if (e < 0) return;
         we = (second ? w1 : w0) + (mp_i64)e * expert_bytes;
         if (n0 >= N) {  // a row group past the matrix (SP > 1: its warps still meet the block's barriers)
         } else if (ST && 16 * row_bytes <= MP_Q6_STAGE && mp_aligned(we + (mp_i64)n0 * row_bytes, 16)) {
             wN = N - n0 < 16 ? N - n0 : 16;
-            mp_u8* st = (mp_u8*)stage[ST ? rg : 0];  // copied by the group's SP warps
+            mp_u8* st = (mp_u8*)(stage + (ST ? rg : 0) * (MP_Q6_STAGE / 16));  // copied by the group's SP warps
             mp_stage_rows_issue(st, we + (mp_i64)n0 * row_bytes, (int)(wN * row_bytes), 32 * ks + lane, 32 * SP);
             we = st;
             wn0 = 0;
@@ -1612,13 +1614,13 @@ MP_MMA_GLOBAL void qmm_experts_mma(const mp_u8* __restrict__ w0, const mp_u8* __
         float res[2] = {0.0f, 0.0f};  // res[1]: no second n-tile up to 2 tokens
         mp_mma_dispatch<QT>(al, nt, we, row_bytes, wN, wn0, K, ks, SP, bq, bon, sq, unit, lane, res);
         if (SP > 1) {  // the group's first warp adds the SP warps' values in warp order
-            part[warp][0][lane] = res[0];
-            part[warp][1][lane] = res[1];
+            part[(2 * warp) * 32 + lane] = res[0];
+            part[(2 * warp + 1) * 32 + lane] = res[1];
             mp_syncthreads();
 #pragma unroll
             for (int i = 0; i < 2; ++i) {
-                float v = part[rg * SP][i][lane];
-                for (int u = 1; u < SP; ++u) v = mp_fadd(v, part[rg * SP + u][i][lane]);
+                float v = part[(2 * rg * SP + i) * 32 + lane];
+                for (int u = 1; u < SP; ++u) v = mp_fadd(v, part[(2 * (rg * SP + u) + i) * 32 + lane]);
                 res[i] = v;
             }
             mp_syncthreads();  // the next pass writes part again
@@ -1629,6 +1631,20 @@ MP_MMA_GLOBAL void qmm_experts_mma(const mp_u8* __restrict__ w0, const mp_u8* __
             if (ks == 0 && opair[i] >= 0 && n < N) out[(mp_i64)opair[i] * ldo + n] = res[i];
         if (p0 + 4 < end) pass_pairs(p0 + 4);
     }
+}
+
+template <int QT, int ST = (QT == 14), int SP = 1>
+MP_MMA_GLOBAL void qmm_experts_mma(const mp_u8* __restrict__ w0, const mp_u8* __restrict__ w1, mp_i64 row_bytes,
+                                   mp_i64 expert_bytes, int N, int K, const mp_u32* __restrict__ xd,
+                                   const float* __restrict__ xs, const float* __restrict__ xunit, int x_div,
+                                   const int* __restrict__ pairs, const int* __restrict__ records,
+                                   float* __restrict__ out0, float* __restrict__ out1, int ldo, int early) {
+    constexpr int RG = mp_split_groups(SP);
+    MP_SHARED mp_u4 stage[ST ? RG : 1][ST ? MP_Q6_STAGE / 16 : 1];  // the staged rows
+    MP_SHARED float part[SP > 1 ? RG * SP : 1][2][32];                // the SP warps' values of a pass
+    mp_experts_mma<QT, ST, SP>(&stage[0][0], &part[0][0][0], w0, w1, row_bytes, expert_bytes, N, K, xd, xs, xunit,
+                               x_div, pairs, out0, out1, ldo, early,
+                               [&](int (&rec)[MP_REC]) { mp_ld8_l2(records + (mp_i64)MP_REC * blockIdx.y, rec); });
 }
 
 // ---- short prompts' Q4_K and Q6_K dense products on the tensor cores ---------------------------------------
@@ -2581,6 +2597,18 @@ MP_HD void mp_softmax_regs4(float (&x)[4], int E, float* __restrict__ o, int lan
     }
 }
 
+// token row lr's softmax into pr and its top-k (ids into id and, where not null, id2; weights into wt) by one
+// warp, the row in registers from the logits to the top-k (E <= 128)
+MP_HD void mp_route_token4(const float* __restrict__ lr, int E, int k, float* pr, int* __restrict__ id,
+                           float* __restrict__ wt, int* id2, int lane) {
+    float x[4];
+#pragma unroll
+    for (int q = 0; q < 4; ++q) x[q] = lr[lane + 32 * q < E ? lane + 32 * q : 0];
+    mp_softmax_regs4(x, E, pr, lane);
+    mp_syncwarp();  // a zero or NaN winner's value is read back from pr
+    mp_topk_row_held<4>(x, pr, E, k, id, wt, id2, lane);
+}
+
 extern "C" MP_GLOBAL void moe_route(const float* __restrict__ logits, int T, int E, int k, float* probs,
                                     int* ids, float* __restrict__ weights, int group,
                                     int* __restrict__ pairs, int* __restrict__ offsets, int* __restrict__ active,
@@ -2592,14 +2620,8 @@ extern "C" MP_GLOBAL void moe_route(const float* __restrict__ logits, int T, int
     if (t < T) {  // no early return: the whole block meets at the barrier below
         float* pr = probs + (mp_i64)t * E;
         if (E <= 128) {
-            const float* lr = logits + (mp_i64)t * E;
-            float x[4];
-#pragma unroll
-            for (int q = 0; q < 4; ++q) x[q] = lr[lane + 32 * q < E ? lane + 32 * q : 0];
-            mp_softmax_regs4(x, E, pr, lane);
-            mp_syncwarp();  // a zero or NaN winner's value is read back from pr
-            mp_topk_row_held<4>(x, pr, E, k, ids + (mp_i64)t * k, weights + (mp_i64)t * k, quick ? sm.ids + t * k : nullptr,
-                                lane);
+            mp_route_token4(logits + (mp_i64)t * E, E, k, pr, ids + (mp_i64)t * k, weights + (mp_i64)t * k,
+                            quick ? sm.ids + t * k : nullptr, lane);
         } else {
             mp_softmax_row(logits + (mp_i64)t * E, E, E, pr, lane);
             mp_syncwarp();  // a lane's top-k scan reads columns other lanes wrote
@@ -2614,6 +2636,54 @@ extern "C" MP_GLOBAL void moe_route(const float* __restrict__ logits, int T, int
             mp_group_pairs(ids, T, k, E, pairs, offsets, active, n_act_len, order, records, sm);
         }
     }
+}
+
+// ---- the routing in the gate / up launch (short prompts) -------------------------------------------------
+// qmm_experts_mma for gate / up with moe_route's routing of logits [T, E] done by every block first (after
+// the programmatic-launch wait): warp t < T takes token t's softmax and top-k (mp_route_token4), then warp 0
+// groups the pairs (mp_group_pairs_warp), into shared memory; block (0, 0) writes them to the outputs
+// instead (probs [T, E], ids and weights [T, k], the ExpertRouting's pairs, offsets, active, order and
+// records) for the launches after this one. Each block then reads its record from there. Bit for bit
+// moe_route followed by qmm_experts_mma: one dependent launch, and the records' round trip through L2, fewer.
+// T <= the block's warps, T k <= 32 and E <= MP_GROUP_WARP_EXPERTS (kernels.py: routed_experts_fit); an
+// expert then has at most T <= 4 pairs, one pass, so `pairs` (written by block (0, 0)) is not read.
+#ifndef MP_EXPERTS_ROUTE
+#define MP_EXPERTS_ROUTE 0      // kernels.py: EXPERTS_ROUTE (1: the forward takes it; tuning switch)
+#endif
+struct mp_route_smem {  // a block's own routing
+    float probs[4 * MP_GROUP_WARP_EXPERTS], w[32];
+    int ids[32], pairs[32], offsets[MP_GROUP_WARP_EXPERTS + 1], active[32], order[32], records[32 * MP_REC];
+};
+template <int QT, int ST = (QT == 14), int SP = 1>
+MP_MMA_GLOBAL void qmm_experts_mma_route(const mp_u8* __restrict__ w0, const mp_u8* __restrict__ w1, mp_i64 row_bytes,
+                                         mp_i64 expert_bytes, int N, int K, const mp_u32* __restrict__ xd,
+                                         const float* __restrict__ xs, const float* __restrict__ xunit,
+                                         float* __restrict__ out0, float* __restrict__ out1, int ldo,
+                                         const float* __restrict__ logits, int T, int E, int k, float* probs, int* ids,
+                                         float* weights, int* pairs, int* offsets, int* active, int n_act_len,
+                                         int* order, int* records) {
+    constexpr int RG = mp_split_groups(SP);
+    MP_SHARED mp_u4 stage[ST ? RG : 1][ST ? MP_Q6_STAGE / 16 : 1];  // the staged rows
+    MP_SHARED float part[SP > 1 ? RG * SP : 1][2][32];                // the SP warps' values of a pass
+    MP_SHARED mp_route_smem rs;
+    const bool first = blockIdx.x == 0 && blockIdx.y == 0;
+    mp_experts_mma<QT, ST, SP>(&stage[0][0], &part[0][0][0], w0, w1, row_bytes, expert_bytes, N, K, xd, xs, xunit, k,
+                               pairs, out0, out1, ldo, 0, [&](int (&rec)[MP_REC]) {
+        const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+        if (warp < T)
+            mp_route_token4(logits + (mp_i64)warp * E, E, k, first ? probs + (mp_i64)warp * E : rs.probs + warp * E,
+                            first ? ids + warp * k : rs.ids + warp * k, first ? weights + warp * k : rs.w + warp * k,
+                            first ? rs.ids + warp * k : nullptr, lane);
+        mp_syncthreads();  // every token's ids
+        if (warp == 0)
+            mp_group_pairs_warp(rs.ids, T, k, E, first ? pairs : rs.pairs, first ? offsets : rs.offsets,
+                                first ? active : rs.active, n_act_len, first ? order : rs.order,
+                                first ? records : rs.records, lane);
+        mp_syncthreads();  // the records (block (0, 0): its own global writes, visible to the block after it)
+        const int* r = (first ? records : rs.records) + MP_REC * blockIdx.y;
+#pragma unroll
+        for (int i = 0; i < MP_REC; ++i) rec[i] = r[i];
+    });
 }
 
 // ---- attention core ---------------------------------------------------------------------------------------

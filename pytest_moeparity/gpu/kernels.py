@@ -63,7 +63,7 @@ MAX_ELEMENTWISE_BLOCKS = 8192
 # kernels whose threads meet at warp reductions or block barriers (the emulator runs them as coroutines)
 WARP_KERNELS = ("qmm_dense", "qmm_dense_splitk", "qmm_dense_mma", "qmm_experts", "qmm_experts_mma", "act_digits", "expert_group", "router_topk", "rms_norm",
                 "softmax_rows", "attention_core", "qk_norm_rope", "moe_route", "add_rms_norm", "norm_digits", "swiglu_digits",
-                "norm_rope_attention", "combine_norm_digits", "norm_digits_router")
+                "norm_rope_attention", "combine_norm_digits", "norm_digits_router", "qmm_experts_mma_route")
 SPLITK_TILES = (1, 4)     # the token tiles with a split-K dense instance (prompts of up to 4 tokens)
 # split K only while the plain kernel's grid is small: a large matrix (the output head's 152k rows) already
 # fills the GPU, and splitting it only adds the blocks' shared-memory step
@@ -121,6 +121,11 @@ EXPERTS_EARLY = _tuning_define("MP_EXPERTS_EARLY", 1)
 # product in one launch (MP_NORM_ROUTER=1; tuning switch, off until timed on a GPU: benchmarks/NOTES.md step 39)
 NORM_ROUTER = _tuning_define("MP_NORM_ROUTER", 0)
 ROUTER_GROUPS = DIGITS_THREADS // THREADS  # MP_ROUTER_GROUPS: split-K row groups a block of norm_digits_router
+# qmm_experts_mma_route: a short prompt's routing (moe_route's softmax, top-k and grouping) done by every block
+# of the gate / up launch (MP_EXPERTS_ROUTE=1; tuning switch, off until timed on a GPU: benchmarks/NOTES.md
+# step 40); up to ROUTE_MAX_EXPERTS experts (MP_GROUP_WARP_EXPERTS) and 32 (token, slot) pairs
+EXPERTS_ROUTE = _tuning_define("MP_EXPERTS_ROUTE", 0)
+ROUTE_MAX_EXPERTS = 128
 EXPERTS_SPLIT_SHORT = _tuning_define("MP_EXPERTS_SPLIT_SHORT", 0)
 EXPERTS_SPLIT_LONG = _tuning_define("MP_EXPERTS_SPLIT_LONG", 1)
 MMA_SPLITS = tuple(sorted({1, 2, 3} | ({EXPERTS_SPLIT_LONG} if EXPERTS_SPLIT_LONG in (2, 4) else set())))  # compiled
@@ -136,6 +141,11 @@ def _experts_mma_name(code: int, st: int, sp: int) -> str:
     default_st = int(code == KERNEL_QTYPES[Q.Q6_K])  # ST = (QT == 14) in kernels.cu
     args = [code] + ([st, sp] if sp != 1 else [st] if st != default_st else [])
     return f"qmm_experts_mma<{','.join(str(a) for a in args)}>"
+
+
+def _routed_name(name: str) -> str:
+    """qmm_experts_mma_route's instance of the same template arguments as qmm_experts_mma's ``name``."""
+    return name.replace("qmm_experts_mma<", "qmm_experts_mma_route<")
 
 
 def experts_split(K: int) -> int:
@@ -157,6 +167,8 @@ NAME_EXPRESSIONS: tuple[str, ...] = tuple(
     + [f"qmm_experts<{q},{nt}>" for q in sorted(KERNEL_QTYPES.values()) for nt in TOKEN_TILES]
     + [_experts_mma_name(q, st, sp) for q in MMA_QTYPES for st in ((0, 1) if q == KERNEL_QTYPES[Q.Q4_K] else (1,))
        for sp in MMA_SPLITS]
+    + [_routed_name(_experts_mma_name(q, st, sp)) for q in MMA_QTYPES
+       for st in ((0, 1) if q == KERNEL_QTYPES[Q.Q4_K] else (1,)) for sp in MMA_SPLITS if sp in (1, EXPERTS_SPLIT_LONG)]
     + [f"qmm_dense_mma<{q}>" for q in MMA_QTYPES] + [f"qmm_dense_mma<{a},{b}>" for a, b in MMA_MIXED]
     + ["act_digits", "norm_digits", "norm_digits_router", "swiglu_digits", "norm_rope_attention", "combine_norm_digits", "expert_group", "router_topk", "moe_route", "moe_combine", "round_bf16", "rms_norm", "add_rms_norm", "softmax_rows", "attention_core",
        "qk_norm_rope", "rope_neox", "swiglu", "add_f32"])
@@ -714,6 +726,69 @@ def route_experts(logits, k: int, *, backend: Backend | None = None):
             _launch_grouping(routing, be)
         routing = replace(routing, written_at=be.launch_mark())
     return probs, ids, weights, routing
+
+
+def routed_experts_kernel(logits, k: int, wt3s, as_qtypes=None, *, backend: Backend | None = None) -> str | None:
+    """The qmm_experts_mma_route instance that can route ``logits`` [T, E] (top ``k``) and take the products
+    of the tokens' rows with the expert tensors ``wt3s`` (gate and up) in one launch, else None: two
+    tensors of one kernel type and shape on the tensor cores, T of 2-4 (at most the block's warps), T k <=
+    32 and E <= ROUTE_MAX_EXPERTS (the grouping by one warp), an instance compiled for the shape."""
+    be = _backend(backend)
+    wt3s = tuple(wt3s)
+    as_qtypes = tuple(as_qtypes) if as_qtypes is not None else (None,) * len(wt3s)
+    if logits.ndim != 2 or len(wt3s) != 2 or len(as_qtypes) != 2:
+        return None
+    T, E = (int(v) for v in logits.shape)
+    if any(len(w.shape) != 3 or tuple(w.shape) != tuple(wt3s[0].shape) for w in wt3s):
+        return None
+    (_, code, kq), second = (_kernel_type(w, q) for w, q in zip(wt3s, as_qtypes))
+    _, N, K = (int(v) for v in wt3s[0].shape)
+    if (code, kq) != second[1:] or wt3s[0].row_bytes != wt3s[1].row_bytes or int(wt3s[0].shape[0]) != E:
+        return None
+    if not (0 < k <= E <= ROUTE_MAX_EXPERTS and T * k <= 32 and N > 0 and use_mma(be, code, kq, K, T)):
+        return None
+    sp = experts_split(K)
+    if T > experts_row_groups(sp) * sp:  # a warp per token
+        return None
+    name = _routed_name(experts_mma_kernel(code, wt3s[0].row_bytes, K))
+    return name if name in NAME_EXPRESSIONS else None
+
+
+def route_experts_shared_input(logits, k: int, x, wt3s, *, as_qtypes=None, digits=None,
+                               backend: Backend | None = None):
+    """:func:`route_experts` and then :func:`qmatmul_experts_shared_input` of the tokens' rows ``x`` with
+    ``wt3s`` (ffn_gate_exps and ffn_up_exps) under that routing, bit for bit: ``(probs, ids, weights,
+    routing, outs)``. One launch (kernel ``qmm_experts_mma_route``: every block routes the tokens itself,
+    block (0, 0) writes the routing) where MP_EXPERTS_ROUTE is 1 and :func:`routed_experts_kernel` names an
+    instance; else those functions' launches."""
+    be = _backend(backend)
+    name = routed_experts_kernel(logits, k, wt3s, as_qtypes, backend=be) if EXPERTS_ROUTE else None
+    if name is None:
+        probs, ids, weights, routing = route_experts(logits, k, backend=be)
+        return probs, ids, weights, routing, qmatmul_experts_shared_input(x, wt3s, routing, as_qtypes=as_qtypes,
+                                                                          digits=digits, backend=be)
+    T, E, ids, weights = _router_outputs("route_experts_shared_input", logits, k, ROUTE_MAX_EXPERTS, be)
+    (w0, w1), (_, N, K) = wt3s, (int(v) for v in wt3s[0].shape)
+    _check_f32_2d("route_experts_shared_input: x", x, be, K)
+    if x.shape[0] != T:
+        raise KernelError(f"route_experts_shared_input: x has {x.shape[0]} rows, the logits {T}")
+    for w in wt3s:
+        if not w.raw.flags.c_contiguous:
+            raise KernelError(f"{w.name}: raw bytes must be a C-contiguous [E, N, row_bytes] array")
+    digits = _given_digits("route_experts_shared_input", digits, x, be)
+    if digits is None:
+        digits = act_digits(x, backend=be)
+    probs = be.xp.empty((T, E), dtype=np.float32)
+    routing = _empty_routing(ids, E, be)
+    outs = [be.xp.empty((T, k, N), dtype=np.float32) for _ in wt3s]
+    sp = experts_split(K)
+    rg = experts_row_groups(sp)
+    n_act = int(routing.active.shape[0])
+    be.launch(name, (_cdiv(N, rg * MMA_ROWS) * 2, n_act, 1), (32 * rg * sp, 1, 1),
+              (w0.raw, w1.raw, np.int64(w0.row_bytes), np.int64(N * w0.row_bytes), np.int32(N), np.int32(K), *digits,
+               outs[0], outs[1], np.int32(N), logits, np.int32(T), np.int32(E), np.int32(k), probs, ids, weights,
+               routing.pairs, routing.offsets, routing.active, np.int32(n_act), routing.order, routing.records))
+    return probs, ids, weights, replace(routing, written_at=be.launch_mark()), outs
 
 
 def use_mma(be: Backend, code: int, kq: int, K: int, T: int) -> bool:
