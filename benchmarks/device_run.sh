@@ -10,7 +10,7 @@
 # expert-product launches of that model (ordinary launches; NCU=0 skips it; NCU_KERNELS: another kernel-name
 # regex, e.g. "norm_rope_attention|moe_route", NCU_COUNT: launches, default 6; NCU_VARIANT: compile options
 # of a second run, same file), the full 30b-a3b forward at
-# 3 and 64 tokens (the models are made in the background meanwhile), a same-machine baseline at 3 tokens,
+# 3 and 64 tokens (BENCH_TOKENS: others; the models are made in the background meanwhile), a same-machine baseline at 3 tokens,
 # then, while under DEVICE_RUN_BUDGET_S (default 250) seconds have passed, the heavy pytest wall time.
 # The baseline is the tree in .gpu/base where there is one (made here with
 # `mkdir -p .gpu/base && git archive REV | tar -x -C .gpu/base`, `.gpu` ignored and carried), else this tree
@@ -68,7 +68,7 @@ for f in d['forward']:
     print(sys.argv[2], f['tokens'], 'tokens: graph', f.get('graph_median_ms'), 'ms,', f.get('graph_eff_vs_d2d_pct'),
           '% of', d['ceilings']['d2d_copy_gb_s'], 'GB/s copy; eager', f['median_ms'], 'ms')" "$1" "$2"; }
 while ! grep -q "make rc" /tmp/make.log; do sleep 2; done; tail -1 /tmp/make.log; el made
-timeout 100 python3 benchmarks/bench_gpu.py --model /tmp/30b.gguf --tokens 3,64 --repeat 3 --tag 30b-a3b \
+timeout 100 python3 benchmarks/bench_gpu.py --model /tmp/30b.gguf --tokens "${BENCH_TOKENS:-3,64}" --repeat 3 --tag 30b-a3b \
   --out "$out/gpu-30b-a3b.json" > "$out/bench.log" 2>&1; el "bench rc=$?"
 summary "$out/gpu-30b-a3b.json" "this tree:"
 if [ -d .gpu/base/benchmarks ]; then
