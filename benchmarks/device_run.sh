@@ -10,7 +10,7 @@
 # expert-product launches of that model (ordinary launches; NCU=0 skips it; NCU_KERNELS: another kernel-name
 # regex, e.g. "norm_rope_attention|moe_route", NCU_COUNT: launches, default 6; NCU_VARIANT: compile options
 # of a second run, same file), the full 30b-a3b forward at
-# 3 and 64 tokens (BENCH_TOKENS: others; the models are made in the background meanwhile), a same-machine baseline at 3 tokens,
+# 3 and 64 tokens (BENCH_TOKENS: others; FULL=0 skips the full model; the models are made in the background meanwhile), a same-machine baseline at 3 tokens,
 # then, while under DEVICE_RUN_BUDGET_S (default 250) seconds have passed, the heavy pytest wall time.
 # The baseline is the tree in .gpu/base where there is one (made here with
 # `mkdir -p .gpu/base && git archive REV | tar -x -C .gpu/base`, `.gpu` ignored and carried), else this tree
@@ -27,7 +27,8 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH=/tmp/site MOEPARITY_CACHE=/tmp/mpcache
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 (python3 -m pytest_moeparity.cli make-model /tmp/30b4.gguf --preset 30b-a3b --layers 4 --jobs 4 --quiet; \
- python3 -m pytest_moeparity.cli make-model /tmp/30b.gguf --preset 30b-a3b --jobs 11 --quiet; echo "make rc=$?") \
+ if [ "${FULL:-1}" != 0 ]; then python3 -m pytest_moeparity.cli make-model /tmp/30b.gguf --preset 30b-a3b --jobs 11 --quiet; fi; \
+ echo "make rc=$?") \
   > /tmp/make.log 2>&1 &
 timeout 200 python3 -m pytest -m gpu -n 5 -q tests/test_gpu.py ${GPU_TESTS_K:+-k "$GPU_TESTS_K"} > "$out/gpu-tests.log" 2>&1
 rc=$?; el "gpu tests rc=$rc"
@@ -60,6 +61,7 @@ if [ "${NCU:-1}" != 0 ]; then  # where the expert products' time goes (benchmark
   grep -E "^==== ncu|^  [a-z].*(${NCU_KERNELS:-qmm_experts_mma})|Duration|DRAM Throughput|L2 Hit|Warp Cycles Per Issued|Achieved Occ|being stalled" \
     "$out/ncu-experts.txt" | cut -c1-150 | head -70
 fi
+[ "${FULL:-1}" = 0 ] && exit "$rc"  # FULL=0: no full model (a short device budget)
 # a result file's forwards as one line each
 summary() { python3 -c "
 import json, sys
