@@ -1275,12 +1275,12 @@ def test_reads_digits_follows_the_products_paths(backend):
         assert K.reads_digits(T, [q4k], [Q.Q6_K], backend=backend) is False, T  # 288-byte rows: 1 Q6_K block
 
 @pytest.mark.parametrize("T,n,N", [(3, 2048, 128), (2, 768, 70), (4, 128, 9), (3, 2048, 1)])
-def test_norm_router_is_norm_then_router(backend, T, n, N):
+def test_norm_router_is_norm_then_router(backend, T, n, N, monkeypatch):
     """norm_digits_router (the post-attention residual, ffn_norm with its digits and the F32 router product in
     one launch) gives add_rms_norm's sum, norm and digits and qmatmul's router logits of that norm bit for bit
     (N = 70 and 9: a block's second row group partly or wholly past the matrix), a NaN staying in its token's
     row; the logits are within 1e-5 of a float64 product; poisoned outputs are written whole; rows and
-    routers it does not take are refused by name."""
+    routers it does not take (and a router whose separate product is not split-K's) are refused by name."""
     from pytest_moeparity.gpu import kernels as K
 
     rng = _rng("norm-router", T, n, N)
@@ -1324,6 +1324,8 @@ def test_norm_router_is_norm_then_router(backend, T, n, N):
     assert not K.norm_router_fits(da[:, :64], router)
     with pytest.raises(K.KernelError, match="norm_router_fits"):
         K.add_rms_norm_router(da, db, dw, 1e-6, q8, backend=backend)
+    monkeypatch.setattr(K, "SPLITK_MAX_GROUPS", 0)  # the separate product would take qmm_dense<0,4>'s order
+    assert not K.norm_router_fits(da, router)
 
 
 @pytest.mark.parametrize("n", [2048, 768, 128, 4096])  # 4096: wider than a block's row (rms_norm, then act_digits)

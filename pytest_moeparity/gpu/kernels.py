@@ -112,11 +112,6 @@ STAGE_Q4_EXPERTS = _tuning_define("MP_STAGE_Q4_EXPERTS", 1)
 # qmm_experts_mma reads a routing written two or more launches back before its programmatic-launch wait
 # (MP_EXPERTS_EARLY=0: always after it; tuning switch)
 EXPERTS_EARLY = _tuning_define("MP_EXPERTS_EARLY", 1)
-# qmm_experts_mma<QT,ST,SP>: SP warps share a row group's super-blocks (warp w: w, w + SP, ...), their
-# values added in warp order: SP = 3 for rows of 3 super-blocks (the 30b-a3b down projection) where
-# MP_EXPERTS_SPLIT_SHORT is 1, SP = MP_EXPERTS_SPLIT_LONG (2 or 4; 1: none) for rows of a multiple of that
-# many super-blocks (gate / up: 8) (tuning switches; off until timed on a GPU: benchmarks/NOTES.md step
-# 38); each shape always takes the same SP, so its values do not depend on the launch
 # norm_digits_router: a short prompt's post-attention residual, ffn_norm with its digits and the F32 router
 # product in one launch (MP_NORM_ROUTER=1; tuning switch, off until timed on a GPU: benchmarks/NOTES.md step 39)
 NORM_ROUTER = _tuning_define("MP_NORM_ROUTER", 0)
@@ -126,6 +121,11 @@ ROUTER_GROUPS = DIGITS_THREADS // THREADS  # MP_ROUTER_GROUPS: split-K row group
 # step 40); up to ROUTE_MAX_EXPERTS experts (MP_GROUP_WARP_EXPERTS) and 32 (token, slot) pairs
 EXPERTS_ROUTE = _tuning_define("MP_EXPERTS_ROUTE", 0)
 ROUTE_MAX_EXPERTS = 128
+# qmm_experts_mma<QT,ST,SP>: SP warps share a row group's super-blocks (warp w: w, w + SP, ...), their
+# values added in warp order: SP = 3 for rows of 3 super-blocks (the 30b-a3b down projection) where
+# MP_EXPERTS_SPLIT_SHORT is 1, SP = MP_EXPERTS_SPLIT_LONG (2 or 4; 1: none) for rows of a multiple of that
+# many super-blocks (gate / up: 8) (tuning switches; off until timed on a GPU: benchmarks/NOTES.md step
+# 38); each shape always takes the same SP, so its values do not depend on the launch
 EXPERTS_SPLIT_SHORT = _tuning_define("MP_EXPERTS_SPLIT_SHORT", 0)
 EXPERTS_SPLIT_LONG = _tuning_define("MP_EXPERTS_SPLIT_LONG", 1)
 MMA_SPLITS = tuple(sorted({1, 2, 3} | ({EXPERTS_SPLIT_LONG} if EXPERTS_SPLIT_LONG in (2, 4) else set())))  # compiled
@@ -1083,10 +1083,12 @@ def rms_norm(x, weight, eps: float, *, digits: bool = False, backend: Backend | 
 def norm_router_fits(a, router: DeviceTensor, as_qtype: Q | None = None) -> bool:
     """Whether :func:`add_rms_norm_router` takes ``a`` ([T, n] rows) and the router matrix ``router``: 2-4
     rows (the short prompts whose gate / up products read the norm's digits) of up to ROW_BLOCK_COLS
-    columns, a multiple of 32, an F32 ``[N, n]`` router read with its own kernel type."""
+    columns, a multiple of 32, an F32 ``[N, n]`` router read with its own kernel type, whose separate product
+    would take qmm_dense_splitk<0,4> (the order the fused kernel follows)."""
     T, n = (int(v) for v in a.shape) if a.ndim == 2 else (0, 0)
     return (MMA_MIN_TOKENS <= T <= 4 and _fused_digits(n) and as_qtype is None and router.qtype == Q.F32
-            and len(router.shape) == 2 and int(router.shape[1]) == n and int(router.shape[0]) > 0)
+            and len(router.shape) == 2 and int(router.shape[1]) == n and int(router.shape[0]) > 0
+            and dense_launch(KERNEL_QTYPES[Q.F32], (int(router.shape[0]),), T)[0] == "qmm_dense_splitk<0,4>")
 
 
 def add_rms_norm_router(a, b, weight, eps: float, router: DeviceTensor, *, backend: Backend | None = None):
