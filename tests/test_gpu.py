@@ -926,8 +926,12 @@ def test_routed_gate_up_is_route_then_products(backend, T, E, k, qt, N, Kc, monk
         w = _deq(raw, qt, (E, N, Kc)).astype(np.float64)
         ref = np.einsum("tc,tjnc->tjn", _host(backend, x).astype(np.float64), w[ids_h])
         _assert_close(_host(backend, got), ref, f"{qt.name} K={Kc} routed gate / up")
-    # where it does not fit, None: one token, T k past 32, more experts than one warp groups
+    # where it does not fit, None: one token, more than ROUTE_MAX_TOKENS (however many MP_MMA_MAX_TOKENS
+    # allows), T k past 32, more experts than one warp groups
     assert K.routed_experts_kernel(dl[:1], k, wts, backend=backend) is None
+    monkeypatch.setattr(K, "MMA_MAX_TOKENS", 8)
+    monkeypatch.setattr(K, "WARPS", 8)  # (blocks of 8 warps: a warp for each of 5 tokens; nothing is launched)
+    assert K.routed_experts_kernel(_dev(backend, np.zeros((5, E), np.float32)), 1, wts, backend=backend) is None
     if E >= 9:  # 4 tokens x 9 slots: 36 pairs
         assert K.routed_experts_kernel(_dev(backend, rng.standard_normal((4, E)).astype(np.float32)), 9, wts,
                                        backend=backend) is None

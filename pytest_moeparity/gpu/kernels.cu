@@ -919,6 +919,14 @@ MP_MATMUL_GLOBAL void qmm_dense(const mp_u8* __restrict__ w0, const mp_u8* __res
 // The warps' partial sums meet in shared memory and are added in warp order (deterministic).
 // grid (row groups of MP_ROWS_FOR(NT) over the matrices, * tiles), block MP_THREADS.
 
+// the split-K sum of (row, token) value i: the MP_WARPS warps' partial sums part[0 .. MP_WARPS - 1][i] added in
+// warp order (qmm_dense_splitk, and norm_digits_router's router rows in the same order)
+template <int NV> MP_HD float mp_splitk_total(const float (*part)[NV], int i) {
+    float s = part[0][i];
+    for (int v = 1; v < MP_WARPS; ++v) s = mp_fadd(s, part[v][i]);
+    return s;
+}
+
 template <int QT, int NT>
 MP_MATMUL_GLOBAL void qmm_dense_splitk(const mp_u8* __restrict__ w0, const mp_u8* __restrict__ w1, const mp_u8* __restrict__ w2,
                                 mp_i64 row_bytes, int N0, int N1, int N2, int kq, const float* __restrict__ x, int ldx,
@@ -949,8 +957,7 @@ MP_MATMUL_GLOBAL void qmm_dense_splitk(const mp_u8* __restrict__ w0, const mp_u8
     if (threadIdx.x < MP_ROWS_FOR(NT) * NT) {  // one thread per (row, token)
         const int r = threadIdx.x / NT, t = threadIdx.x % NT;
         if (t < nt && n0 + r < N) {
-            float s = part[0][threadIdx.x];
-            for (int v = 1; v < MP_WARPS; ++v) s = mp_fadd(s, part[v][threadIdx.x]);
+            const float s = mp_splitk_total<MP_ROWS_FOR(NT) * NT>(part, threadIdx.x);
             mp_pick_out(m, out0, out1, out2)[(mp_i64)(t0 + t) * N + n0 + r] = s;  // t0 + t: orow[t] with a runtime t would go to local memory
         }
     }
@@ -2459,9 +2466,7 @@ extern "C" MP_GLOBAL void norm_digits_router(const float* __restrict__ a, const 
     if (i < MP_ROWS_NT4 * 4) {
         const int r = i / 4, t = i % 4;
         if (t < rows && n0 + r < N) {
-            float s = part[q * MP_WARPS][i];
-            for (int u = 1; u < MP_WARPS; ++u) s = mp_fadd(s, part[q * MP_WARPS + u][i]);
-            logits[(mp_i64)t * N + n0 + r] = s;
+            logits[(mp_i64)t * N + n0 + r] = mp_splitk_total<MP_ROWS_NT4 * 4>(part + q * MP_WARPS, i);
         }
     }
 }
@@ -2650,8 +2655,9 @@ extern "C" MP_GLOBAL void moe_route(const float* __restrict__ logits, int T, int
 #ifndef MP_EXPERTS_ROUTE
 #define MP_EXPERTS_ROUTE 0      // kernels.py: EXPERTS_ROUTE (1: the forward takes it; tuning switch)
 #endif
+#define MP_ROUTE_MAX_TOKENS 4    // kernels.py: ROUTE_MAX_TOKENS
 struct mp_route_smem {  // a block's own routing
-    float probs[4 * MP_GROUP_WARP_EXPERTS], w[32];
+    float probs[MP_ROUTE_MAX_TOKENS * MP_GROUP_WARP_EXPERTS], w[32];
     int ids[32], pairs[32], offsets[MP_GROUP_WARP_EXPERTS + 1], active[32], order[32], records[32 * MP_REC];
 };
 template <int QT, int ST = (QT == 14), int SP = 1>

@@ -121,6 +121,7 @@ ROUTER_GROUPS = DIGITS_THREADS // THREADS  # MP_ROUTER_GROUPS: split-K row group
 # step 40); up to ROUTE_MAX_EXPERTS experts (MP_GROUP_WARP_EXPERTS) and 32 (token, slot) pairs
 EXPERTS_ROUTE = _tuning_define("MP_EXPERTS_ROUTE", 0)
 ROUTE_MAX_EXPERTS = 128
+ROUTE_MAX_TOKENS = 4  # mp_route_smem's rows (MP_ROUTE_MAX_TOKENS, whatever MP_MMA_MAX_TOKENS and MP_WARPS allow)
 # qmm_experts_mma<QT,ST,SP>: SP warps share a row group's super-blocks (warp w: w, w + SP, ...), their
 # values added in warp order: SP = 3 for rows of 3 super-blocks (the 30b-a3b down projection) where
 # MP_EXPERTS_SPLIT_SHORT is 1, SP = MP_EXPERTS_SPLIT_LONG (2 or 4; 1: none) for rows of a multiple of that
@@ -154,6 +155,14 @@ def experts_split(K: int) -> int:
     if sbs == 3 and EXPERTS_SPLIT_SHORT:
         return 3
     return sp if sp in (2, 4) and sbs >= sp and sbs % sp == 0 else 1
+
+
+def _experts_mma_shape(N: int, K: int, n_mats: int, n_active: int) -> tuple[tuple, tuple]:
+    """(grid, block) of a qmm_experts_mma(_route) launch: blocks of RG row groups of 16 rows, SP warps each
+    (experts_split, experts_row_groups), over n_mats matrices of N rows and n_active expert slots."""
+    sp = experts_split(K)
+    rg = experts_row_groups(sp)
+    return (_cdiv(N, rg * MMA_ROWS) * n_mats, n_active, 1), (32 * rg * sp, 1, 1)
 
 
 def experts_row_groups(sp: int) -> int:
@@ -731,8 +740,9 @@ def route_experts(logits, k: int, *, backend: Backend | None = None):
 def routed_experts_kernel(logits, k: int, wt3s, as_qtypes=None, *, backend: Backend | None = None) -> str | None:
     """The qmm_experts_mma_route instance that can route ``logits`` [T, E] (top ``k``) and take the products
     of the tokens' rows with the expert tensors ``wt3s`` (gate and up) in one launch, else None: two
-    tensors of one kernel type and shape on the tensor cores, T of 2-4 (at most the block's warps), T k <=
-    32 and E <= ROUTE_MAX_EXPERTS (the grouping by one warp), an instance compiled for the shape."""
+    tensors of one kernel type and shape on the tensor cores, T of 2-4 (ROUTE_MAX_TOKENS, at most the block's
+    warps), T k <= 32 and E <= ROUTE_MAX_EXPERTS (the grouping by one warp), an instance compiled for the
+    shape."""
     be = _backend(backend)
     wt3s = tuple(wt3s)
     as_qtypes = tuple(as_qtypes) if as_qtypes is not None else (None,) * len(wt3s)
@@ -745,10 +755,10 @@ def routed_experts_kernel(logits, k: int, wt3s, as_qtypes=None, *, backend: Back
     _, N, K = (int(v) for v in wt3s[0].shape)
     if (code, kq) != second[1:] or wt3s[0].row_bytes != wt3s[1].row_bytes or int(wt3s[0].shape[0]) != E:
         return None
-    if not (0 < k <= E <= ROUTE_MAX_EXPERTS and T * k <= 32 and N > 0 and use_mma(be, code, kq, K, T)):
+    if not (0 < k <= E <= ROUTE_MAX_EXPERTS and T <= ROUTE_MAX_TOKENS and T * k <= 32 and N > 0
+            and use_mma(be, code, kq, K, T)):
         return None
-    sp = experts_split(K)
-    if T > experts_row_groups(sp) * sp:  # a warp per token
+    if T * 32 > _experts_mma_shape(N, K, 2, 1)[1][0]:  # a warp per token
         return None
     name = _routed_name(experts_mma_kernel(code, wt3s[0].row_bytes, K))
     return name if name in NAME_EXPRESSIONS else None
@@ -781,10 +791,8 @@ def route_experts_shared_input(logits, k: int, x, wt3s, *, as_qtypes=None, digit
     probs = be.xp.empty((T, E), dtype=np.float32)
     routing = _empty_routing(ids, E, be)
     outs = [be.xp.empty((T, k, N), dtype=np.float32) for _ in wt3s]
-    sp = experts_split(K)
-    rg = experts_row_groups(sp)
     n_act = int(routing.active.shape[0])
-    be.launch(name, (_cdiv(N, rg * MMA_ROWS) * 2, n_act, 1), (32 * rg * sp, 1, 1),
+    be.launch(name, *_experts_mma_shape(N, K, 2, n_act),
               (w0.raw, w1.raw, np.int64(w0.row_bytes), np.int64(N * w0.row_bytes), np.int32(N), np.int32(K), *digits,
                outs[0], outs[1], np.int32(N), logits, np.int32(T), np.int32(E), np.int32(k), probs, ids, weights,
                routing.pairs, routing.offsets, routing.active, np.int32(n_act), routing.order, routing.records))
@@ -929,10 +937,8 @@ def qmatmul_experts_shared_input(x, wt3s, routing, *, outs=None, x_per_pair: boo
         if use_mma(be, code, kq, K, T):
             if digits is None:
                 digits = act_digits(x, backend=be)
-            sp = experts_split(K)
-            rg = experts_row_groups(sp)
-            grid = (_cdiv(N, rg * MMA_ROWS) * len(mats), int(routing.active.shape[0]), 1)
-            be.launch(experts_mma_kernel(code, row_bytes, K), grid, (32 * rg * sp, 1, 1),
+            grid, block = _experts_mma_shape(N, K, len(mats), int(routing.active.shape[0]))
+            be.launch(experts_mma_kernel(code, row_bytes, K), grid, block,
                       (w0.raw, w1.raw, np.int64(row_bytes), np.int64(N * row_bytes), np.int32(N), np.int32(K), *digits,
                        np.int32(x_div), routing.pairs, routing.records, o0, o1, np.int32(N),
                        np.int32(_written_two_back(routing, be))))
