@@ -373,9 +373,8 @@ SHARED_INPUT_TYPES = [(Q.Q4_K, Q.Q4_K, Q.Q4_K), (Q.Q4_K, Q.Q4_K, Q.Q6_K), (Q.Q8_
 @pytest.mark.parametrize("T", [1, 3, 17])
 def test_qmatmul_shared_input_matches_single_products(backend, qtypes, T):
     """q / k / v style: three matrices of one input; those of one type share a launch (one launch for
-    three Q4_K, two when v is Q6_K but one on the tensor cores, three when the types alternate), and
-    each result is qmatmul's alone, bit for bit, and float64's within 1e-5; every output element is
-    written."""
+    three Q4_K, two when v is Q6_K, three when the types alternate), and each result is qmatmul's
+    alone, bit for bit, and float64's within 1e-5; every output element is written."""
     from pytest_moeparity.gpu import kernels as Kn
 
     Kc, Ns = 512, (37, 5, 130)
@@ -389,8 +388,6 @@ def test_qmatmul_shared_input_matches_single_products(backend, qtypes, T):
     res = Kn.qmatmul_shared_input(xd, wts, outs=outs, backend=backend)
     if hasattr(backend, "launches"):
         runs = 1 + sum(a != b for a, b in zip(qtypes, qtypes[1:]))
-        mma = all(Kn.use_mma(backend, Kn.KERNEL_QTYPES[q], Kc, Kc, T) for q in qtypes)
-        runs -= bool(Kn.DENSE_MIXED and mma and qtypes == (Q.Q4_K, Q.Q4_K, Q.Q6_K))  # qmm_dense_mma<12,14>
         products = [n for n in backend.launches[n_before:] if n.startswith("qmm_dense")]  # (act_digits aside)
         assert len(products) == runs, backend.launches[n_before:]
         assert backend.launches[n_before:].count("act_digits") <= 1, backend.launches[n_before:]
@@ -583,24 +580,15 @@ def test_act_digits_are_the_exact_integer_form(backend, Kc):  # 553: three slabs
         assert np.array_equal(a.view(np.uint32), b.view(np.uint32)), f"unaligned rows: {name} differ"
 
 
-# the tensor-core expert instance of each shape of test_experts_tensor_core_path (split switches on): K = 768
-# (3 super-blocks) a warp per super-block, K = 2048 two warps a row group; Q4_K rows staged where a
-# warp's 16 fit 10240 bytes, Q6_K's always where they fit (not at K = 2048: read where they lie)
-EXPERT_MMA_INSTANCES = {(Q.Q4_K, 768): "qmm_experts_mma<12,1,3>", (Q.Q4_K, 2048): "qmm_experts_mma<12,0,2>",
-                        (Q.Q6_K, 768): "qmm_experts_mma<14,1,3>", (Q.Q6_K, 2048): "qmm_experts_mma<14,1,2>"}
-
-
 @pytest.mark.parametrize("T", [2, 3, 4])
-@pytest.mark.parametrize("qt,Kc", list(EXPERT_MMA_INSTANCES),  # Q6_K: 630- / 1680-byte rows, 2-byte aligned
-                         ids=["Q4_K-staged", "Q4_K", "Q6_K", "Q6_K-long"])
+@pytest.mark.parametrize("qt,Kc", [(Q.Q4_K, 768), (Q.Q4_K, 2048), (Q.Q6_K, 768)],  # Q6_K: 630-byte rows, 2-byte aligned
+                         ids=["Q4_K-staged", "Q4_K", "Q6_K"])
 def test_experts_tensor_core_path(backend, T, qt, Kc):
     """Short prompts' Q4_K and Q6_K expert products run on the tensor-core kernel (exact integer digits of
     the activations) where the device has it: float64's products within 1e-5 on rows with a wide dynamic
-    range, the same within 1e-5 as the float kernel (MP_MMA off), as one warp walking each row group
-    alone and as 2-3 warps sharing its super-blocks (the MP_EXPERTS_SPLIT_* switches), and a token with a
-    non-finite activation gives NaN in its own products only. Expert 1 has 5 or more pairs: passes of 4
-    one after another, each walking the rows again; N = 70 leaves a block's last row group past the
-    matrix where a block has two."""
+    range, the same within 1e-5 as the float kernel (MP_MMA off), and a token with a non-finite
+    activation gives NaN in its own products only. Expert 1 has 5 or more pairs: passes of 4 one after
+    another, each walking the rows again."""
     from pytest_moeparity.gpu import kernels as Kn
 
     if not backend.mma:
@@ -618,7 +606,11 @@ def test_experts_tensor_core_path(backend, T, qt, Kc):
     out = _poisoned(backend, (T, k, N))
     Kn.qmatmul_experts(_dev(backend, x), wt3, routing, out=out, backend=backend)
     if hasattr(backend, "launches"):
-        want = ["act_digits", Kn.experts_mma_kernel(Kn.KERNEL_QTYPES[qt], int(raw.shape[-1]), Kc)]
+        # K = 768: a warp's 16 rows are staged in shared memory (Q4_K: 432-byte rows, the <12,1> instance);
+        # Q4_K K = 2048 (1152-byte rows): <12>, the rows read where they lie
+        want = ["act_digits", Kn.experts_mma_kernel(Kn.KERNEL_QTYPES[qt], int(raw.shape[-1]))]
+        staged = qt == Q.Q4_K and Kc == 768 and Kn.STAGE_Q4_EXPERTS
+        assert want[1] == f"qmm_experts_mma<{Kn.KERNEL_QTYPES[qt]}" + (",1>" if staged else ">")
         assert backend.launches[n_before:] == want, backend.launches[n_before:]
     got = _host(backend, out)
     what = f"tensor-core {qt.name} K={Kc} experts T={T}"
@@ -632,24 +624,6 @@ def test_experts_tensor_core_path(backend, T, qt, Kc):
     finally:
         backend.mma = old
     _assert_close(got, flt.astype(np.float64), what + " vs the float kernel")
-    split = (Kn.EXPERTS_SPLIT_SHORT, Kn.EXPERTS_SPLIT_LONG)
-    for short, long_, sp in ((0, 1, 1), (1, 2, 3 if Kc == 768 else 2)):  # a warp a row group; the split
-        Kn.EXPERTS_SPLIT_SHORT, Kn.EXPERTS_SPLIT_LONG = short, long_
-        try:
-            other = _host(backend, Kn.qmatmul_experts(_dev(backend, x), wt3, routing, backend=backend))
-            if hasattr(backend, "launches"):
-                name = backend.launches[-1]
-                # SP = 1: K = 768 Q4_K's 432-byte rows staged (<12,1>), K = 2048's read where they lie (<12>)
-                staged = qt == Q.Q4_K and Kc == 768 and Kn.STAGE_Q4_EXPERTS
-                if sp == 1:
-                    assert name == f"qmm_experts_mma<{Kn.KERNEL_QTYPES[qt]}" + (",1>" if staged else ">"), name
-                elif qt == Q.Q6_K or Kn.STAGE_Q4_EXPERTS:  # (the table's Q4_K K = 768 entry is the staged one)
-                    assert name == EXPERT_MMA_INSTANCES[qt, Kc], name
-                assert (name.count(",") == 2 and name.endswith(f",{sp}>")) if sp > 1 else name.count(",") <= 1, name
-        finally:
-            Kn.EXPERTS_SPLIT_SHORT, Kn.EXPERTS_SPLIT_LONG = split
-        _assert_written(other, f"{what}, SP = {sp}")
-        _assert_close(got, other.astype(np.float64), f"{what} vs SP = {sp}")
     # per pair rows (the down projection's input), one of them non-finite
     xp_ = rng.standard_normal((T * k, Kc)).astype(np.float32)
     bad = T * k - 1
@@ -719,9 +693,8 @@ def test_dense_tensor_core_path(backend, T, Kc):
     """Short prompts' Q4_K dense products (q / k / v style: three matrices of one input, one launch)
     run on the tensor-core kernel, a block's warps splitting each row's super-blocks: float64's products
     within 1e-5 on rows with a wide dynamic range, each matrix's result bit for bit the product alone,
-    within 1e-5 of the float kernel (MP_MMA off); a Q6_K matrix after one or two Q4_K ones joins their
-    launch as its third matrix (qmm_dense_mma<12,14>), bit for bit its own launch and the launches
-    MP_DENSE_MIXED=0 gives; a token with a non-finite activation gives NaN in its own row only."""
+    within 1e-5 of the float kernel (MP_MMA off); a Q6_K matrix in the call takes its own tensor-core
+    launch on the same digits; a token with a non-finite activation gives NaN in its own row only."""
     from pytest_moeparity.gpu import kernels as Kn
 
     if not backend.mma:
@@ -736,21 +709,8 @@ def test_dense_tensor_core_path(backend, T, Kc):
     n_before = len(getattr(backend, "launches", []))
     Kn.qmatmul_shared_input(xd, wts, outs=outs, backend=backend)
     if hasattr(backend, "launches"):
-        mixed = ["qmm_dense_mma<12,14>"] if Kn.DENSE_MIXED else ["qmm_dense_mma<12>", "qmm_dense_mma<14>"]
-        assert backend.launches[n_before:] == ["act_digits", *mixed, "qmm_dense_mma<12>"], backend.launches[n_before:]
-    for pick, mixed, want in (((1, 2), 1, ["act_digits", "qmm_dense_mma<12,14>"]),  # matrix 1 of <12,14> unused
-                              ((0, 1, 2), 0, ["act_digits", "qmm_dense_mma<12>", "qmm_dense_mma<14>"])):
-        again = [_poisoned(backend, (T, Ns[i])) for i in pick]
-        n_before = len(getattr(backend, "launches", []))
-        old_mixed, Kn.DENSE_MIXED = Kn.DENSE_MIXED, mixed
-        try:
-            Kn.qmatmul_shared_input(xd, [wts[i] for i in pick], outs=again, backend=backend)
-        finally:
-            Kn.DENSE_MIXED = old_mixed
-        if hasattr(backend, "launches"):
-            assert backend.launches[n_before:] == want, backend.launches[n_before:]
-        for i, got in zip(pick, again):
-            assert np.array_equal(_host(backend, got), _host(backend, outs[i])), f"matrix {i}, launches {want}"
+        assert backend.launches[n_before:] == ["act_digits", "qmm_dense_mma<12>", "qmm_dense_mma<14>",
+                                               "qmm_dense_mma<12>"], backend.launches[n_before:]
     old = backend.mma
     backend.mma = False
     try:
@@ -876,67 +836,6 @@ def test_route_experts_is_softmax_topk_grouping(backend, T, E, k):
     for f in ("pairs", "offsets", "active", "order", "records"):
         assert np.array_equal(_host(backend, getattr(routing, f)), _host(backend, getattr(want_r, f))), f
     _assert_records(backend, routing)
-
-
-@pytest.mark.parametrize("T,E,k,qt,N,Kc", [(3, 16, 4, Q.Q4_K, 70, 512), (4, 128, 8, Q.Q6_K, 16, 256),
-                                            (2, 32, 8, Q.Q4_K, 33, 2048), (3, 60, 8, Q.Q4_K, 40, 768)])
-def test_routed_gate_up_is_route_then_products(backend, T, E, k, qt, N, Kc, monkeypatch):
-    """qmm_experts_mma_route (the router's softmax, top-k and grouping done by every block of the gate / up
-    launch, block (0, 0) writing them out) gives route_experts' probabilities, ids, weights and routing and
-    qmatmul_experts_shared_input's two products under that routing bit for bit, in one launch, with a tie and
-    a NaN logit among the tokens; the products within 1e-5 of float64; E of 16 to 128, T k up to 32, N with a
-    partial row group. Where no instance fits (a pair list past 32, more than 128 experts, one token) the same
-    results come from the separate launches."""
-    from pytest_moeparity.gpu import kernels as K
-
-    if not backend.mma:
-        pytest.skip("the device has no int8 mma (compute capability below 8.0)")
-    monkeypatch.setattr(K, "EXPERTS_ROUTE", 1)
-    rng = _rng("routed-gate-up", T, E, k, qt.name, N, Kc)
-    raws = [_quantized(rng, qt, (E, N, Kc)) for _ in range(2)]
-    wts = [_device_tensor(backend, r, qt, (E, N, Kc)) for r in raws]
-    logits = rng.standard_normal((T, E)).astype(np.float32) * 2
-    logits[0, 3] = logits[0, 9] = logits[0].max() + 1  # a tie for first place: the lower id first
-    if T > 2:
-        logits[2, 7] = np.nan
-    dl = _dev(backend, logits)
-    x = _dev(backend, rng.standard_normal((T, Kc)).astype(np.float32))
-    name = K.routed_experts_kernel(dl, k, wts, backend=backend)
-    assert name == K._routed_name(K.experts_mma_kernel(K.KERNEL_QTYPES[qt], wts[0].row_bytes, Kc)) or (
-        name is None and K.experts_split(Kc) == 3), name
-    digits = K.act_digits(x, backend=backend)
-    n_before = len(getattr(backend, "launches", []))
-    probs, ids, weights, routing, (g, u) = K.route_experts_shared_input(dl, k, x, wts, digits=digits, backend=backend)
-    if hasattr(backend, "launches"):
-        want = [name] if name else ["moe_route", K.experts_mma_kernel(K.KERNEL_QTYPES[qt], wts[0].row_bytes, Kc)]
-        assert backend.launches[n_before:] == want, backend.launches[n_before:]
-    if name:  # the routing's launch is the last one (the down projection counts from it)
-        assert routing.written_at == backend.launch_mark()
-    want_p, want_ids, want_w, want_r = K.route_experts(dl, k, backend=backend)
-    want_g, want_u = K.qmatmul_experts_shared_input(x, wts, want_r, digits=digits, backend=backend)
-    for what, got, ref in (("probs", probs, want_p), ("ids", ids, want_ids), ("weights", weights, want_w),
-                           ("gate", g, want_g), ("up", u, want_u)):
-        assert np.array_equal(_host(backend, got).view(np.uint32), _host(backend, ref).view(np.uint32)), what
-    for f in ("pairs", "offsets", "active", "order", "records"):
-        assert np.array_equal(_host(backend, getattr(routing, f)), _host(backend, getattr(want_r, f))), f
-    _assert_records(backend, routing)
-    assert _host(backend, ids)[0, :2].tolist() == [3, 9]
-    ids_h = _host(backend, ids)
-    for raw, got in zip(raws, (g, u)):
-        w = _deq(raw, qt, (E, N, Kc)).astype(np.float64)
-        ref = np.einsum("tc,tjnc->tjn", _host(backend, x).astype(np.float64), w[ids_h])
-        _assert_close(_host(backend, got), ref, f"{qt.name} K={Kc} routed gate / up")
-    # where it does not fit, None: one token, more than ROUTE_MAX_TOKENS (however many MP_MMA_MAX_TOKENS
-    # allows), T k past 32, more experts than one warp groups
-    assert K.routed_experts_kernel(dl[:1], k, wts, backend=backend) is None
-    monkeypatch.setattr(K, "MMA_MAX_TOKENS", 8)
-    monkeypatch.setattr(K, "WARPS", 8)  # (blocks of 8 warps: a warp for each of 5 tokens; nothing is launched)
-    assert K.routed_experts_kernel(_dev(backend, np.zeros((5, E), np.float32)), 1, wts, backend=backend) is None
-    if E >= 9:  # 4 tokens x 9 slots: 36 pairs
-        assert K.routed_experts_kernel(_dev(backend, rng.standard_normal((4, E)).astype(np.float32)), 9, wts,
-                                       backend=backend) is None
-    big = [_device_tensor(backend, _quantized(rng, qt, (160, 16, 256)), qt, (160, 16, 256)) for _ in range(2)]
-    assert K.routed_experts_kernel(_dev(backend, logits[:, :1].repeat(160, 1)), k, big, backend=backend) is None
 
 
 def test_moe_combine_bit_exact(backend):
@@ -1278,60 +1177,6 @@ def test_reads_digits_follows_the_products_paths(backend):
         assert K.reads_digits(T, [q80], backend=backend) is False, T
         assert K.reads_digits(T, [q4k], [Q.Q6_K], backend=backend) is False, T  # 288-byte rows: 1 Q6_K block
 
-@pytest.mark.parametrize("T,n,N", [(3, 2048, 128), (2, 768, 70), (4, 128, 9), (3, 2048, 1)])
-def test_norm_router_is_norm_then_router(backend, T, n, N, monkeypatch):
-    """norm_digits_router (the post-attention residual, ffn_norm with its digits and the F32 router product in
-    one launch) gives add_rms_norm's sum, norm and digits and qmatmul's router logits of that norm bit for bit
-    (N = 70 and 9: a block's second row group partly or wholly past the matrix), a NaN staying in its token's
-    row; the logits are within 1e-5 of a float64 product; poisoned outputs are written whole; rows and
-    routers it does not take (and a router whose separate product is not split-K's) are refused by name."""
-    from pytest_moeparity.gpu import kernels as K
-
-    rng = _rng("norm-router", T, n, N)
-    a, b = (rng.standard_normal((T, n)).astype(np.float32) * 2 for _ in range(2))
-    a[T - 1, n // 2] = np.nan
-    w = rng.uniform(0.5, 1.5, n).astype(np.float32)
-    wr = rng.standard_normal((N, n)).astype(np.float32)
-    router = _device_tensor(backend, wr.view(np.uint8), Q.F32, (N, n))
-    da, db, dw = (_dev(backend, v) for v in (a, b, w))
-    assert K.norm_router_fits(da, router)
-    n_before = len(getattr(backend, "launches", []))
-    s, out, dig, logits = K.add_rms_norm_router(da, db, dw, 1e-6, router, backend=backend)
-    if hasattr(backend, "launches"):
-        assert backend.launches[n_before:] == ["norm_digits_router"], backend.launches[n_before:]
-    s_ref, out_ref, dig_ref = K.add_rms_norm(da, db, dw, 1e-6, digits=True, backend=backend)
-    logits_ref = K.qmatmul(out_ref, router, backend=backend)
-    for what, got, ref in (("sum", s, s_ref), ("norm", out, out_ref), ("logits", logits, logits_ref)):
-        assert np.array_equal(_host(backend, got), _host(backend, ref), equal_nan=True), f"{what} differs (T={T} n={n} N={N})"
-    _assert_same_digits(backend, dig, dig_ref, f"norm_digits_router T={T} n={n}")
-    lg = _host(backend, logits)
-    assert np.isnan(lg[T - 1]).all() and np.isfinite(lg[:T - 1]).all()
-    x64 = a.astype(np.float64) + b
-    h64 = x64 / np.sqrt((x64 ** 2).mean(-1, keepdims=True) + 1e-6) * w
-    want = h64[:T - 1] @ wr.astype(np.float64).T
-    _assert_close(lg[:T - 1], want, f"router logits T={T} n={n} N={N} vs float64", ref_abs=np.abs(h64[:T - 1]) @ np.abs(wr.T))
-    # poisoned buffers: every output, digit word and logit written
-    outs = [_poisoned(backend, (T, n)), _poisoned(backend, (T, n)),
-            _dev(backend, np.full((T, n), 0xFFFFFFFF, np.uint32)), _poisoned(backend, (T, n // 32)), _poisoned(backend, (T,)),
-            _poisoned(backend, (T, N))]
-    blocks = T + K._cdiv(K._cdiv(N, K.ROWS_NT4), K.ROUTER_GROUPS)
-    backend.launch("norm_digits_router", (blocks, 1, 1), (K.DIGITS_THREADS, 1, 1),
-                   (da, db, np.int32(T), np.int32(n), dw, np.float32(1e-6), *outs[:5], router.raw,
-                    np.int64(router.row_bytes), np.int32(N), outs[5]))
-    for what, got, ref in zip(("sum", "norm", "digits", "sub-block sums", "units", "logits"), outs,
-                              (s, out, *dig, logits)):
-        assert np.array_equal(_host(backend, got).view(np.uint32), _host(backend, ref).view(np.uint32)), what
-    # what it does not take: one row (decode), a quantized router, a router of another width
-    assert not K.norm_router_fits(da[:1], router)
-    q8 = _device_tensor(backend, _quantized(rng, Q.Q8_0, (32, n)), Q.Q8_0, (32, n))
-    assert not K.norm_router_fits(da, q8) and not K.norm_router_fits(da, router, Q.Q8_0)
-    assert not K.norm_router_fits(da[:, :64], router)
-    with pytest.raises(K.KernelError, match="norm_router_fits"):
-        K.add_rms_norm_router(da, db, dw, 1e-6, q8, backend=backend)
-    monkeypatch.setattr(K, "SPLITK_MAX_GROUPS", 0)  # the separate product would take qmm_dense<0,4>'s order
-    assert not K.norm_router_fits(da, router)
-
-
 @pytest.mark.parametrize("n", [2048, 768, 128, 4096])  # 4096: wider than a block's row (rms_norm, then act_digits)
 def test_norms_write_their_digits(backend, n):
     """rms_norm and add_rms_norm asked for their output's digits (the tensor-core products' input) give,
@@ -1559,16 +1404,8 @@ def test_short_prompt_forward_on_tensor_cores(backend, model_factory, preset, n_
         # final norm's (the Q6_K head) by the last layer's boundary launch
         assert {model.layer(L, "ffn_down_exps").type_name for L in range(n_layers)} == {"Q4_K", "Q6_K"}
         assert model.output.type_name == "Q6_K"
-        # (the attn_norm after a layer and the final norm by the layer boundary's one launch with the combination;
-        # ffn_norm by norm_digits, or with the F32 router product by norm_digits_router where MP_NORM_ROUTER is 1)
-        routed = n_layers if Kn.NORM_ROUTER else 0
-        # the routing in moe_route, or in the gate / up launch where MP_EXPERTS_ROUTE is 1
-        gate_up = [n for n in launched if n.startswith("qmm_experts_mma_route<")]
-        assert launched.count("moe_route") == (0 if Kn.EXPERTS_ROUTE else n_layers), sorted(set(launched))
-        assert len(gate_up) == (n_layers if Kn.EXPERTS_ROUTE else 0), sorted(set(launched))
-        assert launched.count("norm_digits") == n_layers + 1 - routed, sorted(set(launched))
-        assert launched.count("norm_digits_router") == routed, sorted(set(launched))
-        assert launched.count("qmm_dense_splitk<0,4>") == n_layers - routed, sorted(set(launched))
+        # (the attn_norm after a layer and the final norm by the layer boundary's one launch with the combination)
+        assert launched.count("norm_digits") == n_layers + 1, sorted(set(launched))
         assert launched.count("combine_norm_digits") == n_layers, sorted(set(launched))
         assert launched.count("norm_rope_attention") == n_layers, sorted(set(launched))
         assert launched.count("swiglu_digits") == n_layers, sorted(set(launched))

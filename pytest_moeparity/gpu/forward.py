@@ -442,13 +442,8 @@ class CupyEngine:
                                                                              "ffn_down_exps"), weights)
         wn = self._vec(L, "ffn_norm", weights)
         h_digits = self._wants_digits(rec, L, S.ffn_norm, T, (gate_t, up_t), (g_as, u_as))
-        (router_t,), (r_as,) = self._layer_tensors(L, ("ffn_gate_inp",), weights)
-        logits = None
         if self._fusable(rec, L, (S.post_attn_residual,)):  # the residual add and ffn_norm in one launch
-            if h_digits and K.NORM_ROUTER and K.norm_router_fits(x, router_t, r_as):
-                # and ffn_norm's digits, and the router product of its output (h_digits: nothing changes it)
-                x, h, h_dig, logits = K.add_rms_norm_router(x, attn, wn, cfg.rms_eps, router_t, backend=be)
-            elif h_digits:  # and ffn_norm's digits for the tensor-core gate / up products
+            if h_digits:  # and ffn_norm's digits for the tensor-core gate / up products
                 x, h, h_dig = K.add_rms_norm(x, attn, wn, cfg.rms_eps, digits=True, backend=be)
             else:
                 (x, h), h_dig = K.add_rms_norm(x, attn, wn, cfg.rms_eps, backend=be), None
@@ -458,19 +453,13 @@ class CupyEngine:
             x = rec.tap(S.post_attn_residual, L, x)
             h, h_dig = self._norm(x, wn, h_digits)
         h = rec.tap(S.ffn_norm, L, h)
-        if logits is None:
-            logits = self._mm(h, router_t, r_as)
-        logits = a(logits)                                                   # [T, E]
+        logits = a(self._layer_mm(h, L, "ffn_gate_inp", weights))          # [T, E]
         logits = rec.tap(S.moe_router_logits, L, logits)
-        routing = gate_up = None
-        hc = self._c(h)
+        routing = None
         if L not in self._forced and self._fusable(rec, L, (S.moe_router_probs,)):
-            # softmax, top-k and (short prompts) the grouping by expert in one launch, and where
-            # MP_EXPERTS_ROUTE is 1 the gate / up products in it too (forced routing, a planted fault on the
-            # probabilities or a rounding precision mode take the path below)
-            probs, ids, rw, routing, gate_up = K.route_experts_shared_input(
-                self._c(logits), cfg.n_experts_used, hc, (gate_t, up_t), as_qtypes=(g_as, u_as), digits=h_dig,
-                backend=be)
+            # softmax, top-k and (short prompts) the grouping by expert in one launch (forced routing, a
+            # planted fault on the probabilities or a rounding precision mode take the path below)
+            probs, ids, rw, routing = K.route_experts(self._c(logits), cfg.n_experts_used, backend=be)
             rec.tap(S.moe_router_probs, L, probs)
         else:
             probs = a(K.softmax(logits, backend=be))
@@ -487,11 +476,9 @@ class CupyEngine:
 
         if routing is None:
             routing = K.expert_routing(ids, cfg.n_experts, backend=be)
+        hc = self._c(h)
         ef = self._expert_faults
-        if gate_up is None:
-            gate_up = K.qmatmul_experts_shared_input(hc, (gate_t, up_t), routing, as_qtypes=(g_as, u_as), digits=h_dig,
-                                                     backend=be)
-        g, u = gate_up
+        g, u = K.qmatmul_experts_shared_input(hc, (gate_t, up_t), routing, as_qtypes=(g_as, u_as), digits=h_dig, backend=be)
         g = ef(rec, S.moe_expert_gate, L, a(g), ids)
         u = ef(rec, S.moe_expert_up, L, a(u), ids)
         if self._wants_digits(rec, L, S.moe_expert_swiglu, T, (down_t,), (d_as,)):  # SwiGLU writes the down

@@ -919,14 +919,6 @@ MP_MATMUL_GLOBAL void qmm_dense(const mp_u8* __restrict__ w0, const mp_u8* __res
 // The warps' partial sums meet in shared memory and are added in warp order (deterministic).
 // grid (row groups of MP_ROWS_FOR(NT) over the matrices, * tiles), block MP_THREADS.
 
-// the split-K sum of (row, token) value i: the MP_WARPS warps' partial sums part[0 .. MP_WARPS - 1][i] added in
-// warp order (qmm_dense_splitk, and norm_digits_router's router rows in the same order)
-template <int NV> MP_HD float mp_splitk_total(const float (*part)[NV], int i) {
-    float s = part[0][i];
-    for (int v = 1; v < MP_WARPS; ++v) s = mp_fadd(s, part[v][i]);
-    return s;
-}
-
 template <int QT, int NT>
 MP_MATMUL_GLOBAL void qmm_dense_splitk(const mp_u8* __restrict__ w0, const mp_u8* __restrict__ w1, const mp_u8* __restrict__ w2,
                                 mp_i64 row_bytes, int N0, int N1, int N2, int kq, const float* __restrict__ x, int ldx,
@@ -957,7 +949,8 @@ MP_MATMUL_GLOBAL void qmm_dense_splitk(const mp_u8* __restrict__ w0, const mp_u8
     if (threadIdx.x < MP_ROWS_FOR(NT) * NT) {  // one thread per (row, token)
         const int r = threadIdx.x / NT, t = threadIdx.x % NT;
         if (t < nt && n0 + r < N) {
-            const float s = mp_splitk_total<MP_ROWS_FOR(NT) * NT>(part, threadIdx.x);
+            float s = part[0][threadIdx.x];
+            for (int v = 1; v < MP_WARPS; ++v) s = mp_fadd(s, part[v][threadIdx.x]);
             mp_pick_out(m, out0, out1, out2)[(mp_i64)(t0 + t) * N + n0 + r] = s;  // t0 + t: orow[t] with a runtime t would go to local memory
         }
     }
@@ -1533,60 +1526,48 @@ MP_HD void mp_ld8_l2(const int* p, int (&v)[8]) {
 // v[u] for u < 4 (u not known at compile time) without a local-memory array
 MP_HD int mp_pick4(const int (&v)[4], int u) { return u == 0 ? v[0] : u == 1 ? v[1] : u == 2 ? v[2] : v[3]; }
 
-// grid (groups * matrices, active experts) with groups = ceil(N / (16 RG)), block 32 RG SP threads (RG =
-// mp_split_groups(SP) row groups of 16 rows, each taken by SP warps); arguments as qmm_experts, with the
-// activations as act_digits wrote them (K: whole super-blocks).
-// ST: a row group's 16 rows are staged in shared memory where they fit MP_Q6_STAGE bytes and start 16-byte
+// grid (groups * matrices, active experts) with groups = ceil(N / (16 MP_WARPS)), block MP_THREADS;
+// arguments as qmm_experts, with the activations as act_digits wrote them (K: whole super-blocks).
+// ST: a warp's 16 rows are staged in shared memory where they fit MP_Q6_STAGE bytes and start 16-byte
 // aligned (Q6_K always: its rows are only 2-byte aligned; Q4_K where kernels.py picks <12,1>: the down
 // projection's 432-byte rows, whose 3 super-blocks then arrive in one round instead of one after another;
 // 432 = 108 words puts a warp's 8 rows on distinct banks, so they need no padding). early: the routing
 // was written two or more launches before this one in the stream (kernels.py counts), so it is complete
 // when this kernel starts (every block of the launch before passed its own wait, which waited for it):
 // the routing is read and the rows staged or prefetched before the wait, while that launch still runs.
-// SP > 1: warp w of a row group takes super-blocks w, w + SP, ... of its rows (a chain SP times shorter
-// and SP times the warps: the last partial wave of a launch is shorter), and the group's first warp adds
-// the SP warps' values in warp order (qmm_dense_mma's scheme; the same values whichever SP kernels.py
-// picks for a shape, not the same bits as SP = 1).
-MP_HD constexpr int mp_split_groups(int sp) {
-    return sp == 1 || ((sp == 2 || sp == 4) && MP_WARPS % sp == 0) ? MP_WARPS / sp : 1;
-}
-// The body of qmm_experts_mma and qmm_experts_mma_route, their shared memory given (stage: RG rows of
-// MP_Q6_STAGE / 16 16-byte units where ST; part: [RG SP][2][32] where SP > 1). record_of(rec): the block's
-// expert record (mp_record_pairs), called by every thread of the block, uniform over it; before the
-// programmatic-launch wait where early, else after it.
-template <int QT, int ST, int SP, class RecordOf>
-MP_HD void mp_experts_mma(mp_u4* stage, float* part, const mp_u8* __restrict__ w0, const mp_u8* __restrict__ w1,
-                          mp_i64 row_bytes, mp_i64 expert_bytes, int N, int K, const mp_u32* __restrict__ xd,
-                          const float* __restrict__ xs, const float* __restrict__ xunit, int x_div,
-                          const int* __restrict__ pairs, float* __restrict__ out0, float* __restrict__ out1, int ldo,
-                          int early, RecordOf record_of) {
-    constexpr int RG = mp_split_groups(SP);
-    const int groups = (N + RG * 16 - 1) / (RG * 16);
+template <int QT, int ST = (QT == 14)>
+MP_MMA_GLOBAL void qmm_experts_mma(const mp_u8* __restrict__ w0, const mp_u8* __restrict__ w1, mp_i64 row_bytes,
+                                   mp_i64 expert_bytes, int N, int K, const mp_u32* __restrict__ xd,
+                                   const float* __restrict__ xs, const float* __restrict__ xunit, int x_div,
+                                   const int* __restrict__ pairs, const int* __restrict__ records,
+                                   float* __restrict__ out0, float* __restrict__ out1, int ldo, int early) {
+    MP_SHARED mp_u4 stage[ST ? MP_WARPS : 1][ST ? MP_Q6_STAGE / 16 : 1];  // the staged rows
+    const int groups = (N + MP_WARPS * 16 - 1) / (MP_WARPS * 16);
     const bool second = (int)blockIdx.x >= groups;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gid = lane >> 2, tig = lane & 3;
-    const int rg = warp / SP, ks = warp - rg * SP;  // the warp's row group and its share of the super-blocks
-    const int n0 = (((int)blockIdx.x - (second ? groups : 0)) * RG + rg) * 16;
+    const int n0 = (((int)blockIdx.x - (second ? groups : 0)) * MP_WARPS + warp) * 16;
     int e = -1, beg = 0, end = 0, pp[4] = {0, 0, 0, 0};  // pp: the pairs of the pass starting at beg
     const mp_u8* we = nullptr;
     int wN = N, wn0 = n0;  // the pass's rows: we's rows n0 .. (clamped to N - 1)
+    bool staged = false;
     auto pass_pairs = [&](int p0) {
 #pragma unroll
         for (int u = 0; u < 4; ++u) pp[u] = mp_ld_l2(pairs + (p0 + u < end ? p0 + u : end - 1));
     };
-    auto prepare = [&]() {  // uniform over the block: the expert's record, its rows
+    auto prepare = [&]() {  // uniform over the warp: the expert's record (mp_record_pairs), its rows
         int rec[MP_REC];
-        record_of(rec);
+        mp_ld8_l2(records + (mp_i64)MP_REC * blockIdx.y, rec);
         e = rec[0];
-        if (e < 0) return;
+        if (e < 0 || n0 >= N) return;
         we = (second ? w1 : w0) + (mp_i64)e * expert_bytes;
-        if (n0 >= N) {  // a row group past the matrix (SP > 1: its warps still meet the block's barriers)
-        } else if (ST && 16 * row_bytes <= MP_Q6_STAGE && mp_aligned(we + (mp_i64)n0 * row_bytes, 16)) {
+        if (ST && 16 * row_bytes <= MP_Q6_STAGE && mp_aligned(we + (mp_i64)n0 * row_bytes, 16)) {
             wN = N - n0 < 16 ? N - n0 : 16;
-            mp_u8* st = (mp_u8*)(stage + (ST ? rg : 0) * (MP_Q6_STAGE / 16));  // copied by the group's SP warps
-            mp_stage_rows_issue(st, we + (mp_i64)n0 * row_bytes, (int)(wN * row_bytes), 32 * ks + lane, 32 * SP);
+            mp_u8* st = (mp_u8*)stage[ST ? warp : 0];
+            mp_stage_rows_issue(st, we + (mp_i64)n0 * row_bytes, (int)(wN * row_bytes), lane, 32);
             we = st;
             wn0 = 0;
-        } else if (ks == 0 && lane == 0) {
+            staged = true;
+        } else if (lane == 0) {
             mp_prefetch_rows(we, row_bytes, N, n0, 16);
         }
         beg = rec[1];
@@ -1597,11 +1578,10 @@ MP_HD void mp_experts_mma(mp_u4* stage, float* part, const mp_u8* __restrict__ w
     if (early) prepare();
     mp_grid_sync();  // the digits were written by the launch before (the routing too, unless early)
     if (!early) prepare();
-    if (e < 0 || (SP == 1 && n0 >= N)) return;  // uniform over the block (SP = 1: the warp)
-    if (ST) {  // the staged rows (copies of the group's warps: the block's barrier where SP > 1)
+    if (e < 0 || n0 >= N) return;  // uniform over the warp
+    if (staged) {
         mp_cp_async_wait();
-        if (SP > 1) mp_syncthreads();
-        else mp_syncwarp();
+        mp_syncwarp();
     }
     const bool al = mp_mma_aligned<QT>(we, row_bytes);  // uniform over the warp
     float* out = second ? out1 : out0;
@@ -1618,40 +1598,14 @@ MP_HD void mp_experts_mma(mp_u4* stage, float* part, const mp_u8* __restrict__ w
             opair[i] = ud < nt ? mp_pick4(pp, ud) : -1;
         }
         mp_mma_pass_inputs(nt, [&](int u) { return mp_pick4(pp, u) / x_div; }, K, xd, xs, xunit, lane, bq, bon, sq, unit);
-        float res[2] = {0.0f, 0.0f};  // res[1]: no second n-tile up to 2 tokens
-        mp_mma_dispatch<QT>(al, nt, we, row_bytes, wN, wn0, K, ks, SP, bq, bon, sq, unit, lane, res);
-        if (SP > 1) {  // the group's first warp adds the SP warps' values in warp order
-            part[(2 * warp) * 32 + lane] = res[0];
-            part[(2 * warp + 1) * 32 + lane] = res[1];
-            mp_syncthreads();
-#pragma unroll
-            for (int i = 0; i < 2; ++i) {
-                float v = part[(2 * rg * SP + i) * 32 + lane];
-                for (int u = 1; u < SP; ++u) v = mp_fadd(v, part[(2 * (rg * SP + u) + i) * 32 + lane]);
-                res[i] = v;
-            }
-            mp_syncthreads();  // the next pass writes part again
-        }
+        float res[2];
+        mp_mma_dispatch<QT>(al, nt, we, row_bytes, wN, wn0, K, 0, 1, bq, bon, sq, unit, lane, res);
         const int n = n0 + gid + 8 * (tig & 1);
 #pragma unroll
         for (int i = 0; i < 2; ++i)
-            if (ks == 0 && opair[i] >= 0 && n < N) out[(mp_i64)opair[i] * ldo + n] = res[i];
+            if (opair[i] >= 0 && n < N) out[(mp_i64)opair[i] * ldo + n] = res[i];
         if (p0 + 4 < end) pass_pairs(p0 + 4);
     }
-}
-
-template <int QT, int ST = (QT == 14), int SP = 1>
-MP_MMA_GLOBAL void qmm_experts_mma(const mp_u8* __restrict__ w0, const mp_u8* __restrict__ w1, mp_i64 row_bytes,
-                                   mp_i64 expert_bytes, int N, int K, const mp_u32* __restrict__ xd,
-                                   const float* __restrict__ xs, const float* __restrict__ xunit, int x_div,
-                                   const int* __restrict__ pairs, const int* __restrict__ records,
-                                   float* __restrict__ out0, float* __restrict__ out1, int ldo, int early) {
-    constexpr int RG = mp_split_groups(SP);
-    MP_SHARED mp_u4 stage[ST ? RG : 1][ST ? MP_Q6_STAGE / 16 : 1];  // the staged rows
-    MP_SHARED float part[SP > 1 ? RG * SP : 1][2][32];                // the SP warps' values of a pass
-    mp_experts_mma<QT, ST, SP>(&stage[0][0], &part[0][0][0], w0, w1, row_bytes, expert_bytes, N, K, xd, xs, xunit,
-                               x_div, pairs, out0, out1, ldo, early,
-                               [&](int (&rec)[MP_REC]) { mp_ld8_l2(records + (mp_i64)MP_REC * blockIdx.y, rec); });
 }
 
 // ---- short prompts' Q4_K and Q6_K dense products on the tensor cores ---------------------------------------
@@ -1693,18 +1647,20 @@ MP_HD void mp_stage_rows_strided(mp_u8* dst, const mp_u8* __restrict__ src, int 
     }
     mp_cp_async_wait();
 }
-// shared-memory words a qmm_dense_mma block stages its rows of type QT in (see above)
-MP_HD constexpr int mp_dense_stage_words(int qt) {
-    return qt == 14 ? MP_Q6_DENSE_STAGE / 16 : qt == 12 && MP_STAGE_Q4_DENSE ? MP_Q4_DENSE_STAGE / 16 : 1;
-}
-// a qmm_dense_mma block whose rows n0 .. n0 + 15 are of matrix m (w: N rows of row_bytes, type QT); stage
-// (at least mp_dense_stage_words(QT) words) and part: the kernel's shared memory
 template <int QT>
-MP_HD void mp_dense_mma_block(mp_u4* stage, float (*part)[2][32], const mp_u8* __restrict__ w, mp_i64 row_bytes, int N,
-                              int n0, int m, int K, const mp_u32* __restrict__ xd, const float* __restrict__ xs,
-                              const float* __restrict__ xunit, int T, float* __restrict__ out0,
-                              float* __restrict__ out1, float* __restrict__ out2) {
+MP_MMA_DENSE_GLOBAL void qmm_dense_mma(const mp_u8* __restrict__ w0, const mp_u8* __restrict__ w1, const mp_u8* __restrict__ w2,
+                                       mp_i64 row_bytes, int N0, int N1, int N2, int K, const mp_u32* __restrict__ xd,
+                                       const float* __restrict__ xs, const float* __restrict__ xunit, int T,
+                                       float* __restrict__ out0, float* __restrict__ out1, float* __restrict__ out2) {
+    MP_SHARED float part[MP_MMA_DENSE_WARPS][2][32];
+    // the block's rows (see mp_stage_rows): Q6_K, and Q4_K unless MP_STAGE_Q4_DENSE is 0
+    MP_SHARED mp_u4 stage[QT == 14 ? MP_Q6_DENSE_STAGE / 16 : QT == 12 && MP_STAGE_Q4_DENSE ? MP_Q4_DENSE_STAGE / 16 : 1];
+    int group = (int)blockIdx.x;
+    const mp_u8* w;
+    int N;
+    const int m = mp_pick_matrix(group, 16, w0, w1, w2, N0, N1, N2, w, N);
     const int warps = (int)(blockDim.x >> 5), warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int n0 = group * 16;
     int wN = N, wn0 = n0;  // the pass's rows: w's rows n0 .. (clamped to N - 1)
     // the weights were not written by an earlier kernel: staged or prefetched before the wait
     if (QT == 14 && n0 < N && 16 * row_bytes <= MP_Q6_DENSE_STAGE && mp_aligned(w + (mp_i64)n0 * row_bytes, 16)) {
@@ -1748,29 +1704,6 @@ MP_HD void mp_dense_mma_block(mp_u4* stage, float (*part)[2][32], const mp_u8* _
             mp_pick_out(m, out0, out1, out2)[(mp_i64)t * N + n] = v;
         }
     }
-}
-// Matrices 0 and 1 (w0, w1: rows of row_bytes) are of type QT, matrix 2 (w2: rows of row_bytes2) of type QT2:
-// <12,14> takes a layer's Q4_K attn_q / attn_k and its Q6_K attn_v in one launch (Q4_K_M files: half the
-// layers), where two launches were one chain after the other.
-template <int QT, int QT2 = QT>
-MP_MMA_DENSE_GLOBAL void qmm_dense_mma(const mp_u8* __restrict__ w0, const mp_u8* __restrict__ w1, const mp_u8* __restrict__ w2,
-                                       mp_i64 row_bytes, mp_i64 row_bytes2, int N0, int N1, int N2, int K,
-                                       const mp_u32* __restrict__ xd, const float* __restrict__ xs,
-                                       const float* __restrict__ xunit, int T, float* __restrict__ out0,
-                                       float* __restrict__ out1, float* __restrict__ out2) {
-    MP_SHARED float part[MP_MMA_DENSE_WARPS][2][32];
-    // the block's rows (see mp_stage_rows): Q6_K, and Q4_K unless MP_STAGE_Q4_DENSE is 0
-    constexpr int words = mp_dense_stage_words(QT) > mp_dense_stage_words(QT2) ? mp_dense_stage_words(QT)
-                                                                                : mp_dense_stage_words(QT2);
-    MP_SHARED mp_u4 stage[words];
-    int group = (int)blockIdx.x;
-    const mp_u8* w;
-    int N;
-    const int m = mp_pick_matrix(group, 16, w0, w1, w2, N0, N1, N2, w, N);
-    if (QT2 != QT && m == 2)  // uniform over the block
-        mp_dense_mma_block<QT2>(stage, part, w, row_bytes2, N, group * 16, m, K, xd, xs, xunit, T, out0, out1, out2);
-    else
-        mp_dense_mma_block<QT>(stage, part, w, row_bytes, N, group * 16, m, K, xd, xs, xunit, T, out0, out1, out2);
 }
 
 // ---- grouping of (token, slot) pairs by expert ------------------------------------------------------
@@ -2277,12 +2210,41 @@ MP_HD void mp_norm_digits_tail(float (&v)[MP_ROW_GROUPS][4], const float (&w)[MP
                                float* __restrict__ out, mp_u32* __restrict__ dr, float* __restrict__ sr, float* unit,
                                int tid, float* sq, float* wmax, float* sinv);
 
-// v (thread tid's groups of a row of n columns) times the row's 1 / sqrt(mean(v * v) + eps) times w, in
-// rms_norm's operations and order: mp_rms_norm_row's lane l adds the squares of columns l + 32 j into
-// part[j & 7] in order of j, then its parts in order, then the warp's butterfly; here the squares meet in
-// shared memory (sq) and warp 0 adds them so. Two block barriers (the whole block calls it).
-MP_HD void mp_rms_apply(float (&v)[MP_ROW_GROUPS][4], const float (&w)[MP_ROW_GROUPS][4], int n, float eps, int tid,
-                        float* sq, float* sinv) {
+// RMSNorm of a row (a + b where add: the residual add written to sum as add_f32 does) in rms_norm's
+// operations and order: mp_rms_norm_row's lane l adds the squares of columns l + 32 j into part[j & 7] in
+// order of j, then its parts in order, then the warp's butterfly; here the squares meet in shared memory
+// (sq) and warp 0 adds them so.
+template <bool AL>
+MP_HD void mp_norm_digits_row(const float* __restrict__ a, const float* __restrict__ b, bool add, int n,
+                              const float* __restrict__ weight, float eps, float* __restrict__ sum, float* __restrict__ out,
+                              mp_u32* __restrict__ dr, float* __restrict__ sr, float* unit, int tid, float* sq, float* wmax,
+                              float* sinv) {
+    const int groups = n >> 2;
+    float v[MP_ROW_GROUPS][4], w[MP_ROW_GROUPS][4], t[MP_ROW_GROUPS][4];
+    mp_row_groups<AL>(a, groups, tid, v);
+    mp_row_groups<AL>(weight, groups, tid, w);
+    if (add) {
+        mp_row_groups<AL>(b, groups, tid, t);
+#pragma unroll
+        for (int i = 0; i < MP_ROW_GROUPS; ++i) {
+#pragma unroll
+            for (int c = 0; c < 4; ++c) v[i][c] = mp_fadd(v[i][c], t[i][c]);
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < MP_ROW_GROUPS; ++i) {
+        const int g = tid + MP_DIGITS_THREADS * i;
+        if (add && g < groups) mp_st4<AL>(sum + 4 * g, v[i]);
+    }
+    mp_norm_digits_tail<AL>(v, w, n, eps, out, dr, sr, unit, tid, sq, wmax, sinv);
+}
+
+// the RMSNorm with weights w (thread tid's groups, as in v) of the row whose groups thread tid holds in v,
+// into out, then its digits
+template <bool AL>
+MP_HD void mp_norm_digits_tail(float (&v)[MP_ROW_GROUPS][4], const float (&w)[MP_ROW_GROUPS][4], int n, float eps,
+                               float* __restrict__ out, mp_u32* __restrict__ dr, float* __restrict__ sr, float* unit,
+                               int tid, float* sq, float* wmax, float* sinv) {
     const int groups = n >> 2, lane = tid & 31;
 #pragma unroll
     for (int i = 0; i < MP_ROW_GROUPS; ++i) {
@@ -2315,43 +2277,7 @@ MP_HD void mp_rms_apply(float (&v)[MP_ROW_GROUPS][4], const float (&w)[MP_ROW_GR
 #pragma unroll
         for (int c = 0; c < 4; ++c) v[i][c] = mp_fmul(mp_fmul(v[i][c], inv), w[i][c]);
     }
-}
-
-// RMSNorm of a row (a + b where add: the residual add written to sum as add_f32 does) in rms_norm's
-// operations and order (mp_rms_apply), then its digits.
-template <bool AL>
-MP_HD void mp_norm_digits_row(const float* __restrict__ a, const float* __restrict__ b, bool add, int n,
-                              const float* __restrict__ weight, float eps, float* __restrict__ sum, float* __restrict__ out,
-                              mp_u32* __restrict__ dr, float* __restrict__ sr, float* unit, int tid, float* sq, float* wmax,
-                              float* sinv) {
-    const int groups = n >> 2;
-    float v[MP_ROW_GROUPS][4], w[MP_ROW_GROUPS][4], t[MP_ROW_GROUPS][4];
-    mp_row_groups<AL>(a, groups, tid, v);
-    mp_row_groups<AL>(weight, groups, tid, w);
-    if (add) {
-        mp_row_groups<AL>(b, groups, tid, t);
-#pragma unroll
-        for (int i = 0; i < MP_ROW_GROUPS; ++i) {
-#pragma unroll
-            for (int c = 0; c < 4; ++c) v[i][c] = mp_fadd(v[i][c], t[i][c]);
-        }
-    }
-#pragma unroll
-    for (int i = 0; i < MP_ROW_GROUPS; ++i) {
-        const int g = tid + MP_DIGITS_THREADS * i;
-        if (add && g < groups) mp_st4<AL>(sum + 4 * g, v[i]);
-    }
-    mp_norm_digits_tail<AL>(v, w, n, eps, out, dr, sr, unit, tid, sq, wmax, sinv);
-}
-
-// the RMSNorm with weights w (thread tid's groups, as in v) of the row whose groups thread tid holds in v,
-// into out, then its digits
-template <bool AL>
-MP_HD void mp_norm_digits_tail(float (&v)[MP_ROW_GROUPS][4], const float (&w)[MP_ROW_GROUPS][4], int n, float eps,
-                               float* __restrict__ out, mp_u32* __restrict__ dr, float* __restrict__ sr, float* unit,
-                               int tid, float* sq, float* wmax, float* sinv) {
-    mp_rms_apply(v, w, n, eps, tid, sq, sinv);
-    mp_row_out_digits<AL>(v, n >> 2, tid, out, dr, sr, unit, wmax);
+    mp_row_out_digits<AL>(v, groups, tid, out, dr, sr, unit, wmax);
 }
 
 // rms_norm (add = 0) or add_rms_norm (add = 1: sum = a + b, then its norm) of `rows` rows of n columns (n a
@@ -2373,102 +2299,6 @@ extern "C" MP_GLOBAL void norm_digits(const float* __restrict__ a, const float* 
                                      xs + off / 32, xunit + r, tid, sq, wmax, sinv);
     else mp_norm_digits_row<false>(a + off, b + off, add != 0, n, weight, eps, sum + off, out + off, xd + off,
                                    xs + off / 32, xunit + r, tid, sq, wmax, sinv);
-}
-
-// ---- the post-attention boundary in one launch (short prompts): add_rms_norm and the F32 router product ----
-// Blocks 0 .. rows - 1 are norm_digits with add (row r: sum = a + b, out = its RMSNorm with `weight`, the
-// digits). The blocks after them (MP_DIGITS_THREADS threads each, MP_DIGITS_THREADS / MP_THREADS groups of
-// MP_WARPS warps) each compute the same normed rows again, into shared memory (mp_rms_apply: bit for bit
-// norm_digits' out), and then group q of router block j takes qmm_dense_splitk<0, 4>'s row group j *
-// groups + q of the F32 router matrix wr [N, n]: its warps split each row's chunk iterations as that kernel's
-// MP_WARPS warps do and add in warp order, so logits [rows, N] is bit for bit qmm_dense_splitk's product of
-// out. One dependent launch (and the round trip of out through L2) fewer between the attention output and the
-// routing. rows <= 4, n a multiple of 32 and at most MP_ROW_BLOCK_COLS.
-#ifndef MP_NORM_ROUTER
-#define MP_NORM_ROUTER 0         // kernels.py: NORM_ROUTER (1: the forward takes norm_digits_router; tuning switch)
-#endif
-#define MP_ROUTER_GROUPS (MP_DIGITS_THREADS / MP_THREADS)  // splitk row groups per router block
-static_assert(MP_DIGITS_THREADS % MP_THREADS == 0, "norm_digits_router: whole MP_WARPS-warp groups in a block");
-extern "C" MP_GLOBAL void norm_digits_router(const float* __restrict__ a, const float* __restrict__ b, int rows, int n,
-                                             const float* __restrict__ weight, float eps, float* __restrict__ sum,
-                                             float* __restrict__ out, mp_u32* __restrict__ xd, float* __restrict__ xs,
-                                             float* __restrict__ xunit, const mp_u8* __restrict__ wr, mp_i64 row_bytes,
-                                             int N, float* __restrict__ logits) {
-    MP_SHARED float sq[MP_ROW_BLOCK_COLS];
-    MP_SHARED float wmax[MP_DIGITS_THREADS / 32];
-    MP_SHARED float sinv[1];
-    MP_SHARED mp_f4 xn[4][MP_ROW_BLOCK_COLS / 4];                     // router blocks: the normed rows
-    MP_SHARED float part[MP_DIGITS_THREADS / 32][MP_ROWS_NT4 * 4];    // router blocks: the warps' sums
-    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-    const int q = warp / MP_WARPS, kw = warp - q * MP_WARPS;          // router blocks: the group, its warp
-    const int n0 = (((int)blockIdx.x - rows) * MP_ROUTER_GROUPS + q) * MP_ROWS_NT4;
-    if ((int)blockIdx.x >= rows && kw == 0 && lane == 0 && n0 < N) mp_prefetch_rows(wr, row_bytes, N, n0, MP_ROWS_NT4);
-    mp_grid_sync();
-    const bool al = mp_aligned(a, 16) && mp_aligned(b, 16) && mp_aligned(weight, 16) && mp_aligned(sum, 16)
-                    && mp_aligned(out, 16);  // every row then (n a multiple of 32)
-    if ((int)blockIdx.x < rows) {
-        const int r = (int)blockIdx.x;
-        const mp_i64 off = (mp_i64)r * n;
-        if (al) mp_norm_digits_row<true>(a + off, b + off, true, n, weight, eps, sum + off, out + off, xd + off,
-                                         xs + off / 32, xunit + r, tid, sq, wmax, sinv);
-        else mp_norm_digits_row<false>(a + off, b + off, true, n, weight, eps, sum + off, out + off, xd + off,
-                                       xs + off / 32, xunit + r, tid, sq, wmax, sinv);
-        return;
-    }
-    const int groups = n >> 2;
-    float v[4][MP_ROW_GROUPS][4], w[MP_ROW_GROUPS][4];  // every row's loads issued before the first reduction
-    if (al) {
-        mp_row_groups<true>(weight, groups, tid, w);
-    } else {
-        mp_row_groups<false>(weight, groups, tid, w);
-    }
-#pragma unroll
-    for (int t = 0; t < 4; ++t) {
-        if (t < rows) {
-            float u[MP_ROW_GROUPS][4];
-            if (al) {
-                mp_row_groups<true>(a + (mp_i64)t * n, groups, tid, v[t]);
-                mp_row_groups<true>(b + (mp_i64)t * n, groups, tid, u);
-            } else {
-                mp_row_groups<false>(a + (mp_i64)t * n, groups, tid, v[t]);
-                mp_row_groups<false>(b + (mp_i64)t * n, groups, tid, u);
-            }
-#pragma unroll
-            for (int i = 0; i < MP_ROW_GROUPS; ++i) {
-#pragma unroll
-                for (int c = 0; c < 4; ++c) v[t][i][c] = mp_fadd(v[t][i][c], u[i][c]);
-            }
-        }
-    }
-#pragma unroll
-    for (int t = 0; t < 4; ++t) {
-        if (t < rows) {  // uniform over the block
-            mp_rms_apply(v[t], w, n, eps, tid, sq, sinv);
-#pragma unroll
-            for (int i = 0; i < MP_ROW_GROUPS; ++i) {
-                const int g = tid + MP_DIGITS_THREADS * i;
-                if (g < groups) xn[t][g] = mp_f4{v[t][i][0], v[t][i][1], v[t][i][2], v[t][i][3]};
-            }
-        }
-    }
-    mp_syncthreads();  // the normed rows (a group past N still meets the barriers: clamped rows, no stores)
-    const float* xp[4];
-#pragma unroll
-    for (int t = 0; t < 4; ++t) xp[t] = (const float*)xn[t < rows ? t : 0];
-    float acc[MP_ROWS_NT4 * 4];
-    mp_warp_rows_sum<0, 4>(wr, row_bytes, N, n0, n, xp, rows, kw * 32 + lane, 32 * MP_WARPS, acc);
-    if (lane == 0) {
-#pragma unroll
-        for (int i = 0; i < MP_ROWS_NT4 * 4; ++i) part[warp][i] = acc[i];
-    }
-    mp_syncthreads();
-    const int i = tid - q * MP_THREADS;  // one thread of the group per (row, token)
-    if (i < MP_ROWS_NT4 * 4) {
-        const int r = i / 4, t = i % 4;
-        if (t < rows && n0 + r < N) {
-            logits[(mp_i64)t * N + n0 + r] = mp_splitk_total<MP_ROWS_NT4 * 4>(part + q * MP_WARPS, i);
-        }
-    }
 }
 
 // ---- the layer boundary in one launch (short prompts): the experts' combination, the residual, the next norm --
@@ -2602,18 +2432,6 @@ MP_HD void mp_softmax_regs4(float (&x)[4], int E, float* __restrict__ o, int lan
     }
 }
 
-// token row lr's softmax into pr and its top-k (ids into id and, where not null, id2; weights into wt) by one
-// warp, the row in registers from the logits to the top-k (E <= 128)
-MP_HD void mp_route_token4(const float* __restrict__ lr, int E, int k, float* pr, int* __restrict__ id,
-                           float* __restrict__ wt, int* id2, int lane) {
-    float x[4];
-#pragma unroll
-    for (int q = 0; q < 4; ++q) x[q] = lr[lane + 32 * q < E ? lane + 32 * q : 0];
-    mp_softmax_regs4(x, E, pr, lane);
-    mp_syncwarp();  // a zero or NaN winner's value is read back from pr
-    mp_topk_row_held<4>(x, pr, E, k, id, wt, id2, lane);
-}
-
 extern "C" MP_GLOBAL void moe_route(const float* __restrict__ logits, int T, int E, int k, float* probs,
                                     int* ids, float* __restrict__ weights, int group,
                                     int* __restrict__ pairs, int* __restrict__ offsets, int* __restrict__ active,
@@ -2625,8 +2443,14 @@ extern "C" MP_GLOBAL void moe_route(const float* __restrict__ logits, int T, int
     if (t < T) {  // no early return: the whole block meets at the barrier below
         float* pr = probs + (mp_i64)t * E;
         if (E <= 128) {
-            mp_route_token4(logits + (mp_i64)t * E, E, k, pr, ids + (mp_i64)t * k, weights + (mp_i64)t * k,
-                            quick ? sm.ids + t * k : nullptr, lane);
+            const float* lr = logits + (mp_i64)t * E;
+            float x[4];
+#pragma unroll
+            for (int q = 0; q < 4; ++q) x[q] = lr[lane + 32 * q < E ? lane + 32 * q : 0];
+            mp_softmax_regs4(x, E, pr, lane);
+            mp_syncwarp();  // a zero or NaN winner's value is read back from pr
+            mp_topk_row_held<4>(x, pr, E, k, ids + (mp_i64)t * k, weights + (mp_i64)t * k, quick ? sm.ids + t * k : nullptr,
+                                lane);
         } else {
             mp_softmax_row(logits + (mp_i64)t * E, E, E, pr, lane);
             mp_syncwarp();  // a lane's top-k scan reads columns other lanes wrote
@@ -2641,55 +2465,6 @@ extern "C" MP_GLOBAL void moe_route(const float* __restrict__ logits, int T, int
             mp_group_pairs(ids, T, k, E, pairs, offsets, active, n_act_len, order, records, sm);
         }
     }
-}
-
-// ---- the routing in the gate / up launch (short prompts) -------------------------------------------------
-// qmm_experts_mma for gate / up with moe_route's routing of logits [T, E] done by every block first (after
-// the programmatic-launch wait): warp t < T takes token t's softmax and top-k (mp_route_token4), then warp 0
-// groups the pairs (mp_group_pairs_warp), into shared memory; block (0, 0) writes them to the outputs
-// instead (probs [T, E], ids and weights [T, k], the ExpertRouting's pairs, offsets, active, order and
-// records) for the launches after this one. Each block then reads its record from there. Bit for bit
-// moe_route followed by qmm_experts_mma: one dependent launch, and the records' round trip through L2, fewer.
-// T <= the block's warps, T k <= 32 and E <= MP_GROUP_WARP_EXPERTS (kernels.py: routed_experts_fit); an
-// expert then has at most T <= 4 pairs, one pass, so `pairs` (written by block (0, 0)) is not read.
-#ifndef MP_EXPERTS_ROUTE
-#define MP_EXPERTS_ROUTE 0      // kernels.py: EXPERTS_ROUTE (1: the forward takes it; tuning switch)
-#endif
-#define MP_ROUTE_MAX_TOKENS 4    // kernels.py: ROUTE_MAX_TOKENS
-struct mp_route_smem {  // a block's own routing
-    float probs[MP_ROUTE_MAX_TOKENS * MP_GROUP_WARP_EXPERTS], w[32];
-    int ids[32], pairs[32], offsets[MP_GROUP_WARP_EXPERTS + 1], active[32], order[32], records[32 * MP_REC];
-};
-template <int QT, int ST = (QT == 14), int SP = 1>
-MP_MMA_GLOBAL void qmm_experts_mma_route(const mp_u8* __restrict__ w0, const mp_u8* __restrict__ w1, mp_i64 row_bytes,
-                                         mp_i64 expert_bytes, int N, int K, const mp_u32* __restrict__ xd,
-                                         const float* __restrict__ xs, const float* __restrict__ xunit,
-                                         float* __restrict__ out0, float* __restrict__ out1, int ldo,
-                                         const float* __restrict__ logits, int T, int E, int k, float* probs, int* ids,
-                                         float* weights, int* pairs, int* offsets, int* active, int n_act_len,
-                                         int* order, int* records) {
-    constexpr int RG = mp_split_groups(SP);
-    MP_SHARED mp_u4 stage[ST ? RG : 1][ST ? MP_Q6_STAGE / 16 : 1];  // the staged rows
-    MP_SHARED float part[SP > 1 ? RG * SP : 1][2][32];                // the SP warps' values of a pass
-    MP_SHARED mp_route_smem rs;
-    const bool first = blockIdx.x == 0 && blockIdx.y == 0;
-    mp_experts_mma<QT, ST, SP>(&stage[0][0], &part[0][0][0], w0, w1, row_bytes, expert_bytes, N, K, xd, xs, xunit, k,
-                               pairs, out0, out1, ldo, 0, [&](int (&rec)[MP_REC]) {
-        const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-        if (warp < T)
-            mp_route_token4(logits + (mp_i64)warp * E, E, k, first ? probs + (mp_i64)warp * E : rs.probs + warp * E,
-                            first ? ids + warp * k : rs.ids + warp * k, first ? weights + warp * k : rs.w + warp * k,
-                            first ? rs.ids + warp * k : nullptr, lane);
-        mp_syncthreads();  // every token's ids
-        if (warp == 0)
-            mp_group_pairs_warp(rs.ids, T, k, E, first ? pairs : rs.pairs, first ? offsets : rs.offsets,
-                                first ? active : rs.active, n_act_len, first ? order : rs.order,
-                                first ? records : rs.records, lane);
-        mp_syncthreads();  // the records (block (0, 0): its own global writes, visible to the block after it)
-        const int* r = (first ? records : rs.records) + MP_REC * blockIdx.y;
-#pragma unroll
-        for (int i = 0; i < MP_REC; ++i) rec[i] = r[i];
-    });
 }
 
 // ---- attention core ---------------------------------------------------------------------------------------

@@ -63,7 +63,7 @@ MAX_ELEMENTWISE_BLOCKS = 8192
 # kernels whose threads meet at warp reductions or block barriers (the emulator runs them as coroutines)
 WARP_KERNELS = ("qmm_dense", "qmm_dense_splitk", "qmm_dense_mma", "qmm_experts", "qmm_experts_mma", "act_digits", "expert_group", "router_topk", "rms_norm",
                 "softmax_rows", "attention_core", "qk_norm_rope", "moe_route", "add_rms_norm", "norm_digits", "swiglu_digits",
-                "norm_rope_attention", "combine_norm_digits", "norm_digits_router", "qmm_experts_mma_route")
+                "norm_rope_attention", "combine_norm_digits")
 SPLITK_TILES = (1, 4)     # the token tiles with a split-K dense instance (prompts of up to 4 tokens)
 # split K only while the plain kernel's grid is small: a large matrix (the output head's 152k rows) already
 # fills the GPU, and splitting it only adds the blocks' shared-memory step
@@ -97,11 +97,6 @@ MMA_DENSE_SBS = _tuning_define("MP_MMA_DENSE_SBS", 2)
 MMA_Q6K = _tuning_define("MP_MMA_Q6K", 1)
 MMA_QTYPES = (KERNEL_QTYPES[Q.Q4_K], KERNEL_QTYPES[Q.Q6_K])  # the instances compiled
 MMA_ON_QTYPES = MMA_QTYPES if MMA_Q6K else MMA_QTYPES[:1]    # the types use_mma sends there
-# qmm_dense_mma<QT,QT2>: one launch for up to two matrices of type QT and then one of QT2 (a Q4_K_M layer's
-# Q4_K attn_q / attn_k and Q6_K attn_v) where MP_DENSE_MIXED is 1, else a launch per type (tuning switch;
-# off until timed on a GPU: benchmarks/NOTES.md step 38)
-DENSE_MIXED = _tuning_define("MP_DENSE_MIXED", 0)
-MMA_MIXED = ((KERNEL_QTYPES[Q.Q4_K], KERNEL_QTYPES[Q.Q6_K]),)  # the (QT, QT2) instances compiled
 # qmm_experts_mma stages a warp's 16 weight rows in shared memory where they fit this many bytes
 # (MP_Q6_STAGE): Q6_K always (<14>), Q4_K in its own instance <12,1> (the 30b-a3b down projection's 432-byte
 # rows) unless MP_STAGE_Q4_EXPERTS is 0; <12> (gate / up's 1152-byte rows) keeps no shared memory, so L1
@@ -112,24 +107,6 @@ STAGE_Q4_EXPERTS = _tuning_define("MP_STAGE_Q4_EXPERTS", 1)
 # qmm_experts_mma reads a routing written two or more launches back before its programmatic-launch wait
 # (MP_EXPERTS_EARLY=0: always after it; tuning switch)
 EXPERTS_EARLY = _tuning_define("MP_EXPERTS_EARLY", 1)
-# norm_digits_router: a short prompt's post-attention residual, ffn_norm with its digits and the F32 router
-# product in one launch (MP_NORM_ROUTER=1; tuning switch, off until timed on a GPU: benchmarks/NOTES.md step 39)
-NORM_ROUTER = _tuning_define("MP_NORM_ROUTER", 0)
-ROUTER_GROUPS = DIGITS_THREADS // THREADS  # MP_ROUTER_GROUPS: split-K row groups a block of norm_digits_router
-# qmm_experts_mma_route: a short prompt's routing (moe_route's softmax, top-k and grouping) done by every block
-# of the gate / up launch (MP_EXPERTS_ROUTE=1; tuning switch, off until timed on a GPU: benchmarks/NOTES.md
-# step 40); up to ROUTE_MAX_EXPERTS experts (MP_GROUP_WARP_EXPERTS) and 32 (token, slot) pairs
-EXPERTS_ROUTE = _tuning_define("MP_EXPERTS_ROUTE", 0)
-ROUTE_MAX_EXPERTS = 128
-ROUTE_MAX_TOKENS = 4  # mp_route_smem's rows (MP_ROUTE_MAX_TOKENS, whatever MP_MMA_MAX_TOKENS and MP_WARPS allow)
-# qmm_experts_mma<QT,ST,SP>: SP warps share a row group's super-blocks (warp w: w, w + SP, ...), their
-# values added in warp order: SP = 3 for rows of 3 super-blocks (the 30b-a3b down projection) where
-# MP_EXPERTS_SPLIT_SHORT is 1, SP = MP_EXPERTS_SPLIT_LONG (2 or 4; 1: none) for rows of a multiple of that
-# many super-blocks (gate / up: 8) (tuning switches; off until timed on a GPU: benchmarks/NOTES.md step
-# 38); each shape always takes the same SP, so its values do not depend on the launch
-EXPERTS_SPLIT_SHORT = _tuning_define("MP_EXPERTS_SPLIT_SHORT", 0)
-EXPERTS_SPLIT_LONG = _tuning_define("MP_EXPERTS_SPLIT_LONG", 1)
-MMA_SPLITS = tuple(sorted({1, 2, 3} | ({EXPERTS_SPLIT_LONG} if EXPERTS_SPLIT_LONG in (2, 4) else set())))  # compiled
 # up to this many tokens every expert has at most 4 pairs: one pass of the kernel (an expert with more
 # pairs takes passes of 4 one after another, which long prompts with skewed routing would feel)
 MMA_MAX_TOKENS = _tuning_define("MP_MMA_MAX_TOKENS", 4)
@@ -137,49 +114,13 @@ MMA_MAX_TOKENS = _tuning_define("MP_MMA_MAX_TOKENS", 4)
 # launch then costs more than the tensor cores save (H100, 4-layer 30b-a3b: 0.378 vs 0.363 ms a forward)
 MMA_MIN_TOKENS = _tuning_define("MP_MMA_MIN_TOKENS", 2)
 
-def _experts_mma_name(code: int, st: int, sp: int) -> str:
-    """qmm_experts_mma<code,st,sp>'s name, its defaults left out (<12>, <12,1>, <14>, <12,0,2>, <14,1,3>)."""
-    default_st = int(code == KERNEL_QTYPES[Q.Q6_K])  # ST = (QT == 14) in kernels.cu
-    args = [code] + ([st, sp] if sp != 1 else [st] if st != default_st else [])
-    return f"qmm_experts_mma<{','.join(str(a) for a in args)}>"
-
-
-def _routed_name(name: str) -> str:
-    """qmm_experts_mma_route's instance of the same template arguments as qmm_experts_mma's ``name``."""
-    return name.replace("qmm_experts_mma<", "qmm_experts_mma_route<")
-
-
-def experts_split(K: int) -> int:
-    """The warps (SP) of qmm_experts_mma that share a row group of K columns' super-blocks."""
-    sbs, sp = K // 256, EXPERTS_SPLIT_LONG
-    if sbs == 3 and EXPERTS_SPLIT_SHORT:
-        return 3
-    return sp if sp in (2, 4) and sbs >= sp and sbs % sp == 0 else 1
-
-
-def _experts_mma_shape(N: int, K: int, n_mats: int, n_active: int) -> tuple[tuple, tuple]:
-    """(grid, block) of a qmm_experts_mma(_route) launch: blocks of RG row groups of 16 rows, SP warps each
-    (experts_split, experts_row_groups), over n_mats matrices of N rows and n_active expert slots."""
-    sp = experts_split(K)
-    rg = experts_row_groups(sp)
-    return (_cdiv(N, rg * MMA_ROWS) * n_mats, n_active, 1), (32 * rg * sp, 1, 1)
-
-
-def experts_row_groups(sp: int) -> int:
-    """Row groups of 16 rows per block of qmm_experts_mma<..,SP> (mp_split_groups): SP RG warps a block."""
-    return WARPS // sp if sp in (1, 2, 4) and WARPS % sp == 0 else 1
-
-
 NAME_EXPRESSIONS: tuple[str, ...] = tuple(
     [f"qmm_dense<{q},{nt}>" for q in sorted(KERNEL_QTYPES.values()) for nt in TOKEN_TILES]
     + [f"qmm_dense_splitk<{q},{nt}>" for q in sorted(KERNEL_QTYPES.values()) for nt in SPLITK_TILES]
     + [f"qmm_experts<{q},{nt}>" for q in sorted(KERNEL_QTYPES.values()) for nt in TOKEN_TILES]
-    + [_experts_mma_name(q, st, sp) for q in MMA_QTYPES for st in ((0, 1) if q == KERNEL_QTYPES[Q.Q4_K] else (1,))
-       for sp in MMA_SPLITS]
-    + [_routed_name(_experts_mma_name(q, st, sp)) for q in MMA_QTYPES
-       for st in ((0, 1) if q == KERNEL_QTYPES[Q.Q4_K] else (1,)) for sp in MMA_SPLITS if sp in (1, EXPERTS_SPLIT_LONG)]
-    + [f"qmm_dense_mma<{q}>" for q in MMA_QTYPES] + [f"qmm_dense_mma<{a},{b}>" for a, b in MMA_MIXED]
-    + ["act_digits", "norm_digits", "norm_digits_router", "swiglu_digits", "norm_rope_attention", "combine_norm_digits", "expert_group", "router_topk", "moe_route", "moe_combine", "round_bf16", "rms_norm", "add_rms_norm", "softmax_rows", "attention_core",
+    + [f"qmm_experts_mma<{q}>" for q in MMA_QTYPES] + [f"qmm_experts_mma<{KERNEL_QTYPES[Q.Q4_K]},1>"]
+    + [f"qmm_dense_mma<{q}>" for q in MMA_QTYPES]
+    + ["act_digits", "norm_digits", "swiglu_digits", "norm_rope_attention", "combine_norm_digits", "expert_group", "router_topk", "moe_route", "moe_combine", "round_bf16", "rms_norm", "add_rms_norm", "softmax_rows", "attention_core",
        "qk_norm_rope", "rope_neox", "swiglu", "add_f32"])
 
 COMPILE_OPTIONS = ("-std=c++17",)
@@ -608,41 +549,22 @@ def qmatmul_shared_input(x, wts, *, outs=None, as_qtypes=None, digits=None, back
             _, code, kq = _kernel_type(wt, as_q)
             todo.append(((code, kq, wt.row_bytes), (wt, out)))
     digits = _given_digits("qmatmul", digits, x, be)  # else act_digits' output, written once for the launches that use it
-    launches = _share_launches(todo, MAX_SHARED_INPUT)
-    i = 0
-    while i < len(launches):
-        (code, kq, row_bytes), mats = launches[i]
-        if not use_mma(be, code, kq, K, T):
-            kernel, grid = dense_launch(code, [int(wt.shape[0]) for wt, _ in mats], T)
-            slots = _slots(mats, MAX_SHARED_INPUT)
-            be.launch(kernel, grid, (THREADS, 1, 1), _slot_args(slots, (np.int64(row_bytes),))
-                      + (np.int32(kq), x, np.int32(K), np.int32(T)) + tuple(o for _, o, _ in slots))
-            i += 1
+    for (code, kq, row_bytes), mats in _share_launches(todo, MAX_SHARED_INPUT):
+        Ns = tuple(int(wt.shape[0]) for wt, _ in mats)
+        pad = mats + [mats[0]] * (MAX_SHARED_INPUT - len(mats))  # unused slots: N = 0, no blocks
+        Np = Ns + (0,) * (MAX_SHARED_INPUT - len(mats))
+        if use_mma(be, code, kq, K, T):
+            if digits is None:
+                digits = act_digits(x, backend=be)
+            be.launch(f"qmm_dense_mma<{code}>", (sum(_cdiv(N, MMA_ROWS) for N in Ns), 1, 1), (32 * dense_mma_warps(K), 1, 1),
+                      tuple(wt.raw for wt, _ in pad) + (np.int64(row_bytes),) + tuple(np.int32(n) for n in Np)
+                      + (np.int32(K), *digits, np.int32(T)) + tuple(o for _, o in pad))
             continue
-        if digits is None:
-            digits = act_digits(x, backend=be)
-        (code2, kq2, row_bytes2), mats2 = launches[i + 1] if i + 1 < len(launches) else ((None, 0, 0), [])
-        if (DENSE_MIXED and len(mats) < MAX_SHARED_INPUT and len(mats2) == 1 and (code, code2) in MMA_MIXED
-                and use_mma(be, code2, kq2, K, T)):
-            # matrices 0 and 1 of type code, matrix 2 (the next launch's one) of code2
-            kernel, slots, i = f"qmm_dense_mma<{code},{code2}>", _slots(mats, 2) + _slots(mats2, 1), i + 2
-        else:
-            kernel, slots, row_bytes2, i = f"qmm_dense_mma<{code}>", _slots(mats, MAX_SHARED_INPUT), row_bytes, i + 1
-        be.launch(kernel, (sum(_cdiv(N, MMA_ROWS) for _, _, N in slots), 1, 1), (32 * dense_mma_warps(K), 1, 1),
-                  _slot_args(slots, (np.int64(row_bytes), np.int64(row_bytes2)))
-                  + (np.int32(K), *digits, np.int32(T)) + tuple(o for _, o, _ in slots))
+        kernel, grid = dense_launch(code, Ns, T)
+        be.launch(kernel, grid, (THREADS, 1, 1),
+                  tuple(wt.raw for wt, _ in pad) + (np.int64(row_bytes),) + tuple(np.int32(n) for n in Np)
+                  + (np.int32(kq), x, np.int32(K), np.int32(T)) + tuple(o for _, o in pad))
     return results
-
-
-def _slots(mats: list, n: int) -> list:
-    """A dense launch's ``n`` (matrix, output, rows) slots for its ``(matrix, output)`` list: unused slots
-    repeat the first with 0 rows (no blocks)."""
-    return [(wt, out, int(wt.shape[0])) for wt, out in mats] + [(mats[0][0], mats[0][1], 0)] * (n - len(mats))
-
-
-def _slot_args(slots: list, row_bytes: tuple) -> tuple:
-    """A dense launch's leading arguments: the slots' weights, ``row_bytes``, the slots' row counts."""
-    return tuple(wt.raw for wt, _, _ in slots) + row_bytes + tuple(np.int32(n) for _, _, n in slots)
 
 
 # ---- grouped expert product -------------------------------------------------------------------------------
@@ -737,68 +659,6 @@ def route_experts(logits, k: int, *, backend: Backend | None = None):
     return probs, ids, weights, routing
 
 
-def routed_experts_kernel(logits, k: int, wt3s, as_qtypes=None, *, backend: Backend | None = None) -> str | None:
-    """The qmm_experts_mma_route instance that can route ``logits`` [T, E] (top ``k``) and take the products
-    of the tokens' rows with the expert tensors ``wt3s`` (gate and up) in one launch, else None: two
-    tensors of one kernel type and shape on the tensor cores, T of 2-4 (ROUTE_MAX_TOKENS, at most the block's
-    warps), T k <= 32 and E <= ROUTE_MAX_EXPERTS (the grouping by one warp), an instance compiled for the
-    shape."""
-    be = _backend(backend)
-    wt3s = tuple(wt3s)
-    as_qtypes = tuple(as_qtypes) if as_qtypes is not None else (None,) * len(wt3s)
-    if logits.ndim != 2 or len(wt3s) != 2 or len(as_qtypes) != 2:
-        return None
-    T, E = (int(v) for v in logits.shape)
-    if any(len(w.shape) != 3 or tuple(w.shape) != tuple(wt3s[0].shape) for w in wt3s):
-        return None
-    (_, code, kq), second = (_kernel_type(w, q) for w, q in zip(wt3s, as_qtypes))
-    _, N, K = (int(v) for v in wt3s[0].shape)
-    if (code, kq) != second[1:] or wt3s[0].row_bytes != wt3s[1].row_bytes or int(wt3s[0].shape[0]) != E:
-        return None
-    if not (0 < k <= E <= ROUTE_MAX_EXPERTS and T <= ROUTE_MAX_TOKENS and T * k <= 32 and N > 0
-            and use_mma(be, code, kq, K, T)):
-        return None
-    if T * 32 > _experts_mma_shape(N, K, 2, 1)[1][0]:  # a warp per token
-        return None
-    name = _routed_name(experts_mma_kernel(code, wt3s[0].row_bytes, K))
-    return name if name in NAME_EXPRESSIONS else None
-
-
-def route_experts_shared_input(logits, k: int, x, wt3s, *, as_qtypes=None, digits=None,
-                               backend: Backend | None = None):
-    """:func:`route_experts` and then :func:`qmatmul_experts_shared_input` of the tokens' rows ``x`` with
-    ``wt3s`` (ffn_gate_exps and ffn_up_exps) under that routing, bit for bit: ``(probs, ids, weights,
-    routing, outs)``. One launch (kernel ``qmm_experts_mma_route``: every block routes the tokens itself,
-    block (0, 0) writes the routing) where MP_EXPERTS_ROUTE is 1 and :func:`routed_experts_kernel` names an
-    instance; else those functions' launches."""
-    be = _backend(backend)
-    name = routed_experts_kernel(logits, k, wt3s, as_qtypes, backend=be) if EXPERTS_ROUTE else None
-    if name is None:
-        probs, ids, weights, routing = route_experts(logits, k, backend=be)
-        return probs, ids, weights, routing, qmatmul_experts_shared_input(x, wt3s, routing, as_qtypes=as_qtypes,
-                                                                          digits=digits, backend=be)
-    T, E, ids, weights = _router_outputs("route_experts_shared_input", logits, k, ROUTE_MAX_EXPERTS, be)
-    (w0, w1), (_, N, K) = wt3s, (int(v) for v in wt3s[0].shape)
-    _check_f32_2d("route_experts_shared_input: x", x, be, K)
-    if x.shape[0] != T:
-        raise KernelError(f"route_experts_shared_input: x has {x.shape[0]} rows, the logits {T}")
-    for w in wt3s:
-        if not w.raw.flags.c_contiguous:
-            raise KernelError(f"{w.name}: raw bytes must be a C-contiguous [E, N, row_bytes] array")
-    digits = _given_digits("route_experts_shared_input", digits, x, be)
-    if digits is None:
-        digits = act_digits(x, backend=be)
-    probs = be.xp.empty((T, E), dtype=np.float32)
-    routing = _empty_routing(ids, E, be)
-    outs = [be.xp.empty((T, k, N), dtype=np.float32) for _ in wt3s]
-    n_act = int(routing.active.shape[0])
-    be.launch(name, *_experts_mma_shape(N, K, 2, n_act),
-              (w0.raw, w1.raw, np.int64(w0.row_bytes), np.int64(N * w0.row_bytes), np.int32(N), np.int32(K), *digits,
-               outs[0], outs[1], np.int32(N), logits, np.int32(T), np.int32(E), np.int32(k), probs, ids, weights,
-               routing.pairs, routing.offsets, routing.active, np.int32(n_act), routing.order, routing.records))
-    return probs, ids, weights, replace(routing, written_at=be.launch_mark()), outs
-
-
 def use_mma(be: Backend, code: int, kq: int, K: int, T: int) -> bool:
     """Whether a product of kernel type ``code`` over ``kq`` of ``K`` columns for ``T`` tokens runs on
     the tensor cores (qmm_experts_mma, qmm_dense_mma): Q4_K or Q6_K over whole super-blocks (not under the
@@ -808,13 +668,12 @@ def use_mma(be: Backend, code: int, kq: int, K: int, T: int) -> bool:
             and MMA_MIN_TOKENS <= T <= MMA_MAX_TOKENS)
 
 
-def experts_mma_kernel(code: int, row_bytes: int, K: int) -> str:
-    """The qmm_experts_mma instance for weight rows of kernel type ``code``, ``row_bytes`` bytes and K
-    columns: Q4_K rows whose warp's 16 fit EXPERT_STAGE_BYTES take the staging instance <12,1>; SP is
-    :func:`experts_split`'s."""
-    st = int(code == KERNEL_QTYPES[Q.Q6_K]
-             or (code == KERNEL_QTYPES[Q.Q4_K] and STAGE_Q4_EXPERTS and 16 * row_bytes <= EXPERT_STAGE_BYTES))
-    return _experts_mma_name(code, st, experts_split(K))
+def experts_mma_kernel(code: int, row_bytes: int) -> str:
+    """The qmm_experts_mma instance for weight rows of kernel type ``code`` and ``row_bytes`` bytes: Q4_K
+    rows whose warp's 16 fit EXPERT_STAGE_BYTES take the staging instance <12,1>."""
+    if code == KERNEL_QTYPES[Q.Q4_K] and STAGE_Q4_EXPERTS and 16 * row_bytes <= EXPERT_STAGE_BYTES:
+        return f"qmm_experts_mma<{code},1>"
+    return f"qmm_experts_mma<{code}>"
 
 
 def dense_mma_warps(K: int) -> int:
@@ -937,8 +796,8 @@ def qmatmul_experts_shared_input(x, wt3s, routing, *, outs=None, x_per_pair: boo
         if use_mma(be, code, kq, K, T):
             if digits is None:
                 digits = act_digits(x, backend=be)
-            grid, block = _experts_mma_shape(N, K, len(mats), int(routing.active.shape[0]))
-            be.launch(experts_mma_kernel(code, row_bytes, K), grid, block,
+            grid = (_cdiv(N, WARPS * MMA_ROWS) * len(mats), int(routing.active.shape[0]), 1)
+            be.launch(experts_mma_kernel(code, row_bytes), grid, (THREADS, 1, 1),
                       (w0.raw, w1.raw, np.int64(row_bytes), np.int64(N * row_bytes), np.int32(N), np.int32(K), *digits,
                        np.int32(x_div), routing.pairs, routing.records, o0, o1, np.int32(N),
                        np.int32(_written_two_back(routing, be))))
@@ -1084,43 +943,6 @@ def rms_norm(x, weight, eps: float, *, digits: bool = False, backend: Backend | 
         be.launch("rms_norm", (_cdiv(rows, WARPS), 1, 1), (THREADS, 1, 1),
                   (x, np.int32(rows), np.int32(n), weight, np.float32(eps), out))
     return (out, act_digits(out.reshape(rows, n), backend=be)) if digits else out
-
-
-def norm_router_fits(a, router: DeviceTensor, as_qtype: Q | None = None) -> bool:
-    """Whether :func:`add_rms_norm_router` takes ``a`` ([T, n] rows) and the router matrix ``router``: 2-4
-    rows (the short prompts whose gate / up products read the norm's digits) of up to ROW_BLOCK_COLS
-    columns, a multiple of 32, an F32 ``[N, n]`` router read with its own kernel type, whose separate product
-    would take qmm_dense_splitk<0,4> (the order the fused kernel follows)."""
-    T, n = (int(v) for v in a.shape) if a.ndim == 2 else (0, 0)
-    return (MMA_MIN_TOKENS <= T <= 4 and _fused_digits(n) and as_qtype is None and router.qtype == Q.F32
-            and len(router.shape) == 2 and int(router.shape[1]) == n and int(router.shape[0]) > 0
-            and dense_launch(KERNEL_QTYPES[Q.F32], (int(router.shape[0]),), T)[0] == "qmm_dense_splitk<0,4>")
-
-
-def add_rms_norm_router(a, b, weight, eps: float, router: DeviceTensor, *, backend: Backend | None = None):
-    """``(s, normed, digits, logits)``: :func:`add_rms_norm` with ``digits=True`` and the router product
-    ``qmatmul(normed, router)``, bit for bit, in one launch (kernel ``norm_digits_router``: a block per row
-    for the norm, then blocks that each compute the normed rows again in shared memory for their share of
-    the router's rows). Only where :func:`norm_router_fits`."""
-    be = _backend(backend)
-    a, b, weight = (_f32c(f"add_rms_norm_router: {n}", v, be) for n, v in (("a", a), ("b", b), ("weight", weight)))
-    if tuple(a.shape) != tuple(b.shape):
-        raise KernelError(f"add_rms_norm_router: shapes {a.shape} and {b.shape} differ")
-    if not norm_router_fits(a, router):
-        raise KernelError(f"add_rms_norm_router: rows {a.shape} and router {router.name} {router.qtype.name} "
-                          f"{router.shape} do not fit the fused kernel (norm_router_fits)")
-    T, n = (int(v) for v in a.shape)
-    if tuple(weight.shape) != (n,):
-        raise KernelError(f"add_rms_norm_router: weight shape {weight.shape}, expected ({n},)")
-    N = int(router.shape[0])
-    s, out = (be.xp.empty(a.shape, dtype=np.float32) for _ in range(2))
-    logits = be.xp.empty((T, N), dtype=np.float32)
-    blocks = T + _cdiv(_cdiv(N, ROWS_NT4), ROUTER_GROUPS)
-    out, dg = _fused_with_digits("add_rms_norm_router", out, T, n, be, lambda dg: be.launch(
-        "norm_digits_router", (blocks, 1, 1), (DIGITS_THREADS, 1, 1),
-        (a, b, np.int32(T), np.int32(n), weight, np.float32(eps), s, out, *dg, router.raw,
-         np.int64(router.row_bytes), np.int32(N), logits)))
-    return s, out, dg, logits
 
 
 def softmax(x, *, causal_period: int = 0, backend: Backend | None = None):
