@@ -580,19 +580,20 @@ def test_act_digits_are_the_exact_integer_form(backend, Kc):  # 553: three slabs
         assert np.array_equal(a.view(np.uint32), b.view(np.uint32)), f"unaligned rows: {name} differ"
 
 
-@pytest.mark.parametrize("T", [2, 3, 4])
+@pytest.mark.parametrize("T", [2, 3, 4, 11])  # 11: a long prompt (MMA_MAX_TOKENS raised), experts of many passes
 @pytest.mark.parametrize("qt,Kc", [(Q.Q4_K, 768), (Q.Q4_K, 2048), (Q.Q6_K, 768)],  # Q6_K: 630-byte rows, 2-byte aligned
                          ids=["Q4_K-staged", "Q4_K", "Q6_K"])
-def test_experts_tensor_core_path(backend, T, qt, Kc):
-    """Short prompts' Q4_K and Q6_K expert products run on the tensor-core kernel (exact integer digits of
-    the activations) where the device has it: float64's products within 1e-5 on rows with a wide dynamic
+def test_experts_tensor_core_path(backend, T, qt, Kc, monkeypatch):
+    """Q4_K and Q6_K expert products run on the tensor-core kernel (exact integer digits of the
+    activations) where the device has it: float64's products within 1e-5 on rows with a wide dynamic
     range, the same within 1e-5 as the float kernel (MP_MMA off), and a token with a non-finite
     activation gives NaN in its own products only. Expert 1 has 5 or more pairs: passes of 4 one after
-    another, each walking the rows again."""
+    another, each walking the rows again (at 11 tokens every expert has several)."""
     from pytest_moeparity.gpu import kernels as Kn
 
     if not backend.mma:
         pytest.skip("the device has no int8 mma (compute capability below 8.0)")
+    monkeypatch.setattr(Kn, "MMA_MAX_TOKENS", max(Kn.MMA_MAX_TOKENS, T))
     E, N, k = 5, 70, 3  # N = 70: a last row group of 6 rows
     rng = _rng("experts-mma", T, qt.name, Kc)
     raw = _quantized(rng, qt, (E, N, Kc))
@@ -687,18 +688,20 @@ def test_settled_routing_is_read_early(backend, qt, Kc):
             assert not Kn._written_two_back(routing, backend)
 
 
-@pytest.mark.parametrize("T", [2, 3, 4])
+@pytest.mark.parametrize("T", [2, 3, 4, 6, 13])  # 6, 13: long prompts (MMA_MAX_TOKENS raised), passes of 4 then 2 / 1
 @pytest.mark.parametrize("Kc", [2048, 4352])  # 8 super-blocks (4 warps of 2), 17 (8 warps, uneven)
-def test_dense_tensor_core_path(backend, T, Kc):
-    """Short prompts' Q4_K dense products (q / k / v style: three matrices of one input, one launch)
-    run on the tensor-core kernel, a block's warps splitting each row's super-blocks: float64's products
-    within 1e-5 on rows with a wide dynamic range, each matrix's result bit for bit the product alone,
-    within 1e-5 of the float kernel (MP_MMA off); a Q6_K matrix in the call takes its own tensor-core
-    launch on the same digits; a token with a non-finite activation gives NaN in its own row only."""
+def test_dense_tensor_core_path(backend, T, Kc, monkeypatch):
+    """Q4_K dense products (q / k / v style: three matrices of one input, one launch) run on the
+    tensor-core kernel, a block's warps splitting each row's super-blocks and taking the tokens in passes
+    of up to 4: float64's products within 1e-5 on rows with a wide dynamic range, each matrix's result bit
+    for bit the product alone, within 1e-5 of the float kernel (MP_MMA off); a Q6_K matrix in the call
+    takes its own tensor-core launch on the same digits; a token with a non-finite activation gives NaN
+    in its own row only."""
     from pytest_moeparity.gpu import kernels as Kn
 
     if not backend.mma:
         pytest.skip("the device has no int8 mma (compute capability below 8.0)")
+    monkeypatch.setattr(Kn, "MMA_MAX_TOKENS", max(Kn.MMA_MAX_TOKENS, T))
     rng = _rng("dense-mma", T, Kc)
     qtypes, Ns = (Q.Q4_K, Q.Q4_K, Q.Q6_K, Q.Q4_K), (48, 70, 21, 16)  # 70: a partial row group
     raws = [_quantized(rng, q, (n, Kc)) for q, n in zip(qtypes, Ns)]
@@ -725,11 +728,12 @@ def test_dense_tensor_core_path(backend, T, Kc):
         w = _deq(r, q, (n, Kc)).astype(np.float64)
         _assert_close(got, x.astype(np.float64) @ w.T, what, ref_abs=np.abs(x.astype(np.float64)) @ np.abs(w.T))
         _assert_close(got, flt.astype(np.float64), what + " vs the float kernel")
-    bad = T - 1
+    bad = T - 1 if T <= 4 else 5  # a long prompt: a token of the second pass
     x[bad, Kc // 2 + 3] = np.inf
     got = _host(backend, Kn.qmatmul(_dev(backend, x), wts[1], backend=backend))
     assert np.isnan(got[bad]).all(), "a token holding inf must give NaN products"
-    assert np.array_equal(got[:bad], _host(backend, outs[1])[:bad]), "the other tokens' products must not change"
+    rest = np.arange(T) != bad
+    assert np.array_equal(got[rest], _host(backend, outs[1])[rest]), "the other tokens' products must not change"
 
 
 def _assert_records(backend, r) -> None:
@@ -1418,6 +1422,41 @@ def test_short_prompt_forward_on_tensor_cores(backend, model_factory, preset, n_
         for name in res.trace.keys():
             assert np.array_equal(res.trace[name], plain.trace[name], equal_nan=True), f"{name}: digits written by the producer differ"
         assert np.array_equal(res.logits, plain.logits)
+
+
+@pytest.mark.parametrize("n_tokens", [11, 37])  # 37: past the one-launch attention's 32 tokens
+def test_long_prompt_forward_on_tensor_cores(backend, model_factory, n_tokens, monkeypatch):
+    """With MMA_MAX_TOKENS raised, a long prompt's Q4_K and Q6_K products (dense, experts, the head) take
+    the tensor cores in passes of 4 tokens (pairs): every stage, position and layer of a Q4_K_M model
+    Matches the NumPy reference, no float Q4_K / Q6_K product is launched, and the logits are within the
+    comparison's tolerance of the float kernels' forward (MMA_MAX_TOKENS 4)."""
+    from pytest_moeparity.gpu import kernels as Kn
+    from pytest_moeparity.metrics import compare_float
+
+    if not (backend.mma and Kn.MMA):
+        pytest.skip("the device has no int8 mma (compute capability below 8.0), or MP_MMA=0")
+    model = model_factory("tiny", "Q4_K_M")
+    tokens = _tokens(model, n_tokens)
+    plan = SavePlan.parse()
+    ref = NumpyForward(model).run(tokens, plan)
+    monkeypatch.setattr(Kn, "MMA_MAX_TOKENS", 4)
+    flt = _engine(model, backend).run(tokens, SavePlan.empty()).logits
+    monkeypatch.setattr(Kn, "MMA_MAX_TOKENS", 4096)
+    engine = _engine(model, backend)
+    n_before = len(getattr(backend, "launches", []))
+    res = engine.run(tokens, plan)
+    report = _compare(ref.trace, res.trace)
+    assert report.ok, f"tiny Q4_K_M, {n_tokens} tokens on the tensor cores: cupy vs numpy\n{_explain(report)}"
+    r = compare_float(flt, res.logits)
+    assert r.verdict is Verdict.Match, r.reason
+    assert not np.array_equal(flt, res.logits)  # (the float kernels' sums are another order)
+    if hasattr(backend, "launches"):
+        launched = backend.launches[n_before:]
+        for name in ("qmm_dense_mma<12>", "qmm_dense_mma<14>", "qmm_experts_mma<12,1>", "qmm_experts_mma<14>"):
+            assert name in launched, f"{name} not launched: {sorted(set(launched))}"
+        floats = [n for n in launched if n.startswith(("qmm_dense<12", "qmm_dense<14", "qmm_experts<12", "qmm_experts<14"))]
+        assert not floats, floats
+        assert ("norm_rope_attention" in launched) == (n_tokens <= Kn.ATTN_MAX_T), sorted(set(launched))
 
 
 def test_forward_all_experts_and_partial_plans(backend, model_factory):

@@ -1608,10 +1608,11 @@ MP_MMA_GLOBAL void qmm_experts_mma(const mp_u8* __restrict__ w0, const mp_u8* __
     }
 }
 
-// ---- short prompts' Q4_K and Q6_K dense products on the tensor cores ---------------------------------------
-// qmm_dense's product for 1-4 tokens with the activations as act_digits wrote them (out_m[t, n] as in
-// qmm_dense_splitk). A block's warps (blockDim.x / 32 of them, up to MP_MMA_DENSE_WARPS) take the same 16
-// weight rows and all the tokens, warp w super-blocks w, w + warps, ... of the row: every warp has its
+// ---- Q4_K and Q6_K dense products on the tensor cores -----------------------------------------------------
+// qmm_dense's product with the activations as act_digits wrote them (out_m[t, n] as in qmm_dense_splitk).
+// A block's warps (blockDim.x / 32 of them, up to MP_MMA_DENSE_WARPS) take the same 16 weight rows and
+// the tokens in passes of up to 4 (a longer prompt's passes one after another over the same rows, staged
+// or in L1 / L2 after the first), warp w super-blocks w, w + warps, ... of the row: every warp has its
 // loads in flight at once (a warp of qmm_experts_mma walks its row alone, which suits an expert's many
 // small matrices but leaves a dense matrix of a few hundred row groups waiting on memory). The warps'
 // values meet in shared memory and are added in warp order (deterministic).
@@ -1684,24 +1685,28 @@ MP_MMA_DENSE_GLOBAL void qmm_dense_mma(const mp_u8* __restrict__ w0, const mp_u8
     }
     mp_grid_sync();  // the digits were
     if (n0 >= N) return;  // uniform over the block
-    const int nt = T < 4 ? T : 4;
-    const mp_u32* bq[2];
-    const float* sq[2];
-    bool bon[2];
-    float unit[2];
-    mp_mma_pass_inputs(nt, [](int u) { return u; }, K, xd, xs, xunit, lane, bq, bon, sq, unit);
     const bool al = mp_mma_aligned<QT>(w, row_bytes);  // uniform over the block
-    float res[2] = {0.0f, 0.0f};  // res[1]: no second n-tile up to 2 tokens
-    mp_mma_dispatch<QT>(al, nt, w, row_bytes, wN, wn0, K, warp, warps, bq, bon, sq, unit, lane, res);
-    part[warp][0][lane] = res[0];
-    part[warp][1][lane] = res[1];
-    mp_syncthreads();
-    for (int j = threadIdx.x; j < 64; j += (int)blockDim.x) {  // j = 32 i + l: lane l's (row, token) of n-tile i
-        const int i = j >> 5, l = j & 31, t = 2 * i + ((l & 3) >> 1), n = n0 + (l >> 2) + 8 * (l & 1);
-        if (t < nt && n < N) {
-            float v = part[0][i][l];
-            for (int u = 1; u < warps; ++u) v = mp_fadd(v, part[u][i][l]);
-            mp_pick_out(m, out0, out1, out2)[(mp_i64)t * N + n] = v;
+    // passes of up to 4 tokens over the same (staged) rows; a longer prompt's passes one after another
+    for (int t0 = 0; t0 < T; t0 += 4) {
+        const int nt = T - t0 < 4 ? T - t0 : 4;
+        const mp_u32* bq[2];
+        const float* sq[2];
+        bool bon[2];
+        float unit[2];
+        mp_mma_pass_inputs(nt, [t0](int u) { return t0 + u; }, K, xd, xs, xunit, lane, bq, bon, sq, unit);
+        float res[2] = {0.0f, 0.0f};  // res[1]: no second n-tile up to 2 tokens
+        mp_mma_dispatch<QT>(al, nt, w, row_bytes, wN, wn0, K, warp, warps, bq, bon, sq, unit, lane, res);
+        if (t0) mp_syncthreads();  // the last pass's values are read
+        part[warp][0][lane] = res[0];
+        part[warp][1][lane] = res[1];
+        mp_syncthreads();
+        for (int j = threadIdx.x; j < 64; j += (int)blockDim.x) {  // j = 32 i + l: lane l's (row, token) of n-tile i
+            const int i = j >> 5, l = j & 31, t = 2 * i + ((l & 3) >> 1), n = n0 + (l >> 2) + 8 * (l & 1);
+            if (t < nt && n < N) {
+                float v = part[0][i][l];
+                for (int u = 1; u < warps; ++u) v = mp_fadd(v, part[u][i][l]);
+                mp_pick_out(m, out0, out1, out2)[(mp_i64)(t0 + t) * N + n] = v;
+            }
         }
     }
 }

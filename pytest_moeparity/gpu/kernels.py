@@ -107,8 +107,10 @@ STAGE_Q4_EXPERTS = _tuning_define("MP_STAGE_Q4_EXPERTS", 1)
 # qmm_experts_mma reads a routing written two or more launches back before its programmatic-launch wait
 # (MP_EXPERTS_EARLY=0: always after it; tuning switch)
 EXPERTS_EARLY = _tuning_define("MP_EXPERTS_EARLY", 1)
-# up to this many tokens every expert has at most 4 pairs: one pass of the kernel (an expert with more
-# pairs takes passes of 4 one after another, which long prompts with skewed routing would feel)
+# the longest prompt whose Q4_K / Q6_K products take the tensor cores. Both kernels take the tokens (the
+# experts' pairs) in passes of 4 over the same weight rows, so any length runs there; up to 4 tokens a dense
+# product is one pass and every expert's pairs are (the 30b-a3b shapes: benchmarks/NOTES.md step 42 on
+# longer prompts)
 MMA_MAX_TOKENS = _tuning_define("MP_MMA_MAX_TOKENS", 4)
 # from this many tokens on: a single token's products are as fast on qmm_experts, and act_digits' extra
 # launch then costs more than the tensor cores save (H100, 4-layer 30b-a3b: 0.378 vs 0.363 ms a forward)
