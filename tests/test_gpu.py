@@ -712,8 +712,9 @@ def test_dense_tensor_core_path(backend, T, Kc, monkeypatch):
     n_before = len(getattr(backend, "launches", []))
     Kn.qmatmul_shared_input(xd, wts, outs=outs, backend=backend)
     if hasattr(backend, "launches"):
-        assert backend.launches[n_before:] == ["act_digits", "qmm_dense_mma<12>", "qmm_dense_mma<14>",
-                                               "qmm_dense_mma<12>"], backend.launches[n_before:]
+        want = [Kn.dense_mma_kernel(c, T) for c in (12, 14, 12)]
+        assert want[0] == ("qmm_dense_mma<12>" if T <= 4 else "qmm_dense_mma<12,1>")
+        assert backend.launches[n_before:] == ["act_digits", *want], backend.launches[n_before:]
     old = backend.mma
     backend.mma = False
     try:
@@ -1162,7 +1163,8 @@ def _assert_same_digits(backend, got, want, what: str) -> None:
 
 def test_reads_digits_follows_the_products_paths(backend):
     """reads_digits (whether the kernel writing a product's input should write its digits) says yes exactly
-    where the product takes the tensor cores: Q4_K or Q6_K over whole super-blocks, 2-4 tokens, not re-read
+    where the product takes the tensor cores: Q4_K or Q6_K over whole super-blocks, MMA_MIN_TOKENS to
+    MMA_MAX_TOKENS tokens (2 and up by default), not re-read
     as another type by a planted dispatch fault (nor a Q8_0 matrix)."""
     from pytest_moeparity.gpu import kernels as K
 
@@ -1452,8 +1454,9 @@ def test_long_prompt_forward_on_tensor_cores(backend, model_factory, n_tokens, m
     assert not np.array_equal(flt, res.logits)  # (the float kernels' sums are another order)
     if hasattr(backend, "launches"):
         launched = backend.launches[n_before:]
-        for name in ("qmm_dense_mma<12>", "qmm_dense_mma<14>", "qmm_experts_mma<12,1>", "qmm_experts_mma<14>"):
+        for name in ("qmm_dense_mma<12,1>", "qmm_dense_mma<14,1>", "qmm_experts_mma<12,1>", "qmm_experts_mma<14>"):
             assert name in launched, f"{name} not launched: {sorted(set(launched))}"
+        assert "qmm_dense_mma<12>" not in launched and "qmm_dense_mma<14>" not in launched
         floats = [n for n in launched if n.startswith(("qmm_dense<12", "qmm_dense<14", "qmm_experts<12", "qmm_experts<14"))]
         assert not floats, floats
         assert ("norm_rope_attention" in launched) == (n_tokens <= Kn.ATTN_MAX_T), sorted(set(launched))

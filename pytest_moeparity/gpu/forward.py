@@ -256,7 +256,7 @@ class CupyEngine:
         chunks = weights.output_chunks()
         first = next(chunks)
         if normed is None:
-            # the final norm writes its digits where the head takes the tensor cores (short prompts, Q4_K / Q6_K)
+            # the final norm writes its digits where the head takes the tensor cores (2 or more tokens, Q4_K / Q6_K)
             h_digits = self._wants_digits(rec, None, S.final_norm, int(x.shape[0]), [first[1]], [None])
             normed = self._norm(x, weights.vector("output_norm.weight"), h_digits)
         h, h_dig = normed

@@ -1648,7 +1648,34 @@ MP_HD void mp_stage_rows_strided(mp_u8* dst, const mp_u8* __restrict__ src, int 
     }
     mp_cp_async_wait();
 }
+// qmm_dense_mma's pass over tokens t0 .. t0 + nt - 1 (nt <= 4): each warp's super-blocks of the block's 16
+// rows, the warps' values added in shared memory (part) in warp order and stored
 template <int QT>
+MP_HD void mp_dense_mma_tokens(int t0, int nt, const mp_u8* __restrict__ w, mp_i64 row_bytes, int wN, int wn0, int N, int n0,
+                               int K, const mp_u32* __restrict__ xd, const float* __restrict__ xs,
+                               const float* __restrict__ xunit, int warp, int warps, int lane, int m, float* out0,
+                               float* out1, float* out2, float (*part)[2][32]) {
+    const mp_u32* bq[2];
+    const float* sq[2];
+    bool bon[2];
+    float unit[2];
+    mp_mma_pass_inputs(nt, [t0](int u) { return t0 + u; }, K, xd, xs, xunit, lane, bq, bon, sq, unit);
+    const bool al = mp_mma_aligned<QT>(w, row_bytes);  // uniform over the block
+    float res[2] = {0.0f, 0.0f};  // res[1]: no second n-tile up to 2 tokens
+    mp_mma_dispatch<QT>(al, nt, w, row_bytes, wN, wn0, K, warp, warps, bq, bon, sq, unit, lane, res);
+    part[warp][0][lane] = res[0];
+    part[warp][1][lane] = res[1];
+    mp_syncthreads();
+    for (int j = threadIdx.x; j < 64; j += (int)blockDim.x) {  // j = 32 i + l: lane l's (row, token) of n-tile i
+        const int i = j >> 5, l = j & 31, t = 2 * i + ((l & 3) >> 1), n = n0 + (l >> 2) + 8 * (l & 1);
+        if (t < nt && n < N) {
+            float v = part[0][i][l];
+            for (int u = 1; u < warps; ++u) v = mp_fadd(v, part[u][i][l]);
+            mp_pick_out(m, out0, out1, out2)[(mp_i64)(t0 + t) * N + n] = v;
+        }
+    }
+}
+template <int QT, int LONG = 0>
 MP_MMA_DENSE_GLOBAL void qmm_dense_mma(const mp_u8* __restrict__ w0, const mp_u8* __restrict__ w1, const mp_u8* __restrict__ w2,
                                        mp_i64 row_bytes, int N0, int N1, int N2, int K, const mp_u32* __restrict__ xd,
                                        const float* __restrict__ xs, const float* __restrict__ xunit, int T,
@@ -1685,29 +1712,15 @@ MP_MMA_DENSE_GLOBAL void qmm_dense_mma(const mp_u8* __restrict__ w0, const mp_u8
     }
     mp_grid_sync();  // the digits were
     if (n0 >= N) return;  // uniform over the block
-    const bool al = mp_mma_aligned<QT>(w, row_bytes);  // uniform over the block
-    // passes of up to 4 tokens over the same (staged) rows; a longer prompt's passes one after another
-    for (int t0 = 0; t0 < T; t0 += 4) {
-        const int nt = T - t0 < 4 ? T - t0 : 4;
-        const mp_u32* bq[2];
-        const float* sq[2];
-        bool bon[2];
-        float unit[2];
-        mp_mma_pass_inputs(nt, [t0](int u) { return t0 + u; }, K, xd, xs, xunit, lane, bq, bon, sq, unit);
-        float res[2] = {0.0f, 0.0f};  // res[1]: no second n-tile up to 2 tokens
-        mp_mma_dispatch<QT>(al, nt, w, row_bytes, wN, wn0, K, warp, warps, bq, bon, sq, unit, lane, res);
+    if (!LONG) {  // one pass of up to 4 tokens
+        mp_dense_mma_tokens<QT>(0, T < 4 ? T : 4, w, row_bytes, wN, wn0, N, n0, K, xd, xs, xunit, warp, warps, lane, m,
+                                out0, out1, out2, part);
+        return;
+    }
+    for (int t0 = 0; t0 < T; t0 += 4) {  // passes of 4 over the same (staged) rows
         if (t0) mp_syncthreads();  // the last pass's values are read
-        part[warp][0][lane] = res[0];
-        part[warp][1][lane] = res[1];
-        mp_syncthreads();
-        for (int j = threadIdx.x; j < 64; j += (int)blockDim.x) {  // j = 32 i + l: lane l's (row, token) of n-tile i
-            const int i = j >> 5, l = j & 31, t = 2 * i + ((l & 3) >> 1), n = n0 + (l >> 2) + 8 * (l & 1);
-            if (t < nt && n < N) {
-                float v = part[0][i][l];
-                for (int u = 1; u < warps; ++u) v = mp_fadd(v, part[u][i][l]);
-                mp_pick_out(m, out0, out1, out2)[(mp_i64)(t0 + t) * N + n] = v;
-            }
-        }
+        mp_dense_mma_tokens<QT>(t0, T - t0 < 4 ? T - t0 : 4, w, row_bytes, wN, wn0, N, n0, K, xd, xs, xunit, warp, warps,
+                                lane, m, out0, out1, out2, part);
     }
 }
 

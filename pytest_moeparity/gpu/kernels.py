@@ -68,9 +68,9 @@ SPLITK_TILES = (1, 4)     # the token tiles with a split-K dense instance (promp
 # split K only while the plain kernel's grid is small: a large matrix (the output head's 152k rows) already
 # fills the GPU, and splitting it only adds the blocks' shared-memory step
 SPLITK_MAX_GROUPS = _tuning_define("MP_SPLITK_MAX_GROUPS", 2048)
-# Short prompts' Q4_K and Q6_K products on the tensor cores (qmm_experts_mma, qmm_dense_mma: int8 mma over
+# Q4_K and Q6_K products of prompts of 2 or more tokens on the tensor cores (qmm_experts_mma, qmm_dense_mma: int8 mma over
 # exact integer digits of the activations, written once per activation row by act_digits or by the kernel
-# writing the row; compute capability 8.0 or later). MP_MMA=0 keeps them on qmm_experts / qmm_dense_splitk,
+# writing the row; compute capability 8.0 or later). MP_MMA=0 keeps them on qmm_experts / qmm_dense(_splitk),
 # MP_MMA_Q6K=0 keeps only Q6_K there (tuning switches).
 MMA = _tuning_define("MP_MMA", 1)
 MMA_ROWS = 16             # weight rows per warp of the mma kernels
@@ -107,11 +107,11 @@ STAGE_Q4_EXPERTS = _tuning_define("MP_STAGE_Q4_EXPERTS", 1)
 # qmm_experts_mma reads a routing written two or more launches back before its programmatic-launch wait
 # (MP_EXPERTS_EARLY=0: always after it; tuning switch)
 EXPERTS_EARLY = _tuning_define("MP_EXPERTS_EARLY", 1)
-# the longest prompt whose Q4_K / Q6_K products take the tensor cores. Both kernels take the tokens (the
-# experts' pairs) in passes of 4 over the same weight rows, so any length runs there; up to 4 tokens a dense
-# product is one pass and every expert's pairs are (the 30b-a3b shapes: benchmarks/NOTES.md step 42 on
-# longer prompts)
-MMA_MAX_TOKENS = _tuning_define("MP_MMA_MAX_TOKENS", 4)
+# the longest prompt whose Q4_K / Q6_K products take the tensor cores (no limit by default). Both kernels
+# take the tokens (the experts' pairs) in passes of 4 over the same weight rows, so any length runs there
+# (qmm_dense_mma<QT,1> past 4 tokens). H100, 4-layer 30b-a3b, 64 tokens: 3.33 ms against the float kernels'
+# 6.61 (benchmarks/NOTES.md step 42); MP_MMA_MAX_TOKENS=4 keeps longer prompts on the float kernels
+MMA_MAX_TOKENS = _tuning_define("MP_MMA_MAX_TOKENS", 1 << 30)
 # from this many tokens on: a single token's products are as fast on qmm_experts, and act_digits' extra
 # launch then costs more than the tensor cores save (H100, 4-layer 30b-a3b: 0.378 vs 0.363 ms a forward)
 MMA_MIN_TOKENS = _tuning_define("MP_MMA_MIN_TOKENS", 2)
@@ -121,7 +121,7 @@ NAME_EXPRESSIONS: tuple[str, ...] = tuple(
     + [f"qmm_dense_splitk<{q},{nt}>" for q in sorted(KERNEL_QTYPES.values()) for nt in SPLITK_TILES]
     + [f"qmm_experts<{q},{nt}>" for q in sorted(KERNEL_QTYPES.values()) for nt in TOKEN_TILES]
     + [f"qmm_experts_mma<{q}>" for q in MMA_QTYPES] + [f"qmm_experts_mma<{KERNEL_QTYPES[Q.Q4_K]},1>"]
-    + [f"qmm_dense_mma<{q}>" for q in MMA_QTYPES]
+    + [f"qmm_dense_mma<{q}>" for q in MMA_QTYPES] + [f"qmm_dense_mma<{q},1>" for q in MMA_QTYPES]
     + ["act_digits", "norm_digits", "swiglu_digits", "norm_rope_attention", "combine_norm_digits", "expert_group", "router_topk", "moe_route", "moe_combine", "round_bf16", "rms_norm", "add_rms_norm", "softmax_rows", "attention_core",
        "qk_norm_rope", "rope_neox", "swiglu", "add_f32"])
 
@@ -558,7 +558,7 @@ def qmatmul_shared_input(x, wts, *, outs=None, as_qtypes=None, digits=None, back
         if use_mma(be, code, kq, K, T):
             if digits is None:
                 digits = act_digits(x, backend=be)
-            be.launch(f"qmm_dense_mma<{code}>", (sum(_cdiv(N, MMA_ROWS) for N in Ns), 1, 1), (32 * dense_mma_warps(K), 1, 1),
+            be.launch(dense_mma_kernel(code, T), (sum(_cdiv(N, MMA_ROWS) for N in Ns), 1, 1), (32 * dense_mma_warps(K), 1, 1),
                       tuple(wt.raw for wt, _ in pad) + (np.int64(row_bytes),) + tuple(np.int32(n) for n in Np)
                       + (np.int32(K), *digits, np.int32(T)) + tuple(o for _, o in pad))
             continue
@@ -676,6 +676,12 @@ def experts_mma_kernel(code: int, row_bytes: int) -> str:
     if code == KERNEL_QTYPES[Q.Q4_K] and STAGE_Q4_EXPERTS and 16 * row_bytes <= EXPERT_STAGE_BYTES:
         return f"qmm_experts_mma<{code},1>"
     return f"qmm_experts_mma<{code}>"
+
+
+def dense_mma_kernel(code: int, T: int) -> str:
+    """The qmm_dense_mma instance for T tokens: one pass up to 4 (<code>), passes of 4 over the same rows
+    past that (<code,1>; its own instance, so that the short prompts' code is what it was)."""
+    return f"qmm_dense_mma<{code}>" if T <= 4 else f"qmm_dense_mma<{code},1>"
 
 
 def dense_mma_warps(K: int) -> int:
