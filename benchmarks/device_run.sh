@@ -5,12 +5,12 @@
 # after `../shared/gpu/wheels.sh` here, with `.whl` carried. In order: the GPU tests (GPU_TESTS_K: a -k
 # expression, to run fewer), the built-in tiny
 # check, bench_launch_floor.py (launch-floor.json; FLOOR=0 skips it), the per-kernel device times of a 4-layer
-# 30b-a3b-shaped model at 3 tokens under programmatic dependent launch (then for each of the compile
+# 30b-a3b-shaped model at 3 tokens (PROFILE_TOKENS: others, e.g. 3,64) under programmatic dependent launch (then for each of the compile
 # options in PROFILE_VARIANTS, ';'-separated, its table only), Nsight Compute's sections on the first 6
 # expert-product launches of that model (ordinary launches; NCU=0 skips it; NCU_KERNELS: another kernel-name
 # regex, e.g. "norm_rope_attention|moe_route", NCU_COUNT: launches, default 6; NCU_VARIANT: compile options
 # of a second run, same file), the full 30b-a3b forward at
-# 3 and 64 tokens (BENCH_TOKENS: others; FULL=0 skips the full model; the models are made in the background meanwhile), a same-machine baseline at 3 tokens,
+# 3 and 64 tokens (BENCH_TOKENS: others; FULL=0 skips the full model; the models are made in the background meanwhile), a same-machine baseline at 3 tokens (BASE_TOKENS: others),
 # then, while under DEVICE_RUN_BUDGET_S (default 250) seconds have passed, the heavy pytest wall time.
 # The baseline is the tree in .gpu/base where there is one (made here with
 # `mkdir -p .gpu/base && git archive REV | tar -x -C .gpu/base`, `.gpu` ignored and carried), else this tree
@@ -38,7 +38,7 @@ if [ "${FLOOR:-1}" != 0 ]; then  # FLOOR=0 skips it
   timeout 60 python3 benchmarks/bench_launch_floor.py --out "$out/launch-floor.json" 2>&1 | grep -E "^\||launch"; el "launch floor"
 fi
 while [ ! -s /tmp/30b4.gguf ]; do sleep 2; done; el "4-layer model made"
-MOEPARITY_PDL=1 timeout 90 python3 benchmarks/profile_gpu.py --model /tmp/30b4.gguf --tokens 3 --graph-only --top 22 \
+MOEPARITY_PDL=1 timeout 90 python3 benchmarks/profile_gpu.py --model /tmp/30b4.gguf --tokens "${PROFILE_TOKENS:-3}" --graph-only --top 22 \
   --tag 30b4-pdl-on --out "$out/profile-30b4-pdl-on.json" 2>&1 | grep -E "^\||graph" | cut -c1-120 | head -30
 # compile-option variants of the same profile, tables printed only: PROFILE_VARIANTS="-DMP_MMA_Q6K=0;-DMP_FUSE_DIGITS=0"
 IFS=';' read -ra variants <<< "${PROFILE_VARIANTS:-}"
@@ -74,10 +74,10 @@ timeout 100 python3 benchmarks/bench_gpu.py --model /tmp/30b.gguf --tokens "${BE
   --out "$out/gpu-30b-a3b.json" > "$out/bench.log" 2>&1; el "bench rc=$?"
 summary "$out/gpu-30b-a3b.json" "this tree:"
 if [ -d .gpu/base/benchmarks ]; then
-  (cd .gpu/base && timeout 80 python3 benchmarks/bench_gpu.py --model /tmp/30b.gguf --tokens 3 --repeat 3 \
+  (cd .gpu/base && timeout 80 python3 benchmarks/bench_gpu.py --model /tmp/30b.gguf --tokens "${BASE_TOKENS:-3}" --repeat 3 \
      --tag 30b-a3b-baseline --out "$out/gpu-30b-a3b-baseline.json" >> "$out/bench.log" 2>&1); el "baseline (.gpu/base) rc=$?"
 else
-  MOEPARITY_NVRTC_OPTIONS="$base_opts" timeout 60 python3 benchmarks/bench_gpu.py --model /tmp/30b.gguf --tokens 3 \
+  MOEPARITY_NVRTC_OPTIONS="$base_opts" timeout 60 python3 benchmarks/bench_gpu.py --model /tmp/30b.gguf --tokens "${BASE_TOKENS:-3}" \
     --repeat 3 --tag 30b-a3b-baseline --out "$out/gpu-30b-a3b-baseline.json" >> "$out/bench.log" 2>&1
   el "baseline ($base_opts) rc=$?"
 fi
