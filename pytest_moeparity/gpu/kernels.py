@@ -68,9 +68,9 @@ SPLITK_TILES = (1, 4)     # the token tiles with a split-K dense instance (promp
 # split K only while the plain kernel's grid is small: a large matrix (the output head's 152k rows) already
 # fills the GPU, and splitting it only adds the blocks' shared-memory step
 SPLITK_MAX_GROUPS = _tuning_define("MP_SPLITK_MAX_GROUPS", 2048)
-# Q4_K and Q6_K products of prompts of 2 or more tokens on the tensor cores (qmm_experts_mma, qmm_dense_mma: int8 mma over
-# exact integer digits of the activations, written once per activation row by act_digits or by the kernel
-# writing the row; compute capability 8.0 or later). MP_MMA=0 keeps them on qmm_experts / qmm_dense(_splitk),
+# Q4_K and Q6_K products of prompts of 2 or more tokens on the tensor cores (qmm_experts_mma, qmm_dense_mma:
+# int8 mma over exact integer digits of the activations, written once per activation row by act_digits or by
+# the kernel writing the row; compute capability 8.0 or later). MP_MMA=0 keeps them on qmm_experts / qmm_dense(_splitk),
 # MP_MMA_Q6K=0 keeps only Q6_K there (tuning switches).
 MMA = _tuning_define("MP_MMA", 1)
 MMA_ROWS = 16             # weight rows per warp of the mma kernels
