@@ -581,8 +581,8 @@ def test_act_digits_are_the_exact_integer_form(backend, Kc):  # 553: three slabs
 
 
 @pytest.mark.parametrize("T", [2, 3, 4, 11])  # 11: a long prompt (MMA_MAX_TOKENS raised), experts of many passes
-@pytest.mark.parametrize("qt,Kc", [(Q.Q4_K, 768), (Q.Q4_K, 2048), (Q.Q6_K, 768)],  # Q6_K: 630-byte rows, 2-byte aligned
-                         ids=["Q4_K-staged", "Q4_K", "Q6_K"])
+@pytest.mark.parametrize("qt,Kc", [(Q.Q4_K, 768), (Q.Q4_K, 2048), (Q.Q6_K, 768), (Q.Q6_K, 2048)],
+                         ids=["Q4_K-staged", "Q4_K", "Q6_K", "Q6_K-long"])  # Q6_K: 630- / 1680-byte rows, 2-byte aligned
 def test_experts_tensor_core_path(backend, T, qt, Kc, monkeypatch):
     """Q4_K and Q6_K expert products run on the tensor-core kernel (exact integer digits of the
     activations) where the device has it: float64's products within 1e-5 on rows with a wide dynamic
@@ -607,8 +607,8 @@ def test_experts_tensor_core_path(backend, T, qt, Kc, monkeypatch):
     out = _poisoned(backend, (T, k, N))
     Kn.qmatmul_experts(_dev(backend, x), wt3, routing, out=out, backend=backend)
     if hasattr(backend, "launches"):
-        # K = 768: a warp's 16 rows are staged in shared memory (Q4_K: 432-byte rows, the <12,1> instance);
-        # Q4_K K = 2048 (1152-byte rows): <12>, the rows read where they lie
+        # K = 768: a warp's 16 rows are staged in shared memory (Q4_K: 432-byte rows, the <12,1> instance;
+        # Q6_K's 630-byte rows by <14>); K = 2048 (Q4_K 1152-, Q6_K 1680-byte rows): read where they lie
         want = ["act_digits", Kn.experts_mma_kernel(Kn.KERNEL_QTYPES[qt], int(raw.shape[-1]))]
         staged = qt == Q.Q4_K and Kc == 768 and Kn.STAGE_Q4_EXPERTS
         assert want[1] == f"qmm_experts_mma<{Kn.KERNEL_QTYPES[qt]}" + (",1>" if staged else ">")
