@@ -997,7 +997,7 @@ MP_MATMUL_GLOBAL void qmm_experts(const mp_u8* __restrict__ w0, const mp_u8* __r
     }
 }
 
-// ---- short prompts' Q4_K (and Q6_K, below) expert products on the tensor cores (compute capability 8.0+) --
+// ---- Q4_K (and Q6_K, below) expert products of 2 or more tokens on the tensor cores (compute capability 8.0+)
 // The activations are first written exactly enough as integers, once per activation row (act_digits):
 // with 2^E above the row's largest |x|, N_k = rint(x_k 2^(30 - E)) (|N_k| <= 2^30: an error of at most
 // 2^-31 of 2^E, far below float32's rounding of the products), stored as four signed base-256 digits
@@ -2168,7 +2168,7 @@ extern "C" MP_GLOBAL void add_rms_norm(const float* __restrict__ a, const float*
     mp_rms_norm_row(sum + off, n, weight, eps, out + off, lane);
 }
 
-// ---- row kernels that also write their output's digits (short prompts on the tensor cores) ---------------
+// ---- row kernels that also write their output's digits (prompts of 2 or more tokens on the tensor cores) ---
 // The tensor-core products read their input's digits (act_digits); where the kernel that writes the input
 // row writes them too, act_digits' launch is saved. A block of MP_DIGITS_THREADS threads per row, thread
 // tid holding the row's 4-value groups tid + MP_DIGITS_THREADS i as act_digits' threads do, for rows of up
@@ -2319,7 +2319,7 @@ extern "C" MP_GLOBAL void norm_digits(const float* __restrict__ a, const float* 
                                    xs + off / 32, xunit + r, tid, sq, wmax, sinv);
 }
 
-// ---- the layer boundary in one launch (short prompts): the experts' combination, the residual, the next norm --
+// ---- the layer boundary in one launch (tensor-core prompts): the experts' combination, the residual, the next norm
 // Block t (grid T, MP_DIGITS_THREADS threads) for a row of n columns (a multiple of 32, at most
 // MP_ROW_BLOCK_COLS): out = moe_combine's row t (slots in `order`, each product and sum rounded as there;
 // a chunk of MP_COMBINE_SLOTS slots' loads issued together), res = x + out (its residual), then normed =
