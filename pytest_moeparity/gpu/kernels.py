@@ -873,10 +873,10 @@ def moe_combine(y, weights, routing: ExpertRouting, *, residual=None, backend: B
 def moe_combine_norm(y, weights, routing: ExpertRouting, residual, norm_weight, eps: float, *,
                      backend: Backend | None = None) -> tuple:
     """The layer boundary of a prompt whose next products take the tensor cores: ``(out, res, normed,
-    digits)`` = :func:`moe_combine` with ``residual`` (the combination and the post-FFN residual), then :func:`rms_norm` of the residual with
-    ``norm_weight`` (the next layer's attn_norm, or the output norm) and its digits, bit for bit, from one
-    launch (kernel ``combine_norm_digits``, a block per token) where the rows have up to ROW_BLOCK_COLS
-    columns, a multiple of 32; else from those two."""
+    digits)`` = :func:`moe_combine` with ``residual`` (the combination and the post-FFN residual), then
+    :func:`rms_norm` of the residual with ``norm_weight`` (the next layer's attn_norm, or the output norm)
+    and its digits, bit for bit, from one launch (kernel ``combine_norm_digits``, a block per token) where
+    the rows have up to ROW_BLOCK_COLS columns, a multiple of 32; else from those two."""
     be = _backend(backend)
     T, k, N = (int(s) for s in y.shape)
     norm_weight = _f32c("moe_combine_norm: norm_weight", norm_weight, be)
