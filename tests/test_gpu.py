@@ -737,41 +737,6 @@ def test_dense_tensor_core_path(backend, T, Kc, monkeypatch):
     assert np.array_equal(got[rest], _host(backend, outs[1])[rest]), "the other tokens' products must not change"
 
 
-@pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q6_K])
-def test_dense_long_prompt_row_groups(backend, qtype, monkeypatch):
-    """Past 4 tokens a qmm_dense_mma block takes DENSE_LONG_GROUPS row groups of 16 (one pass's digits read
-    once for all of them), staged in dynamic shared memory: the launch asks for the rows and the warps'
-    values; where the device's limit leaves no room for the rows they are read from L2 instead, bit for bit
-    the same products (within 1e-5 of float64), every output written."""
-    from pytest_moeparity.gpu import kernels as Kn
-
-    if not backend.mma:
-        pytest.skip("the device has no int8 mma (compute capability below 8.0)")
-    T, Kc, N = 9, 2048, 83  # 83 rows: the last block's second group past the end
-    monkeypatch.setattr(Kn, "MMA_MAX_TOKENS", max(Kn.MMA_MAX_TOKENS, T))
-    rng = _rng("dense-long-groups", qtype.name)
-    raw = _quantized(rng, qtype, (N, Kc))
-    wt = _device_tensor(backend, raw, qtype, (N, Kc))
-    code = Kn.KERNEL_QTYPES[qtype]
-    staged = Kn.dense_mma_stage_bytes(backend, code, wt.row_bytes, Kc, T)
-    part = Kn.dense_mma_warps(Kc) * Kn.DENSE_LONG_GROUPS * 256
-    pad = Kn.Q4_STAGE_PAD if qtype == Q.Q4_K else 0
-    assert staged == part + Kn.MMA_ROWS * Kn.DENSE_LONG_GROUPS * (wt.row_bytes + pad)
-    assert Kn.dense_mma_stage_bytes(backend, code, wt.row_bytes, Kc, 4) == 0  # short prompts: static only
-    x = (rng.standard_normal((T, Kc)) * np.exp2(rng.integers(-6, 6, size=(T, Kc)))).astype(np.float32)
-    xd = _dev(backend, x)
-    got = _host(backend, Kn.qmatmul(xd, wt, out=_poisoned(backend, (T, N)), backend=backend))
-    _assert_written(got, f"long-prompt {qtype.name} product")
-    w = _deq(raw, qtype, (N, Kc)).astype(np.float64)
-    _assert_close(got, x.astype(np.float64) @ w.T, f"long-prompt {qtype.name} product",
-                  ref_abs=np.abs(x.astype(np.float64)) @ np.abs(w.T))
-    monkeypatch.setattr(backend, "dyn_smem_max", part + Kn.DENSE_STATIC_SMEM)  # no room for the rows
-    assert Kn.dense_mma_stage_bytes(backend, code, wt.row_bytes, Kc, T) == part
-    unstaged = _host(backend, Kn.qmatmul(xd, wt, out=_poisoned(backend, (T, N)), backend=backend))
-    _assert_written(unstaged, f"long-prompt {qtype.name} product, rows unstaged")
-    assert np.array_equal(unstaged, got), "rows read from L2 must give the staged rows' products"
-
-
 def _assert_records(backend, r) -> None:
     """r.records against its pairs / offsets / active: per active slot {expert, first place, one past the
     last, 0, the first 4 pairs with the last repeated}, {-1, 0, 0, 0, -1 x 4} past them."""

@@ -34,7 +34,6 @@ static mp_dim3 threadIdx, blockIdx, blockDim, gridDim;
 void mp_emu_warp_allreduce(float* v, int n);
 void mp_emu_warp_allreduce_max(float* v, int n);
 void mp_emu_syncthreads();
-unsigned mp_emu_dynamic_smem = 0;  // the launch's dynamic shared memory bytes (mp_dynamic_smem_bytes)
 typedef unsigned int mp_emu_u32;
 void mp_emu_mma_u8s8(const mp_emu_u32* a, const mp_emu_u32* b, int* d);
 void mp_emu_mma_s8s8_k16(const mp_emu_u32* a, const mp_emu_u32* b, int* d);
@@ -392,7 +391,7 @@ void emu_guarded_free(void* base, size_t len) { munmap(base, len); }
 // *fault_addr); 3 on a misaligned wide load (its address in *fault_addr, its width in `err`); -1 for an
 // unknown kernel.
 int emu_launch(const char* name, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz,
-               unsigned shared, void** args, int coroutines, char* err, int err_len, void** fault_addr) {
+               void** args, int coroutines, char* err, int err_len, void** fault_addr) {
     const MpEntry* e = find_entry(name);
     if (!e) return -1;
     g_invoke = e->invoke;
@@ -400,11 +399,6 @@ int emu_launch(const char* name, unsigned gx, unsigned gy, unsigned gz, unsigned
     g_error.clear();
     gridDim = {gx, gy, gz};
     blockDim = {bx, by, bz};
-    if (shared > MP_DYNAMIC_SMEM_MAX) {
-        std::snprintf(err, err_len, "%u bytes of dynamic shared memory: at most %u", shared, (unsigned)MP_DYNAMIC_SMEM_MAX);
-        return 1;
-    }
-    mp_emu_dynamic_smem = shared;
     unsigned n_threads = bx * by * bz;
     if (coroutines && n_threads > kMaxThreads) {
         std::snprintf(err, err_len, "block of %u threads: the emulator runs at most %u", n_threads, kMaxThreads);

@@ -85,7 +85,7 @@ def load_library():
         if _LIB is None:
             lib = ctypes.CDLL(str(build_library()))
             lib.emu_launch.restype = ctypes.c_int
-            lib.emu_launch.argtypes = [ctypes.c_char_p] + [ctypes.c_uint] * 7 + [
+            lib.emu_launch.argtypes = [ctypes.c_char_p] + [ctypes.c_uint] * 6 + [
                 ctypes.POINTER(ctypes.c_void_p), ctypes.c_int, ctypes.c_char_p, ctypes.c_int,
                 ctypes.POINTER(ctypes.c_void_p)]
             lib.emu_signature.restype = ctypes.c_int
@@ -147,9 +147,7 @@ class EmulatorBackend(K.Backend):
     def mem_info(self):
         return self.free_bytes, self.total_bytes
 
-    dyn_smem_max = K.DYNAMIC_SMEM_MAX
-
-    def launch(self, name, grid, block, args, shared=0):
+    def launch(self, name, grid, block, args):
         K.check_args(name, args, self.is_array)
         if name not in K.NAME_EXPRESSIONS:
             raise K.KernelError(f"kernel {name!r} is not among the compiled name expressions")
@@ -190,7 +188,7 @@ class EmulatorBackend(K.Backend):
             uses_warp = name.split("<", 1)[0] in K.WARP_KERNELS
             g = tuple(int(v) for v in grid) + (1,) * (3 - len(grid))
             b = tuple(int(v) for v in block) + (1,) * (3 - len(block))
-            rc = self.lib.emu_launch(name.encode(), *g, *b, int(shared), ptrs, int(uses_warp), err, 512, ctypes.byref(fault))
+            rc = self.lib.emu_launch(name.encode(), *g, *b, ptrs, int(uses_warp), err, 512, ctypes.byref(fault))
             self.launches.append(name)
             self._count_launch()
             if rc == -1:

@@ -315,26 +315,6 @@ void mp_emu_syncthreads();
 #else
 #define MP_SHARED __shared__
 #endif
-// a kernel's dynamic shared memory (its size set by the launch: mp_dynamic_smem_bytes); the emulator keeps
-// a static of the largest size a block may have (227 KB, sm_90's opt-in limit)
-#define MP_DYNAMIC_SMEM_MAX 232448
-#ifdef MOEPARITY_EMULATOR
-extern unsigned mp_emu_dynamic_smem;  // the launch's, set by emu_launch
-#define MP_DYNAMIC_SHARED(T, name) static T name[MP_DYNAMIC_SMEM_MAX / sizeof(T)]
-#else
-#define MP_DYNAMIC_SHARED(T, name) extern __shared__ T name[]
-#endif
-MP_HD unsigned mp_dynamic_smem_bytes() {
-#ifdef MOEPARITY_EMULATOR
-    return mp_emu_dynamic_smem;
-#elif defined(__CUDA_ARCH__)
-    unsigned v;
-    asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(v));
-    return v;
-#else
-    return 0;
-#endif
-}
 MP_HD void mp_syncthreads() {
 #ifdef MOEPARITY_EMULATOR
     mp_emu_syncthreads();
@@ -1270,37 +1250,32 @@ MP_HD void mp_mma_scale_add(const float (&d)[2], const int (&ia)[4], float (&acc
     acc[3] = fmaf(d[1], (float)ia[3], acc[3]);
 }
 
-// One warp, one pass of up to 2 TILES tokens: rows n0 + 16 g + gid and n0 + 16 g + gid + 8 (clamped to
-// N - 1) of lane 4 gid + tig for each of the G row groups g (G > 1: long prompts, whose digits are then
-// loaded once a super-block for all G groups' rows; res[g] is group g's). In n-tile i the lane's B column
-// gid is digit gid & 3 of the token whose digits start at bq[i] (bon[i]: a token of the pass, else zeros),
-// and its D columns 2 tig, 2 tig + 1 are digits 2 (tig & 1) + 0, 1 of the token whose sub-block sums start
-// at sq[i] (and unit is unit[i]); it sums that token's mins' term for its own row (gid for tig even, gid +
-// 8 for odd), gets the other half of its digits from lane ^ 1 and returns that (row, token) value over
-// super-blocks s0, s0 + step, ... of the K / 256 in res[g][i]. Each super-block's loads (weights, digits,
-// sums) are issued together before any is used (group 0's weights; a later group's after the one before).
-template <bool AL, int TILES, int G>
+// One warp, one pass of up to 2 TILES tokens: rows n0 + gid and n0 + gid + 8 (clamped to N - 1) of lane
+// 4 gid + tig. In n-tile i the lane's B column gid is digit gid & 3 of the token whose digits start at
+// bq[i] (bon[i]: a token of the pass, else zeros), and its D columns 2 tig, 2 tig + 1 are digits
+// 2 (tig & 1) + 0, 1 of the token whose sub-block sums start at sq[i] (and unit is unit[i]); it sums that
+// token's mins' term for its own row (gid for tig even, gid + 8 for odd), gets the other half of its
+// digits from lane ^ 1 and returns that (row, token) value over super-blocks s0, s0 + step, ... of the
+// K / 256 in res[i]. Each super-block's loads (weights, digits, sums) are issued together before any is
+// used.
+template <bool AL, int TILES>
 MP_HD void mp_mma_q4k_pass(const mp_u8* __restrict__ we, mp_i64 row_bytes, int N, int n0, int K, int s0, int step,
                            const mp_u32* const (&bq)[2], const bool (&bon)[2], const float* const (&sq)[2],
-                           const float (&unit)[2], int lane, float (&res)[G][2]) {
+                           const float (&unit)[2], int lane, float (&res)[2]) {
     const int tig = lane & 3, own = tig & 1;
-    const mp_u8* rows[G][2];
-    float acc[G][TILES][4], mins[G][TILES];
-#pragma unroll
-    for (int rg = 0; rg < G; ++rg) mp_mma_pass_start<TILES>(we, row_bytes, N, n0 + 16 * rg, lane, rows[rg], acc[rg], mins[rg]);
+    const mp_u8* rows[2];
+    float acc[TILES][4], mins[TILES];
+    mp_mma_pass_start<TILES>(we, row_bytes, N, n0, lane, rows, acc, mins);
     for (int s = s0; s < (K >> 8); s += step) {
         mp_u32 h[2][4], q[2][4][2], b[TILES][8][2];
         float xsv[TILES][8];
-        auto weights = [&](int rg) {  // group rg's two rows' super-block s
 #pragma unroll
-            for (int r = 0; r < 2; ++r) {
-                const mp_u8* blk = rows[rg][r] + (mp_i64)s * 144;
-                mp_w128<AL>(blk, h[r]);
+        for (int r = 0; r < 2; ++r) {
+            const mp_u8* blk = rows[r] + (mp_i64)s * 144;
+            mp_w128<AL>(blk, h[r]);
 #pragma unroll
-                for (int g = 0; g < 4; ++g) mp_w64<AL>(blk + 16 + 32 * g + 8 * tig, q[r][g]);
-            }
-        };
-        weights(0);
+            for (int g = 0; g < 4; ++g) mp_w64<AL>(blk + 16 + 32 * g + 8 * tig, q[r][g]);
+        }
 #pragma unroll
         for (int i = 0; i < TILES; ++i) {
 #pragma unroll
@@ -1313,56 +1288,51 @@ MP_HD void mp_mma_q4k_pass(const mp_u8* __restrict__ we, mp_i64 row_bytes, int N
 #pragma unroll
             for (int c = 0; c < 4; ++c) xsv[i][4 + c] = mp_bits_to_float(v[c]);
         }
+        float d[2];
+        mp_u32 sc[2][2], unused;  // [row][sub-blocks 0-3, 4-7]
 #pragma unroll
-        for (int rg = 0; rg < G; ++rg) {
-            if (rg) weights(rg);
-            float d[2];
-            mp_u32 sc[2][2], unused;  // [row][sub-blocks 0-3, 4-7]
+        for (int r = 0; r < 2; ++r) {
+            d[r] = mp_half_to_float(h[r][0] & 0xFFFFu);
+            mp_scale_min_k4_words(h[r][1], h[r][2], h[r][3], false, sc[r][0], unused);
+            mp_scale_min_k4_words(h[r][1], h[r][2], h[r][3], true, sc[r][1], unused);
+        }
+        int ia[TILES][4];
 #pragma unroll
-            for (int r = 0; r < 2; ++r) {
-                d[r] = mp_half_to_float(h[r][0] & 0xFFFFu);
-                mp_scale_min_k4_words(h[r][1], h[r][2], h[r][3], false, sc[r][0], unused);
-                mp_scale_min_k4_words(h[r][1], h[r][2], h[r][3], true, sc[r][1], unused);
-            }
-            int ia[TILES][4];
+        for (int i = 0; i < TILES; ++i) ia[i][0] = ia[i][1] = ia[i][2] = ia[i][3] = 0;
 #pragma unroll
-            for (int i = 0; i < TILES; ++i) ia[i][0] = ia[i][1] = ia[i][2] = ia[i][3] = 0;
-#pragma unroll
-            for (int j = 0; j < 8; ++j) {  // sub-block j: low nibbles of group j / 2 (even j), high (odd j)
-                const int g = j >> 1, sh = 4 * (j & 1);
-                const mp_u32 a[4] = {(q[0][g][0] >> sh) & 0x0F0F0F0Fu, (q[1][g][0] >> sh) & 0x0F0F0F0Fu,
-                                     (q[0][g][1] >> sh) & 0x0F0F0F0Fu, (q[1][g][1] >> sh) & 0x0F0F0F0Fu};
-                const int s0 = (int)mp_byte8(sc[0], j), s1 = (int)mp_byte8(sc[1], j);
-#pragma unroll
-                for (int i = 0; i < TILES; ++i) {
-                    const mp_u32 bb[2] = {bon[i] ? b[i][j][0] : 0u, bon[i] ? b[i][j][1] : 0u};
-                    int dd[4];
-                    mp_mma_u8s8(a, bb, dd);
-                    ia[i][0] += s0 * dd[0];
-                    ia[i][1] += s0 * dd[1];
-                    ia[i][2] += s1 * dd[2];
-                    ia[i][3] += s1 * dd[3];
-                }
-            }
-            // this lane's own row's mins and dmin
-            const float dm = mp_half_to_float((own ? h[1][0] : h[0][0]) >> 16);
-            const mp_u32 ho1 = own ? h[1][1] : h[0][1], ho2 = own ? h[1][2] : h[0][2], ho3 = own ? h[1][3] : h[0][3];
-            mp_u32 mo[2];
-            mp_scale_min_k4_words(ho1, ho2, ho3, false, unused, mo[0]);
-            mp_scale_min_k4_words(ho1, ho2, ho3, true, unused, mo[1]);
+        for (int j = 0; j < 8; ++j) {  // sub-block j: low nibbles of group j / 2 (even j), high (odd j)
+            const int g = j >> 1, sh = 4 * (j & 1);
+            const mp_u32 a[4] = {(q[0][g][0] >> sh) & 0x0F0F0F0Fu, (q[1][g][0] >> sh) & 0x0F0F0F0Fu,
+                                 (q[0][g][1] >> sh) & 0x0F0F0F0Fu, (q[1][g][1] >> sh) & 0x0F0F0F0Fu};
+            const int s0 = (int)mp_byte8(sc[0], j), s1 = (int)mp_byte8(sc[1], j);
 #pragma unroll
             for (int i = 0; i < TILES; ++i) {
-                mp_mma_scale_add(d, ia[i], acc[rg][i]);
-                float ms = 0.0f;
-#pragma unroll
-                for (int j = 0; j < 8; ++j)
-                    ms = fmaf(mp_fsub(mp_bits_to_float(0x4B000000u | mp_byte8(mo, j)), 8388608.0f), xsv[i][j], ms);
-                mins[rg][i] = fmaf(dm, ms, mins[rg][i]);
+                const mp_u32 bb[2] = {bon[i] ? b[i][j][0] : 0u, bon[i] ? b[i][j][1] : 0u};
+                int dd[4];
+                mp_mma_u8s8(a, bb, dd);
+                ia[i][0] += s0 * dd[0];
+                ia[i][1] += s0 * dd[1];
+                ia[i][2] += s1 * dd[2];
+                ia[i][3] += s1 * dd[3];
             }
-        }  // rg
-    }
+        }
+        // this lane's own row's mins and dmin
+        const float dm = mp_half_to_float((own ? h[1][0] : h[0][0]) >> 16);
+        const mp_u32 ho1 = own ? h[1][1] : h[0][1], ho2 = own ? h[1][2] : h[0][2], ho3 = own ? h[1][3] : h[0][3];
+        mp_u32 mo[2];
+        mp_scale_min_k4_words(ho1, ho2, ho3, false, unused, mo[0]);
+        mp_scale_min_k4_words(ho1, ho2, ho3, true, unused, mo[1]);
 #pragma unroll
-    for (int rg = 0; rg < G; ++rg) mp_mma_digits_result<TILES>(acc[rg], mins[rg], unit, lane, res[rg]);
+        for (int i = 0; i < TILES; ++i) {
+            mp_mma_scale_add(d, ia[i], acc[i]);
+            float ms = 0.0f;
+#pragma unroll
+            for (int j = 0; j < 8; ++j)
+                ms = fmaf(mp_fsub(mp_bits_to_float(0x4B000000u | mp_byte8(mo, j)), 8388608.0f), xsv[i][j], ms);
+            mins[i] = fmaf(dm, ms, mins[i]);
+        }
+    }
+    mp_mma_digits_result<TILES>(acc, mins, unit, lane, res);
 }
 
 // The activation operands of a pass of nt (<= 4) tokens whose digit rows are row_of(0 .. nt - 1), for lane
@@ -1402,32 +1372,28 @@ MP_HD mp_u32 mp_q6_s8(mp_u32 q) {
 }
 
 // as mp_mma_q4k_pass (sq is not read: no mins); AL: the rows' super-blocks are 2-byte aligned
-template <bool AL, int TILES, int G>
+template <bool AL, int TILES>
 MP_HD void mp_mma_q6k_pass(const mp_u8* __restrict__ we, mp_i64 row_bytes, int N, int n0, int K, int s0, int step,
                            const mp_u32* const (&bq)[2], const bool (&bon)[2], const float (&unit)[2], int lane,
-                           float (&res)[G][2]) {
+                           float (&res)[2]) {
     const int tig = lane & 3;
-    const mp_u8* rows[G][2];
-    float acc[G][TILES][4], mins[G][TILES];
-#pragma unroll
-    for (int rg = 0; rg < G; ++rg) mp_mma_pass_start<TILES>(we, row_bytes, N, n0 + 16 * rg, lane, rows[rg], acc[rg], mins[rg]);
+    const mp_u8* rows[2];
+    float acc[TILES][4], mins[TILES];
+    mp_mma_pass_start<TILES>(we, row_bytes, N, n0, lane, rows, acc, mins);
     for (int s = s0; s < (K >> 8); s += step) {
         mp_u32 ql[2][8], qh[2][4], sc[2][4], b[TILES][8][2];
         float d[2];
-        auto weights = [&](int rg) {  // group rg's two rows' super-block s
 #pragma unroll
-            for (int r = 0; r < 2; ++r) {
-                const mp_u8* blk = rows[rg][r] + (mp_i64)s * 210;
+        for (int r = 0; r < 2; ++r) {
+            const mp_u8* blk = rows[r] + (mp_i64)s * 210;
 #pragma unroll
-                for (int i = 0; i < 8; ++i) ql[r][i] = mp_h32<AL>(blk + 16 * i + 4 * tig);  // i = 4 h + 2 (qd & 1) + u
+            for (int i = 0; i < 8; ++i) ql[r][i] = mp_h32<AL>(blk + 16 * i + 4 * tig);  // i = 4 h + 2 (qd & 1) + u
 #pragma unroll
-                for (int i = 0; i < 4; ++i) qh[r][i] = mp_h32<AL>(blk + 128 + 16 * i + 4 * tig);  // i = 2 h + u
+            for (int i = 0; i < 4; ++i) qh[r][i] = mp_h32<AL>(blk + 128 + 16 * i + 4 * tig);  // i = 2 h + u
 #pragma unroll
-                for (int i = 0; i < 4; ++i) sc[r][i] = mp_h32<AL>(blk + 192 + 4 * i);
-                d[r] = mp_hf16<AL>(blk + 208);
-            }
-        };
-        weights(0);
+            for (int i = 0; i < 4; ++i) sc[r][i] = mp_h32<AL>(blk + 192 + 4 * i);
+            d[r] = mp_hf16<AL>(blk + 208);
+        }
 #pragma unroll
         for (int i = 0; i < TILES; ++i) {
             const mp_u32* bs = bq[i] - tig + 32 * (8 * s);  // digit word 4 u + tig (bq[i]: word 2 tig)
@@ -1437,75 +1403,62 @@ MP_HD void mp_mma_q6k_pass(const mp_u8* __restrict__ we, mp_i64 row_bytes, int N
                 b[i][j][1] = bs[32 * j + 4];
             }
         }
+        int ia[TILES][4];
 #pragma unroll
-        for (int rg = 0; rg < G; ++rg) {
-            if (rg) weights(rg);
-            int ia[TILES][4];
+        for (int i = 0; i < TILES; ++i) ia[i][0] = ia[i][1] = ia[i][2] = ia[i][3] = 0;
 #pragma unroll
-            for (int i = 0; i < TILES; ++i) ia[i][0] = ia[i][1] = ia[i][2] = ia[i][3] = 0;
+        for (int j = 0; j < 8; ++j) {  // the 32 values 32 j of the super-block: half j / 4, quarter j % 4
+            const int h = j >> 2, qd = j & 3;
 #pragma unroll
-            for (int j = 0; j < 8; ++j) {  // the 32 values 32 j of the super-block: half j / 4, quarter j % 4
-                const int h = j >> 2, qd = j & 3;
+            for (int u = 0; u < 2; ++u) {
+                mp_u32 a[2];
 #pragma unroll
-                for (int u = 0; u < 2; ++u) {
-                    mp_u32 a[2];
+                for (int r = 0; r < 2; ++r) {
+                    const mp_u32 lo = (ql[r][4 * h + 2 * (qd & 1) + u] >> (4 * (qd >> 1))) & 0x0F0F0F0Fu;
+                    const mp_u32 hw = qh[r][2 * h + u];
+                    const mp_u32 hi = (qd < 2 ? hw << (4 - 2 * qd) : hw >> (2 * qd - 4)) & 0x30303030u;
+                    a[r] = mp_q6_s8(lo | hi);
+                }
+                const int m = 8 * h + 2 * qd + u;  // the scale of these 16 values
+                const int s0v = (int)(signed char)mp_byte(sc[0][m >> 2], (mp_u32)(m & 3));
+                const int s1v = (int)(signed char)mp_byte(sc[1][m >> 2], (mp_u32)(m & 3));
 #pragma unroll
-                    for (int r = 0; r < 2; ++r) {
-                        const mp_u32 lo = (ql[r][4 * h + 2 * (qd & 1) + u] >> (4 * (qd >> 1))) & 0x0F0F0F0Fu;
-                        const mp_u32 hw = qh[r][2 * h + u];
-                        const mp_u32 hi = (qd < 2 ? hw << (4 - 2 * qd) : hw >> (2 * qd - 4)) & 0x30303030u;
-                        a[r] = mp_q6_s8(lo | hi);
-                    }
-                    const int m = 8 * h + 2 * qd + u;  // the scale of these 16 values
-                    const int s0v = (int)(signed char)mp_byte(sc[0][m >> 2], (mp_u32)(m & 3));
-                    const int s1v = (int)(signed char)mp_byte(sc[1][m >> 2], (mp_u32)(m & 3));
-#pragma unroll
-                    for (int i = 0; i < TILES; ++i) {
-                        int dd[4];
-                        mp_mma_s8s8_k16(a, bon[i] ? b[i][j][u] : 0u, dd);
-                        ia[i][0] += s0v * dd[0];
-                        ia[i][1] += s0v * dd[1];
-                        ia[i][2] += s1v * dd[2];
-                        ia[i][3] += s1v * dd[3];
-                    }
+                for (int i = 0; i < TILES; ++i) {
+                    int dd[4];
+                    mp_mma_s8s8_k16(a, bon[i] ? b[i][j][u] : 0u, dd);
+                    ia[i][0] += s0v * dd[0];
+                    ia[i][1] += s0v * dd[1];
+                    ia[i][2] += s1v * dd[2];
+                    ia[i][3] += s1v * dd[3];
                 }
             }
+        }
 #pragma unroll
-            for (int i = 0; i < TILES; ++i) mp_mma_scale_add(d, ia[i], acc[rg][i]);
-        }  // rg
+        for (int i = 0; i < TILES; ++i) mp_mma_scale_add(d, ia[i], acc[i]);
     }
-#pragma unroll
-    for (int rg = 0; rg < G; ++rg) mp_mma_digits_result<TILES>(acc[rg], mins[rg], unit, lane, res[rg]);
+    mp_mma_digits_result<TILES>(acc, mins, unit, lane, res);
 }
 
 // The tensor-core pass of type QT (Q4_K 12, Q6_K 14) for a pass of nt tokens (one n-tile up to 2), with the
 // alignment the warp found (res[1] is left unwritten for one n-tile)
-template <int QT, bool AL, int TILES, int G>
+template <int QT, bool AL, int TILES>
 MP_HD void mp_mma_pass(const mp_u8* __restrict__ we, mp_i64 row_bytes, int N, int n0, int K, int s0, int step,
                        const mp_u32* const (&bq)[2], const bool (&bon)[2], const float* const (&sq)[2],
-                       const float (&unit)[2], int lane, float (&res)[G][2]) {
-    if constexpr (QT == 14) mp_mma_q6k_pass<AL, TILES, G>(we, row_bytes, N, n0, K, s0, step, bq, bon, unit, lane, res);
-    else mp_mma_q4k_pass<AL, TILES, G>(we, row_bytes, N, n0, K, s0, step, bq, bon, sq, unit, lane, res);
-}
-// G row groups of 16 (rows n0 .. n0 + 16 G - 1) sharing the pass's digits; res[g]: group g's values
-template <int QT, int G>
-MP_HD void mp_mma_dispatch_groups(bool al, int nt, const mp_u8* __restrict__ we, mp_i64 row_bytes, int N, int n0, int K,
-                                  int s0, int step, const mp_u32* const (&bq)[2], const bool (&bon)[2],
-                                  const float* const (&sq)[2], const float (&unit)[2], int lane, float (&res)[G][2]) {
-    if (nt <= 2) {
-        if (al) mp_mma_pass<QT, true, 1, G>(we, row_bytes, N, n0, K, s0, step, bq, bon, sq, unit, lane, res);
-        else mp_mma_pass<QT, false, 1, G>(we, row_bytes, N, n0, K, s0, step, bq, bon, sq, unit, lane, res);
-    } else {
-        if (al) mp_mma_pass<QT, true, 2, G>(we, row_bytes, N, n0, K, s0, step, bq, bon, sq, unit, lane, res);
-        else mp_mma_pass<QT, false, 2, G>(we, row_bytes, N, n0, K, s0, step, bq, bon, sq, unit, lane, res);
-    }
+                       const float (&unit)[2], int lane, float (&res)[2]) {
+    if constexpr (QT == 14) mp_mma_q6k_pass<AL, TILES>(we, row_bytes, N, n0, K, s0, step, bq, bon, unit, lane, res);
+    else mp_mma_q4k_pass<AL, TILES>(we, row_bytes, N, n0, K, s0, step, bq, bon, sq, unit, lane, res);
 }
 template <int QT>
 MP_HD void mp_mma_dispatch(bool al, int nt, const mp_u8* __restrict__ we, mp_i64 row_bytes, int N, int n0, int K,
                            int s0, int step, const mp_u32* const (&bq)[2], const bool (&bon)[2],
                            const float* const (&sq)[2], const float (&unit)[2], int lane, float (&res)[2]) {
-    mp_mma_dispatch_groups<QT, 1>(al, nt, we, row_bytes, N, n0, K, s0, step, bq, bon, sq, unit, lane,
-                                  *reinterpret_cast<float(*)[1][2]>(&res));
+    if (nt <= 2) {
+        if (al) mp_mma_pass<QT, true, 1>(we, row_bytes, N, n0, K, s0, step, bq, bon, sq, unit, lane, res);
+        else mp_mma_pass<QT, false, 1>(we, row_bytes, N, n0, K, s0, step, bq, bon, sq, unit, lane, res);
+    } else {
+        if (al) mp_mma_pass<QT, true, 2>(we, row_bytes, N, n0, K, s0, step, bq, bon, sq, unit, lane, res);
+        else mp_mma_pass<QT, false, 2>(we, row_bytes, N, n0, K, s0, step, bq, bon, sq, unit, lane, res);
+    }
 }
 
 // whether the weight rows at w allow the pass's aligned loads (Q4_K: 16 bytes, Q6_K: 2)
@@ -1695,101 +1648,79 @@ MP_HD void mp_stage_rows_strided(mp_u8* dst, const mp_u8* __restrict__ src, int 
     }
     mp_cp_async_wait();
 }
-// qmm_dense_mma's pass over tokens t0 .. t0 + nt - 1 (nt <= 4): each warp's super-blocks of the block's G
-// row groups of 16 (the groups' rows sharing each super-block's digit loads), the warps' values added in
-// shared memory (part) in warp order and stored
-template <int QT, int G>
+// qmm_dense_mma's pass over tokens t0 .. t0 + nt - 1 (nt <= 4): each warp's super-blocks of the block's 16
+// rows, the warps' values added in shared memory (part) in warp order and stored
+template <int QT>
 MP_HD void mp_dense_mma_tokens(int t0, int nt, const mp_u8* __restrict__ w, mp_i64 row_bytes, int wN, int wn0, int N, int n0,
                                int K, const mp_u32* __restrict__ xd, const float* __restrict__ xs,
                                const float* __restrict__ xunit, int warp, int warps, int lane, int m, float* out0,
-                               float* out1, float* out2, float (*part)[G][2][32]) {
+                               float* out1, float* out2, float (*part)[2][32]) {
     const mp_u32* bq[2];
     const float* sq[2];
     bool bon[2];
     float unit[2];
     mp_mma_pass_inputs(nt, [t0](int u) { return t0 + u; }, K, xd, xs, xunit, lane, bq, bon, sq, unit);
     const bool al = mp_mma_aligned<QT>(w, row_bytes);  // uniform over the block
-    float res[G][2];  // res[g][1]: no second n-tile up to 2 tokens
-#pragma unroll
-    for (int g = 0; g < G; ++g) res[g][0] = res[g][1] = 0.0f;
-    mp_mma_dispatch_groups<QT, G>(al, nt, w, row_bytes, wN, wn0, K, warp, warps, bq, bon, sq, unit, lane, res);
-#pragma unroll
-    for (int g = 0; g < G; ++g) {
-        part[warp][g][0][lane] = res[g][0];
-        part[warp][g][1][lane] = res[g][1];
-    }
+    float res[2] = {0.0f, 0.0f};  // res[1]: no second n-tile up to 2 tokens
+    mp_mma_dispatch<QT>(al, nt, w, row_bytes, wN, wn0, K, warp, warps, bq, bon, sq, unit, lane, res);
+    part[warp][0][lane] = res[0];
+    part[warp][1][lane] = res[1];
     mp_syncthreads();
-    for (int j = threadIdx.x; j < 64 * G; j += (int)blockDim.x) {  // j = 64 g + 32 i + l: lane l's (row, token) of group g's n-tile i
-        const int g = G == 1 ? 0 : j >> 6, i = G == 1 ? j >> 5 : (j >> 5) & 1, l = j & 31, t = 2 * i + ((l & 3) >> 1);
-        const int n = n0 + 16 * g + (l >> 2) + 8 * (l & 1);
+    for (int j = threadIdx.x; j < 64; j += (int)blockDim.x) {  // j = 32 i + l: lane l's (row, token) of n-tile i
+        const int i = j >> 5, l = j & 31, t = 2 * i + ((l & 3) >> 1), n = n0 + (l >> 2) + 8 * (l & 1);
         if (t < nt && n < N) {
-            float v = part[0][g][i][l];
-            for (int u = 1; u < warps; ++u) v = mp_fadd(v, part[u][g][i][l]);
+            float v = part[0][i][l];
+            for (int u = 1; u < warps; ++u) v = mp_fadd(v, part[u][i][l]);
             mp_pick_out(m, out0, out1, out2)[(mp_i64)(t0 + t) * N + n] = v;
         }
     }
 }
-// Long prompts (LONG = 1, past 4 tokens): a block takes MP_DENSE_LONG_GROUPS row groups of 16 and the tokens
-// in passes of 4, each pass's digits loaded once a super-block for all its groups: a long prompt's products
-// read every token's digits once a block, so the blocks' rows are what divides that L2 traffic (the head at
-// 64 tokens: 9496 blocks x 512 KB with one group). Its dynamic shared memory (kernels.py:
-// dense_mma_stage_bytes) ends with the warps' values (part: warps x G x 256 bytes) and starts with the
-// block's staged rows where the launch gave room for them, else they are prefetched to L2.
-#ifndef MP_DENSE_LONG_GROUPS
-#define MP_DENSE_LONG_GROUPS 2
-#endif
 template <int QT, int LONG = 0>
 MP_MMA_DENSE_GLOBAL void qmm_dense_mma(const mp_u8* __restrict__ w0, const mp_u8* __restrict__ w1, const mp_u8* __restrict__ w2,
                                        mp_i64 row_bytes, int N0, int N1, int N2, int K, const mp_u32* __restrict__ xd,
                                        const float* __restrict__ xs, const float* __restrict__ xunit, int T,
                                        float* __restrict__ out0, float* __restrict__ out1, float* __restrict__ out2) {
-    constexpr int G = LONG ? MP_DENSE_LONG_GROUPS : 1;  // row groups of 16 a block
-    MP_SHARED float spart[LONG ? 1 : MP_MMA_DENSE_WARPS][G][2][32];
-    // the block's rows (see mp_stage_rows): Q6_K, and Q4_K unless MP_STAGE_Q4_DENSE is 0; LONG: in dyn
-    MP_SHARED mp_u4 stage[LONG ? 1 : QT == 14 ? MP_Q6_DENSE_STAGE / 16 : QT == 12 && MP_STAGE_Q4_DENSE ? MP_Q4_DENSE_STAGE / 16 : 1];
-    MP_DYNAMIC_SHARED(mp_u4, dyn);
+    MP_SHARED float part[MP_MMA_DENSE_WARPS][2][32];
+    // the block's rows (see mp_stage_rows): Q6_K, and Q4_K unless MP_STAGE_Q4_DENSE is 0
+    MP_SHARED mp_u4 stage[QT == 14 ? MP_Q6_DENSE_STAGE / 16 : QT == 12 && MP_STAGE_Q4_DENSE ? MP_Q4_DENSE_STAGE / 16 : 1];
     int group = (int)blockIdx.x;
     const mp_u8* w;
     int N;
-    const int m = mp_pick_matrix(group, 16 * G, w0, w1, w2, N0, N1, N2, w, N);
+    const int m = mp_pick_matrix(group, 16, w0, w1, w2, N0, N1, N2, w, N);
     const int warps = (int)(blockDim.x >> 5), warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int n0 = group * 16 * G;
+    const int n0 = group * 16;
     int wN = N, wn0 = n0;  // the pass's rows: w's rows n0 .. (clamped to N - 1)
-    // LONG: the warps' values at the end of dyn, the rows before them (room: bytes for staged rows)
-    const mp_i64 room = LONG ? (mp_i64)mp_dynamic_smem_bytes() - warps * G * 256 : (mp_i64)sizeof(stage);
-    mp_u8* const st = LONG ? (mp_u8*)dyn : (mp_u8*)stage;
-    float (*part)[G][2][32] = LONG ? (float (*)[G][2][32])(st + room) : spart;
     // the weights were not written by an earlier kernel: staged or prefetched before the wait
-    if (QT == 14 && n0 < N && 16 * G * row_bytes <= room && mp_aligned(w + (mp_i64)n0 * row_bytes, 16)) {
-        wN = N - n0 < 16 * G ? N - n0 : 16 * G;  // uniform over the block
-        mp_stage_rows(st, w + (mp_i64)n0 * row_bytes, (int)(wN * row_bytes), (int)threadIdx.x, (int)blockDim.x);
+    if (QT == 14 && n0 < N && 16 * row_bytes <= MP_Q6_DENSE_STAGE && mp_aligned(w + (mp_i64)n0 * row_bytes, 16)) {
+        wN = N - n0 < 16 ? N - n0 : 16;  // uniform over the block
+        mp_stage_rows((mp_u8*)stage, w + (mp_i64)n0 * row_bytes, (int)(wN * row_bytes), (int)threadIdx.x, (int)blockDim.x);
         mp_syncthreads();
-        w = st;
+        w = (const mp_u8*)stage;
         wn0 = 0;
-    } else if (QT == 12 && MP_STAGE_Q4_DENSE && n0 < N && 16 * G * (row_bytes + MP_Q4_PAD) <= room
+    } else if (QT == 12 && MP_STAGE_Q4_DENSE && n0 < N && 16 * (row_bytes + MP_Q4_PAD) <= MP_Q4_DENSE_STAGE
                && mp_aligned(w + (mp_i64)n0 * row_bytes, 16)) {  // (row_bytes: a multiple of 144, so of 16)
-        wN = N - n0 < 16 * G ? N - n0 : 16 * G;  // uniform over the block
+        wN = N - n0 < 16 ? N - n0 : 16;  // uniform over the block
         const int stride = (int)row_bytes + MP_Q4_PAD;
-        mp_stage_rows_strided(st, w + (mp_i64)n0 * row_bytes, wN, (int)row_bytes, stride, (int)threadIdx.x,
+        mp_stage_rows_strided((mp_u8*)stage, w + (mp_i64)n0 * row_bytes, wN, (int)row_bytes, stride, (int)threadIdx.x,
                               (int)blockDim.x);
         mp_syncthreads();
-        w = st;
+        w = (const mp_u8*)stage;
         wn0 = 0;
         row_bytes = stride;
     } else if (threadIdx.x == 0 && n0 < N) {
-        mp_prefetch_rows(w, row_bytes, N, n0, 16 * G);
+        mp_prefetch_rows(w, row_bytes, N, n0, 16);
     }
     mp_grid_sync();  // the digits were
     if (n0 >= N) return;  // uniform over the block
     if (!LONG) {  // one pass of up to 4 tokens
-        mp_dense_mma_tokens<QT, G>(0, T < 4 ? T : 4, w, row_bytes, wN, wn0, N, n0, K, xd, xs, xunit, warp, warps, lane, m,
-                                   out0, out1, out2, part);
+        mp_dense_mma_tokens<QT>(0, T < 4 ? T : 4, w, row_bytes, wN, wn0, N, n0, K, xd, xs, xunit, warp, warps, lane, m,
+                                out0, out1, out2, part);
         return;
     }
     for (int t0 = 0; t0 < T; t0 += 4) {  // passes of 4 over the same (staged) rows
         if (t0) mp_syncthreads();  // the last pass's values are read
-        mp_dense_mma_tokens<QT, G>(t0, T - t0 < 4 ? T - t0 : 4, w, row_bytes, wN, wn0, N, n0, K, xd, xs, xunit, warp,
-                                   warps, lane, m, out0, out1, out2, part);
+        mp_dense_mma_tokens<QT>(t0, T - t0 < 4 ? T - t0 : 4, w, row_bytes, wN, wn0, N, n0, K, xd, xs, xunit, warp, warps,
+                                lane, m, out0, out1, out2, part);
     }
 }
 

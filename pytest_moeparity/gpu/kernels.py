@@ -92,12 +92,6 @@ ATTN_KV = 4096            # MP_ATTN_KV: the most k values of one kv head (tokens
 ATTN_MAX_T = 32           # MP_ATTN_MAX_T: the most tokens (a warp's scores and probabilities in shared memory)
 QK_NORM_MAX_HEAD_DIM = 2048  # qk_norm_rope: 32 MP_RMS_REGS (a head row in a warp's registers)
 MMA_DENSE_WARPS = 8       # the most warps per block of qmm_dense_mma (MP_MMA_DENSE_WARPS)
-# past 4 tokens a qmm_dense_mma block takes this many row groups of 16 (MP_DENSE_LONG_GROUPS), staged in
-# dynamic shared memory, so that each pass's digits are read from L2 once for all of them
-DENSE_LONG_GROUPS = _tuning_define("MP_DENSE_LONG_GROUPS", 2)
-DYNAMIC_SMEM_MAX = 232448  # MP_DYNAMIC_SMEM_MAX: sm_90's most dynamic shared memory a block (227 KB)
-Q4_STAGE_PAD = 32          # MP_Q4_PAD: bytes between staged Q4_K rows beyond the row
-DENSE_STATIC_SMEM = 1024   # qmm_dense_mma<QT,1>'s own shared variables, rounded up (a 16-byte one and spare)
 # super-blocks each warp of a qmm_dense_mma block walks: warps = K / 256 / this, from 1 to MMA_DENSE_WARPS
 MMA_DENSE_SBS = _tuning_define("MP_MMA_DENSE_SBS", 2)
 MMA_Q6K = _tuning_define("MP_MMA_Q6K", 1)
@@ -235,11 +229,9 @@ class Backend:
     name = "abstract"
     xp: Any = None
     mma = False  # the device runs mma.sync (compute capability 8.0 or later): qmm_experts_mma
-    dyn_smem_max = 48 << 10  # the most shared memory a block may have (static + dynamic; the portable 48 KB)
     oom_errors: tuple[type[BaseException], ...] = (MemoryError,)
 
-    def launch(self, name: str, grid: tuple, block: tuple, args: tuple, shared: int = 0) -> None:
-        """Launch kernel ``name``; ``shared``: bytes of dynamic shared memory (at most DYNAMIC_SMEM_MAX)."""
+    def launch(self, name: str, grid: tuple, block: tuple, args: tuple) -> None:
         raise NotImplementedError
 
     def stream_key(self) -> int:
@@ -297,12 +289,9 @@ class CupyBackend(Backend):
 
         cc = int(cupy.cuda.Device().compute_capability)
         self.mma = cc >= 80
-        # the most shared memory a block may opt in to (cudaDevAttrMaxSharedMemoryPerBlockOptin)
-        self.dyn_smem_max = int(cupy.cuda.runtime.deviceGetAttribute(97, cupy.cuda.Device().id))
         # programmatic dependent launch (pdl.py); `pdl_off` says why not where it is not used
         self._pdl, self.pdl_off = pdl_launcher(cc)
         self._pdl_ptrs: dict[str, int] = {}
-        self._dyn_max: dict[str, int] = {}  # kernels whose dynamic shared memory maximum was raised
 
     @property
     def pdl(self) -> bool:
@@ -329,20 +318,17 @@ class CupyBackend(Backend):
             f = self._functions[name] = self.module.get_function(name)
         return f
 
-    def launch(self, name, grid, block, args, shared=0):
+    def launch(self, name, grid, block, args):
         check_args(name, args, self.is_array)
         f = self.function(name)
         try:
-            if shared > self._dyn_max.get(name, 48 << 10):  # over the default 48 KB: the function's maximum first
-                f.max_dynamic_shared_size_bytes = int(shared)
-                self._dyn_max[name] = int(shared)
             if self._pdl is not None:
                 ptr = self._pdl_ptrs.get(name)
                 if ptr is None:
                     ptr = self._pdl_ptrs[name] = int(getattr(f, "kernel", f).ptr)
-                self._pdl.launch(ptr, grid, block, self.cupy.cuda.get_current_stream().ptr, args, shared)
+                self._pdl.launch(ptr, grid, block, self.cupy.cuda.get_current_stream().ptr, args)
             else:
-                f(tuple(int(g) for g in grid), tuple(int(b) for b in block), args, shared_mem=int(shared))
+                f(tuple(int(g) for g in grid), tuple(int(b) for b in block), args)
         except Exception as exc:
             raise KernelError(f"launching {name} grid={tuple(grid)} block={tuple(block)} failed: "
                               f"{type(exc).__name__}: {exc}") from exc
@@ -572,11 +558,9 @@ def qmatmul_shared_input(x, wts, *, outs=None, as_qtypes=None, digits=None, back
         if use_mma(be, code, kq, K, T):
             if digits is None:
                 digits = act_digits(x, backend=be)
-            rows = MMA_ROWS * dense_mma_groups(T)
-            be.launch(dense_mma_kernel(code, T), (sum(_cdiv(N, rows) for N in Ns), 1, 1), (32 * dense_mma_warps(K), 1, 1),
+            be.launch(dense_mma_kernel(code, T), (sum(_cdiv(N, MMA_ROWS) for N in Ns), 1, 1), (32 * dense_mma_warps(K), 1, 1),
                       tuple(wt.raw for wt, _ in pad) + (np.int64(row_bytes),) + tuple(np.int32(n) for n in Np)
-                      + (np.int32(K), *digits, np.int32(T)) + tuple(o for _, o in pad),
-                      shared=dense_mma_stage_bytes(be, code, row_bytes, K, T))
+                      + (np.int32(K), *digits, np.int32(T)) + tuple(o for _, o in pad))
             continue
         kernel, grid = dense_launch(code, Ns, T)
         be.launch(kernel, grid, (THREADS, 1, 1),
@@ -698,22 +682,6 @@ def dense_mma_kernel(code: int, T: int) -> str:
     """The qmm_dense_mma instance for T tokens: one pass up to 4 (<code>), passes of 4 over the same rows
     past that (<code,1>; its own instance, so that the short prompts' code is what it was)."""
     return f"qmm_dense_mma<{code}>" if T <= 4 else f"qmm_dense_mma<{code},1>"
-
-
-def dense_mma_groups(T: int) -> int:
-    """Row groups of MMA_ROWS a qmm_dense_mma block takes: DENSE_LONG_GROUPS past 4 tokens, else 1."""
-    return DENSE_LONG_GROUPS if T > 4 else 1
-
-
-def dense_mma_stage_bytes(be: Backend, code: int, row_bytes: int, K: int, T: int) -> int:
-    """Dynamic shared memory of a qmm_dense_mma launch: none up to 4 tokens; past that the block's warps'
-    values (warps x groups x 256 bytes) after its staged rows (Q4_K rows MP_Q4_PAD bytes apart), the rows
-    left out where they would not fit the device's limit (the kernel then prefetches them to L2)."""
-    if T <= 4:
-        return 0
-    part = dense_mma_warps(K) * DENSE_LONG_GROUPS * 256
-    rows = MMA_ROWS * DENSE_LONG_GROUPS * (row_bytes + (Q4_STAGE_PAD if code == KERNEL_QTYPES[Q.Q4_K] else 0))
-    return part + rows if part + rows + DENSE_STATIC_SMEM <= be.dyn_smem_max else part
 
 
 def dense_mma_warps(K: int) -> int:

@@ -41,9 +41,8 @@ class _LaunchConfig(ctypes.Structure):  # CUlaunchConfig
 
 
 class PdlLauncher:
-    """``launch(function, grid, block, stream_ptr, args, shared)``: args are device arrays (``.data.ptr``)
-    and NumPy scalars of int32, int64 or float32, as the kernels' C signatures take them; shared: bytes of
-    dynamic shared memory (the function's maximum raised beforehand where over 48 KB)."""
+    """``launch(function, grid, block, stream_ptr, args)``: args are device arrays (``.data.ptr``)
+    and NumPy scalars of int32, int64 or float32, as the kernels' C signatures take them."""
 
     def __init__(self, lib: Any):
         self._launch = lib.cuLaunchKernelEx
@@ -56,7 +55,7 @@ class PdlLauncher:
         self._attr = _LaunchAttribute(id=_ATTR_PROGRAMMATIC_STREAM_SERIALIZATION)
         self._attr.value.programmaticStreamSerializationAllowed = 1
 
-    def launch(self, function_ptr: int, grid: tuple, block: tuple, stream_ptr: int, args: tuple, shared: int = 0) -> None:
+    def launch(self, function_ptr: int, grid: tuple, block: tuple, stream_ptr: int, args: tuple) -> None:
         values = []
         for a in args:
             if isinstance(a, np.generic):
@@ -64,7 +63,7 @@ class PdlLauncher:
             else:
                 values.append(ctypes.c_void_p(int(a.data.ptr)))
         params = (ctypes.c_void_p * max(1, len(values)))(*[ctypes.cast(ctypes.byref(v), ctypes.c_void_p) for v in values])
-        cfg = _LaunchConfig(*(int(g) for g in grid), *(int(b) for b in block), int(shared), ctypes.c_void_p(stream_ptr or None),
+        cfg = _LaunchConfig(*(int(g) for g in grid), *(int(b) for b in block), 0, ctypes.c_void_p(stream_ptr or None),
                             ctypes.pointer(self._attr), 1)
         rc = self._launch(ctypes.byref(cfg), ctypes.c_void_p(function_ptr), params, None)
         if rc != 0:
