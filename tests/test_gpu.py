@@ -737,6 +737,46 @@ def test_dense_tensor_core_path(backend, T, Kc, monkeypatch):
     assert np.array_equal(got[rest], _host(backend, outs[1])[rest]), "the other tokens' products must not change"
 
 
+@pytest.mark.parametrize("T", [9, 13, 30])  # 3, 4 and 8 passes of 4 tokens (the last one short but for 4)
+def test_dense_long_prompt_pass_groups(backend, T, monkeypatch):
+    """Past 4 tokens qmm_dense_mma<QT,1> spreads the passes of 4 tokens over gridDim.y (dense_mma_pass_groups):
+    every split (a pass a block, two, uneven, none) gives the one-block-all-passes products bit for bit,
+    every output written, within 1e-5 of float64."""
+    from pytest_moeparity.gpu import kernels as Kn
+
+    if not backend.mma:
+        pytest.skip("the device has no int8 mma (compute capability below 8.0)")
+    monkeypatch.setattr(Kn, "MMA_MAX_TOKENS", max(Kn.MMA_MAX_TOKENS, T))
+    rng = _rng("dense-pass-groups", T)
+    Kc = 2048
+    mats = [(Q.Q4_K, 40), (Q.Q6_K, 24)]
+    raws = [_quantized(rng, q, (n, Kc)) for q, n in mats]
+    wts = [_device_tensor(backend, r, q, (n, Kc)) for r, (q, n) in zip(raws, mats)]
+    x = (rng.standard_normal((T, Kc)) * np.exp2(rng.integers(-6, 6, size=(T, Kc)))).astype(np.float32)
+    xd = _dev(backend, x)
+    passes = -(-T // 4)
+
+    def run(target):
+        monkeypatch.setattr(Kn, "DENSE_LONG_BLOCKS", target)
+        return [_host(backend, Kn.qmatmul(xd, wt, out=_poisoned(backend, (T, n)), backend=backend))
+                for wt, (q, n) in zip(wts, mats)]
+
+    whole = run(0)
+    for (q, n), raw, got in zip(mats, raws, whole):
+        w = _deq(raw, q, (n, Kc)).astype(np.float64)
+        _assert_written(got, f"{q.name} T={T}")
+        _assert_close(got, x.astype(np.float64) @ w.T, f"{q.name} T={T}", ref_abs=np.abs(x.astype(np.float64)) @ np.abs(w.T))
+    # the 40-row matrix is 3 row groups: a pass a block; 2 a block where 12 blocks are asked for (T = 30);
+    # 2 then 1 for 3 passes and 4 blocks asked for; all in one block
+    for target, per in ((1 << 20, 1), (12, max(1, 3 * passes // 12)), (4, max(1, 3 * passes // 4)), (3, passes)):
+        monkeypatch.setattr(Kn, "DENSE_LONG_BLOCKS", target)
+        assert Kn.dense_mma_pass_groups(3, T) == -(-passes // min(per, passes))
+        for (q, n), want, got in zip(mats, whole, run(target)):
+            _assert_written(got, f"{q.name} T={T} target {target}")
+            assert np.array_equal(got, want), f"{q.name} T={T}: passes split for {target} blocks differ"
+    assert Kn.dense_mma_pass_groups(10 ** 6, T) == 1 and Kn.dense_mma_pass_groups(3, 4) == 1
+
+
 def _assert_records(backend, r) -> None:
     """r.records against its pairs / offsets / active: per active slot {expert, first place, one past the
     last, 0, the first 4 pairs with the last repeated}, {-1, 0, 0, 0, -1 x 4} past them."""

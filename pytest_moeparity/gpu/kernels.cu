@@ -1717,10 +1717,15 @@ MP_MMA_DENSE_GLOBAL void qmm_dense_mma(const mp_u8* __restrict__ w0, const mp_u8
                                 out0, out1, out2, part);
         return;
     }
-    for (int t0 = 0; t0 < T; t0 += 4) {  // passes of 4 over the same (staged) rows
-        if (t0) mp_syncthreads();  // the last pass's values are read
-        mp_dense_mma_tokens<QT>(t0, T - t0 < 4 ? T - t0 : 4, w, row_bytes, wN, wn0, N, n0, K, xd, xs, xunit, warp, warps,
-                                lane, m, out0, out1, out2, part);
+    // passes of 4 over the same (staged) rows: block y of gridDim.y takes passes y P .. y P + P - 1 of the
+    // prompt's ceil(T / 4) (kernels.py: dense_mma_pass_groups; a few row groups, e.g. attn_v's 32, would
+    // otherwise leave the GPU waiting on one block's passes one after another)
+    const int passes = (T + 3) >> 2, per = (passes + (int)gridDim.y - 1) / (int)gridDim.y;
+    const int tb = 4 * per * (int)blockIdx.y, te = tb + 4 * per < T ? tb + 4 * per : T;
+    for (int t0 = tb; t0 < te; t0 += 4) {
+        if (t0 != tb) mp_syncthreads();  // the last pass's values are read
+        mp_dense_mma_tokens<QT>(t0, te - t0 < 4 ? te - t0 : 4, w, row_bytes, wN, wn0, N, n0, K, xd, xs, xunit, warp,
+                                warps, lane, m, out0, out1, out2, part);
     }
 }
 

@@ -92,6 +92,9 @@ ATTN_KV = 4096            # MP_ATTN_KV: the most k values of one kv head (tokens
 ATTN_MAX_T = 32           # MP_ATTN_MAX_T: the most tokens (a warp's scores and probabilities in shared memory)
 QK_NORM_MAX_HEAD_DIM = 2048  # qk_norm_rope: 32 MP_RMS_REGS (a head row in a warp's registers)
 MMA_DENSE_WARPS = 8       # the most warps per block of qmm_dense_mma (MP_MMA_DENSE_WARPS)
+# past 4 tokens qmm_dense_mma<QT,1> spreads a prompt's passes of 4 tokens over gridDim.y until the grid has
+# about this many blocks (dense_mma_pass_groups; 0: every block takes all the passes, as before)
+DENSE_LONG_BLOCKS = _tuning_define("MP_DENSE_LONG_BLOCKS", 2048)
 # super-blocks each warp of a qmm_dense_mma block walks: warps = K / 256 / this, from 1 to MMA_DENSE_WARPS
 MMA_DENSE_SBS = _tuning_define("MP_MMA_DENSE_SBS", 2)
 MMA_Q6K = _tuning_define("MP_MMA_Q6K", 1)
@@ -558,7 +561,8 @@ def qmatmul_shared_input(x, wts, *, outs=None, as_qtypes=None, digits=None, back
         if use_mma(be, code, kq, K, T):
             if digits is None:
                 digits = act_digits(x, backend=be)
-            be.launch(dense_mma_kernel(code, T), (sum(_cdiv(N, MMA_ROWS) for N in Ns), 1, 1), (32 * dense_mma_warps(K), 1, 1),
+            blocks = sum(_cdiv(N, MMA_ROWS) for N in Ns)
+            be.launch(dense_mma_kernel(code, T), (blocks, dense_mma_pass_groups(blocks, T), 1), (32 * dense_mma_warps(K), 1, 1),
                       tuple(wt.raw for wt, _ in pad) + (np.int64(row_bytes),) + tuple(np.int32(n) for n in Np)
                       + (np.int32(K), *digits, np.int32(T)) + tuple(o for _, o in pad))
             continue
@@ -682,6 +686,18 @@ def dense_mma_kernel(code: int, T: int) -> str:
     """The qmm_dense_mma instance for T tokens: one pass up to 4 (<code>), passes of 4 over the same rows
     past that (<code,1>; its own instance, so that the short prompts' code is what it was)."""
     return f"qmm_dense_mma<{code}>" if T <= 4 else f"qmm_dense_mma<{code},1>"
+
+
+def dense_mma_pass_groups(blocks: int, T: int) -> int:
+    """How many groups of a long prompt's passes of 4 tokens qmm_dense_mma<QT,1> spreads over ``gridDim.y``
+    for ``blocks`` row groups of 16: enough that the grid has about DENSE_LONG_BLOCKS blocks (each pass of a
+    block follows the one before, so a small matrix would wait on a few blocks' chains of passes), 1 for a
+    grid that has them already (the output head) and for up to 4 tokens."""
+    passes = _cdiv(T, 4)
+    if T <= 4 or DENSE_LONG_BLOCKS <= 0:
+        return 1
+    per = min(passes, max(1, blocks * passes // DENSE_LONG_BLOCKS))  # passes a block
+    return _cdiv(passes, per)
 
 
 def dense_mma_warps(K: int) -> int:
