@@ -1000,7 +1000,8 @@ def _attention64(q, k, v, nh: int, nkv: int):
     return scores, probs, np.einsum("ths,shd->thd", probs, vv).reshape(T, nh * hd)
 
 
-@pytest.mark.parametrize("T,nh,nkv,hd", [(1, 4, 1, 64), (3, 32, 4, 128), (17, 6, 3, 40), (40, 8, 2, 32)])
+@pytest.mark.parametrize("T,nh,nkv,hd", [(1, 4, 1, 64), (3, 32, 4, 128), (17, 6, 3, 40), (40, 8, 2, 32),
+                                      (70, 4, 2, 160), (33, 2, 1, 300)])  # 3 chunks of 32 positions; 8 and 10 columns a lane
 def test_attention_core_matches_float64(backend, T, nh, nkv, hd):
     from pytest_moeparity.gpu import kernels as K
 

@@ -2504,6 +2504,10 @@ extern "C" MP_GLOBAL void moe_route(const float* __restrict__ logits, int T, int
 // The scores go MP_ATTN_CHUNK key positions at a time (their dot products share one warp reduction, each
 // its own butterfly: the sums of one at a time), and the context's loads of a chunk are issued together.
 #define MP_ATTN_CHUNK 4
+// attention_core takes mp_attention_row_wide for head rows of up to 256 (MP_ATTN_WIDE=0: mp_attention_row, tuning switch)
+#ifndef MP_ATTN_WIDE
+#define MP_ATTN_WIDE 1
+#endif
 MP_HD void mp_attention_row(const float* qr, const float* kb, mp_i64 kstride, const float* __restrict__ vb, mp_i64 vstride,
                             int T, int hd, int t, float sqrt_hd, float* sr, float* pr, float* cr, int lane) {
     for (int s0 = 0; s0 < T; s0 += MP_ATTN_CHUNK) {
@@ -2543,7 +2547,81 @@ MP_HD void mp_attention_row(const float* qr, const float* kb, mp_i64 kstride, co
     }
 }
 
-extern "C" MP_GLOBAL void attention_core(const float* __restrict__ q, const float* __restrict__ k,
+// mp_attention_row for rows of up to 32 REGS columns, bit for bit, with fewer steps one after another (a
+// long prompt's attention_core: ~70 us a layer at 64 tokens with mp_attention_row's chunks of 4 positions,
+// each a 5-step butterfly of 4 sums, and its context one column at a time): the scores go 32 positions at
+// a time, their 32 warp sums by recursive halving (lane L keeps half of its sums and adds its partner's
+// copy of them, 16 + 8 + 4 + 2 + 1 exchanges; a position's partial sums meet in the pairs and order of its
+// own xor butterfly, so each sum is the butterfly's bit for bit) and lane j ends with position s0 + j's;
+// the context takes the lane's REGS columns together, a position's probability read once for them and
+// each column's sum over the positions in the same order as before.
+template <int REGS>
+MP_HD void mp_attention_row_wide(const float* qr, const float* kb, mp_i64 kstride, const float* __restrict__ vb,
+                                 mp_i64 vstride, int T, int hd, int t, float sqrt_hd, float* sr, float* pr, float* cr,
+                                 int lane) {
+    constexpr int CH = 32 / REGS;  // positions of the context whose loads are issued together
+    float qv[REGS];
+#pragma unroll
+    for (int i = 0; i < REGS; ++i) qv[i] = lane + 32 * i < hd ? qr[lane + 32 * i] : 0.0f;
+    for (int s0 = 0; s0 < T; s0 += 32) {
+        const float* kr = kb + (mp_i64)s0 * kstride;
+        const int last = T - 1 - s0 < 31 ? T - 1 - s0 : 31;  // positions past T read the last one again (not stored)
+        float part[32];
+#pragma unroll
+        for (int c = 0; c < 32; ++c) part[c] = 0.0f;
+#pragma unroll
+        for (int i = 0; i < REGS; ++i) {
+            const int d = lane + 32 * i;
+            if (d < hd) {
+#pragma unroll
+                for (int c = 0; c < 32; ++c) part[c] = fmaf(qv[i], kr[(c < last ? c : last) * kstride + d], part[c]);
+            }
+        }
+#pragma unroll
+        for (int off = 16, n = 16; off > 0; off >>= 1, n >>= 1) {  // part[c]: position s0 + (lane & ~(2 n - 1) & 31) + c
+            const bool up = (lane & off) != 0;
+#pragma unroll
+            for (int c = 0; c < n; ++c) {
+                const float keep = up ? part[c + n] : part[c], give = up ? part[c] : part[c + n];
+                part[c] = keep + mp_shfl_xor(give, off);
+            }
+        }
+        if (s0 + lane < T) sr[s0 + lane] = part[0] / sqrt_hd;  // the lane reading it in the softmax
+    }
+    mp_softmax_row(sr, T, t + 1, pr, lane);
+    mp_syncwarp();  // every lane reads every column of the probabilities below
+    float acc[REGS];
+#pragma unroll
+    for (int i = 0; i < REGS; ++i) acc[i] = 0.0f;
+    for (int s0 = 0; s0 < T; s0 += CH) {
+        float pv[CH], vv[CH][REGS];
+#pragma unroll
+        for (int c = 0; c < CH; ++c) {
+            const int s = s0 + c < T ? s0 + c : T - 1;
+            pv[c] = pr[s];
+#pragma unroll
+            for (int i = 0; i < REGS; ++i) vv[c][i] = lane + 32 * i < hd ? vb[s * vstride + lane + 32 * i] : 0.0f;
+        }
+#pragma unroll
+        for (int c = 0; c < CH; ++c) {
+            if (s0 + c < T) {
+#pragma unroll
+                for (int i = 0; i < REGS; ++i) acc[i] = fmaf(pv[c], vv[c][i], acc[i]);
+            }
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < REGS; ++i)
+        if (lane + 32 * i < hd) cr[lane + 32 * i] = acc[i];
+}
+
+#ifdef MOEPARITY_EMULATOR
+#define MP_ATTN_CORE_GLOBAL MP_GLOBAL
+#else
+// 4 blocks an SM (128 registers): the wide rows' 32 sums and hoisted loads would otherwise take ~160
+#define MP_ATTN_CORE_GLOBAL __global__ __launch_bounds__(MP_THREADS, 4)
+#endif
+extern "C" MP_ATTN_CORE_GLOBAL void attention_core(const float* __restrict__ q, const float* __restrict__ k,
                                          const float* __restrict__ v, int T, int nh, int nkv, int hd, float sqrt_hd,
                                          float* __restrict__ scores, float* __restrict__ probs, float* __restrict__ ctx) {
     mp_grid_sync();
@@ -2551,8 +2629,14 @@ extern "C" MP_GLOBAL void attention_core(const float* __restrict__ q, const floa
     if (row >= T * nh) return;  // uniform over the warp
     const int t = row / nh, h = row % nh;
     const mp_i64 g = h / (nh / nkv), stride = (mp_i64)nkv * hd;
-    mp_attention_row(q + (mp_i64)row * hd, k + g * hd, stride, v + g * hd, stride, T, hd, t, sqrt_hd,
-                     scores + (mp_i64)row * T, probs + (mp_i64)row * T, ctx + (mp_i64)row * hd, lane);  // ctx [T, nh * hd]
+    const float* qr = q + (mp_i64)row * hd;
+    float *sr = scores + (mp_i64)row * T, *pr = probs + (mp_i64)row * T, *cr = ctx + (mp_i64)row * hd;  // ctx [T, nh * hd]
+    if (MP_ATTN_WIDE && hd <= 128)
+        mp_attention_row_wide<4>(qr, k + g * hd, stride, v + g * hd, stride, T, hd, t, sqrt_hd, sr, pr, cr, lane);
+    else if (MP_ATTN_WIDE && hd <= 256)
+        mp_attention_row_wide<8>(qr, k + g * hd, stride, v + g * hd, stride, T, hd, t, sqrt_hd, sr, pr, cr, lane);
+    else
+        mp_attention_row(qr, k + g * hd, stride, v + g * hd, stride, T, hd, t, sqrt_hd, sr, pr, cr, lane);
 }
 
 // ---- elementwise ----------------------------------------------------------------------------------------

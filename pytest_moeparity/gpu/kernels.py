@@ -165,7 +165,7 @@ class Param:
 
 
 _CTYPES = {"mp_u8": np.uint8, "mp_u32": np.uint32, "float": np.float32, "int": np.int32, "mp_i64": np.int64}
-_SIG_RE = re.compile(r"MP_(?:MATMUL_|MMA_|MMA_DENSE_|ATTN_)?GLOBAL\s+void\s+(\w+)\s*\(([^)]*)\)", re.S)
+_SIG_RE = re.compile(r"MP_(?:MATMUL_|MMA_|MMA_DENSE_|ATTN_|ATTN_CORE_)?GLOBAL\s+void\s+(\w+)\s*\(([^)]*)\)", re.S)
 
 
 def _parse_param(text: str) -> Param:
