@@ -558,18 +558,17 @@ def qmatmul_shared_input(x, wts, *, outs=None, as_qtypes=None, digits=None, back
         Ns = tuple(int(wt.shape[0]) for wt, _ in mats)
         pad = mats + [mats[0]] * (MAX_SHARED_INPUT - len(mats))  # unused slots: N = 0, no blocks
         Np = Ns + (0,) * (MAX_SHARED_INPUT - len(mats))
+        lead = tuple(wt.raw for wt, _ in pad) + (np.int64(row_bytes),) + tuple(np.int32(n) for n in Np)
+        outs_args = tuple(o for _, o in pad)
         if use_mma(be, code, kq, K, T):
             if digits is None:
                 digits = act_digits(x, backend=be)
             blocks = sum(_cdiv(N, MMA_ROWS) for N in Ns)
             be.launch(dense_mma_kernel(code, T), (blocks, dense_mma_pass_groups(blocks, T), 1), (32 * dense_mma_warps(K), 1, 1),
-                      tuple(wt.raw for wt, _ in pad) + (np.int64(row_bytes),) + tuple(np.int32(n) for n in Np)
-                      + (np.int32(K), *digits, np.int32(T)) + tuple(o for _, o in pad))
+                      lead + (np.int32(K), *digits, np.int32(T)) + outs_args)
             continue
         kernel, grid = dense_launch(code, Ns, T)
-        be.launch(kernel, grid, (THREADS, 1, 1),
-                  tuple(wt.raw for wt, _ in pad) + (np.int64(row_bytes),) + tuple(np.int32(n) for n in Np)
-                  + (np.int32(kq), x, np.int32(K), np.int32(T)) + tuple(o for _, o in pad))
+        be.launch(kernel, grid, (THREADS, 1, 1), lead + (np.int32(kq), x, np.int32(K), np.int32(T)) + outs_args)
     return results
 
 
