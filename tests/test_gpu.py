@@ -1089,7 +1089,7 @@ def test_rope_swiglu_add_match_reference(backend):
     assert np.array_equal(got, g + u)
 
 
-@pytest.mark.parametrize("T,nh,nkv,hd", [(1, 4, 1, 64), (3, 32, 4, 128), (9, 6, 3, 40)])
+@pytest.mark.parametrize("T,nh,nkv,hd", [(1, 4, 1, 64), (3, 32, 4, 128), (9, 6, 3, 40), (2, 4, 2, 256)])
 def test_qk_norm_rope_is_norm_then_rope(backend, T, nh, nkv, hd):
     """The fused q/k RMSNorm + RoPE gives rms_norm's and rope_neox's results bit for bit (each checked
     against float64 / the reference above), a NaN staying in its own head's rows."""

@@ -2073,53 +2073,74 @@ extern "C" MP_GLOBAL void moe_combine(const float* __restrict__ y, const float* 
 // The reference's formulas, operation for operation; only the order of the row sums differs.
 
 #define MP_RMS_REGS 64          // rms_norm: values per lane held in registers (rows up to 2048)
+// q / k norm + RoPE of head rows of 64, 128 or 256 values rotated in registers (MP_ROPE_REGS=0: through the
+// normalised row in memory, tuning switch)
+#ifndef MP_ROPE_REGS
+#define MP_ROPE_REGS 1
+#endif
 
 // RMSNorm: out = x / sqrt(mean(x * x) + eps) * weight[i % n]
 // one row xr[0..n) into o by the lanes of a warp. REGS < MP_RMS_REGS (fewer registers, for large blocks)
 // gives the same result for rows of up to 32 REGS values: the values past them add 0 * 0 to the parts.
-template <int REGS = MP_RMS_REGS>
-MP_HD void mp_rms_norm_row(const float* xr, int n, const float* __restrict__ weight, float eps,
-                           float* __restrict__ o, int lane, float* __restrict__ o2 = nullptr) {  // o2: a copy, or null
-    // rows of up to 32 * REGS values are held in registers with their weights: one burst of
-    // independent loads (the row costs one memory round trip), sums of squares in 8 partial sums
+// mp_rms_norm_row's values for a row of up to 32 REGS values, held in registers: y[j] is column lane + 32 j's
+// (0 past n)
+template <int REGS>
+MP_HD void mp_rms_norm_regs(const float* xr, int n, const float* __restrict__ weight, float eps, int lane,
+                            float (&y)[REGS]) {
+    // the row and its weights: one burst of independent loads (the row costs one memory round trip), sums
+    // of squares in 8 partial sums
     float v[REGS], wv[REGS], part[8];
 #pragma unroll
     for (int j = 0; j < 8; ++j) part[j] = 0.0f;
-    const bool in_regs = n <= 32 * REGS;
-    if (in_regs) {
 #pragma unroll
-        for (int j = 0; j < REGS; ++j) {
-            const int i = lane + 32 * j;
-            v[j] = i < n ? xr[i] : 0.0f;
-            wv[j] = i < n ? weight[i] : 0.0f;
-        }
-#pragma unroll
-        for (int j = 0; j < REGS; ++j) part[j & 7] = mp_fadd(part[j & 7], mp_fmul(v[j], v[j]));
-    } else {
-        for (int i = lane; i < n; i += 32) part[0] = mp_fadd(part[0], mp_fmul(xr[i], xr[i]));
+    for (int j = 0; j < REGS; ++j) {
+        const int i = lane + 32 * j;
+        v[j] = i < n ? xr[i] : 0.0f;
+        wv[j] = i < n ? weight[i] : 0.0f;
     }
+#pragma unroll
+    for (int j = 0; j < REGS; ++j) part[j & 7] = mp_fadd(part[j & 7], mp_fmul(v[j], v[j]));
     float ss = 0.0f;
 #pragma unroll
     for (int j = 0; j < 8; ++j) ss = mp_fadd(ss, part[j]);
     ss = mp_warp_sum1(ss);
     // x * (1 / s) instead of x / s: one division per row, not per value (within 1 ulp of x / s)
     const float inv = 1.0f / sqrtf(mp_fadd(ss / (float)n, eps));
-    if (in_regs) {
+#pragma unroll
+    for (int j = 0; j < REGS; ++j) y[j] = mp_fmul(mp_fmul(v[j], inv), wv[j]);
+}
+
+// one row xr[0..n) into o by the lanes of a warp. REGS < MP_RMS_REGS (fewer registers, for large blocks)
+// gives the same result for rows of up to 32 REGS values: the values past them add 0 * 0 to the parts.
+template <int REGS = MP_RMS_REGS>
+MP_HD void mp_rms_norm_row(const float* xr, int n, const float* __restrict__ weight, float eps,
+                           float* __restrict__ o, int lane, float* __restrict__ o2 = nullptr) {  // o2: a copy, or null
+    if (n <= 32 * REGS) {  // in registers (mp_rms_norm_regs)
+        float y[REGS];
+        mp_rms_norm_regs<REGS>(xr, n, weight, eps, lane, y);
 #pragma unroll
         for (int j = 0; j < REGS; ++j) {
             const int i = lane + 32 * j;
             if (i < n) {
-                const float y = mp_fmul(mp_fmul(v[j], inv), wv[j]);
-                o[i] = y;
-                if (o2) o2[i] = y;
+                o[i] = y[j];
+                if (o2) o2[i] = y[j];
             }
         }
-    } else {
-        for (int k = lane; k < n; k += 32) {
-            const float y = mp_fmul(mp_fmul(xr[k], inv), weight[k]);
-            o[k] = y;
-            if (o2) o2[k] = y;
-        }
+        return;
+    }
+    float part[8];  // as mp_rms_norm_regs, the row read twice: its squares into part[0], then its values
+#pragma unroll
+    for (int j = 0; j < 8; ++j) part[j] = 0.0f;
+    for (int i = lane; i < n; i += 32) part[0] = mp_fadd(part[0], mp_fmul(xr[i], xr[i]));
+    float ss = 0.0f;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) ss = mp_fadd(ss, part[j]);
+    ss = mp_warp_sum1(ss);
+    const float inv = 1.0f / sqrtf(mp_fadd(ss / (float)n, eps));
+    for (int k = lane; k < n; k += 32) {
+        const float y = mp_fmul(mp_fmul(xr[k], inv), weight[k]);
+        o[k] = y;
+        if (o2) o2[k] = y;
     }
 }
 
@@ -2673,9 +2694,32 @@ extern "C" MP_GLOBAL void rope_neox(const float* __restrict__ x, int T, int head
 // one head row x [hd] (hd <= 32 REGS) by a warp: normalised into nr and, where not null, n2, then rotated
 // (c / s: its position's cos / sin, read from nr) into rr and, where not null, rr2; rr may be nr (the
 // rotated row is held in registers first)
+// (hd = 64 H: a column and its RoPE partner, half = 32 H columns on, are in the same lane's registers j and
+// j + H) mp_norm_rope_row without the round trip through nr: the same values, written in the same places
+template <int H>
+MP_HD void mp_norm_rope_regs(const float* x, const float* __restrict__ w, float eps, const float* __restrict__ c,
+                             const float* __restrict__ s, float* nr, float* n2, float* rr, float* rr2, int lane) {
+    constexpr int hd = 64 * H, half = 32 * H;
+    float y[2 * H];
+    mp_rms_norm_regs<2 * H>(x, hd, w, eps, lane, y);  // (mp_rms_norm_row's values for any REGS >= 2 H)
+#pragma unroll
+    for (int j = 0; j < 2 * H; ++j) {  // as mp_rope_value on the row y
+        const int i = lane + 32 * j, f = j < H ? i : i - half;
+        const float x1 = y[j < H ? j : j - H], x2 = y[j < H ? j + H : j];
+        const float r = j < H ? mp_fsub(mp_fmul(x1, c[f]), mp_fmul(x2, s[f])) : mp_fadd(mp_fmul(x2, c[f]), mp_fmul(x1, s[f]));
+        nr[i] = y[j];
+        if (n2) n2[i] = y[j];
+        rr[i] = r;  // after nr[i]: rr may be nr
+        if (rr2) rr2[i] = r;
+    }
+}
+
 template <int REGS>
 MP_HD void mp_norm_rope_row(const float* x, int hd, const float* __restrict__ w, float eps, const float* __restrict__ c,
                             const float* __restrict__ s, float* nr, float* n2, float* rr, float* rr2, int lane) {
+    if (MP_ROPE_REGS && REGS >= 2 && hd == 64) return mp_norm_rope_regs<1>(x, w, eps, c, s, nr, n2, rr, rr2, lane);
+    if (MP_ROPE_REGS && REGS >= 4 && hd == 128) return mp_norm_rope_regs<2>(x, w, eps, c, s, nr, n2, rr, rr2, lane);
+    if (MP_ROPE_REGS && REGS >= 8 && hd == 256) return mp_norm_rope_regs<4>(x, w, eps, c, s, nr, n2, rr, rr2, lane);
     mp_rms_norm_row<REGS>(x, hd, w, eps, nr, lane, n2);
     mp_syncwarp();  // a lane rotates columns that other lanes normalised
     const int half = hd / 2;
