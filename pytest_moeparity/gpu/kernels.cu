@@ -2078,6 +2078,11 @@ extern "C" MP_GLOBAL void moe_combine(const float* __restrict__ y, const float* 
 #ifndef MP_ROPE_REGS
 #define MP_ROPE_REGS 1
 #endif
+// the same inside norm_rope_attention (short prompts): off, it made that kernel ~3 us a layer slower at 3
+// tokens on an H100 (17.3 against 14.2 us, NOTES step 45), where qk_norm_rope at 64 tokens gained
+#ifndef MP_ROPE_REGS_FUSED
+#define MP_ROPE_REGS_FUSED 0
+#endif
 
 // RMSNorm: out = x / sqrt(mean(x * x) + eps) * weight[i % n]
 // one row xr[0..n) into o by the lanes of a warp. REGS < MP_RMS_REGS (fewer registers, for large blocks)
@@ -2714,12 +2719,12 @@ MP_HD void mp_norm_rope_regs(const float* x, const float* __restrict__ w, float 
     }
 }
 
-template <int REGS>
+template <int REGS, bool ROT = MP_ROPE_REGS>  // ROT: rotate head rows of 64, 128, 256 in registers
 MP_HD void mp_norm_rope_row(const float* x, int hd, const float* __restrict__ w, float eps, const float* __restrict__ c,
                             const float* __restrict__ s, float* nr, float* n2, float* rr, float* rr2, int lane) {
-    if (MP_ROPE_REGS && REGS >= 2 && hd == 64) return mp_norm_rope_regs<1>(x, w, eps, c, s, nr, n2, rr, rr2, lane);
-    if (MP_ROPE_REGS && REGS >= 4 && hd == 128) return mp_norm_rope_regs<2>(x, w, eps, c, s, nr, n2, rr, rr2, lane);
-    if (MP_ROPE_REGS && REGS >= 8 && hd == 256) return mp_norm_rope_regs<4>(x, w, eps, c, s, nr, n2, rr, rr2, lane);
+    if (ROT && REGS >= 2 && hd == 64) return mp_norm_rope_regs<1>(x, w, eps, c, s, nr, n2, rr, rr2, lane);
+    if (ROT && REGS >= 4 && hd == 128) return mp_norm_rope_regs<2>(x, w, eps, c, s, nr, n2, rr, rr2, lane);
+    if (ROT && REGS >= 8 && hd == 256) return mp_norm_rope_regs<4>(x, w, eps, c, s, nr, n2, rr, rr2, lane);
     mp_rms_norm_row<REGS>(x, hd, w, eps, nr, lane, n2);
     mp_syncwarp();  // a lane rotates columns that other lanes normalised
     const int half = hd / 2;
@@ -2848,14 +2853,15 @@ MP_HD void mp_nra_norms(const float* __restrict__ q, const float* __restrict__ k
         if (r < gs) {
             const mp_i64 off = ((mp_i64)t * nh + g * gs + r) * hd;
             float* own = qs + r * hd;
-            mp_norm_rope_row<REGS>(q + off, hd, wq, eps, cosv + (mp_i64)t * half, sinv + (mp_i64)t * half, own, qn + off,
-                                   own, qr + off, lane);
+            mp_norm_rope_row<REGS, MP_ROPE_REGS_FUSED>(q + off, hd, wq, eps, cosv + (mp_i64)t * half,
+                                                       sinv + (mp_i64)t * half, own, qn + off, own, qr + off, lane);
         } else {
             const int s = r - gs;
             const mp_i64 off = ((mp_i64)s * nkv + g) * hd;
             float* own = ks + s * hd;
-            mp_norm_rope_row<REGS>(k + off, hd, wk, eps, cosv + (mp_i64)s * half, sinv + (mp_i64)s * half, own,
-                                   s == t ? kn + off : nullptr, own, s == t ? kr + off : nullptr, lane);
+            mp_norm_rope_row<REGS, MP_ROPE_REGS_FUSED>(k + off, hd, wk, eps, cosv + (mp_i64)s * half,
+                                                       sinv + (mp_i64)s * half, own, s == t ? kn + off : nullptr, own,
+                                                       s == t ? kr + off : nullptr, lane);
         }
     }
 }
