@@ -39,6 +39,7 @@ void mp_emu_mma_u8s8(const mp_emu_u32* a, const mp_emu_u32* b, int* d);
 void mp_emu_mma_s8s8_k16(const mp_emu_u32* a, const mp_emu_u32* b, int* d);
 float mp_emu_shfl_xor(float v, int off);
 float mp_emu_shfl_idx(float v, int src);
+mp_emu_u32 mp_emu_warp_redux_u32(mp_emu_u32 v, int is_min);
 void mp_emu_misaligned(const void* p, int n);
 
 #include MP_KERNELS_PATH
@@ -58,7 +59,8 @@ struct Lane {
     bool barrier;   // at __syncthreads
     int n;
     int op;  // 0: sum, 1: max, 2: mma k32 u8 x s8 (vals hold the bits of a[4], b[2], then of d[4]), 3: xor exchange
-             // (vals: v, offset), 4: mma k16 s8 x s8 (vals: a[2], b[1], then d[4])
+             // (vals: v, offset), 4: mma k16 s8 x s8 (vals: a[2], b[1], then d[4]), 5: exchange from a lane
+             // (vals: v, lane), 6: redux.sync max / min u32 (vals: the bits of v, then 1 for min)
     float vals[kMaxReduce];
     unsigned tid;
 };
@@ -202,6 +204,25 @@ bool run_block_coroutines(unsigned n_threads) {
                 progress = true;
                 continue;
             }
+            if (op == 6) {  // redux.sync.{max,min}.u32: every lane gets the warp's largest / smallest v
+                const bool mn = g_lanes[w0].vals[1] != 0.0f;
+                mp_emu_u32 r = mn ? 0xFFFFFFFFu : 0u;
+                for (int i = 0; i < 32; ++i) {
+                    if ((g_lanes[w0 + i].vals[1] != 0.0f) != mn) {
+                        g_error = "warp redux called as max by some lanes and min by others";
+                        return false;
+                    }
+                    mp_emu_u32 u;
+                    std::memcpy(&u, &g_lanes[w0 + i].vals[0], sizeof u);
+                    r = mn ? (u < r ? u : r) : (u > r ? u : r);
+                }
+                for (int i = 0; i < 32; ++i) {
+                    std::memcpy(&g_lanes[w0 + i].vals[0], &r, sizeof r);
+                    g_lanes[w0 + i].waiting = false;
+                }
+                progress = true;
+                continue;
+            }
             // xor butterfly, exactly as `v += __shfl_xor_sync(mask, v, off)` (op 0) or
             // `v = fmaxf(v, __shfl_xor_sync(mask, v, off))` (op 1) for off = 16..1
             float cur[32][kMaxReduce], nxt[32][kMaxReduce];
@@ -308,6 +329,19 @@ static float emu_exchange(float v, int arg, int op) {
 }
 float mp_emu_shfl_idx(float v, int src) { return emu_exchange(v, src, 5); }
 float mp_emu_shfl_xor(float v, int off) { return emu_exchange(v, off, 3); }
+
+mp_emu_u32 mp_emu_warp_redux_u32(mp_emu_u32 v, int is_min) {
+    Lane& L = g_lanes[g_cur];
+    std::memcpy(&L.vals[0], &v, sizeof v);
+    L.vals[1] = is_min ? 1.0f : 0.0f;
+    L.n = 2;
+    L.op = 6;
+    L.waiting = true;
+    swapcontext(&L.ctx, &g_sched);
+    mp_emu_u32 r;
+    std::memcpy(&r, &L.vals[0], sizeof r);
+    return r;
+}
 
 void mp_emu_syncthreads() {
     Lane& L = g_lanes[g_cur];

@@ -296,6 +296,27 @@ MP_HD int mp_shfl_idx(int v, int src) {
 #endif
 }
 
+// the warp's largest (MIN: smallest) v, in every lane: one redux.sync on compute capability 8.0 and later
+#ifdef MOEPARITY_EMULATOR
+mp_emu_u32 mp_emu_warp_redux_u32(mp_emu_u32 v, int is_min);
+#endif
+template <bool MIN> MP_HD mp_u32 mp_warp_redux_u32(mp_u32 v) {
+#ifdef MOEPARITY_EMULATOR
+    return mp_emu_warp_redux_u32(v, MIN);
+#elif defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 800)
+    return MIN ? __reduce_min_sync(0xFFFFFFFFu, v) : __reduce_max_sync(0xFFFFFFFFu, v);
+#elif defined(__CUDA_ARCH__)
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) {
+        const mp_u32 o = __shfl_xor_sync(0xFFFFFFFFu, v, off);
+        v = MIN ? (o < v ? o : v) : (o > v ? o : v);
+    }
+    return v;
+#else
+    return v;
+#endif
+}
+
 MP_HD float mp_warp_sum1(float x) { float v[1] = {x}; mp_warp_allreduce<1>(v); return v[0]; }
 
 // memory written by some lanes of a warp made visible to all of them (the emulator: a warp barrier)
@@ -1982,6 +2003,19 @@ extern "C" MP_GLOBAL void expert_group(const int* __restrict__ ids, int T, int k
 // overall when only NaN are left), then the lowest id holding it (or, when only NaN are left, the lowest
 // untaken NaN id).
 #define MP_TOPK_REGS 8
+// MP_TOPK_REDUX=1: a round's two warp maxima are two redux.sync on an order key (mp_topk_key) and the id,
+// one instruction each where a float butterfly is 5 dependent exchanges; the same winners (0: the
+// butterflies, tuning switch)
+#ifndef MP_TOPK_REDUX
+#define MP_TOPK_REDUX 1
+#endif
+// a candidate's place in the top-k order as an unsigned key: numbers above NaN above none (0), a larger
+// number above a smaller, +0 and -0 alike (they compare equal: the lower id wins the tie)
+MP_HD mp_u32 mp_topk_key(float v) {
+    if (!(v == v)) return 1u;
+    const mp_u32 b = mp_float_to_bits(v == 0.0f ? 0.0f : v);
+    return (b & 0x80000000u) ? ~b : (b | 0x80000000u);  // -inf: 0x007FFFFF, above NaN's 1
+}
 // a lane's candidate e with value v, its ids taken in ascending order: the first NaN, the largest number
 MP_HD void mp_topk_consider(float v, int e, float& best, int& best_e, int& nan_e) {
     if (!(v == v)) {
@@ -2000,6 +2034,33 @@ MP_HD void mp_topk_row_held(const float (&pv)[REGS], const float* p, int E, int 
     const float NEG_INF = mp_bits_to_float(0xFF800000u), QNAN = mp_bits_to_float(0x7FC00000u);
     float sum = 0.0f;
     for (int r = 0; r < k; ++r) {
+        if (MP_TOPK_REDUX) {  // the lane's best untaken key (lowest id among equals), the warp's, its lowest id
+            mp_u32 key = 0u;
+            int key_e = -1;
+#pragma unroll
+            for (int q = 0; q < REGS; ++q) {
+                const int e = lane + 32 * q;
+                const mp_u32 kq = e < E && !((taken >> q) & 1ull) ? mp_topk_key(pv[q]) : 0u;
+                if (kq > key) key = kq, key_e = e;
+            }
+            for (int e = lane + 32 * REGS, q = REGS; e < E; e += 32, ++q) {
+                const mp_u32 kq = !((taken >> q) & 1ull) ? mp_topk_key(p[e]) : 0u;
+                if (kq > key) key = kq, key_e = e;
+            }
+            const mp_u32 m = mp_warp_redux_u32<false>(key);
+            const int win = (int)mp_warp_redux_u32<true>(key == m ? (mp_u32)key_e : 0xFFFFFFFFu);
+            if ((win & 31) == lane) taken |= 1ull << (win >> 5);
+            // the winner's value from its key, unless it is a zero (the key does not keep the sign) or NaN
+            const float v = m > 0x80000000u ? mp_bits_to_float(m & 0x7FFFFFFFu) : m > 1u && m < 0x80000000u
+                ? mp_bits_to_float(~m) : p[win];
+            if (lane == 0) {
+                id[r] = win;
+                if (id2) id2[r] = win;
+                wt[r] = v;
+            }
+            sum = mp_fadd(sum, v);
+            continue;
+        }
         // best untaken value of this lane: numbers first, then NaN; lowest id among equals
         float best = NEG_INF;
         int best_e = -1, nan_e = -1;
