@@ -317,26 +317,6 @@ template <bool MIN> MP_HD mp_u32 mp_warp_redux_u32(mp_u32 v) {
 #endif
 }
 
-// MP_REDUX_MAX=1: the warp maxima on the short-prompt chain (the digits' row maximum, the softmax's) as one
-// redux.sync on an integer key where a float butterfly is 5 dependent exchanges (0: the butterflies,
-// tuning switch; the top-k's rounds have MP_TOPK_REDUX)
-#ifndef MP_REDUX_MAX
-#define MP_REDUX_MAX 1
-#endif
-// a float's place among the numbers as an unsigned key (-inf lowest, -0 just below +0), and back
-MP_HD mp_u32 mp_float_order_key(float v) {
-    const mp_u32 b = mp_float_to_bits(v);
-    return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
-}
-MP_HD float mp_float_from_order_key(mp_u32 k) { return mp_bits_to_float((k & 0x80000000u) ? (k & 0x7FFFFFFFu) : ~k); }
-// the largest of the warp's numbers, or NaN (0x7FC00000) where a lane had one (NumPy's max propagates
-// NaN); key: the lane's largest mp_float_order_key, 0xFFFFFFFF for a NaN. Which zero a max of +0 and -0
-// gives may differ from fmaxf's: its one use, exp(x - m), is the same for either
-MP_HD float mp_warp_max_nan_key(mp_u32 key) {
-    const mp_u32 mk = mp_warp_redux_u32<false>(key);
-    return mk == 0xFFFFFFFFu ? mp_bits_to_float(0x7FC00000u) : mp_float_from_order_key(mk);
-}
-
 MP_HD float mp_warp_sum1(float x) { float v[1] = {x}; mp_warp_allreduce<1>(v); return v[0]; }
 
 // memory written by some lanes of a warp made visible to all of them (the emulator: a warp barrier)
@@ -1164,8 +1144,7 @@ MP_HD void mp_digits_load(const float* __restrict__ row, int groups, int slab, i
 template <int TH = MP_DIGITS_THREADS>
 MP_HD float mp_digits_block_max(float m, float* wmax, int tid) {
     float v[1] = {m};
-    if (MP_REDUX_MAX) v[0] = (float)mp_warp_redux_u32<false>((mp_u32)m);  // m: an integer below 2^23
-    else mp_warp_allmax<1>(v);
+    mp_warp_allmax<1>(v);
     if ((tid & 31) == 0) wmax[tid >> 5] = v[0];
     mp_syncthreads();
 #pragma unroll
@@ -2033,7 +2012,9 @@ extern "C" MP_GLOBAL void expert_group(const int* __restrict__ ids, int T, int k
 // a candidate's place in the top-k order as an unsigned key: numbers above NaN above none (0), a larger
 // number above a smaller, +0 and -0 alike (they compare equal: the lower id wins the tie)
 MP_HD mp_u32 mp_topk_key(float v) {
-    return v == v ? mp_float_order_key(v == 0.0f ? 0.0f : v) : 1u;  // -inf: 0x007FFFFF, above NaN's 1
+    if (!(v == v)) return 1u;
+    const mp_u32 b = mp_float_to_bits(v == 0.0f ? 0.0f : v);
+    return (b & 0x80000000u) ? ~b : (b | 0x80000000u);  // -inf: 0x007FFFFF, above NaN's 1
 }
 // a lane's candidate e with value v, its ids taken in ascending order: the first NaN, the largest number
 MP_HD void mp_topk_consider(float v, int e, float& best, int& best_e, int& nan_e) {
@@ -2070,7 +2051,8 @@ MP_HD void mp_topk_row_held(const float (&pv)[REGS], const float* p, int E, int 
             const int win = (int)mp_warp_redux_u32<true>(key == m ? (mp_u32)key_e : 0xFFFFFFFFu);
             if ((win & 31) == lane) taken |= 1ull << (win >> 5);
             // the winner's value from its key, unless it is a zero (the key does not keep the sign) or NaN
-            const float v = m > 1u && m != 0x80000000u ? mp_float_from_order_key(m) : p[win];
+            const float v = m > 0x80000000u ? mp_bits_to_float(m & 0x7FFFFFFFu) : m > 1u && m < 0x80000000u
+                ? mp_bits_to_float(~m) : p[win];
             if (lane == 0) {
                 id[r] = win;
                 if (id2) id2[r] = win;
@@ -2243,23 +2225,13 @@ extern "C" MP_GLOBAL void rms_norm(const float* __restrict__ x, int rows, int n,
 MP_HD void mp_softmax_row(const float* xr, int n, int valid, float* __restrict__ o, int lane) {
     const float NEG_INF = mp_bits_to_float(0xFF800000u);
     float m = NEG_INF, any_nan = 0.0f;
-    if (MP_REDUX_MAX) {
-        mp_u32 key = mp_float_order_key(NEG_INF);
-        for (int i = lane; i < valid; i += 32) {
-            const float v = xr[i];
-            const mp_u32 kv = v == v ? mp_float_order_key(v) : 0xFFFFFFFFu;
-            key = kv > key ? kv : key;
-        }
-        m = mp_warp_max_nan_key(key);
-    } else {
-        for (int i = lane; i < valid; i += 32) {
-            const float v = xr[i];
-            if (v == v) m = fmaxf(m, v);
-            else any_nan = 1.0f;
-        }
-        m = mp_warp_max1(m);
-        if (mp_warp_max1(any_nan) > 0.0f) m = mp_bits_to_float(0x7FC00000u);  // NumPy's max propagates NaN
+    for (int i = lane; i < valid; i += 32) {
+        const float v = xr[i];
+        if (v == v) m = fmaxf(m, v);
+        else any_nan = 1.0f;
     }
+    m = mp_warp_max1(m);
+    if (mp_warp_max1(any_nan) > 0.0f) m = mp_bits_to_float(0x7FC00000u);  // NumPy's max propagates NaN
     float sum = 0.0f;
     for (int i = lane; i < valid; i += 32) sum = mp_fadd(sum, expf(mp_fsub(xr[i], m)));
     sum = mp_warp_sum1(sum);
@@ -2546,19 +2518,15 @@ extern "C" MP_GLOBAL void combine_norm_digits(const float* __restrict__ y, const
 MP_HD void mp_softmax_regs4(float (&x)[4], int E, float* __restrict__ o, int lane) {
     const float NEG_INF = mp_bits_to_float(0xFF800000u);
     float mv[2] = {NEG_INF, 0.0f};  // the largest number; whether there is a NaN
-    mp_u32 key = mp_float_order_key(NEG_INF);
 #pragma unroll
     for (int q = 0; q < 4; ++q) {
         if (lane + 32 * q < E) {
             if (x[q] == x[q]) mv[0] = fmaxf(mv[0], x[q]);
             else mv[1] = 1.0f;
-            const mp_u32 kq = x[q] == x[q] ? mp_float_order_key(x[q]) : 0xFFFFFFFFu;
-            key = kq > key ? kq : key;
         }
     }
-    if (!MP_REDUX_MAX) mp_warp_allmax<2>(mv);
-    const float m = MP_REDUX_MAX ? mp_warp_max_nan_key(key)
-                                 : mv[1] > 0.0f ? mp_bits_to_float(0x7FC00000u) : mv[0];  // NumPy's max propagates NaN
+    mp_warp_allmax<2>(mv);
+    const float m = mv[1] > 0.0f ? mp_bits_to_float(0x7FC00000u) : mv[0];  // NumPy's max propagates NaN
     float ex[4], sum = 0.0f;
 #pragma unroll
     for (int q = 0; q < 4; ++q) {
