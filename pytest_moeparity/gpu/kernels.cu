@@ -2025,58 +2025,65 @@ MP_HD void mp_topk_consider(float v, int e, float& best, int& best_e, int& nan_e
         best_e = e;
     }
 }
+// one round of the top-k over the lane's untaken candidates (bit q of taken: expert lane + 32 q is chosen;
+// pv: the first REGS values, held): the winner's id (every lane), marked taken by its lane, and its value
+// v, bit for bit p[win]'s (MP_TOPK_REDUX: two redux.sync on the candidates' mp_topk_key and the id)
+template <int REGS>
+MP_HD int mp_topk_round_redux(const float (&pv)[REGS], const float* p, int E, unsigned long long& taken, int lane,
+                              float& v) {
+    mp_u32 key = 0u;  // the lane's best untaken key, the lowest id among equals
+    int key_e = -1;
+#pragma unroll
+    for (int q = 0; q < REGS; ++q) {
+        const int e = lane + 32 * q;
+        const mp_u32 kq = e < E && !((taken >> q) & 1ull) ? mp_topk_key(pv[q]) : 0u;
+        if (kq > key) key = kq, key_e = e;
+    }
+    for (int e = lane + 32 * REGS, q = REGS; e < E; e += 32, ++q) {
+        const mp_u32 kq = !((taken >> q) & 1ull) ? mp_topk_key(p[e]) : 0u;
+        if (kq > key) key = kq, key_e = e;
+    }
+    const mp_u32 m = mp_warp_redux_u32<false>(key);
+    const int win = (int)mp_warp_redux_u32<true>(key == m ? (mp_u32)key_e : 0xFFFFFFFFu);
+    if ((win & 31) == lane) taken |= 1ull << (win >> 5);
+    // the winner's value from its key, unless it is a zero (the key does not keep the sign) or NaN
+    v = m > 0x80000000u ? mp_bits_to_float(m & 0x7FFFFFFFu) : m > 1u && m < 0x80000000u ? mp_bits_to_float(~m) : p[win];
+    return win;
+}
+// the same round by two float warp maxima (MP_TOPK_REDUX=0)
+template <int REGS>
+MP_HD int mp_topk_round_float(const float (&pv)[REGS], const float* p, int E, unsigned long long& taken, int lane,
+                              float& v) {
+    const float NEG_INF = mp_bits_to_float(0xFF800000u), QNAN = mp_bits_to_float(0x7FC00000u);
+    // best untaken value of this lane: numbers first, then NaN; lowest id among equals
+    float best = NEG_INF;
+    int best_e = -1, nan_e = -1;
+#pragma unroll
+    for (int q = 0; q < REGS; ++q) {
+        const int e = lane + 32 * q;
+        if (e < E && !((taken >> q) & 1ull)) mp_topk_consider(pv[q], e, best, best_e, nan_e);
+    }
+    for (int e = lane + 32 * REGS, q = REGS; e < E; e += 32, ++q)
+        if (!((taken >> q) & 1ull)) mp_topk_consider(p[e], e, best, best_e, nan_e);
+    const float m = mp_warp_max1(best_e >= 0 ? best : QNAN);  // NaN: no number is left
+    const bool num = m == m, mine = num ? (best_e >= 0 && best == m) : nan_e >= 0;
+    const int win = (int)(-mp_warp_max1(mine ? -(float)(num ? best_e : nan_e) : NEG_INF));
+    if ((win & 31) == lane) taken |= 1ull << (win >> 5);
+    // the winner's value: m itself, bit for bit, unless it is a zero (+0 and -0 compare equal) or NaN
+    v = num && m != 0.0f ? m : p[win];
+    return win;
+}
 // pv: the lane's first REGS values of p, already read (moe_route: from its softmax's registers); id2, where
 // not null, gets the ids too (moe_route: shared memory, for its grouping)
 template <int REGS>
 MP_HD void mp_topk_row_held(const float (&pv)[REGS], const float* p, int E, int k, int* __restrict__ id,
                             float* __restrict__ wt, int* id2, int lane) {
     unsigned long long taken = 0ull;  // bit q: expert lane + 32 q is chosen (E <= 2048)
-    const float NEG_INF = mp_bits_to_float(0xFF800000u), QNAN = mp_bits_to_float(0x7FC00000u);
     float sum = 0.0f;
     for (int r = 0; r < k; ++r) {
-        if (MP_TOPK_REDUX) {  // the lane's best untaken key (lowest id among equals), the warp's, its lowest id
-            mp_u32 key = 0u;
-            int key_e = -1;
-#pragma unroll
-            for (int q = 0; q < REGS; ++q) {
-                const int e = lane + 32 * q;
-                const mp_u32 kq = e < E && !((taken >> q) & 1ull) ? mp_topk_key(pv[q]) : 0u;
-                if (kq > key) key = kq, key_e = e;
-            }
-            for (int e = lane + 32 * REGS, q = REGS; e < E; e += 32, ++q) {
-                const mp_u32 kq = !((taken >> q) & 1ull) ? mp_topk_key(p[e]) : 0u;
-                if (kq > key) key = kq, key_e = e;
-            }
-            const mp_u32 m = mp_warp_redux_u32<false>(key);
-            const int win = (int)mp_warp_redux_u32<true>(key == m ? (mp_u32)key_e : 0xFFFFFFFFu);
-            if ((win & 31) == lane) taken |= 1ull << (win >> 5);
-            // the winner's value from its key, unless it is a zero (the key does not keep the sign) or NaN
-            const float v = m > 0x80000000u ? mp_bits_to_float(m & 0x7FFFFFFFu) : m > 1u && m < 0x80000000u
-                ? mp_bits_to_float(~m) : p[win];
-            if (lane == 0) {
-                id[r] = win;
-                if (id2) id2[r] = win;
-                wt[r] = v;
-            }
-            sum = mp_fadd(sum, v);
-            continue;
-        }
-        // best untaken value of this lane: numbers first, then NaN; lowest id among equals
-        float best = NEG_INF;
-        int best_e = -1, nan_e = -1;
-#pragma unroll
-        for (int q = 0; q < REGS; ++q) {
-            const int e = lane + 32 * q;
-            if (e < E && !((taken >> q) & 1ull)) mp_topk_consider(pv[q], e, best, best_e, nan_e);
-        }
-        for (int e = lane + 32 * REGS, q = REGS; e < E; e += 32, ++q)
-            if (!((taken >> q) & 1ull)) mp_topk_consider(p[e], e, best, best_e, nan_e);
-        const float m = mp_warp_max1(best_e >= 0 ? best : QNAN);  // NaN: no number is left
-        const bool num = m == m, mine = num ? (best_e >= 0 && best == m) : nan_e >= 0;
-        const int win = (int)(-mp_warp_max1(mine ? -(float)(num ? best_e : nan_e) : NEG_INF));
-        if ((win & 31) == lane) taken |= 1ull << (win >> 5);
-        // the winner's value: m itself, bit for bit, unless it is a zero (+0 and -0 compare equal) or NaN
-        const float v = num && m != 0.0f ? m : p[win];
+        float v;
+        const int win = MP_TOPK_REDUX ? mp_topk_round_redux<REGS>(pv, p, E, taken, lane, v)
+                                      : mp_topk_round_float<REGS>(pv, p, E, taken, lane, v);
         if (lane == 0) {
             id[r] = win;
             if (id2) id2[r] = win;
