@@ -1858,6 +1858,33 @@ def test_programmatic_dependent_launch_changes_no_bit(backend, model_factory):
         assert np.array_equal(a.view(np.uint32), b.view(np.uint32)), f"{what}: max diff {np.abs(a - b).max()}"
 
 
+def test_backend_variant_shares_the_weights_and_runs_its_own_kernels(backend, model_factory):
+    """backend.variant(switches): the kernels built again with kernels.cu switches added, the device
+    weights shared (one upload serves both: benchmarks/bench_ab.py times the two builds in one process).
+    The top-k's float warp maxima (MP_TOPK_REDUX=0) and the attention's narrow rows give the default
+    build's forward bit for bit, launched through the variant alone."""
+    from pytest_moeparity.gpu import CupyEngine
+    from pytest_moeparity.gpu import kernels as K
+
+    model = model_factory("tiny", "Q4_K_M")
+    tokens = [5, 17, 3, 99, 250, 7]
+    var = backend.variant("-DMP_TOPK_REDUX=0 -DMP_ATTN_WIDE=0")
+    assert var.extra_options == backend.extra_options + ("-DMP_TOPK_REDUX=0", "-DMP_ATTN_WIDE=0")
+    assert var.weights_owner is backend.weights_owner and var is not backend
+    assert (var.lib is not backend.lib) if backend.name == "emulator" else (var.module is not backend.module)
+    base_eng, var_eng = CupyEngine(model, backend=backend), CupyEngine(model, backend=var)
+    assert var_eng.weights is base_eng.weights  # no second upload
+    want = backend.asnumpy(base_eng.run(tokens).logits)
+    n_base = len(getattr(backend, "launches", []))
+    got = var.asnumpy(var_eng.run(tokens).logits)
+    if backend.name == "emulator":  # every launch of the variant's forward went through its own library
+        assert len(backend.launches) == n_base and "moe_route" in var.launches
+    assert np.isfinite(got).all()
+    assert np.array_equal(got.view(np.uint32), want.view(np.uint32)), f"max diff {np.abs(got - want).max()}"
+    with pytest.raises(ValueError, match="reads MP_WARPS at import"):
+        backend.variant("-DMP_WARPS=2")
+
+
 def test_graphed_forward_replays_the_eager_forward(backend, model_factory):
     """The CUDA-graph path (used to time kernels without launch overhead) computes the same logits."""
     if backend.name != "cupy":

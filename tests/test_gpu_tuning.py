@@ -82,3 +82,20 @@ def test_tuning_options_set_launch_geometry_and_compile_defines():
     assert (rows, rows4, rows8, warps, threads) == (4, 8, 3, 2, 64)
     for opt in ("-DMP_ROWS=4", "-DMP_ROWS_NT4=8", "-DMP_ROWS_NT8=3", "-DMP_WARPS=2"):
         assert opt in options
+
+
+def test_variant_options_take_only_kernel_switches():
+    """A backend variant (one process, two kernel builds sharing the weights) may change only the
+    #ifndef switches of kernels.cu that kernels.py does not read itself: a launch-geometry switch, an
+    unknown name (a typo would time the same kernels twice) and a non-define option are refused."""
+    assert K.variant_options("-DMP_TOPK_REDUX=0 -DMP_ATTN_WIDE=0") == ("-DMP_TOPK_REDUX=0", "-DMP_ATTN_WIDE=0")
+    assert K.variant_options(["-DMP_ROPE_REGS=0"]) == ("-DMP_ROPE_REGS=0",)
+    assert K.variant_options("") == ()
+    with pytest.raises(ValueError, match="reads MP_WARPS at import"):
+        K.variant_options("-DMP_WARPS=2")
+    with pytest.raises(ValueError, match="reads MP_DENSE_LONG_BLOCKS at import"):
+        K.variant_options("-DMP_DENSE_LONG_BLOCKS=0")  # a grid size kernels.py computes
+    with pytest.raises(ValueError, match=r"no switch MP_TOPK_REDUXX .*known: .*MP_TOPK_REDUX\b"):
+        K.variant_options("-DMP_TOPK_REDUXX=0")
+    with pytest.raises(ValueError, match="only -DNAME=VALUE"):
+        K.variant_options("-O3")

@@ -32,7 +32,7 @@ from . import kernels as K
 
 RUNTIME_CPP = Path(__file__).with_name("emu_runtime.cpp")
 
-_LIB = None
+_LIBS: dict[tuple[str, ...], ctypes.CDLL] = {}  # by extra options (a backend variant's switches)
 _LIB_LOCK = threading.Lock()
 
 
@@ -48,13 +48,15 @@ def _table_source() -> str:
     return "static const MpEntry mp_table[] = {\n" + "\n".join(rows) + "\n};\n"
 
 
-def build_library(cache_dir: str | os.PathLike | None = None) -> Path:
-    """Compile the emulator library (cached by a hash of the sources) and return its path."""
+def build_library(cache_dir: str | os.PathLike | None = None, extra_options: tuple[str, ...] = ()) -> Path:
+    """Compile the emulator library (cached by a hash of the sources and options; ``extra_options``: -D
+    switches added to compile_options()'s) and return its path."""
     cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     if not cxx:
         raise EmulatorUnavailable("no C++ compiler (g++) found")
     table = _table_source()
-    src = " ".join(K.compile_options()) + K.kernel_source() + RUNTIME_CPP.read_text(encoding="utf-8") + table
+    options = K.compile_options() + tuple(extra_options)
+    src = " ".join(options) + K.kernel_source() + RUNTIME_CPP.read_text(encoding="utf-8") + table
     digest = hashlib.sha256(src.encode()).hexdigest()[:16]
     root = Path(cache_dir or os.environ.get("MOEPARITY_EMU_CACHE") or Path(tempfile.gettempdir()) / "moeparity-emu")
     root.mkdir(parents=True, exist_ok=True)
@@ -68,7 +70,7 @@ def build_library(cache_dir: str | os.PathLike | None = None) -> Path:
         cmd = [cxx, "-std=c++17", "-O2", "-g", "-fPIC", "-shared", "-ffp-contract=off", "-fno-fast-math",
                "-Wall", "-Wno-unused-function",
                f'-DMP_KERNELS_PATH="{work / "kernels.cu"}"', f'-DMP_TABLE_PATH="{work / "table.inc"}"',
-               *(o for o in K.compile_options() if o.startswith("-D")),
+               *(o for o in options if o.startswith("-D")),
                str(RUNTIME_CPP), "-o", str(work / "lib.so")]
         res = subprocess.run(cmd, capture_output=True, text=True)
         if res.returncode != 0:
@@ -79,11 +81,10 @@ def build_library(cache_dir: str | os.PathLike | None = None) -> Path:
     return lib
 
 
-def load_library():
-    global _LIB
+def load_library(extra_options: tuple[str, ...] = ()):
     with _LIB_LOCK:
-        if _LIB is None:
-            lib = ctypes.CDLL(str(build_library()))
+        if tuple(extra_options) not in _LIBS:
+            lib = ctypes.CDLL(str(build_library(extra_options=tuple(extra_options))))
             lib.emu_launch.restype = ctypes.c_int
             lib.emu_launch.argtypes = [ctypes.c_char_p] + [ctypes.c_uint] * 6 + [
                 ctypes.POINTER(ctypes.c_void_p), ctypes.c_int, ctypes.c_char_p, ctypes.c_int,
@@ -96,8 +97,8 @@ def load_library():
             lib.emu_guarded_free.restype = None
             lib.emu_guarded_free.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
             _check_signatures(lib)
-            _LIB = lib
-        return _LIB
+            _LIBS[tuple(extra_options)] = lib
+        return _LIBS[tuple(extra_options)]
 
 
 def _check_signatures(lib) -> None:
@@ -125,15 +126,20 @@ class EmulatorBackend(K.Backend):
 
     name = "emulator"
 
-    def __init__(self, free_bytes: int = 64 << 30, total_bytes: int | None = None, guard: bool = True):
+    def __init__(self, free_bytes: int = 64 << 30, total_bytes: int | None = None, guard: bool = True,
+                 extra_options: tuple[str, ...] = ()):
         self.xp = np
         self.mma = True  # runs qmm_experts_mma (the mma as a warp-wide exchange), as a device of compute capability 8.0+
-        self.lib = load_library()
+        self.extra_options = tuple(extra_options)
+        self.lib = load_library(self.extra_options)
         self.free_bytes = int(free_bytes)
         self.total_bytes = int(total_bytes if total_bytes is not None else max(free_bytes, 80 << 30))
         self.guard = guard
         self.launches: list[str] = []
         self.oom_errors = (MemoryError,)
+
+    def _with_options(self, extra_options):
+        return EmulatorBackend(self.free_bytes, self.total_bytes, self.guard, extra_options)
 
     def is_array(self, a):
         return isinstance(a, np.ndarray)

@@ -41,7 +41,11 @@ KERNEL_QTYPES: dict[Q, int] = {
 NVRTC_OPTIONS_ENV = "MOEPARITY_NVRTC_OPTIONS"
 
 
+_PY_TUNING: set[str] = set()  # the switches kernels.py itself reads (at import: launch geometry, paths)
+
+
 def _tuning_define(name: str, default: int) -> int:
+    _PY_TUNING.add(name)
     for opt in os.environ.get(NVRTC_OPTIONS_ENV, "").split():
         if opt.startswith(f"-D{name}="):
             return int(opt.split("=", 1)[1])
@@ -133,6 +137,31 @@ COMPILE_OPTIONS = ("-std=c++17",)
 
 def compile_options() -> tuple[str, ...]:
     return COMPILE_OPTIONS + tuple(os.environ.get(NVRTC_OPTIONS_ENV, "").split())
+
+
+_DEFINE_RE = re.compile(r"-D([A-Za-z_]\w*)(?:=(\S+))?")
+
+
+def variant_options(options: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """``options`` (a string or a sequence) checked as the extra switches of a backend variant
+    (:meth:`Backend.variant`): each a ``-DNAME=VALUE`` of a switch kernels.cu declares under
+    ``#ifndef NAME`` and kernels.py does not read itself (those set launch geometry at import, so
+    only a process of their own, through MOEPARITY_NVRTC_OPTIONS, can change them)."""
+    opts = tuple(options.split()) if isinstance(options, str) else tuple(options)
+    switches = set(re.findall(r"^#ifndef\s+(MP_\w+)", kernel_source(), re.M))
+    for opt in opts:
+        m = _DEFINE_RE.fullmatch(opt)
+        if not m:
+            raise ValueError(f"variant option {opt!r}: only -DNAME=VALUE switches of {KERNELS_CU.name} are allowed")
+        name = m.group(1)
+        if name in _PY_TUNING:
+            raise ValueError(f"variant option {opt!r}: kernels.py reads {name} at import (launch geometry), so a "
+                             f"variant in the same process cannot change it; set it in {NVRTC_OPTIONS_ENV} for a "
+                             f"process of its own")
+        if name not in switches:
+            raise ValueError(f"variant option {opt!r}: {KERNELS_CU.name} has no switch {name} (an #ifndef {name} "
+                             f"default); known: {', '.join(sorted(switches - _PY_TUNING))}")
+    return opts
 
 
 class KernelError(RuntimeError):
@@ -233,6 +262,24 @@ class Backend:
     xp: Any = None
     mma = False  # the device runs mma.sync (compute capability 8.0 or later): qmm_experts_mma
     oom_errors: tuple[type[BaseException], ...] = (MemoryError,)
+    extra_options: tuple[str, ...] = ()  # switches of this backend's kernels beyond compile_options()
+
+    @property
+    def weights_owner(self) -> "Backend":
+        """The backend whose device weights this one uses (itself, or the backend it is a variant of)."""
+        return self.__dict__.get("_weights_owner", self)
+
+    def variant(self, options: str | tuple[str, ...]) -> "Backend":
+        """A backend of the same device whose kernels are compiled with ``options`` (kernels.cu switches,
+        checked by :func:`variant_options`) added to this one's. It shares this backend's device weights
+        (one upload of a model serves both), so a script can time the two kernel builds against each
+        other in one process (``benchmarks/bench_ab.py``)."""
+        v = self._with_options(self.extra_options + variant_options(options))
+        v._weights_owner = self.weights_owner
+        return v
+
+    def _with_options(self, extra_options: tuple[str, ...]) -> "Backend":
+        raise NotImplementedError(f"{type(self).__name__} has no variants")
 
     def launch(self, name: str, grid: tuple, block: tuple, args: tuple) -> None:
         raise NotImplementedError
@@ -275,13 +322,14 @@ class Backend:
 class CupyBackend(Backend):
     name = "cupy"
 
-    def __init__(self):
+    def __init__(self, extra_options: tuple[str, ...] = ()):
         import cupy
 
         self.cupy = cupy
         self.xp = cupy
         self.oom_errors = (cupy.cuda.memory.OutOfMemoryError,)
-        self.module = cupy.RawModule(code=kernel_source(), options=compile_options(),
+        self.extra_options = tuple(extra_options)
+        self.module = cupy.RawModule(code=kernel_source(), options=compile_options() + self.extra_options,
                                      name_expressions=list(NAME_EXPRESSIONS))
         try:
             self.module.compile()
@@ -295,6 +343,11 @@ class CupyBackend(Backend):
         # programmatic dependent launch (pdl.py); `pdl_off` says why not where it is not used
         self._pdl, self.pdl_off = pdl_launcher(cc)
         self._pdl_ptrs: dict[str, int] = {}
+
+    def _with_options(self, extra_options):
+        v = CupyBackend(extra_options)
+        v.set_pdl(self.pdl)  # the same launch mode as the backend it varies
+        return v
 
     @property
     def pdl(self) -> bool:

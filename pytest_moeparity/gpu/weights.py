@@ -68,7 +68,8 @@ def model_device_bytes(model: GGUFModel) -> int:
 def _cache_key(model: GGUFModel, backend: Backend) -> tuple:
     p = Path(model.path).resolve()
     st = os.stat(p)
-    return (backend.name, id(backend), str(p), st.st_size, st.st_mtime_ns)
+    owner = backend.weights_owner  # a backend variant (other kernel switches) shares its owner's weights
+    return (owner.name, id(owner), str(p), st.st_size, st.st_mtime_ns)
 
 
 class DeviceWeights:
