@@ -19,18 +19,17 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 
 # this checkout's package first (not an older installed copy), then the benchmarks' helpers
 sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).resolve().parent)]
 from _common import write_result  # noqa: E402
-from bench_gpu import bytes_touched, d2d_bandwidth, replay_times  # noqa: E402
+from bench_gpu import bench_model_path, bytes_touched, d2d_bandwidth, replay_times  # noqa: E402
 
 import numpy as np  # noqa: E402
 from tabulate import tabulate  # noqa: E402
 
-from pytest_moeparity.make_model import PRESETS, make_model  # noqa: E402
+from pytest_moeparity.make_model import PRESETS  # noqa: E402
 from pytest_moeparity.model import load_model  # noqa: E402
 from pytest_moeparity.parity import default_tokens  # noqa: E402
 from pytest_moeparity.plan import SavePlan  # noqa: E402
@@ -40,6 +39,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="a GGUF file (default: the --preset model, made once)")
     ap.add_argument("--preset", default="small", choices=list(PRESETS))
+    ap.add_argument("--quant", default="Q4_K_M")
     ap.add_argument("--tokens", default="3", help="prompt lengths, comma-separated")
     ap.add_argument("--variant", action="append", required=True,
                     help="kernels.cu switches of one build, e.g. '-DMP_TOPK_REDUX=0' (repeat for more builds)")
@@ -63,12 +63,7 @@ def main(argv=None) -> int:
     import cupy as cp
 
     K.set_debug(False)
-    if args.model:
-        path = Path(args.model)
-    else:
-        path = Path(tempfile.gettempdir()) / f"moeparity-bench-{args.preset}-q4_k_m.gguf"
-        if not path.exists():
-            make_model(path, PRESETS[args.preset], quant="Q4_K_M")
+    path = bench_model_path(args.model, args.preset, args.quant)
     model = load_model(path)
     print(model.describe(), flush=True)
     bw = d2d_bandwidth(cp)

@@ -132,6 +132,16 @@ def time_graph(cp, engine, tokens, repeat: int) -> tuple[list[float], float]:
     return replay_times(cp, g, repeat), rel
 
 
+def bench_model_path(model: str | None, preset: str, quant: str) -> Path:
+    """``model``, or the ``preset`` / ``quant`` model in the temp directory (made there once)."""
+    if model:
+        return Path(model)
+    path = Path(tempfile.gettempdir()) / f"moeparity-bench-{preset}-{quant.lower()}.gguf"
+    if not path.exists():
+        make_model(path, PRESETS[preset], quant=quant)
+    return path
+
+
 def replay_times(cp, g, repeat: int) -> list[float]:
     """Seconds of each of ``repeat`` replays of the graphed forward ``g`` (device events on its stream)."""
     out = []
@@ -182,12 +192,7 @@ def main(argv=None) -> int:
     from pytest_moeparity.gpu import kernels as K
 
     K.set_debug(False)
-    if args.model:
-        path = Path(args.model)
-    else:
-        path = Path(tempfile.gettempdir()) / f"moeparity-bench-{args.preset}-{args.quant.lower()}.gguf"
-        if not path.exists():
-            make_model(path, PRESETS[args.preset], quant=args.quant)
+    path = bench_model_path(args.model, args.preset, args.quant)
     model = load_model(path)
     print(model.describe(), flush=True)
     if args.pytest_only:
