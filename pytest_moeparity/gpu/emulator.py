@@ -82,9 +82,10 @@ def build_library(cache_dir: str | os.PathLike | None = None, extra_options: tup
 
 
 def load_library(extra_options: tuple[str, ...] = ()):
+    key = tuple(extra_options)
     with _LIB_LOCK:
-        if tuple(extra_options) not in _LIBS:
-            lib = ctypes.CDLL(str(build_library(extra_options=tuple(extra_options))))
+        if key not in _LIBS:
+            lib = ctypes.CDLL(str(build_library(extra_options=key)))
             lib.emu_launch.restype = ctypes.c_int
             lib.emu_launch.argtypes = [ctypes.c_char_p] + [ctypes.c_uint] * 6 + [
                 ctypes.POINTER(ctypes.c_void_p), ctypes.c_int, ctypes.c_char_p, ctypes.c_int,
@@ -97,8 +98,8 @@ def load_library(extra_options: tuple[str, ...] = ()):
             lib.emu_guarded_free.restype = None
             lib.emu_guarded_free.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
             _check_signatures(lib)
-            _LIBS[tuple(extra_options)] = lib
-        return _LIBS[tuple(extra_options)]
+            _LIBS[key] = lib
+        return _LIBS[key]
 
 
 def _check_signatures(lib) -> None:
