@@ -638,6 +638,34 @@ def test_experts_tensor_core_path(backend, T, qt, Kc, monkeypatch):
     _assert_close(got2[good], ref2[good], what + " (pair rows)")
 
 
+def test_absent_token_columns_need_no_zeros(backend):
+    """MP_MMA_ZERO_ABSENT=0 leaves the mma's B columns of a token the pass does not hold as the clamped row
+    gives them, not zeros: those columns' sums are the absent token's alone and never stored, so every
+    product is bit for bit the default build's (Q4_K and Q6_K, 1 to 3 tokens an expert, dense and per pair)."""
+    from pytest_moeparity.gpu import kernels as Kn
+
+    if not backend.mma:
+        pytest.skip("the device has no int8 mma (compute capability below 8.0)")
+    var = backend.variant("-DMP_MMA_ZERO_ABSENT=0")
+    E, N, Kc, T, k = 6, 80, 512, 3, 4
+    rng = _rng("zero-absent")
+    ids = _routing_ids(rng, T, k, E)
+    ids[:, 0] = 2  # expert 2 holds all 3 tokens (a pass of 3: tile 1 with one token), the others 1 or 2
+    x = rng.standard_normal((T, Kc)).astype(np.float32)
+    xp_ = rng.standard_normal((T * k, Kc)).astype(np.float32)
+    for qt in (Q.Q4_K, Q.Q6_K):
+        raw = _quantized(rng, qt, (E, N, Kc))
+        got = []
+        for be in (backend, var):
+            wt3 = _device_tensor(be, raw, qt, (E, N, Kc))
+            routing = Kn.expert_routing(_dev(be, ids), E, backend=be)
+            got.append([_host(be, Kn.qmatmul_experts(_dev(be, x), wt3, routing, backend=be)),
+                        _host(be, Kn.qmatmul_experts(_dev(be, xp_), wt3, routing, x_per_pair=True, backend=be)),
+                        _host(be, Kn.qmatmul(_dev(be, x), _device_tensor(be, raw[0], qt, (N, Kc)), backend=be))])
+        for a, b in zip(*got):
+            assert np.isfinite(a).all() and np.array_equal(a.view(np.uint32), b.view(np.uint32)), qt.name
+
+
 @pytest.mark.parametrize("qt,Kc", [(Q.Q4_K, 768), (Q.Q4_K, 2048), (Q.Q6_K, 768)], ids=["Q4_K-staged", "Q4_K", "Q6_K"])
 def test_settled_routing_is_read_early(backend, qt, Kc):
     """A routing written two or more launches back is read (and the expert's rows staged) before the

@@ -1271,6 +1271,20 @@ MP_HD void mp_mma_scale_add(const float (&d)[2], const int (&ia)[4], float (&acc
     acc[3] = fmaf(d[1], (float)ia[3], acc[3]);
 }
 
+// MP_MMA_ZERO_ABSENT (tuning switch): the B columns of a token the pass does not hold (a 1-token expert's
+// second token, ...) are zeros (1), or whatever the clamped row gives (0: two selects fewer an mma; those
+// columns' sums belong to the absent token alone and are never stored, so the stored values are the same).
+#ifndef MP_MMA_ZERO_ABSENT
+#define MP_MMA_ZERO_ABSENT 1
+#endif
+// MP_Q4_LAYOUT_PROBE=1 (a TIMING PROBE, wrong results: benchmarks/bench_experts_ab.py only): the Q4_K pass
+// of whole 16-row groups in global memory reads the same bytes as ever, but super-block s of the group as
+// one 2304-byte tile, every load of a warp 128 or 256 contiguous bytes (what a repacked layout would give)
+// instead of 8 rows' pieces 1152 bytes apart: how much of gate / up's time the rows' scattered loads cost.
+#ifndef MP_Q4_LAYOUT_PROBE
+#define MP_Q4_LAYOUT_PROBE 0
+#endif
+
 // One warp, one pass of up to 2 TILES tokens: rows n0 + gid and n0 + gid + 8 (clamped to N - 1) of lane
 // 4 gid + tig. In n-tile i the lane's B column gid is digit gid & 3 of the token whose digits start at
 // bq[i] (bon[i]: a token of the pass, else zeros), and its D columns 2 tig, 2 tig + 1 are digits
@@ -1287,15 +1301,26 @@ MP_HD void mp_mma_q4k_pass(const mp_u8* __restrict__ we, mp_i64 row_bytes, int N
     const mp_u8* rows[2];
     float acc[TILES][4], mins[TILES];
     mp_mma_pass_start<TILES>(we, row_bytes, N, n0, lane, rows, acc, mins);
+    const bool probe = MP_Q4_LAYOUT_PROBE && AL && n0 + 16 <= N && row_bytes == (mp_i64)(K >> 8) * 144;
     for (int s = s0; s < (K >> 8); s += step) {
         mp_u32 h[2][4], q[2][4][2], b[TILES][8][2];
         float xsv[TILES][8];
+        if (probe) {  // (wrong values: MP_Q4_LAYOUT_PROBE)
+            const mp_u8* tile = we + (mp_i64)n0 * row_bytes + (mp_i64)s * 2304;
 #pragma unroll
-        for (int r = 0; r < 2; ++r) {
-            const mp_u8* blk = rows[r] + (mp_i64)s * 144;
-            mp_w128<AL>(blk, h[r]);
+            for (int r = 0; r < 2; ++r) {
+                mp_w128<AL>(tile + 16 * ((lane >> 2) + 8 * r), h[r]);
 #pragma unroll
-            for (int g = 0; g < 4; ++g) mp_w64<AL>(blk + 16 + 32 * g + 8 * tig, q[r][g]);
+                for (int g = 0; g < 4; ++g) mp_w64<AL>(tile + 256 + 8 * (32 * (2 * g + r) + lane), q[r][g]);
+            }
+        } else {
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                const mp_u8* blk = rows[r] + (mp_i64)s * 144;
+                mp_w128<AL>(blk, h[r]);
+#pragma unroll
+                for (int g = 0; g < 4; ++g) mp_w64<AL>(blk + 16 + 32 * g + 8 * tig, q[r][g]);
+            }
         }
 #pragma unroll
         for (int i = 0; i < TILES; ++i) {
@@ -1328,7 +1353,8 @@ MP_HD void mp_mma_q4k_pass(const mp_u8* __restrict__ we, mp_i64 row_bytes, int N
             const int s0 = (int)mp_byte8(sc[0], j), s1 = (int)mp_byte8(sc[1], j);
 #pragma unroll
             for (int i = 0; i < TILES; ++i) {
-                const mp_u32 bb[2] = {bon[i] ? b[i][j][0] : 0u, bon[i] ? b[i][j][1] : 0u};
+                const bool on = !MP_MMA_ZERO_ABSENT || bon[i];
+                const mp_u32 bb[2] = {on ? b[i][j][0] : 0u, on ? b[i][j][1] : 0u};
                 int dd[4];
                 mp_mma_u8s8(a, bb, dd);
                 ia[i][0] += s0 * dd[0];
@@ -1446,7 +1472,7 @@ MP_HD void mp_mma_q6k_pass(const mp_u8* __restrict__ we, mp_i64 row_bytes, int N
 #pragma unroll
                 for (int i = 0; i < TILES; ++i) {
                     int dd[4];
-                    mp_mma_s8s8_k16(a, bon[i] ? b[i][j][u] : 0u, dd);
+                    mp_mma_s8s8_k16(a, (!MP_MMA_ZERO_ABSENT || bon[i]) ? b[i][j][u] : 0u, dd);
                     ia[i][0] += s0v * dd[0];
                     ia[i][1] += s0v * dd[1];
                     ia[i][2] += s1v * dd[2];
