@@ -1284,6 +1284,12 @@ MP_HD void mp_mma_scale_add(const float (&d)[2], const int (&ia)[4], float (&acc
 #ifndef MP_Q4_LAYOUT_PROBE
 #define MP_Q4_LAYOUT_PROBE 0
 #endif
+// MP_Q4_DIGITS_PROBE=1 (a TIMING PROBE, wrong results, as MP_Q4_LAYOUT_PROBE): every super-block of the Q4_K
+// pass reads the activations' digits and sums of the warp's first one (in L1 after the first: no L2 round
+// trip): how much of the time the digits' L2 round trips cost; with the layout probe, the memory side's best.
+#ifndef MP_Q4_DIGITS_PROBE
+#define MP_Q4_DIGITS_PROBE 0
+#endif
 
 // One warp, one pass of up to 2 TILES tokens: rows n0 + gid and n0 + gid + 8 (clamped to N - 1) of lane
 // 4 gid + tig. In n-tile i the lane's B column gid is digit gid & 3 of the token whose digits start at
@@ -1305,6 +1311,7 @@ MP_HD void mp_mma_q4k_pass(const mp_u8* __restrict__ we, mp_i64 row_bytes, int N
     for (int s = s0; s < (K >> 8); s += step) {
         mp_u32 h[2][4], q[2][4][2], b[TILES][8][2];
         float xsv[TILES][8];
+        const int sd = MP_Q4_DIGITS_PROBE ? s0 : s;  // the super-block whose digits are read (MP_Q4_DIGITS_PROBE)
         if (probe) {  // (wrong values: MP_Q4_LAYOUT_PROBE)
             const mp_u8* tile = we + (mp_i64)n0 * row_bytes + (mp_i64)s * 2304;
 #pragma unroll
@@ -1325,12 +1332,12 @@ MP_HD void mp_mma_q4k_pass(const mp_u8* __restrict__ we, mp_i64 row_bytes, int N
 #pragma unroll
         for (int i = 0; i < TILES; ++i) {
 #pragma unroll
-            for (int j = 0; j < 8; ++j) mp_w64<true>((const mp_u8*)(bq[i] + 32 * (8 * s + j)), b[i][j]);
+            for (int j = 0; j < 8; ++j) mp_w64<true>((const mp_u8*)(bq[i] + 32 * (8 * sd + j)), b[i][j]);
             mp_u32 v[4];
-            mp_w128<true>((const mp_u8*)(sq[i] + 8 * s), v);
+            mp_w128<true>((const mp_u8*)(sq[i] + 8 * sd), v);
 #pragma unroll
             for (int c = 0; c < 4; ++c) xsv[i][c] = mp_bits_to_float(v[c]);
-            mp_w128<true>((const mp_u8*)(sq[i] + 8 * s + 4), v);
+            mp_w128<true>((const mp_u8*)(sq[i] + 8 * sd + 4), v);
 #pragma unroll
             for (int c = 0; c < 4; ++c) xsv[i][4 + c] = mp_bits_to_float(v[c]);
         }
