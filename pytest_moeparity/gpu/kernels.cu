@@ -1039,12 +1039,21 @@ MP_MATMUL_GLOBAL void qmm_experts(const mp_u8* __restrict__ w0, const mp_u8* __r
 #ifndef MP_MMA_MIN_BLOCKS
 #define MP_MMA_MIN_BLOCKS 4     // resident blocks per SM qmm_experts_mma is compiled for: 128 registers, no spills (tuning switch)
 #endif
+// qmm_experts_mma's own (tuning switches): resident blocks per SM it is compiled for, and the most tokens a
+// pass (4: two n-tiles; 2: one, so the two-tile pass is not compiled in and the kernel needs fewer registers,
+// an expert's third and fourth tokens taking a pass of their own)
+#ifndef MP_MMA_EXPERT_BLOCKS
+#define MP_MMA_EXPERT_BLOCKS MP_MMA_MIN_BLOCKS
+#endif
+#ifndef MP_MMA_PASS_TOKENS
+#define MP_MMA_PASS_TOKENS 4
+#endif
 #ifdef MOEPARITY_EMULATOR
 void mp_emu_mma_u8s8(const mp_u32* a, const mp_u32* b, int* d);  // the emulator's prelude: a warp-wide exchange
 void mp_emu_mma_s8s8_k16(const mp_u32* a, const mp_u32* b, int* d);
 #define MP_MMA_GLOBAL MP_GLOBAL
 #else
-#define MP_MMA_GLOBAL __global__ __launch_bounds__(MP_THREADS, MP_MMA_MIN_BLOCKS)
+#define MP_MMA_GLOBAL __global__ __launch_bounds__(MP_THREADS, MP_MMA_EXPERT_BLOCKS)
 #endif
 
 // D = A B for A 16 x 32 u8 (row-major fragments a[4]), B 32 x 8 s8 (b[2]): lane 4 g + t holds
@@ -1502,14 +1511,14 @@ MP_HD void mp_mma_pass(const mp_u8* __restrict__ we, mp_i64 row_bytes, int N, in
     if constexpr (QT == 14) mp_mma_q6k_pass<AL, TILES>(we, row_bytes, N, n0, K, s0, step, bq, bon, unit, lane, res);
     else mp_mma_q4k_pass<AL, TILES>(we, row_bytes, N, n0, K, s0, step, bq, bon, sq, unit, lane, res);
 }
-template <int QT>
+template <int QT, int MAXT = 4>  // MAXT: the most tokens a pass of the caller (2: one n-tile only)
 MP_HD void mp_mma_dispatch(bool al, int nt, const mp_u8* __restrict__ we, mp_i64 row_bytes, int N, int n0, int K,
                            int s0, int step, const mp_u32* const (&bq)[2], const bool (&bon)[2],
                            const float* const (&sq)[2], const float (&unit)[2], int lane, float (&res)[2]) {
-    if (nt <= 2) {
+    if (MAXT <= 2 || nt <= 2) {
         if (al) mp_mma_pass<QT, true, 1>(we, row_bytes, N, n0, K, s0, step, bq, bon, sq, unit, lane, res);
         else mp_mma_pass<QT, false, 1>(we, row_bytes, N, n0, K, s0, step, bq, bon, sq, unit, lane, res);
-    } else {
+    } else if constexpr (MAXT > 2) {
         if (al) mp_mma_pass<QT, true, 2>(we, row_bytes, N, n0, K, s0, step, bq, bon, sq, unit, lane, res);
         else mp_mma_pass<QT, false, 2>(we, row_bytes, N, n0, K, s0, step, bq, bon, sq, unit, lane, res);
     }
@@ -1639,8 +1648,9 @@ MP_MMA_GLOBAL void qmm_experts_mma(const mp_u8* __restrict__ w0, const mp_u8* __
     }
     const bool al = mp_mma_aligned<QT>(we, row_bytes);  // uniform over the warp
     float* out = second ? out1 : out0;
-    for (int p0 = beg; p0 < end; p0 += 4) {  // pp: this pass's pairs
-        const int nt = (end - p0) < 4 ? (end - p0) : 4;
+    constexpr int PT = MP_MMA_PASS_TOKENS <= 2 ? 2 : 4;  // tokens a pass
+    for (int p0 = beg; p0 < end; p0 += PT) {  // pp[h] ..: this pass's pairs (pp holds p0 - h .. p0 - h + 3)
+        const int nt = (end - p0) < PT ? (end - p0) : PT, h = PT == 4 ? 0 : (p0 - beg) & 3;
         const mp_u32* bq[2];
         const float* sq[2];
         bool bon[2];
@@ -1649,16 +1659,16 @@ MP_MMA_GLOBAL void qmm_experts_mma(const mp_u8* __restrict__ w0, const mp_u8* __
 #pragma unroll
         for (int i = 0; i < 2; ++i) {
             const int ud = 2 * i + (tig >> 1);
-            opair[i] = ud < nt ? mp_pick4(pp, ud) : -1;
+            opair[i] = ud < nt ? mp_pick4(pp, h + ud) : -1;
         }
-        mp_mma_pass_inputs(nt, [&](int u) { return mp_pick4(pp, u) / x_div; }, K, xd, xs, xunit, lane, bq, bon, sq, unit);
+        mp_mma_pass_inputs(nt, [&](int u) { return mp_pick4(pp, h + u) / x_div; }, K, xd, xs, xunit, lane, bq, bon, sq, unit);
         float res[2];
-        mp_mma_dispatch<QT>(al, nt, we, row_bytes, wN, wn0, K, 0, 1, bq, bon, sq, unit, lane, res);
+        mp_mma_dispatch<QT, PT>(al, nt, we, row_bytes, wN, wn0, K, 0, 1, bq, bon, sq, unit, lane, res);
         const int n = n0 + gid + 8 * (tig & 1);
 #pragma unroll
         for (int i = 0; i < 2; ++i)
             if (opair[i] >= 0 && n < N) out[(mp_i64)opair[i] * ldo + n] = res[i];
-        if (p0 + 4 < end) pass_pairs(p0 + 4);
+        if ((PT == 4 || ((p0 + PT - beg) & 3) == 0) && p0 + PT < end) pass_pairs(p0 + PT);
     }
 }
 
