@@ -35,6 +35,28 @@ from pytest_moeparity.parity import default_tokens  # noqa: E402
 from pytest_moeparity.plan import SavePlan  # noqa: E402
 
 
+def interleaved_rounds(cp, graphs, rounds: int, replays: int, label: str) -> list[list[float]]:
+    """Per build (a graph with ``replay()`` and ``stream``), the median seconds of ``replays`` replays in
+    each of ``rounds`` rounds, every build first in turn; one line printed a round."""
+    per_round = [[] for _ in graphs]
+    for r in range(rounds):
+        for i in [(r + j) % len(graphs) for j in range(len(graphs))]:
+            per_round[i].append(statistics.median(replay_times(cp, graphs[i], replays)))
+        print(f"  {label}, round {r + 1}/{rounds}: " + ", ".join(f"{t[-1] * 1e3:.3f}" for t in per_round) + " ms",
+              flush=True)
+    return per_round
+
+
+def change_from_first(per_round: list[list[float]], i: int) -> dict:
+    """Build i's change from build 0: the median of the per-round differences, its share, the smallest and
+    largest difference and whether every round agrees in sign."""
+    diffs = [a - b for a, b in zip(per_round[i], per_round[0])]
+    return {"change_ms": round(statistics.median(diffs) * 1e3, 4),
+            "change_pct": round(100 * statistics.median(diffs) / statistics.median(per_round[0]), 2),
+            "change_min_ms": round(min(diffs) * 1e3, 4), "change_max_ms": round(max(diffs) * 1e3, 4),
+            "same_sign": all(d > 0 for d in diffs) or all(d < 0 for d in diffs)}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="a GGUF file (default: the --preset model, made once)")
@@ -90,23 +112,14 @@ def main(argv=None) -> int:
             ref = got if ref is None else ref
             graphs.append((g, bool(np.array_equal(got.view(np.uint32), ref.view(np.uint32))),
                            float(np.nanmax(np.abs(got - ref)))))
-        per_round = [[] for _ in names]
-        for r in range(args.rounds):
-            for i in [(r + j) % len(names) for j in range(len(names))]:  # each build first in turn
-                per_round[i].append(statistics.median(replay_times(cp, graphs[i][0], args.replays)))
-            print(f"  {n} tokens, round {r + 1}/{args.rounds}: "
-                  + ", ".join(f"{t[-1] * 1e3:.3f}" for t in per_round) + " ms", flush=True)
+        per_round = interleaved_rounds(cp, [g for g, _, _ in graphs], args.rounds, args.replays, f"{n} tokens")
         for i, name in enumerate(names):
             med = statistics.median(per_round[i])
-            diffs = [a - b for a, b in zip(per_round[i], per_round[0])]
             row = {"tokens": n, "build": name, "graph_median_ms": round(med * 1e3, 4),
                    "eff_vs_d2d_pct": round(100 * touched / med / bw, 2),
                    "bit_equal_to_default": graphs[i][1], "max_abs_diff": graphs[i][2]}
             if i:
-                row.update({"change_ms": round(statistics.median(diffs) * 1e3, 4),
-                            "change_pct": round(100 * statistics.median(diffs) / statistics.median(per_round[0]), 2),
-                            "change_min_ms": round(min(diffs) * 1e3, 4), "change_max_ms": round(max(diffs) * 1e3, 4),
-                            "same_sign": all(d > 0 for d in diffs) or all(d < 0 for d in diffs)})
+                row.update(change_from_first(per_round, i))
             rows.append(row)
         del graphs  # this prompt length's buffers, before the next one's
     print(tabulate(rows, headers="keys", tablefmt="github"))

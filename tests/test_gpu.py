@@ -638,6 +638,41 @@ def test_experts_tensor_core_path(backend, T, qt, Kc, monkeypatch):
     _assert_close(got2[good], ref2[good], what + " (pair rows)")
 
 
+@pytest.mark.parametrize("switches", ["-DMP_MMA_ZERO_ABSENT=0", "-DMP_MMA_PASS_TOKENS=2 -DMP_MMA_EXPERT_BLOCKS=5"],
+                         ids=["zero-absent-off", "2-token-passes"])
+def test_expert_switches_keep_the_products(backend, switches):
+    """Builds whose tensor-core products are the default build's bit for bit (Q4_K staged and not, Q6_K;
+    1 to 5 tokens an expert, token rows and pair rows; a dense product too):
+    MP_MMA_ZERO_ABSENT=0 leaves the mma's B columns of a token the pass does not hold as the clamped row
+    gives them, not zeros (those columns' sums are the absent token's alone and never stored);
+    MP_MMA_PASS_TOKENS=2 makes qmm_experts_mma's passes one n-tile of 2 tokens (fewer registers, so
+    MP_MMA_EXPERT_BLOCKS=5 blocks an SM fit without spills): a token's value is computed the same way
+    whichever pass or column it takes."""
+    from pytest_moeparity.gpu import kernels as Kn
+
+    if not backend.mma:
+        pytest.skip("the device has no int8 mma (compute capability below 8.0)")
+    var = backend.variant(switches)
+    E, N, T, k = 6, 80, 5, 4
+    rng = _rng("expert-switches", switches)
+    ids = _routing_ids(rng, T, k, E)
+    ids[:, 0] = 2  # expert 2 holds all 5 tokens (passes 4 + 1, or 2 + 2 + 1), expert 3 three of them
+    ids[:3, 1] = 3
+    for qt, Kc in ((Q.Q4_K, 512), (Q.Q4_K, 768), (Q.Q6_K, 512)):  # K = 768: Q4_K's staged <12,1>
+        raw = _quantized(rng, qt, (E, N, Kc))
+        x = rng.standard_normal((T, Kc)).astype(np.float32)
+        xp_ = rng.standard_normal((T * k, Kc)).astype(np.float32)
+        got = []
+        for be in (backend, var):
+            wt3 = _device_tensor(be, raw, qt, (E, N, Kc))
+            routing = Kn.expert_routing(_dev(be, ids), E, backend=be)
+            got.append([_host(be, Kn.qmatmul_experts(_dev(be, x), wt3, routing, backend=be)),
+                        _host(be, Kn.qmatmul_experts(_dev(be, xp_), wt3, routing, x_per_pair=True, backend=be)),
+                        _host(be, Kn.qmatmul(_dev(be, x[:3]), _device_tensor(be, raw[0], qt, (N, Kc)), backend=be))])
+        for a, b in zip(*got):
+            assert np.isfinite(a).all() and np.array_equal(a.view(np.uint32), b.view(np.uint32)), f"{qt.name} K={Kc}"
+
+
 @pytest.mark.parametrize("qt,Kc", [(Q.Q4_K, 768), (Q.Q4_K, 2048), (Q.Q6_K, 768)], ids=["Q4_K-staged", "Q4_K", "Q6_K"])
 def test_settled_routing_is_read_early(backend, qt, Kc):
     """A routing written two or more launches back is read (and the expert's rows staged) before the

@@ -1039,12 +1039,21 @@ MP_MATMUL_GLOBAL void qmm_experts(const mp_u8* __restrict__ w0, const mp_u8* __r
 #ifndef MP_MMA_MIN_BLOCKS
 #define MP_MMA_MIN_BLOCKS 4     // resident blocks per SM qmm_experts_mma is compiled for: 128 registers, no spills (tuning switch)
 #endif
+// qmm_experts_mma's own (tuning switches): resident blocks per SM it is compiled for, and the most tokens a
+// pass (4: two n-tiles; 2: one, so the two-tile pass is not compiled in and the kernel needs fewer registers,
+// an expert's third and fourth tokens taking a pass of their own)
+#ifndef MP_MMA_EXPERT_BLOCKS
+#define MP_MMA_EXPERT_BLOCKS MP_MMA_MIN_BLOCKS
+#endif
+#ifndef MP_MMA_PASS_TOKENS
+#define MP_MMA_PASS_TOKENS 4
+#endif
 #ifdef MOEPARITY_EMULATOR
 void mp_emu_mma_u8s8(const mp_u32* a, const mp_u32* b, int* d);  // the emulator's prelude: a warp-wide exchange
 void mp_emu_mma_s8s8_k16(const mp_u32* a, const mp_u32* b, int* d);
 #define MP_MMA_GLOBAL MP_GLOBAL
 #else
-#define MP_MMA_GLOBAL __global__ __launch_bounds__(MP_THREADS, MP_MMA_MIN_BLOCKS)
+#define MP_MMA_GLOBAL __global__ __launch_bounds__(MP_THREADS, MP_MMA_EXPERT_BLOCKS)
 #endif
 
 // D = A B for A 16 x 32 u8 (row-major fragments a[4]), B 32 x 8 s8 (b[2]): lane 4 g + t holds
@@ -1271,6 +1280,26 @@ MP_HD void mp_mma_scale_add(const float (&d)[2], const int (&ia)[4], float (&acc
     acc[3] = fmaf(d[1], (float)ia[3], acc[3]);
 }
 
+// MP_MMA_ZERO_ABSENT (tuning switch): the B columns of a token the pass does not hold (a 1-token expert's
+// second token, ...) are zeros (1), or whatever the clamped row gives (0: two selects fewer an mma; those
+// columns' sums belong to the absent token alone and are never stored, so the stored values are the same).
+#ifndef MP_MMA_ZERO_ABSENT
+#define MP_MMA_ZERO_ABSENT 1
+#endif
+// MP_Q4_LAYOUT_PROBE=1 (a TIMING PROBE, wrong results: benchmarks/bench_experts_ab.py only): the Q4_K pass
+// of whole 16-row groups in global memory reads the same bytes as ever, but super-block s of the group as
+// one 2304-byte tile, every load of a warp 128 or 256 contiguous bytes (what a repacked layout would give)
+// instead of 8 rows' pieces 1152 bytes apart: how much of gate / up's time the rows' scattered loads cost.
+#ifndef MP_Q4_LAYOUT_PROBE
+#define MP_Q4_LAYOUT_PROBE 0
+#endif
+// MP_Q4_DIGITS_PROBE=1 (a TIMING PROBE, wrong results, as MP_Q4_LAYOUT_PROBE): every super-block of the Q4_K
+// pass reads the activations' digits and sums of the warp's first one (in L1 after the first: no L2 round
+// trip): how much of the time the digits' L2 round trips cost; with the layout probe, the memory side's best.
+#ifndef MP_Q4_DIGITS_PROBE
+#define MP_Q4_DIGITS_PROBE 0
+#endif
+
 // One warp, one pass of up to 2 TILES tokens: rows n0 + gid and n0 + gid + 8 (clamped to N - 1) of lane
 // 4 gid + tig. In n-tile i the lane's B column gid is digit gid & 3 of the token whose digits start at
 // bq[i] (bon[i]: a token of the pass, else zeros), and its D columns 2 tig, 2 tig + 1 are digits
@@ -1287,25 +1316,37 @@ MP_HD void mp_mma_q4k_pass(const mp_u8* __restrict__ we, mp_i64 row_bytes, int N
     const mp_u8* rows[2];
     float acc[TILES][4], mins[TILES];
     mp_mma_pass_start<TILES>(we, row_bytes, N, n0, lane, rows, acc, mins);
+    const bool probe = MP_Q4_LAYOUT_PROBE && AL && n0 + 16 <= N && row_bytes == (mp_i64)(K >> 8) * 144;
     for (int s = s0; s < (K >> 8); s += step) {
         mp_u32 h[2][4], q[2][4][2], b[TILES][8][2];
         float xsv[TILES][8];
+        const int sd = MP_Q4_DIGITS_PROBE ? s0 : s;  // the super-block whose digits are read (MP_Q4_DIGITS_PROBE)
+        if (probe) {  // (wrong values: MP_Q4_LAYOUT_PROBE)
+            const mp_u8* tile = we + (mp_i64)n0 * row_bytes + (mp_i64)s * 2304;
 #pragma unroll
-        for (int r = 0; r < 2; ++r) {
-            const mp_u8* blk = rows[r] + (mp_i64)s * 144;
-            mp_w128<AL>(blk, h[r]);
+            for (int r = 0; r < 2; ++r) {
+                mp_w128<AL>(tile + 16 * ((lane >> 2) + 8 * r), h[r]);
 #pragma unroll
-            for (int g = 0; g < 4; ++g) mp_w64<AL>(blk + 16 + 32 * g + 8 * tig, q[r][g]);
+                for (int g = 0; g < 4; ++g) mp_w64<AL>(tile + 256 + 8 * (32 * (2 * g + r) + lane), q[r][g]);
+            }
+        } else {
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                const mp_u8* blk = rows[r] + (mp_i64)s * 144;
+                mp_w128<AL>(blk, h[r]);
+#pragma unroll
+                for (int g = 0; g < 4; ++g) mp_w64<AL>(blk + 16 + 32 * g + 8 * tig, q[r][g]);
+            }
         }
 #pragma unroll
         for (int i = 0; i < TILES; ++i) {
 #pragma unroll
-            for (int j = 0; j < 8; ++j) mp_w64<true>((const mp_u8*)(bq[i] + 32 * (8 * s + j)), b[i][j]);
+            for (int j = 0; j < 8; ++j) mp_w64<true>((const mp_u8*)(bq[i] + 32 * (8 * sd + j)), b[i][j]);
             mp_u32 v[4];
-            mp_w128<true>((const mp_u8*)(sq[i] + 8 * s), v);
+            mp_w128<true>((const mp_u8*)(sq[i] + 8 * sd), v);
 #pragma unroll
             for (int c = 0; c < 4; ++c) xsv[i][c] = mp_bits_to_float(v[c]);
-            mp_w128<true>((const mp_u8*)(sq[i] + 8 * s + 4), v);
+            mp_w128<true>((const mp_u8*)(sq[i] + 8 * sd + 4), v);
 #pragma unroll
             for (int c = 0; c < 4; ++c) xsv[i][4 + c] = mp_bits_to_float(v[c]);
         }
@@ -1328,7 +1369,8 @@ MP_HD void mp_mma_q4k_pass(const mp_u8* __restrict__ we, mp_i64 row_bytes, int N
             const int s0 = (int)mp_byte8(sc[0], j), s1 = (int)mp_byte8(sc[1], j);
 #pragma unroll
             for (int i = 0; i < TILES; ++i) {
-                const mp_u32 bb[2] = {bon[i] ? b[i][j][0] : 0u, bon[i] ? b[i][j][1] : 0u};
+                const bool on = !MP_MMA_ZERO_ABSENT || bon[i];
+                const mp_u32 bb[2] = {on ? b[i][j][0] : 0u, on ? b[i][j][1] : 0u};
                 int dd[4];
                 mp_mma_u8s8(a, bb, dd);
                 ia[i][0] += s0 * dd[0];
@@ -1446,7 +1488,7 @@ MP_HD void mp_mma_q6k_pass(const mp_u8* __restrict__ we, mp_i64 row_bytes, int N
 #pragma unroll
                 for (int i = 0; i < TILES; ++i) {
                     int dd[4];
-                    mp_mma_s8s8_k16(a, bon[i] ? b[i][j][u] : 0u, dd);
+                    mp_mma_s8s8_k16(a, (!MP_MMA_ZERO_ABSENT || bon[i]) ? b[i][j][u] : 0u, dd);
                     ia[i][0] += s0v * dd[0];
                     ia[i][1] += s0v * dd[1];
                     ia[i][2] += s1v * dd[2];
@@ -1469,14 +1511,14 @@ MP_HD void mp_mma_pass(const mp_u8* __restrict__ we, mp_i64 row_bytes, int N, in
     if constexpr (QT == 14) mp_mma_q6k_pass<AL, TILES>(we, row_bytes, N, n0, K, s0, step, bq, bon, unit, lane, res);
     else mp_mma_q4k_pass<AL, TILES>(we, row_bytes, N, n0, K, s0, step, bq, bon, sq, unit, lane, res);
 }
-template <int QT>
+template <int QT, int MAXT = 4>  // MAXT: the most tokens a pass of the caller (2: one n-tile only)
 MP_HD void mp_mma_dispatch(bool al, int nt, const mp_u8* __restrict__ we, mp_i64 row_bytes, int N, int n0, int K,
                            int s0, int step, const mp_u32* const (&bq)[2], const bool (&bon)[2],
                            const float* const (&sq)[2], const float (&unit)[2], int lane, float (&res)[2]) {
-    if (nt <= 2) {
+    if (MAXT <= 2 || nt <= 2) {
         if (al) mp_mma_pass<QT, true, 1>(we, row_bytes, N, n0, K, s0, step, bq, bon, sq, unit, lane, res);
         else mp_mma_pass<QT, false, 1>(we, row_bytes, N, n0, K, s0, step, bq, bon, sq, unit, lane, res);
-    } else {
+    } else if constexpr (MAXT > 2) {
         if (al) mp_mma_pass<QT, true, 2>(we, row_bytes, N, n0, K, s0, step, bq, bon, sq, unit, lane, res);
         else mp_mma_pass<QT, false, 2>(we, row_bytes, N, n0, K, s0, step, bq, bon, sq, unit, lane, res);
     }
@@ -1606,8 +1648,9 @@ MP_MMA_GLOBAL void qmm_experts_mma(const mp_u8* __restrict__ w0, const mp_u8* __
     }
     const bool al = mp_mma_aligned<QT>(we, row_bytes);  // uniform over the warp
     float* out = second ? out1 : out0;
-    for (int p0 = beg; p0 < end; p0 += 4) {  // pp: this pass's pairs
-        const int nt = (end - p0) < 4 ? (end - p0) : 4;
+    constexpr int PT = MP_MMA_PASS_TOKENS <= 2 ? 2 : 4;  // tokens a pass
+    for (int p0 = beg; p0 < end; p0 += PT) {  // pp[h] ..: this pass's pairs (pp holds p0 - h .. p0 - h + 3)
+        const int nt = (end - p0) < PT ? (end - p0) : PT, h = PT == 4 ? 0 : (p0 - beg) & 3;
         const mp_u32* bq[2];
         const float* sq[2];
         bool bon[2];
@@ -1616,16 +1659,16 @@ MP_MMA_GLOBAL void qmm_experts_mma(const mp_u8* __restrict__ w0, const mp_u8* __
 #pragma unroll
         for (int i = 0; i < 2; ++i) {
             const int ud = 2 * i + (tig >> 1);
-            opair[i] = ud < nt ? mp_pick4(pp, ud) : -1;
+            opair[i] = ud < nt ? mp_pick4(pp, h + ud) : -1;
         }
-        mp_mma_pass_inputs(nt, [&](int u) { return mp_pick4(pp, u) / x_div; }, K, xd, xs, xunit, lane, bq, bon, sq, unit);
+        mp_mma_pass_inputs(nt, [&](int u) { return mp_pick4(pp, h + u) / x_div; }, K, xd, xs, xunit, lane, bq, bon, sq, unit);
         float res[2];
-        mp_mma_dispatch<QT>(al, nt, we, row_bytes, wN, wn0, K, 0, 1, bq, bon, sq, unit, lane, res);
+        mp_mma_dispatch<QT, PT>(al, nt, we, row_bytes, wN, wn0, K, 0, 1, bq, bon, sq, unit, lane, res);
         const int n = n0 + gid + 8 * (tig & 1);
 #pragma unroll
         for (int i = 0; i < 2; ++i)
             if (opair[i] >= 0 && n < N) out[(mp_i64)opair[i] * ldo + n] = res[i];
-        if (p0 + 4 < end) pass_pairs(p0 + 4);
+        if ((PT == 4 || ((p0 + PT - beg) & 3) == 0) && p0 + PT < end) pass_pairs(p0 + PT);
     }
 }
 
