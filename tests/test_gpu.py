@@ -193,7 +193,7 @@ def test_cpu_kernel_signatures_parse():
     assert [p.ctype for p in sigs["qmm_dense"]][:4] == ["const mp_u8*"] * 3 + ["mp_i64"]
     z = np.zeros(3, np.int32)
     with pytest.raises(K.KernelError, match="numpy int32 scalar"):
-        K.check_args("expert_group", (z, 3, np.int32(1), np.int32(2), z, z, z, np.int32(1), z, z),
+        K.check_args("expert_group", (z, 3, np.int32(1), np.int32(2), z, z, z, np.int32(1), z, z, np.int32(1)),
                      lambda a: isinstance(a, np.ndarray))
     for name in K.WARP_KERNELS:
         assert name in sigs, name
@@ -638,26 +638,29 @@ def test_experts_tensor_core_path(backend, T, qt, Kc, monkeypatch):
     _assert_close(got2[good], ref2[good], what + " (pair rows)")
 
 
-@pytest.mark.parametrize("switches", ["-DMP_MMA_ZERO_ABSENT=0", "-DMP_MMA_PASS_TOKENS=2 -DMP_MMA_EXPERT_BLOCKS=5"],
-                         ids=["zero-absent-off", "2-token-passes"])
+@pytest.mark.parametrize("switches", ["-DMP_MMA_ZERO_ABSENT=0", "-DMP_MMA_PASS_TOKENS=2 -DMP_MMA_EXPERT_BLOCKS=5",
+                                      "-DMP_EXPERT_CHUNK=0"],
+                         ids=["zero-absent-off", "2-token-passes", "one-record-an-expert"])
 def test_expert_switches_keep_the_products(backend, switches):
     """Builds whose tensor-core products are the default build's bit for bit (Q4_K staged and not, Q6_K;
-    1 to 5 tokens an expert, token rows and pair rows; a dense product too):
+    1 to 9 tokens an expert, token rows and pair rows; a dense product too):
     MP_MMA_ZERO_ABSENT=0 leaves the mma's B columns of a token the pass does not hold as the clamped row
     gives them, not zeros (those columns' sums are the absent token's alone and never stored);
     MP_MMA_PASS_TOKENS=2 makes qmm_experts_mma's passes one n-tile of 2 tokens (fewer registers, so
-    MP_MMA_EXPERT_BLOCKS=5 blocks an SM fit without spills): a token's value is computed the same way
-    whichever pass or column it takes."""
+    MP_MMA_EXPERT_BLOCKS=5 blocks an SM fit without spills); MP_EXPERT_CHUNK=0 gives a busy expert one
+    record (its passes one after another in one warp) where the default splits its pairs over several
+    blocks: a token's value is computed the same way whichever pass, column or block it takes."""
     from pytest_moeparity.gpu import kernels as Kn
 
     if not backend.mma:
         pytest.skip("the device has no int8 mma (compute capability below 8.0)")
     var = backend.variant(switches)
-    E, N, T, k = 6, 80, 5, 4
+    E, N, T, k = 6, 80, 9, 4
     rng = _rng("expert-switches", switches)
     ids = _routing_ids(rng, T, k, E)
-    ids[:, 0] = 2  # expert 2 holds all 5 tokens (passes 4 + 1, or 2 + 2 + 1), expert 3 three of them
-    ids[:3, 1] = 3
+    ids[:, 0] = 2  # expert 2 holds all 9 tokens (passes 4 + 4 + 1, or 2 + 2 + 2 + 2 + 1), expert 3 five of them
+    ids[:5, 1] = 3
+    runs = []
     for qt, Kc in ((Q.Q4_K, 512), (Q.Q4_K, 768), (Q.Q6_K, 512)):  # K = 768: Q4_K's staged <12,1>
         raw = _quantized(rng, qt, (E, N, Kc))
         x = rng.standard_normal((T, Kc)).astype(np.float32)
@@ -666,11 +669,14 @@ def test_expert_switches_keep_the_products(backend, switches):
         for be in (backend, var):
             wt3 = _device_tensor(be, raw, qt, (E, N, Kc))
             routing = Kn.expert_routing(_dev(be, ids), E, backend=be)
+            runs.append(_assert_records(be, routing))
             got.append([_host(be, Kn.qmatmul_experts(_dev(be, x), wt3, routing, backend=be)),
                         _host(be, Kn.qmatmul_experts(_dev(be, xp_), wt3, routing, x_per_pair=True, backend=be)),
                         _host(be, Kn.qmatmul(_dev(be, x[:3]), _device_tensor(be, raw[0], qt, (N, Kc)), backend=be))])
         for a, b in zip(*got):
             assert np.isfinite(a).all() and np.array_equal(a.view(np.uint32), b.view(np.uint32)), f"{qt.name} K={Kc}"
+    if "MP_EXPERT_CHUNK" in switches:  # the default build split the busy experts, the variant did not
+        assert Kn.expert_chunk(var) == 0 and runs[0] > runs[1] == len(np.unique(ids))
 
 
 @pytest.mark.parametrize("qt,Kc", [(Q.Q4_K, 768), (Q.Q4_K, 2048), (Q.Q6_K, 768)], ids=["Q4_K-staged", "Q4_K", "Q6_K"])
@@ -812,18 +818,28 @@ def test_dense_long_prompt_pass_groups(backend, T, monkeypatch):
     assert Kn.dense_mma_pass_groups(10 ** 6, T) == 1 and Kn.dense_mma_pass_groups(3, 4) == 1
 
 
-def _assert_records(backend, r) -> None:
-    """r.records against its pairs / offsets / active: per active slot {expert, first place, one past the
-    last, 0, the first 4 pairs with the last repeated}, {-1, 0, 0, 0, -1 x 4} past them."""
+def _assert_records(backend, r) -> int:
+    """r.records against its pairs / offsets / active: per run of up to MP_EXPERT_CHUNK pairs of an active
+    expert (one run an expert for 0) {expert, first place, one past the last, 0, the first 4 pairs with the
+    last repeated}, {-1, 0, 0, 0, -1 x 4} after them, as many rows as records_len's bound. Returns the runs."""
+    from pytest_moeparity.gpu import kernels as K
+
+    chunk = K.expert_chunk(backend)
     pairs, offsets, active = (_host(backend, a) for a in (r.pairs, r.offsets, r.active))
-    want = np.tile(np.array([-1, 0, 0, 0, -1, -1, -1, -1], np.int32), (active.size, 1))
-    for i, e in enumerate(active):
-        if e >= 0:
-            beg, end = int(offsets[e]), int(offsets[e + 1])
-            want[i, :4] = (e, beg, end, 0)
-            want[i, 4:] = pairs[np.minimum(np.arange(beg, beg + 4), end - 1)]
+    runs = []
+    for e in active[active >= 0]:
+        beg, end = int(offsets[e]), int(offsets[e + 1])
+        step = chunk or end - beg
+        runs += [(e, b, min(b + step, end)) for b in range(beg, end, step)]
+    n = K.records_len(r.n_tokens * r.k, r.n_experts, chunk)
+    assert len(runs) <= n
+    want = np.tile(np.array([-1, 0, 0, 0, -1, -1, -1, -1], np.int32), (n, 1))
+    for i, (e, beg, end) in enumerate(runs):
+        want[i, :4] = (e, beg, end, 0)
+        want[i, 4:] = pairs[np.minimum(np.arange(beg, beg + 4), end - 1)]
     got = _host(backend, r.records)
-    assert got.shape == want.shape and np.array_equal(got, want), f"records\n{got}\nwant\n{want}"
+    assert got.shape == want.shape and np.array_equal(got, want), f"records (chunk {chunk})\n{got}\nwant\n{want}"
+    return len(runs)
 
 
 def test_expert_routing_groups_pairs(backend):
@@ -864,7 +880,9 @@ def test_expert_routing_many_experts(backend, E):
     used = np.nonzero(counts)[0].tolist()
     assert _host(backend, r.active).tolist() == used + [-1] * (min(E, T * k) - len(used))
     assert _host(backend, r.order).tolist() == np.argsort(ids, axis=1, kind="stable").tolist()
-    _assert_records(backend, r)  # (token 0's expert: 8 pairs, more than a record holds)
+    runs = _assert_records(backend, r)  # (token 0's expert: 8 pairs or more, over several records)
+    if K.expert_chunk(backend):
+        assert runs > len(used), "a busy expert's pairs must be split over several records"
 
 
 # ---- router, combination, bf16 rounding ------------------------------------------------------------------------

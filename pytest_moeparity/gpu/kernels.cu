@@ -1815,9 +1815,21 @@ MP_HD void mp_atomic_add_shared(int* a, int v) {
 }
 
 #define MP_GROUP_IDS 1024        // prompts of up to this many pairs have their ids copied to shared memory first
+// MP_EXPERT_CHUNK: the most pairs of one record (qmm_experts_mma: a block row of gridDim.y each). An expert
+// holding more pairs than this gets several records, its pairs in runs of MP_EXPERT_CHUNK, so that a busy
+// expert's passes of 4 run side by side in several blocks instead of one after another in one warp (a long
+// prompt's routing is skewed: one expert may hold every token). 0: one record an expert. Read by kernels.py
+// too (expert_chunk: the records' count). At least MP_WARPS, so that moe_route's one-warp grouping (up to
+// MP_WARPS tokens, an expert at most one pair a token) never needs a second record.
+#ifndef MP_EXPERT_CHUNK
+#define MP_EXPERT_CHUNK 4
+#endif
+static_assert(MP_EXPERT_CHUNK == 0 || MP_EXPERT_CHUNK >= MP_WARPS, "MP_EXPERT_CHUNK: 0 or at least MP_WARPS");
+// records for an expert of c pairs
+MP_HD int mp_expert_chunks(int c) { return MP_EXPERT_CHUNK ? (c + MP_EXPERT_CHUNK - 1) / MP_EXPERT_CHUNK : c > 0; }
 struct mp_group_smem {  // the kernel's shared memory (a __shared__ variable cannot live in an MP_HD function)
     int next[MP_MAX_EXPERTS];  // pairs per expert, then the expert's next free position
-    int warp_n[MP_WARPS], warp_a[MP_WARPS], round_ids[MP_THREADS];
+    int warp_n[MP_WARPS], warp_a[MP_WARPS], warp_c[MP_WARPS], round_ids[MP_THREADS];
     int ids[MP_GROUP_IDS];
 };
 
@@ -1841,10 +1853,11 @@ MP_HD void mp_warp_scan2(int& n, int& a, int& tn, int& ta, int lane) {
     ta = (int)sa;
 }
 
-// records [n_act_len, MP_REC]: per active slot i, {expert, its first pair's place, one past its last, 0, its
-// first 4 pairs (the last one repeated past its count)}; a slot past the active experts {-1, 0, 0, 0, -1 x 4}.
-// What qmm_experts_mma reads first: one 32-byte record where active -> offsets -> pairs were three reads
-// one after another.
+// records [n_rec_len, MP_REC]: per run of up to MP_EXPERT_CHUNK pairs of an active expert (the experts
+// ascending, an expert's runs in order; one run an expert where MP_EXPERT_CHUNK is 0), {expert, the run's
+// first pair's place, one past its last, 0, its first 4 pairs (the last one repeated past its count)};
+// past the runs {-1, 0, 0, 0, -1 x 4}. What qmm_experts_mma reads first: one 32-byte record where active ->
+// offsets -> pairs were three reads one after another.
 MP_HD void mp_record_pairs(int* __restrict__ rec, int e, int beg, int end, const int* __restrict__ pairs) {
     rec[0] = e;
     rec[1] = beg;
@@ -1856,7 +1869,7 @@ MP_HD void mp_record_pairs(int* __restrict__ rec, int e, int beg, int end, const
 
 MP_HD void mp_group_pairs(const int* ids, int T, int k, int E, int* __restrict__ pairs,
                           int* __restrict__ offsets, int* __restrict__ active, int n_act_len, int* __restrict__ order,
-                          int* __restrict__ records, mp_group_smem& sm) {
+                          int* __restrict__ records, int n_rec_len, mp_group_smem& sm) {
     int* next = sm.next;
     int* round_ids = sm.round_ids;
     const int tid = threadIdx.x, P = T * k, lane = tid & 31, warp = tid >> 5;
@@ -1871,33 +1884,46 @@ MP_HD void mp_group_pairs(const int* ids, int T, int k, int E, int* __restrict__
     }
     mp_syncthreads();
     const int per = (E + MP_THREADS - 1) / MP_THREADS, e_lo = tid * per;
-    int mine = 0, mine_active = 0;
+    int mine = 0, mine_active = 0, mine_runs = 0;
     for (int q = 0; q < per && e_lo + q < E; ++q) {
         mine += next[e_lo + q];
         mine_active += next[e_lo + q] > 0;
+        mine_runs += mp_expert_chunks(next[e_lo + q]);
     }
-    int inc_n = mine, inc_a = mine_active, tot_n, tot_a;  // inclusive scans: in the warp, then over the warps
+    // inclusive scans: in the warp, then over the warps
+    int inc_n = mine, inc_a = mine_active, inc_c = mine_runs, tot_n, tot_a, tot_c, none = 0, tot_none;
     mp_warp_scan2(inc_n, inc_a, tot_n, tot_a, lane);
+    mp_warp_scan2(inc_c, none, tot_c, tot_none, lane);
     if (lane == 0) {
         sm.warp_n[warp] = tot_n;
         sm.warp_a[warp] = tot_a;
+        sm.warp_c[warp] = tot_c;
     }
     mp_syncthreads();
-    int n_active = 0, n_total = 0;
+    int n_active = 0, n_total = 0, n_runs = 0;
 #pragma unroll
     for (int w = 0; w < MP_WARPS; ++w) {
         if (w < warp) {
             inc_n += sm.warp_n[w];
             inc_a += sm.warp_a[w];
+            inc_c += sm.warp_c[w];
         }
         n_total += sm.warp_n[w];
         n_active += sm.warp_a[w];
+        n_runs += sm.warp_c[w];
     }
-    int pos = inc_n - mine, act = inc_a - mine_active;
+    int pos = inc_n - mine, act = inc_a - mine_active, run = inc_c - mine_runs;
     for (int q = 0; q < per && e_lo + q < E; ++q) {
         const int e = e_lo + q, c = next[e];
         offsets[e] = pos;
         if (c > 0) active[act++] = e;
+        for (int j = 0, step = MP_EXPERT_CHUNK ? MP_EXPERT_CHUNK : c; j < mp_expert_chunks(c); ++j, ++run) {
+            if (run >= n_rec_len) break;  // (kernels.py sizes the records for every run: never)
+            int* rec = records + (mp_i64)MP_REC * run;  // the run's head; its pairs once they are placed
+            rec[0] = e;
+            rec[1] = pos + j * step;
+            rec[2] = pos + (c < (j + 1) * step ? c : (j + 1) * step);
+        }
         next[e] = pos;
         pos += c;
     }
@@ -1930,21 +1956,23 @@ MP_HD void mp_group_pairs(const int* ids, int T, int k, int E, int* __restrict__
         }
         order[(mp_i64)t * k + rank] = j;
     }
-    mp_syncthreads();  // pairs, offsets and active written (by this block: visible to it after the barrier)
-    for (int i = tid; i < n_act_len; i += MP_THREADS) {
-        const int e = i < n_active ? active[i] : -1;
-        mp_record_pairs(records + (mp_i64)MP_REC * i, e, e < 0 ? 0 : offsets[e], e < 0 ? 0 : offsets[e + 1], pairs);
+    mp_syncthreads();  // pairs and the runs' heads written (by this block: visible to it after the barrier)
+    for (int i = tid; i < n_rec_len; i += MP_THREADS) {
+        int* rec = records + (mp_i64)MP_REC * i;
+        if (i < n_runs) mp_record_pairs(rec, rec[0], rec[1], rec[2], pairs);
+        else mp_record_pairs(rec, -1, 0, 0, pairs);
     }
 }
 
 // mp_group_pairs by one warp, for up to 32 pairs (lane p holds pair p) and MP_GROUP_WARP_EXPERTS experts
 // (lane l owns experts 4 l .. 4 l + 3), ids in shared memory: the same outputs without a block barrier
 // or a shared-memory atomic (moe_route of a short prompt: ~30 % of its chain was mp_group_pairs' barriers).
-// Every lane of the warp must call it.
+// Only for prompts of up to MP_WARPS tokens (moe_route's one block): an expert then holds at most
+// MP_WARPS <= MP_EXPERT_CHUNK pairs, one record. Every lane of the warp must call it.
 #define MP_GROUP_WARP_EXPERTS 128
 MP_HD void mp_group_pairs_warp(const int* ids, int T, int k, int E, int* __restrict__ pairs, int* __restrict__ offsets,
                                int* __restrict__ active, int n_act_len, int* __restrict__ order, int* __restrict__ records,
-                               int lane) {
+                               int n_rec_len, int lane) {
     const int P = T * k, p = lane;
     const int idp = p < P ? ids[p] : -1;
     int cnt[4] = {0, 0, 0, 0}, pos = 0;  // pairs of the lane's experts; pair p's place among the valid pairs
@@ -1986,10 +2014,8 @@ MP_HD void mp_group_pairs_warp(const int* ids, int T, int k, int E, int* __restr
         }
     }
     if (lane == 0) offsets[E] = tot_n;
-    for (int i = tot_a + lane; i < n_act_len; i += 32) {
-        active[i] = -1;
-        mp_record_pairs(records + (mp_i64)MP_REC * i, -1, 0, 0, pairs);
-    }
+    for (int i = tot_a + lane; i < n_act_len; i += 32) active[i] = -1;
+    for (int i = tot_a + lane; i < n_rec_len; i += 32) mp_record_pairs(records + (mp_i64)MP_REC * i, -1, 0, 0, pairs);
     // pair p's expert idp: its first place, slot and pair count from the lane owning it, then the record's
     // pair entries (the expert's last pair also fills those past its count)
     int eo = 0, es = 0, ec = 0;
@@ -2025,10 +2051,10 @@ MP_HD void mp_group_pairs_warp(const int* ids, int T, int k, int E, int* __restr
 extern "C" MP_GLOBAL void expert_group(const int* __restrict__ ids, int T, int k, int E,
                                        int* __restrict__ pairs, int* __restrict__ offsets,
                                        int* __restrict__ active, int n_act_len, int* __restrict__ order,
-                                       int* __restrict__ records) {
+                                       int* __restrict__ records, int n_rec_len) {
     mp_grid_sync();
     MP_SHARED mp_group_smem sm;
-    mp_group_pairs(ids, T, k, E, pairs, offsets, active, n_act_len, order, records, sm);
+    mp_group_pairs(ids, T, k, E, pairs, offsets, active, n_act_len, order, records, n_rec_len, sm);
 }
 
 // ---- router top-k ----------------------------------------------------------------------------------
@@ -2595,7 +2621,7 @@ MP_HD void mp_softmax_regs4(float (&x)[4], int E, float* __restrict__ o, int lan
 extern "C" MP_GLOBAL void moe_route(const float* __restrict__ logits, int T, int E, int k, float* probs,
                                     int* ids, float* __restrict__ weights, int group,
                                     int* __restrict__ pairs, int* __restrict__ offsets, int* __restrict__ active,
-                                    int n_act_len, int* __restrict__ order, int* __restrict__ records) {
+                                    int n_act_len, int* __restrict__ order, int* __restrict__ records, int n_rec_len) {
     MP_SHARED mp_group_smem sm;
     mp_grid_sync();
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, t = blockIdx.x * MP_WARPS + warp;
@@ -2620,9 +2646,10 @@ extern "C" MP_GLOBAL void moe_route(const float* __restrict__ logits, int T, int
     if (group) {
         mp_syncthreads();  // every token's ids written and visible to the block
         if (quick) {
-            if (warp == 0) mp_group_pairs_warp(sm.ids, T, k, E, pairs, offsets, active, n_act_len, order, records, lane);
+            if (warp == 0)
+                mp_group_pairs_warp(sm.ids, T, k, E, pairs, offsets, active, n_act_len, order, records, n_rec_len, lane);
         } else {
-            mp_group_pairs(ids, T, k, E, pairs, offsets, active, n_act_len, order, records, sm);
+            mp_group_pairs(ids, T, k, E, pairs, offsets, active, n_act_len, order, records, n_rec_len, sm);
         }
     }
 }

@@ -281,6 +281,22 @@ class Backend:
     def _with_options(self, extra_options: tuple[str, ...]) -> "Backend":
         raise NotImplementedError(f"{type(self).__name__} has no variants")
 
+    def switch(self, name: str) -> int:
+        """The integer value of kernels.cu switch ``name`` in this backend's kernels: its last ``-Dname=``
+        among compile_options() and this backend's own options, else kernels.cu's ``#ifndef`` default. For
+        the switches both sides read (MP_EXPERT_CHUNK: the device splits, the host sizes the records)."""
+        value = None
+        for opt in compile_options() + tuple(self.extra_options):
+            m = _DEFINE_RE.fullmatch(opt)
+            if m and m.group(1) == name:
+                value = m.group(2) or "1"
+        if value is None:
+            m = re.search(rf"^#ifndef\s+{name}\s*\n#define\s+{name}\s+(\S+)", kernel_source(), re.M)
+            if not m:
+                raise KernelError(f"{KERNELS_CU.name} has no switch {name} with a default")
+            value = m.group(1)
+        return int(value, 0)
+
     def launch(self, name: str, grid: tuple, block: tuple, args: tuple) -> None:
         raise NotImplementedError
 
@@ -641,8 +657,9 @@ class ExpertRouting:
     active: Any    # int32 [min(E, T*k)]
     order: Any     # int32 [T, k]
     n_experts: int
-    # int32 [len(active), 8] per active slot {expert, first place in pairs, one past its last, 0, its first
-    # 4 pairs (the last repeated past its count)}; {-1, 0, 0, 0, -1, -1, -1, -1} past the active experts
+    # int32 [records_len(T*k, E, expert_chunk), 8]: per run of up to expert_chunk(backend) pairs of an active
+    # expert (ascending experts, an expert's runs in order) {expert, the run's first place in pairs, one past
+    # its last, 0, its first 4 pairs (the last repeated past its count)}; {-1, 0, 0, 0, -1, -1, -1, -1} after
     records: Any = None
     # Backend.launch_mark() just after the launch that wrote it (None: not known)
     written_at: tuple[int, int] | None = None
@@ -681,6 +698,20 @@ def _written_two_back(routing: ExpertRouting, be: Backend) -> bool:
     return routing.written_at[0] == key and n - routing.written_at[1] >= 1
 
 
+def expert_chunk(be: Backend) -> int:
+    """The most pairs of one routing record in ``be``'s kernels (kernels.cu's MP_EXPERT_CHUNK; 0: one record
+    an expert): a busy expert's pairs are split over several records, each a row of qmm_experts_mma's grid."""
+    return be.switch("MP_EXPERT_CHUNK")
+
+
+def records_len(n_pairs: int, n_experts: int, chunk: int) -> int:
+    """Records to hold for ``n_pairs`` pairs over ``n_experts`` experts in runs of up to ``chunk``: with A
+    experts active, sum(ceil(c_e / chunk)) = A + sum(floor((c_e - 1) / chunk)) <= A + (P - A) // chunk, which
+    grows with A, so A = min(E, P) bounds it (short prompts, every expert at most ``chunk`` pairs: min(E, P))."""
+    n_act = max(1, min(n_experts, n_pairs))
+    return n_act + ((n_pairs - n_act) // chunk if chunk > 0 and n_pairs > n_act else 0)
+
+
 def _empty_routing(ids, n_experts: int, be: Backend) -> "ExpertRouting":
     xp = be.xp
     T, k = (int(s) for s in ids.shape)
@@ -688,13 +719,13 @@ def _empty_routing(ids, n_experts: int, be: Backend) -> "ExpertRouting":
     n_act = max(1, min(n_experts, P))
     return ExpertRouting(ids, xp.empty((P,), dtype=np.int32), xp.empty((n_experts + 1,), dtype=np.int32),
                          xp.empty((n_act,), dtype=np.int32), xp.empty((T, k), dtype=np.int32), int(n_experts),
-                         records=xp.empty((n_act, RECORD_INTS), dtype=np.int32))
+                         records=xp.empty((records_len(P, n_experts, expert_chunk(be)), RECORD_INTS), dtype=np.int32))
 
 
 def _launch_grouping(r: "ExpertRouting", be: Backend) -> None:
     be.launch("expert_group", (1, 1, 1), (THREADS, 1, 1),
               (r.ids, np.int32(r.n_tokens), np.int32(r.k), np.int32(r.n_experts), r.pairs, r.offsets, r.active,
-               np.int32(r.active.shape[0]), r.order, r.records))
+               np.int32(r.active.shape[0]), r.order, r.records, np.int32(r.records.shape[0])))
 
 
 def route_experts(logits, k: int, *, backend: Backend | None = None):
@@ -710,7 +741,7 @@ def route_experts(logits, k: int, *, backend: Backend | None = None):
         be.launch("moe_route", (blocks, 1, 1), (THREADS, 1, 1),
                   (logits, np.int32(T), np.int32(E), np.int32(k), probs, ids, weights, np.int32(blocks == 1),
                    routing.pairs, routing.offsets, routing.active, np.int32(routing.active.shape[0]), routing.order,
-                   routing.records))
+                   routing.records, np.int32(routing.records.shape[0])))
         if blocks > 1:
             _launch_grouping(routing, be)
         routing = replace(routing, written_at=be.launch_mark())
@@ -872,7 +903,7 @@ def qmatmul_experts_shared_input(x, wt3s, routing, *, outs=None, x_per_pair: boo
         if use_mma(be, code, kq, K, T):
             if digits is None:
                 digits = act_digits(x, backend=be)
-            grid = (_cdiv(N, WARPS * MMA_ROWS) * len(mats), int(routing.active.shape[0]), 1)
+            grid = (_cdiv(N, WARPS * MMA_ROWS) * len(mats), int(routing.records.shape[0]), 1)  # y: the records
             be.launch(experts_mma_kernel(code, row_bytes), grid, (THREADS, 1, 1),
                       (w0.raw, w1.raw, np.int64(row_bytes), np.int64(N * row_bytes), np.int32(N), np.int32(K), *digits,
                        np.int32(x_div), routing.pairs, routing.records, o0, o1, np.int32(N),
