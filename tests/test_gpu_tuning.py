@@ -4,10 +4,12 @@ must set the Python launch geometry and the compiled kernels' defines together."
 from __future__ import annotations
 
 import json
+import re
 import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from pytest_moeparity.gpu import kernels as K
@@ -82,6 +84,42 @@ def test_tuning_options_set_launch_geometry_and_compile_defines():
     assert (rows, rows4, rows8, warps, threads) == (4, 8, 3, 2, 64)
     for opt in ("-DMP_ROWS=4", "-DMP_ROWS_NT4=8", "-DMP_ROWS_NT8=3", "-DMP_WARPS=2"):
         assert opt in options
+
+
+def test_records_len_bounds_every_routing():
+    """kernels.py sizes a routing's records before the device splits the experts' pairs into runs of up to
+    MP_EXPERT_CHUNK: records_len must hold the runs of every way of spreading P pairs over E experts, and
+    the bound is reached (every expert active, the rest of the pairs on one expert); short prompts whose
+    experts hold at most a chunk keep one record an expert."""
+    rng = np.random.default_rng(5)
+    for E, P, chunk in [(128, 512, 4), (128, 512, 8), (8, 70, 5), (128, 24, 4), (6, 36, 4), (512, 40, 4), (3, 3, 4)]:
+        bound = K.records_len(P, E, chunk)
+        for _ in range(200):
+            active = rng.integers(1, min(E, P) + 1)
+            counts = np.ones(active, int)
+            np.add.at(counts, rng.integers(0, active, P - active), 1)
+            assert int(np.ceil(counts / chunk).sum()) <= bound, (E, P, chunk, counts)
+        n_act = min(E, P)
+        worst = np.ones(n_act, int)
+        worst[0] += P - n_act
+        assert int(np.ceil(worst / chunk).sum()) == bound, (E, P, chunk)
+        assert K.records_len(P, E, 0) == n_act  # one record an expert
+    assert K.records_len(24, 128, 4) == 24 and K.records_len(512, 128, 4) == 128 + 96
+
+
+def test_backend_switch_reads_options_then_the_source_default():
+    """Backend.switch: a switch's value in a backend's kernels, from its own -D options (the last one)
+    or kernels.cu's #ifndef default; MP_EXPERT_CHUNK is read by both the device and kernels.py."""
+    class Opts(K.Backend):
+        def __init__(self, extra):
+            self.extra_options = tuple(extra)
+
+    default = int(re.search(r"#define MP_EXPERT_CHUNK (\d+)", K.kernel_source()).group(1))
+    assert K.expert_chunk(Opts(())) == default >= K.WARPS
+    assert K.expert_chunk(Opts(("-DMP_EXPERT_CHUNK=0",))) == 0
+    assert K.expert_chunk(Opts(("-DMP_EXPERT_CHUNK=8", "-DMP_EXPERT_CHUNK=16"))) == 16
+    with pytest.raises(K.KernelError, match="no switch MP_NO_SUCH"):
+        Opts(()).switch("MP_NO_SUCH")
 
 
 def test_variant_options_take_only_kernel_switches():
