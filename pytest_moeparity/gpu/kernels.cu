@@ -1589,7 +1589,8 @@ MP_HD void mp_ld8_l2(const int* p, int (&v)[8]) {
 // v[u] for u < 4 (u not known at compile time) without a local-memory array
 MP_HD int mp_pick4(const int (&v)[4], int u) { return u == 0 ? v[0] : u == 1 ? v[1] : u == 2 ? v[2] : v[3]; }
 
-// grid (groups * matrices, active experts) with groups = ceil(N / (16 MP_WARPS)), block MP_THREADS;
+// grid (groups * matrices, routing records: an active expert's runs of up to MP_EXPERT_CHUNK pairs) with groups =
+// ceil(N / (16 MP_WARPS)), block MP_THREADS;
 // arguments as qmm_experts, with the activations as act_digits wrote them (K: whole super-blocks).
 // ST: a warp's 16 rows are staged in shared memory where they fit MP_Q6_STAGE bytes and start 16-byte
 // aligned (Q6_K always: its rows are only 2-byte aligned; Q4_K where kernels.py picks <12,1>: the down
@@ -1822,7 +1823,7 @@ MP_HD void mp_atomic_add_shared(int* a, int v) {
 // too (expert_chunk: the records' count). At least MP_WARPS, so that moe_route's one-warp grouping (up to
 // MP_WARPS tokens, an expert at most one pair a token) never needs a second record.
 #ifndef MP_EXPERT_CHUNK
-#define MP_EXPERT_CHUNK 4
+#define MP_EXPERT_CHUNK 8
 #endif
 static_assert(MP_EXPERT_CHUNK == 0 || MP_EXPERT_CHUNK >= MP_WARPS, "MP_EXPERT_CHUNK: 0 or at least MP_WARPS");
 // records for an expert of c pairs
