@@ -6,10 +6,14 @@ launches of several layers, captured as one CUDA graph per build and replayed in
 
 bench_ab.py times whole forwards, where a switch that computes wrong values (a timing probe such as
 ``MP_Q4_LAYOUT_PROBE``) changes the routing of every later layer and with it the work. Here the routing
-is fixed: ``--tokens`` tokens, each routed to k distinct experts drawn at random (seeded; the same for
-every build and layer), their activations random and their digits written once. A build's graph holds
-one launch per layer (layers 0 .. ``--layers`` - 1, so each launch reads weights that are not in L2 from
-the launch before); its time per launch is the graph's median over its rounds divided by the layers.
+is fixed: ``--tokens`` tokens, each routed to k distinct experts drawn at random (``--routing random``,
+seeded; the same for every build and layer) or as the model routes the benchmarks' prompt
+(``--routing model``: each layer its own, from the default build's forward; a long prompt's deep layers
+send most tokens to a few experts, step 56 of NOTES.md), their activations random and their digits written
+once. Each build groups the routing itself (its records follow its own MP_EXPERT_CHUNK). A build's graph
+holds one launch per layer (layers ``--first-layer`` on, ``--layers`` of them, so each launch reads weights
+that are not in L2 from the launch before); its time per launch is the graph's median over its rounds
+divided by the layers.
 Each build's outputs are compared with the default build's (bit for bit expected, but for probes).
 Prints a table; writes benchmarks/results/experts-ab-<tag>.json.
 """
@@ -38,6 +42,18 @@ def random_ids(rng: np.random.Generator, n_tokens: int, k: int, n_experts: int) 
     return np.stack([rng.choice(n_experts, size=k, replace=False) for _ in range(n_tokens)]).astype(np.int32)
 
 
+def model_ids(model, backend, n_tokens: int, layers: list[int]) -> dict[int, np.ndarray]:
+    """int32 [T, k] per layer: the experts the model's own forward (this backend, the default kernels)
+    routes the benchmarks' prompt of ``n_tokens`` tokens to."""
+    from pytest_moeparity.gpu import CupyEngine
+    from pytest_moeparity.parity import default_tokens
+    from pytest_moeparity.plan import SavePlan
+
+    trace = CupyEngine(model, backend=backend).run(default_tokens(model.config.vocab, n_tokens),
+                                                   SavePlan.parse("moe_router_indices")).trace
+    return {L: np.ascontiguousarray(np.asarray(trace[f"layer.{L}.moe_router_indices"]), dtype=np.int32) for L in layers}
+
+
 def capture(cp, launches):
     """``launches()`` (the stream current) captured as a CUDA graph after one warm-up run; a
     GraphedForward whose ``logits`` are what the launches return."""
@@ -63,6 +79,9 @@ def main(argv=None) -> int:
     ap.add_argument("--quant", default="Q4_K_M")
     ap.add_argument("--tokens", type=int, default=3)
     ap.add_argument("--layers", type=int, default=8, help="layers whose launches one graph holds")
+    ap.add_argument("--first-layer", type=int, default=0, help="the first of them")
+    ap.add_argument("--routing", default="random", choices=["random", "model"],
+                    help="random distinct experts a token, or the model's own routing of the prompt, layer by layer")
     ap.add_argument("--stage", default="gate_up", choices=["gate_up", "down"])
     ap.add_argument("--variant", action="append", required=True,
                     help="kernels.cu switches of one build, e.g. '-DMP_MMA_ZERO_ABSENT=0' (repeat for more builds)")
@@ -77,6 +96,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.rounds < 1 or args.replays < 1 or args.tokens < 1 or args.layers < 1:
         ap.error("--rounds, --replays, --tokens and --layers must be at least 1")
+    if args.first_layer < 0:
+        ap.error("--first-layer must be at least 0")
 
     from pytest_moeparity.gpu import kernels as K
     from pytest_moeparity.gpu.weights import device_weights
@@ -97,18 +118,20 @@ def main(argv=None) -> int:
     path = bench_model_path(args.model, args.preset, args.quant)
     model = load_model(path)
     cfg = model.config
-    if args.layers > cfg.n_layers:
-        ap.error(f"--layers {args.layers}: the model has {cfg.n_layers}")
+    if args.first_layer + args.layers > cfg.n_layers:
+        ap.error(f"--first-layer {args.first_layer} --layers {args.layers}: the model has {cfg.n_layers}")
     print(model.describe(), flush=True)
     bw = 0.0 if args.emulator else d2d_bandwidth(cp)
     names = ["default"] + [" ".join(v) for v in variants]
     backends = [base] + [base.variant(v) for v in variants]
     weights = device_weights(model, base)
-    layers = list(range(args.layers))
+    layers = list(range(args.first_layer, args.first_layer + args.layers))
     T, k, E = args.tokens, cfg.n_experts_used, cfg.n_experts
     rng = np.random.default_rng(args.seed)
-    ids = random_ids(rng, T, k, E)
-    routing = K.expert_routing(base.to_device(ids), E, backend=base)
+    if args.routing == "model":
+        layer_ids = model_ids(model, base, T, layers)
+    else:
+        layer_ids = dict.fromkeys(layers, random_ids(rng, T, k, E))
     if args.stage == "gate_up":
         mats = [(weights.layer(L, "ffn_gate_exps"), weights.layer(L, "ffn_up_exps")) for L in layers]
         x = base.to_device(rng.standard_normal((T, cfg.hidden)).astype(np.float32))
@@ -118,17 +141,21 @@ def main(argv=None) -> int:
     digits = K.act_digits(x, backend=base)
     per_pair = args.stage == "down"
     # bytes each launch must read: the routed experts' slices of its matrices
-    n_routed = len(np.unique(ids))
-    launch_bytes = [sum(n_routed * m.raw.nbytes // E for m in ms) for ms in mats]
+    n_routed = [len(np.unique(layer_ids[L])) for L in layers]
+    busiest = [int(np.bincount(layer_ids[L].ravel(), minlength=E).max()) for L in layers]
+    launch_bytes = [sum(n * m.raw.nbytes // E for m in ms) for n, ms in zip(n_routed, mats)]
     types = sorted({m.qtype.name for ms in mats for m in ms})
-    print(f"{len(names)} builds ({', '.join(names)}); {args.stage} of layers 0-{args.layers - 1} ({', '.join(types)}), "
-          f"{T} tokens, {n_routed} experts routed; copy {bw / 1e9:.0f} GB/s", flush=True)
+    print(f"{len(names)} builds ({', '.join(names)}); {args.stage} of layers {layers[0]}-{layers[-1]} ({', '.join(types)}), "
+          f"{T} tokens, {args.routing} routing: {min(n_routed)}-{max(n_routed)} experts a layer, the busiest holding "
+          f"{min(busiest)}-{max(busiest)} tokens; copy {bw / 1e9:.0f} GB/s", flush=True)
 
     graphs, checks, ref = [], [], None
     for be in backends:
-        def launches(be=be):
-            return [K.qmatmul_experts_shared_input(x, ms, routing, x_per_pair=per_pair, digits=digits, backend=be)
-                    for ms in mats]
+        routings = [K.expert_routing(be.to_device(layer_ids[L]), E, backend=be) for L in layers]  # this build's records
+
+        def launches(be=be, routings=routings):
+            return [K.qmatmul_experts_shared_input(x, ms, r, x_per_pair=per_pair, digits=digits, backend=be)
+                    for ms, r in zip(mats, routings)]
         if args.emulator:
             outs = launches()
         else:
@@ -158,7 +185,8 @@ def main(argv=None) -> int:
         rows.append(row)
     print(tabulate(rows, headers="keys", tablefmt="github"))
     doc = {"benchmark": "gpu_experts_ab", "model": path.name, "stage": args.stage, "tokens": T,
-           "layers": len(layers), "routed_experts": n_routed, "types": types, "bytes_per_launch": launch_bytes,
+           "layers": layers, "routing": args.routing, "routed_experts": n_routed, "busiest_expert_tokens": busiest,
+           "types": types, "bytes_per_launch": launch_bytes,
            "rounds": args.rounds, "replays": args.replays, "seed": args.seed, "d2d_copy_gb_s": round(bw / 1e9, 1),
            "env_options": list(K.compile_options()[len(K.COMPILE_OPTIONS):]), "builds": names, "rows": rows}
     print("wrote", write_result(f"experts-ab-{args.tag or args.preset}", doc, args.out))
