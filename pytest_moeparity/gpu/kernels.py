@@ -284,7 +284,11 @@ class Backend:
     def switch(self, name: str) -> int:
         """The integer value of kernels.cu switch ``name`` in this backend's kernels: its last ``-Dname=``
         among compile_options() and this backend's own options, else kernels.cu's ``#ifndef`` default. For
-        the switches both sides read (MP_EXPERT_CHUNK: the device splits, the host sizes the records)."""
+        the switches both sides read (MP_EXPERT_CHUNK: the device splits, the host sizes the records).
+        Looked up once a backend and name (launches ask for it)."""
+        cache = self.__dict__.setdefault("_switches", {})
+        if name in cache:
+            return cache[name]
         value = None
         for opt in compile_options() + tuple(self.extra_options):
             m = _DEFINE_RE.fullmatch(opt)
@@ -295,7 +299,8 @@ class Backend:
             if not m:
                 raise KernelError(f"{KERNELS_CU.name} has no switch {name} with a default")
             value = m.group(1)
-        return int(value, 0)
+        cache[name] = int(value, 0)
+        return cache[name]
 
     def launch(self, name: str, grid: tuple, block: tuple, args: tuple) -> None:
         raise NotImplementedError
