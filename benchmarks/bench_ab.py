@@ -10,9 +10,10 @@ work) is of the size of the ~1 % changes being looked for. Here every build is c
 checked against the default build's logits (the switches are meant to be bit for bit), then each of
 ``--rounds`` rounds replays every build ``--replays`` times in a rotating order. A build's time is the
 median of its rounds' medians; its change is the median of its per-round differences from the default
-build's, with the smallest and largest ("same sign" when every round agrees). Only switches kernels.py
-does not read itself are allowed (``kernels.variant_options``): launch geometry needs a process of its
-own. Prints a table; writes benchmarks/results/ab-<tag>.json.
+build's, with the smallest and largest ("same sign" when every round agrees). Switches kernels.py reads
+at import are refused (``kernels.variant_options``): launch geometry fixed at import needs a process of its
+own; those it reads from the backend (``Backend.switch``: MP_EXPERT_CHUNK sizes the routing records) follow
+each variant. Prints a table; writes benchmarks/results/ab-<tag>.json.
 """
 from __future__ import annotations
 

@@ -145,8 +145,9 @@ _DEFINE_RE = re.compile(r"-D([A-Za-z_]\w*)(?:=(\S+))?")
 def variant_options(options: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
     """``options`` (a string or a sequence) checked as the extra switches of a backend variant
     (:meth:`Backend.variant`): each a ``-DNAME=VALUE`` of a switch kernels.cu declares under
-    ``#ifndef NAME`` and kernels.py does not read itself (those set launch geometry at import, so
-    only a process of their own, through MOEPARITY_NVRTC_OPTIONS, can change them)."""
+    ``#ifndef NAME`` and kernels.py does not read at import (those set launch geometry then, so only a
+    process of their own, through MOEPARITY_NVRTC_OPTIONS, can change them; what it reads through
+    :meth:`Backend.switch` follows the variant)."""
     opts = tuple(options.split()) if isinstance(options, str) else tuple(options)
     switches = set(re.findall(r"^#ifndef\s+(MP_\w+)", kernel_source(), re.M))
     for opt in opts:
