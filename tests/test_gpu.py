@@ -643,9 +643,10 @@ def test_experts_tensor_core_path(backend, T, qt, Kc, monkeypatch):
                          ids=["zero-absent-off", "2-token-passes", "one-record-an-expert"])
 def test_expert_switches_keep_the_products(backend, switches):
     """Builds whose tensor-core products are the default build's bit for bit (Q4_K staged and not, Q6_K;
-    1 to 9 tokens an expert, token rows and pair rows; a dense product too):
+    1 to 9 tokens an expert, token rows and pair rows; dense products of 3 and 9 tokens too):
     MP_MMA_ZERO_ABSENT=0 leaves the mma's B columns of a token the pass does not hold as the clamped row
-    gives them, not zeros (those columns' sums are the absent token's alone and never stored);
+    gives them, not zeros (those columns' sums are the absent token's alone and never stored; it sets
+    MP_DENSE_LONG_ZERO_ABSENT, the dense products past 4 tokens alone, with it);
     MP_MMA_PASS_TOKENS=2 makes qmm_experts_mma's passes one n-tile of 2 tokens (fewer registers, so
     MP_MMA_EXPERT_BLOCKS=5 blocks an SM fit without spills); MP_EXPERT_CHUNK=0 gives a busy expert one
     record (its passes one after another in one warp) where the default splits its pairs over several
@@ -672,7 +673,8 @@ def test_expert_switches_keep_the_products(backend, switches):
             runs.append(_assert_records(be, routing))
             got.append([_host(be, Kn.qmatmul_experts(_dev(be, x), wt3, routing, backend=be)),
                         _host(be, Kn.qmatmul_experts(_dev(be, xp_), wt3, routing, x_per_pair=True, backend=be)),
-                        _host(be, Kn.qmatmul(_dev(be, x[:3]), _device_tensor(be, raw[0], qt, (N, Kc)), backend=be))])
+                        _host(be, Kn.qmatmul(_dev(be, x[:3]), _device_tensor(be, raw[0], qt, (N, Kc)), backend=be)),
+                        _host(be, Kn.qmatmul(_dev(be, x), _device_tensor(be, raw[1], qt, (N, Kc)), backend=be))])
         for a, b in zip(*got):
             assert np.isfinite(a).all() and np.array_equal(a.view(np.uint32), b.view(np.uint32)), f"{qt.name} K={Kc}"
     if "MP_EXPERT_CHUNK" in switches:  # the default build split the busy experts, the variant did not

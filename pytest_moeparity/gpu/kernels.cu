@@ -1286,6 +1286,12 @@ MP_HD void mp_mma_scale_add(const float (&d)[2], const int (&ia)[4], float (&acc
 #ifndef MP_MMA_ZERO_ABSENT
 #define MP_MMA_ZERO_ABSENT 1
 #endif
+// MP_DENSE_LONG_ZERO_ABSENT (tuning switch): the same for qmm_dense_mma<QT,1> (prompts past 4 tokens) alone.
+// Step 55: MP_MMA_ZERO_ABSENT=0 took ~0.19 ms off the 64-token forward while gate / up of short prompts lost
+// 3 % by it; 0 here drops the selects where only long prompts go (nvcc 13.0: <12,1> then spills 8 bytes)
+#ifndef MP_DENSE_LONG_ZERO_ABSENT
+#define MP_DENSE_LONG_ZERO_ABSENT MP_MMA_ZERO_ABSENT
+#endif
 // MP_Q4_LAYOUT_PROBE=1 (a TIMING PROBE, wrong results: benchmarks/bench_experts_ab.py only): the Q4_K pass
 // of whole 16-row groups in global memory reads the same bytes as ever, but super-block s of the group as
 // one 2304-byte tile, every load of a warp 128 or 256 contiguous bytes (what a repacked layout would give)
@@ -1308,7 +1314,7 @@ MP_HD void mp_mma_scale_add(const float (&d)[2], const int (&ia)[4], float (&acc
 // digits from lane ^ 1 and returns that (row, token) value over super-blocks s0, s0 + step, ... of the
 // K / 256 in res[i]. Each super-block's loads (weights, digits, sums) are issued together before any is
 // used.
-template <bool AL, int TILES>
+template <bool AL, int TILES, bool ZA = MP_MMA_ZERO_ABSENT>  // ZA: zero an absent token's B columns
 MP_HD void mp_mma_q4k_pass(const mp_u8* __restrict__ we, mp_i64 row_bytes, int N, int n0, int K, int s0, int step,
                            const mp_u32* const (&bq)[2], const bool (&bon)[2], const float* const (&sq)[2],
                            const float (&unit)[2], int lane, float (&res)[2]) {
@@ -1369,7 +1375,7 @@ MP_HD void mp_mma_q4k_pass(const mp_u8* __restrict__ we, mp_i64 row_bytes, int N
             const int s0 = (int)mp_byte8(sc[0], j), s1 = (int)mp_byte8(sc[1], j);
 #pragma unroll
             for (int i = 0; i < TILES; ++i) {
-                const bool on = !MP_MMA_ZERO_ABSENT || bon[i];
+                const bool on = !ZA || bon[i];
                 const mp_u32 bb[2] = {on ? b[i][j][0] : 0u, on ? b[i][j][1] : 0u};
                 int dd[4];
                 mp_mma_u8s8(a, bb, dd);
@@ -1435,7 +1441,7 @@ MP_HD mp_u32 mp_q6_s8(mp_u32 q) {
 }
 
 // as mp_mma_q4k_pass (sq is not read: no mins); AL: the rows' super-blocks are 2-byte aligned
-template <bool AL, int TILES>
+template <bool AL, int TILES, bool ZA = MP_MMA_ZERO_ABSENT>
 MP_HD void mp_mma_q6k_pass(const mp_u8* __restrict__ we, mp_i64 row_bytes, int N, int n0, int K, int s0, int step,
                            const mp_u32* const (&bq)[2], const bool (&bon)[2], const float (&unit)[2], int lane,
                            float (&res)[2]) {
@@ -1488,7 +1494,7 @@ MP_HD void mp_mma_q6k_pass(const mp_u8* __restrict__ we, mp_i64 row_bytes, int N
 #pragma unroll
                 for (int i = 0; i < TILES; ++i) {
                     int dd[4];
-                    mp_mma_s8s8_k16(a, (!MP_MMA_ZERO_ABSENT || bon[i]) ? b[i][j][u] : 0u, dd);
+                    mp_mma_s8s8_k16(a, (!ZA || bon[i]) ? b[i][j][u] : 0u, dd);
                     ia[i][0] += s0v * dd[0];
                     ia[i][1] += s0v * dd[1];
                     ia[i][2] += s1v * dd[2];
@@ -1504,23 +1510,23 @@ MP_HD void mp_mma_q6k_pass(const mp_u8* __restrict__ we, mp_i64 row_bytes, int N
 
 // The tensor-core pass of type QT (Q4_K 12, Q6_K 14) for a pass of nt tokens (one n-tile up to 2), with the
 // alignment the warp found (res[1] is left unwritten for one n-tile)
-template <int QT, bool AL, int TILES>
+template <int QT, bool AL, int TILES, bool ZA = MP_MMA_ZERO_ABSENT>
 MP_HD void mp_mma_pass(const mp_u8* __restrict__ we, mp_i64 row_bytes, int N, int n0, int K, int s0, int step,
                        const mp_u32* const (&bq)[2], const bool (&bon)[2], const float* const (&sq)[2],
                        const float (&unit)[2], int lane, float (&res)[2]) {
-    if constexpr (QT == 14) mp_mma_q6k_pass<AL, TILES>(we, row_bytes, N, n0, K, s0, step, bq, bon, unit, lane, res);
-    else mp_mma_q4k_pass<AL, TILES>(we, row_bytes, N, n0, K, s0, step, bq, bon, sq, unit, lane, res);
+    if constexpr (QT == 14) mp_mma_q6k_pass<AL, TILES, ZA>(we, row_bytes, N, n0, K, s0, step, bq, bon, unit, lane, res);
+    else mp_mma_q4k_pass<AL, TILES, ZA>(we, row_bytes, N, n0, K, s0, step, bq, bon, sq, unit, lane, res);
 }
-template <int QT, int MAXT = 4>  // MAXT: the most tokens a pass of the caller (2: one n-tile only)
+template <int QT, int MAXT = 4, bool ZA = MP_MMA_ZERO_ABSENT>  // MAXT: the most tokens a pass of the caller (2: one n-tile only)
 MP_HD void mp_mma_dispatch(bool al, int nt, const mp_u8* __restrict__ we, mp_i64 row_bytes, int N, int n0, int K,
                            int s0, int step, const mp_u32* const (&bq)[2], const bool (&bon)[2],
                            const float* const (&sq)[2], const float (&unit)[2], int lane, float (&res)[2]) {
     if (MAXT <= 2 || nt <= 2) {
-        if (al) mp_mma_pass<QT, true, 1>(we, row_bytes, N, n0, K, s0, step, bq, bon, sq, unit, lane, res);
-        else mp_mma_pass<QT, false, 1>(we, row_bytes, N, n0, K, s0, step, bq, bon, sq, unit, lane, res);
+        if (al) mp_mma_pass<QT, true, 1, ZA>(we, row_bytes, N, n0, K, s0, step, bq, bon, sq, unit, lane, res);
+        else mp_mma_pass<QT, false, 1, ZA>(we, row_bytes, N, n0, K, s0, step, bq, bon, sq, unit, lane, res);
     } else if constexpr (MAXT > 2) {
-        if (al) mp_mma_pass<QT, true, 2>(we, row_bytes, N, n0, K, s0, step, bq, bon, sq, unit, lane, res);
-        else mp_mma_pass<QT, false, 2>(we, row_bytes, N, n0, K, s0, step, bq, bon, sq, unit, lane, res);
+        if (al) mp_mma_pass<QT, true, 2, ZA>(we, row_bytes, N, n0, K, s0, step, bq, bon, sq, unit, lane, res);
+        else mp_mma_pass<QT, false, 2, ZA>(we, row_bytes, N, n0, K, s0, step, bq, bon, sq, unit, lane, res);
     }
 }
 
@@ -1715,7 +1721,7 @@ MP_HD void mp_stage_rows_strided(mp_u8* dst, const mp_u8* __restrict__ src, int 
 }
 // qmm_dense_mma's pass over tokens t0 .. t0 + nt - 1 (nt <= 4): each warp's super-blocks of the block's 16
 // rows, the warps' values added in shared memory (part) in warp order and stored
-template <int QT>
+template <int QT, bool ZA = MP_MMA_ZERO_ABSENT>
 MP_HD void mp_dense_mma_tokens(int t0, int nt, const mp_u8* __restrict__ w, mp_i64 row_bytes, int wN, int wn0, int N, int n0,
                                int K, const mp_u32* __restrict__ xd, const float* __restrict__ xs,
                                const float* __restrict__ xunit, int warp, int warps, int lane, int m, float* out0,
@@ -1727,7 +1733,7 @@ MP_HD void mp_dense_mma_tokens(int t0, int nt, const mp_u8* __restrict__ w, mp_i
     mp_mma_pass_inputs(nt, [t0](int u) { return t0 + u; }, K, xd, xs, xunit, lane, bq, bon, sq, unit);
     const bool al = mp_mma_aligned<QT>(w, row_bytes);  // uniform over the block
     float res[2] = {0.0f, 0.0f};  // res[1]: no second n-tile up to 2 tokens
-    mp_mma_dispatch<QT>(al, nt, w, row_bytes, wN, wn0, K, warp, warps, bq, bon, sq, unit, lane, res);
+    mp_mma_dispatch<QT, 4, ZA>(al, nt, w, row_bytes, wN, wn0, K, warp, warps, bq, bon, sq, unit, lane, res);
     part[warp][0][lane] = res[0];
     part[warp][1][lane] = res[1];
     mp_syncthreads();
@@ -1789,8 +1795,8 @@ MP_MMA_DENSE_GLOBAL void qmm_dense_mma(const mp_u8* __restrict__ w0, const mp_u8
     const int tb = 4 * per * (int)blockIdx.y, te = tb + 4 * per < T ? tb + 4 * per : T;
     for (int t0 = tb; t0 < te; t0 += 4) {
         if (t0 != tb) mp_syncthreads();  // the last pass's values are read
-        mp_dense_mma_tokens<QT>(t0, te - t0 < 4 ? te - t0 : 4, w, row_bytes, wN, wn0, N, n0, K, xd, xs, xunit, warp,
-                                warps, lane, m, out0, out1, out2, part);
+        mp_dense_mma_tokens<QT, MP_DENSE_LONG_ZERO_ABSENT>(t0, te - t0 < 4 ? te - t0 : 4, w, row_bytes, wN, wn0, N, n0, K,
+                                                           xd, xs, xunit, warp, warps, lane, m, out0, out1, out2, part);
     }
 }
 
