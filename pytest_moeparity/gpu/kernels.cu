@@ -1292,6 +1292,13 @@ MP_HD void mp_mma_scale_add(const float (&d)[2], const int (&ia)[4], float (&acc
 #ifndef MP_DENSE_LONG_ZERO_ABSENT
 #define MP_DENSE_LONG_ZERO_ABSENT MP_MMA_ZERO_ABSENT
 #endif
+// MP_DENSE_LONG_TOKENS (read by kernels.py only: dense_long_tokens): past 4 tokens a dense product whose row
+// groups x passes of 4 tokens reach this many takes qmm_dense_mma<QT,2> (a block's warps take whole passes
+// over all of K: no barrier or sums across warps a pass) instead of <QT,1>; 0: never (the instance is
+// compiled either way)
+#ifndef MP_DENSE_LONG_TOKENS
+#define MP_DENSE_LONG_TOKENS 0
+#endif
 // MP_Q4_LAYOUT_PROBE=1 (a TIMING PROBE, wrong results: benchmarks/bench_experts_ab.py only): the Q4_K pass
 // of whole 16-row groups in global memory reads the same bytes as ever, but super-block s of the group as
 // one 2304-byte tile, every load of a warp 128 or 256 contiguous bytes (what a repacked layout would give)
@@ -1746,6 +1753,8 @@ MP_HD void mp_dense_mma_tokens(int t0, int nt, const mp_u8* __restrict__ w, mp_i
         }
     }
 }
+// LONG: 0 one pass of up to 4 tokens; 1 passes of 4 one after another, the block's warps splitting K (their
+// values met in shared memory); 2 (MP_DENSE_LONG_TOKENS) the passes split over the warps, each over all of K
 template <int QT, int LONG = 0>
 MP_MMA_DENSE_GLOBAL void qmm_dense_mma(const mp_u8* __restrict__ w0, const mp_u8* __restrict__ w1, const mp_u8* __restrict__ w2,
                                        mp_i64 row_bytes, int N0, int N1, int N2, int K, const mp_u32* __restrict__ xd,
@@ -1793,6 +1802,26 @@ MP_MMA_DENSE_GLOBAL void qmm_dense_mma(const mp_u8* __restrict__ w0, const mp_u8
     // otherwise leave the GPU waiting on one block's passes one after another)
     const int passes = (T + 3) >> 2, per = (passes + (int)gridDim.y - 1) / (int)gridDim.y;
     const int tb = 4 * per * (int)blockIdx.y, te = tb + 4 * per < T ? tb + 4 * per : T;
+    if (LONG == 2) {  // each warp whole passes over all of K, written from its registers (no barrier, no sums)
+        const bool al = mp_mma_aligned<QT>(w, row_bytes);  // uniform over the block
+        for (int t0 = tb + 4 * warp; t0 < te; t0 += 4 * warps) {
+            const int nt = te - t0 < 4 ? te - t0 : 4;
+            const mp_u32* bq[2];
+            const float* sq[2];
+            bool bon[2];
+            float unit[2], res[2] = {0.0f, 0.0f};
+            mp_mma_pass_inputs(nt, [t0](int u) { return t0 + u; }, K, xd, xs, xunit, lane, bq, bon, sq, unit);
+            mp_mma_dispatch<QT, 4, MP_DENSE_LONG_ZERO_ABSENT>(al, nt, w, row_bytes, wN, wn0, K, 0, 1, bq, bon, sq, unit,
+                                                              lane, res);
+            const int n = n0 + (lane >> 2) + 8 * (lane & 1);
+#pragma unroll
+            for (int i = 0; i < 2; ++i) {
+                const int t = 2 * i + ((lane & 3) >> 1);
+                if (t < nt && n < N) mp_pick_out(m, out0, out1, out2)[(mp_i64)(t0 + t) * N + n] = res[i];
+            }
+        }
+        return;
+    }
     for (int t0 = tb; t0 < te; t0 += 4) {
         if (t0 != tb) mp_syncthreads();  // the last pass's values are read
         mp_dense_mma_tokens<QT, MP_DENSE_LONG_ZERO_ABSENT>(t0, te - t0 < 4 ? te - t0 : 4, w, row_bytes, wN, wn0, N, n0, K,

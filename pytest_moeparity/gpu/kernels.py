@@ -128,7 +128,7 @@ NAME_EXPRESSIONS: tuple[str, ...] = tuple(
     + [f"qmm_dense_splitk<{q},{nt}>" for q in sorted(KERNEL_QTYPES.values()) for nt in SPLITK_TILES]
     + [f"qmm_experts<{q},{nt}>" for q in sorted(KERNEL_QTYPES.values()) for nt in TOKEN_TILES]
     + [f"qmm_experts_mma<{q}>" for q in MMA_QTYPES] + [f"qmm_experts_mma<{KERNEL_QTYPES[Q.Q4_K]},1>"]
-    + [f"qmm_dense_mma<{q}>" for q in MMA_QTYPES] + [f"qmm_dense_mma<{q},1>" for q in MMA_QTYPES]
+    + [f"qmm_dense_mma<{q}>" for q in MMA_QTYPES] + [f"qmm_dense_mma<{q},{long}>" for q in MMA_QTYPES for long in (1, 2)]
     + ["act_digits", "norm_digits", "swiglu_digits", "norm_rope_attention", "combine_norm_digits", "expert_group", "router_topk", "moe_route", "moe_combine", "round_bf16", "rms_norm", "add_rms_norm", "softmax_rows", "attention_core",
        "qk_norm_rope", "rope_neox", "swiglu", "add_f32"])
 
@@ -638,8 +638,10 @@ def qmatmul_shared_input(x, wts, *, outs=None, as_qtypes=None, digits=None, back
         if use_mma(be, code, kq, K, T):
             if digits is None:
                 digits = act_digits(x, backend=be)
-            blocks = sum(_cdiv(N, MMA_ROWS) for N in Ns)
-            be.launch(dense_mma_kernel(code, T), (blocks, dense_mma_pass_groups(blocks, T), 1), (32 * dense_mma_warps(K), 1, 1),
+            blocks, warps = sum(_cdiv(N, MMA_ROWS) for N in Ns), dense_mma_warps(K)
+            by_tokens = dense_long_tokens(be, blocks, T)
+            be.launch(dense_mma_kernel(code, T, by_tokens),
+                      (blocks, dense_mma_pass_groups(blocks, T, warps if by_tokens else 0), 1), (32 * warps, 1, 1),
                       lead + (np.int32(K), *digits, np.int32(T)) + outs_args)
             continue
         kernel, grid = dense_launch(code, Ns, T)
@@ -771,21 +773,33 @@ def experts_mma_kernel(code: int, row_bytes: int) -> str:
     return f"qmm_experts_mma<{code}>"
 
 
-def dense_mma_kernel(code: int, T: int) -> str:
+def dense_mma_kernel(code: int, T: int, by_tokens: bool = False) -> str:
     """The qmm_dense_mma instance for T tokens: one pass up to 4 (<code>), passes of 4 over the same rows
-    past that (<code,1>; its own instance, so that the short prompts' code is what it was)."""
-    return f"qmm_dense_mma<{code}>" if T <= 4 else f"qmm_dense_mma<{code},1>"
+    past that (<code,1>; its own instance, so that the short prompts' code is what it was), or with
+    ``by_tokens`` those passes split over the block's warps (<code,2>: see dense_long_tokens)."""
+    return f"qmm_dense_mma<{code}>" if T <= 4 else f"qmm_dense_mma<{code},{2 if by_tokens else 1}>"
 
 
-def dense_mma_pass_groups(blocks: int, T: int) -> int:
+def dense_long_tokens(be: Backend, blocks: int, T: int) -> bool:
+    """Whether a dense product of ``blocks`` row groups and T > 4 tokens splits its passes of 4 over the
+    block's warps (qmm_dense_mma<QT,2>, each warp a pass over all of K) rather than K (<QT,1>): where its
+    row groups x passes reach ``be``'s MP_DENSE_LONG_TOKENS (0: never), enough warps' passes to fill the GPU."""
+    least = be.switch("MP_DENSE_LONG_TOKENS")
+    return T > 4 and least > 0 and blocks * _cdiv(T, 4) >= least
+
+
+def dense_mma_pass_groups(blocks: int, T: int, warps: int = 0) -> int:
     """How many groups of a long prompt's passes of 4 tokens qmm_dense_mma<QT,1> spreads over ``gridDim.y``
     for ``blocks`` row groups of 16: enough that the grid has about DENSE_LONG_BLOCKS blocks (each pass of a
     block follows the one before, so a small matrix would wait on a few blocks' chains of passes), 1 for a
-    grid that has them already (the output head) and for up to 4 tokens."""
+    grid that has them already (the output head) and for up to 4 tokens. ``warps`` (qmm_dense_mma<QT,2>,
+    whose warps share a block's passes): a block takes a multiple of that many passes, at least one a warp."""
     passes = _cdiv(T, 4)
     if T <= 4 or DENSE_LONG_BLOCKS <= 0:
         return 1
     per = min(passes, max(1, blocks * passes // DENSE_LONG_BLOCKS))  # passes a block
+    if warps > 0:
+        per = min(passes, warps * _cdiv(per, warps))
     return _cdiv(passes, per)
 
 
