@@ -56,7 +56,8 @@ def model_ids(model, backend, n_tokens: int, layers: list[int]) -> dict[int, np.
 
 def capture(cp, launches):
     """``launches()`` (the stream current) captured as a CUDA graph after one warm-up run; a
-    GraphedForward whose ``logits`` are what the launches return."""
+    GraphedForward whose ``logits`` are what the launches return. It keeps ``launches`` (and so the
+    device arrays its closure holds: the routing records) alive as long as the graph, which reads them."""
     from pytest_moeparity.gpu.forward import GraphedForward
 
     pool = cp.cuda.MemoryPool()
@@ -69,7 +70,7 @@ def capture(cp, launches):
             outs = launches()
         finally:
             graph = stream.end_capture()
-    return GraphedForward(graph, stream, outs, (pool,))
+    return GraphedForward(graph, stream, outs, (pool, launches))
 
 
 def main(argv=None) -> int:

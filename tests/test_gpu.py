@@ -638,15 +638,16 @@ def test_experts_tensor_core_path(backend, T, qt, Kc, monkeypatch):
     _assert_close(got2[good], ref2[good], what + " (pair rows)")
 
 
-@pytest.mark.parametrize("switches", ["-DMP_MMA_ZERO_ABSENT=0", "-DMP_MMA_PASS_TOKENS=2 -DMP_MMA_EXPERT_BLOCKS=5",
-                                      "-DMP_EXPERT_CHUNK=0"],
-                         ids=["zero-absent-off", "2-token-passes", "one-record-an-expert"])
+@pytest.mark.parametrize("switches", ["-DMP_MMA_ZERO_ABSENT=0", "-DMP_DENSE_LONG_ZERO_ABSENT=1",
+                                      "-DMP_MMA_PASS_TOKENS=2 -DMP_MMA_EXPERT_BLOCKS=5", "-DMP_EXPERT_CHUNK=0"],
+                         ids=["zero-absent-off", "long-dense-zero-absent-on", "2-token-passes", "one-record-an-expert"])
 def test_expert_switches_keep_the_products(backend, switches):
     """Builds whose tensor-core products are the default build's bit for bit (Q4_K staged and not, Q6_K;
     1 to 9 tokens an expert, token rows and pair rows; dense products of 3 and 9 tokens too):
     MP_MMA_ZERO_ABSENT=0 leaves the mma's B columns of a token the pass does not hold as the clamped row
-    gives them, not zeros (those columns' sums are the absent token's alone and never stored; it sets
-    MP_DENSE_LONG_ZERO_ABSENT, the dense products past 4 tokens alone, with it);
+    gives them, not zeros (those columns' sums are the absent token's alone and never stored);
+    MP_DENSE_LONG_ZERO_ABSENT=1 zeroes them in the dense products past 4 tokens (<QT,1>), where the
+    default leaves them;
     MP_MMA_PASS_TOKENS=2 makes qmm_experts_mma's passes one n-tile of 2 tokens (fewer registers, so
     MP_MMA_EXPERT_BLOCKS=5 blocks an SM fit without spills); MP_EXPERT_CHUNK=0 gives a busy expert one
     record (its passes one after another in one warp) where the default splits its pairs over several

@@ -1286,18 +1286,20 @@ MP_HD void mp_mma_scale_add(const float (&d)[2], const int (&ia)[4], float (&acc
 #ifndef MP_MMA_ZERO_ABSENT
 #define MP_MMA_ZERO_ABSENT 1
 #endif
-// MP_DENSE_LONG_ZERO_ABSENT (tuning switch): the same for qmm_dense_mma<QT,1> (prompts past 4 tokens) alone.
+// MP_DENSE_LONG_ZERO_ABSENT (tuning switch): the same for qmm_dense_mma<QT,1> and <QT,2> (prompts past 4 tokens) alone.
 // Step 55: MP_MMA_ZERO_ABSENT=0 took ~0.19 ms off the 64-token forward while gate / up of short prompts lost
-// 3 % by it; 0 here drops the selects where only long prompts go (nvcc 13.0: <12,1> then spills 8 bytes)
+// 3 % by it; 0 here drops the selects where only long prompts go (nvcc 13.0: <12,1> then spills 8 bytes).
+// Default 0 since step 58 (H100: -0.18 ms at 64 tokens with <QT,1> for every long dense product)
 #ifndef MP_DENSE_LONG_ZERO_ABSENT
-#define MP_DENSE_LONG_ZERO_ABSENT MP_MMA_ZERO_ABSENT
+#define MP_DENSE_LONG_ZERO_ABSENT 0
 #endif
 // MP_DENSE_LONG_TOKENS (read by kernels.py only: dense_long_tokens): past 4 tokens a dense product whose row
 // groups x passes of 4 tokens reach this many takes qmm_dense_mma<QT,2> (a block's warps take whole passes
 // over all of K: no barrier or sums across warps a pass) instead of <QT,1>; 0: never (the instance is
-// compiled either way)
+// compiled either way). Default 2048 since step 58 (H100, 64 tokens: q, attn_output and the head take it,
+// -1.32 ms of the forward; 1, every long dense product: -1.22)
 #ifndef MP_DENSE_LONG_TOKENS
-#define MP_DENSE_LONG_TOKENS 0
+#define MP_DENSE_LONG_TOKENS 2048
 #endif
 // MP_Q4_LAYOUT_PROBE=1 (a TIMING PROBE, wrong results: benchmarks/bench_experts_ab.py only): the Q4_K pass
 // of whole 16-row groups in global memory reads the same bytes as ever, but super-block s of the group as
