@@ -143,12 +143,16 @@ def main(argv=None) -> int:
     per_pair = args.stage == "down"
     # bytes each launch must read: the routed experts' slices of its matrices
     n_routed = [len(np.unique(layer_ids[L])) for L in layers]
-    busiest = [int(np.bincount(layer_ids[L].ravel(), minlength=E).max()) for L in layers]
+    counts = [np.bincount(layer_ids[L].ravel(), minlength=E) for L in layers]
+    busiest = [int(c.max()) for c in counts]
+    # passes of 4 pairs over an expert's rows (the tensor-core kernels' unit of work past the bytes)
+    passes = [int(((c + 3) // 4).sum()) for c in counts]
     launch_bytes = [sum(n * m.raw.nbytes // E for m in ms) for n, ms in zip(n_routed, mats)]
     types = sorted({m.qtype.name for ms in mats for m in ms})
     print(f"{len(names)} builds ({', '.join(names)}); {args.stage} of layers {layers[0]}-{layers[-1]} ({', '.join(types)}), "
           f"{T} tokens, {args.routing} routing: {min(n_routed)}-{max(n_routed)} experts a layer, the busiest holding "
-          f"{min(busiest)}-{max(busiest)} tokens; copy {bw / 1e9:.0f} GB/s", flush=True)
+          f"{min(busiest)}-{max(busiest)} tokens, {min(passes)}-{max(passes)} passes of 4 pairs a launch; "
+          f"copy {bw / 1e9:.0f} GB/s", flush=True)
 
     graphs, checks, ref = [], [], None
     for be in backends:
@@ -187,6 +191,7 @@ def main(argv=None) -> int:
     print(tabulate(rows, headers="keys", tablefmt="github"))
     doc = {"benchmark": "gpu_experts_ab", "model": path.name, "stage": args.stage, "tokens": T,
            "layers": layers, "routing": args.routing, "routed_experts": n_routed, "busiest_expert_tokens": busiest,
+           "passes_of_4": passes,
            "types": types, "bytes_per_launch": launch_bytes,
            "rounds": args.rounds, "replays": args.replays, "seed": args.seed, "d2d_copy_gb_s": round(bw / 1e9, 1),
            "env_options": list(K.compile_options()[len(K.COMPILE_OPTIONS):]), "builds": names, "rows": rows}
