@@ -2794,6 +2794,27 @@ MP_HD float mp_attention_scores32(const float (&qv)[REGS], const float* kr, mp_i
     return part[0];
 }
 
+// The context's positions s0 .. s0 + CH - 1 (those below T; the loads of later ones read position T - 1
+// again), their probabilities in pv: acc[i] += pv[c] v[s][lane + 32 i], the positions in order.
+template <int REGS, int CH>
+MP_HD void mp_attention_context(const float (&pv)[CH], const float* __restrict__ vb, mp_i64 vstride, int s0, int T,
+                                int hd, int lane, float (&acc)[REGS]) {
+    float vv[CH][REGS];
+#pragma unroll
+    for (int c = 0; c < CH; ++c) {
+        const int s = s0 + c < T ? s0 + c : T - 1;
+#pragma unroll
+        for (int i = 0; i < REGS; ++i) vv[c][i] = lane + 32 * i < hd ? vb[s * vstride + lane + 32 * i] : 0.0f;
+    }
+#pragma unroll
+    for (int c = 0; c < CH; ++c) {
+        if (s0 + c < T) {
+#pragma unroll
+            for (int i = 0; i < REGS; ++i) acc[i] = fmaf(pv[c], vv[c][i], acc[i]);
+        }
+    }
+}
+
 template <int REGS>
 MP_HD void mp_attention_row_wide(const float* qr, const float* kb, mp_i64 kstride, const float* __restrict__ vb,
                                  mp_i64 vstride, int T, int hd, int t, float sqrt_hd, float* sr, float* pr, float* cr,
@@ -2813,21 +2834,10 @@ MP_HD void mp_attention_row_wide(const float* qr, const float* kb, mp_i64 kstrid
 #pragma unroll
     for (int i = 0; i < REGS; ++i) acc[i] = 0.0f;
     for (int s0 = 0; s0 < T; s0 += CH) {
-        float pv[CH], vv[CH][REGS];
+        float pv[CH];
 #pragma unroll
-        for (int c = 0; c < CH; ++c) {
-            const int s = s0 + c < T ? s0 + c : T - 1;
-            pv[c] = pr[s];
-#pragma unroll
-            for (int i = 0; i < REGS; ++i) vv[c][i] = lane + 32 * i < hd ? vb[s * vstride + lane + 32 * i] : 0.0f;
-        }
-#pragma unroll
-        for (int c = 0; c < CH; ++c) {
-            if (s0 + c < T) {
-#pragma unroll
-                for (int i = 0; i < REGS; ++i) acc[i] = fmaf(pv[c], vv[c][i], acc[i]);
-            }
-        }
+        for (int c = 0; c < CH; ++c) pv[c] = pr[s0 + c < T ? s0 + c : T - 1];
+        mp_attention_context<REGS, CH>(pv, vb, vstride, s0, T, hd, lane, acc);
     }
 #pragma unroll
     for (int i = 0; i < REGS; ++i)
@@ -2895,22 +2905,10 @@ MP_HD void mp_attention_row_regs(const float* qr, const float* kb, mp_i64 kstrid
 #pragma unroll
     for (int j = 0; j < CHUNKS; ++j) {
         for (int c0 = 0; c0 < 32 && 32 * j + c0 < T; c0 += CH) {  // uniform over the warp
-            const int s0 = 32 * j + c0;
-            float pv[CH], vv[CH][REGS];
+            float pv[CH];
 #pragma unroll
-            for (int c = 0; c < CH; ++c) {
-                const int s = s0 + c < T ? s0 + c : T - 1;
-                pv[c] = mp_shfl_f(x[j], c0 + c);
-#pragma unroll
-                for (int i = 0; i < REGS; ++i) vv[c][i] = lane + 32 * i < hd ? vb[s * vstride + lane + 32 * i] : 0.0f;
-            }
-#pragma unroll
-            for (int c = 0; c < CH; ++c) {
-                if (s0 + c < T) {
-#pragma unroll
-                    for (int i = 0; i < REGS; ++i) acc[i] = fmaf(pv[c], vv[c][i], acc[i]);
-                }
-            }
+            for (int c = 0; c < CH; ++c) pv[c] = mp_shfl_f(x[j], c0 + c);
+            mp_attention_context<REGS, CH>(pv, vb, vstride, 32 * j + c0, T, hd, lane, acc);
         }
     }
 #pragma unroll
