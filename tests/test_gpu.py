@@ -285,10 +285,10 @@ def test_qmatmul_matches_host(backend, qtype, T, N, K):
     out = _poisoned(backend, (T, N))
     res = Kn.qmatmul(_dev(backend, x), _device_tensor(backend, raw, qtype, (N, K)), out=out, backend=backend)
     assert res is out
-    if hasattr(backend, "launches"):  # the emulator records its launches: short prompts split K (Q4_K: tensor cores)
-        code = Kn.KERNEL_QTYPES[qtype]
+    if hasattr(backend, "launches"):  # the emulator records its launches: short prompts and small grids split K
+        code = Kn.KERNEL_QTYPES[qtype]  # (Q4_K, Q6_K: the tensor cores)
         want_kernel = ("qmm_dense_mma<" if Kn.use_mma(backend, code, K, K, T) else "qmm_dense_splitk<" if T <= 4
-                       else "qmm_dense<")
+                       else Kn.dense_launch(code, (N,), T, backend.switch("MP_SPLITK_LONG_BLOCKS"))[0])
         assert backend.launches[-1].startswith(want_kernel), backend.launches[-1]
     got = _host(backend, out)
     _assert_written(got, f"qmatmul {qtype.name} T={T} N={N} K={K}")
@@ -319,6 +319,36 @@ def test_qmatmul_short_prompt_on_a_large_matrix_is_not_split(backend, qtype, T, 
     _assert_written(got, f"unsplit qmatmul {qtype.name} T={T}")
     _assert_close(got, x.astype(np.float64) @ w.T, f"unsplit qmatmul {qtype.name} T={T}",
                   ref_abs=np.abs(x.astype(np.float64)) @ np.abs(w.T))
+
+
+@pytest.mark.parametrize("qtype", KERNEL_TYPES, ids=lambda q: q.name)
+@pytest.mark.parametrize("T", [5, 64])
+def test_qmatmul_long_prompt_on_a_small_matrix_splits_k(backend, qtype, T, monkeypatch):
+    """Past 4 tokens a float-kernel product whose token-tiled grid has fewer blocks than the backend's
+    MP_SPLITK_LONG_BLOCKS (the F32 router of a long prompt) takes the split-K kernel over tiles of 4
+    tokens: every output written (the last tile short but for 4), within float64's bound; a build with
+    the switch at 0 takes the token-tiled kernel (qmm_dense<QT,8>, which the small matrices of the other
+    product tests no longer reach), and both agree to float64 alike."""
+    from pytest_moeparity.gpu import kernels as Kn
+
+    N, K = 40, 768  # 40 rows: row groups of the split tile (4 rows) and of the token tile (16) with a tail
+    rng = _rng("qmm-long-split", qtype.name, T)
+    raw = _quantized(rng, qtype, (N, K))
+    w = _deq(raw, qtype, (N, K)).astype(np.float64)
+    x = rng.standard_normal((T, K)).astype(np.float32)
+    want = x.astype(np.float64) @ w.T
+    monkeypatch.setattr(Kn, "MMA", 0)  # the quantized types take the float kernels here
+    for be, kernel in ((backend, "qmm_dense_splitk"), (backend.variant("-DMP_SPLITK_LONG_BLOCKS=0"), "qmm_dense")):
+        n0 = len(getattr(be, "launches", []))
+        out = _poisoned(be, (T, N))
+        Kn.qmatmul(_dev(be, x), _device_tensor(be, raw, qtype, (N, K)), out=out, backend=be)
+        if hasattr(be, "launches"):
+            code = Kn.KERNEL_QTYPES[qtype]
+            tile = 4 if kernel == "qmm_dense_splitk" else 8
+            assert be.launches[n0:] == [f"{kernel}<{code},{tile}>"], be.launches[n0:]
+        got = _host(be, out)
+        _assert_written(got, f"{kernel} {qtype.name} T={T}")
+        _assert_close(got, want, f"{kernel} {qtype.name} T={T}", ref_abs=np.abs(x.astype(np.float64)) @ np.abs(w.T))
 
 
 @pytest.mark.parametrize("qtype", FLOAT_TYPES, ids=lambda q: q.name)

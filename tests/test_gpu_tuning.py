@@ -41,6 +41,22 @@ def test_dense_launch_splits_only_short_prompts_on_small_grids(N, T, kernel):
     assert name in K.NAME_EXPRESSIONS
 
 
+@pytest.mark.parametrize("N,T,long_split,kernel", [
+    (128, 64, 264, "qmm_dense_splitk<0,4>"),   # the F32 router of a 64-token prompt: 64 tiled blocks
+    (128, 64, 64, "qmm_dense<0,8>"),           # the limit is a strict bound
+    (128, 64, 0, "qmm_dense<0,8>"),            # 0: never
+    (4096, 64, 264, "qmm_dense<0,8>"),         # 2048 tiled blocks fill the GPU
+    (40, 5, 264, "qmm_dense_splitk<0,4>"),     # 5 tokens: two tiles of 4, the second short
+])
+def test_dense_launch_splits_a_long_prompt_only_on_small_grids(N, T, long_split, kernel):
+    name, grid = K.dense_launch(0, (N,), T, long_split)
+    assert name == kernel and name in K.NAME_EXPRESSIONS
+    if "splitk" in name:  # a block per (4 rows, 4 tokens)
+        assert grid == (K._cdiv(N, K.rows_for(4)) * K._cdiv(T, 4), 1, 1)
+    else:
+        assert grid == (K._cdiv(N, K.WARPS * K.rows_for(8)) * K._cdiv(T, 8), 1, 1)
+
+
 @pytest.mark.parametrize("T", [1, 2])  # tiles of 1 and 4 tokens: 2 and 4 rows per warp
 def test_splitk_limit_is_the_boundary(T):
     rows = K.rows_for(K._token_tile(T))

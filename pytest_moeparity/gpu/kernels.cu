@@ -1310,6 +1310,13 @@ MP_HD void mp_mma_scale_add(const float (&d)[2], const int (&ia)[4], float (&acc
 #ifndef MP_DENSE_LONG_TOKENS
 #define MP_DENSE_LONG_TOKENS 2048
 #endif
+// MP_SPLITK_LONG_BLOCKS (read by kernels.py only: dense_launch): past 4 tokens a float-kernel dense product
+// whose token-tiled grid (qmm_dense<QT,8>) would have fewer blocks than this takes qmm_dense_splitk<QT,4>
+// over the prompt's tiles of 4 tokens instead (the F32 router of 30b-a3b at 64 tokens: 64 blocks -> 512);
+// 0: never
+#ifndef MP_SPLITK_LONG_BLOCKS
+#define MP_SPLITK_LONG_BLOCKS 264
+#endif
 // MP_Q4_LAYOUT_PROBE=1 (a TIMING PROBE, wrong results: benchmarks/bench_experts_ab.py only): the Q4_K pass
 // of whole 16-row groups in global memory reads the same bytes as ever, but super-block s of the group as
 // one 2304-byte tile, every load of a warp 128 or 256 contiguous bytes (what a repacked layout would give)

@@ -553,17 +553,23 @@ def rows_for(nt: int) -> int:
     return ROWS_NT4 if nt == 4 else ROWS_NT8 if nt == 8 else ROWS
 
 
-def dense_launch(code: int, Ns: tuple[int, ...], T: int) -> tuple[str, tuple[int, int, int]]:
+def dense_launch(code: int, Ns: tuple[int, ...], T: int, long_split: int = 0) -> tuple[str, tuple[int, int, int]]:
     """Kernel instance and grid of one dense launch: T tokens against matrices of Ns rows (at most
     MAX_SHARED_INPUT) of kernel type ``code``. A short prompt (up to 4 tokens) against at most
     SPLITK_MAX_GROUPS row groups in all takes the split-K kernel (a block's warps share each row's
     columns), anything else the token-tiled one (token tile fastest: the blocks sharing weight rows
-    run together)."""
+    run together). A longer prompt whose token-tiled grid would have fewer than ``long_split`` blocks
+    (a backend's MP_SPLITK_LONG_BLOCKS; 0: never; the float router of a 64-token prompt: 64 blocks of 4
+    warps for the whole GPU) takes the split-K kernel's 4-token tile, a block per (rows, 4 tokens)."""
     nt = _token_tile(T)
     rows = rows_for(nt)
     groups = sum(_cdiv(N, WARPS * rows) for N in Ns)
     if nt in SPLITK_TILES and groups <= SPLITK_MAX_GROUPS:
         return f"qmm_dense_splitk<{code},{nt}>", (sum(_cdiv(N, rows) for N in Ns), 1, 1)
+    if nt == TILE_TOKENS and groups * _cdiv(T, nt) < long_split:
+        r4 = rows_for(4)
+        if sum(_cdiv(N, WARPS * r4) for N in Ns) <= SPLITK_MAX_GROUPS:
+            return f"qmm_dense_splitk<{code},4>", (sum(_cdiv(N, r4) for N in Ns) * _cdiv(T, 4), 1, 1)
     return f"qmm_dense<{code},{nt}>", (groups * _cdiv(T, nt), 1, 1)
 
 
@@ -644,7 +650,7 @@ def qmatmul_shared_input(x, wts, *, outs=None, as_qtypes=None, digits=None, back
                       (blocks, dense_mma_pass_groups(blocks, T, warps if by_tokens else 0), 1), (32 * warps, 1, 1),
                       lead + (np.int32(K), *digits, np.int32(T)) + outs_args)
             continue
-        kernel, grid = dense_launch(code, Ns, T)
+        kernel, grid = dense_launch(code, Ns, T, be.switch("MP_SPLITK_LONG_BLOCKS"))
         be.launch(kernel, grid, (THREADS, 1, 1), lead + (np.int32(kq), x, np.int32(K), np.int32(T)) + outs_args)
     return results
 
