@@ -618,7 +618,7 @@ def test_experts_tensor_core_path(backend, T, qt, Kc, monkeypatch):
     activations) where the device has it: float64's products within 1e-5 on rows with a wide dynamic
     range, the same within 1e-5 as the float kernel (MP_MMA off), and a token with a non-finite
     activation gives NaN in its own products only. Expert 1 has 5 or more pairs: passes of 4 one after
-    another, each walking the rows again (at 11 tokens every expert has several)."""
+    another, each walking the rows again (at 11 tokens every expert has several, taken in passes of 8)."""
     from pytest_moeparity.gpu import kernels as Kn
 
     if not backend.mma:
@@ -639,9 +639,15 @@ def test_experts_tensor_core_path(backend, T, qt, Kc, monkeypatch):
     if hasattr(backend, "launches"):
         # K = 768: a warp's 16 rows are staged in shared memory (Q4_K: 432-byte rows, the <12,1> instance;
         # Q6_K's 630-byte rows by <14>); K = 2048 (Q4_K 1152-, Q6_K 1680-byte rows): read where they lie
-        want = ["act_digits", Kn.experts_mma_kernel(Kn.KERNEL_QTYPES[qt], int(raw.shape[-1]))]
+        # (past 4 tokens passes of 8: the <QT,ST,1> instances)
+        pass8 = Kn.expert_pass8(backend, T)
+        want = ["act_digits", Kn.experts_mma_kernel(Kn.KERNEL_QTYPES[qt], int(raw.shape[-1]), pass8)]
         staged = qt == Q.Q4_K and Kc == 768 and Kn.STAGE_Q4_EXPERTS
-        assert want[1] == f"qmm_experts_mma<{Kn.KERNEL_QTYPES[qt]}" + (",1>" if staged else ">")
+        assert pass8 == (T > 4)
+        if pass8:
+            assert want[1] == f"qmm_experts_mma<{Kn.KERNEL_QTYPES[qt]},{int(staged or qt == Q.Q6_K)},1>"
+        else:
+            assert want[1] == f"qmm_experts_mma<{Kn.KERNEL_QTYPES[qt]}" + (",1>" if staged else ">")
         assert backend.launches[n_before:] == want, backend.launches[n_before:]
     got = _host(backend, out)
     what = f"tensor-core {qt.name} K={Kc} experts T={T}"
@@ -669,8 +675,10 @@ def test_experts_tensor_core_path(backend, T, qt, Kc, monkeypatch):
 
 
 @pytest.mark.parametrize("switches", ["-DMP_MMA_ZERO_ABSENT=0", "-DMP_DENSE_LONG_ZERO_ABSENT=1",
-                                      "-DMP_MMA_PASS_TOKENS=2 -DMP_MMA_EXPERT_BLOCKS=5", "-DMP_EXPERT_CHUNK=0"],
-                         ids=["zero-absent-off", "long-dense-zero-absent-on", "2-token-passes", "one-record-an-expert"])
+                                      "-DMP_MMA_PASS_TOKENS=2 -DMP_MMA_EXPERT_BLOCKS=5", "-DMP_EXPERT_CHUNK=0",
+                                      "-DMP_EXPERT_PASS8=0", "-DMP_EXPERT_CHUNK=0 -DMP_EXPERT_PASS8=0"],
+                         ids=["zero-absent-off", "long-dense-zero-absent-on", "2-token-passes", "one-record-an-expert",
+                              "passes-of-4", "one-record-passes-of-4"])
 def test_expert_switches_keep_the_products(backend, switches):
     """Builds whose tensor-core products are the default build's bit for bit (Q4_K staged and not, Q6_K;
     1 to 9 tokens an expert, token rows and pair rows; dense products of 3 and 9 tokens too):
@@ -1623,7 +1631,9 @@ def test_long_prompt_forward_on_tensor_cores(backend, model_factory, n_tokens, m
     assert not np.array_equal(flt, res.logits)  # (the float kernels' sums are another order)
     if hasattr(backend, "launches"):
         launched = backend.launches[n_before:]
-        for name in ("qmm_dense_mma<12,1>", "qmm_dense_mma<14,1>", "qmm_experts_mma<12,1>", "qmm_experts_mma<14>"):
+        experts = (("qmm_experts_mma<12,1,1>", "qmm_experts_mma<14,1,1>") if Kn.expert_pass8(backend, n_tokens)
+                   else ("qmm_experts_mma<12,1>", "qmm_experts_mma<14>"))  # passes of 8 past 4 tokens
+        for name in ("qmm_dense_mma<12,1>", "qmm_dense_mma<14,1>", *experts):
             assert name in launched, f"{name} not launched: {sorted(set(launched))}"
         assert "qmm_dense_mma<12>" not in launched and "qmm_dense_mma<14>" not in launched
         floats = [n for n in launched if n.startswith(("qmm_dense<12", "qmm_dense<14", "qmm_experts<12", "qmm_experts<14"))]

@@ -11,6 +11,7 @@ import sys
 
 import numpy as np
 import pytest
+from gguf import GGMLQuantizationType as Q
 
 from pytest_moeparity.gpu import kernels as K
 
@@ -123,19 +124,35 @@ def test_records_len_bounds_every_routing():
     assert K.records_len(24, 128, 4) == 24 and K.records_len(512, 128, 4) == 128 + 96
 
 
+class Opts(K.Backend):
+    """A backend of the given -D options alone (Backend.switch reads nothing else)."""
+
+    def __init__(self, extra):
+        self.extra_options = tuple(extra)
+
+
 def test_backend_switch_reads_options_then_the_source_default():
     """Backend.switch: a switch's value in a backend's kernels, from its own -D options (the last one)
     or kernels.cu's #ifndef default; MP_EXPERT_CHUNK is read by both the device and kernels.py."""
-    class Opts(K.Backend):
-        def __init__(self, extra):
-            self.extra_options = tuple(extra)
-
     default = int(re.search(r"#define MP_EXPERT_CHUNK (\d+)", K.kernel_source()).group(1))
     assert K.expert_chunk(Opts(())) == default >= K.WARPS
     assert K.expert_chunk(Opts(("-DMP_EXPERT_CHUNK=0",))) == 0
     assert K.expert_chunk(Opts(("-DMP_EXPERT_CHUNK=8", "-DMP_EXPERT_CHUNK=16"))) == 16
     with pytest.raises(K.KernelError, match="no switch MP_NO_SUCH"):
         Opts(()).switch("MP_NO_SUCH")
+
+
+def test_expert_passes_of_8_past_4_tokens():
+    """experts_mma_kernel / expert_pass8: past 4 tokens (MP_EXPERT_PASS8, read from the backend's own
+    options) the <QT,ST,1> instances, staged as their passes-of-4 counterparts; every name is compiled."""
+    q4, q6 = K.KERNEL_QTYPES[Q.Q4_K], K.KERNEL_QTYPES[Q.Q6_K]
+    on, off = Opts(()), Opts(("-DMP_EXPERT_PASS8=0",))
+    assert [K.expert_pass8(on, T) for T in (1, 4, 5, 64)] == [False, False, True, True]
+    assert not K.expert_pass8(off, 64)
+    for code, row_bytes, staged in ((q4, 432, K.STAGE_Q4_EXPERTS), (q4, 1152, 0), (q6, 630, 1)):
+        short, long = K.experts_mma_kernel(code, row_bytes), K.experts_mma_kernel(code, row_bytes, True)
+        assert long == f"qmm_experts_mma<{code},{int(bool(staged))},1>"
+        assert short in K.NAME_EXPRESSIONS and long in K.NAME_EXPRESSIONS
 
 
 def test_variant_options_take_only_kernel_switches():

@@ -1054,6 +1054,16 @@ MP_MATMUL_GLOBAL void qmm_experts(const mp_u8* __restrict__ w0, const mp_u8* __r
 #ifndef MP_MMA_EXPERT_BLOCKS
 #define MP_MMA_EXPERT_BLOCKS MP_MMA_MIN_BLOCKS
 #endif
+// MP_EXPERT_PASS8 (read by kernels.py only: experts_mma_kernel): past 4 tokens qmm_experts_mma takes an
+// expert's pairs in passes of 8 (<QT,ST,1>: four n-tiles on one decode of each super-block of the rows)
+// instead of 4; 0: passes of 4 (the instances are compiled either way). MP_MMA_PASS8_BLOCKS: the resident
+// blocks per SM those instances are compiled for (their B fragments of four n-tiles need more registers)
+#ifndef MP_EXPERT_PASS8
+#define MP_EXPERT_PASS8 1
+#endif
+#ifndef MP_MMA_PASS8_BLOCKS
+#define MP_MMA_PASS8_BLOCKS 3
+#endif
 #ifndef MP_MMA_PASS_TOKENS
 #define MP_MMA_PASS_TOKENS 4
 #endif
@@ -1061,8 +1071,10 @@ MP_MATMUL_GLOBAL void qmm_experts(const mp_u8* __restrict__ w0, const mp_u8* __r
 void mp_emu_mma_u8s8(const mp_u32* a, const mp_u32* b, int* d);  // the emulator's prelude: a warp-wide exchange
 void mp_emu_mma_s8s8_k16(const mp_u32* a, const mp_u32* b, int* d);
 #define MP_MMA_GLOBAL MP_GLOBAL
+#define MP_MMA_GLOBAL_P8(P8) MP_GLOBAL
 #else
 #define MP_MMA_GLOBAL __global__ __launch_bounds__(MP_THREADS, MP_MMA_EXPERT_BLOCKS)
+#define MP_MMA_GLOBAL_P8(P8) __global__ __launch_bounds__(MP_THREADS, (P8) ? MP_MMA_PASS8_BLOCKS : MP_MMA_EXPERT_BLOCKS)
 #endif
 
 // D = A B for A 16 x 32 u8 (row-major fragments a[4]), B 32 x 8 s8 (b[2]): lane 4 g + t holds
@@ -1251,9 +1263,9 @@ MP_HD mp_u32 mp_byte8(const mp_u32 (&w)[2], int j) { return mp_byte(w[j >> 2], (
 // 2 tig + 1 of rows gid and gid + 8): this lane's part of each row is digits 0, 1 (tig even) or 2, 3 (odd);
 // the pair's halves meet, then res[i] = value * unit[i] - mins[i] for the lane's own row (gid for tig
 // even, gid + 8 for odd).
-template <int TILES>
-MP_HD void mp_mma_digits_result(const float (&acc)[TILES][4], const float (&mins)[TILES], const float (&unit)[2],
-                                int lane, float (&res)[2]) {
+template <int TILES, int NB>
+MP_HD void mp_mma_digits_result(const float (&acc)[TILES][4], const float (&mins)[TILES], const float (&unit)[NB],
+                                int lane, float (&res)[NB]) {
     const bool own = (lane & 1) != 0;
 #pragma unroll
     for (int i = 0; i < TILES; ++i) {
@@ -1339,10 +1351,10 @@ MP_HD void mp_mma_scale_add(const float (&d)[2], const int (&ia)[4], float (&acc
 // digits from lane ^ 1 and returns that (row, token) value over super-blocks s0, s0 + step, ... of the
 // K / 256 in res[i]. Each super-block's loads (weights, digits, sums) are issued together before any is
 // used.
-template <bool AL, int TILES, bool ZA = MP_MMA_ZERO_ABSENT>  // ZA: zero an absent token's B columns
+template <bool AL, int TILES, bool ZA = MP_MMA_ZERO_ABSENT, int NB>  // ZA: zero an absent token's B columns
 MP_HD void mp_mma_q4k_pass(const mp_u8* __restrict__ we, mp_i64 row_bytes, int N, int n0, int K, int s0, int step,
-                           const mp_u32* const (&bq)[2], const bool (&bon)[2], const float* const (&sq)[2],
-                           const float (&unit)[2], int lane, float (&res)[2]) {
+                           const mp_u32* const (&bq)[NB], const bool (&bon)[NB], const float* const (&sq)[NB],
+                           const float (&unit)[NB], int lane, float (&res)[NB]) {
     const int tig = lane & 3, own = tig & 1;
     const mp_u8* rows[2];
     float acc[TILES][4], mins[TILES];
@@ -1433,13 +1445,13 @@ MP_HD void mp_mma_q4k_pass(const mp_u8* __restrict__ we, mp_i64 row_bytes, int N
 // 4 gid + tig (as mp_mma_q4k_pass reads them): in n-tile i, B column gid is token 2 i + gid / 4's digit
 // gid & 3 (bon[i]: that token is in the pass), D columns 2 tig, 2 tig + 1 belong to token 2 i + tig / 2
 // (sums sq[i], unit unit[i]); tokens past the pass read token 0's rows.
-template <class RowOf>
+template <class RowOf, int NB>
 MP_HD void mp_mma_pass_inputs(int nt, RowOf row_of, int K, const mp_u32* __restrict__ xd, const float* __restrict__ xs,
-                              const float* __restrict__ xunit, int lane, const mp_u32* (&bq)[2], bool (&bon)[2],
-                              const float* (&sq)[2], float (&unit)[2]) {
+                              const float* __restrict__ xunit, int lane, const mp_u32* (&bq)[NB], bool (&bon)[NB],
+                              const float* (&sq)[NB], float (&unit)[NB]) {
     const int gid = lane >> 2, tig = lane & 3;
 #pragma unroll
-    for (int i = 0; i < 2; ++i) {
+    for (int i = 0; i < NB; ++i) {
         const int ub = 2 * i + (gid >> 2), ud = 2 * i + (tig >> 1);
         bon[i] = ub < nt;
         const int rb = row_of(ub < nt ? ub : 0), rd = row_of(ud < nt ? ud : 0);
@@ -1466,10 +1478,10 @@ MP_HD mp_u32 mp_q6_s8(mp_u32 q) {
 }
 
 // as mp_mma_q4k_pass (sq is not read: no mins); AL: the rows' super-blocks are 2-byte aligned
-template <bool AL, int TILES, bool ZA = MP_MMA_ZERO_ABSENT>
+template <bool AL, int TILES, bool ZA = MP_MMA_ZERO_ABSENT, int NB>
 MP_HD void mp_mma_q6k_pass(const mp_u8* __restrict__ we, mp_i64 row_bytes, int N, int n0, int K, int s0, int step,
-                           const mp_u32* const (&bq)[2], const bool (&bon)[2], const float (&unit)[2], int lane,
-                           float (&res)[2]) {
+                           const mp_u32* const (&bq)[NB], const bool (&bon)[NB], const float (&unit)[NB], int lane,
+                           float (&res)[NB]) {
     const int tig = lane & 3;
     const mp_u8* rows[2];
     float acc[TILES][4], mins[TILES];
@@ -1535,23 +1547,29 @@ MP_HD void mp_mma_q6k_pass(const mp_u8* __restrict__ we, mp_i64 row_bytes, int N
 
 // The tensor-core pass of type QT (Q4_K 12, Q6_K 14) for a pass of nt tokens (one n-tile up to 2), with the
 // alignment the warp found (res[1] is left unwritten for one n-tile)
-template <int QT, bool AL, int TILES, bool ZA = MP_MMA_ZERO_ABSENT>
+template <int QT, bool AL, int TILES, bool ZA = MP_MMA_ZERO_ABSENT, int NB>
 MP_HD void mp_mma_pass(const mp_u8* __restrict__ we, mp_i64 row_bytes, int N, int n0, int K, int s0, int step,
-                       const mp_u32* const (&bq)[2], const bool (&bon)[2], const float* const (&sq)[2],
-                       const float (&unit)[2], int lane, float (&res)[2]) {
+                       const mp_u32* const (&bq)[NB], const bool (&bon)[NB], const float* const (&sq)[NB],
+                       const float (&unit)[NB], int lane, float (&res)[NB]) {
     if constexpr (QT == 14) mp_mma_q6k_pass<AL, TILES, ZA>(we, row_bytes, N, n0, K, s0, step, bq, bon, unit, lane, res);
     else mp_mma_q4k_pass<AL, TILES, ZA>(we, row_bytes, N, n0, K, s0, step, bq, bon, sq, unit, lane, res);
 }
-template <int QT, int MAXT = 4, bool ZA = MP_MMA_ZERO_ABSENT>  // MAXT: the most tokens a pass of the caller (2: one n-tile only)
+// MAXT: the most tokens a pass of the caller (2: one n-tile only; 8: four, the arrays of NB = 4 n-tiles)
+template <int QT, int MAXT = 4, bool ZA = MP_MMA_ZERO_ABSENT, int NB>
 MP_HD void mp_mma_dispatch(bool al, int nt, const mp_u8* __restrict__ we, mp_i64 row_bytes, int N, int n0, int K,
-                           int s0, int step, const mp_u32* const (&bq)[2], const bool (&bon)[2],
-                           const float* const (&sq)[2], const float (&unit)[2], int lane, float (&res)[2]) {
+                           int s0, int step, const mp_u32* const (&bq)[NB], const bool (&bon)[NB],
+                           const float* const (&sq)[NB], const float (&unit)[NB], int lane, float (&res)[NB]) {
     if (MAXT <= 2 || nt <= 2) {
         if (al) mp_mma_pass<QT, true, 1, ZA>(we, row_bytes, N, n0, K, s0, step, bq, bon, sq, unit, lane, res);
         else mp_mma_pass<QT, false, 1, ZA>(we, row_bytes, N, n0, K, s0, step, bq, bon, sq, unit, lane, res);
-    } else if constexpr (MAXT > 2) {
-        if (al) mp_mma_pass<QT, true, 2, ZA>(we, row_bytes, N, n0, K, s0, step, bq, bon, sq, unit, lane, res);
-        else mp_mma_pass<QT, false, 2, ZA>(we, row_bytes, N, n0, K, s0, step, bq, bon, sq, unit, lane, res);
+    } else if (MAXT <= 4 || nt <= 4) {
+        if constexpr (MAXT > 2) {
+            if (al) mp_mma_pass<QT, true, 2, ZA>(we, row_bytes, N, n0, K, s0, step, bq, bon, sq, unit, lane, res);
+            else mp_mma_pass<QT, false, 2, ZA>(we, row_bytes, N, n0, K, s0, step, bq, bon, sq, unit, lane, res);
+        }
+    } else if constexpr (MAXT > 4 && NB >= 4) {
+        if (al) mp_mma_pass<QT, true, 4, ZA>(we, row_bytes, N, n0, K, s0, step, bq, bon, sq, unit, lane, res);
+        else mp_mma_pass<QT, false, 4, ZA>(we, row_bytes, N, n0, K, s0, step, bq, bon, sq, unit, lane, res);
     }
 }
 
@@ -1619,6 +1637,17 @@ MP_HD void mp_ld8_l2(const int* p, int (&v)[8]) {
 }
 // v[u] for u < 4 (u not known at compile time) without a local-memory array
 MP_HD int mp_pick4(const int (&v)[4], int u) { return u == 0 ? v[0] : u == 1 ? v[1] : u == 2 ? v[2] : v[3]; }
+// the same for u < 8
+MP_HD int mp_pick8(const int (&v)[8], int u) {
+    int r = v[0];
+#pragma unroll
+    for (int i = 1; i < 8; ++i) r = u == i ? v[i] : r;
+    return r;
+}
+template <int NP> MP_HD int mp_pick(const int (&v)[NP], int u) {
+    if constexpr (NP == 8) return mp_pick8(v, u);
+    else return mp_pick4(v, u);
+}
 
 // grid (groups * matrices, routing records: an active expert's runs of up to MP_EXPERT_CHUNK pairs) with groups =
 // ceil(N / (16 MP_WARPS)), block MP_THREADS;
@@ -1630,8 +1659,10 @@ MP_HD int mp_pick4(const int (&v)[4], int u) { return u == 0 ? v[0] : u == 1 ? v
 // was written two or more launches before this one in the stream (kernels.py counts), so it is complete
 // when this kernel starts (every block of the launch before passed its own wait, which waited for it):
 // the routing is read and the rows staged or prefetched before the wait, while that launch still runs.
-template <int QT, int ST = (QT == 14)>
-MP_MMA_GLOBAL void qmm_experts_mma(const mp_u8* __restrict__ w0, const mp_u8* __restrict__ w1, mp_i64 row_bytes,
+// P8 (MP_EXPERT_PASS8, prompts past 4 tokens): passes of up to 8 pairs, four n-tiles on each decode of the
+// rows' super-blocks (a record's run of 8 pairs is one pass), the same values as passes of 4.
+template <int QT, int ST = (QT == 14), int P8 = 0>
+MP_MMA_GLOBAL_P8(P8) void qmm_experts_mma(const mp_u8* __restrict__ w0, const mp_u8* __restrict__ w1, mp_i64 row_bytes,
                                    mp_i64 expert_bytes, int N, int K, const mp_u32* __restrict__ xd,
                                    const float* __restrict__ xs, const float* __restrict__ xunit, int x_div,
                                    const int* __restrict__ pairs, const int* __restrict__ records,
@@ -1641,13 +1672,14 @@ MP_MMA_GLOBAL void qmm_experts_mma(const mp_u8* __restrict__ w0, const mp_u8* __
     const bool second = (int)blockIdx.x >= groups;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gid = lane >> 2, tig = lane & 3;
     const int n0 = (((int)blockIdx.x - (second ? groups : 0)) * MP_WARPS + warp) * 16;
-    int e = -1, beg = 0, end = 0, pp[4] = {0, 0, 0, 0};  // pp: the pairs of the pass starting at beg
+    constexpr int NB = P8 ? 4 : 2, NP = 2 * NB;  // n-tiles of a pass (2 tokens each); pairs pp holds
+    int e = -1, beg = 0, end = 0, pp[NP] = {};  // pp: the pairs of the pass starting at beg
     const mp_u8* we = nullptr;
     int wN = N, wn0 = n0;  // the pass's rows: we's rows n0 .. (clamped to N - 1)
     bool staged = false;
     auto pass_pairs = [&](int p0) {
 #pragma unroll
-        for (int u = 0; u < 4; ++u) pp[u] = mp_ld_l2(pairs + (p0 + u < end ? p0 + u : end - 1));
+        for (int u = 0; u < NP; ++u) pp[u] = mp_ld_l2(pairs + (p0 + u < end ? p0 + u : end - 1));
     };
     auto prepare = [&]() {  // uniform over the warp: the expert's record (mp_record_pairs), its rows
         int rec[MP_REC];
@@ -1667,8 +1699,12 @@ MP_MMA_GLOBAL void qmm_experts_mma(const mp_u8* __restrict__ w0, const mp_u8* __
         }
         beg = rec[1];
         end = rec[2];
+        if constexpr (P8) {
+            pass_pairs(beg);  // the record holds the first 4
+        } else {
 #pragma unroll
-        for (int u = 0; u < 4; ++u) pp[u] = rec[4 + u];
+            for (int u = 0; u < 4; ++u) pp[u] = rec[4 + u];
+        }
     };
     if (early) prepare();
     mp_grid_sync();  // the digits were written by the launch before (the routing too, unless early)
@@ -1680,27 +1716,27 @@ MP_MMA_GLOBAL void qmm_experts_mma(const mp_u8* __restrict__ w0, const mp_u8* __
     }
     const bool al = mp_mma_aligned<QT>(we, row_bytes);  // uniform over the warp
     float* out = second ? out1 : out0;
-    constexpr int PT = MP_MMA_PASS_TOKENS <= 2 ? 2 : 4;  // tokens a pass
-    for (int p0 = beg; p0 < end; p0 += PT) {  // pp[h] ..: this pass's pairs (pp holds p0 - h .. p0 - h + 3)
-        const int nt = (end - p0) < PT ? (end - p0) : PT, h = PT == 4 ? 0 : (p0 - beg) & 3;
-        const mp_u32* bq[2];
-        const float* sq[2];
-        bool bon[2];
-        float unit[2];
-        int opair[2];
+    constexpr int PT = P8 ? 8 : MP_MMA_PASS_TOKENS <= 2 ? 2 : 4;  // tokens a pass
+    for (int p0 = beg; p0 < end; p0 += PT) {  // pp[h] ..: this pass's pairs (pp holds p0 - h .. p0 - h + NP - 1)
+        const int nt = (end - p0) < PT ? (end - p0) : PT, h = PT >= 4 ? 0 : (p0 - beg) & 3;
+        const mp_u32* bq[NB];
+        const float* sq[NB];
+        bool bon[NB];
+        float unit[NB];
+        int opair[NB];
 #pragma unroll
-        for (int i = 0; i < 2; ++i) {
+        for (int i = 0; i < NB; ++i) {
             const int ud = 2 * i + (tig >> 1);
-            opair[i] = ud < nt ? mp_pick4(pp, h + ud) : -1;
+            opair[i] = ud < nt ? mp_pick(pp, h + ud) : -1;
         }
-        mp_mma_pass_inputs(nt, [&](int u) { return mp_pick4(pp, h + u) / x_div; }, K, xd, xs, xunit, lane, bq, bon, sq, unit);
-        float res[2];
+        mp_mma_pass_inputs(nt, [&](int u) { return mp_pick(pp, h + u) / x_div; }, K, xd, xs, xunit, lane, bq, bon, sq, unit);
+        float res[NB];
         mp_mma_dispatch<QT, PT>(al, nt, we, row_bytes, wN, wn0, K, 0, 1, bq, bon, sq, unit, lane, res);
         const int n = n0 + gid + 8 * (tig & 1);
 #pragma unroll
-        for (int i = 0; i < 2; ++i)
+        for (int i = 0; i < NB; ++i)
             if (opair[i] >= 0 && n < N) out[(mp_i64)opair[i] * ldo + n] = res[i];
-        if ((PT == 4 || ((p0 + PT - beg) & 3) == 0) && p0 + PT < end) pass_pairs(p0 + PT);
+        if ((PT >= 4 || ((p0 + PT - beg) & 3) == 0) && p0 + PT < end) pass_pairs(p0 + PT);
     }
 }
 

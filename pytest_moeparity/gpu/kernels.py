@@ -128,6 +128,7 @@ NAME_EXPRESSIONS: tuple[str, ...] = tuple(
     + [f"qmm_dense_splitk<{q},{nt}>" for q in sorted(KERNEL_QTYPES.values()) for nt in SPLITK_TILES]
     + [f"qmm_experts<{q},{nt}>" for q in sorted(KERNEL_QTYPES.values()) for nt in TOKEN_TILES]
     + [f"qmm_experts_mma<{q}>" for q in MMA_QTYPES] + [f"qmm_experts_mma<{KERNEL_QTYPES[Q.Q4_K]},1>"]
+    + [f"qmm_experts_mma<{KERNEL_QTYPES[Q.Q4_K]},{st},1>" for st in (0, 1)] + [f"qmm_experts_mma<{KERNEL_QTYPES[Q.Q6_K]},1,1>"]
     + [f"qmm_dense_mma<{q}>" for q in MMA_QTYPES] + [f"qmm_dense_mma<{q},{long}>" for q in MMA_QTYPES for long in (1, 2)]
     + ["act_digits", "norm_digits", "swiglu_digits", "norm_rope_attention", "combine_norm_digits", "expert_group", "router_topk", "moe_route", "moe_combine", "round_bf16", "rms_norm", "add_rms_norm", "softmax_rows", "attention_core",
        "qk_norm_rope", "rope_neox", "swiglu", "add_f32"])
@@ -195,7 +196,8 @@ class Param:
 
 
 _CTYPES = {"mp_u8": np.uint8, "mp_u32": np.uint32, "float": np.float32, "int": np.int32, "mp_i64": np.int64}
-_SIG_RE = re.compile(r"MP_(?:MATMUL_|MMA_|MMA_DENSE_|ATTN_|ATTN_CORE_)?GLOBAL\s+void\s+(\w+)\s*\(([^)]*)\)", re.S)
+_SIG_RE = re.compile(r"MP_(?:MATMUL_|MMA_|MMA_DENSE_|ATTN_|ATTN_CORE_)?GLOBAL(?:_P8\(\w+\))?\s+void\s+(\w+)\s*\(([^)]*)\)",
+                     re.S)
 
 
 def _parse_param(text: str) -> Param:
@@ -771,12 +773,24 @@ def use_mma(be: Backend, code: int, kq: int, K: int, T: int) -> bool:
             and MMA_MIN_TOKENS <= T <= MMA_MAX_TOKENS)
 
 
-def experts_mma_kernel(code: int, row_bytes: int) -> str:
+def experts_mma_kernel(code: int, row_bytes: int, pass8: bool = False) -> str:
     """The qmm_experts_mma instance for weight rows of kernel type ``code`` and ``row_bytes`` bytes: Q4_K
-    rows whose warp's 16 fit EXPERT_STAGE_BYTES take the staging instance <12,1>."""
-    if code == KERNEL_QTYPES[Q.Q4_K] and STAGE_Q4_EXPERTS and 16 * row_bytes <= EXPERT_STAGE_BYTES:
+    rows whose warp's 16 fit EXPERT_STAGE_BYTES take the staging instance <12,1> (Q6_K rows are always
+    staged). ``pass8`` (see :func:`expert_pass8`): the instance taking an expert's pairs in passes of 8."""
+    staged = code == KERNEL_QTYPES[Q.Q6_K] or (
+        code == KERNEL_QTYPES[Q.Q4_K] and STAGE_Q4_EXPERTS and 16 * row_bytes <= EXPERT_STAGE_BYTES)
+    if pass8:
+        return f"qmm_experts_mma<{code},{int(staged)},1>"
+    if code == KERNEL_QTYPES[Q.Q4_K] and staged:
         return f"qmm_experts_mma<{code},1>"
     return f"qmm_experts_mma<{code}>"
+
+
+def expert_pass8(be: Backend, T: int) -> bool:
+    """Whether qmm_experts_mma takes an expert's pairs in passes of 8 (four n-tiles on one decode of its
+    rows) rather than 4: past 4 tokens (where an expert's run may hold more than 4 pairs), as ``be``'s
+    MP_EXPERT_PASS8 says (0: never)."""
+    return T > 4 and be.switch("MP_EXPERT_PASS8") > 0
 
 
 def dense_mma_kernel(code: int, T: int, by_tokens: bool = False) -> str:
@@ -930,7 +944,7 @@ def qmatmul_experts_shared_input(x, wt3s, routing, *, outs=None, x_per_pair: boo
             if digits is None:
                 digits = act_digits(x, backend=be)
             grid = (_cdiv(N, WARPS * MMA_ROWS) * len(mats), int(routing.records.shape[0]), 1)  # y: the records
-            be.launch(experts_mma_kernel(code, row_bytes), grid, (THREADS, 1, 1),
+            be.launch(experts_mma_kernel(code, row_bytes, expert_pass8(be, T)), grid, (THREADS, 1, 1),
                       (w0.raw, w1.raw, np.int64(row_bytes), np.int64(N * row_bytes), np.int32(N), np.int32(K), *digits,
                        np.int32(x_div), routing.pairs, routing.records, o0, o1, np.int32(N),
                        np.int32(_written_two_back(routing, be))))
