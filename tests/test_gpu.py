@@ -819,19 +819,22 @@ def test_dense_tensor_core_path(backend, T, Kc, monkeypatch):
     assert np.array_equal(got[rest], _host(backend, outs[1])[rest]), "the other tokens' products must not change"
 
 
-@pytest.mark.parametrize("by_tokens", [False, True], ids=["K-over-warps", "passes-over-warps"])
+@pytest.mark.parametrize("long", [1, 2, 3], ids=["K-over-warps", "passes-over-warps", "passes-of-8-over-warps"])
 @pytest.mark.parametrize("T", [9, 13, 30])  # 3, 4 and 8 passes of 4 tokens (the last one short but for 4)
-def test_dense_long_prompt_pass_groups(backend, T, by_tokens, monkeypatch):
+def test_dense_long_prompt_pass_groups(backend, T, long, monkeypatch):
     """Past 4 tokens qmm_dense_mma<QT,1> spreads the passes of 4 tokens over gridDim.y (dense_mma_pass_groups):
     every split (a pass a block, two, uneven, none) gives the one-block-all-passes products bit for bit,
     every output written, within 1e-5 of float64. The same for qmm_dense_mma<QT,2> (MP_DENSE_LONG_TOKENS:
-    the block's warps share its passes, each over all of K), whose blocks take a multiple of the warps' passes."""
+    the block's warps share its passes, each over all of K), whose blocks take a multiple of the warps' passes,
+    and <QT,3> (MP_DENSE_PASS8: passes of 8 tokens, up to DENSE_PASS8_WARPS warps), a multiple of twice theirs."""
     from pytest_moeparity.gpu import kernels as Kn
 
     if not backend.mma:
         pytest.skip("the device has no int8 mma (compute capability below 8.0)")
+    by_tokens = long >= 2
     monkeypatch.setattr(Kn, "MMA_MAX_TOKENS", max(Kn.MMA_MAX_TOKENS, T))
     monkeypatch.setattr(Kn, "dense_long_tokens", lambda be, blocks, T: by_tokens and T > 4)
+    monkeypatch.setattr(Kn, "dense_pass8", lambda be, by: by and long == 3)
     rng = _rng("dense-pass-groups", T)
     Kc = 2048
     mats = [(Q.Q4_K, 40), (Q.Q6_K, 24)]
@@ -849,7 +852,6 @@ def test_dense_long_prompt_pass_groups(backend, T, by_tokens, monkeypatch):
     n_before = len(getattr(backend, "launches", []))
     whole = run(0)
     if hasattr(backend, "launches"):
-        long = 2 if by_tokens else 1
         assert backend.launches[n_before:] == ["act_digits", f"qmm_dense_mma<12,{long}>", "act_digits",
                                                f"qmm_dense_mma<14,{long}>"], backend.launches[n_before:]
     for (q, n), raw, got in zip(mats, raws, whole):
@@ -858,11 +860,11 @@ def test_dense_long_prompt_pass_groups(backend, T, by_tokens, monkeypatch):
         _assert_close(got, x.astype(np.float64) @ w.T, f"{q.name} T={T}", ref_abs=np.abs(x.astype(np.float64)) @ np.abs(w.T))
     # the 40-row matrix is 3 row groups: a pass a block; 2 a block where 12 blocks are asked for (T = 30);
     # 2 then 1 for 3 passes and 4 blocks asked for; all in one block
-    warps = Kn.dense_mma_warps(Kc)
+    warps = Kn.dense_mma_warps(Kc) if long < 3 else 2 * min(Kn.dense_mma_warps(Kc), Kn.DENSE_PASS8_WARPS)
     for target, per in ((1 << 20, 1), (12, max(1, 3 * passes // 12)), (4, max(1, 3 * passes // 4)), (3, passes)):
         monkeypatch.setattr(Kn, "DENSE_LONG_BLOCKS", target)
         assert Kn.dense_mma_pass_groups(3, T) == -(-passes // min(per, passes))
-        per_w = min(passes, warps * -(-min(per, passes) // warps))  # <QT,2>: whole rounds of the warps' passes
+        per_w = min(passes, warps * -(-min(per, passes) // warps))  # <QT,2|3>: whole rounds of the warps' passes
         assert Kn.dense_mma_pass_groups(3, T, warps) == -(-passes // per_w)
         for (q, n), want, got in zip(mats, whole, run(target)):
             _assert_written(got, f"{q.name} T={T} target {target}")

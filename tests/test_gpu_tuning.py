@@ -155,6 +155,23 @@ def test_expert_passes_of_8_past_4_tokens():
         assert short in K.NAME_EXPRESSIONS and long in K.NAME_EXPRESSIONS
 
 
+def test_kernels_py_block_sizes_are_the_sources():
+    """The block sizes kernels.py launches with are the ones kernels.cu compiles for."""
+    src = K.kernel_source()
+    for name, value in (("MP_MMA_DENSE_WARPS", K.MMA_DENSE_WARPS), ("MP_DENSE_PASS8_WARPS", K.DENSE_PASS8_WARPS)):
+        assert int(re.search(rf"#define {name} (\d+)", src).group(1)) == value, name
+
+
+def test_dense_passes_of_8_only_where_the_passes_split_over_the_warps():
+    q4 = K.KERNEL_QTYPES[Q.Q4_K]
+    assert K.dense_pass8(Opts(()), True) and not K.dense_pass8(Opts(()), False)
+    assert not K.dense_pass8(Opts(("-DMP_DENSE_PASS8=0",)), True)
+    assert [K.dense_mma_kernel(q4, 64, by, p8) for by, p8 in ((False, False), (True, False), (True, True))] == [
+        f"qmm_dense_mma<{q4},1>", f"qmm_dense_mma<{q4},2>", f"qmm_dense_mma<{q4},3>"]
+    assert K.dense_mma_kernel(q4, 3, True, True) == f"qmm_dense_mma<{q4}>"
+    assert all(K.dense_mma_kernel(q, 64, True, True) in K.NAME_EXPRESSIONS for q in K.MMA_QTYPES)
+
+
 def test_variant_options_take_only_kernel_switches():
     """A backend variant (one process, two kernel builds sharing the weights) may change only the
     #ifndef switches of kernels.cu that kernels.py does not read itself: a launch-geometry switch, an

@@ -1751,11 +1751,22 @@ MP_MMA_GLOBAL_P8(P8) void qmm_experts_mma(const mp_u8* __restrict__ w0, const mp
 // grid (row groups of 16 over the matrices), block 32 x warps.
 
 #define MP_MMA_DENSE_WARPS 8    // the most warps per block of qmm_dense_mma (kernels.py: MMA_DENSE_WARPS)
+#define MP_DENSE_PASS8_WARPS 4  // the most of qmm_dense_mma<QT,3> (kernels.py: DENSE_PASS8_WARPS)
+// MP_DENSE_PASS8 (read by kernels.py only: dense_pass8): a long prompt's dense product that splits its passes
+// over the warps (MP_DENSE_LONG_TOKENS) takes them 8 tokens at a time (<QT,3>: four n-tiles on each decode
+// of the rows, up to MP_DENSE_PASS8_WARPS warps a block, MP_MMA_PASS8_BLOCKS blocks an SM); 0: passes of 4
+#ifndef MP_DENSE_PASS8
+#define MP_DENSE_PASS8 1
+#endif
 #ifdef MOEPARITY_EMULATOR
 #define MP_MMA_DENSE_GLOBAL MP_GLOBAL
+#define MP_MMA_DENSE_GLOBAL_L(LONG) MP_GLOBAL
 #else
 // the register cap of qmm_experts_mma (128) for blocks of up to MP_MMA_DENSE_WARPS warps
 #define MP_MMA_DENSE_GLOBAL __global__ __launch_bounds__(32 * MP_MMA_DENSE_WARPS, MP_MMA_MIN_BLOCKS * MP_WARPS / MP_MMA_DENSE_WARPS)
+// LONG 3 (passes of 8 over the warps): blocks of up to MP_DENSE_PASS8_WARPS warps, MP_MMA_PASS8_BLOCKS an SM
+#define MP_MMA_DENSE_GLOBAL_L(LONG) __global__ __launch_bounds__((LONG) == 3 ? 32 * MP_DENSE_PASS8_WARPS : 32 * MP_MMA_DENSE_WARPS, \
+    (LONG) == 3 ? MP_MMA_PASS8_BLOCKS : MP_MMA_MIN_BLOCKS * MP_WARPS / MP_MMA_DENSE_WARPS)
 #endif
 
 #define MP_Q6_DENSE_STAGE 26880 // bytes of a qmm_dense_mma block's staged Q6_K rows (16 rows of 1680: K = 2048)
@@ -1808,9 +1819,10 @@ MP_HD void mp_dense_mma_tokens(int t0, int nt, const mp_u8* __restrict__ w, mp_i
     }
 }
 // LONG: 0 one pass of up to 4 tokens; 1 passes of 4 one after another, the block's warps splitting K (their
-// values met in shared memory); 2 (MP_DENSE_LONG_TOKENS) the passes split over the warps, each over all of K
+// values met in shared memory); 2 (MP_DENSE_LONG_TOKENS) the passes split over the warps, each over all of K;
+// 3 (MP_DENSE_PASS8) as 2 with passes of 8 (kernels.py gives a block a multiple of 2 warps' passes of 4)
 template <int QT, int LONG = 0>
-MP_MMA_DENSE_GLOBAL void qmm_dense_mma(const mp_u8* __restrict__ w0, const mp_u8* __restrict__ w1, const mp_u8* __restrict__ w2,
+MP_MMA_DENSE_GLOBAL_L(LONG) void qmm_dense_mma(const mp_u8* __restrict__ w0, const mp_u8* __restrict__ w1, const mp_u8* __restrict__ w2,
                                        mp_i64 row_bytes, int N0, int N1, int N2, int K, const mp_u32* __restrict__ xd,
                                        const float* __restrict__ xs, const float* __restrict__ xunit, int T,
                                        float* __restrict__ out0, float* __restrict__ out1, float* __restrict__ out2) {
@@ -1856,20 +1868,21 @@ MP_MMA_DENSE_GLOBAL void qmm_dense_mma(const mp_u8* __restrict__ w0, const mp_u8
     // otherwise leave the GPU waiting on one block's passes one after another)
     const int passes = (T + 3) >> 2, per = (passes + (int)gridDim.y - 1) / (int)gridDim.y;
     const int tb = 4 * per * (int)blockIdx.y, te = tb + 4 * per < T ? tb + 4 * per : T;
-    if (LONG == 2) {  // each warp whole passes over all of K, written from its registers (no barrier, no sums)
+    if (LONG >= 2) {  // each warp whole passes over all of K, written from its registers (no barrier, no sums)
+        constexpr int PT = LONG == 3 ? 8 : 4, NB = PT / 2;  // tokens a pass, its n-tiles
         const bool al = mp_mma_aligned<QT>(w, row_bytes);  // uniform over the block
-        for (int t0 = tb + 4 * warp; t0 < te; t0 += 4 * warps) {
-            const int nt = te - t0 < 4 ? te - t0 : 4;
-            const mp_u32* bq[2];
-            const float* sq[2];
-            bool bon[2];
-            float unit[2], res[2] = {0.0f, 0.0f};
+        for (int t0 = tb + PT * warp; t0 < te; t0 += PT * warps) {
+            const int nt = te - t0 < PT ? te - t0 : PT;
+            const mp_u32* bq[NB];
+            const float* sq[NB];
+            bool bon[NB];
+            float unit[NB], res[NB] = {};
             mp_mma_pass_inputs(nt, [t0](int u) { return t0 + u; }, K, xd, xs, xunit, lane, bq, bon, sq, unit);
-            mp_mma_dispatch<QT, 4, MP_DENSE_LONG_ZERO_ABSENT>(al, nt, w, row_bytes, wN, wn0, K, 0, 1, bq, bon, sq, unit,
-                                                              lane, res);
+            mp_mma_dispatch<QT, PT, MP_DENSE_LONG_ZERO_ABSENT>(al, nt, w, row_bytes, wN, wn0, K, 0, 1, bq, bon, sq,
+                                                               unit, lane, res);
             const int n = n0 + (lane >> 2) + 8 * (lane & 1);
 #pragma unroll
-            for (int i = 0; i < 2; ++i) {
+            for (int i = 0; i < NB; ++i) {
                 const int t = 2 * i + ((lane & 3) >> 1);
                 if (t < nt && n < N) mp_pick_out(m, out0, out1, out2)[(mp_i64)(t0 + t) * N + n] = res[i];
             }

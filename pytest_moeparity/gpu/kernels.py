@@ -96,6 +96,7 @@ ATTN_KV = 4096            # MP_ATTN_KV: the most k values of one kv head (tokens
 ATTN_MAX_T = 32           # MP_ATTN_MAX_T: the most tokens (a warp's scores and probabilities in shared memory)
 QK_NORM_MAX_HEAD_DIM = 2048  # qk_norm_rope: 32 MP_RMS_REGS (a head row in a warp's registers)
 MMA_DENSE_WARPS = 8       # the most warps per block of qmm_dense_mma (MP_MMA_DENSE_WARPS)
+DENSE_PASS8_WARPS = 4     # the most of qmm_dense_mma<QT,3> (MP_DENSE_PASS8_WARPS)
 # past 4 tokens qmm_dense_mma<QT,1> spreads a prompt's passes of 4 tokens over gridDim.y until the grid has
 # about this many blocks (dense_mma_pass_groups; 0: every block takes all the passes, as before)
 DENSE_LONG_BLOCKS = _tuning_define("MP_DENSE_LONG_BLOCKS", 2048)
@@ -129,7 +130,7 @@ NAME_EXPRESSIONS: tuple[str, ...] = tuple(
     + [f"qmm_experts<{q},{nt}>" for q in sorted(KERNEL_QTYPES.values()) for nt in TOKEN_TILES]
     + [f"qmm_experts_mma<{q}>" for q in MMA_QTYPES] + [f"qmm_experts_mma<{KERNEL_QTYPES[Q.Q4_K]},1>"]
     + [f"qmm_experts_mma<{KERNEL_QTYPES[Q.Q4_K]},{st},1>" for st in (0, 1)] + [f"qmm_experts_mma<{KERNEL_QTYPES[Q.Q6_K]},1,1>"]
-    + [f"qmm_dense_mma<{q}>" for q in MMA_QTYPES] + [f"qmm_dense_mma<{q},{long}>" for q in MMA_QTYPES for long in (1, 2)]
+    + [f"qmm_dense_mma<{q}>" for q in MMA_QTYPES] + [f"qmm_dense_mma<{q},{long}>" for q in MMA_QTYPES for long in (1, 2, 3)]
     + ["act_digits", "norm_digits", "swiglu_digits", "norm_rope_attention", "combine_norm_digits", "expert_group", "router_topk", "moe_route", "moe_combine", "round_bf16", "rms_norm", "add_rms_norm", "softmax_rows", "attention_core",
        "qk_norm_rope", "rope_neox", "swiglu", "add_f32"])
 
@@ -196,7 +197,7 @@ class Param:
 
 
 _CTYPES = {"mp_u8": np.uint8, "mp_u32": np.uint32, "float": np.float32, "int": np.int32, "mp_i64": np.int64}
-_SIG_RE = re.compile(r"MP_(?:MATMUL_|MMA_|MMA_DENSE_|ATTN_|ATTN_CORE_)?GLOBAL(?:_P8\(\w+\))?\s+void\s+(\w+)\s*\(([^)]*)\)",
+_SIG_RE = re.compile(r"MP_(?:MATMUL_|MMA_|MMA_DENSE_|ATTN_|ATTN_CORE_)?GLOBAL(?:_\w+\(\w+\))?\s+void\s+(\w+)\s*\(([^)]*)\)",
                      re.S)
 
 
@@ -648,8 +649,12 @@ def qmatmul_shared_input(x, wts, *, outs=None, as_qtypes=None, digits=None, back
                 digits = act_digits(x, backend=be)
             blocks, warps = sum(_cdiv(N, MMA_ROWS) for N in Ns), dense_mma_warps(K)
             by_tokens = dense_long_tokens(be, blocks, T)
-            be.launch(dense_mma_kernel(code, T, by_tokens),
-                      (blocks, dense_mma_pass_groups(blocks, T, warps if by_tokens else 0), 1), (32 * warps, 1, 1),
+            pass8 = dense_pass8(be, by_tokens)
+            if pass8:
+                warps = min(warps, DENSE_PASS8_WARPS)
+            share = (2 if pass8 else 1) * warps if by_tokens else 0  # a block's passes of 4: a multiple of this
+            be.launch(dense_mma_kernel(code, T, by_tokens, pass8),
+                      (blocks, dense_mma_pass_groups(blocks, T, share), 1), (32 * warps, 1, 1),
                       lead + (np.int32(K), *digits, np.int32(T)) + outs_args)
             continue
         kernel, grid = dense_launch(code, Ns, T, be.switch("MP_SPLITK_LONG_BLOCKS"))
@@ -793,11 +798,21 @@ def expert_pass8(be: Backend, T: int) -> bool:
     return T > 4 and be.switch("MP_EXPERT_PASS8") > 0
 
 
-def dense_mma_kernel(code: int, T: int, by_tokens: bool = False) -> str:
+def dense_mma_kernel(code: int, T: int, by_tokens: bool = False, pass8: bool = False) -> str:
     """The qmm_dense_mma instance for T tokens: one pass up to 4 (<code>), passes of 4 over the same rows
     past that (<code,1>; its own instance, so that the short prompts' code is what it was), or with
-    ``by_tokens`` those passes split over the block's warps (<code,2>: see dense_long_tokens)."""
-    return f"qmm_dense_mma<{code}>" if T <= 4 else f"qmm_dense_mma<{code},{2 if by_tokens else 1}>"
+    ``by_tokens`` those passes split over the block's warps (<code,2>: see dense_long_tokens), 8 tokens a
+    pass with ``pass8`` (<code,3>: see dense_pass8)."""
+    if T <= 4:
+        return f"qmm_dense_mma<{code}>"
+    return f"qmm_dense_mma<{code},{(3 if pass8 else 2) if by_tokens else 1}>"
+
+
+def dense_pass8(be: Backend, by_tokens: bool) -> bool:
+    """Whether a dense product whose passes split over the warps (``by_tokens``) takes them 8 tokens at a
+    time (four n-tiles on each decode of the rows, at most DENSE_PASS8_WARPS warps a block), as ``be``'s
+    MP_DENSE_PASS8 says (0: passes of 4)."""
+    return by_tokens and be.switch("MP_DENSE_PASS8") > 0
 
 
 def dense_long_tokens(be: Backend, blocks: int, T: int) -> bool:
