@@ -2908,11 +2908,12 @@ MP_HD void mp_attention_row_wide(const float* qr, const float* kb, mp_i64 kstrid
 // ascending, then the warp's butterflies; the context's sums over the positions ascending.
 #define MP_ATTN_REGS_MAXC 4  // the most chunks of 32 positions (kernels.py does not read it)
 // attention_core takes mp_attention_row_regs for up to 32 MP_ATTN_REGS_MAXC positions and head rows of up
-// to 128 (MP_ATTN_REGS=0: mp_attention_row_wide throughout, tuning switch; nvcc 13.0, sm_90: the kernel
-// spills 12 bytes as before, 104 with a second instance for rows of up to 256, which therefore take the
-// wide row)
+// to 128 with MP_ATTN_REGS=1 (default 0, mp_attention_row_wide throughout: on an H100 the register rows made
+// the 64-token forward 0.57 ms slower, 52 against 40 us a layer, so the round trips are not what a row waits
+// on; NOTES step 63. nvcc 13.0, sm_90: the kernel spills 12 bytes as before, 104 with a second instance for
+// rows of up to 256, which therefore take the wide row)
 #ifndef MP_ATTN_REGS
-#define MP_ATTN_REGS 1
+#define MP_ATTN_REGS 0
 #endif
 template <int REGS, int CHUNKS>
 MP_HD void mp_attention_row_regs(const float* qr, const float* kb, mp_i64 kstride, const float* __restrict__ vb,
