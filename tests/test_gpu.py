@@ -1128,38 +1128,6 @@ def test_attention_core_matches_float64(backend, T, nh, nkv, hd):
     assert np.all(probs[np.broadcast_to(~np.tril(np.ones((T, T), bool))[:, None, :], probs.shape)] == 0)
 
 
-@pytest.mark.parametrize("T,hd", [(1, 128), (3, 128), (33, 40), (64, 128), (70, 96), (128, 128), (129, 64), (40, 160)])
-def test_attention_rows_in_registers_are_the_wide_rows(backend, T, hd):
-    """attention_core's rows of up to 128 positions keep their scores and probabilities in registers
-    (mp_attention_row_regs, MP_ATTN_REGS=1; off by default since it measured slower on an H100, NOTES step 63;
-    MP_ATTN_REGS=0: the wide rows, which read them back from memory): bit for bit
-    the same scores, probabilities and context, with NaN keys and values spreading alike; past 128 positions
-    or 128 columns a row takes the wide path in both builds."""
-    from pytest_moeparity.gpu import kernels as K
-
-    nh, nkv = 4, 2
-    rng = _rng("attn-regs", T, hd)
-    q = rng.standard_normal((T, nh, hd)).astype(np.float32)
-    k = rng.standard_normal((T, nkv, hd)).astype(np.float32)
-    v = rng.standard_normal((T, nkv * hd)).astype(np.float32)
-    if T > 3:
-        k[T // 2, 1, 3] = np.nan  # rows t >= T // 2 of heads 2, 3: NaN scores and probabilities
-        v[T - 2, 5] = np.nan      # dim 5 of heads 0, 1: NaN context (0 * NaN)
-    got = []
-    for be in (backend.variant("-DMP_ATTN_REGS=1"), backend.variant("-DMP_ATTN_REGS=0")):
-        out = (_poisoned(be, (T, nh, T)), _poisoned(be, (T, nh, T)), _poisoned(be, (T, nh * hd)))
-        K.attention_core(_dev(be, q), _dev(be, k), _dev(be, v), out=out, backend=be)
-        got.append([_host(be, a) for a in out])
-    for name, a, b in zip(("scores", "probs", "ctx"), *got):
-        assert np.array_equal(a.view(np.uint32), b.view(np.uint32)), f"{name} T={T} hd={hd}"
-        assert np.isfinite(a).any(), name
-    with np.errstate(invalid="ignore"):
-        want = _attention64(q, k, v, nh, nkv)
-    for name, a, w in zip(("scores", "probs", "ctx"), got[0], want):
-        assert np.array_equal(np.isnan(a), np.isnan(w)), f"{name}: NaN pattern differs from NumPy's"
-        _assert_close(np.nan_to_num(a), np.nan_to_num(w), f"{name} T={T} hd={hd} (finite part)")
-
-
 def test_attention_core_nan_spreads_as_in_numpy(backend):
     from pytest_moeparity.gpu import kernels as K
 

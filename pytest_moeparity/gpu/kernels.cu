@@ -296,15 +296,6 @@ MP_HD int mp_shfl_idx(int v, int src) {
 #endif
 }
 
-// the float v of lane src (src the same in every lane: a broadcast)
-MP_HD float mp_shfl_f(float v, int src) {
-#ifdef MOEPARITY_EMULATOR
-    return mp_emu_shfl_idx(v, src);
-#else
-    return __shfl_sync(0xFFFFFFFFu, v, src);
-#endif
-}
-
 // the warp's largest (MIN: smallest) v, in every lane: one redux.sync on compute capability 8.0 and later
 #ifdef MOEPARITY_EMULATOR
 mp_emu_u32 mp_emu_warp_redux_u32(mp_emu_u32 v, int is_min);
@@ -2900,79 +2891,6 @@ MP_HD void mp_attention_row_wide(const float* qr, const float* kb, mp_i64 kstrid
         if (lane + 32 * i < hd) cr[lane + 32 * i] = acc[i];
 }
 
-// mp_attention_row_wide for rows of up to 32 CHUNKS positions, bit for bit, its scores and probabilities
-// kept in registers (lane j: positions j, 32 + j, ...) as well as written to sr and pr: the softmax reads
-// them there, not back from sr (three L2 round trips, the stores of the lane's own warp), and the context
-// takes each position's probability from its lane by a shuffle, not from pr (an L2 round trip a chunk of
-// positions). The same values in the same order: the softmax's maximum and sum over the lane's positions
-// ascending, then the warp's butterflies; the context's sums over the positions ascending.
-#define MP_ATTN_REGS_MAXC 4  // the most chunks of 32 positions (kernels.py does not read it)
-// attention_core takes mp_attention_row_regs for up to 32 MP_ATTN_REGS_MAXC positions and head rows of up
-// to 128 with MP_ATTN_REGS=1 (default 0, mp_attention_row_wide throughout: on an H100 the register rows made
-// the 64-token forward 0.57 ms slower, 52 against 40 us a layer, so the round trips are not what a row waits
-// on; NOTES step 63. nvcc 13.0, sm_90: the kernel spills 12 bytes as before, 104 with a second instance for
-// rows of up to 256, which therefore take the wide row)
-#ifndef MP_ATTN_REGS
-#define MP_ATTN_REGS 0
-#endif
-template <int REGS, int CHUNKS>
-MP_HD void mp_attention_row_regs(const float* qr, const float* kb, mp_i64 kstride, const float* __restrict__ vb,
-                                 mp_i64 vstride, int T, int hd, int t, float sqrt_hd, float* sr, float* pr, float* cr,
-                                 int lane) {
-    constexpr int CH = 32 / REGS;  // positions of the context whose loads are issued together
-    const float NEG_INF = mp_bits_to_float(0xFF800000u);
-    const int valid = t + 1;
-    float qv[REGS], x[CHUNKS];
-#pragma unroll
-    for (int i = 0; i < REGS; ++i) qv[i] = lane + 32 * i < hd ? qr[lane + 32 * i] : 0.0f;
-#pragma unroll
-    for (int j = 0; j < CHUNKS; ++j) {  // the scores
-        const int s0 = 32 * j;
-        x[j] = 0.0f;
-        if (s0 < T) {  // uniform over the warp
-            const int last = T - 1 - s0 < 31 ? T - 1 - s0 : 31;
-            x[j] = mp_attention_scores32<REGS>(qv, kb + (mp_i64)s0 * kstride, kstride, last, hd, lane) / sqrt_hd;
-            if (s0 + lane < T) sr[s0 + lane] = x[j];
-        }
-    }
-    float m = NEG_INF, any_nan = 0.0f;  // the causal softmax, as mp_softmax_row
-#pragma unroll
-    for (int j = 0; j < CHUNKS; ++j) {
-        if (32 * j + lane < valid) {
-            if (x[j] == x[j]) m = fmaxf(m, x[j]);
-            else any_nan = 1.0f;
-        }
-    }
-    m = mp_warp_max1(m);
-    if (mp_warp_max1(any_nan) > 0.0f) m = mp_bits_to_float(0x7FC00000u);
-    float sum = 0.0f;
-#pragma unroll
-    for (int j = 0; j < CHUNKS; ++j)
-        if (32 * j + lane < valid) sum = mp_fadd(sum, expf(mp_fsub(x[j], m)));
-    sum = mp_warp_sum1(sum);
-#pragma unroll
-    for (int j = 0; j < CHUNKS; ++j) {
-        const int i = 32 * j + lane;
-        x[j] = (i < valid ? expf(mp_fsub(x[j], m)) : 0.0f) / sum;
-        if (i < T) pr[i] = x[j];
-    }
-    float acc[REGS];  // the context, as mp_attention_row_wide's
-#pragma unroll
-    for (int i = 0; i < REGS; ++i) acc[i] = 0.0f;
-#pragma unroll
-    for (int j = 0; j < CHUNKS; ++j) {
-        for (int c0 = 0; c0 < 32 && 32 * j + c0 < T; c0 += CH) {  // uniform over the warp
-            float pv[CH];
-#pragma unroll
-            for (int c = 0; c < CH; ++c) pv[c] = mp_shfl_f(x[j], c0 + c);
-            mp_attention_context<REGS, CH>(pv, vb, vstride, 32 * j + c0, T, hd, lane, acc);
-        }
-    }
-#pragma unroll
-    for (int i = 0; i < REGS; ++i)
-        if (lane + 32 * i < hd) cr[lane + 32 * i] = acc[i];
-}
-
 #ifdef MOEPARITY_EMULATOR
 #define MP_ATTN_CORE_GLOBAL MP_GLOBAL
 #else
@@ -2989,11 +2907,7 @@ extern "C" MP_ATTN_CORE_GLOBAL void attention_core(const float* __restrict__ q, 
     const mp_i64 g = h / (nh / nkv), stride = (mp_i64)nkv * hd;
     const float* qr = q + (mp_i64)row * hd;
     float *sr = scores + (mp_i64)row * T, *pr = probs + (mp_i64)row * T, *cr = ctx + (mp_i64)row * hd;  // ctx [T, nh * hd]
-    const bool regs = MP_ATTN_REGS && T <= 32 * MP_ATTN_REGS_MAXC;
-    if (MP_ATTN_WIDE && regs && hd <= 128)
-        mp_attention_row_regs<4, MP_ATTN_REGS_MAXC>(qr, k + g * hd, stride, v + g * hd, stride, T, hd, t, sqrt_hd, sr,
-                                                    pr, cr, lane);
-    else if (MP_ATTN_WIDE && hd <= 128)
+    if (MP_ATTN_WIDE && hd <= 128)
         mp_attention_row_wide<4>(qr, k + g * hd, stride, v + g * hd, stride, T, hd, t, sqrt_hd, sr, pr, cr, lane);
     else if (MP_ATTN_WIDE && hd <= 256)
         mp_attention_row_wide<8>(qr, k + g * hd, stride, v + g * hd, stride, T, hd, t, sqrt_hd, sr, pr, cr, lane);
