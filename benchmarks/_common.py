@@ -79,3 +79,16 @@ def write_result(name: str, doc: dict, out: str | None) -> Path:
     doc = dict(doc, machine=machine(), date=time.strftime("%Y-%m-%d %H:%M:%S %Z"))
     path.write_text(json.dumps(doc, indent=1) + "\n")
     return path
+
+
+def variant_builds(base, variants: list) -> list:
+    """``base.variant(v)`` for each of ``variants`` (tuples of -D switches), in order, compiled side by side
+    in threads: each build is a whole NVRTC compile (~40 s of one core on the GPU machines; the bindings
+    call it outside the GIL), so a cold machine's A/B of several builds waits for about one instead of
+    all of them one after another."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    if len(variants) < 2:
+        return [base.variant(v) for v in variants]
+    with ThreadPoolExecutor(max_workers=len(variants)) as pool:
+        return list(pool.map(base.variant, variants))

@@ -24,7 +24,7 @@ from pathlib import Path
 
 # this checkout's package first (not an older installed copy), then the benchmarks' helpers
 sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).resolve().parent)]
-from _common import write_result  # noqa: E402
+from _common import variant_builds, write_result  # noqa: E402
 from bench_gpu import bench_model_path, bytes_touched, d2d_bandwidth, replay_times  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -92,7 +92,7 @@ def main(argv=None) -> int:
     bw = d2d_bandwidth(cp)
     base = K.get_backend()
     names = ["default"] + [" ".join(v) for v in variants]
-    backends = [base] + [base.variant(v) for v in variants]
+    backends = [base] + variant_builds(base, variants)
     engines = [CupyEngine(model, act_dtype=args.act, backend=be) for be in backends]
     assert all(e.weights is engines[0].weights for e in engines), "the builds must share one upload"
     print(f"{len(names)} builds ({', '.join(names)}) over one upload; copy {bw / 1e9:.0f} GB/s; env options "

@@ -26,7 +26,7 @@ from pathlib import Path
 
 # this checkout's package first (not an older installed copy), then the benchmarks' helpers
 sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).resolve().parent)]
-from _common import write_result  # noqa: E402
+from _common import variant_builds, write_result  # noqa: E402
 from bench_ab import change_from_first, interleaved_rounds  # noqa: E402
 from bench_gpu import bench_model_path, d2d_bandwidth  # noqa: E402
 
@@ -124,7 +124,7 @@ def main(argv=None) -> int:
     print(model.describe(), flush=True)
     bw = 0.0 if args.emulator else d2d_bandwidth(cp)
     names = ["default"] + [" ".join(v) for v in variants]
-    backends = [base] + [base.variant(v) for v in variants]
+    backends = [base] + variant_builds(base, variants)
     weights = device_weights(model, base)
     layers = list(range(args.first_layer, args.first_layer + args.layers))
     T, k, E = args.tokens, cfg.n_experts_used, cfg.n_experts
