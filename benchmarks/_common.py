@@ -83,9 +83,9 @@ def write_result(name: str, doc: dict, out: str | None) -> Path:
 
 def variant_builds(base, variants: list) -> list:
     """``base.variant(v)`` for each of ``variants`` (tuples of -D switches), in order, compiled side by side
-    in threads: each build is a whole NVRTC compile (~40 s of one core on the GPU machines; the bindings
-    call it outside the GIL), so a cold machine's A/B of several builds waits for about one instead of
-    all of them one after another."""
+    in threads: each build is a whole NVRTC compile (~40 s of one core on the GPU machines), so where
+    CuPy's bindings release the GIL around it a cold machine's A/B of several builds waits for about one
+    instead of each in turn (not yet timed on a GPU; where they do not, the builds take as long as before)."""
     from concurrent.futures import ThreadPoolExecutor
 
     if len(variants) < 2:
