@@ -81,14 +81,15 @@ def write_result(name: str, doc: dict, out: str | None) -> Path:
     return path
 
 
-def variant_builds(base, variants: list) -> list:
+def variant_builds(base, variants: list, threads: bool = True) -> list:
     """``base.variant(v)`` for each of ``variants`` (tuples of -D switches), in order, compiled side by side
     in threads: each build is a whole NVRTC compile (~40 s of one core on the GPU machines), so where
     CuPy's bindings release the GIL around it a cold machine's A/B of several builds waits for about one
-    instead of each in turn (not yet timed on a GPU; where they do not, the builds take as long as before)."""
+    instead of each in turn (not yet timed on a GPU; where they do not, the builds take as long as before).
+    ``threads=False`` (the scripts' --serial-builds): one after another."""
     from concurrent.futures import ThreadPoolExecutor
 
-    if len(variants) < 2:
+    if len(variants) < 2 or not threads:
         return [base.variant(v) for v in variants]
     with ThreadPoolExecutor(max_workers=len(variants)) as pool:
         return list(pool.map(base.variant, variants))

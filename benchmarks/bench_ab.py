@@ -69,6 +69,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--replays", type=int, default=10, help="graph replays of a build in each round")
     ap.add_argument("--act", default="float32", choices=["float32", "float16", "bfloat16"])
+    ap.add_argument("--serial-builds", action="store_true", help="compile the variant builds one after another")
     ap.add_argument("--tag", default=None)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
@@ -92,7 +93,7 @@ def main(argv=None) -> int:
     bw = d2d_bandwidth(cp)
     base = K.get_backend()
     names = ["default"] + [" ".join(v) for v in variants]
-    backends = [base] + variant_builds(base, variants)
+    backends = [base] + variant_builds(base, variants, threads=not args.serial_builds)
     engines = [CupyEngine(model, act_dtype=args.act, backend=be) for be in backends]
     assert all(e.weights is engines[0].weights for e in engines), "the builds must share one upload"
     print(f"{len(names)} builds ({', '.join(names)}) over one upload; copy {bw / 1e9:.0f} GB/s; env options "

@@ -89,6 +89,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--replays", type=int, default=20, help="graph replays of a build in each round")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--serial-builds", action="store_true", help="compile the variant builds one after another")
     ap.add_argument("--tag", default=None)
     ap.add_argument("--out", default=None)
     ap.add_argument("--emulator", action="store_true",
@@ -124,7 +125,7 @@ def main(argv=None) -> int:
     print(model.describe(), flush=True)
     bw = 0.0 if args.emulator else d2d_bandwidth(cp)
     names = ["default"] + [" ".join(v) for v in variants]
-    backends = [base] + variant_builds(base, variants)
+    backends = [base] + variant_builds(base, variants, threads=not args.serial_builds)
     weights = device_weights(model, base)
     layers = list(range(args.first_layer, args.first_layer + args.layers))
     T, k, E = args.tokens, cfg.n_experts_used, cfg.n_experts
