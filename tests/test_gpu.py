@@ -819,14 +819,18 @@ def test_dense_tensor_core_path(backend, T, Kc, monkeypatch):
     assert np.array_equal(got[rest], _host(backend, outs[1])[rest]), "the other tokens' products must not change"
 
 
-@pytest.mark.parametrize("long", [1, 2, 3], ids=["K-over-warps", "passes-over-warps", "passes-of-8-over-warps"])
+@pytest.mark.parametrize("long", [1, 2, 3, 4],
+                         ids=["K-over-warps", "passes-over-warps", "passes-of-8-over-warps", "rows-over-warps"])
 @pytest.mark.parametrize("T", [9, 13, 30])  # 3, 4 and 8 passes of 4 tokens (the last one short but for 4)
 def test_dense_long_prompt_pass_groups(backend, T, long, monkeypatch):
     """Past 4 tokens qmm_dense_mma<QT,1> spreads the passes of 4 tokens over gridDim.y (dense_mma_pass_groups):
     every split (a pass a block, two, uneven, none) gives the one-block-all-passes products bit for bit,
     every output written, within 1e-5 of float64. The same for qmm_dense_mma<QT,2> (MP_DENSE_LONG_TOKENS:
     the block's warps share its passes, each over all of K), whose blocks take a multiple of the warps' passes,
-    and <QT,3> (MP_DENSE_PASS8: passes of 8 tokens, up to DENSE_PASS8_WARPS warps), a multiple of twice theirs."""
+    and <QT,3> (MP_DENSE_PASS8: passes of 8 tokens, up to DENSE_PASS8_WARPS warps), a multiple of twice theirs.
+    <QT,4> (MP_DENSE_ROWS_L2_BYTES: each warp its own rows, unstaged, the block's warps the same pass of 8) has
+    one grid whatever DENSE_LONG_BLOCKS says, and gives <QT,3>'s products bit for bit (the same passes of 8
+    over the same rows), row groups past the matrices' left to the block's idle warps."""
     from pytest_moeparity.gpu import kernels as Kn
 
     if not backend.mma:
@@ -834,7 +838,9 @@ def test_dense_long_prompt_pass_groups(backend, T, long, monkeypatch):
     by_tokens = long >= 2
     monkeypatch.setattr(Kn, "MMA_MAX_TOKENS", max(Kn.MMA_MAX_TOKENS, T))
     monkeypatch.setattr(Kn, "dense_long_tokens", lambda be, blocks, T: by_tokens and T > 4)
-    monkeypatch.setattr(Kn, "dense_pass8", lambda be, by: by and long == 3)
+    monkeypatch.setattr(Kn, "dense_pass8", lambda be, by: by and long >= 3)
+    rows_over = [long == 4]
+    monkeypatch.setattr(Kn, "dense_rows_over_warps", lambda be, p8, nbytes: p8 and rows_over[0])
     rng = _rng("dense-pass-groups", T)
     Kc = 2048
     mats = [(Q.Q4_K, 40), (Q.Q6_K, 24)]
@@ -858,6 +864,12 @@ def test_dense_long_prompt_pass_groups(backend, T, long, monkeypatch):
         w = _deq(raw, q, (n, Kc)).astype(np.float64)
         _assert_written(got, f"{q.name} T={T}")
         _assert_close(got, x.astype(np.float64) @ w.T, f"{q.name} T={T}", ref_abs=np.abs(x.astype(np.float64)) @ np.abs(w.T))
+    if long == 4:  # the 40-row matrix: 3 row groups, one block of 4 warps a pass; <QT,3> bit for bit
+        assert Kn.dense_rows_pass_groups(T) == -(-T // 8)
+        rows_over[0] = False
+        for (q, n), want, got in zip(mats, run(0), whole):
+            assert np.array_equal(got, want), f"{q.name} T={T}: the rows over the warps differ from <QT,3>"
+        return
     # the 40-row matrix is 3 row groups: a pass a block; 2 a block where 12 blocks are asked for (T = 30);
     # 2 then 1 for 3 passes and 4 blocks asked for; all in one block
     warps = Kn.dense_mma_warps(Kc) if long < 3 else 2 * min(Kn.dense_mma_warps(Kc), Kn.DENSE_PASS8_WARPS)
