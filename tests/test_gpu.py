@@ -840,7 +840,7 @@ def test_dense_long_prompt_pass_groups(backend, T, long, monkeypatch):
     monkeypatch.setattr(Kn, "dense_long_tokens", lambda be, blocks, T: by_tokens and T > 4)
     monkeypatch.setattr(Kn, "dense_pass8", lambda be, by: by and long >= 3)
     rows_over = [long == 4]
-    monkeypatch.setattr(Kn, "dense_rows_over_warps", lambda be, p8, nbytes: p8 and rows_over[0])
+    monkeypatch.setattr(Kn, "dense_rows_over_warps", lambda be, p8, nbytes, groups: p8 and rows_over[0])
     rng = _rng("dense-pass-groups", T)
     Kc = 2048
     mats = [(Q.Q4_K, 40), (Q.Q6_K, 24)]
@@ -865,7 +865,7 @@ def test_dense_long_prompt_pass_groups(backend, T, long, monkeypatch):
         _assert_written(got, f"{q.name} T={T}")
         _assert_close(got, x.astype(np.float64) @ w.T, f"{q.name} T={T}", ref_abs=np.abs(x.astype(np.float64)) @ np.abs(w.T))
     if long == 4:  # the 40-row matrix: 3 row groups, one block of 4 warps a pass; <QT,3> bit for bit
-        assert Kn.dense_rows_pass_groups(T) == -(-T // 8)
+        assert Kn.dense_rows_grid(3, T) == (-(-T // 8), 1, 1)
         rows_over[0] = False
         for (q, n), want, got in zip(mats, run(0), whole):
             assert np.array_equal(got, want), f"{q.name} T={T}: the rows over the warps differ from <QT,3>"
@@ -1622,6 +1622,37 @@ def test_long_prompt_forward_on_tensor_cores(backend, model_factory, n_tokens, m
         floats = [n for n in launched if n.startswith(("qmm_dense<12", "qmm_dense<14", "qmm_experts<12", "qmm_experts<14"))]
         assert not floats, floats
         assert ("norm_rope_attention" in launched) == (n_tokens <= Kn.ATTN_MAX_T), sorted(set(launched))
+
+
+def test_long_prompt_forward_rows_over_warps(backend, model_factory, monkeypatch):
+    """With every dense product of a long prompt on the passes of 8 over the warps (dense_long_tokens forced,
+    as q / k / attn_output and the head are at 30b-a3b's 64 tokens), qmm_dense_mma<QT,4> (each warp its own
+    rows, the block's warps the same pass) runs the whole forward: every stage Matches the NumPy reference,
+    and the trace and logits are <QT,3>'s bit for bit."""
+    from pytest_moeparity.gpu import kernels as Kn
+
+    if not (backend.mma and Kn.MMA):
+        pytest.skip("the device has no int8 mma (compute capability below 8.0), or MP_MMA=0")
+    model = model_factory("tiny", "Q4_K_M")
+    tokens = _tokens(model, 21)
+    plan = SavePlan.parse()
+    ref = NumpyForward(model).run(tokens, plan)
+    monkeypatch.setattr(Kn, "MMA_MAX_TOKENS", 4096)
+    monkeypatch.setattr(Kn, "dense_long_tokens", lambda be, blocks, T: T > 4)
+    engine = _engine(model, backend)
+    n_before = len(getattr(backend, "launches", []))
+    res = engine.run(tokens, plan)
+    report = _compare(ref.trace, res.trace)
+    assert report.ok, f"tiny Q4_K_M, 21 tokens, rows over the warps: cupy vs numpy\n{_explain(report)}"
+    if hasattr(backend, "launches"):
+        launched = set(backend.launches[n_before:])
+        assert {"qmm_dense_mma<12,4>", "qmm_dense_mma<14,4>"} <= launched, sorted(launched)
+        assert not {"qmm_dense_mma<12,3>", "qmm_dense_mma<14,3>"} & launched, sorted(launched)
+    monkeypatch.setattr(Kn, "dense_rows_over_warps", lambda *a: False)
+    plain = engine.run(tokens, plan)
+    for name in res.trace.keys():
+        assert np.array_equal(res.trace[name], plain.trace[name], equal_nan=True), f"{name}: <QT,4> differs from <QT,3>"
+    assert np.array_equal(res.logits, plain.logits)
 
 
 def test_forward_all_experts_and_partial_plans(backend, model_factory):

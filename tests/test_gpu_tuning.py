@@ -187,8 +187,9 @@ def test_dense_rows_over_the_warps_only_for_passes_of_8_whose_rows_fit_l2():
     assert all(K.dense_mma_kernel(q, 64, True, True, True) in K.NAME_EXPRESSIONS for q in K.MMA_QTYPES)
     assert K.dense_mma_kernel(q4, 64, True, False, True) == f"qmm_dense_mma<{q4},2>"  # passes of 4: no <QT,4>
     assert K.dense_mma_kernel(q4, 4, True, True, True) == f"qmm_dense_mma<{q4}>"
-    assert [K.dense_rows_pass_groups(T) for T in (5, 8, 9, 64, 65)] == [1, 1, 2, 8, 9]
-    assert K.dense_rows_pass_groups(8 * 65535 + 1) == 32768  # two passes a block row past 65535
+    assert not K.dense_rows_over_warps(on, True, qk, 4 * 65535 + 1)  # gridDim.y's limit
+    assert [K.dense_rows_grid(288, T) for T in (5, 8, 9, 64, 65)] == [(n, 72, 1) for n in (1, 1, 2, 8, 9)]
+    assert K.dense_rows_grid(3, 8 * 65535 + 1) == (32768, 1, 1)  # two passes a block past 65535
 
 
 def test_variant_options_take_only_kernel_switches():

@@ -1842,17 +1842,18 @@ MP_HD void mp_dense_mma_warp_pass(int t0, int nt, bool al, const mp_u8* __restri
         if (t < nt && n < N) mp_pick_out(m, out0, out1, out2)[(mp_i64)(t0 + t) * N + n] = res[i];
     }
 }
-// LONG 4 (MP_DENSE_ROWS_L2_BYTES): warp w of block (x, y) takes row group x * warps + w over the matrices and
-// the passes of 8 of block row y (kernels.py: dense_rows_pass_groups), the same passes in every warp of the
-// block, so that their digits come from L2 about once a block; the rows are prefetched to L2 before the wait
-// and read from there (no shared memory, no barrier)
+// LONG 4 (MP_DENSE_ROWS_L2_BYTES): warp w of block (x, y) takes row group y * warps + w over the matrices and
+// the passes of 8 of block column x (kernels.py: dense_rows_grid; one pass a block up to 65535 passes), the
+// same passes in every warp of the block, so that their digits come from L2 about once a block; the rows are
+// prefetched to L2 before the wait and read from there (no shared memory, no barrier). The pass varies
+// fastest, so the blocks reading the same rows run together: the rows come from DRAM about once.
 template <int QT>
 MP_HD void mp_dense_mma_rows_over_warps(const mp_u8* __restrict__ w0, const mp_u8* __restrict__ w1,
                                         const mp_u8* __restrict__ w2, mp_i64 row_bytes, int N0, int N1, int N2, int K,
                                         const mp_u32* __restrict__ xd, const float* __restrict__ xs,
                                         const float* __restrict__ xunit, int T, float* out0, float* out1, float* out2) {
     const int warps = (int)(blockDim.x >> 5), lane = threadIdx.x & 31;
-    int group = (int)blockIdx.x * warps + (int)(threadIdx.x >> 5);
+    int group = (int)blockIdx.y * warps + (int)(threadIdx.x >> 5);
     const mp_u8* w;
     int N;
     const int m = mp_pick_matrix(group, 16, w0, w1, w2, N0, N1, N2, w, N);
@@ -1860,8 +1861,8 @@ MP_HD void mp_dense_mma_rows_over_warps(const mp_u8* __restrict__ w0, const mp_u
     if (lane == 0 && n0 < N) mp_prefetch_rows(w, row_bytes, N, n0, 16);
     mp_grid_sync();  // the digits were
     if (n0 >= N) return;  // uniform over the warp
-    const int passes = (T + 7) >> 3, per = (passes + (int)gridDim.y - 1) / (int)gridDim.y;
-    const int tb = 8 * per * (int)blockIdx.y, te = tb + 8 * per < T ? tb + 8 * per : T;
+    const int passes = (T + 7) >> 3, per = (passes + (int)gridDim.x - 1) / (int)gridDim.x;
+    const int tb = 8 * per * (int)blockIdx.x, te = tb + 8 * per < T ? tb + 8 * per : T;
     const bool al = mp_mma_aligned<QT>(w, row_bytes);  // uniform over the warp
     for (int t0 = tb; t0 < te; t0 += 8)
         mp_dense_mma_warp_pass<QT, 8>(t0, te - t0 < 8 ? te - t0 : 8, al, w, row_bytes, N, n0, N, n0, K, xd, xs, xunit,

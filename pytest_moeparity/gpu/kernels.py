@@ -653,10 +653,10 @@ def qmatmul_shared_input(x, wts, *, outs=None, as_qtypes=None, digits=None, back
             if pass8:
                 warps = min(warps, DENSE_PASS8_WARPS)
             share = (2 if pass8 else 1) * warps if by_tokens else 0  # a block's passes of 4: a multiple of this
-            rows_over = dense_rows_over_warps(be, pass8, sum(Ns) * row_bytes)
+            rows_over = dense_rows_over_warps(be, pass8, sum(Ns) * row_bytes, blocks)
             if rows_over:  # a warp a row group, whatever K
                 warps = DENSE_PASS8_WARPS
-            grid = ((_cdiv(blocks, warps), dense_rows_pass_groups(T), 1) if rows_over
+            grid = (dense_rows_grid(blocks, T) if rows_over
                     else (blocks, dense_mma_pass_groups(blocks, T, share), 1))
             be.launch(dense_mma_kernel(code, T, by_tokens, pass8, rows_over), grid, (32 * warps, 1, 1),
                       lead + (np.int32(K), *digits, np.int32(T)) + outs_args)
@@ -816,21 +816,23 @@ def dense_mma_kernel(code: int, T: int, by_tokens: bool = False, pass8: bool = F
     return f"qmm_dense_mma<{code},{(3 if pass8 else 2) if by_tokens else 1}>"
 
 
-def dense_rows_over_warps(be: Backend, pass8: bool, weight_bytes: int) -> bool:
+def dense_rows_over_warps(be: Backend, pass8: bool, weight_bytes: int, groups: int = 0) -> bool:
     """Whether a dense product that takes passes of 8 over the warps (``pass8``: qmm_dense_mma<QT,3>) gives
     each warp of a block its own rows and all of them the block's passes instead (<QT,4>: the passes' digits
     read from L2 about once a block, not once a warp; the rows from L2 once a pass): where the launch's
     weights, ``weight_bytes``, fit ``be``'s MP_DENSE_ROWS_L2_BYTES (0: never), so that the rows read again
-    for each pass come from L2, not DRAM (q / k and attn_output at 30b-a3b, ~5 MB; not the 255 MB head)."""
+    for each pass come from L2, not DRAM (q / k and attn_output at 30b-a3b, ~5 MB; not the 255 MB head), and
+    its ``groups`` row groups of 16 fit gridDim.y's 65535 blocks of DENSE_PASS8_WARPS."""
     limit = be.switch("MP_DENSE_ROWS_L2_BYTES")
-    return pass8 and 0 < weight_bytes <= limit
+    return pass8 and 0 < weight_bytes <= limit and _cdiv(groups, DENSE_PASS8_WARPS) <= 65535
 
 
-def dense_rows_pass_groups(T: int) -> int:
-    """gridDim.y of qmm_dense_mma<QT,4>: a block row a pass of 8 of T tokens (at most 65535 rows, each then
-    taking several passes one after another)."""
+def dense_rows_grid(groups: int, T: int) -> tuple[int, int, int]:
+    """The grid of qmm_dense_mma<QT,4> for ``groups`` row groups of 16 and T tokens: x the passes of 8, one a
+    block (at most 65535 columns, each then taking several passes one after another), varying fastest so
+    that the blocks reading the same rows run together; y the blocks of DENSE_PASS8_WARPS row groups."""
     passes = _cdiv(T, 8)
-    return _cdiv(passes, _cdiv(passes, 65535))
+    return (_cdiv(passes, _cdiv(passes, 65535)), _cdiv(groups, DENSE_PASS8_WARPS), 1)
 
 
 def dense_pass8(be: Backend, by_tokens: bool) -> bool:
