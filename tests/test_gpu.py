@@ -1140,6 +1140,37 @@ def test_attention_core_matches_float64(backend, T, nh, nkv, hd):
     assert np.all(probs[np.broadcast_to(~np.tril(np.ones((T, T), bool))[:, None, :], probs.shape)] == 0)
 
 
+@pytest.mark.parametrize("T,hd", [(1, 128), (3, 128), (33, 40), (64, 128), (70, 96), (129, 64), (40, 160)])
+def test_attention_core_blocks_of_8_rows(backend, T, hd):
+    """attention_core in blocks of MP_ATTN_CORE_WARPS = 8 rows (a block the 8 query heads of a kv head at
+    30b-a3b, 2 blocks an SM) gives the default 4-row blocks' scores, probabilities and context bit for bit,
+    also where T * nh rows are not a multiple of 8 (odd T); every output written (the outputs start as NaN
+    poison and their NaN pattern is NumPy's, with NaN keys and values spreading)."""
+    from pytest_moeparity.gpu import kernels as K
+
+    nh, nkv = 4, 2
+    rng = _rng("attn-blocks-8", T, hd)
+    q = rng.standard_normal((T, nh, hd)).astype(np.float32)
+    k = rng.standard_normal((T, nkv, hd)).astype(np.float32)
+    v = rng.standard_normal((T, nkv * hd)).astype(np.float32)
+    if T > 3:
+        k[T // 2, 1, 3] = np.nan  # rows t >= T // 2 of heads 2, 3: NaN scores and probabilities
+        v[T - 2, 5] = np.nan      # dim 5 of heads 0, 1: NaN context (0 * NaN)
+    got = []
+    for be in (backend, backend.variant("-DMP_ATTN_CORE_WARPS=8")):
+        out = (_poisoned(be, (T, nh, T)), _poisoned(be, (T, nh, T)), _poisoned(be, (T, nh * hd)))
+        K.attention_core(_dev(be, q), _dev(be, k), _dev(be, v), out=out, backend=be)
+        got.append([_host(be, a) for a in out])
+    for name, a, b in zip(("scores", "probs", "ctx"), *got):
+        assert np.array_equal(a.view(np.uint32), b.view(np.uint32)), f"{name} T={T} hd={hd}: blocks of 8 rows"
+        assert np.isfinite(b).any(), name
+    with np.errstate(invalid="ignore"):
+        want = _attention64(q, k, v, nh, nkv)
+    for name, a, w in zip(("scores", "probs", "ctx"), got[1], want):
+        assert np.array_equal(np.isnan(a), np.isnan(w)), f"{name}: NaN pattern differs from NumPy's"
+        _assert_close(np.nan_to_num(a), np.nan_to_num(w), f"{name} T={T} hd={hd} (finite part)")
+
+
 def test_attention_core_nan_spreads_as_in_numpy(backend):
     from pytest_moeparity.gpu import kernels as K
 

@@ -2942,17 +2942,24 @@ MP_HD void mp_attention_row_wide(const float* qr, const float* kb, mp_i64 kstrid
         if (lane + 32 * i < hd) cr[lane + 32 * i] = acc[i];
 }
 
+// MP_ATTN_CORE_WARPS (read by kernels.py too, through the backend: attention_core_warps): the rows (warps)
+// of an attention_core block, consecutive heads of one position, so that the query heads of a kv head
+// (8 at 30b-a3b) read its keys and values through one SM's L1 when a block holds all of them (tuning
+// switch: 4, each kv head's keys read by two blocks; 8 with 2 blocks an SM keeps the 128 registers)
+#ifndef MP_ATTN_CORE_WARPS
+#define MP_ATTN_CORE_WARPS 4
+#endif
 #ifdef MOEPARITY_EMULATOR
 #define MP_ATTN_CORE_GLOBAL MP_GLOBAL
 #else
-// 4 blocks an SM (128 registers): the wide rows' 32 sums and hoisted loads would otherwise take ~160
-#define MP_ATTN_CORE_GLOBAL __global__ __launch_bounds__(MP_THREADS, 4)
+// 16 warps an SM (128 registers): the wide rows' 32 sums and hoisted loads would otherwise take ~160
+#define MP_ATTN_CORE_GLOBAL __global__ __launch_bounds__(32 * MP_ATTN_CORE_WARPS, 16 / MP_ATTN_CORE_WARPS)
 #endif
 extern "C" MP_ATTN_CORE_GLOBAL void attention_core(const float* __restrict__ q, const float* __restrict__ k,
                                          const float* __restrict__ v, int T, int nh, int nkv, int hd, float sqrt_hd,
                                          float* __restrict__ scores, float* __restrict__ probs, float* __restrict__ ctx) {
     mp_grid_sync();
-    const int row = blockIdx.x * MP_WARPS + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+    const int row = blockIdx.x * MP_ATTN_CORE_WARPS + (threadIdx.x >> 5), lane = threadIdx.x & 31;
     if (row >= T * nh) return;  // uniform over the warp
     const int t = row / nh, h = row % nh;
     const mp_i64 g = h / (nh / nkv), stride = (mp_i64)nkv * hd;

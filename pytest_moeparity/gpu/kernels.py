@@ -1166,7 +1166,8 @@ def attention_core(q, k, v, out=None, *, backend: Backend | None = None):
     probs = _out("attention_core: probs", probs, (T, nh, T), be)
     ctx = _out("attention_core: ctx", ctx, (T, nh * hd), be)
     if T and nh and hd:
-        be.launch("attention_core", (_cdiv(T * nh, WARPS), 1, 1), (THREADS, 1, 1),
+        warps = be.switch("MP_ATTN_CORE_WARPS")  # rows a block (its kernels' launch bounds)
+        be.launch("attention_core", (_cdiv(T * nh, warps), 1, 1), (32 * warps, 1, 1),
                   (q, k, v, np.int32(T), np.int32(nh), np.int32(nkv), np.int32(hd), np.float32(np.sqrt(hd)),
                    scores, probs, ctx))
     return scores, probs, ctx
