@@ -1140,33 +1140,39 @@ def test_attention_core_matches_float64(backend, T, nh, nkv, hd):
     assert np.all(probs[np.broadcast_to(~np.tril(np.ones((T, T), bool))[:, None, :], probs.shape)] == 0)
 
 
-@pytest.mark.parametrize("T,hd", [(1, 128), (3, 128), (33, 40), (64, 128), (70, 96), (129, 64), (40, 160)])
-def test_attention_core_blocks_of_8_rows(backend, T, hd):
-    """attention_core in blocks of MP_ATTN_CORE_WARPS = 8 rows (a block the 8 query heads of a kv head at
-    30b-a3b, 2 blocks an SM) gives the default 4-row blocks' scores, probabilities and context bit for bit,
-    also where T * nh rows are not a multiple of 8 (odd T); every output written (the outputs start as NaN
-    poison and their NaN pattern is NumPy's, with NaN keys and values spreading)."""
+@pytest.mark.parametrize("T,hd", [(1, 128), (3, 128), (33, 40), (64, 128), (70, 96), (129, 64), (40, 160), (64, 256)])
+def test_attention_core_builds_agree(backend, T, hd):
+    """attention_core's wide rows (32 positions a round, their sums by recursive halving: the default), the
+    same in blocks of MP_ATTN_CORE_WARPS = 8 rows (a block the 8 query heads of a kv head at 30b-a3b), and
+    the narrow rows (MP_ATTN_WIDE=0: chunks of 4 positions, each sum a xor butterfly) and version Z's
+    score loops (MP_ATTN_SCORES_Z=1: the halving's levels as loop variables) give the same scores,
+    probabilities and context bit for bit, also where T * nh rows are not a multiple of 8 (odd T); every
+    output written (the outputs start as NaN poison and their NaN pattern is NumPy's, with NaN keys and
+    values spreading)."""
     from pytest_moeparity.gpu import kernels as K
 
     nh, nkv = 4, 2
-    rng = _rng("attn-blocks-8", T, hd)
+    rng = _rng("attn-builds", T, hd)
     q = rng.standard_normal((T, nh, hd)).astype(np.float32)
     k = rng.standard_normal((T, nkv, hd)).astype(np.float32)
     v = rng.standard_normal((T, nkv * hd)).astype(np.float32)
     if T > 3:
         k[T // 2, 1, 3] = np.nan  # rows t >= T // 2 of heads 2, 3: NaN scores and probabilities
         v[T - 2, 5] = np.nan      # dim 5 of heads 0, 1: NaN context (0 * NaN)
-    got = []
-    for be in (backend, backend.variant("-DMP_ATTN_CORE_WARPS=8")):
+    builds = {"default": backend, "blocks of 8 rows": backend.variant("-DMP_ATTN_CORE_WARPS=8"),
+              "narrow rows": backend.variant("-DMP_ATTN_WIDE=0"), "version Z's scores": backend.variant("-DMP_ATTN_SCORES_Z=1")}
+    got = {}
+    for build, be in builds.items():
         out = (_poisoned(be, (T, nh, T)), _poisoned(be, (T, nh, T)), _poisoned(be, (T, nh * hd)))
         K.attention_core(_dev(be, q), _dev(be, k), _dev(be, v), out=out, backend=be)
-        got.append([_host(be, a) for a in out])
-    for name, a, b in zip(("scores", "probs", "ctx"), *got):
-        assert np.array_equal(a.view(np.uint32), b.view(np.uint32)), f"{name} T={T} hd={hd}: blocks of 8 rows"
-        assert np.isfinite(b).any(), name
+        got[build] = [_host(be, a) for a in out]
+    for build in ("blocks of 8 rows", "narrow rows", "version Z's scores"):
+        for name, a, b in zip(("scores", "probs", "ctx"), got["default"], got[build]):
+            assert np.array_equal(a.view(np.uint32), b.view(np.uint32)), f"{name} T={T} hd={hd}: {build}"
     with np.errstate(invalid="ignore"):
         want = _attention64(q, k, v, nh, nkv)
-    for name, a, w in zip(("scores", "probs", "ctx"), got[1], want):
+    for name, a, w in zip(("scores", "probs", "ctx"), got["default"], want):
+        assert np.isfinite(a).any(), name
         assert np.array_equal(np.isnan(a), np.isnan(w)), f"{name}: NaN pattern differs from NumPy's"
         _assert_close(np.nan_to_num(a), np.nan_to_num(w), f"{name} T={T} hd={hd} (finite part)")
 

@@ -2864,31 +2864,63 @@ MP_HD void mp_attention_row(const float* qr, const float* kb, mp_i64 kstride, co
 // own xor butterfly, so each sum is the butterfly's bit for bit) and lane j ends with position s0 + j's;
 // the context takes the lane's REGS columns together, a position's probability read once for them and
 // each column's sum over the positions in the same order as before.
+// MP_ATTN_SCORES_Z=1: mp_attention_scores32 as version Z compiled it (below), for an A/B in one process
+#ifndef MP_ATTN_SCORES_Z
+#define MP_ATTN_SCORES_Z 0
+#endif
+// One level of the recursive halving of the 32 sums part[0..2 N) a lane holds, and the levels below it:
+// lane L keeps half of them (the upper half where bit N of L is set) and adds its partner's (lane L ^ N) copy
+// of that half, giving away the other. A template level, so that every index is a constant: with the level a
+// loop variable (off, n = 16, 8, ...) nvcc 13.0 kept the first two levels as loops over a runtime index and
+// read and wrote part[] through chains of selects over its 32 registers (~2100 of attention_core's ~4500
+// instructions a chunk of 32 positions).
+template <int N>
+MP_HD void mp_attention_halve(float (&part)[32], int lane) {
+    const bool up = (lane & N) != 0;
+#pragma unroll
+    for (int c = 0; c < N; ++c) {
+        const float keep = up ? part[c + N] : part[c], give = up ? part[c] : part[c + N];
+        part[c] = keep + mp_shfl_xor(give, N);
+    }
+    if constexpr (N > 1) mp_attention_halve<N / 2>(part, lane);
+}
 // The score of position s0 + lane (its q . k sum, before the scaling) of the 32 key rows at kr (the next
 // position's kstride floats on; rows past `last` read row `last` again), q's columns lane + 32 i in qv.
 template <int REGS>
 MP_HD float mp_attention_scores32(const float (&qv)[REGS], const float* kr, mp_i64 kstride, int last, int hd,
                                   int lane) {
     float part[32];
+    if constexpr (MP_ATTN_SCORES_Z) {  // version Z's code, the same values (for bench_ab's A/B; to be removed)
 #pragma unroll
-    for (int c = 0; c < 32; ++c) part[c] = 0.0f;
+        for (int c = 0; c < 32; ++c) part[c] = 0.0f;
 #pragma unroll
-    for (int i = 0; i < REGS; ++i) {
-        const int d = lane + 32 * i;
-        if (d < hd) {
+        for (int i = 0; i < REGS; ++i) {
+            const int d = lane + 32 * i;
+            if (d < hd) {
 #pragma unroll
-            for (int c = 0; c < 32; ++c) part[c] = fmaf(qv[i], kr[(c < last ? c : last) * kstride + d], part[c]);
+                for (int c = 0; c < 32; ++c) part[c] = fmaf(qv[i], kr[(c < last ? c : last) * kstride + d], part[c]);
+            }
         }
+#pragma unroll
+        for (int off = 16, n = 16; off > 0; off >>= 1, n >>= 1) {
+            const bool up = (lane & off) != 0;
+#pragma unroll
+            for (int c = 0; c < n; ++c) {
+                const float keep = up ? part[c + n] : part[c], give = up ? part[c] : part[c + n];
+                part[c] = keep + mp_shfl_xor(give, off);
+            }
+        }
+        return part[0];
     }
 #pragma unroll
-    for (int off = 16, n = 16; off > 0; off >>= 1, n >>= 1) {  // part[c]: position s0 + (lane & ~(2 n - 1) & 31) + c
-        const bool up = (lane & off) != 0;
+    for (int c = 0; c < 32; ++c) {  // each sum over q's columns in ascending order, as the butterfly rows'
+        const float* kc = kr + (mp_i64)(c < last ? c : last) * kstride + lane;  // one address a key row
+        part[c] = 0.0f;
 #pragma unroll
-        for (int c = 0; c < n; ++c) {
-            const float keep = up ? part[c + n] : part[c], give = up ? part[c] : part[c + n];
-            part[c] = keep + mp_shfl_xor(give, off);
-        }
+        for (int i = 0; i < REGS; ++i)
+            if (lane + 32 * i < hd) part[c] = fmaf(qv[i], kc[32 * i], part[c]);
     }
+    mp_attention_halve<16>(part, lane);  // after level n part[c]: position s0 + (lane & ~(2 n - 1) & 31) + c
     return part[0];
 }
 
