@@ -1055,6 +1055,12 @@ MP_MATMUL_GLOBAL void qmm_experts(const mp_u8* __restrict__ w0, const mp_u8* __r
 #ifndef MP_MMA_PASS8_BLOCKS
 #define MP_MMA_PASS8_BLOCKS 3
 #endif
+// MP_MMA_PASS8_BLOCKS_Q4ST: the same for the staged Q4_K instance alone (<12,1,1>: the down projection of
+// Q4_K_M's Q4_K layers), which at 3 blocks an SM spills 132 bytes, 11-25 local-memory instructions in each
+// of its loops (benchmarks/sass_scan.py), and at 2 none (tuning switch)
+#ifndef MP_MMA_PASS8_BLOCKS_Q4ST
+#define MP_MMA_PASS8_BLOCKS_Q4ST MP_MMA_PASS8_BLOCKS
+#endif
 #ifndef MP_MMA_PASS_TOKENS
 #define MP_MMA_PASS_TOKENS 4
 #endif
@@ -1065,7 +1071,9 @@ void mp_emu_mma_s8s8_k16(const mp_u32* a, const mp_u32* b, int* d);
 #define MP_MMA_GLOBAL_P8(P8) MP_GLOBAL
 #else
 #define MP_MMA_GLOBAL __global__ __launch_bounds__(MP_THREADS, MP_MMA_EXPERT_BLOCKS)
-#define MP_MMA_GLOBAL_P8(P8) __global__ __launch_bounds__(MP_THREADS, (P8) ? MP_MMA_PASS8_BLOCKS : MP_MMA_EXPERT_BLOCKS)
+// (QT and ST: the template parameters of the kernel it declares)
+#define MP_MMA_GLOBAL_P8(P8) __global__ __launch_bounds__(MP_THREADS, \
+    (P8) ? ((QT) == 12 && (ST) ? MP_MMA_PASS8_BLOCKS_Q4ST : MP_MMA_PASS8_BLOCKS) : MP_MMA_EXPERT_BLOCKS)
 #endif
 
 // D = A B for A 16 x 32 u8 (row-major fragments a[4]), B 32 x 8 s8 (b[2]): lane 4 g + t holds
