@@ -123,8 +123,11 @@ def main(argv=None) -> int:
             if i:
                 row.update(change_from_first(per_round, i))
             rows.append(row)
+        # this prompt length's rows now, so a run stopped by a time limit keeps what it measured
+        print(tabulate([r for r in rows if r["tokens"] == n], headers="keys", tablefmt="github"), flush=True)
         del graphs  # this prompt length's buffers, before the next one's
-    print(tabulate(rows, headers="keys", tablefmt="github"))
+    if len(tokens) > 1:
+        print(tabulate(rows, headers="keys", tablefmt="github"))
     doc = {"benchmark": "gpu_ab", "model": path.name, "act": args.act, "rounds": args.rounds,
            "replays": args.replays, "d2d_copy_gb_s": round(bw / 1e9, 1),
            "env_options": list(K.compile_options()[len(K.COMPILE_OPTIONS):]), "builds": names, "rows": rows}
