@@ -821,18 +821,14 @@ def test_dense_tensor_core_path(backend, T, Kc, monkeypatch):
     assert np.array_equal(got[rest], _host(backend, outs[1])[rest]), "the other tokens' products must not change"
 
 
-@pytest.mark.parametrize("long", [1, 2, 3, 4],
-                         ids=["K-over-warps", "passes-over-warps", "passes-of-8-over-warps", "rows-over-warps"])
+@pytest.mark.parametrize("long", [1, 2, 3], ids=["K-over-warps", "passes-over-warps", "passes-of-8-over-warps"])
 @pytest.mark.parametrize("T", [9, 13, 30])  # 3, 4 and 8 passes of 4 tokens (the last one short but for 4)
 def test_dense_long_prompt_pass_groups(backend, T, long, monkeypatch):
     """Past 4 tokens qmm_dense_mma<QT,1> spreads the passes of 4 tokens over gridDim.y (dense_mma_pass_groups):
     every split (a pass a block, two, uneven, none) gives the one-block-all-passes products bit for bit,
     every output written, within 1e-5 of float64. The same for qmm_dense_mma<QT,2> (MP_DENSE_LONG_TOKENS:
     the block's warps share its passes, each over all of K), whose blocks take a multiple of the warps' passes,
-    and <QT,3> (MP_DENSE_PASS8: passes of 8 tokens, up to DENSE_PASS8_WARPS warps), a multiple of twice theirs.
-    <QT,4> (MP_DENSE_ROWS_L2_BYTES: each warp its own rows, unstaged, the block's warps the same pass of 8) has
-    one grid whatever DENSE_LONG_BLOCKS says, and gives <QT,3>'s products bit for bit (the same passes of 8
-    over the same rows), row groups past the matrices' left to the block's idle warps."""
+    and <QT,3> (MP_DENSE_PASS8: passes of 8 tokens, up to DENSE_PASS8_WARPS warps), a multiple of twice theirs."""
     from pytest_moeparity.gpu import kernels as Kn
 
     if not backend.mma:
@@ -840,9 +836,7 @@ def test_dense_long_prompt_pass_groups(backend, T, long, monkeypatch):
     by_tokens = long >= 2
     monkeypatch.setattr(Kn, "MMA_MAX_TOKENS", max(Kn.MMA_MAX_TOKENS, T))
     monkeypatch.setattr(Kn, "dense_long_tokens", lambda be, blocks, T: by_tokens and T > 4)
-    monkeypatch.setattr(Kn, "dense_pass8", lambda be, by: by and long >= 3)
-    rows_over = [long == 4]
-    monkeypatch.setattr(Kn, "dense_rows_over_warps", lambda be, p8, nbytes, groups: p8 and rows_over[0])
+    monkeypatch.setattr(Kn, "dense_pass8", lambda be, by: by and long == 3)
     rng = _rng("dense-pass-groups", T)
     Kc = 2048
     mats = [(Q.Q4_K, 40), (Q.Q6_K, 24)]
@@ -866,12 +860,6 @@ def test_dense_long_prompt_pass_groups(backend, T, long, monkeypatch):
         w = _deq(raw, q, (n, Kc)).astype(np.float64)
         _assert_written(got, f"{q.name} T={T}")
         _assert_close(got, x.astype(np.float64) @ w.T, f"{q.name} T={T}", ref_abs=np.abs(x.astype(np.float64)) @ np.abs(w.T))
-    if long == 4:  # the 40-row matrix: 3 row groups, one block of 4 warps a pass; <QT,3> bit for bit
-        assert Kn.dense_rows_grid(3, T) == (-(-T // 8), 1, 1)
-        rows_over[0] = False
-        for (q, n), want, got in zip(mats, run(0), whole):
-            assert np.array_equal(got, want), f"{q.name} T={T}: the rows over the warps differ from <QT,3>"
-        return
     # the 40-row matrix is 3 row groups: a pass a block; 2 a block where 12 blocks are asked for (T = 30);
     # 2 then 1 for 3 passes and 4 blocks asked for; all in one block
     warps = Kn.dense_mma_warps(Kc) if long < 3 else 2 * min(Kn.dense_mma_warps(Kc), Kn.DENSE_PASS8_WARPS)
@@ -1146,8 +1134,7 @@ def test_attention_core_matches_float64(backend, T, nh, nkv, hd):
 def test_attention_core_builds_agree(backend, T, hd):
     """attention_core's wide rows (32 positions a round, their sums by recursive halving: the default), the
     same in blocks of MP_ATTN_CORE_WARPS = 8 rows (a block the 8 query heads of a kv head at 30b-a3b), and
-    the narrow rows (MP_ATTN_WIDE=0: chunks of 4 positions, each sum a xor butterfly) and version Z's
-    score loops (MP_ATTN_SCORES_Z=1: the halving's levels as loop variables) give the same scores,
+    the narrow rows (MP_ATTN_WIDE=0: chunks of 4 positions, each sum a xor butterfly) give the same scores,
     probabilities and context bit for bit, also where T * nh rows are not a multiple of 8 (odd T); every
     output written (the outputs start as NaN poison and their NaN pattern is NumPy's, with NaN keys and
     values spreading)."""
@@ -1162,13 +1149,13 @@ def test_attention_core_builds_agree(backend, T, hd):
         k[T // 2, 1, 3] = np.nan  # rows t >= T // 2 of heads 2, 3: NaN scores and probabilities
         v[T - 2, 5] = np.nan      # dim 5 of heads 0, 1: NaN context (0 * NaN)
     builds = {"default": backend, "blocks of 8 rows": backend.variant("-DMP_ATTN_CORE_WARPS=8"),
-              "narrow rows": backend.variant("-DMP_ATTN_WIDE=0"), "version Z's scores": backend.variant("-DMP_ATTN_SCORES_Z=1")}
+              "narrow rows": backend.variant("-DMP_ATTN_WIDE=0")}
     got = {}
     for build, be in builds.items():
         out = (_poisoned(be, (T, nh, T)), _poisoned(be, (T, nh, T)), _poisoned(be, (T, nh * hd)))
         K.attention_core(_dev(be, q), _dev(be, k), _dev(be, v), out=out, backend=be)
         got[build] = [_host(be, a) for a in out]
-    for build in ("blocks of 8 rows", "narrow rows", "version Z's scores"):
+    for build in ("blocks of 8 rows", "narrow rows"):
         for name, a, b in zip(("scores", "probs", "ctx"), got["default"], got[build]):
             assert np.array_equal(a.view(np.uint32), b.view(np.uint32)), f"{name} T={T} hd={hd}: {build}"
     with np.errstate(invalid="ignore"):
@@ -1661,37 +1648,6 @@ def test_long_prompt_forward_on_tensor_cores(backend, model_factory, n_tokens, m
         floats = [n for n in launched if n.startswith(("qmm_dense<12", "qmm_dense<14", "qmm_experts<12", "qmm_experts<14"))]
         assert not floats, floats
         assert ("norm_rope_attention" in launched) == (n_tokens <= Kn.ATTN_MAX_T), sorted(set(launched))
-
-
-def test_long_prompt_forward_rows_over_warps(backend, model_factory, monkeypatch):
-    """With every dense product of a long prompt on the passes of 8 over the warps (dense_long_tokens forced,
-    as q / k / attn_output and the head are at 30b-a3b's 64 tokens), qmm_dense_mma<QT,4> (each warp its own
-    rows, the block's warps the same pass) runs the whole forward: every stage Matches the NumPy reference,
-    and the trace and logits are <QT,3>'s bit for bit."""
-    from pytest_moeparity.gpu import kernels as Kn
-
-    if not (backend.mma and Kn.MMA):
-        pytest.skip("the device has no int8 mma (compute capability below 8.0), or MP_MMA=0")
-    model = model_factory("tiny", "Q4_K_M")
-    tokens = _tokens(model, 21)
-    plan = SavePlan.parse()
-    ref = NumpyForward(model).run(tokens, plan)
-    monkeypatch.setattr(Kn, "MMA_MAX_TOKENS", 4096)
-    monkeypatch.setattr(Kn, "dense_long_tokens", lambda be, blocks, T: T > 4)
-    engine = _engine(model, backend)
-    n_before = len(getattr(backend, "launches", []))
-    res = engine.run(tokens, plan)
-    report = _compare(ref.trace, res.trace)
-    assert report.ok, f"tiny Q4_K_M, 21 tokens, rows over the warps: cupy vs numpy\n{_explain(report)}"
-    if hasattr(backend, "launches"):
-        launched = set(backend.launches[n_before:])
-        assert {"qmm_dense_mma<12,4>", "qmm_dense_mma<14,4>"} <= launched, sorted(launched)
-        assert not {"qmm_dense_mma<12,3>", "qmm_dense_mma<14,3>"} & launched, sorted(launched)
-    monkeypatch.setattr(Kn, "dense_rows_over_warps", lambda *a: False)
-    plain = engine.run(tokens, plan)
-    for name in res.trace.keys():
-        assert np.array_equal(res.trace[name], plain.trace[name], equal_nan=True), f"{name}: <QT,4> differs from <QT,3>"
-    assert np.array_equal(res.logits, plain.logits)
 
 
 def test_forward_all_experts_and_partial_plans(backend, model_factory):

@@ -172,26 +172,6 @@ def test_dense_passes_of_8_only_where_the_passes_split_over_the_warps():
     assert all(K.dense_mma_kernel(q, 64, True, True) in K.NAME_EXPRESSIONS for q in K.MMA_QTYPES)
 
 
-def test_dense_rows_over_the_warps_only_for_passes_of_8_whose_rows_fit_l2():
-    """<QT,4> where a launch would take <QT,3> and its weights fit MP_DENSE_ROWS_L2_BYTES: q / k (4.7 + 0.6 MB)
-    and attn_output at 30b-a3b, not its 255 MB head; a block row a pass of 8."""
-    q4, q6 = K.KERNEL_QTYPES[Q.Q4_K], K.KERNEL_QTYPES[Q.Q6_K]
-    on, off = Opts(()), Opts(("-DMP_DENSE_ROWS_L2_BYTES=0",))
-    limit = on.switch("MP_DENSE_ROWS_L2_BYTES")
-    qk, head = (4096 + 512) * 1152, 151936 * 1680
-    assert K.dense_rows_over_warps(on, True, qk) and not K.dense_rows_over_warps(on, True, head)
-    assert K.dense_rows_over_warps(on, True, limit) and not K.dense_rows_over_warps(on, True, limit + 1)
-    assert not K.dense_rows_over_warps(on, False, qk) and not K.dense_rows_over_warps(off, True, qk)
-    assert [K.dense_mma_kernel(q, 64, True, True, True) for q in (q4, q6)] == [
-        f"qmm_dense_mma<{q4},4>", f"qmm_dense_mma<{q6},4>"]
-    assert all(K.dense_mma_kernel(q, 64, True, True, True) in K.NAME_EXPRESSIONS for q in K.MMA_QTYPES)
-    assert K.dense_mma_kernel(q4, 64, True, False, True) == f"qmm_dense_mma<{q4},2>"  # passes of 4: no <QT,4>
-    assert K.dense_mma_kernel(q4, 4, True, True, True) == f"qmm_dense_mma<{q4}>"
-    assert not K.dense_rows_over_warps(on, True, qk, 4 * 65535 + 1)  # gridDim.y's limit
-    assert [K.dense_rows_grid(288, T) for T in (5, 8, 9, 64, 65)] == [(n, 72, 1) for n in (1, 1, 2, 8, 9)]
-    assert K.dense_rows_grid(3, 8 * 65535 + 1) == (32768, 1, 1)  # two passes a block past 65535
-
-
 def test_variant_options_take_only_kernel_switches():
     """A backend variant (one process, two kernel builds sharing the weights) may change only the
     #ifndef switches of kernels.cu that kernels.py does not read itself: a launch-geometry switch, an

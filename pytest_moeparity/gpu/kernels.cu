@@ -1757,26 +1757,15 @@ MP_MMA_GLOBAL_P8(P8) void qmm_experts_mma(const mp_u8* __restrict__ w0, const mp
 #ifndef MP_DENSE_PASS8
 #define MP_DENSE_PASS8 1
 #endif
-// MP_DENSE_ROWS_L2_BYTES (read by kernels.py only: dense_rows_over_warps): a product that would take <QT,3>
-// and whose weights (all matrices of the launch) take at most this many bytes takes <QT,4> instead: each warp
-// of a block its own 16 rows, read from L2 (prefetched before the wait, not staged), and every warp of the
-// block the same pass of 8 tokens, so that a pass's digits are read from L2 about once a block (the block's
-// warps read the same words at about the same time: L1) rather than once a warp. In <QT,3> the 4 warps of a
-// block share staged rows but each reads its own pass's digits: at 64 tokens q / k's 288 row groups read the
-// prompt's 512 KB of digits each, ~150 MB from L2 a launch, against ~75 MB here (the rows, 5 MB, 8 times).
-// The output head (255 MB at 30b-a3b) stays on <QT,3>: its rows would come from DRAM once a pass. 0: never.
-#ifndef MP_DENSE_ROWS_L2_BYTES
-#define MP_DENSE_ROWS_L2_BYTES 33554432
-#endif
 #ifdef MOEPARITY_EMULATOR
 #define MP_MMA_DENSE_GLOBAL MP_GLOBAL
 #define MP_MMA_DENSE_GLOBAL_L(LONG) MP_GLOBAL
 #else
 // the register cap of qmm_experts_mma (128) for blocks of up to MP_MMA_DENSE_WARPS warps
 #define MP_MMA_DENSE_GLOBAL __global__ __launch_bounds__(32 * MP_MMA_DENSE_WARPS, MP_MMA_MIN_BLOCKS * MP_WARPS / MP_MMA_DENSE_WARPS)
-// LONG 3 and 4 (passes of 8): blocks of up to MP_DENSE_PASS8_WARPS warps, MP_MMA_PASS8_BLOCKS an SM
-#define MP_MMA_DENSE_GLOBAL_L(LONG) __global__ __launch_bounds__((LONG) >= 3 ? 32 * MP_DENSE_PASS8_WARPS : 32 * MP_MMA_DENSE_WARPS, \
-    (LONG) >= 3 ? MP_MMA_PASS8_BLOCKS : MP_MMA_MIN_BLOCKS * MP_WARPS / MP_MMA_DENSE_WARPS)
+// LONG 3 (passes of 8 over the warps): blocks of up to MP_DENSE_PASS8_WARPS warps, MP_MMA_PASS8_BLOCKS an SM
+#define MP_MMA_DENSE_GLOBAL_L(LONG) __global__ __launch_bounds__((LONG) == 3 ? 32 * MP_DENSE_PASS8_WARPS : 32 * MP_MMA_DENSE_WARPS, \
+    (LONG) == 3 ? MP_MMA_PASS8_BLOCKS : MP_MMA_MIN_BLOCKS * MP_WARPS / MP_MMA_DENSE_WARPS)
 #endif
 
 #define MP_Q6_DENSE_STAGE 26880 // bytes of a qmm_dense_mma block's staged Q6_K rows (16 rows of 1680: K = 2048)
@@ -1828,67 +1817,14 @@ MP_HD void mp_dense_mma_tokens(int t0, int nt, const mp_u8* __restrict__ w, mp_i
         }
     }
 }
-// One warp's pass of PT (4 or 8) tokens t0 .. t0 + nt - 1 over all of K of its 16 rows (w's rows wn0 .., wN of
-// them: staged or not; the output's rows n0 .. of N), stored from its registers (no barrier, no sums)
-template <int QT, int PT>
-MP_HD void mp_dense_mma_warp_pass(int t0, int nt, bool al, const mp_u8* __restrict__ w, mp_i64 row_bytes, int wN,
-                                  int wn0, int N, int n0, int K, const mp_u32* __restrict__ xd,
-                                  const float* __restrict__ xs, const float* __restrict__ xunit, int lane, int m,
-                                  float* out0, float* out1, float* out2) {
-    constexpr int NB = PT / 2;  // the pass's n-tiles
-    const mp_u32* bq[NB];
-    const float* sq[NB];
-    bool bon[NB];
-    float unit[NB], res[NB] = {};
-    mp_mma_pass_inputs(nt, [t0](int u) { return t0 + u; }, K, xd, xs, xunit, lane, bq, bon, sq, unit);
-    mp_mma_dispatch<QT, PT, MP_DENSE_LONG_ZERO_ABSENT>(al, nt, w, row_bytes, wN, wn0, K, 0, 1, bq, bon, sq, unit,
-                                                       lane, res);
-    const int n = n0 + (lane >> 2) + 8 * (lane & 1);
-#pragma unroll
-    for (int i = 0; i < NB; ++i) {
-        const int t = 2 * i + ((lane & 3) >> 1);
-        if (t < nt && n < N) mp_pick_out(m, out0, out1, out2)[(mp_i64)(t0 + t) * N + n] = res[i];
-    }
-}
-// LONG 4 (MP_DENSE_ROWS_L2_BYTES): warp w of block (x, y) takes row group y * warps + w over the matrices and
-// the passes of 8 of block column x (kernels.py: dense_rows_grid; one pass a block up to 65535 passes), the
-// same passes in every warp of the block, so that their digits come from L2 about once a block; the rows are
-// prefetched to L2 before the wait and read from there (no shared memory, no barrier). The pass varies
-// fastest, so the blocks reading the same rows run together: the rows come from DRAM about once.
-template <int QT>
-MP_HD void mp_dense_mma_rows_over_warps(const mp_u8* __restrict__ w0, const mp_u8* __restrict__ w1,
-                                        const mp_u8* __restrict__ w2, mp_i64 row_bytes, int N0, int N1, int N2, int K,
-                                        const mp_u32* __restrict__ xd, const float* __restrict__ xs,
-                                        const float* __restrict__ xunit, int T, float* out0, float* out1, float* out2) {
-    const int warps = (int)(blockDim.x >> 5), lane = threadIdx.x & 31;
-    int group = (int)blockIdx.y * warps + (int)(threadIdx.x >> 5);
-    const mp_u8* w;
-    int N;
-    const int m = mp_pick_matrix(group, 16, w0, w1, w2, N0, N1, N2, w, N);
-    const int n0 = group * 16;
-    if (lane == 0 && n0 < N) mp_prefetch_rows(w, row_bytes, N, n0, 16);
-    mp_grid_sync();  // the digits were
-    if (n0 >= N) return;  // uniform over the warp
-    const int passes = (T + 7) >> 3, per = (passes + (int)gridDim.x - 1) / (int)gridDim.x;
-    const int tb = 8 * per * (int)blockIdx.x, te = tb + 8 * per < T ? tb + 8 * per : T;
-    const bool al = mp_mma_aligned<QT>(w, row_bytes);  // uniform over the warp
-    for (int t0 = tb; t0 < te; t0 += 8)
-        mp_dense_mma_warp_pass<QT, 8>(t0, te - t0 < 8 ? te - t0 : 8, al, w, row_bytes, N, n0, N, n0, K, xd, xs, xunit,
-                                      lane, m, out0, out1, out2);
-}
 // LONG: 0 one pass of up to 4 tokens; 1 passes of 4 one after another, the block's warps splitting K (their
 // values met in shared memory); 2 (MP_DENSE_LONG_TOKENS) the passes split over the warps, each over all of K;
-// 3 (MP_DENSE_PASS8) as 2 with passes of 8 (kernels.py gives a block a multiple of 2 warps' passes of 4);
-// 4 (MP_DENSE_ROWS_L2_BYTES) passes of 8, the rows over the warps (mp_dense_mma_rows_over_warps)
+// 3 (MP_DENSE_PASS8) as 2 with passes of 8 (kernels.py gives a block a multiple of 2 warps' passes of 4)
 template <int QT, int LONG = 0>
 MP_MMA_DENSE_GLOBAL_L(LONG) void qmm_dense_mma(const mp_u8* __restrict__ w0, const mp_u8* __restrict__ w1, const mp_u8* __restrict__ w2,
                                        mp_i64 row_bytes, int N0, int N1, int N2, int K, const mp_u32* __restrict__ xd,
                                        const float* __restrict__ xs, const float* __restrict__ xunit, int T,
                                        float* __restrict__ out0, float* __restrict__ out1, float* __restrict__ out2) {
-    if constexpr (LONG == 4) {
-        mp_dense_mma_rows_over_warps<QT>(w0, w1, w2, row_bytes, N0, N1, N2, K, xd, xs, xunit, T, out0, out1, out2);
-        return;
-    }
     MP_SHARED float part[MP_MMA_DENSE_WARPS][2][32];
     // the block's rows (see mp_stage_rows): Q6_K, and Q4_K unless MP_STAGE_Q4_DENSE is 0
     MP_SHARED mp_u4 stage[QT == 14 ? MP_Q6_DENSE_STAGE / 16 : QT == 12 && MP_STAGE_Q4_DENSE ? MP_Q4_DENSE_STAGE / 16 : 1];
@@ -1932,11 +1868,24 @@ MP_MMA_DENSE_GLOBAL_L(LONG) void qmm_dense_mma(const mp_u8* __restrict__ w0, con
     const int passes = (T + 3) >> 2, per = (passes + (int)gridDim.y - 1) / (int)gridDim.y;
     const int tb = 4 * per * (int)blockIdx.y, te = tb + 4 * per < T ? tb + 4 * per : T;
     if (LONG >= 2) {  // each warp whole passes over all of K, written from its registers (no barrier, no sums)
-        constexpr int PT = LONG == 3 ? 8 : 4;  // tokens a pass
+        constexpr int PT = LONG == 3 ? 8 : 4, NB = PT / 2;  // tokens a pass, its n-tiles
         const bool al = mp_mma_aligned<QT>(w, row_bytes);  // uniform over the block
-        for (int t0 = tb + PT * warp; t0 < te; t0 += PT * warps)
-            mp_dense_mma_warp_pass<QT, PT>(t0, te - t0 < PT ? te - t0 : PT, al, w, row_bytes, wN, wn0, N, n0, K, xd,
-                                           xs, xunit, lane, m, out0, out1, out2);
+        for (int t0 = tb + PT * warp; t0 < te; t0 += PT * warps) {
+            const int nt = te - t0 < PT ? te - t0 : PT;
+            const mp_u32* bq[NB];
+            const float* sq[NB];
+            bool bon[NB];
+            float unit[NB], res[NB] = {};
+            mp_mma_pass_inputs(nt, [t0](int u) { return t0 + u; }, K, xd, xs, xunit, lane, bq, bon, sq, unit);
+            mp_mma_dispatch<QT, PT, MP_DENSE_LONG_ZERO_ABSENT>(al, nt, w, row_bytes, wN, wn0, K, 0, 1, bq, bon, sq,
+                                                               unit, lane, res);
+            const int n = n0 + (lane >> 2) + 8 * (lane & 1);
+#pragma unroll
+            for (int i = 0; i < NB; ++i) {
+                const int t = 2 * i + ((lane & 3) >> 1);
+                if (t < nt && n < N) mp_pick_out(m, out0, out1, out2)[(mp_i64)(t0 + t) * N + n] = res[i];
+            }
+        }
         return;
     }
     for (int t0 = tb; t0 < te; t0 += 4) {
@@ -2872,10 +2821,6 @@ MP_HD void mp_attention_row(const float* qr, const float* kb, mp_i64 kstride, co
 // own xor butterfly, so each sum is the butterfly's bit for bit) and lane j ends with position s0 + j's;
 // the context takes the lane's REGS columns together, a position's probability read once for them and
 // each column's sum over the positions in the same order as before.
-// MP_ATTN_SCORES_Z=1: mp_attention_scores32 as version Z compiled it (below), for an A/B in one process
-#ifndef MP_ATTN_SCORES_Z
-#define MP_ATTN_SCORES_Z 0
-#endif
 // One level of the recursive halving of the 32 sums part[0..2 N) a lane holds, and the levels below it:
 // lane L keeps half of them (the upper half where bit N of L is set) and adds its partner's (lane L ^ N) copy
 // of that half, giving away the other. A template level, so that every index is a constant: with the level a
@@ -2898,28 +2843,6 @@ template <int REGS>
 MP_HD float mp_attention_scores32(const float (&qv)[REGS], const float* kr, mp_i64 kstride, int last, int hd,
                                   int lane) {
     float part[32];
-    if constexpr (MP_ATTN_SCORES_Z) {  // version Z's code, the same values (for bench_ab's A/B; to be removed)
-#pragma unroll
-        for (int c = 0; c < 32; ++c) part[c] = 0.0f;
-#pragma unroll
-        for (int i = 0; i < REGS; ++i) {
-            const int d = lane + 32 * i;
-            if (d < hd) {
-#pragma unroll
-                for (int c = 0; c < 32; ++c) part[c] = fmaf(qv[i], kr[(c < last ? c : last) * kstride + d], part[c]);
-            }
-        }
-#pragma unroll
-        for (int off = 16, n = 16; off > 0; off >>= 1, n >>= 1) {
-            const bool up = (lane & off) != 0;
-#pragma unroll
-            for (int c = 0; c < n; ++c) {
-                const float keep = up ? part[c + n] : part[c], give = up ? part[c] : part[c + n];
-                part[c] = keep + mp_shfl_xor(give, off);
-            }
-        }
-        return part[0];
-    }
 #pragma unroll
     for (int c = 0; c < 32; ++c) {  // each sum over q's columns in ascending order, as the butterfly rows'
         const float* kc = kr + (mp_i64)(c < last ? c : last) * kstride + lane;  // one address a key row

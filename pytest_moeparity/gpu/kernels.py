@@ -130,7 +130,7 @@ NAME_EXPRESSIONS: tuple[str, ...] = tuple(
     + [f"qmm_experts<{q},{nt}>" for q in sorted(KERNEL_QTYPES.values()) for nt in TOKEN_TILES]
     + [f"qmm_experts_mma<{q}>" for q in MMA_QTYPES] + [f"qmm_experts_mma<{KERNEL_QTYPES[Q.Q4_K]},1>"]
     + [f"qmm_experts_mma<{KERNEL_QTYPES[Q.Q4_K]},{st},1>" for st in (0, 1)] + [f"qmm_experts_mma<{KERNEL_QTYPES[Q.Q6_K]},1,1>"]
-    + [f"qmm_dense_mma<{q}>" for q in MMA_QTYPES] + [f"qmm_dense_mma<{q},{long}>" for q in MMA_QTYPES for long in (1, 2, 3, 4)]
+    + [f"qmm_dense_mma<{q}>" for q in MMA_QTYPES] + [f"qmm_dense_mma<{q},{long}>" for q in MMA_QTYPES for long in (1, 2, 3)]
     + ["act_digits", "norm_digits", "swiglu_digits", "norm_rope_attention", "combine_norm_digits", "expert_group", "router_topk", "moe_route", "moe_combine", "round_bf16", "rms_norm", "add_rms_norm", "softmax_rows", "attention_core",
        "qk_norm_rope", "rope_neox", "swiglu", "add_f32"])
 
@@ -653,12 +653,8 @@ def qmatmul_shared_input(x, wts, *, outs=None, as_qtypes=None, digits=None, back
             if pass8:
                 warps = min(warps, DENSE_PASS8_WARPS)
             share = (2 if pass8 else 1) * warps if by_tokens else 0  # a block's passes of 4: a multiple of this
-            rows_over = dense_rows_over_warps(be, pass8, sum(Ns) * row_bytes, blocks)
-            if rows_over:  # a warp a row group, whatever K
-                warps = DENSE_PASS8_WARPS
-            grid = (dense_rows_grid(blocks, T) if rows_over
-                    else (blocks, dense_mma_pass_groups(blocks, T, share), 1))
-            be.launch(dense_mma_kernel(code, T, by_tokens, pass8, rows_over), grid, (32 * warps, 1, 1),
+            be.launch(dense_mma_kernel(code, T, by_tokens, pass8),
+                      (blocks, dense_mma_pass_groups(blocks, T, share), 1), (32 * warps, 1, 1),
                       lead + (np.int32(K), *digits, np.int32(T)) + outs_args)
             continue
         kernel, grid = dense_launch(code, Ns, T, be.switch("MP_SPLITK_LONG_BLOCKS"))
@@ -802,37 +798,14 @@ def expert_pass8(be: Backend, T: int) -> bool:
     return T > 4 and be.switch("MP_EXPERT_PASS8") > 0
 
 
-def dense_mma_kernel(code: int, T: int, by_tokens: bool = False, pass8: bool = False,
-                     rows_over_warps: bool = False) -> str:
+def dense_mma_kernel(code: int, T: int, by_tokens: bool = False, pass8: bool = False) -> str:
     """The qmm_dense_mma instance for T tokens: one pass up to 4 (<code>), passes of 4 over the same rows
     past that (<code,1>; its own instance, so that the short prompts' code is what it was), or with
     ``by_tokens`` those passes split over the block's warps (<code,2>: see dense_long_tokens), 8 tokens a
-    pass with ``pass8`` (<code,3>: see dense_pass8), the block's warps on their own rows and the same
-    passes of 8 with ``rows_over_warps`` too (<code,4>: see dense_rows_over_warps)."""
+    pass with ``pass8`` (<code,3>: see dense_pass8)."""
     if T <= 4:
         return f"qmm_dense_mma<{code}>"
-    if by_tokens and pass8 and rows_over_warps:
-        return f"qmm_dense_mma<{code},4>"
     return f"qmm_dense_mma<{code},{(3 if pass8 else 2) if by_tokens else 1}>"
-
-
-def dense_rows_over_warps(be: Backend, pass8: bool, weight_bytes: int, groups: int = 0) -> bool:
-    """Whether a dense product that takes passes of 8 over the warps (``pass8``: qmm_dense_mma<QT,3>) gives
-    each warp of a block its own rows and all of them the block's passes instead (<QT,4>: the passes' digits
-    read from L2 about once a block, not once a warp; the rows from L2 once a pass): where the launch's
-    weights, ``weight_bytes``, fit ``be``'s MP_DENSE_ROWS_L2_BYTES (0: never), so that the rows read again
-    for each pass come from L2, not DRAM (q / k and attn_output at 30b-a3b, ~5 MB; not the 255 MB head), and
-    its ``groups`` row groups of 16 fit gridDim.y's 65535 blocks of DENSE_PASS8_WARPS."""
-    limit = be.switch("MP_DENSE_ROWS_L2_BYTES")
-    return pass8 and 0 < weight_bytes <= limit and _cdiv(groups, DENSE_PASS8_WARPS) <= 65535
-
-
-def dense_rows_grid(groups: int, T: int) -> tuple[int, int, int]:
-    """The grid of qmm_dense_mma<QT,4> for ``groups`` row groups of 16 and T tokens: x the passes of 8, one a
-    block (at most 65535 columns, each then taking several passes one after another), varying fastest so
-    that the blocks reading the same rows run together; y the blocks of DENSE_PASS8_WARPS row groups."""
-    passes = _cdiv(T, 8)
-    return (_cdiv(passes, _cdiv(passes, 65535)), _cdiv(groups, DENSE_PASS8_WARPS), 1)
 
 
 def dense_pass8(be: Backend, by_tokens: bool) -> bool:
