@@ -1057,7 +1057,8 @@ MP_MATMUL_GLOBAL void qmm_experts(const mp_u8* __restrict__ w0, const mp_u8* __r
 #endif
 // MP_MMA_PASS8_BLOCKS_Q4ST: the same for the staged Q4_K instance alone (<12,1,1>: the down projection of
 // Q4_K_M's Q4_K layers), which at 3 blocks an SM spills 132 bytes, 11-25 local-memory instructions in each
-// of its loops (benchmarks/sass_scan.py), and at 2 none (tuning switch)
+// of its loops (benchmarks/sass_scan.py), and at 2 none (tuning switch; at 2 the 64-token 30b-a3b forward
+// was 0.09 ms slower on an H100: benchmarks/NOTES.md step 68)
 #ifndef MP_MMA_PASS8_BLOCKS_Q4ST
 #define MP_MMA_PASS8_BLOCKS_Q4ST MP_MMA_PASS8_BLOCKS
 #endif
@@ -2905,10 +2906,11 @@ MP_HD void mp_attention_row_wide(const float* qr, const float* kb, mp_i64 kstrid
         if (lane + 32 * i < hd) cr[lane + 32 * i] = acc[i];
 }
 
-// MP_ATTN_CORE_WARPS (read by kernels.py too, through the backend: attention_core_warps): the rows (warps)
+// MP_ATTN_CORE_WARPS (read by kernels.py too, through the backend's switch()): the rows (warps)
 // of an attention_core block, consecutive heads of one position, so that the query heads of a kv head
 // (8 at 30b-a3b) read its keys and values through one SM's L1 when a block holds all of them (tuning
-// switch: 4, each kv head's keys read by two blocks; 8 with 2 blocks an SM keeps the 128 registers)
+// switch: 4, each kv head's keys read by two blocks; 8 with 2 blocks an SM keeps the 128 registers; on an
+// H100 at 64 tokens 8 was 0.13 ms slower a forward and 2 0.03 ms faster: benchmarks/NOTES.md step 68)
 #ifndef MP_ATTN_CORE_WARPS
 #define MP_ATTN_CORE_WARPS 4
 #endif
