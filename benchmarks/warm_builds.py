@@ -74,6 +74,11 @@ def main(argv=None) -> int:
         for opts in builds:
             print(" ".join(opts) or "(default)")
         return 0
+    try:
+        import cupy  # noqa: F401
+    except ImportError:
+        raise SystemExit("warm_builds.py compiles through CuPy, which is not installed (the cuda12 / cuda13 "
+                         "extras); --list needs neither")
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor, as_completed
 

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -53,3 +56,9 @@ def test_list_needs_no_gpu(capsys):
     assert _warm().main(["--list"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == "(default)" and "-DMP_ATTN_CORE_WARPS=8" in lines
+
+
+def test_without_cupy_it_says_so(monkeypatch):
+    monkeypatch.setitem(sys.modules, "cupy", None)  # import cupy raises ImportError
+    with pytest.raises(SystemExit, match="CuPy"):
+        _warm().main([])
