@@ -65,7 +65,7 @@ class Loop:
 
     def row(self) -> dict:
         pick = lambda *ps: sum(n for op, n in self.ops.items() if op.startswith(ps))  # noqa: E731
-        return {"loop": f"{self.start:#x}-{self.end:#x}", "insns": self.size, "loads": pick("LDG", "LDS"),
+        return {"loop": f"{self.start:#x}-{self.end:#x}", "insns": self.size, "loads": pick("LDG", "LDS", "LD."),
                 "mma": pick("IMMA", "HMMA"), "shuffles": pick("SHFL"), "selects": pick("SEL", "FSEL"),
                 "index_tests": self.index_tests, "local": self.local,
                 "flag": "runtime index" if self.runtime_index else "local memory" if self.local_heavy else ""}

@@ -23,9 +23,8 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # this checkout's package first
 DEFAULT_FILES = (ROOT / "tests" / "test_gpu.py",)  # (test_gpu_tuning.py compiles no variant: its switches are light tests')
 _SWITCHES = re.compile(r"-DMP_\w+=\S+(?: +-DMP_\w+=\S+)*")
 
