@@ -155,14 +155,6 @@ def test_expert_passes_of_8_past_4_tokens():
         assert short in K.NAME_EXPRESSIONS and long in K.NAME_EXPRESSIONS
 
 
-def test_expert_split_only_past_4_tokens_with_passes_of_8():
-    """expert_split: MP_EXPERT_SPLIT_PAIRS (0, the default: one launch) where the expert passes are of 8."""
-    on = Opts(("-DMP_EXPERT_SPLIT_PAIRS=4",))
-    assert [K.expert_split(on, T) for T in (1, 4, 5, 64)] == [0, 0, 4, 4]
-    assert K.expert_split(Opts(()), 64) == 0
-    assert K.expert_split(Opts(("-DMP_EXPERT_SPLIT_PAIRS=4", "-DMP_EXPERT_PASS8=0")), 64) == 0
-
-
 def test_kernels_py_block_sizes_are_the_sources():
     """The block sizes kernels.py launches with are the ones kernels.cu compiles for."""
     src = K.kernel_source()

@@ -359,18 +359,6 @@ MP_HD void mp_grid_sync() {
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 #endif
 }
-// the two halves of mp_grid_sync, for a kernel that waits at its end (qmm_experts_mma's late flag): it lets
-// the next kernel start first, and every thread waits before it exits
-MP_HD void mp_grid_trigger() {
-#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900)
-    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-#endif
-}
-MP_HD void mp_grid_wait() {
-#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900)
-    asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-}
 
 // ---- wide loads ------------------------------------------------------------------------------------
 // 4 little-endian bytes from any address: one 32-bit load where aligned (always, for the file's own
@@ -1080,14 +1068,6 @@ MP_MATMUL_GLOBAL void qmm_experts(const mp_u8* __restrict__ w0, const mp_u8* __r
 #ifndef MP_EXPERT_PASS8_ZERO_ABSENT
 #define MP_EXPERT_PASS8_ZERO_ABSENT MP_MMA_ZERO_ABSENT
 #endif
-// MP_EXPERT_SPLIT_PAIRS (read by kernels.py only: expert_split): past 4 tokens the records of at most this
-// many pairs go to the passes-of-4 instance (128 registers: 4 blocks an SM, where the passes of 8 take 168 and
-// 3) in a launch of their own after the passes-of-8 launch over the rest; 0: one launch, every record in
-// passes of 8. The second launch reads what the first waited for (its late flag: no wait before its work,
-// one at its end), so it fills the SMs the first one's last blocks leave.
-#ifndef MP_EXPERT_SPLIT_PAIRS
-#define MP_EXPERT_SPLIT_PAIRS 0
-#endif
 #ifndef MP_MMA_PASS_TOKENS
 #define MP_MMA_PASS_TOKENS 4
 #endif
@@ -1687,16 +1667,12 @@ template <int NP> MP_HD int mp_pick(const int (&v)[NP], int u) {
 // the routing is read and the rows staged or prefetched before the wait, while that launch still runs.
 // P8 (MP_EXPERT_PASS8, prompts past 4 tokens): passes of up to 8 pairs, four n-tiles on each decode of the
 // rows' super-blocks (a record's run of 8 pairs is one pass), the same values as passes of 4.
-// flags: bit 0 early (above); bit 1 late: the kernel before this one is this product's other launch, which
-// waited for everything this one reads, so this one waits only at its end (every thread: its completion
-// then implies the other's); bits 2..: split (MP_EXPERT_SPLIT_PAIRS): the passes-of-4 instance takes only
-// the records of at most split pairs, the passes-of-8 instance only the others (0: every record).
 template <int QT, int ST = (QT == 14), int P8 = 0>
 MP_MMA_GLOBAL_P8(P8) void qmm_experts_mma(const mp_u8* __restrict__ w0, const mp_u8* __restrict__ w1, mp_i64 row_bytes,
                                    mp_i64 expert_bytes, int N, int K, const mp_u32* __restrict__ xd,
                                    const float* __restrict__ xs, const float* __restrict__ xunit, int x_div,
                                    const int* __restrict__ pairs, const int* __restrict__ records,
-                                   float* __restrict__ out0, float* __restrict__ out1, int ldo, int flags) {
+                                   float* __restrict__ out0, float* __restrict__ out1, int ldo, int early) {
     MP_SHARED mp_u4 stage[ST ? MP_WARPS : 1][ST ? MP_Q6_STAGE / 16 : 1];  // the staged rows
     const int groups = (N + MP_WARPS * 16 - 1) / (MP_WARPS * 16);
     const bool second = (int)blockIdx.x >= groups;
@@ -1707,8 +1683,6 @@ MP_MMA_GLOBAL_P8(P8) void qmm_experts_mma(const mp_u8* __restrict__ w0, const mp
     const mp_u8* we = nullptr;
     int wN = N, wn0 = n0;  // the pass's rows: we's rows n0 .. (clamped to N - 1)
     bool staged = false;
-    const int early = flags & 1, split = flags >> 2;
-    const bool late = (flags & 2) != 0;
     auto pass_pairs = [&](int p0) {
 #pragma unroll
         for (int u = 0; u < NP; ++u) pp[u] = mp_ld_l2(pairs + (p0 + u < end ? p0 + u : end - 1));
@@ -1717,7 +1691,6 @@ MP_MMA_GLOBAL_P8(P8) void qmm_experts_mma(const mp_u8* __restrict__ w0, const mp
         int rec[MP_REC];
         mp_ld8_l2(records + (mp_i64)MP_REC * blockIdx.y, rec);
         e = rec[0];
-        if (split > 0 && e >= 0 && (rec[2] - rec[1] <= split) == (P8 != 0)) e = -1;  // the other launch's record
         if (e < 0 || n0 >= N) return;
         we = (second ? w1 : w0) + (mp_i64)e * expert_bytes;
         if (ST && 16 * row_bytes <= MP_Q6_STAGE && mp_aligned(we + (mp_i64)n0 * row_bytes, 16)) {
@@ -1740,13 +1713,9 @@ MP_MMA_GLOBAL_P8(P8) void qmm_experts_mma(const mp_u8* __restrict__ w0, const mp
         }
     };
     if (early) prepare();
-    if (late) mp_grid_trigger();
-    else mp_grid_sync();  // the digits were written by the launch before (the routing too, unless early)
+    mp_grid_sync();  // the digits were written by the launch before (the routing too, unless early)
     if (!early) prepare();
-    if (e < 0 || n0 >= N) {  // uniform over the warp
-        mp_grid_wait();  // (late: see above; else passed already, at once)
-        return;
-    }
+    if (e < 0 || n0 >= N) return;  // uniform over the warp
     if (staged) {
         mp_cp_async_wait();
         mp_syncwarp();
@@ -1776,7 +1745,6 @@ MP_MMA_GLOBAL_P8(P8) void qmm_experts_mma(const mp_u8* __restrict__ w0, const mp
             if (opair[i] >= 0 && n < N) out[(mp_i64)opair[i] * ldo + n] = res[i];
         if ((PT >= 4 || ((p0 + PT - beg) & 3) == 0) && p0 + PT < end) pass_pairs(p0 + PT);
     }
-    mp_grid_wait();  // (late: see above; else passed already, at once)
 }
 
 // ---- Q4_K and Q6_K dense products on the tensor cores -----------------------------------------------------

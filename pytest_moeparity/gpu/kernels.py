@@ -803,13 +803,6 @@ def expert_pass8(be: Backend, T: int) -> bool:
     return T > 4 and be.switch("MP_EXPERT_PASS8") > 0
 
 
-def expert_split(be: Backend, T: int) -> int:
-    """The most pairs of a routing record that a product of T tokens leaves to a second launch of the
-    passes-of-4 instance (its passes-of-8 launch taking the rest), as ``be``'s MP_EXPERT_SPLIT_PAIRS says:
-    0 (one launch) where the passes are not of 8 (:func:`expert_pass8`) or the switch is 0."""
-    return max(0, be.switch("MP_EXPERT_SPLIT_PAIRS")) if expert_pass8(be, T) else 0
-
-
 def dense_mma_kernel(code: int, T: int, by_tokens: bool = False, pass8: bool = False, ksplit: bool = False) -> str:
     """The qmm_dense_mma instance for T tokens: one pass up to 4 (<code>), passes of 4 over the same rows
     past that (<code,1>; its own instance, so that the short prompts' code is what it was), or with
@@ -980,14 +973,10 @@ def qmatmul_experts_shared_input(x, wt3s, routing, *, outs=None, x_per_pair: boo
             if digits is None:
                 digits = act_digits(x, backend=be)
             grid = (_cdiv(N, WARPS * MMA_ROWS) * len(mats), int(routing.records.shape[0]), 1)  # y: the records
-            args = (w0.raw, w1.raw, np.int64(row_bytes), np.int64(N * row_bytes), np.int32(N), np.int32(K), *digits,
-                    np.int32(x_div), routing.pairs, routing.records, o0, o1, np.int32(N))
-            pass8, split = expert_pass8(be, T), expert_split(be, T)
-            # flags: early (bit 0), late (bit 1), split (bits 2..): see qmm_experts_mma
-            be.launch(experts_mma_kernel(code, row_bytes, pass8), grid, (THREADS, 1, 1),
-                      args + (np.int32(int(_written_two_back(routing, be)) | split << 2),))
-            if split:  # the records of at most split pairs, in passes of 4, after the passes of 8 over the rest
-                be.launch(experts_mma_kernel(code, row_bytes), grid, (THREADS, 1, 1), args + (np.int32(3 | split << 2),))
+            be.launch(experts_mma_kernel(code, row_bytes, expert_pass8(be, T)), grid, (THREADS, 1, 1),
+                      (w0.raw, w1.raw, np.int64(row_bytes), np.int64(N * row_bytes), np.int32(N), np.int32(K), *digits,
+                       np.int32(x_div), routing.pairs, routing.records, o0, o1, np.int32(N),
+                       np.int32(_written_two_back(routing, be))))
             continue
         grid = (_cdiv(N, WARPS * rows_for(nt)) * len(mats), int(routing.active.shape[0]), 1)  # y: the active experts only
         be.launch(f"qmm_experts<{code},{nt}>", grid, (THREADS, 1, 1),
