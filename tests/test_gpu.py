@@ -677,10 +677,9 @@ def test_experts_tensor_core_path(backend, T, qt, Kc, monkeypatch):
 @pytest.mark.parametrize("switches", ["-DMP_MMA_ZERO_ABSENT=0", "-DMP_DENSE_LONG_ZERO_ABSENT=1",
                                       "-DMP_MMA_PASS_TOKENS=2 -DMP_MMA_EXPERT_BLOCKS=5", "-DMP_EXPERT_CHUNK=0",
                                       "-DMP_EXPERT_PASS8=0", "-DMP_EXPERT_CHUNK=0 -DMP_EXPERT_PASS8=0",
-                                      "-DMP_MMA_PASS8_BLOCKS_Q4ST=2", "-DMP_EXPERT_PASS8_ZERO_ABSENT=0"],
+                                      "-DMP_MMA_PASS8_BLOCKS_Q4ST=2"],
                          ids=["zero-absent-off", "long-dense-zero-absent-on", "2-token-passes", "one-record-an-expert",
-                              "passes-of-4", "one-record-passes-of-4", "staged-q4-passes-of-8-at-2-blocks",
-                              "expert-passes-of-8-zero-absent-off"])
+                              "passes-of-4", "one-record-passes-of-4", "staged-q4-passes-of-8-at-2-blocks"])
 def test_expert_switches_keep_the_products(backend, switches):
     """Builds whose tensor-core products are the default build's bit for bit (Q4_K staged and not, Q6_K;
     1 to 9 tokens an expert, token rows and pair rows; dense products of 3 and 9 tokens too):
@@ -692,8 +691,7 @@ def test_expert_switches_keep_the_products(backend, switches):
     MP_MMA_EXPERT_BLOCKS=5 blocks an SM fit without spills); MP_EXPERT_CHUNK=0 gives a busy expert one
     record (its passes one after another in one warp) where the default splits its pairs over several
     blocks; MP_MMA_PASS8_BLOCKS_Q4ST=2 compiles the staged Q4_K passes of 8 for 2 blocks an SM (no
-    spills); MP_EXPERT_PASS8_ZERO_ABSENT=0 drops the absent-token selects from the expert passes of 8 alone:
-    a token's value is computed the same way whichever pass, column, block or build it takes."""
+    spills): a token's value is computed the same way whichever pass, column, block or build it takes."""
     from pytest_moeparity.gpu import kernels as Kn
 
     if not backend.mma:
@@ -823,17 +821,14 @@ def test_dense_tensor_core_path(backend, T, Kc, monkeypatch):
     assert np.array_equal(got[rest], _host(backend, outs[1])[rest]), "the other tokens' products must not change"
 
 
-@pytest.mark.parametrize("long", [1, 2, 3, 4],
-                         ids=["K-over-warps", "passes-over-warps", "passes-of-8-over-warps", "passes-of-8-split-over-K"])
+@pytest.mark.parametrize("long", [1, 2, 3], ids=["K-over-warps", "passes-over-warps", "passes-of-8-over-warps"])
 @pytest.mark.parametrize("T", [9, 13, 30])  # 3, 4 and 8 passes of 4 tokens (the last one short but for 4)
 def test_dense_long_prompt_pass_groups(backend, T, long, monkeypatch):
     """Past 4 tokens qmm_dense_mma<QT,1> spreads the passes of 4 tokens over gridDim.y (dense_mma_pass_groups):
     every split (a pass a block, two, uneven, none) gives the one-block-all-passes products bit for bit,
     every output written, within 1e-5 of float64. The same for qmm_dense_mma<QT,2> (MP_DENSE_LONG_TOKENS:
     the block's warps share its passes, each over all of K), whose blocks take a multiple of the warps' passes,
-    and <QT,3> (MP_DENSE_PASS8: passes of 8 tokens, up to DENSE_PASS8_WARPS warps), a multiple of twice theirs,
-    and <QT,4> (MP_DENSE_KSPLIT_K: a pass of 8 by MP_DENSE_KSPLIT warps, each a share of the super-blocks, their
-    values added in shared memory), a multiple of twice its groups of warps (T = 30 in one block: two rounds)."""
+    and <QT,3> (MP_DENSE_PASS8: passes of 8 tokens, up to DENSE_PASS8_WARPS warps), a multiple of twice theirs."""
     from pytest_moeparity.gpu import kernels as Kn
 
     if not backend.mma:
@@ -841,8 +836,7 @@ def test_dense_long_prompt_pass_groups(backend, T, long, monkeypatch):
     by_tokens = long >= 2
     monkeypatch.setattr(Kn, "MMA_MAX_TOKENS", max(Kn.MMA_MAX_TOKENS, T))
     monkeypatch.setattr(Kn, "dense_long_tokens", lambda be, blocks, T: by_tokens and T > 4)
-    monkeypatch.setattr(Kn, "dense_pass8", lambda be, by: by and long >= 3)
-    monkeypatch.setattr(Kn, "dense_ksplit", lambda be, K, pass8: pass8 and long == 4)
+    monkeypatch.setattr(Kn, "dense_pass8", lambda be, by: by and long == 3)
     rng = _rng("dense-pass-groups", T)
     Kc = 2048
     mats = [(Q.Q4_K, 40), (Q.Q6_K, 24)]
@@ -869,9 +863,6 @@ def test_dense_long_prompt_pass_groups(backend, T, long, monkeypatch):
     # the 40-row matrix is 3 row groups: a pass a block; 2 a block where 12 blocks are asked for (T = 30);
     # 2 then 1 for 3 passes and 4 blocks asked for; all in one block
     warps = Kn.dense_mma_warps(Kc) if long < 3 else 2 * min(Kn.dense_mma_warps(Kc), Kn.DENSE_PASS8_WARPS)
-    if long == 4:  # the block's groups of MP_DENSE_KSPLIT warps, a pass of 8 each
-        ks = backend.switch("MP_DENSE_KSPLIT")
-        warps = 2 * (max(ks, warps // 2 - warps // 2 % ks) // ks)
     for target, per in ((1 << 20, 1), (12, max(1, 3 * passes // 12)), (4, max(1, 3 * passes // 4)), (3, passes)):
         monkeypatch.setattr(Kn, "DENSE_LONG_BLOCKS", target)
         assert Kn.dense_mma_pass_groups(3, T) == -(-passes // min(per, passes))
@@ -881,45 +872,6 @@ def test_dense_long_prompt_pass_groups(backend, T, long, monkeypatch):
             _assert_written(got, f"{q.name} T={T} target {target}")
             assert np.array_equal(got, want), f"{q.name} T={T}: passes split for {target} blocks differ"
     assert Kn.dense_mma_pass_groups(10 ** 6, T) == 1 and Kn.dense_mma_pass_groups(3, 4) == 1
-
-
-@pytest.mark.parametrize("switches", ["-DMP_DENSE_PASS8_BLOCKS=4", "-DMP_DENSE_KSPLIT=4"],
-                         ids=["dense-passes-of-8-at-4-blocks", "passes-of-8-split-over-4-warps"])
-def test_dense_pass8_builds_keep_the_products(backend, switches, monkeypatch):
-    """The dense passes of 8 (<QT,3>, and <QT,4> split over MP_DENSE_KSPLIT warps' super-blocks) in other
-    builds: MP_DENSE_PASS8_BLOCKS=4 compiles both for 4 blocks an SM (nvcc spills a few bytes there), and its
-    products are the default build's bit for bit; MP_DENSE_KSPLIT=4 splits a pass over 4 warps instead of 2,
-    so <QT,4>'s sums add K's shares in another order: every output written, within 1e-5 of float64, and
-    <QT,3>'s products unchanged bit for bit. Q4_K (staged rows) and Q6_K, 21 tokens (the last pass short)."""
-    from pytest_moeparity.gpu import kernels as Kn
-
-    if not backend.mma:
-        pytest.skip("the device has no int8 mma (compute capability below 8.0)")
-    var = backend.variant(switches)
-    T, Kc = 21, 2048
-    monkeypatch.setattr(Kn, "MMA_MAX_TOKENS", max(Kn.MMA_MAX_TOKENS, T))
-    monkeypatch.setattr(Kn, "dense_long_tokens", lambda be, blocks, T: T > 4)
-    monkeypatch.setattr(Kn, "dense_pass8", lambda be, by: by)
-    rng = _rng("dense-pass8-builds", switches)
-    x = (rng.standard_normal((T, Kc)) * np.exp2(rng.integers(-6, 6, size=(T, Kc)))).astype(np.float32)
-    for q, n in ((Q.Q4_K, 40), (Q.Q6_K, 24)):
-        raw = _quantized(rng, q, (n, Kc))
-        ref = x.astype(np.float64) @ _deq(raw, q, (n, Kc)).astype(np.float64).T
-        for long in (3, 4):
-            monkeypatch.setattr(Kn, "dense_ksplit", lambda be, K, pass8: pass8 and long == 4)
-            got = []
-            for be in (backend, var):
-                n_before = len(getattr(be, "launches", []))
-                out = Kn.qmatmul(_dev(be, x), _device_tensor(be, raw, q, (n, Kc)), out=_poisoned(be, (T, n)), backend=be)
-                if hasattr(be, "launches"):
-                    assert be.launches[n_before:][-1] == f"qmm_dense_mma<{Kn.KERNEL_QTYPES[q]},{long}>"
-                got.append(_host(be, out))
-            what = f"{q.name} <QT,{long}> {switches}"
-            for g in got:
-                _assert_written(g, what)
-                _assert_close(g, ref, what, ref_abs=np.abs(x.astype(np.float64)) @ np.abs(_deq(raw, q, (n, Kc)).astype(np.float64).T))
-            if long == 3 or "PASS8_BLOCKS" in switches:
-                assert np.array_equal(got[0].view(np.uint32), got[1].view(np.uint32)), what + ": differs from the default build"
 
 
 def _assert_records(backend, r) -> int:

@@ -172,20 +172,6 @@ def test_dense_passes_of_8_only_where_the_passes_split_over_the_warps():
     assert all(K.dense_mma_kernel(q, 64, True, True) in K.NAME_EXPRESSIONS for q in K.MMA_QTYPES)
 
 
-def test_dense_ksplit_rule():
-    """dense_ksplit: only passes of 8 (<QT,3>'s products) whose K reaches MP_DENSE_KSPLIT_K (0, the default:
-    never) and MP_DENSE_KSPLIT above 1 take <QT,4>; its name is compiled."""
-    q4 = K.KERNEL_QTYPES[Q.Q4_K]
-    on = Opts(("-DMP_DENSE_KSPLIT_K=4096",))
-    assert not K.dense_ksplit(Opts(()), 1 << 20, True)
-    assert [K.dense_ksplit(on, k, True) for k in (2048, 4096, 8192)] == [False, True, True]
-    assert not K.dense_ksplit(on, 4096, False)
-    assert not K.dense_ksplit(Opts(("-DMP_DENSE_KSPLIT_K=4096", "-DMP_DENSE_KSPLIT=1")), 4096, True)
-    assert K.dense_mma_kernel(q4, 64, True, True, True) == f"qmm_dense_mma<{q4},4>"
-    assert K.dense_mma_kernel(q4, 4, True, True, True) == f"qmm_dense_mma<{q4}>"
-    assert all(K.dense_mma_kernel(q, 64, True, True, True) in K.NAME_EXPRESSIONS for q in K.MMA_QTYPES)
-
-
 def test_variant_options_take_only_kernel_switches():
     """A backend variant (one process, two kernel builds sharing the weights) may change only the
     #ifndef switches of kernels.cu that kernels.py does not read itself: a launch-geometry switch, an

@@ -1062,12 +1062,6 @@ MP_MATMUL_GLOBAL void qmm_experts(const mp_u8* __restrict__ w0, const mp_u8* __r
 #ifndef MP_MMA_PASS8_BLOCKS_Q4ST
 #define MP_MMA_PASS8_BLOCKS_Q4ST MP_MMA_PASS8_BLOCKS
 #endif
-// MP_EXPERT_PASS8_ZERO_ABSENT: MP_MMA_ZERO_ABSENT (below) for the expert passes of 8 alone (qmm_experts_mma<QT,ST,1>,
-// prompts past 4 tokens: at 0 the <12,0,1> pass over a super-block is 458 instructions instead of 517; the
-// shorter prompts' instances keep theirs). Tuning switch: benchmarks/NOTES.md step 70
-#ifndef MP_EXPERT_PASS8_ZERO_ABSENT
-#define MP_EXPERT_PASS8_ZERO_ABSENT MP_MMA_ZERO_ABSENT
-#endif
 #ifndef MP_MMA_PASS_TOKENS
 #define MP_MMA_PASS_TOKENS 4
 #endif
@@ -1737,8 +1731,7 @@ MP_MMA_GLOBAL_P8(P8) void qmm_experts_mma(const mp_u8* __restrict__ w0, const mp
         }
         mp_mma_pass_inputs(nt, [&](int u) { return mp_pick(pp, h + u) / x_div; }, K, xd, xs, xunit, lane, bq, bon, sq, unit);
         float res[NB];
-        mp_mma_dispatch<QT, PT, P8 ? MP_EXPERT_PASS8_ZERO_ABSENT : MP_MMA_ZERO_ABSENT>(al, nt, we, row_bytes, wN, wn0,
-                                                                                      K, 0, 1, bq, bon, sq, unit, lane, res);
+        mp_mma_dispatch<QT, PT>(al, nt, we, row_bytes, wN, wn0, K, 0, 1, bq, bon, sq, unit, lane, res);
         const int n = n0 + gid + 8 * (tig & 1);
 #pragma unroll
         for (int i = 0; i < NB; ++i)
@@ -1765,34 +1758,15 @@ MP_MMA_GLOBAL_P8(P8) void qmm_experts_mma(const mp_u8* __restrict__ w0, const mp
 #ifndef MP_DENSE_PASS8
 #define MP_DENSE_PASS8 1
 #endif
-// MP_DENSE_PASS8_BLOCKS: the resident blocks per SM the dense passes of 8 (<QT,3>, <QT,4>) are compiled for
-// (tuning switch; MP_MMA_PASS8_BLOCKS moves the expert passes of 8 too. nvcc 13.0: <12,3> at 2 takes 219
-// registers, at 4 128 with 28 bytes spilled)
-#ifndef MP_DENSE_PASS8_BLOCKS
-#define MP_DENSE_PASS8_BLOCKS MP_MMA_PASS8_BLOCKS
-#endif
-// MP_DENSE_KSPLIT_K (read by kernels.py only: dense_ksplit): a dense product whose passes of 8 split over the
-// warps (<QT,3>) and whose rows are at least this long takes <QT,4> instead: each pass of 8 by MP_DENSE_KSPLIT
-// warps, warp w of the pass super-blocks w, w + MP_DENSE_KSPLIT, ..., their values added in shared memory in
-// warp order (at 64 tokens attn_output's K = 4096 is 128 row groups x 8 passes: 1024 warps, 2 a scheduler,
-// each 16 super-blocks one after another). 0: never (the instance is compiled either way)
-#ifndef MP_DENSE_KSPLIT_K
-#define MP_DENSE_KSPLIT_K 0
-#endif
-#ifndef MP_DENSE_KSPLIT
-#define MP_DENSE_KSPLIT 2
-#endif
-static_assert(MP_DENSE_KSPLIT >= 1 && MP_DENSE_PASS8_WARPS % MP_DENSE_KSPLIT == 0,
-              "MP_DENSE_KSPLIT: a divisor of MP_DENSE_PASS8_WARPS");
 #ifdef MOEPARITY_EMULATOR
 #define MP_MMA_DENSE_GLOBAL MP_GLOBAL
 #define MP_MMA_DENSE_GLOBAL_L(LONG) MP_GLOBAL
 #else
 // the register cap of qmm_experts_mma (128) for blocks of up to MP_MMA_DENSE_WARPS warps
 #define MP_MMA_DENSE_GLOBAL __global__ __launch_bounds__(32 * MP_MMA_DENSE_WARPS, MP_MMA_MIN_BLOCKS * MP_WARPS / MP_MMA_DENSE_WARPS)
-// LONG 3 and 4 (passes of 8): blocks of up to MP_DENSE_PASS8_WARPS warps, MP_DENSE_PASS8_BLOCKS an SM
-#define MP_MMA_DENSE_GLOBAL_L(LONG) __global__ __launch_bounds__((LONG) >= 3 ? 32 * MP_DENSE_PASS8_WARPS : 32 * MP_MMA_DENSE_WARPS, \
-    (LONG) >= 3 ? MP_DENSE_PASS8_BLOCKS : MP_MMA_MIN_BLOCKS * MP_WARPS / MP_MMA_DENSE_WARPS)
+// LONG 3 (passes of 8 over the warps): blocks of up to MP_DENSE_PASS8_WARPS warps, MP_MMA_PASS8_BLOCKS an SM
+#define MP_MMA_DENSE_GLOBAL_L(LONG) __global__ __launch_bounds__((LONG) == 3 ? 32 * MP_DENSE_PASS8_WARPS : 32 * MP_MMA_DENSE_WARPS, \
+    (LONG) == 3 ? MP_MMA_PASS8_BLOCKS : MP_MMA_MIN_BLOCKS * MP_WARPS / MP_MMA_DENSE_WARPS)
 #endif
 
 #define MP_Q6_DENSE_STAGE 26880 // bytes of a qmm_dense_mma block's staged Q6_K rows (16 rows of 1680: K = 2048)
@@ -1846,8 +1820,7 @@ MP_HD void mp_dense_mma_tokens(int t0, int nt, const mp_u8* __restrict__ w, mp_i
 }
 // LONG: 0 one pass of up to 4 tokens; 1 passes of 4 one after another, the block's warps splitting K (their
 // values met in shared memory); 2 (MP_DENSE_LONG_TOKENS) the passes split over the warps, each over all of K;
-// 3 (MP_DENSE_PASS8) as 2 with passes of 8 (kernels.py gives a block a multiple of 2 warps' passes of 4); 4
-// (MP_DENSE_KSPLIT_K) as 3 with a pass of 8 split over MP_DENSE_KSPLIT warps' super-blocks
+// 3 (MP_DENSE_PASS8) as 2 with passes of 8 (kernels.py gives a block a multiple of 2 warps' passes of 4)
 template <int QT, int LONG = 0>
 MP_MMA_DENSE_GLOBAL_L(LONG) void qmm_dense_mma(const mp_u8* __restrict__ w0, const mp_u8* __restrict__ w1, const mp_u8* __restrict__ w2,
                                        mp_i64 row_bytes, int N0, int N1, int N2, int K, const mp_u32* __restrict__ xd,
@@ -1895,44 +1868,6 @@ MP_MMA_DENSE_GLOBAL_L(LONG) void qmm_dense_mma(const mp_u8* __restrict__ w0, con
     // otherwise leave the GPU waiting on one block's passes one after another)
     const int passes = (T + 3) >> 2, per = (passes + (int)gridDim.y - 1) / (int)gridDim.y;
     const int tb = 4 * per * (int)blockIdx.y, te = tb + 4 * per < T ? tb + 4 * per : T;
-    if constexpr (LONG == 4) {  // a pass of 8 by KS warps, warp w's super-blocks w % KS, w % KS + KS, ...
-        constexpr int KS = MP_DENSE_KSPLIT;
-        const bool al = mp_mma_aligned<QT>(w, row_bytes);  // uniform over the block
-        const int ks = warp % KS, group = warp / KS, groups = warps / KS;  // (kernels.py: warps a multiple of KS)
-        float (*kpart)[4][32] = reinterpret_cast<float (*)[4][32]>(&part[0][0][0]);  // a warp's 4 n-tiles
-        static_assert(sizeof(part) >= sizeof(float) * MP_DENSE_PASS8_WARPS * 4 * 32, "part holds the K-split's values");
-        for (int r0 = tb; r0 < te; r0 += 8 * groups) {  // rounds: every warp passes the same barriers
-            const int t0 = r0 + 8 * group, nt = te - t0 < 8 ? te - t0 : 8;
-            float res[4] = {};
-            if (nt > 0) {
-                const mp_u32* bq[4];
-                const float* sq[4];
-                bool bon[4];
-                float unit[4];
-                mp_mma_pass_inputs(nt, [t0](int u) { return t0 + u; }, K, xd, xs, xunit, lane, bq, bon, sq, unit);
-                mp_mma_dispatch<QT, 8, MP_DENSE_LONG_ZERO_ABSENT>(al, nt, w, row_bytes, wN, wn0, K, ks, KS, bq, bon,
-                                                                  sq, unit, lane, res);
-            }
-            if (r0 != tb) mp_syncthreads();  // the last round's values are read
-            if (ks) {
-#pragma unroll
-                for (int i = 0; i < 4; ++i) kpart[warp][i][lane] = res[i];
-            }
-            mp_syncthreads();
-            if (ks || nt <= 0) continue;
-            for (int u = 1; u < KS; ++u) {
-#pragma unroll
-                for (int i = 0; i < 4; ++i) res[i] = mp_fadd(res[i], kpart[warp + u][i][lane]);
-            }
-            const int n = n0 + (lane >> 2) + 8 * (lane & 1);
-#pragma unroll
-            for (int i = 0; i < 4; ++i) {
-                const int t = 2 * i + ((lane & 3) >> 1);
-                if (t < nt && n < N) mp_pick_out(m, out0, out1, out2)[(mp_i64)(t0 + t) * N + n] = res[i];
-            }
-        }
-        return;
-    }
     if (LONG >= 2) {  // each warp whole passes over all of K, written from its registers (no barrier, no sums)
         constexpr int PT = LONG == 3 ? 8 : 4, NB = PT / 2;  // tokens a pass, its n-tiles
         const bool al = mp_mma_aligned<QT>(w, row_bytes);  // uniform over the block

@@ -130,7 +130,7 @@ NAME_EXPRESSIONS: tuple[str, ...] = tuple(
     + [f"qmm_experts<{q},{nt}>" for q in sorted(KERNEL_QTYPES.values()) for nt in TOKEN_TILES]
     + [f"qmm_experts_mma<{q}>" for q in MMA_QTYPES] + [f"qmm_experts_mma<{KERNEL_QTYPES[Q.Q4_K]},1>"]
     + [f"qmm_experts_mma<{KERNEL_QTYPES[Q.Q4_K]},{st},1>" for st in (0, 1)] + [f"qmm_experts_mma<{KERNEL_QTYPES[Q.Q6_K]},1,1>"]
-    + [f"qmm_dense_mma<{q}>" for q in MMA_QTYPES] + [f"qmm_dense_mma<{q},{long}>" for q in MMA_QTYPES for long in (1, 2, 3, 4)]
+    + [f"qmm_dense_mma<{q}>" for q in MMA_QTYPES] + [f"qmm_dense_mma<{q},{long}>" for q in MMA_QTYPES for long in (1, 2, 3)]
     + ["act_digits", "norm_digits", "swiglu_digits", "norm_rope_attention", "combine_norm_digits", "expert_group", "router_topk", "moe_route", "moe_combine", "round_bf16", "rms_norm", "add_rms_norm", "softmax_rows", "attention_core",
        "qk_norm_rope", "rope_neox", "swiglu", "add_f32"])
 
@@ -650,15 +650,10 @@ def qmatmul_shared_input(x, wts, *, outs=None, as_qtypes=None, digits=None, back
             blocks, warps = sum(_cdiv(N, MMA_ROWS) for N in Ns), dense_mma_warps(K)
             by_tokens = dense_long_tokens(be, blocks, T)
             pass8 = dense_pass8(be, by_tokens)
-            ksplit = dense_ksplit(be, K, pass8)
             if pass8:
                 warps = min(warps, DENSE_PASS8_WARPS)
-            if ksplit:  # a multiple of the warps a pass
-                ks = be.switch("MP_DENSE_KSPLIT")
-                warps = max(ks, warps - warps % ks)
-            # a block's passes of 4: a multiple of this (one pass of 8 a warp, or a group of ks warps)
-            share = ((2 * warps // ks if ksplit else 2 * warps) if pass8 else warps) if by_tokens else 0
-            be.launch(dense_mma_kernel(code, T, by_tokens, pass8, ksplit),
+            share = (2 if pass8 else 1) * warps if by_tokens else 0  # a block's passes of 4: a multiple of this
+            be.launch(dense_mma_kernel(code, T, by_tokens, pass8),
                       (blocks, dense_mma_pass_groups(blocks, T, share), 1), (32 * warps, 1, 1),
                       lead + (np.int32(K), *digits, np.int32(T)) + outs_args)
             continue
@@ -803,23 +798,14 @@ def expert_pass8(be: Backend, T: int) -> bool:
     return T > 4 and be.switch("MP_EXPERT_PASS8") > 0
 
 
-def dense_mma_kernel(code: int, T: int, by_tokens: bool = False, pass8: bool = False, ksplit: bool = False) -> str:
+def dense_mma_kernel(code: int, T: int, by_tokens: bool = False, pass8: bool = False) -> str:
     """The qmm_dense_mma instance for T tokens: one pass up to 4 (<code>), passes of 4 over the same rows
     past that (<code,1>; its own instance, so that the short prompts' code is what it was), or with
     ``by_tokens`` those passes split over the block's warps (<code,2>: see dense_long_tokens), 8 tokens a
-    pass with ``pass8`` (<code,3>: see dense_pass8), each pass of 8 split over warps' super-blocks with
-    ``ksplit`` (<code,4>: see dense_ksplit)."""
+    pass with ``pass8`` (<code,3>: see dense_pass8)."""
     if T <= 4:
         return f"qmm_dense_mma<{code}>"
-    return f"qmm_dense_mma<{code},{((4 if ksplit else 3) if pass8 else 2) if by_tokens else 1}>"
-
-
-def dense_ksplit(be: Backend, K: int, pass8: bool) -> bool:
-    """Whether a dense product taking passes of 8 over the warps (``pass8``) with rows of K columns gives
-    each pass to MP_DENSE_KSPLIT warps, each a share of the super-blocks (qmm_dense_mma<QT,4>): where K
-    reaches ``be``'s MP_DENSE_KSPLIT_K (0: never) and MP_DENSE_KSPLIT is above 1."""
-    least = be.switch("MP_DENSE_KSPLIT_K")
-    return pass8 and least > 0 and K >= least and be.switch("MP_DENSE_KSPLIT") > 1
+    return f"qmm_dense_mma<{code},{(3 if pass8 else 2) if by_tokens else 1}>"
 
 
 def dense_pass8(be: Backend, by_tokens: bool) -> bool:
