@@ -32,7 +32,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   > /tmp/make.log 2>&1 &
 # the tests' kernel builds compiled once, side by side, into CuPy's cache (warm_builds.py: on a cold machine
 # the workers otherwise compile them each, the variant tests last)
-timeout 150 python3 benchmarks/warm_builds.py --jobs 12 2>&1 | tail -1; el "builds warmed"
+timeout 200 python3 benchmarks/warm_builds.py --jobs 16 2>&1 | tail -1; el "builds warmed"
 timeout 200 python3 -m pytest -m gpu -n 5 -q tests/test_gpu.py ${GPU_TESTS_K:+-k "$GPU_TESTS_K"} > "$out/gpu-tests.log" 2>&1
 rc=$?; el "gpu tests rc=$rc"
 tail -2 "$out/gpu-tests.log"; grep -E "^(FAILED|ERROR)" "$out/gpu-tests.log" | head -20

@@ -4,7 +4,9 @@ On a fresh GPU machine every pytest-xdist worker compiles kernels.cu with NVRTC 
 and again for each variant build its tests ask for (``backend.variant("-DMP_...")``): ~40 s of one core
 a build, the same build often in several workers at once, and the variant tests at the end of the run
 waiting on their compiles (session 30: `tests/test_gpu.py` and `tests/test_gpu_tuning.py` took over 345 s
-cold at -n 14, 101 s once the builds were in CuPy's kernel cache). This script finds the builds the test
+cold at -n 14, 101 s once the builds were in CuPy's kernel cache; session 31, first run on a GPU: 15 of
+16 builds in 170 s at --jobs 8 beside the 30b-a3b model being made, 72-88 s each, then the same files in
+47 s on an H200). This script finds the builds the test
 files name (string literals made only of ``-DMP_NAME=VALUE`` switches that :func:`variant_options`
 accepts, plus the default build), compiles each in a process of its own, all at once up to ``--jobs``,
 so that CuPy's on-disk kernel cache holds them when pytest starts. A build it misses is compiled by the
