@@ -1772,7 +1772,8 @@ MP_MMA_GLOBAL_P8(P8) void qmm_experts_mma(const mp_u8* __restrict__ w0, const mp
             const int ud = 2 * i + (tig >> 1);
             opair[i] = ud < nt ? mp_pick(pp, h + ud) : -1;
         }
-        mp_mma_pass_inputs(nt, [&](int u) { return mp_pick(pp, h + u) / x_div; }, K, xd, xs, xunit, lane, bq, bon, sq, unit);
+        auto row_of = [&](int u) { return mp_pick(pp, h + u) / x_div; };  // the activation row of the pass's token u
+        mp_mma_pass_inputs(nt, row_of, K, xd, xs, xunit, lane, bq, bon, sq, unit);
         float res[NB];
         if constexpr (SD) {
             mp_u32* dw = (mp_u32*)dstage;  // token u's digits of the chunk at dw + u CH 256, as in xd's rows
@@ -1787,7 +1788,7 @@ MP_MMA_GLOBAL_P8(P8) void qmm_experts_mma(const mp_u8* __restrict__ w0, const mp
                     mp_syncthreads();  // the last chunk's digits are read
                     const int per = ((K >> 8) - c0 < CH ? (K >> 8) - c0 : CH) * 64;  // 16-byte pieces a token
                     for (int u = 0; u < nt; ++u) {
-                        const mp_u32* src = xd + (mp_i64)(mp_pick(pp, h + u) / x_div) * K + c0 * 256;
+                        const mp_u32* src = xd + (mp_i64)row_of(u) * K + c0 * 256;
                         for (int c = (int)threadIdx.x; c < per; c += (int)blockDim.x)
                             mp_cp_async16(dw + u * (CH * 256) + 4 * c, src + 4 * c);
                     }
