@@ -677,10 +677,9 @@ def test_experts_tensor_core_path(backend, T, qt, Kc, monkeypatch):
 @pytest.mark.parametrize("switches", ["-DMP_MMA_ZERO_ABSENT=0", "-DMP_DENSE_LONG_ZERO_ABSENT=1",
                                       "-DMP_MMA_PASS_TOKENS=2 -DMP_MMA_EXPERT_BLOCKS=5", "-DMP_EXPERT_CHUNK=0",
                                       "-DMP_EXPERT_PASS8=0", "-DMP_EXPERT_CHUNK=0 -DMP_EXPERT_PASS8=0",
-                                      "-DMP_MMA_PASS8_BLOCKS_Q4ST=2", "-DMP_EXPERT_STAGE_DIGITS=1"],
+                                      "-DMP_MMA_PASS8_BLOCKS_Q4ST=2"],
                          ids=["zero-absent-off", "long-dense-zero-absent-on", "2-token-passes", "one-record-an-expert",
-                              "passes-of-4", "one-record-passes-of-4", "staged-q4-passes-of-8-at-2-blocks",
-                              "digits-staged-a-block"])
+                              "passes-of-4", "one-record-passes-of-4", "staged-q4-passes-of-8-at-2-blocks"])
 def test_expert_switches_keep_the_products(backend, switches):
     """Builds whose tensor-core products are the default build's bit for bit (Q4_K staged and not, Q6_K;
     1 to 9 tokens an expert, token rows and pair rows; dense products of 3 and 9 tokens too):
@@ -692,10 +691,7 @@ def test_expert_switches_keep_the_products(backend, switches):
     MP_MMA_EXPERT_BLOCKS=5 blocks an SM fit without spills); MP_EXPERT_CHUNK=0 gives a busy expert one
     record (its passes one after another in one warp) where the default splits its pairs over several
     blocks; MP_MMA_PASS8_BLOCKS_Q4ST=2 compiles the staged Q4_K passes of 8 for 2 blocks an SM (no
-    spills); MP_EXPERT_STAGE_DIGITS=1 gives the Q4_K passes of 8 over rows in global memory (K = 1280: 5
-    super-blocks, chunks of 4 and 1) their digits from the block's shared memory, the block's warps past N
-    (rows 80-127 of the second row group) taking part in the staging: a token's value is computed the same
-    way whichever pass, column, block or build it takes."""
+    spills): a token's value is computed the same way whichever pass, column, block or build it takes."""
     from pytest_moeparity.gpu import kernels as Kn
 
     if not backend.mma:
@@ -707,8 +703,7 @@ def test_expert_switches_keep_the_products(backend, switches):
     ids[:, 0] = 2  # expert 2 holds all 9 tokens (passes 4 + 4 + 1, or 2 + 2 + 2 + 2 + 1), expert 3 five of them
     ids[:5, 1] = 3
     runs = []
-    # K = 768: Q4_K's staged <12,1>; 1280: rows too long to stage (<12>, <12,0,1>, <12,0,2>)
-    for qt, Kc in ((Q.Q4_K, 512), (Q.Q4_K, 768), (Q.Q4_K, 1280), (Q.Q6_K, 512)):
+    for qt, Kc in ((Q.Q4_K, 512), (Q.Q4_K, 768), (Q.Q6_K, 512)):  # K = 768: Q4_K's staged <12,1>
         raw = _quantized(rng, qt, (E, N, Kc))
         x = rng.standard_normal((T, Kc)).astype(np.float32)
         xp_ = rng.standard_normal((T * k, Kc)).astype(np.float32)
@@ -723,8 +718,6 @@ def test_expert_switches_keep_the_products(backend, switches):
                         _host(be, Kn.qmatmul(_dev(be, x), _device_tensor(be, raw[1], qt, (N, Kc)), backend=be))])
         for a, b in zip(*got):
             assert np.isfinite(a).all() and np.array_equal(a.view(np.uint32), b.view(np.uint32)), f"{qt.name} K={Kc}"
-        if "STAGE_DIGITS" in switches and hasattr(var, "launches") and Kc == 1280:  # the emulator: it ran
-            assert "qmm_experts_mma<12,0,2>" in var.launches
     if "MP_EXPERT_CHUNK" in switches:  # the default build split the busy experts, the variant did not
         assert Kn.expert_chunk(var) == 0 and runs[0] > runs[1] == len(np.unique(ids))
 

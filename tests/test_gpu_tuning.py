@@ -155,20 +155,6 @@ def test_expert_passes_of_8_past_4_tokens():
         assert short in K.NAME_EXPRESSIONS and long in K.NAME_EXPRESSIONS
 
 
-def test_expert_digits_staged_only_for_passes_of_8_over_unstaged_q4k_rows():
-    """expert_stage_digits / experts_mma_kernel: MP_EXPERT_STAGE_DIGITS (0, the default: off) sends the passes
-    of 8 over Q4_K rows in global memory (gate / up's 1152 bytes) to <12,0,2>; staged rows keep theirs."""
-    q4, q6 = K.KERNEL_QTYPES[Q.Q4_K], K.KERNEL_QTYPES[Q.Q6_K]
-    on = Opts(("-DMP_EXPERT_STAGE_DIGITS=1",))
-    assert [K.expert_stage_digits(on, T) for T in (3, 4, 5, 64)] == [False, False, True, True]
-    assert not K.expert_stage_digits(Opts(()), 64)
-    assert K.experts_mma_kernel(q4, 1152, True, True) == f"qmm_experts_mma<{q4},0,2>" in K.NAME_EXPRESSIONS
-    assert K.experts_mma_kernel(q4, 1152, False, True) == f"qmm_experts_mma<{q4}>"
-    assert K.experts_mma_kernel(q6, 630, True, True) == f"qmm_experts_mma<{q6},1,1>"
-    if K.STAGE_Q4_EXPERTS:
-        assert K.experts_mma_kernel(q4, 432, True, True) == f"qmm_experts_mma<{q4},1,1>"
-
-
 def test_kernels_py_block_sizes_are_the_sources():
     """The block sizes kernels.py launches with are the ones kernels.cu compiles for."""
     src = K.kernel_source()

@@ -1062,20 +1062,6 @@ MP_MATMUL_GLOBAL void qmm_experts(const mp_u8* __restrict__ w0, const mp_u8* __r
 #ifndef MP_MMA_PASS8_BLOCKS_Q4ST
 #define MP_MMA_PASS8_BLOCKS_Q4ST MP_MMA_PASS8_BLOCKS
 #endif
-// MP_EXPERT_STAGE_DIGITS (read by kernels.py only: expert_stage_digits): past 4 tokens the Q4_K expert products
-// whose rows are not staged (gate / up) take qmm_experts_mma<12,0,2>: a pass's digits copied once a block into
-// shared memory, MP_EXPERT_DIGITS_CHUNK super-blocks at a time, instead of each warp reading them from L1 / L2
-// and holding a super-block's in registers (64 of <12,0,1>'s 168); compiled for MP_EXPERT_STAGE_DIGITS_BLOCKS
-// blocks an SM. 0: off (the instance is compiled either way). Not yet measured: benchmarks/NOTES.md step 71
-#ifndef MP_EXPERT_STAGE_DIGITS
-#define MP_EXPERT_STAGE_DIGITS 0
-#endif
-#ifndef MP_EXPERT_DIGITS_CHUNK
-#define MP_EXPERT_DIGITS_CHUNK 4
-#endif
-#ifndef MP_EXPERT_STAGE_DIGITS_BLOCKS
-#define MP_EXPERT_STAGE_DIGITS_BLOCKS 4
-#endif
 #ifndef MP_MMA_PASS_TOKENS
 #define MP_MMA_PASS_TOKENS 4
 #endif
@@ -1087,7 +1073,7 @@ void mp_emu_mma_s8s8_k16(const mp_u32* a, const mp_u32* b, int* d);
 #else
 #define MP_MMA_GLOBAL __global__ __launch_bounds__(MP_THREADS, MP_MMA_EXPERT_BLOCKS)
 // (QT and ST: the template parameters of the kernel it declares)
-#define MP_MMA_GLOBAL_P8(P8) __global__ __launch_bounds__(MP_THREADS, (P8) == 2 ? MP_EXPERT_STAGE_DIGITS_BLOCKS : \
+#define MP_MMA_GLOBAL_P8(P8) __global__ __launch_bounds__(MP_THREADS, \
     (P8) ? ((QT) == 12 && (ST) ? MP_MMA_PASS8_BLOCKS_Q4ST : MP_MMA_PASS8_BLOCKS) : MP_MMA_EXPERT_BLOCKS)
 #endif
 
@@ -1365,30 +1351,19 @@ MP_HD void mp_mma_scale_add(const float (&d)[2], const int (&ia)[4], float (&acc
 // digits from lane ^ 1 and returns that (row, token) value over super-blocks s0, s0 + step, ... of the
 // K / 256 in res[i]. Each super-block's loads (weights, digits, sums) are issued together before any is
 // used.
-// Where a pass reads the activations' digits: Feed::staged false, at bq (global memory) for super-block
-// feed(s, s0) of each s (s, or s0 under MP_Q4_DIGITS_PROBE); true (mp_feed_staged: qmm_experts_mma<12,0,2>),
-// at bq in the block's shared memory, feed(s, s0) staging them a chunk of super-blocks at a time (a
-// barrier of the block's warps: every warp of the block runs the same super-blocks) and giving s's place
-// in the chunk, each n-tile's digits read as its mma comes (not held for the whole super-block).
-struct mp_feed_plain {
-    static constexpr bool staged = false;
-    MP_HD int operator()(int s, int s0) const { return MP_Q4_DIGITS_PROBE ? s0 : s; }
-};
-template <bool AL, int TILES, bool ZA = MP_MMA_ZERO_ABSENT, int NB, class Feed = mp_feed_plain>  // ZA: zero an absent token's B columns
+template <bool AL, int TILES, bool ZA = MP_MMA_ZERO_ABSENT, int NB>  // ZA: zero an absent token's B columns
 MP_HD void mp_mma_q4k_pass(const mp_u8* __restrict__ we, mp_i64 row_bytes, int N, int n0, int K, int s0, int step,
                            const mp_u32* const (&bq)[NB], const bool (&bon)[NB], const float* const (&sq)[NB],
-                           const float (&unit)[NB], int lane, float (&res)[NB], const Feed& feed = Feed()) {
+                           const float (&unit)[NB], int lane, float (&res)[NB]) {
     const int tig = lane & 3, own = tig & 1;
     const mp_u8* rows[2];
     float acc[TILES][4], mins[TILES];
     mp_mma_pass_start<TILES>(we, row_bytes, N, n0, lane, rows, acc, mins);
     const bool probe = MP_Q4_LAYOUT_PROBE && AL && n0 + 16 <= N && row_bytes == (mp_i64)(K >> 8) * 144;
-    constexpr bool SD = Feed::staged;
     for (int s = s0; s < (K >> 8); s += step) {
-        mp_u32 h[2][4], q[2][4][2], b[TILES][SD ? 1 : 8][2];
+        mp_u32 h[2][4], q[2][4][2], b[TILES][8][2];
         float xsv[TILES][8];
-        const int sd = feed(s, s0);  // the super-block whose digits are read (its place in the staged chunk)
-        const int ss = MP_Q4_DIGITS_PROBE ? s0 : s;  // the super-block whose sums are read
+        const int sd = MP_Q4_DIGITS_PROBE ? s0 : s;  // the super-block whose digits are read (MP_Q4_DIGITS_PROBE)
         if (probe) {  // (wrong values: MP_Q4_LAYOUT_PROBE)
             const mp_u8* tile = we + (mp_i64)n0 * row_bytes + (mp_i64)s * 2304;
 #pragma unroll
@@ -1408,15 +1383,13 @@ MP_HD void mp_mma_q4k_pass(const mp_u8* __restrict__ we, mp_i64 row_bytes, int N
         }
 #pragma unroll
         for (int i = 0; i < TILES; ++i) {
-            if constexpr (!SD) {
 #pragma unroll
-                for (int j = 0; j < 8; ++j) mp_w64<true>((const mp_u8*)(bq[i] + 32 * (8 * sd + j)), b[i][j]);
-            }
+            for (int j = 0; j < 8; ++j) mp_w64<true>((const mp_u8*)(bq[i] + 32 * (8 * sd + j)), b[i][j]);
             mp_u32 v[4];
-            mp_w128<true>((const mp_u8*)(sq[i] + 8 * ss), v);
+            mp_w128<true>((const mp_u8*)(sq[i] + 8 * sd), v);
 #pragma unroll
             for (int c = 0; c < 4; ++c) xsv[i][c] = mp_bits_to_float(v[c]);
-            mp_w128<true>((const mp_u8*)(sq[i] + 8 * ss + 4), v);
+            mp_w128<true>((const mp_u8*)(sq[i] + 8 * sd + 4), v);
 #pragma unroll
             for (int c = 0; c < 4; ++c) xsv[i][4 + c] = mp_bits_to_float(v[c]);
         }
@@ -1440,9 +1413,7 @@ MP_HD void mp_mma_q4k_pass(const mp_u8* __restrict__ we, mp_i64 row_bytes, int N
 #pragma unroll
             for (int i = 0; i < TILES; ++i) {
                 const bool on = !ZA || bon[i];
-                if constexpr (SD) mp_w64<true>((const mp_u8*)(bq[i] + 32 * (8 * sd + j)), b[i][0]);
-                const mp_u32* bw = b[i][SD ? 0 : j];
-                const mp_u32 bb[2] = {on ? bw[0] : 0u, on ? bw[1] : 0u};
+                const mp_u32 bb[2] = {on ? b[i][j][0] : 0u, on ? b[i][j][1] : 0u};
                 int dd[4];
                 mp_mma_u8s8(a, bb, dd);
                 ia[i][0] += s0 * dd[0];
@@ -1576,31 +1547,29 @@ MP_HD void mp_mma_q6k_pass(const mp_u8* __restrict__ we, mp_i64 row_bytes, int N
 
 // The tensor-core pass of type QT (Q4_K 12, Q6_K 14) for a pass of nt tokens (one n-tile up to 2), with the
 // alignment the warp found (res[1] is left unwritten for one n-tile)
-template <int QT, bool AL, int TILES, bool ZA = MP_MMA_ZERO_ABSENT, int NB, class Feed = mp_feed_plain>
+template <int QT, bool AL, int TILES, bool ZA = MP_MMA_ZERO_ABSENT, int NB>
 MP_HD void mp_mma_pass(const mp_u8* __restrict__ we, mp_i64 row_bytes, int N, int n0, int K, int s0, int step,
                        const mp_u32* const (&bq)[NB], const bool (&bon)[NB], const float* const (&sq)[NB],
-                       const float (&unit)[NB], int lane, float (&res)[NB], const Feed& feed = Feed()) {
-    static_assert(QT == 12 || !Feed::staged, "staged digits: the Q4_K pass only");
+                       const float (&unit)[NB], int lane, float (&res)[NB]) {
     if constexpr (QT == 14) mp_mma_q6k_pass<AL, TILES, ZA>(we, row_bytes, N, n0, K, s0, step, bq, bon, unit, lane, res);
-    else mp_mma_q4k_pass<AL, TILES, ZA>(we, row_bytes, N, n0, K, s0, step, bq, bon, sq, unit, lane, res, feed);
+    else mp_mma_q4k_pass<AL, TILES, ZA>(we, row_bytes, N, n0, K, s0, step, bq, bon, sq, unit, lane, res);
 }
 // MAXT: the most tokens a pass of the caller (2: one n-tile only; 8: four, the arrays of NB = 4 n-tiles)
-template <int QT, int MAXT = 4, bool ZA = MP_MMA_ZERO_ABSENT, int NB, class Feed = mp_feed_plain>
+template <int QT, int MAXT = 4, bool ZA = MP_MMA_ZERO_ABSENT, int NB>
 MP_HD void mp_mma_dispatch(bool al, int nt, const mp_u8* __restrict__ we, mp_i64 row_bytes, int N, int n0, int K,
                            int s0, int step, const mp_u32* const (&bq)[NB], const bool (&bon)[NB],
-                           const float* const (&sq)[NB], const float (&unit)[NB], int lane, float (&res)[NB],
-                           const Feed& feed = Feed()) {
+                           const float* const (&sq)[NB], const float (&unit)[NB], int lane, float (&res)[NB]) {
     if (MAXT <= 2 || nt <= 2) {
-        if (al) mp_mma_pass<QT, true, 1, ZA>(we, row_bytes, N, n0, K, s0, step, bq, bon, sq, unit, lane, res, feed);
-        else mp_mma_pass<QT, false, 1, ZA>(we, row_bytes, N, n0, K, s0, step, bq, bon, sq, unit, lane, res, feed);
+        if (al) mp_mma_pass<QT, true, 1, ZA>(we, row_bytes, N, n0, K, s0, step, bq, bon, sq, unit, lane, res);
+        else mp_mma_pass<QT, false, 1, ZA>(we, row_bytes, N, n0, K, s0, step, bq, bon, sq, unit, lane, res);
     } else if (MAXT <= 4 || nt <= 4) {
         if constexpr (MAXT > 2) {
-            if (al) mp_mma_pass<QT, true, 2, ZA>(we, row_bytes, N, n0, K, s0, step, bq, bon, sq, unit, lane, res, feed);
-            else mp_mma_pass<QT, false, 2, ZA>(we, row_bytes, N, n0, K, s0, step, bq, bon, sq, unit, lane, res, feed);
+            if (al) mp_mma_pass<QT, true, 2, ZA>(we, row_bytes, N, n0, K, s0, step, bq, bon, sq, unit, lane, res);
+            else mp_mma_pass<QT, false, 2, ZA>(we, row_bytes, N, n0, K, s0, step, bq, bon, sq, unit, lane, res);
         }
     } else if constexpr (MAXT > 4 && NB >= 4) {
-        if (al) mp_mma_pass<QT, true, 4, ZA>(we, row_bytes, N, n0, K, s0, step, bq, bon, sq, unit, lane, res, feed);
-        else mp_mma_pass<QT, false, 4, ZA>(we, row_bytes, N, n0, K, s0, step, bq, bon, sq, unit, lane, res, feed);
+        if (al) mp_mma_pass<QT, true, 4, ZA>(we, row_bytes, N, n0, K, s0, step, bq, bon, sq, unit, lane, res);
+        else mp_mma_pass<QT, false, 4, ZA>(we, row_bytes, N, n0, K, s0, step, bq, bon, sq, unit, lane, res);
     }
 }
 
@@ -1691,15 +1660,7 @@ template <int NP> MP_HD int mp_pick(const int (&v)[NP], int u) {
 // when this kernel starts (every block of the launch before passed its own wait, which waited for it):
 // the routing is read and the rows staged or prefetched before the wait, while that launch still runs.
 // P8 (MP_EXPERT_PASS8, prompts past 4 tokens): passes of up to 8 pairs, four n-tiles on each decode of the
-// rows' super-blocks (a record's run of 8 pairs is one pass), the same values as passes of 4. P8 2
-// (MP_EXPERT_STAGE_DIGITS: Q4_K rows not staged) as 1 with each pass's digits in the block's shared memory
-// (mp_feed_staged): the block's warps run every pass and super-block together, a warp past N too (its rows
-// clamped, nothing stored), the same values.
-template <class F> struct mp_feed_staged {
-    static constexpr bool staged = true;
-    F f;
-    MP_HD int operator()(int s, int) const { return f(s); }
-};
+// rows' super-blocks (a record's run of 8 pairs is one pass), the same values as passes of 4.
 template <int QT, int ST = (QT == 14), int P8 = 0>
 MP_MMA_GLOBAL_P8(P8) void qmm_experts_mma(const mp_u8* __restrict__ w0, const mp_u8* __restrict__ w1, mp_i64 row_bytes,
                                    mp_i64 expert_bytes, int N, int K, const mp_u32* __restrict__ xd,
@@ -1707,10 +1668,6 @@ MP_MMA_GLOBAL_P8(P8) void qmm_experts_mma(const mp_u8* __restrict__ w0, const mp
                                    const int* __restrict__ pairs, const int* __restrict__ records,
                                    float* __restrict__ out0, float* __restrict__ out1, int ldo, int early) {
     MP_SHARED mp_u4 stage[ST ? MP_WARPS : 1][ST ? MP_Q6_STAGE / 16 : 1];  // the staged rows
-    constexpr bool SD = P8 == 2;
-    constexpr int CH = MP_EXPERT_DIGITS_CHUNK;  // staged digits: a pass's 8 tokens x CH super-blocks
-    static_assert(!SD || (QT == 12 && !ST), "staged digits: Q4_K rows in global memory");
-    MP_SHARED mp_u4 dstage[SD ? 8 * CH * 64 : 1];
     const int groups = (N + MP_WARPS * 16 - 1) / (MP_WARPS * 16);
     const bool second = (int)blockIdx.x >= groups;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gid = lane >> 2, tig = lane & 3;
@@ -1728,7 +1685,7 @@ MP_MMA_GLOBAL_P8(P8) void qmm_experts_mma(const mp_u8* __restrict__ w0, const mp
         int rec[MP_REC];
         mp_ld8_l2(records + (mp_i64)MP_REC * blockIdx.y, rec);
         e = rec[0];
-        if (e < 0 || (!SD && n0 >= N)) return;  // (staged digits: a warp past N takes part in the block's staging)
+        if (e < 0 || n0 >= N) return;
         we = (second ? w1 : w0) + (mp_i64)e * expert_bytes;
         if (ST && 16 * row_bytes <= MP_Q6_STAGE && mp_aligned(we + (mp_i64)n0 * row_bytes, 16)) {
             wN = N - n0 < 16 ? N - n0 : 16;
@@ -1737,7 +1694,7 @@ MP_MMA_GLOBAL_P8(P8) void qmm_experts_mma(const mp_u8* __restrict__ w0, const mp
             we = st;
             wn0 = 0;
             staged = true;
-        } else if (lane == 0 && (!SD || n0 < N)) {
+        } else if (lane == 0) {
             mp_prefetch_rows(we, row_bytes, N, n0, 16);
         }
         beg = rec[1];
@@ -1752,7 +1709,7 @@ MP_MMA_GLOBAL_P8(P8) void qmm_experts_mma(const mp_u8* __restrict__ w0, const mp
     if (early) prepare();
     mp_grid_sync();  // the digits were written by the launch before (the routing too, unless early)
     if (!early) prepare();
-    if (e < 0 || (!SD && n0 >= N)) return;  // uniform over the warp (over the block where SD)
+    if (e < 0 || n0 >= N) return;  // uniform over the warp
     if (staged) {
         mp_cp_async_wait();
         mp_syncwarp();
@@ -1772,36 +1729,9 @@ MP_MMA_GLOBAL_P8(P8) void qmm_experts_mma(const mp_u8* __restrict__ w0, const mp
             const int ud = 2 * i + (tig >> 1);
             opair[i] = ud < nt ? mp_pick(pp, h + ud) : -1;
         }
-        auto row_of = [&](int u) { return mp_pick(pp, h + u) / x_div; };  // the activation row of the pass's token u
-        mp_mma_pass_inputs(nt, row_of, K, xd, xs, xunit, lane, bq, bon, sq, unit);
+        mp_mma_pass_inputs(nt, [&](int u) { return mp_pick(pp, h + u) / x_div; }, K, xd, xs, xunit, lane, bq, bon, sq, unit);
         float res[NB];
-        if constexpr (SD) {
-            mp_u32* dw = (mp_u32*)dstage;  // token u's digits of the chunk at dw + u CH 256, as in xd's rows
-#pragma unroll
-            for (int i = 0; i < NB; ++i) {
-                const int ub = 2 * i + (gid >> 2);
-                bq[i] = dw + (ub < nt ? ub : 0) * (CH * 256) + 8 * (gid & 3) + 2 * tig;
-            }
-            auto chunk = [&](int s) {  // every warp of the block, every super-block s of the pass in order
-                const int c0 = s - s % CH;
-                if (s == c0) {
-                    mp_syncthreads();  // the last chunk's digits are read
-                    const int per = ((K >> 8) - c0 < CH ? (K >> 8) - c0 : CH) * 64;  // 16-byte pieces a token
-                    for (int u = 0; u < nt; ++u) {
-                        const mp_u32* src = xd + (mp_i64)row_of(u) * K + c0 * 256;
-                        for (int c = (int)threadIdx.x; c < per; c += (int)blockDim.x)
-                            mp_cp_async16(dw + u * (CH * 256) + 4 * c, src + 4 * c);
-                    }
-                    mp_cp_async_wait();
-                    mp_syncthreads();
-                }
-                return s - c0;
-            };
-            mp_mma_dispatch<QT, PT>(al, nt, we, row_bytes, wN, wn0, K, 0, 1, bq, bon, sq, unit, lane, res,
-                                    mp_feed_staged<decltype(chunk)>{chunk});
-        } else {
-            mp_mma_dispatch<QT, PT>(al, nt, we, row_bytes, wN, wn0, K, 0, 1, bq, bon, sq, unit, lane, res);
-        }
+        mp_mma_dispatch<QT, PT>(al, nt, we, row_bytes, wN, wn0, K, 0, 1, bq, bon, sq, unit, lane, res);
         const int n = n0 + gid + 8 * (tig & 1);
 #pragma unroll
         for (int i = 0; i < NB; ++i)

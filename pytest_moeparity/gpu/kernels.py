@@ -130,7 +130,6 @@ NAME_EXPRESSIONS: tuple[str, ...] = tuple(
     + [f"qmm_experts<{q},{nt}>" for q in sorted(KERNEL_QTYPES.values()) for nt in TOKEN_TILES]
     + [f"qmm_experts_mma<{q}>" for q in MMA_QTYPES] + [f"qmm_experts_mma<{KERNEL_QTYPES[Q.Q4_K]},1>"]
     + [f"qmm_experts_mma<{KERNEL_QTYPES[Q.Q4_K]},{st},1>" for st in (0, 1)] + [f"qmm_experts_mma<{KERNEL_QTYPES[Q.Q6_K]},1,1>"]
-    + [f"qmm_experts_mma<{KERNEL_QTYPES[Q.Q4_K]},0,2>"]
     + [f"qmm_dense_mma<{q}>" for q in MMA_QTYPES] + [f"qmm_dense_mma<{q},{long}>" for q in MMA_QTYPES for long in (1, 2, 3)]
     + ["act_digits", "norm_digits", "swiglu_digits", "norm_rope_attention", "combine_norm_digits", "expert_group", "router_topk", "moe_route", "moe_combine", "round_bf16", "rms_norm", "add_rms_norm", "softmax_rows", "attention_core",
        "qk_norm_rope", "rope_neox", "swiglu", "add_f32"])
@@ -779,17 +778,13 @@ def use_mma(be: Backend, code: int, kq: int, K: int, T: int) -> bool:
             and MMA_MIN_TOKENS <= T <= MMA_MAX_TOKENS)
 
 
-def experts_mma_kernel(code: int, row_bytes: int, pass8: bool = False, stage_digits: bool = False) -> str:
+def experts_mma_kernel(code: int, row_bytes: int, pass8: bool = False) -> str:
     """The qmm_experts_mma instance for weight rows of kernel type ``code`` and ``row_bytes`` bytes: Q4_K
     rows whose warp's 16 fit EXPERT_STAGE_BYTES take the staging instance <12,1> (Q6_K rows are always
-    staged). ``pass8`` (see :func:`expert_pass8`): the instance taking an expert's pairs in passes of 8;
-    with ``stage_digits`` (see :func:`expert_stage_digits`) Q4_K rows not staged take <12,0,2>, each pass's
-    digits staged in the block's shared memory."""
+    staged). ``pass8`` (see :func:`expert_pass8`): the instance taking an expert's pairs in passes of 8."""
     staged = code == KERNEL_QTYPES[Q.Q6_K] or (
         code == KERNEL_QTYPES[Q.Q4_K] and STAGE_Q4_EXPERTS and 16 * row_bytes <= EXPERT_STAGE_BYTES)
     if pass8:
-        if stage_digits and code == KERNEL_QTYPES[Q.Q4_K] and not staged:
-            return f"qmm_experts_mma<{code},0,2>"
         return f"qmm_experts_mma<{code},{int(staged)},1>"
     if code == KERNEL_QTYPES[Q.Q4_K] and staged:
         return f"qmm_experts_mma<{code},1>"
@@ -801,13 +796,6 @@ def expert_pass8(be: Backend, T: int) -> bool:
     rows) rather than 4: past 4 tokens (where an expert's run may hold more than 4 pairs), as ``be``'s
     MP_EXPERT_PASS8 says (0: never)."""
     return T > 4 and be.switch("MP_EXPERT_PASS8") > 0
-
-
-def expert_stage_digits(be: Backend, T: int) -> bool:
-    """Whether a product of T tokens whose expert passes are of 8 (:func:`expert_pass8`) stages each pass's
-    digits in the block's shared memory where its Q4_K rows are not staged (qmm_experts_mma<12,0,2>), as
-    ``be``'s MP_EXPERT_STAGE_DIGITS says (0, the default: never)."""
-    return expert_pass8(be, T) and be.switch("MP_EXPERT_STAGE_DIGITS") > 0
 
 
 def dense_mma_kernel(code: int, T: int, by_tokens: bool = False, pass8: bool = False) -> str:
@@ -971,7 +959,7 @@ def qmatmul_experts_shared_input(x, wt3s, routing, *, outs=None, x_per_pair: boo
             if digits is None:
                 digits = act_digits(x, backend=be)
             grid = (_cdiv(N, WARPS * MMA_ROWS) * len(mats), int(routing.records.shape[0]), 1)  # y: the records
-            be.launch(experts_mma_kernel(code, row_bytes, expert_pass8(be, T), expert_stage_digits(be, T)), grid, (THREADS, 1, 1),
+            be.launch(experts_mma_kernel(code, row_bytes, expert_pass8(be, T)), grid, (THREADS, 1, 1),
                       (w0.raw, w1.raw, np.int64(row_bytes), np.int64(N * row_bytes), np.int32(N), np.int32(K), *digits,
                        np.int32(x_div), routing.pairs, routing.records, o0, o1, np.int32(N),
                        np.int32(_written_two_back(routing, be))))
