@@ -1092,6 +1092,18 @@ MP_HD void mp_mma_u8s8(const mp_u32 (&a)[4], const mp_u32 (&b)[2], int (&d)[4]) 
 #endif
 }
 
+// D = A B + C (as mp_mma_u8s8, with C in c): the timing probe MP_Q4_SCALE_PROBE's
+MP_HD void mp_mma_u8s8_acc(const mp_u32 (&a)[4], const mp_u32 (&b)[2], const int (&c)[4], int (&d)[4]) {
+#if defined(MOEPARITY_EMULATOR) || !(defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800)
+    mp_mma_u8s8(a, b, d);
+    for (int k = 0; k < 4; ++k) d[k] += c[k];
+#else
+    asm("mma.sync.aligned.m16n8k32.row.col.s32.u8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%10,%11,%12,%13};"
+        : "=r"(d[0]), "=r"(d[1]), "=r"(d[2]), "=r"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "r"(c[0]), "r"(c[1]), "r"(c[2]), "r"(c[3]));
+#endif
+}
+
 // D = A B for A 16 x 16 s8 (a[2]), B 16 x 8 s8 (b): lane 4 g + t holds A[g][4t..4t+3] (a0), A[g+8][4t..4t+3]
 // (a1), B[4t..4t+3][g] (b), and gets D[g][2t], D[g][2t+1], D[g+8][2t], D[g+8][2t+1] (as mp_mma_u8s8).
 MP_HD void mp_mma_s8s8_k16(const mp_u32 (&a)[2], mp_u32 b, int (&d)[4]) {
@@ -1342,6 +1354,13 @@ MP_HD void mp_mma_scale_add(const float (&d)[2], const int (&ia)[4], float (&acc
 #ifndef MP_Q4_DIGITS_PROBE
 #define MP_Q4_DIGITS_PROBE 0
 #endif
+// MP_Q4_SCALE_PROBE=1 (a TIMING PROBE, wrong results, as MP_Q4_LAYOUT_PROBE): each mma of the Q4_K pass adds
+// its sums straight into the super-block's integer sums (the mma's own accumulator) instead of applying the
+// sub-block's 6-bit scale (four IMADs an mma, 128 a super-block in a pass of 8 tokens): what the scales'
+// products and their dependence on the mma cost at most (the bound on any exact rework of them).
+#ifndef MP_Q4_SCALE_PROBE
+#define MP_Q4_SCALE_PROBE 0
+#endif
 
 // One warp, one pass of up to 2 TILES tokens: rows n0 + gid and n0 + gid + 8 (clamped to N - 1) of lane
 // 4 gid + tig. In n-tile i the lane's B column gid is digit gid & 3 of the token whose digits start at
@@ -1414,6 +1433,12 @@ MP_HD void mp_mma_q4k_pass(const mp_u8* __restrict__ we, mp_i64 row_bytes, int N
             for (int i = 0; i < TILES; ++i) {
                 const bool on = !ZA || bon[i];
                 const mp_u32 bb[2] = {on ? b[i][j][0] : 0u, on ? b[i][j][1] : 0u};
+                if (MP_Q4_SCALE_PROBE) {  // (wrong values)
+                    int dd[4];
+                    mp_mma_u8s8_acc(a, bb, ia[i], dd);
+                    ia[i][0] = dd[0], ia[i][1] = dd[1], ia[i][2] = dd[2], ia[i][3] = dd[3];
+                    continue;
+                }
                 int dd[4];
                 mp_mma_u8s8(a, bb, dd);
                 ia[i][0] += s0 * dd[0];
