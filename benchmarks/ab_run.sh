@@ -4,10 +4,12 @@
 #   bash benchmarks/ab_run.sh TAG "-DMP_X=1" "-DMP_X=1 -DMP_Y=2" ...
 # after `../shared/gpu/wheels.sh` here, with `.whl` carried and the install line first. In order: the
 # 30b-a3b model made in the background (MODEL_JOBS, default 8), the GPU tests' builds compiled by
-# warm_builds.py (WARM_S seconds, default 170), the GPU tests (TESTS_S, default 200; TESTS_K: a -k
+# warm_builds.py (WARM_S seconds, default 200, WARM_JOBS builds at once, default 14), the GPU tests (TESTS_S, default 200; TESTS_K: a -k
 # expression; TESTS=0 skips them) and the tiny check, then bench_ab.py at TOKENS (default 64,3), ROUNDS
 # (default 4) rounds, with each argument after TAG as a variant, until BUDGET_S (default 575) seconds have
-# passed. Results under $OUT: ab-TAG.json, warm.log, gpu-tests.log.
+# passed. Results under $OUT: ab-TAG.json, warm.log, gpu-tests.log. On a cold machine the tests and an A/B of
+# three variants do not fit one call (step 72: the builds took ~98 s each beside the model's making, the
+# tests ran out at 200 s, bench_ab.py got ~100 s and compiled nothing in it): TESTS=0 for an A/B call.
 tag=${1:?usage: ab_run.sh TAG VARIANT...}; shift
 out=${OUT:?set by the device tool}
 t0=$(date +%s)
@@ -17,7 +19,7 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 (python3 -m pytest_moeparity.cli make-model /tmp/30b.gguf --preset 30b-a3b --jobs "${MODEL_JOBS:-8}" --quiet
  echo "make rc=$?") > /tmp/make.log 2>&1 &
 if [ "${TESTS:-1}" != 0 ]; then
-  timeout "${WARM_S:-170}" python3 benchmarks/warm_builds.py --jobs 8 > "$out/warm.log" 2>&1; el "warm_builds rc=$?"
+  timeout "${WARM_S:-200}" python3 benchmarks/warm_builds.py --jobs "${WARM_JOBS:-14}" > "$out/warm.log" 2>&1; el "warm_builds rc=$?"
   timeout "${TESTS_S:-200}" python3 -m pytest -m gpu -n 14 -q -p no:cacheprovider tests/test_gpu.py tests/test_gpu_tuning.py \
     ${TESTS_K:+-k "$TESTS_K"} > "$out/gpu-tests.log" 2>&1
   el "gpu tests rc=$?"; tail -1 "$out/gpu-tests.log"; grep -E "^(FAILED|ERROR)" "$out/gpu-tests.log" | head -20
