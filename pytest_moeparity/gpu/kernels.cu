@@ -1092,7 +1092,7 @@ MP_HD void mp_mma_u8s8(const mp_u32 (&a)[4], const mp_u32 (&b)[2], int (&d)[4]) 
 #endif
 }
 
-// D = A B + C (as mp_mma_u8s8, with C in c): the timing probe MP_Q4_SCALE_PROBE's
+// D = A B + C (as mp_mma_u8s8, with C in c): MP_Q4_SPLIT_SCALE's (and the timing probe MP_Q4_SCALE_PROBE's)
 MP_HD void mp_mma_u8s8_acc(const mp_u32 (&a)[4], const mp_u32 (&b)[2], const int (&c)[4], int (&d)[4]) {
 #if defined(MOEPARITY_EMULATOR) || !(defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800)
     mp_mma_u8s8(a, b, d);
@@ -1362,6 +1362,15 @@ MP_HD void mp_mma_scale_add(const float (&d)[2], const int (&ia)[4], float (&acc
 #define MP_Q4_SCALE_PROBE 0
 #endif
 
+// MP_Q4_SPLIT_SCALE (tuning switch; 1: passes of 8 tokens, TILES 4): each 6-bit scale sc = lo + 8 hi (lo, hi
+// 0..7) goes into the weights instead of onto the mma's sums: the nibble bytes times lo and times hi (at
+// most 105: a byte each, one IMUL a word) are two mma's A, each adding into its own integer sums through
+// the mma's accumulator, and I = sums_lo + 8 sums_hi once a super-block: exact as ever (integers), two mma
+// and two IMULs (a word's 4 bytes at once) a row pair and sub-block in place of four IMADs an mma.
+#ifndef MP_Q4_SPLIT_SCALE
+#define MP_Q4_SPLIT_SCALE 0
+#endif
+
 // One warp, one pass of up to 2 TILES tokens: rows n0 + gid and n0 + gid + 8 (clamped to N - 1) of lane
 // 4 gid + tig. In n-tile i the lane's B column gid is digit gid & 3 of the token whose digits start at
 // bq[i] (bon[i]: a token of the pass, else zeros), and its D columns 2 tig, 2 tig + 1 are digits
@@ -1420,15 +1429,34 @@ MP_HD void mp_mma_q4k_pass(const mp_u8* __restrict__ we, mp_i64 row_bytes, int N
             mp_scale_min_k4_words(h[r][1], h[r][2], h[r][3], false, sc[r][0], unused);
             mp_scale_min_k4_words(h[r][1], h[r][2], h[r][3], true, sc[r][1], unused);
         }
-        int ia[TILES][4];
+        constexpr bool SPLIT = MP_Q4_SPLIT_SCALE && TILES == 4;
+        int ia[TILES][4], ih[SPLIT ? TILES : 1][4];  // ih: the scales' high parts' sums (SPLIT)
 #pragma unroll
         for (int i = 0; i < TILES; ++i) ia[i][0] = ia[i][1] = ia[i][2] = ia[i][3] = 0;
+#pragma unroll
+        for (int i = 0; i < (SPLIT ? TILES : 1); ++i) ih[i][0] = ih[i][1] = ih[i][2] = ih[i][3] = 0;
 #pragma unroll
         for (int j = 0; j < 8; ++j) {  // sub-block j: low nibbles of group j / 2 (even j), high (odd j)
             const int g = j >> 1, sh = 4 * (j & 1);
             const mp_u32 a[4] = {(q[0][g][0] >> sh) & 0x0F0F0F0Fu, (q[1][g][0] >> sh) & 0x0F0F0F0Fu,
                                  (q[0][g][1] >> sh) & 0x0F0F0F0Fu, (q[1][g][1] >> sh) & 0x0F0F0F0Fu};
             const int s0 = (int)mp_byte8(sc[0], j), s1 = (int)mp_byte8(sc[1], j);
+            if constexpr (SPLIT) {
+                const mp_u32 l0 = (mp_u32)s0 & 7u, l1 = (mp_u32)s1 & 7u, h0 = (mp_u32)s0 >> 3, h1 = (mp_u32)s1 >> 3;
+                const mp_u32 al[4] = {a[0] * l0, a[1] * l1, a[2] * l0, a[3] * l1};  // bytes <= 105: no carries
+                const mp_u32 ah[4] = {a[0] * h0, a[1] * h1, a[2] * h0, a[3] * h1};
+#pragma unroll
+                for (int i = 0; i < TILES; ++i) {
+                    const bool on = !ZA || bon[i];
+                    const mp_u32 bb[2] = {on ? b[i][j][0] : 0u, on ? b[i][j][1] : 0u};
+                    int t[4];
+                    mp_mma_u8s8_acc(al, bb, ia[i], t);
+                    ia[i][0] = t[0], ia[i][1] = t[1], ia[i][2] = t[2], ia[i][3] = t[3];
+                    mp_mma_u8s8_acc(ah, bb, ih[i], t);
+                    ih[i][0] = t[0], ih[i][1] = t[1], ih[i][2] = t[2], ih[i][3] = t[3];
+                }
+                continue;
+            }
 #pragma unroll
             for (int i = 0; i < TILES; ++i) {
                 const bool on = !ZA || bon[i];
@@ -1453,6 +1481,12 @@ MP_HD void mp_mma_q4k_pass(const mp_u8* __restrict__ we, mp_i64 row_bytes, int N
         mp_u32 mo[2];
         mp_scale_min_k4_words(ho1, ho2, ho3, false, unused, mo[0]);
         mp_scale_min_k4_words(ho1, ho2, ho3, true, unused, mo[1]);
+        if constexpr (SPLIT) {
+#pragma unroll
+            for (int i = 0; i < TILES; ++i)
+#pragma unroll
+                for (int c = 0; c < 4; ++c) ia[i][c] += 8 * ih[i][c];
+        }
 #pragma unroll
         for (int i = 0; i < TILES; ++i) {
             mp_mma_scale_add(d, ia[i], acc[i]);
