@@ -1092,15 +1092,17 @@ MP_HD void mp_mma_u8s8(const mp_u32 (&a)[4], const mp_u32 (&b)[2], int (&d)[4]) 
 #endif
 }
 
-// D = A B + C (as mp_mma_u8s8, with C in c): MP_Q4_SPLIT_SCALE's (and the timing probe MP_Q4_SCALE_PROBE's)
-MP_HD void mp_mma_u8s8_acc(const mp_u32 (&a)[4], const mp_u32 (&b)[2], const int (&c)[4], int (&d)[4]) {
+// acc += A B (as mp_mma_u8s8, through the mma's own accumulator): MP_Q4_SPLIT_SCALE's (and the timing probe
+// MP_Q4_SCALE_PROBE's)
+MP_HD void mp_mma_u8s8_add(const mp_u32 (&a)[4], const mp_u32 (&b)[2], int (&acc)[4]) {
 #if defined(MOEPARITY_EMULATOR) || !(defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800)
+    int d[4];
     mp_mma_u8s8(a, b, d);
-    for (int k = 0; k < 4; ++k) d[k] += c[k];
+    for (int k = 0; k < 4; ++k) acc[k] += d[k];
 #else
-    asm("mma.sync.aligned.m16n8k32.row.col.s32.u8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%10,%11,%12,%13};"
-        : "=r"(d[0]), "=r"(d[1]), "=r"(d[2]), "=r"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "r"(c[0]), "r"(c[1]), "r"(c[2]), "r"(c[3]));
+    asm("mma.sync.aligned.m16n8k32.row.col.s32.u8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+        : "+r"(acc[0]), "+r"(acc[1]), "+r"(acc[2]), "+r"(acc[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 #endif
 }
 
@@ -1449,11 +1451,8 @@ MP_HD void mp_mma_q4k_pass(const mp_u8* __restrict__ we, mp_i64 row_bytes, int N
                 for (int i = 0; i < TILES; ++i) {
                     const bool on = !ZA || bon[i];
                     const mp_u32 bb[2] = {on ? b[i][j][0] : 0u, on ? b[i][j][1] : 0u};
-                    int t[4];
-                    mp_mma_u8s8_acc(al, bb, ia[i], t);
-                    ia[i][0] = t[0], ia[i][1] = t[1], ia[i][2] = t[2], ia[i][3] = t[3];
-                    mp_mma_u8s8_acc(ah, bb, ih[i], t);
-                    ih[i][0] = t[0], ih[i][1] = t[1], ih[i][2] = t[2], ih[i][3] = t[3];
+                    mp_mma_u8s8_add(al, bb, ia[i]);
+                    mp_mma_u8s8_add(ah, bb, ih[i]);
                 }
                 continue;
             }
@@ -1462,9 +1461,7 @@ MP_HD void mp_mma_q4k_pass(const mp_u8* __restrict__ we, mp_i64 row_bytes, int N
                 const bool on = !ZA || bon[i];
                 const mp_u32 bb[2] = {on ? b[i][j][0] : 0u, on ? b[i][j][1] : 0u};
                 if (MP_Q4_SCALE_PROBE) {  // (wrong values)
-                    int dd[4];
-                    mp_mma_u8s8_acc(a, bb, ia[i], dd);
-                    ia[i][0] = dd[0], ia[i][1] = dd[1], ia[i][2] = dd[2], ia[i][3] = dd[3];
+                    mp_mma_u8s8_add(a, bb, ia[i]);
                     continue;
                 }
                 int dd[4];
