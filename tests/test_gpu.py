@@ -693,7 +693,8 @@ def test_expert_switches_keep_the_products(backend, switches):
     record (its passes one after another in one warp) where the default splits its pairs over several
     blocks; MP_MMA_PASS8_BLOCKS_Q4ST=2 compiles the staged Q4_K passes of 8 for 2 blocks an SM (no
     spills); MP_Q4_SPLIT_SCALE=1 puts each 6-bit scale's low and high 3 bits into the Q4_K weights of a
-    pass of 8 (two mma into two integer sums) instead of onto the mma's sums: a token's value is computed the same way whichever pass, column, block or build it takes."""
+    pass of 8 (two mma into two integer sums) instead of onto the mma's sums: a token's value is computed
+    the same way whichever pass, column, block or build it takes."""
     from pytest_moeparity.gpu import kernels as Kn
 
     if not backend.mma:

@@ -1443,23 +1443,19 @@ MP_HD void mp_mma_q4k_pass(const mp_u8* __restrict__ we, mp_i64 row_bytes, int N
             const mp_u32 a[4] = {(q[0][g][0] >> sh) & 0x0F0F0F0Fu, (q[1][g][0] >> sh) & 0x0F0F0F0Fu,
                                  (q[0][g][1] >> sh) & 0x0F0F0F0Fu, (q[1][g][1] >> sh) & 0x0F0F0F0Fu};
             const int s0 = (int)mp_byte8(sc[0], j), s1 = (int)mp_byte8(sc[1], j);
-            if constexpr (SPLIT) {
-                const mp_u32 l0 = (mp_u32)s0 & 7u, l1 = (mp_u32)s1 & 7u, h0 = (mp_u32)s0 >> 3, h1 = (mp_u32)s1 >> 3;
-                const mp_u32 al[4] = {a[0] * l0, a[1] * l1, a[2] * l0, a[3] * l1};  // bytes <= 105: no carries
-                const mp_u32 ah[4] = {a[0] * h0, a[1] * h1, a[2] * h0, a[3] * h1};
-#pragma unroll
-                for (int i = 0; i < TILES; ++i) {
-                    const bool on = !ZA || bon[i];
-                    const mp_u32 bb[2] = {on ? b[i][j][0] : 0u, on ? b[i][j][1] : 0u};
-                    mp_mma_u8s8_add(al, bb, ia[i]);
-                    mp_mma_u8s8_add(ah, bb, ih[i]);
-                }
-                continue;
-            }
+            // (SPLIT) the weights times the scales' low and high parts: bytes <= 105, no carries (unused otherwise)
+            const mp_u32 l0 = (mp_u32)s0 & 7u, l1 = (mp_u32)s1 & 7u, h0 = (mp_u32)s0 >> 3, h1 = (mp_u32)s1 >> 3;
+            const mp_u32 al[4] = {a[0] * l0, a[1] * l1, a[2] * l0, a[3] * l1};
+            const mp_u32 ah[4] = {a[0] * h0, a[1] * h1, a[2] * h0, a[3] * h1};
 #pragma unroll
             for (int i = 0; i < TILES; ++i) {
                 const bool on = !ZA || bon[i];
                 const mp_u32 bb[2] = {on ? b[i][j][0] : 0u, on ? b[i][j][1] : 0u};
+                if constexpr (SPLIT) {
+                    mp_mma_u8s8_add(al, bb, ia[i]);
+                    mp_mma_u8s8_add(ah, bb, ih[i]);
+                    continue;
+                }
                 if (MP_Q4_SCALE_PROBE) {  // (wrong values)
                     mp_mma_u8s8_add(a, bb, ia[i]);
                     continue;
