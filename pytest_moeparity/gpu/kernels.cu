@@ -817,6 +817,16 @@ MP_HD void mp_prefetch_l2(const mp_u8* p, mp_i64 bytes) {
 #endif
 }
 
+// A hint that the 128-byte line holding p (global memory) is wanted in this SM's L1 soon: no result, no
+// effect on the numbers (a no-op on the emulator and the host)
+MP_HD void mp_prefetch_l1(const void* p) {
+#if defined(__CUDA_ARCH__) && !defined(MOEPARITY_EMULATOR)
+    asm volatile("prefetch.global.L1 [%0];" ::"l"(p));
+#else
+    (void)p;
+#endif
+}
+
 // The rows n0 .. n0 + rows - 1 (those < N) of a weight matrix
 MP_HD void mp_prefetch_rows(const mp_u8* w, mp_i64 row_bytes, int N, int n0, int rows) {
     const int n1 = n0 + rows < N ? n0 + rows : N;
@@ -1092,8 +1102,7 @@ MP_HD void mp_mma_u8s8(const mp_u32 (&a)[4], const mp_u32 (&b)[2], int (&d)[4]) 
 #endif
 }
 
-// acc += A B (as mp_mma_u8s8, through the mma's own accumulator): MP_Q4_SPLIT_SCALE's (and the timing probe
-// MP_Q4_SCALE_PROBE's)
+// acc += A B (as mp_mma_u8s8, through the mma's own accumulator): the timing probe MP_Q4_SCALE_PROBE's
 MP_HD void mp_mma_u8s8_add(const mp_u32 (&a)[4], const mp_u32 (&b)[2], int (&acc)[4]) {
 #if defined(MOEPARITY_EMULATOR) || !(defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800)
     int d[4];
@@ -1363,14 +1372,13 @@ MP_HD void mp_mma_scale_add(const float (&d)[2], const int (&ia)[4], float (&acc
 #ifndef MP_Q4_SCALE_PROBE
 #define MP_Q4_SCALE_PROBE 0
 #endif
-
-// MP_Q4_SPLIT_SCALE (tuning switch; 1: passes of 8 tokens, TILES 4): each 6-bit scale sc = lo + 8 hi (lo, hi
-// 0..7) goes into the weights instead of onto the mma's sums: the nibble bytes times lo and times hi (at
-// most 105: a byte each, one IMUL a word) are two mma's A, each adding into its own integer sums through
-// the mma's accumulator, and I = sums_lo + 8 sums_hi once a super-block: exact as ever (integers), two mma
-// and two IMULs (a word's 4 bytes at once) a row pair and sub-block in place of four IMADs an mma.
-#ifndef MP_Q4_SPLIT_SCALE
-#define MP_Q4_SPLIT_SCALE 0
+// MP_Q4_PREFETCH_L1 (tuning switch; bit 0: weights, bit 1: digits): the Q4_K pass asks for the next
+// super-block's weight lines (rows in global memory) and its digit lines into L1 while it multiplies this
+// one: one prefetch.global.L1 a lane for the weights' 32 lines (a row's 144 bytes touch two), one or two for
+// the digits' 16 a token pair and n-tile. Nsight (benchmarks/NOTES.md step 74): gate / up's warps wait ~60 % of their cycles on the first
+// use of a super-block's loads (long scoreboard), at 3 and at 64 tokens; a prefetch holds no register.
+#ifndef MP_Q4_PREFETCH_L1
+#define MP_Q4_PREFETCH_L1 0
 #endif
 
 // One warp, one pass of up to 2 TILES tokens: rows n0 + gid and n0 + gid + 8 (clamped to N - 1) of lane
@@ -1390,6 +1398,10 @@ MP_HD void mp_mma_q4k_pass(const mp_u8* __restrict__ we, mp_i64 row_bytes, int N
     float acc[TILES][4], mins[TILES];
     mp_mma_pass_start<TILES>(we, row_bytes, N, n0, lane, rows, acc, mins);
     const bool probe = MP_Q4_LAYOUT_PROBE && AL && n0 + 16 <= N && row_bytes == (mp_i64)(K >> 8) * 144;
+    bool pf = false;  // (MP_Q4_PREFETCH_L1) not rows staged in shared memory
+#if defined(__CUDA_ARCH__) && !defined(MOEPARITY_EMULATOR)
+    if constexpr (MP_Q4_PREFETCH_L1) pf = __isGlobal(we) && __isGlobal(bq[0]);
+#endif
     for (int s = s0; s < (K >> 8); s += step) {
         mp_u32 h[2][4], q[2][4][2], b[TILES][8][2];
         float xsv[TILES][8];
@@ -1423,6 +1435,16 @@ MP_HD void mp_mma_q4k_pass(const mp_u8* __restrict__ we, mp_i64 row_bytes, int N
 #pragma unroll
             for (int c = 0; c < 4; ++c) xsv[i][4 + c] = mp_bits_to_float(v[c]);
         }
+        if (MP_Q4_PREFETCH_L1 && pf && s + step < (K >> 8)) {
+            // this lane's lines of the next super-block: weights, row gid (tig 0, 1) or gid + 8 (2, 3), its
+            // first or last byte; digits, chunk lane & 7 of its token (bq[i]: 2 i + lane / 16) in the n-tiles
+            // i of parity (lane >> 3) & 1
+            const int ow = (s + step) * 144 + 143 * (tig & 1), od = 256 * (s + step) + 32 * (lane & 7);
+            if (MP_Q4_PREFETCH_L1 & 1) mp_prefetch_l1((tig < 2 ? rows[0] : rows[1]) + ow);
+#pragma unroll
+            for (int i = 0; i < TILES; ++i)
+                if ((MP_Q4_PREFETCH_L1 & 2) && (TILES == 1 || ((lane >> 3) & 1) == (i & 1))) mp_prefetch_l1(bq[i] + od);
+        }
         float d[2];
         mp_u32 sc[2][2], unused;  // [row][sub-blocks 0-3, 4-7]
 #pragma unroll
@@ -1431,31 +1453,19 @@ MP_HD void mp_mma_q4k_pass(const mp_u8* __restrict__ we, mp_i64 row_bytes, int N
             mp_scale_min_k4_words(h[r][1], h[r][2], h[r][3], false, sc[r][0], unused);
             mp_scale_min_k4_words(h[r][1], h[r][2], h[r][3], true, sc[r][1], unused);
         }
-        constexpr bool SPLIT = MP_Q4_SPLIT_SCALE && TILES == 4;
-        int ia[TILES][4], ih[SPLIT ? TILES : 1][4];  // ih: the scales' high parts' sums (SPLIT)
+        int ia[TILES][4];
 #pragma unroll
         for (int i = 0; i < TILES; ++i) ia[i][0] = ia[i][1] = ia[i][2] = ia[i][3] = 0;
-#pragma unroll
-        for (int i = 0; i < (SPLIT ? TILES : 1); ++i) ih[i][0] = ih[i][1] = ih[i][2] = ih[i][3] = 0;
 #pragma unroll
         for (int j = 0; j < 8; ++j) {  // sub-block j: low nibbles of group j / 2 (even j), high (odd j)
             const int g = j >> 1, sh = 4 * (j & 1);
             const mp_u32 a[4] = {(q[0][g][0] >> sh) & 0x0F0F0F0Fu, (q[1][g][0] >> sh) & 0x0F0F0F0Fu,
                                  (q[0][g][1] >> sh) & 0x0F0F0F0Fu, (q[1][g][1] >> sh) & 0x0F0F0F0Fu};
             const int s0 = (int)mp_byte8(sc[0], j), s1 = (int)mp_byte8(sc[1], j);
-            // (SPLIT) the weights times the scales' low and high parts: bytes <= 105, no carries (unused otherwise)
-            const mp_u32 l0 = (mp_u32)s0 & 7u, l1 = (mp_u32)s1 & 7u, h0 = (mp_u32)s0 >> 3, h1 = (mp_u32)s1 >> 3;
-            const mp_u32 al[4] = {a[0] * l0, a[1] * l1, a[2] * l0, a[3] * l1};
-            const mp_u32 ah[4] = {a[0] * h0, a[1] * h1, a[2] * h0, a[3] * h1};
 #pragma unroll
             for (int i = 0; i < TILES; ++i) {
                 const bool on = !ZA || bon[i];
                 const mp_u32 bb[2] = {on ? b[i][j][0] : 0u, on ? b[i][j][1] : 0u};
-                if constexpr (SPLIT) {
-                    mp_mma_u8s8_add(al, bb, ia[i]);
-                    mp_mma_u8s8_add(ah, bb, ih[i]);
-                    continue;
-                }
                 if (MP_Q4_SCALE_PROBE) {  // (wrong values)
                     mp_mma_u8s8_add(a, bb, ia[i]);
                     continue;
@@ -1474,12 +1484,6 @@ MP_HD void mp_mma_q4k_pass(const mp_u8* __restrict__ we, mp_i64 row_bytes, int N
         mp_u32 mo[2];
         mp_scale_min_k4_words(ho1, ho2, ho3, false, unused, mo[0]);
         mp_scale_min_k4_words(ho1, ho2, ho3, true, unused, mo[1]);
-        if constexpr (SPLIT) {
-#pragma unroll
-            for (int i = 0; i < TILES; ++i)
-#pragma unroll
-                for (int c = 0; c < 4; ++c) ia[i][c] += 8 * ih[i][c];
-        }
 #pragma unroll
         for (int i = 0; i < TILES; ++i) {
             mp_mma_scale_add(d, ia[i], acc[i]);
