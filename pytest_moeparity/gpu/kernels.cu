@@ -796,9 +796,12 @@ MP_HD bool mp_aligned(const void* p, int n) { return (((unsigned long long)p) & 
 // rows are not cached; asking for all of the rows' bytes at the start turns the later trips into L2
 // hits. One lane calls it: on sm_90 one cp.async.bulk.prefetch per 32 KiB (whole 16-byte units
 // inside [p, p + bytes): never outside the rows), before that one prefetch.global.L2 per 128-byte line.
-// A hint only: no result, no effect on the numbers; MP_PREFETCH=0 turns it off (tuning switch).
+// A hint only: no result, no effect on the numbers; MP_PREFETCH=1 turns it on (tuning switch). Off by
+// default since benchmarks/NOTES.md step 75 (H100, 8-layer 30b-a3b, bench_ab.py: the forward -4.9 % at 3
+// tokens and -1.1 % at 64 without it; gate / up alone -13 % and -3.7 %): today's products keep enough of
+// their own loads in flight that the prefetches only queue ahead of them (as step 26's did).
 #ifndef MP_PREFETCH
-#define MP_PREFETCH 1
+#define MP_PREFETCH 0
 #endif
 MP_HD void mp_prefetch_l2(const mp_u8* p, mp_i64 bytes) {
 #if defined(__CUDA_ARCH__) && MP_PREFETCH
@@ -814,16 +817,6 @@ MP_HD void mp_prefetch_l2(const mp_u8* p, mp_i64 bytes) {
 #else
     (void)p;
     (void)bytes;
-#endif
-}
-
-// A hint that the 128-byte line holding p (global memory) is wanted in this SM's L1 soon: no result, no
-// effect on the numbers (a no-op on the emulator and the host)
-MP_HD void mp_prefetch_l1(const void* p) {
-#if defined(__CUDA_ARCH__) && !defined(MOEPARITY_EMULATOR)
-    asm volatile("prefetch.global.L1 [%0];" ::"l"(p));
-#else
-    (void)p;
 #endif
 }
 
@@ -1372,14 +1365,6 @@ MP_HD void mp_mma_scale_add(const float (&d)[2], const int (&ia)[4], float (&acc
 #ifndef MP_Q4_SCALE_PROBE
 #define MP_Q4_SCALE_PROBE 0
 #endif
-// MP_Q4_PREFETCH_L1 (tuning switch; bit 0: weights, bit 1: digits): the Q4_K pass asks for the next
-// super-block's weight lines (rows in global memory) and its digit lines into L1 while it multiplies this
-// one: one prefetch.global.L1 a lane for the weights' 32 lines (a row's 144 bytes touch two), one or two for
-// the digits' 16 a token pair and n-tile. Nsight (benchmarks/NOTES.md step 74): gate / up's warps wait ~60 % of their cycles on the first
-// use of a super-block's loads (long scoreboard), at 3 and at 64 tokens; a prefetch holds no register.
-#ifndef MP_Q4_PREFETCH_L1
-#define MP_Q4_PREFETCH_L1 0
-#endif
 
 // One warp, one pass of up to 2 TILES tokens: rows n0 + gid and n0 + gid + 8 (clamped to N - 1) of lane
 // 4 gid + tig. In n-tile i the lane's B column gid is digit gid & 3 of the token whose digits start at
@@ -1398,10 +1383,6 @@ MP_HD void mp_mma_q4k_pass(const mp_u8* __restrict__ we, mp_i64 row_bytes, int N
     float acc[TILES][4], mins[TILES];
     mp_mma_pass_start<TILES>(we, row_bytes, N, n0, lane, rows, acc, mins);
     const bool probe = MP_Q4_LAYOUT_PROBE && AL && n0 + 16 <= N && row_bytes == (mp_i64)(K >> 8) * 144;
-    bool pf = false;  // (MP_Q4_PREFETCH_L1) not rows staged in shared memory
-#if defined(__CUDA_ARCH__) && !defined(MOEPARITY_EMULATOR)
-    if constexpr (MP_Q4_PREFETCH_L1) pf = __isGlobal(we) && __isGlobal(bq[0]);
-#endif
     for (int s = s0; s < (K >> 8); s += step) {
         mp_u32 h[2][4], q[2][4][2], b[TILES][8][2];
         float xsv[TILES][8];
@@ -1434,16 +1415,6 @@ MP_HD void mp_mma_q4k_pass(const mp_u8* __restrict__ we, mp_i64 row_bytes, int N
             mp_w128<true>((const mp_u8*)(sq[i] + 8 * sd + 4), v);
 #pragma unroll
             for (int c = 0; c < 4; ++c) xsv[i][4 + c] = mp_bits_to_float(v[c]);
-        }
-        if (MP_Q4_PREFETCH_L1 && pf && s + step < (K >> 8)) {
-            // this lane's lines of the next super-block: weights, row gid (tig 0, 1) or gid + 8 (2, 3), its
-            // first or last byte; digits, chunk lane & 7 of its token (bq[i]: 2 i + lane / 16) in the n-tiles
-            // i of parity (lane >> 3) & 1
-            const int ow = (s + step) * 144 + 143 * (tig & 1), od = 256 * (s + step) + 32 * (lane & 7);
-            if (MP_Q4_PREFETCH_L1 & 1) mp_prefetch_l1((tig < 2 ? rows[0] : rows[1]) + ow);
-#pragma unroll
-            for (int i = 0; i < TILES; ++i)
-                if ((MP_Q4_PREFETCH_L1 & 2) && (TILES == 1 || ((lane >> 3) & 1) == (i & 1))) mp_prefetch_l1(bq[i] + od);
         }
         float d[2];
         mp_u32 sc[2][2], unused;  // [row][sub-blocks 0-3, 4-7]
