@@ -796,15 +796,21 @@ MP_HD bool mp_aligned(const void* p, int n) { return (((unsigned long long)p) & 
 // rows are not cached; asking for all of the rows' bytes at the start turns the later trips into L2
 // hits. One lane calls it: on sm_90 one cp.async.bulk.prefetch per 32 KiB (whole 16-byte units
 // inside [p, p + bytes): never outside the rows), before that one prefetch.global.L2 per 128-byte line.
-// A hint only: no result, no effect on the numbers; MP_PREFETCH=1 turns it on (tuning switch). Off by
-// default since benchmarks/NOTES.md step 75 (H100, 8-layer 30b-a3b, bench_ab.py: the forward -4.9 % at 3
-// tokens and -1.1 % at 64 without it; gate / up alone -13 % and -3.7 %): today's products keep enough of
-// their own loads in flight that the prefetches only queue ahead of them (as step 26's did).
+// A hint only: no result, no effect on the numbers. MP_PREFETCH (tuning switch) says which products ask
+// for it, a mask of MP_PF_FLOAT (the float kernels: qmm_dense, qmm_dense_splitk, qmm_experts),
+// MP_PF_EXPERTS_MMA (qmm_experts_mma) and MP_PF_DENSE_MMA (qmm_dense_mma's rows not staged); 7: all of
+// them, as up to version AA. 0 by default since benchmarks/NOTES.md step 75 (H100, 8-layer 30b-a3b,
+// bench_ab.py: the forward -4.9 % at 3 tokens and -1.1 % at 64 without it; gate / up alone -13 % and
+// -3.7 %): the tensor-core products keep enough of their own loads in flight that the prefetches only
+// queue ahead of them (as step 26's did).
 #ifndef MP_PREFETCH
 #define MP_PREFETCH 0
 #endif
+#define MP_PF_FLOAT 1
+#define MP_PF_EXPERTS_MMA 2
+#define MP_PF_DENSE_MMA 4
 MP_HD void mp_prefetch_l2(const mp_u8* p, mp_i64 bytes) {
-#if defined(__CUDA_ARCH__) && MP_PREFETCH
+#if defined(__CUDA_ARCH__)
     const unsigned long long a = (unsigned long long)p, lo = (a + 15) & ~15ull, hi = (a + (unsigned long long)bytes) & ~15ull;
 #if __CUDA_ARCH__ >= 900
     for (unsigned long long q = lo; q < hi; q += 32768ull) {
@@ -820,10 +826,15 @@ MP_HD void mp_prefetch_l2(const mp_u8* p, mp_i64 bytes) {
 #endif
 }
 
-// The rows n0 .. n0 + rows - 1 (those < N) of a weight matrix
+// The rows n0 .. n0 + rows - 1 (those < N) of a weight matrix, where MP_PREFETCH holds the caller's KIND
+template <int KIND>
 MP_HD void mp_prefetch_rows(const mp_u8* w, mp_i64 row_bytes, int N, int n0, int rows) {
-    const int n1 = n0 + rows < N ? n0 + rows : N;
-    if (n1 > n0) mp_prefetch_l2(w + (mp_i64)n0 * row_bytes, (mp_i64)(n1 - n0) * row_bytes);
+    if constexpr ((MP_PREFETCH & KIND) != 0) {
+        const int n1 = n0 + rows < N ? n0 + rows : N;
+        if (n1 > n0) mp_prefetch_l2(w + (mp_i64)n0 * row_bytes, (mp_i64)(n1 - n0) * row_bytes);
+    } else {
+        (void)w, (void)row_bytes, (void)N, (void)n0, (void)rows;
+    }
 }
 
 template <int QT, int NT>
@@ -926,7 +937,7 @@ MP_MATMUL_GLOBAL void qmm_dense(const mp_u8* __restrict__ w0, const mp_u8* __res
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int n0 = (group * MP_WARPS + warp) * MP_ROWS_FOR(NT);
     const int t0 = tile * NT;
-    if (tile == 0 && lane == 0 && n0 < N) mp_prefetch_rows(w, row_bytes, N, n0, MP_ROWS_FOR(NT));  // the weights: not written by an earlier kernel
+    if (tile == 0 && lane == 0 && n0 < N) mp_prefetch_rows<MP_PF_FLOAT>(w, row_bytes, N, n0, MP_ROWS_FOR(NT));  // the weights: not written by an earlier kernel
     mp_grid_sync();
     if (n0 >= N || t0 >= T) return;  // uniform over the warp
     const int nt = (T - t0) < NT ? (T - t0) : NT;
@@ -956,7 +967,7 @@ MP_MATMUL_GLOBAL void qmm_dense_splitk(const mp_u8* __restrict__ w0, const mp_u8
     const int m = mp_pick_matrix(group, MP_ROWS_FOR(NT), w0, w1, w2, N0, N1, N2, w, N);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int n0 = group * MP_ROWS_FOR(NT), t0 = tile * NT;
-    if (tile == 0 && threadIdx.x == 0) mp_prefetch_rows(w, row_bytes, N, n0, MP_ROWS_FOR(NT));  // the weights: not written by an earlier kernel
+    if (tile == 0 && threadIdx.x == 0) mp_prefetch_rows<MP_PF_FLOAT>(w, row_bytes, N, n0, MP_ROWS_FOR(NT));  // the weights: not written by an earlier kernel
     mp_grid_sync();
     if (n0 >= N || t0 >= T) return;  // uniform over the block
     const int nt = (T - t0) < NT ? (T - t0) : NT;
@@ -1006,7 +1017,7 @@ MP_MATMUL_GLOBAL void qmm_experts(const mp_u8* __restrict__ w0, const mp_u8* __r
     const int n0 = (((int)blockIdx.x - (second ? groups : 0)) * MP_WARPS + warp) * MP_ROWS_FOR(NT);
     if (n0 >= N) return;  // uniform over the warp
     const mp_u8* we = (second ? w1 : w0) + (mp_i64)e * expert_bytes;
-    if (lane == 0) mp_prefetch_rows(we, row_bytes, N, n0, MP_ROWS_FOR(NT));  // before the pair lists are read
+    if (lane == 0) mp_prefetch_rows<MP_PF_FLOAT>(we, row_bytes, N, n0, MP_ROWS_FOR(NT));  // before the pair lists are read
     const int beg = offsets[e], end = offsets[e + 1];
     for (int p0 = beg; p0 < end; p0 += NT) {
         const int nt = (end - p0) < NT ? (end - p0) : NT;
@@ -1722,7 +1733,7 @@ MP_MMA_GLOBAL_P8(P8) void qmm_experts_mma(const mp_u8* __restrict__ w0, const mp
             wn0 = 0;
             staged = true;
         } else if (lane == 0) {
-            mp_prefetch_rows(we, row_bytes, N, n0, 16);
+            mp_prefetch_rows<MP_PF_EXPERTS_MMA>(we, row_bytes, N, n0, 16);
         }
         beg = rec[1];
         end = rec[2];
@@ -1881,7 +1892,7 @@ MP_MMA_DENSE_GLOBAL_L(LONG) void qmm_dense_mma(const mp_u8* __restrict__ w0, con
         wn0 = 0;
         row_bytes = stride;
     } else if (threadIdx.x == 0 && n0 < N) {
-        mp_prefetch_rows(w, row_bytes, N, n0, 16);
+        mp_prefetch_rows<MP_PF_DENSE_MMA>(w, row_bytes, N, n0, 16);
     }
     mp_grid_sync();  // the digits were
     if (n0 >= N) return;  // uniform over the block
