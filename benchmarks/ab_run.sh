@@ -10,13 +10,15 @@
 # passed. Results under $OUT: ab-TAG.json, warm.log, gpu-tests.log. On a cold machine the tests and an A/B of
 # three variants do not fit one call (step 72: the builds took ~98 s each beside the model's making, the
 # tests ran out at 200 s, bench_ab.py got ~100 s and compiled nothing in it): TESTS=0 for an A/B call.
+# MODEL_LAYERS=8 makes a 30b-a3b of its first 8 layers instead (~22 s on the device where the 48 take ~200 s;
+# the per-layer shapes and quant types are the full model's: steps 74-75 A/B'd on it).
 tag=${1:?usage: ab_run.sh TAG VARIANT...}; shift
 out=${OUT:?set by the device tool}
 t0=$(date +%s)
 el() { echo "[$(( $(date +%s) - t0 ))s] $*"; }
 export MOEPARITY_CACHE=${MOEPARITY_CACHE:-/tmp/mpcache}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-(python3 -m pytest_moeparity.cli make-model /tmp/30b.gguf --preset 30b-a3b --jobs "${MODEL_JOBS:-8}" --quiet
+(python3 -m pytest_moeparity.cli make-model /tmp/30b.gguf --preset 30b-a3b ${MODEL_LAYERS:+--layers "$MODEL_LAYERS"} --jobs "${MODEL_JOBS:-8}" --quiet
  echo "make rc=$?") > /tmp/make.log 2>&1 &
 if [ "${TESTS:-1}" != 0 ]; then
   timeout "${WARM_S:-200}" python3 benchmarks/warm_builds.py --jobs "${WARM_JOBS:-14}" > "$out/warm.log" 2>&1; el "warm_builds rc=$?"
