@@ -4,21 +4,10 @@ samples, their reasons and the long-scoreboard waits by opcode are the rows' own
 from __future__ import annotations
 
 import csv
-import importlib.util
 import io
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
 EXPORT = Path(__file__).resolve().parent / "data" / "ncu" / "source-sass-excerpt.csv"
-
-
-def _mod():
-    if "ncu_stalls" not in sys.modules:  # (registered before it runs: its dataclass looks its module up there)
-        spec = importlib.util.spec_from_file_location("ncu_stalls", ROOT / "benchmarks" / "ncu_stalls.py")
-        sys.modules["ncu_stalls"] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(sys.modules["ncu_stalls"])
-    return sys.modules["ncu_stalls"]
 
 
 def _column_sums(block: str, column: str) -> float:
@@ -26,8 +15,8 @@ def _column_sums(block: str, column: str) -> float:
     return sum(float(r[column].replace(",", "") or 0) for r in csv.DictReader(io.StringIO(body)) if r["Address"])
 
 
-def test_duplicate_blocks_are_dropped_and_sums_are_the_rows():
-    N = _mod()
+def test_duplicate_blocks_are_dropped_and_sums_are_the_rows(bench_script):
+    N = bench_script("ncu_stalls")
     text = EXPORT.read_text()
     blocks = text.split('"Kernel Name",')[1:]
     assert len(blocks) == 3 and blocks[0] == blocks[1]  # gate / up written twice, then down
@@ -40,8 +29,8 @@ def test_duplicate_blocks_are_dropped_and_sums_are_the_rows():
         assert sum(la.waits_by_opcode().values()) == la.reasons()["long_sb"]
 
 
-def test_gate_up_waits_on_its_weights_first_use():
-    N = _mod()
+def test_gate_up_waits_on_its_weights_first_use(bench_script):
+    N = bench_script("ncu_stalls")
     gate_up, down = N.parse(EXPORT.read_text())
     waits = gate_up.waits_by_opcode()
     assert waits.most_common(2)[0][0] == "SHF" and waits.most_common(2)[1][0] == "SEL"  # weights' nibbles, digits
@@ -50,8 +39,8 @@ def test_gate_up_waits_on_its_weights_first_use():
     assert "launch 1" in text and "launch 0" not in text and text.count("WARPSYNC.ALL") == 1
 
 
-def test_opcode_drops_guard_and_modifiers():
-    N = _mod()
+def test_opcode_drops_guard_and_modifiers(bench_script):
+    N = bench_script("ncu_stalls")
     assert N.opcode("@!P1 LDG.E.64.CONSTANT R26, desc[UR4][R46.64]") == "LDG"
     assert N.opcode("SHF.R.U32.HI R74, RZ, 0x4, R44") == "SHF"
     assert N.opcode("") == ""

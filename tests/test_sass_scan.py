@@ -4,24 +4,13 @@ local memory) or read it through index tests and predicated moves (version Z's a
 66: flagged as a runtime index); the template form of the same halving has no loop at all."""
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
 DATA = Path(__file__).resolve().parent / "data" / "sass"
 
 
-def _scan():
-    if "sass_scan" not in sys.modules:  # (registered before it runs: its dataclass looks its module up there)
-        spec = importlib.util.spec_from_file_location("sass_scan", ROOT / "benchmarks" / "sass_scan.py")
-        sys.modules["sass_scan"] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(sys.modules["sass_scan"])
-    return sys.modules["sass_scan"]
-
-
-def test_runtime_register_index_is_flagged_in_both_forms():
-    S = _scan()
+def test_runtime_register_index_is_flagged_in_both_forms(bench_script):
+    S = bench_script("sass_scan")
     funcs = S.parse_sass((DATA / "halving-sm90.sass").read_text())
     assert set(funcs) == {"halve_loop", "halve_template"}
     assert S.loops(funcs["halve_template"], least=0) == []  # every level unrolled: straight-line code
@@ -38,8 +27,8 @@ def test_runtime_register_index_is_flagged_in_both_forms():
     assert lp.ops["P2R"] == 40  # the predicates of the index tests kept in registers
 
 
-def test_a_clean_loop_and_spills_are_not_a_runtime_index():
-    S = _scan()
+def test_a_clean_loop_and_spills_are_not_a_runtime_index(bench_script):
+    S = bench_script("sass_scan")
     body = ["        /*0100*/                   LDG.E.CONSTANT R4, desc[UR4][R2.64] ;",
             "        /*0110*/                   FFMA R5, R4, R4, R5 ;",
             "        /*0120*/                   STL [R1], R5 ;",
@@ -52,10 +41,10 @@ def test_a_clean_loop_and_spills_are_not_a_runtime_index():
     assert S.opcode("@!P2 IMAD.MOV.U32 R10, RZ, RZ, R95") == "IMAD.MOV.U32"
 
 
-def test_instances_source_takes_every_template_kernel():
+def test_instances_source_takes_every_template_kernel(bench_script):
     from pytest_moeparity.gpu import kernels as K
 
-    S = _scan()
+    S = bench_script("sass_scan")
     src = S.instances_source(K.KERNELS_CU, K.NAME_EXPRESSIONS)
     assert src.startswith(f'#include "{K.KERNELS_CU}"')
     templates = [n for n in K.NAME_EXPRESSIONS if "<" in n]

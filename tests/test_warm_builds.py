@@ -4,20 +4,12 @@ first, and none that Backend.variant refuses."""
 from __future__ import annotations
 
 import ast
-import importlib.util
 import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _warm():
-    spec = importlib.util.spec_from_file_location("warm_builds", ROOT / "benchmarks" / "warm_builds.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _variant_literals(path: Path) -> list[str]:
@@ -32,10 +24,10 @@ def _variant_literals(path: Path) -> list[str]:
     return found
 
 
-def test_the_builds_are_the_test_variants(tmp_path):
+def test_the_builds_are_the_test_variants(tmp_path, bench_script):
     from pytest_moeparity.gpu.kernels import variant_options
 
-    W = _warm()
+    W = bench_script("warm_builds")
     builds = W.test_builds()
     assert builds[0] == () and len(builds) == len(set(builds))
     wanted = set()
@@ -52,13 +44,13 @@ def test_the_builds_are_the_test_variants(tmp_path):
     assert W.test_builds([f]) == [(), ("-DMP_ATTN_WIDE=0",), ("-DMP_TOPK_REDUX=0", "-DMP_ATTN_WIDE=0")]
 
 
-def test_list_needs_no_gpu(capsys):
-    assert _warm().main(["--list"]) == 0
+def test_list_needs_no_gpu(capsys, bench_script):
+    assert bench_script("warm_builds").main(["--list"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == "(default)" and "-DMP_ATTN_CORE_WARPS=8" in lines
 
 
-def test_without_cupy_it_says_so(monkeypatch):
+def test_without_cupy_it_says_so(monkeypatch, bench_script):
     monkeypatch.setitem(sys.modules, "cupy", None)  # import cupy raises ImportError
     with pytest.raises(SystemExit, match="CuPy"):
-        _warm().main([])
+        bench_script("warm_builds").main([])
