@@ -7,7 +7,7 @@
 # first COUNT (default 2) launches whose kernel matches KERNELS (default qmm_experts_mma: layer 0's gate / up
 # and down) in one eager forward of ncu_forward.py, ordinary launches (MOEPARITY_PDL=0), with the warp-state,
 # scheduler, source-counter and memory sections; NVRTC_OPTIONS (kernels.cu switches, e.g. "-DMP_PREFETCH=7")
-# profiles another build. Under $OUT per prompt length: the report (experts-T.ncu-rep, for the Nsight UI), its
+# profiles another build. Under $OUT per prompt length: the report (ncu-T.ncu-rep, for the Nsight UI), its
 # details page (details-T.txt) and SASS source page (source-T.csv), and ncu_stalls.py's summary, which it
 # prints (~130 s on a cold H100 for both lengths).
 out=${OUT:?set by the device tool}
@@ -26,11 +26,11 @@ for T in "${lengths[@]}"; do
     --clock-control none -k "regex:${KERNELS:-qmm_experts_mma}" --launch-count "${COUNT:-2}" \
     --section SpeedOfLight --section Occupancy --section WarpStateStats --section SchedulerStats \
     --section InstructionStats --section SourceCounters --section MemoryWorkloadAnalysis --section LaunchStats \
-    --import-source no -o "$out/experts-$T" python3 benchmarks/ncu_forward.py --model "$model" --tokens "$T" \
+    --import-source no -o "$out/ncu-$T" python3 benchmarks/ncu_forward.py --model "$model" --tokens "$T" \
     > "$out/ncu-run-$T.log" 2>&1
   el "ncu $T tokens rc=$?"
-  "$ncu" -i "$out/experts-$T.ncu-rep" --page details --print-details all > "$out/details-$T.txt" 2>&1
-  "$ncu" -i "$out/experts-$T.ncu-rep" --page source --csv --print-source sass > "$out/source-$T.csv" 2>&1
+  "$ncu" -i "$out/ncu-$T.ncu-rep" --page details --print-details all > "$out/details-$T.txt" 2>&1
+  "$ncu" -i "$out/ncu-$T.ncu-rep" --page source --csv --print-source sass > "$out/source-$T.csv" 2>&1
   grep -E "^  [a-z].*\(|Duration|DRAM Throughput|L2 Hit Rate |Achieved Active Warps|Warp Cycles Per Issued" \
     "$out/details-$T.txt" | awk '!seen[$0]++' | cut -c1-120
   python3 benchmarks/ncu_stalls.py "$out/source-$T.csv" --top "${TOP:-8}" | tee "$out/stalls-$T.txt"

@@ -30,7 +30,8 @@ class Launch:
         return sum(_num(r.get(ALL)) for r in self.rows)
 
     def reasons(self) -> Counter:
-        """stall reason (the export's stall_* columns, issued and not) -> samples"""
+        """stall reason -> samples (the export's stall_* columns over all samples; their "(Not Issued)" twins,
+        a subset, are left out)"""
         c: Counter = Counter()
         for r in self.rows:
             for k, v in r.items():
