@@ -1624,6 +1624,13 @@ template <int QT> MP_HD bool mp_mma_aligned(const mp_u8* w, mp_i64 row_bytes) {
 // where they start 16-byte aligned and fit MP_Q6_STAGE bytes (K up to 768) the warp first copies them to
 // shared memory in 16-byte pieces (cp.async: no registers, all in flight at once), and the pass reads there.
 #define MP_Q6_STAGE 10240       // bytes of a warp's staged rows (16 rows of 630: K = 768)
+// MP_STAGE_LDS (tuning switch): the passes over staged rows (qmm_experts_mma's and qmm_dense_mma's) read them
+// through a pointer to the stage itself, which nvcc compiles to shared-memory loads (LDS); 0: through the
+// same pointer variable as unstaged rows, a global or a shared address, which it compiles to generic loads
+// (LD), and the unstaged rows of those kernels too. The passes' arithmetic is the same either way.
+#ifndef MP_STAGE_LDS
+#define MP_STAGE_LDS 0
+#endif
 MP_HD void mp_cp_async16(void* smem, const void* gmem) {
     mp_aligned_load(smem, 16);
     mp_aligned_load(gmem, 16);
@@ -1729,8 +1736,10 @@ MP_MMA_GLOBAL_P8(P8) void qmm_experts_mma(const mp_u8* __restrict__ w0, const mp
             wN = N - n0 < 16 ? N - n0 : 16;
             mp_u8* st = (mp_u8*)stage[ST ? warp : 0];
             mp_stage_rows_issue(st, we + (mp_i64)n0 * row_bytes, (int)(wN * row_bytes), lane, 32);
-            we = st;
-            wn0 = 0;
+            if (!MP_STAGE_LDS) {  // (else the passes read the stage by its own pointer, sw)
+                we = st;
+                wn0 = 0;
+            }
             staged = true;
         } else if (lane == 0) {
             mp_prefetch_rows<MP_PF_EXPERTS_MMA>(we, row_bytes, N, n0, 16);
@@ -1755,6 +1764,9 @@ MP_MMA_GLOBAL_P8(P8) void qmm_experts_mma(const mp_u8* __restrict__ w0, const mp
     const bool al = mp_mma_aligned<QT>(we, row_bytes);  // uniform over the warp
     float* out = second ? out1 : out0;
     constexpr int PT = P8 ? 8 : MP_MMA_PASS_TOKENS <= 2 ? 2 : 4;  // tokens a pass
+    // the staged rows through a pointer nvcc sees is shared (ld.shared; through `we`, a global or a shared
+    // address, they would be generic loads): MP_STAGE_LDS
+    const mp_u8* sw = (const mp_u8*)stage[ST ? warp : 0];
     for (int p0 = beg; p0 < end; p0 += PT) {  // pp[h] ..: this pass's pairs (pp holds p0 - h .. p0 - h + NP - 1)
         const int nt = (end - p0) < PT ? (end - p0) : PT, h = PT >= 4 ? 0 : (p0 - beg) & 3;
         const mp_u32* bq[NB];
@@ -1769,7 +1781,10 @@ MP_MMA_GLOBAL_P8(P8) void qmm_experts_mma(const mp_u8* __restrict__ w0, const mp
         }
         mp_mma_pass_inputs(nt, [&](int u) { return mp_pick(pp, h + u) / x_div; }, K, xd, xs, xunit, lane, bq, bon, sq, unit);
         float res[NB];
-        mp_mma_dispatch<QT, PT>(al, nt, we, row_bytes, wN, wn0, K, 0, 1, bq, bon, sq, unit, lane, res);
+        if (MP_STAGE_LDS && ST && staged)  // (aligned: the stage is 16-byte aligned, and so are its rows)
+            mp_mma_dispatch<QT, PT>(true, nt, sw, row_bytes, wN, 0, K, 0, 1, bq, bon, sq, unit, lane, res);
+        else
+            mp_mma_dispatch<QT, PT>(al, nt, we, row_bytes, wN, wn0, K, 0, 1, bq, bon, sq, unit, lane, res);
         const int n = n0 + gid + 8 * (tig & 1);
 #pragma unroll
         for (int i = 0; i < NB; ++i)
@@ -1874,13 +1889,18 @@ MP_MMA_DENSE_GLOBAL_L(LONG) void qmm_dense_mma(const mp_u8* __restrict__ w0, con
     const int warps = (int)(blockDim.x >> 5), warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int n0 = group * 16;
     int wN = N, wn0 = n0;  // the pass's rows: w's rows n0 .. (clamped to N - 1)
+    bool staged = false;
+    mp_i64 srb = row_bytes;  // the staged rows' stride
     // the weights were not written by an earlier kernel: staged or prefetched before the wait
     if (QT == 14 && n0 < N && 16 * row_bytes <= MP_Q6_DENSE_STAGE && mp_aligned(w + (mp_i64)n0 * row_bytes, 16)) {
         wN = N - n0 < 16 ? N - n0 : 16;  // uniform over the block
         mp_stage_rows((mp_u8*)stage, w + (mp_i64)n0 * row_bytes, (int)(wN * row_bytes), (int)threadIdx.x, (int)blockDim.x);
         mp_syncthreads();
-        w = (const mp_u8*)stage;
-        wn0 = 0;
+        staged = true;
+        if (!MP_STAGE_LDS) {  // the passes read the stage through w (else by its own pointer: run_passes)
+            w = (const mp_u8*)stage;
+            wn0 = 0;
+        }
     } else if (QT == 12 && MP_STAGE_Q4_DENSE && n0 < N && 16 * (row_bytes + MP_Q4_PAD) <= MP_Q4_DENSE_STAGE
                && mp_aligned(w + (mp_i64)n0 * row_bytes, 16)) {  // (row_bytes: a multiple of 144, so of 16)
         wN = N - n0 < 16 ? N - n0 : 16;  // uniform over the block
@@ -1888,50 +1908,60 @@ MP_MMA_DENSE_GLOBAL_L(LONG) void qmm_dense_mma(const mp_u8* __restrict__ w0, con
         mp_stage_rows_strided((mp_u8*)stage, w + (mp_i64)n0 * row_bytes, wN, (int)row_bytes, stride, (int)threadIdx.x,
                               (int)blockDim.x);
         mp_syncthreads();
-        w = (const mp_u8*)stage;
-        wn0 = 0;
-        row_bytes = stride;
+        staged = true;
+        srb = stride;
+        if (!MP_STAGE_LDS) {
+            w = (const mp_u8*)stage;
+            wn0 = 0;
+            row_bytes = stride;
+        }
     } else if (threadIdx.x == 0 && n0 < N) {
         mp_prefetch_rows<MP_PF_DENSE_MMA>(w, row_bytes, N, n0, 16);
     }
     mp_grid_sync();  // the digits were
     if (n0 >= N) return;  // uniform over the block
-    if (!LONG) {  // one pass of up to 4 tokens
-        mp_dense_mma_tokens<QT>(0, T < 4 ? T : 4, w, row_bytes, wN, wn0, N, n0, K, xd, xs, xunit, warp, warps, lane, m,
-                                out0, out1, out2, part);
-        return;
-    }
-    // passes of 4 over the same (staged) rows: block y of gridDim.y takes passes y P .. y P + P - 1 of the
-    // prompt's ceil(T / 4) (kernels.py: dense_mma_pass_groups; a few row groups, e.g. attn_v's 32, would
-    // otherwise leave the GPU waiting on one block's passes one after another)
-    const int passes = (T + 3) >> 2, per = (passes + (int)gridDim.y - 1) / (int)gridDim.y;
-    const int tb = 4 * per * (int)blockIdx.y, te = tb + 4 * per < T ? tb + 4 * per : T;
-    if (LONG >= 2) {  // each warp whole passes over all of K, written from its registers (no barrier, no sums)
-        constexpr int PT = LONG == 3 ? 8 : 4, NB = PT / 2;  // tokens a pass, its n-tiles
-        const bool al = mp_mma_aligned<QT>(w, row_bytes);  // uniform over the block
-        for (int t0 = tb + PT * warp; t0 < te; t0 += PT * warps) {
-            const int nt = te - t0 < PT ? te - t0 : PT;
-            const mp_u32* bq[NB];
-            const float* sq[NB];
-            bool bon[NB];
-            float unit[NB], res[NB] = {};
-            mp_mma_pass_inputs(nt, [t0](int u) { return t0 + u; }, K, xd, xs, xunit, lane, bq, bon, sq, unit);
-            mp_mma_dispatch<QT, PT, MP_DENSE_LONG_ZERO_ABSENT>(al, nt, w, row_bytes, wN, wn0, K, 0, 1, bq, bon, sq,
-                                                               unit, lane, res);
-            const int n = n0 + (lane >> 2) + 8 * (lane & 1);
-#pragma unroll
-            for (int i = 0; i < NB; ++i) {
-                const int t = 2 * i + ((lane & 3) >> 1);
-                if (t < nt && n < N) mp_pick_out(m, out0, out1, out2)[(mp_i64)(t0 + t) * N + n] = res[i];
-            }
+    // the passes over rows w (row_bytes apart, the pass's rows wn0 ..): the stage's rows are read through a
+    // pointer nvcc sees is shared (MP_STAGE_LDS), else through one that is global or shared (generic loads)
+    auto run_passes = [&](const mp_u8* w, mp_i64 row_bytes, int wn0) {
+        if (!LONG) {  // one pass of up to 4 tokens
+            mp_dense_mma_tokens<QT>(0, T < 4 ? T : 4, w, row_bytes, wN, wn0, N, n0, K, xd, xs, xunit, warp, warps, lane, m,
+                                    out0, out1, out2, part);
+            return;
         }
-        return;
-    }
-    for (int t0 = tb; t0 < te; t0 += 4) {
-        if (t0 != tb) mp_syncthreads();  // the last pass's values are read
-        mp_dense_mma_tokens<QT, MP_DENSE_LONG_ZERO_ABSENT>(t0, te - t0 < 4 ? te - t0 : 4, w, row_bytes, wN, wn0, N, n0, K,
-                                                           xd, xs, xunit, warp, warps, lane, m, out0, out1, out2, part);
-    }
+        // passes of 4 over the same (staged) rows: block y of gridDim.y takes passes y P .. y P + P - 1 of the
+        // prompt's ceil(T / 4) (kernels.py: dense_mma_pass_groups; a few row groups, e.g. attn_v's 32, would
+        // otherwise leave the GPU waiting on one block's passes one after another)
+        const int passes = (T + 3) >> 2, per = (passes + (int)gridDim.y - 1) / (int)gridDim.y;
+        const int tb = 4 * per * (int)blockIdx.y, te = tb + 4 * per < T ? tb + 4 * per : T;
+        if (LONG >= 2) {  // each warp whole passes over all of K, written from its registers (no barrier, no sums)
+            constexpr int PT = LONG == 3 ? 8 : 4, NB = PT / 2;  // tokens a pass, its n-tiles
+            const bool al = mp_mma_aligned<QT>(w, row_bytes);  // uniform over the block
+            for (int t0 = tb + PT * warp; t0 < te; t0 += PT * warps) {
+                const int nt = te - t0 < PT ? te - t0 : PT;
+                const mp_u32* bq[NB];
+                const float* sq[NB];
+                bool bon[NB];
+                float unit[NB], res[NB] = {};
+                mp_mma_pass_inputs(nt, [t0](int u) { return t0 + u; }, K, xd, xs, xunit, lane, bq, bon, sq, unit);
+                mp_mma_dispatch<QT, PT, MP_DENSE_LONG_ZERO_ABSENT>(al, nt, w, row_bytes, wN, wn0, K, 0, 1, bq, bon, sq,
+                                                                   unit, lane, res);
+                const int n = n0 + (lane >> 2) + 8 * (lane & 1);
+#pragma unroll
+                for (int i = 0; i < NB; ++i) {
+                    const int t = 2 * i + ((lane & 3) >> 1);
+                    if (t < nt && n < N) mp_pick_out(m, out0, out1, out2)[(mp_i64)(t0 + t) * N + n] = res[i];
+                }
+            }
+            return;
+        }
+        for (int t0 = tb; t0 < te; t0 += 4) {
+            if (t0 != tb) mp_syncthreads();  // the last pass's values are read
+            mp_dense_mma_tokens<QT, MP_DENSE_LONG_ZERO_ABSENT>(t0, te - t0 < 4 ? te - t0 : 4, w, row_bytes, wN, wn0, N, n0, K,
+                                                               xd, xs, xunit, warp, warps, lane, m, out0, out1, out2, part);
+        }
+    };
+    if (MP_STAGE_LDS && staged) run_passes((const mp_u8*)stage, srb, 0);
+    else run_passes(w, row_bytes, wn0);
 }
 
 // ---- grouping of (token, slot) pairs by expert ------------------------------------------------------
