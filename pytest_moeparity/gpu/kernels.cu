@@ -799,12 +799,13 @@ MP_HD bool mp_aligned(const void* p, int n) { return (((unsigned long long)p) & 
 // A hint only: no result, no effect on the numbers. MP_PREFETCH (tuning switch) says which products ask
 // for it, a mask of MP_PF_FLOAT (the float kernels: qmm_dense, qmm_dense_splitk, qmm_experts),
 // MP_PF_EXPERTS_MMA (qmm_experts_mma) and MP_PF_DENSE_MMA (qmm_dense_mma's rows not staged); 7: all of
-// them, as up to version AA. 0 by default since benchmarks/NOTES.md step 75 (H100, 8-layer 30b-a3b,
-// bench_ab.py: the forward -4.9 % at 3 tokens and -1.1 % at 64 without it; gate / up alone -13 % and
-// -3.7 %): the tensor-core products keep enough of their own loads in flight that the prefetches only
-// queue ahead of them (as step 26's did).
+// them, as up to version AA. The tensor-core products keep enough of their own loads in flight that the
+// prefetches only queue ahead of them (as step 26's did): off for them since benchmarks/NOTES.md step 75
+// (H100, 8-layer 30b-a3b, bench_ab.py: the forward -4.9 % at 3 tokens and -1.1 % at 64 without any; gate /
+// up alone -13 % and -3.7 %). The float kernels' (1: the F32 router, 1-token prompts) stay, since step 76
+// (H100, full 30b-a3b: 1 against 0 -0.9 % at 3 tokens, every round; -0.1 % at 64, mixed; 7 +3.6 % and +0.5 %).
 #ifndef MP_PREFETCH
-#define MP_PREFETCH 0
+#define MP_PREFETCH 1
 #endif
 #define MP_PF_FLOAT 1
 #define MP_PF_EXPERTS_MMA 2
@@ -1625,11 +1626,13 @@ template <int QT> MP_HD bool mp_mma_aligned(const mp_u8* w, mp_i64 row_bytes) {
 // shared memory in 16-byte pieces (cp.async: no registers, all in flight at once), and the pass reads there.
 #define MP_Q6_STAGE 10240       // bytes of a warp's staged rows (16 rows of 630: K = 768)
 // MP_STAGE_LDS (tuning switch): the passes over staged rows (qmm_experts_mma's and qmm_dense_mma's) read them
-// through a pointer to the stage itself, which nvcc compiles to shared-memory loads (LDS); 0: through the
-// same pointer variable as unstaged rows, a global or a shared address, which it compiles to generic loads
-// (LD), and the unstaged rows of those kernels too. The passes' arithmetic is the same either way.
+// through a pointer to the stage itself, which nvcc compiles to shared-memory loads (LDS), and the unstaged
+// rows through one to global memory (LDG); 0: both through one pointer variable, a global or a shared
+// address, which nvcc compiles to generic loads (LD). The passes' arithmetic is the same either way. 1 by
+// default since benchmarks/NOTES.md step 76 (H100, full 30b-a3b: the forward -2.4 % at 64 tokens, every
+// round; +0.2 % at 3, mixed).
 #ifndef MP_STAGE_LDS
-#define MP_STAGE_LDS 0
+#define MP_STAGE_LDS 1
 #endif
 MP_HD void mp_cp_async16(void* smem, const void* gmem) {
     mp_aligned_load(smem, 16);
