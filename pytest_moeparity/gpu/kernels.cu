@@ -1364,6 +1364,15 @@ MP_HD void mp_mma_scale_add(const float (&d)[2], const int (&ia)[4], float (&acc
 #ifndef MP_Q4_LAYOUT_PROBE
 #define MP_Q4_LAYOUT_PROBE 0
 #endif
+// MP_Q4_PAIR_PROBE=1 (a TIMING PROBE, wrong results, as MP_Q4_LAYOUT_PROBE): the same pass over rows of an even
+// number of super-blocks reads each row's super-blocks as pairs of 288 bytes laid out [quants of the first
+// (128)][quants of the second (128)][their two headers (32)], so that every 32-byte quant group of a row is
+// one 32-byte sector (in the file's layout every other super-block starts 16 bytes into a sector and its
+// groups straddle two): what a layout permuted within each row would give, against the layout probe's
+// 16-row tiles.
+#ifndef MP_Q4_PAIR_PROBE
+#define MP_Q4_PAIR_PROBE 0
+#endif
 // MP_Q4_DIGITS_PROBE=1 (a TIMING PROBE, wrong results, as MP_Q4_LAYOUT_PROBE): every super-block of the Q4_K
 // pass reads the activations' digits and sums of the warp's first one (in L1 after the first: no L2 round
 // trip): how much of the time the digits' L2 round trips cost; with the layout probe, the memory side's best.
@@ -1395,6 +1404,7 @@ MP_HD void mp_mma_q4k_pass(const mp_u8* __restrict__ we, mp_i64 row_bytes, int N
     float acc[TILES][4], mins[TILES];
     mp_mma_pass_start<TILES>(we, row_bytes, N, n0, lane, rows, acc, mins);
     const bool probe = MP_Q4_LAYOUT_PROBE && AL && n0 + 16 <= N && row_bytes == (mp_i64)(K >> 8) * 144;
+    const bool pair_probe = MP_Q4_PAIR_PROBE && AL && (K >> 8) % 2 == 0 && row_bytes == (mp_i64)(K >> 8) * 144;
     for (int s = s0; s < (K >> 8); s += step) {
         mp_u32 h[2][4], q[2][4][2], b[TILES][8][2];
         float xsv[TILES][8];
@@ -1406,6 +1416,14 @@ MP_HD void mp_mma_q4k_pass(const mp_u8* __restrict__ we, mp_i64 row_bytes, int N
                 mp_w128<AL>(tile + 16 * ((lane >> 2) + 8 * r), h[r]);
 #pragma unroll
                 for (int g = 0; g < 4; ++g) mp_w64<AL>(tile + 256 + 8 * (32 * (2 * g + r) + lane), q[r][g]);
+            }
+        } else if (pair_probe) {  // (wrong values: MP_Q4_PAIR_PROBE)
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                const mp_u8* pair = rows[r] + (mp_i64)(s >> 1) * 288;
+                mp_w128<AL>(pair + 256 + 16 * (s & 1), h[r]);
+#pragma unroll
+                for (int g = 0; g < 4; ++g) mp_w64<AL>(pair + 128 * (s & 1) + 32 * g + 8 * tig, q[r][g]);
             }
         } else {
 #pragma unroll
