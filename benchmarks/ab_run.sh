@@ -12,6 +12,11 @@
 # tests ran out at 200 s, bench_ab.py got ~100 s and compiled nothing in it): TESTS=0 for an A/B call.
 # MODEL_LAYERS=8 makes a 30b-a3b of its first 8 layers instead (~22 s on the device where the 48 take ~200 s;
 # the per-layer shapes and quant types are the full model's: steps 74-75 A/B'd on it).
+# EXPERTS="gate_up:3 gate_up:64 down:3" also times the expert launches alone, each STAGE:TOKENS by
+# bench_experts_ab.py (layers 0 to EXPERTS_LAYERS - 1, default 8; the model's routing; EXPERTS_ROUNDS x 10),
+# before the forwards; FORWARD=0 leaves bench_ab.py out. Its first run compiles the builds (the later ones
+# find them in MOEPARITY_CACHE): on a cold machine with three builds give it ~150 s after the model
+# (step 76: a call of 175 s ran out before the first table).
 tag=${1:?usage: ab_run.sh TAG VARIANT...}; shift
 out=${OUT:?set by the device tool}
 t0=$(date +%s)
@@ -30,7 +35,17 @@ fi
 while ! grep -q "make rc" /tmp/make.log; do sleep 2; done; el "$(tail -1 /tmp/make.log)"
 args=()
 for v in "$@"; do args+=("--variant=$v"); done
-timeout $(( ${BUDGET_S:-575} - ($(date +%s) - t0) )) python3 benchmarks/bench_ab.py --model /tmp/30b.gguf \
-  --tokens "${TOKENS:-64,3}" --rounds "${ROUNDS:-4}" "${args[@]}" --tag "$tag" --out "$out/ab-$tag.json" 2>&1 \
-  | grep -E "^\||round|builds" | tail -40
+left() { echo $(( ${BUDGET_S:-575} - ($(date +%s) - t0) )); }
+for spec in ${EXPERTS:-}; do
+  stage=${spec%%:*} tok=${spec##*:}
+  timeout "$(left)" python3 benchmarks/bench_experts_ab.py --model /tmp/30b.gguf --stage "$stage" --tokens "$tok" \
+    --layers "${EXPERTS_LAYERS:-8}" --routing model --rounds "${EXPERTS_ROUNDS:-5}" --replays 10 "${args[@]}" \
+    --tag "$tag-$stage-${tok}tok" --out "$out/experts-ab-$tag-$stage-${tok}tok.json" 2>&1 | grep -E "^\||builds" | tail -8
+  el "experts $spec rc=${PIPESTATUS[0]}"
+done
+if [ "${FORWARD:-1}" != 0 ]; then
+  timeout "$(left)" python3 benchmarks/bench_ab.py --model /tmp/30b.gguf \
+    --tokens "${TOKENS:-64,3}" --rounds "${ROUNDS:-4}" "${args[@]}" --tag "$tag" --out "$out/ab-$tag.json" 2>&1 \
+    | grep -E "^\||round|builds" | tail -40
+fi
 el end
