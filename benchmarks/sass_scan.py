@@ -1,11 +1,15 @@
 """Static scan of kernels.cu's machine code, no GPU needed: every kernel and template instance kernels.py
 launches, compiled by nvcc for one architecture and disassembled by cuobjdump, with per kernel its
 instructions, its local-memory (spill) instructions, and each loop of 60 or more instructions with what
-it holds (loads, mma, shuffles, selects, local memory). Two kinds of loop are flagged. A register array
+it holds (loads, mma, shuffles, selects, local memory). Three kinds of loop are flagged. A register array
 indexed at run time: nvcc reads and writes it through chains of index tests (`ISETP.EQ`, INDEX_TESTS or
 more in the loop) and predicated moves over its registers, as version Z's attention_core did, spending
 ~4500 instructions a chunk of 32 positions where ~770 do (benchmarks/NOTES.md step 66), or through local
 memory. Local memory in a loop (LOCAL_OPS or more instructions): such an array, or spilled registers.
+Generic loads or stores in a loop (GENERIC_OPS or more `LD` / `ST`, neither `LDG` / `STG` nor `LDS` / `STS`):
+a pointer nvcc could not place in global or shared memory, as the staged weight rows of version AB's
+tensor-core products, read through a variable that held either a global or a shared address (step 76:
+read by `LDS`, the 64-token forward 2.6 % faster).
 
     python benchmarks/sass_scan.py [--arch sm_90] [-D NAME=VALUE ...] [--only attention_core] [--out F]
 
@@ -30,6 +34,7 @@ sys.path[:0] = [str(Path(__file__).resolve().parent.parent)]
 LOOP_MIN = 60        # loops shorter than this are not listed
 INDEX_TESTS = 16     # a loop with this many ISETP.EQ tests reads a register array by a runtime index
 LOCAL_OPS = 8        # ... or with this many local-memory instructions (a spilled value or two is not that)
+GENERIC_OPS = 8      # a loop with this many generic loads / stores reads through a pointer of unknown space
 _FUNC = re.compile(r"^\s*Function : (\S+)")
 _INSN = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
 _BRANCH = re.compile(r"\bBRA\s+(?:`\(\.L_x_\d+\)\s*)?0x([0-9a-f]+)")
@@ -54,6 +59,11 @@ class Loop:
         return sum(n for op, n in self.ops.items() if op.startswith("ISETP.EQ"))
 
     @property
+    def generic(self) -> int:
+        """Generic loads and stores (`LD`, `ST`: the address may be global, shared or local)."""
+        return sum(n for op, n in self.ops.items() if op.split(".")[0] in ("LD", "ST"))
+
+    @property
     def runtime_index(self) -> bool:
         """A register array read through index tests and predicated moves."""
         return self.index_tests >= INDEX_TESTS
@@ -63,12 +73,18 @@ class Loop:
         """Local memory in the loop: an array indexed at run time, or spilled registers."""
         return self.local >= LOCAL_OPS
 
+    @property
+    def generic_heavy(self) -> bool:
+        """Memory reached by generic loads or stores in the loop: a pointer of unknown space."""
+        return self.generic >= GENERIC_OPS
+
     def row(self) -> dict:
         pick = lambda *ps: sum(n for op, n in self.ops.items() if op.startswith(ps))  # noqa: E731
         return {"loop": f"{self.start:#x}-{self.end:#x}", "insns": self.size, "loads": pick("LDG", "LDS", "LD."),
                 "mma": pick("IMMA", "HMMA"), "shuffles": pick("SHFL"), "selects": pick("SEL", "FSEL"),
-                "index_tests": self.index_tests, "local": self.local,
-                "flag": "runtime index" if self.runtime_index else "local memory" if self.local_heavy else ""}
+                "index_tests": self.index_tests, "local": self.local, "generic": self.generic,
+                "flag": "runtime index" if self.runtime_index else "local memory" if self.local_heavy
+                else "generic memory" if self.generic_heavy else ""}
 
 
 def opcode(text: str) -> str:
@@ -156,7 +172,7 @@ def main(argv=None) -> int:
             raise SystemExit(f"nvcc failed:\n{res.stderr[-4000:]}")
         sass = subprocess.run([_cuobjdump(args.cuobjdump), "-sass", str(cubin)], capture_output=True, text=True,
                               check=True).stdout
-    rows, indexed, local = [], [], []
+    rows, indexed, local, generic = [], [], [], []
     for name, insns in sorted(parse_sass(sass).items()):
         if args.only and args.only not in name:
             continue
@@ -167,9 +183,11 @@ def main(argv=None) -> int:
         rows += [{"kernel": "", **lp.row()} for lp in found]
         indexed += [name] if any(lp.runtime_index for lp in found) else []
         local += [name] if any(lp.local_heavy for lp in found) else []
+        generic += [name] if any(lp.generic_heavy for lp in found) else []
     print(tabulate(rows, headers="keys", tablefmt="github"))
     print("loops reading a register array by index tests:", ", ".join(indexed) or "none")
     print("loops with local memory (such an array, or spills):", ", ".join(local) or "none")
+    print("loops with generic loads or stores (a pointer of unknown space):", ", ".join(generic) or "none")
     if args.out:
         Path(args.out).write_text(json.dumps({"arch": args.arch, "defines": args.defines, "rows": rows}, indent=1))
     return 0

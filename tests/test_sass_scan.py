@@ -1,7 +1,8 @@
 """benchmarks/sass_scan.py on real cuobjdump output (tests/data/sass): the loops that index a register array
 at run time are flagged, whether nvcc put the array in local memory (halving.cu's loop form: flagged as
 local memory) or read it through index tests and predicated moves (version Z's attention_core, NOTES step
-66: flagged as a runtime index); the template form of the same halving has no loop at all."""
+66: flagged as a runtime index); the template form of the same halving has no loop at all. Loops of generic
+loads (a pointer nvcc could not place in global or shared memory, NOTES step 76) are flagged too."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -39,6 +40,27 @@ def test_a_clean_loop_and_spills_are_not_a_runtime_index(bench_script):
     assert lp.size == 6 and lp.local == 2 and lp.ops["ISETP.EQ.AND"] == 1 and lp.ops["BRA"] == 1
     assert not lp.runtime_index and not lp.local_heavy and lp.row()["flag"] == ""  # a spilled value, one test
     assert S.opcode("@!P2 IMAD.MOV.U32 R10, RZ, RZ, R95") == "IMAD.MOV.U32"
+
+
+def test_generic_loads_in_a_loop_are_flagged(bench_script):
+    """Version AB's staged Q6_K pass (a real loop, tests/data/sass): its weight words read by generic loads
+    through a pointer that was shared or global are flagged; the same loads as LDG / LDS are not, nor is a
+    generic load or two."""
+    S = bench_script("sass_scan")
+    funcs = S.parse_sass((DATA / "experts-mma-q6k-staged-generic-loop-sm90.sass").read_text())
+    (lp,) = S.loops(funcs["_Z15qmm_experts_mmaILi14ELi1ELi0EEvPKhS1_xxiiPKjPKfS5_iPKiS7_PfS8_ii"])
+    row = lp.row()
+    assert row["loop"] == "0xe540-0x10a40" and row["insns"] == 593 and row["local"] == 0
+    # 2 rows x (8 + 4 + 4 words, each two 16-bit halves) and the 2 rows' f16 d: every weight load generic
+    assert lp.ops["LD.E.U16"] == row["generic"] == 66 >= S.GENERIC_OPS
+    assert lp.generic_heavy and not lp.runtime_index and row["flag"] == "generic memory"
+    body = ["        /*0100*/                   LDS.U16 R4, [R2] ;",
+            "        /*0110*/                   LDG.E.CONSTANT R5, desc[UR4][R6.64] ;",
+            "        /*0120*/                   LD.E R7, desc[UR4][R8.64] ;",
+            "        /*0130*/                   STS [R2], R5 ;",
+            "        /*0140*/               @P0 BRA 0x100 ;"]
+    (clean,) = S.loops(S.parse_sass("\t\tFunction : k\n" + "\n".join(body))["k"], least=0)
+    assert clean.generic == 1 and not clean.generic_heavy and clean.row()["flag"] == ""
 
 
 def test_instances_source_takes_every_template_kernel(bench_script):
