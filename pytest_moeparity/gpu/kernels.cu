@@ -1643,15 +1643,18 @@ template <int QT> MP_HD bool mp_mma_aligned(const mp_u8* w, mp_i64 row_bytes) {
 // where they start 16-byte aligned and fit MP_Q6_STAGE bytes (K up to 768) the warp first copies them to
 // shared memory in 16-byte pieces (cp.async: no registers, all in flight at once), and the pass reads there.
 #define MP_Q6_STAGE 10240       // bytes of a warp's staged rows (16 rows of 630: K = 768)
-// MP_STAGE_LDS (tuning switch): the passes over staged rows (qmm_experts_mma's and qmm_dense_mma's) read them
-// through a pointer to the stage itself, which nvcc compiles to shared-memory loads (LDS), and the unstaged
-// rows through one to global memory (LDG); 0: both through one pointer variable, a global or a shared
-// address, which nvcc compiles to generic loads (LD). The passes' arithmetic is the same either way. 1 by
-// default since benchmarks/NOTES.md step 76 (H100, full 30b-a3b: the forward -2.4 % at 64 tokens, every
-// round; +0.2 % at 3, mixed).
+// MP_STAGE_LDS (tuning switch, a mask: 1 qmm_experts_mma, 2 qmm_dense_mma): the passes over staged rows read
+// them through a pointer to the stage itself, which nvcc compiles to shared-memory loads (LDS), and the
+// unstaged rows through one to global memory (LDG); a kernel whose bit is 0 reads both through one pointer
+// variable, a global or a shared address, which nvcc compiles to generic loads (LD). The passes'
+// arithmetic is the same either way. 3 by default since benchmarks/NOTES.md step 76 (H100, full 30b-a3b:
+// the forward -2.4 % at 64 tokens, every round; +0.2 % at 3, mixed; the down projections alone -2 % at 3
+// tokens and -6 % at 64).
 #ifndef MP_STAGE_LDS
-#define MP_STAGE_LDS 1
+#define MP_STAGE_LDS 3
 #endif
+#define MP_LDS_EXPERTS ((MP_STAGE_LDS & 1) != 0)
+#define MP_LDS_DENSE ((MP_STAGE_LDS & 2) != 0)
 MP_HD void mp_cp_async16(void* smem, const void* gmem) {
     mp_aligned_load(smem, 16);
     mp_aligned_load(gmem, 16);
@@ -1757,7 +1760,7 @@ MP_MMA_GLOBAL_P8(P8) void qmm_experts_mma(const mp_u8* __restrict__ w0, const mp
             wN = N - n0 < 16 ? N - n0 : 16;
             mp_u8* st = (mp_u8*)stage[ST ? warp : 0];
             mp_stage_rows_issue(st, we + (mp_i64)n0 * row_bytes, (int)(wN * row_bytes), lane, 32);
-            if (!MP_STAGE_LDS) {  // (else the passes read the stage by its own pointer, sw)
+            if (!MP_LDS_EXPERTS) {  // (else the passes read the stage by its own pointer, sw)
                 we = st;
                 wn0 = 0;
             }
@@ -1786,7 +1789,7 @@ MP_MMA_GLOBAL_P8(P8) void qmm_experts_mma(const mp_u8* __restrict__ w0, const mp
     float* out = second ? out1 : out0;
     constexpr int PT = P8 ? 8 : MP_MMA_PASS_TOKENS <= 2 ? 2 : 4;  // tokens a pass
     // the staged rows through a pointer nvcc sees is shared (ld.shared; through `we`, a global or a shared
-    // address, they would be generic loads): MP_STAGE_LDS
+    // address, they would be generic loads): MP_STAGE_LDS bit 1
     const mp_u8* sw = (const mp_u8*)stage[ST ? warp : 0];
     for (int p0 = beg; p0 < end; p0 += PT) {  // pp[h] ..: this pass's pairs (pp holds p0 - h .. p0 - h + NP - 1)
         const int nt = (end - p0) < PT ? (end - p0) : PT, h = PT >= 4 ? 0 : (p0 - beg) & 3;
@@ -1802,7 +1805,7 @@ MP_MMA_GLOBAL_P8(P8) void qmm_experts_mma(const mp_u8* __restrict__ w0, const mp
         }
         mp_mma_pass_inputs(nt, [&](int u) { return mp_pick(pp, h + u) / x_div; }, K, xd, xs, xunit, lane, bq, bon, sq, unit);
         float res[NB];
-        if (MP_STAGE_LDS && ST && staged)  // (aligned: the stage is 16-byte aligned, and so are its rows)
+        if (MP_LDS_EXPERTS && ST && staged)  // (aligned: the stage is 16-byte aligned, and so are its rows)
             mp_mma_dispatch<QT, PT>(true, nt, sw, row_bytes, wN, 0, K, 0, 1, bq, bon, sq, unit, lane, res);
         else
             mp_mma_dispatch<QT, PT>(al, nt, we, row_bytes, wN, wn0, K, 0, 1, bq, bon, sq, unit, lane, res);
@@ -1918,7 +1921,7 @@ MP_MMA_DENSE_GLOBAL_L(LONG) void qmm_dense_mma(const mp_u8* __restrict__ w0, con
         mp_stage_rows((mp_u8*)stage, w + (mp_i64)n0 * row_bytes, (int)(wN * row_bytes), (int)threadIdx.x, (int)blockDim.x);
         mp_syncthreads();
         staged = true;
-        if (!MP_STAGE_LDS) {  // the passes read the stage through w (else by its own pointer: run_passes)
+        if (!MP_LDS_DENSE) {  // the passes read the stage through w (else by its own pointer: run_passes)
             w = (const mp_u8*)stage;
             wn0 = 0;
         }
@@ -1931,7 +1934,7 @@ MP_MMA_DENSE_GLOBAL_L(LONG) void qmm_dense_mma(const mp_u8* __restrict__ w0, con
         mp_syncthreads();
         staged = true;
         srb = stride;
-        if (!MP_STAGE_LDS) {
+        if (!MP_LDS_DENSE) {
             w = (const mp_u8*)stage;
             wn0 = 0;
             row_bytes = stride;
@@ -1942,7 +1945,7 @@ MP_MMA_DENSE_GLOBAL_L(LONG) void qmm_dense_mma(const mp_u8* __restrict__ w0, con
     mp_grid_sync();  // the digits were
     if (n0 >= N) return;  // uniform over the block
     // the passes over rows w (row_bytes apart, the pass's rows wn0 ..): the stage's rows are read through a
-    // pointer nvcc sees is shared (MP_STAGE_LDS), else through one that is global or shared (generic loads)
+    // pointer nvcc sees is shared (MP_STAGE_LDS bit 2), else through one global or shared (generic loads)
     auto run_passes = [&](const mp_u8* w, mp_i64 row_bytes, int wn0) {
         if (!LONG) {  // one pass of up to 4 tokens
             mp_dense_mma_tokens<QT>(0, T < 4 ? T : 4, w, row_bytes, wN, wn0, N, n0, K, xd, xs, xunit, warp, warps, lane, m,
@@ -1981,7 +1984,7 @@ MP_MMA_DENSE_GLOBAL_L(LONG) void qmm_dense_mma(const mp_u8* __restrict__ w0, con
                                                                xd, xs, xunit, warp, warps, lane, m, out0, out1, out2, part);
         }
     };
-    if (MP_STAGE_LDS && staged) run_passes((const mp_u8*)stage, srb, 0);
+    if (MP_LDS_DENSE && staged) run_passes((const mp_u8*)stage, srb, 0);
     else run_passes(w, row_bytes, wn0);
 }
 
