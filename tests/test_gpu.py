@@ -677,10 +677,12 @@ def test_experts_tensor_core_path(backend, T, qt, Kc, monkeypatch):
 @pytest.mark.parametrize("switches", ["-DMP_MMA_ZERO_ABSENT=0", "-DMP_DENSE_LONG_ZERO_ABSENT=1",
                                       "-DMP_MMA_PASS_TOKENS=2 -DMP_MMA_EXPERT_BLOCKS=5", "-DMP_EXPERT_CHUNK=0",
                                       "-DMP_EXPERT_PASS8=0", "-DMP_EXPERT_CHUNK=0 -DMP_EXPERT_PASS8=0",
-                                      "-DMP_MMA_PASS8_BLOCKS_Q4ST=2", "-DMP_PREFETCH=7", "-DMP_STAGE_LDS=0"],
+                                      "-DMP_MMA_PASS8_BLOCKS_Q4ST=2", "-DMP_PREFETCH=7", "-DMP_STAGE_LDS=0",
+                                      "-DMP_STAGE_PIPE=1"],
                          ids=["zero-absent-off", "long-dense-zero-absent-on", "2-token-passes", "one-record-an-expert",
                               "passes-of-4", "one-record-passes-of-4", "staged-q4-passes-of-8-at-2-blocks",
-                              "l2-prefetches-on", "staged-rows-by-generic-loads"])
+                              "l2-prefetches-on", "staged-rows-by-generic-loads",
+                              "staged-rows-in-two-groups"])
 def test_expert_switches_keep_the_products(backend, switches):
     """Builds whose tensor-core products are the default build's bit for bit (Q4_K staged and not, Q6_K;
     1 to 9 tokens an expert, token rows and pair rows; dense products of 3 and 9 tokens too):
@@ -694,7 +696,9 @@ def test_expert_switches_keep_the_products(backend, switches):
     blocks; MP_MMA_PASS8_BLOCKS_Q4ST=2 compiles the staged Q4_K passes of 8 for 2 blocks an SM (no
     spills); MP_PREFETCH=7 has every product ask for its weight rows in L2 at its start (a hint, by
     default only the float kernels); MP_STAGE_LDS=0 reads the staged rows (Q6_K, Q4_K's <12,1> and the dense
-    rows) by generic loads, not shared-memory ones: a token's value is computed the same way whichever pass, column, block or build it takes."""
+    rows) by generic loads, not shared-memory ones; MP_STAGE_PIPE=1 stages the expert rows in two groups (the
+    pieces of each row's first super-block first), the first pass waiting for each as it needs it: a token's
+    value is computed the same way whichever pass, column, block or build it takes."""
     from pytest_moeparity.gpu import kernels as Kn
 
     if not backend.mma:

@@ -7,7 +7,10 @@
 // warp whose lanes disagree (some exited, some wait), or a block that can make no progress, is
 // reported as an error, as is any access that runs past
 // the end of an argument array (arrays are copied next to a PROT_NONE guard page and SIGSEGV
-// is turned into an error naming the argument).
+// is turned into an error naming the argument). A thread's cp.async copies land in shared memory only
+// when it waits for their group (mp_emu_cp_wait), as on the GPU they may land any time before: a read
+// of a staged byte before its wait sees what was there before, and a block whose threads exit with
+// copies never waited for is an error.
 #include <cmath>
 #include <csetjmp>
 #include <csignal>
@@ -22,6 +25,7 @@
 #include <ucontext.h>
 #include <unistd.h>
 #include <utility>
+#include <vector>
 
 #define MOEPARITY_EMULATOR 1
 #define __restrict__ __restrict
@@ -41,6 +45,9 @@ float mp_emu_shfl_xor(float v, int off);
 float mp_emu_shfl_idx(float v, int src);
 mp_emu_u32 mp_emu_warp_redux_u32(mp_emu_u32 v, int is_min);
 void mp_emu_misaligned(const void* p, int n);
+void mp_emu_cp_async16(void* dst, const void* src);
+void mp_emu_cp_commit();
+void mp_emu_cp_wait(int pending);
 
 #include MP_KERNELS_PATH
 
@@ -63,6 +70,13 @@ struct Lane {
              // (vals: v, lane), 6: redux.sync max / min u32 (vals: the bits of v, then 1 for min)
     float vals[kMaxReduce];
     unsigned tid;
+    struct Copy {
+        unsigned char* dst;
+        unsigned char bytes[16];
+        int group;  // 0: not yet committed; else the group's number (1, 2, ... in commit order)
+    };
+    std::vector<Copy> copies;  // cp.async copies issued and not yet landed
+    int groups;                // groups committed
 };
 
 Lane g_lanes[kMaxThreads];  // the threads of one block; thread i is lane i % 32 of warp i / 32
@@ -97,6 +111,8 @@ bool run_block_coroutines(unsigned n_threads) {
         L.done = false;
         L.waiting = L.barrier = false;
         L.tid = i;
+        L.copies.clear();
+        L.groups = 0;
         if (!L.stack) L.stack = (char*)std::malloc(kStack);
         getcontext(&L.ctx);
         L.ctx.uc_stack.ss_sp = L.stack;
@@ -241,7 +257,16 @@ bool run_block_coroutines(unsigned n_threads) {
             progress = true;
         }
         if (progress) continue;
-        if (n_done == n_threads) return true;
+        if (n_done == n_threads) {
+            for (unsigned i = 0; i < n_threads; ++i)
+                if (!g_lanes[i].copies.empty()) {
+                    std::snprintf(buf, sizeof buf, "block %u,%u,%u: thread %u exited with %zu cp.async copies never "
+                                  "waited for", blockIdx.x, blockIdx.y, blockIdx.z, i, g_lanes[i].copies.size());
+                    g_error = buf;
+                    return false;
+                }
+            return true;
+        }
         if (n_barrier == n_threads) {  // every thread at __syncthreads (none exited before it)
             for (unsigned i = 0; i < n_threads; ++i) g_lanes[i].barrier = false;
             continue;
@@ -341,6 +366,34 @@ mp_emu_u32 mp_emu_warp_redux_u32(mp_emu_u32 v, int is_min) {
     mp_emu_u32 r;
     std::memcpy(&r, &L.vals[0], sizeof r);
     return r;
+}
+
+// cp.async of 16 bytes: the source read now, the bytes written to dst when the thread waits for the group
+void mp_emu_cp_async16(void* dst, const void* src) {
+    Lane::Copy c;
+    c.dst = static_cast<unsigned char*>(dst);
+    std::memcpy(c.bytes, src, 16);
+    c.group = 0;
+    g_lanes[g_cur].copies.push_back(c);
+}
+
+// cp.async.commit_group: the copies issued since the last commit form the next group
+void mp_emu_cp_commit() {
+    Lane& L = g_lanes[g_cur];
+    ++L.groups;
+    for (auto& c : L.copies)
+        if (c.group == 0) c.group = L.groups;
+}
+
+// cp.async.wait_group pending: the copies of every committed group but the `pending` latest land
+void mp_emu_cp_wait(int pending) {
+    Lane& L = g_lanes[g_cur];
+    std::vector<Lane::Copy> left;
+    for (const auto& c : L.copies) {
+        if (c.group != 0 && c.group <= L.groups - pending) std::memcpy(c.dst, c.bytes, 16);
+        else left.push_back(c);
+    }
+    L.copies.swap(left);
 }
 
 void mp_emu_syncthreads() {

@@ -1329,6 +1329,12 @@ MP_HD void mp_mma_scale_add(const float (&d)[2], const int (&ia)[4], float (&acc
     acc[3] = fmaf(d[1], (float)ia[3], acc[3]);
 }
 
+// What a pass calls at the start of each super-block s it reads: nothing (mp_no_hook), or the wait for that
+// super-block's staged bytes (qmm_experts_mma under MP_STAGE_PIPE)
+struct mp_no_hook {
+    MP_HD void operator()(int) const {}
+};
+
 // MP_MMA_ZERO_ABSENT (tuning switch): the B columns of a token the pass does not hold (a 1-token expert's
 // second token, ...) are zeros (1), or whatever the clamped row gives (0: two selects fewer an mma; those
 // columns' sums belong to the absent token alone and are never stored, so the stored values are the same).
@@ -1395,10 +1401,10 @@ MP_HD void mp_mma_scale_add(const float (&d)[2], const int (&ia)[4], float (&acc
 // digits from lane ^ 1 and returns that (row, token) value over super-blocks s0, s0 + step, ... of the
 // K / 256 in res[i]. Each super-block's loads (weights, digits, sums) are issued together before any is
 // used.
-template <bool AL, int TILES, bool ZA = MP_MMA_ZERO_ABSENT, int NB>  // ZA: zero an absent token's B columns
+template <bool AL, int TILES, bool ZA = MP_MMA_ZERO_ABSENT, int NB, class Hook = mp_no_hook>  // ZA: zero an absent token's B columns
 MP_HD void mp_mma_q4k_pass(const mp_u8* __restrict__ we, mp_i64 row_bytes, int N, int n0, int K, int s0, int step,
                            const mp_u32* const (&bq)[NB], const bool (&bon)[NB], const float* const (&sq)[NB],
-                           const float (&unit)[NB], int lane, float (&res)[NB]) {
+                           const float (&unit)[NB], int lane, float (&res)[NB], Hook hook = Hook()) {
     const int tig = lane & 3, own = tig & 1;
     const mp_u8* rows[2];
     float acc[TILES][4], mins[TILES];
@@ -1406,6 +1412,7 @@ MP_HD void mp_mma_q4k_pass(const mp_u8* __restrict__ we, mp_i64 row_bytes, int N
     const bool probe = MP_Q4_LAYOUT_PROBE && AL && n0 + 16 <= N && row_bytes == (mp_i64)(K >> 8) * 144;
     const bool pair_probe = MP_Q4_PAIR_PROBE && AL && (K >> 8) % 2 == 0 && row_bytes == (mp_i64)(K >> 8) * 144;
     for (int s = s0; s < (K >> 8); s += step) {
+        hook(s);
         mp_u32 h[2][4], q[2][4][2], b[TILES][8][2];
         float xsv[TILES][8];
         const int sd = MP_Q4_DIGITS_PROBE ? s0 : s;  // the super-block whose digits are read (MP_Q4_DIGITS_PROBE)
@@ -1535,15 +1542,16 @@ MP_HD mp_u32 mp_q6_s8(mp_u32 q) {
 }
 
 // as mp_mma_q4k_pass (sq is not read: no mins); AL: the rows' super-blocks are 2-byte aligned
-template <bool AL, int TILES, bool ZA = MP_MMA_ZERO_ABSENT, int NB>
+template <bool AL, int TILES, bool ZA = MP_MMA_ZERO_ABSENT, int NB, class Hook = mp_no_hook>
 MP_HD void mp_mma_q6k_pass(const mp_u8* __restrict__ we, mp_i64 row_bytes, int N, int n0, int K, int s0, int step,
                            const mp_u32* const (&bq)[NB], const bool (&bon)[NB], const float (&unit)[NB], int lane,
-                           float (&res)[NB]) {
+                           float (&res)[NB], Hook hook = Hook()) {
     const int tig = lane & 3;
     const mp_u8* rows[2];
     float acc[TILES][4], mins[TILES];
     mp_mma_pass_start<TILES>(we, row_bytes, N, n0, lane, rows, acc, mins);
     for (int s = s0; s < (K >> 8); s += step) {
+        hook(s);
         mp_u32 ql[2][8], qh[2][4], sc[2][4], b[TILES][8][2];
         float d[2];
 #pragma unroll
@@ -1604,29 +1612,29 @@ MP_HD void mp_mma_q6k_pass(const mp_u8* __restrict__ we, mp_i64 row_bytes, int N
 
 // The tensor-core pass of type QT (Q4_K 12, Q6_K 14) for a pass of nt tokens (one n-tile up to 2), with the
 // alignment the warp found (res[1] is left unwritten for one n-tile)
-template <int QT, bool AL, int TILES, bool ZA = MP_MMA_ZERO_ABSENT, int NB>
+template <int QT, bool AL, int TILES, bool ZA = MP_MMA_ZERO_ABSENT, int NB, class Hook = mp_no_hook>
 MP_HD void mp_mma_pass(const mp_u8* __restrict__ we, mp_i64 row_bytes, int N, int n0, int K, int s0, int step,
                        const mp_u32* const (&bq)[NB], const bool (&bon)[NB], const float* const (&sq)[NB],
-                       const float (&unit)[NB], int lane, float (&res)[NB]) {
-    if constexpr (QT == 14) mp_mma_q6k_pass<AL, TILES, ZA>(we, row_bytes, N, n0, K, s0, step, bq, bon, unit, lane, res);
-    else mp_mma_q4k_pass<AL, TILES, ZA>(we, row_bytes, N, n0, K, s0, step, bq, bon, sq, unit, lane, res);
+                       const float (&unit)[NB], int lane, float (&res)[NB], Hook hook = Hook()) {
+    if constexpr (QT == 14) mp_mma_q6k_pass<AL, TILES, ZA>(we, row_bytes, N, n0, K, s0, step, bq, bon, unit, lane, res, hook);
+    else mp_mma_q4k_pass<AL, TILES, ZA>(we, row_bytes, N, n0, K, s0, step, bq, bon, sq, unit, lane, res, hook);
 }
 // MAXT: the most tokens a pass of the caller (2: one n-tile only; 8: four, the arrays of NB = 4 n-tiles)
-template <int QT, int MAXT = 4, bool ZA = MP_MMA_ZERO_ABSENT, int NB>
+template <int QT, int MAXT = 4, bool ZA = MP_MMA_ZERO_ABSENT, int NB, class Hook = mp_no_hook>
 MP_HD void mp_mma_dispatch(bool al, int nt, const mp_u8* __restrict__ we, mp_i64 row_bytes, int N, int n0, int K,
                            int s0, int step, const mp_u32* const (&bq)[NB], const bool (&bon)[NB],
-                           const float* const (&sq)[NB], const float (&unit)[NB], int lane, float (&res)[NB]) {
+                           const float* const (&sq)[NB], const float (&unit)[NB], int lane, float (&res)[NB], Hook hook = Hook()) {
     if (MAXT <= 2 || nt <= 2) {
-        if (al) mp_mma_pass<QT, true, 1, ZA>(we, row_bytes, N, n0, K, s0, step, bq, bon, sq, unit, lane, res);
-        else mp_mma_pass<QT, false, 1, ZA>(we, row_bytes, N, n0, K, s0, step, bq, bon, sq, unit, lane, res);
+        if (al) mp_mma_pass<QT, true, 1, ZA>(we, row_bytes, N, n0, K, s0, step, bq, bon, sq, unit, lane, res, hook);
+        else mp_mma_pass<QT, false, 1, ZA>(we, row_bytes, N, n0, K, s0, step, bq, bon, sq, unit, lane, res, hook);
     } else if (MAXT <= 4 || nt <= 4) {
         if constexpr (MAXT > 2) {
-            if (al) mp_mma_pass<QT, true, 2, ZA>(we, row_bytes, N, n0, K, s0, step, bq, bon, sq, unit, lane, res);
-            else mp_mma_pass<QT, false, 2, ZA>(we, row_bytes, N, n0, K, s0, step, bq, bon, sq, unit, lane, res);
+            if (al) mp_mma_pass<QT, true, 2, ZA>(we, row_bytes, N, n0, K, s0, step, bq, bon, sq, unit, lane, res, hook);
+            else mp_mma_pass<QT, false, 2, ZA>(we, row_bytes, N, n0, K, s0, step, bq, bon, sq, unit, lane, res, hook);
         }
     } else if constexpr (MAXT > 4 && NB >= 4) {
-        if (al) mp_mma_pass<QT, true, 4, ZA>(we, row_bytes, N, n0, K, s0, step, bq, bon, sq, unit, lane, res);
-        else mp_mma_pass<QT, false, 4, ZA>(we, row_bytes, N, n0, K, s0, step, bq, bon, sq, unit, lane, res);
+        if (al) mp_mma_pass<QT, true, 4, ZA>(we, row_bytes, N, n0, K, s0, step, bq, bon, sq, unit, lane, res, hook);
+        else mp_mma_pass<QT, false, 4, ZA>(we, row_bytes, N, n0, K, s0, step, bq, bon, sq, unit, lane, res, hook);
     }
 }
 
@@ -1655,12 +1663,19 @@ template <int QT> MP_HD bool mp_mma_aligned(const mp_u8* w, mp_i64 row_bytes) {
 #endif
 #define MP_LDS_EXPERTS ((MP_STAGE_LDS & 1) != 0)
 #define MP_LDS_DENSE ((MP_STAGE_LDS & 2) != 0)
+#ifdef MOEPARITY_EMULATOR
+void mp_emu_cp_async16(void* dst, const void* src);  // the emulator's prelude: copies that land at their wait
+void mp_emu_cp_commit();
+void mp_emu_cp_wait(int pending);
+#endif
 MP_HD void mp_cp_async16(void* smem, const void* gmem) {
     mp_aligned_load(smem, 16);
     mp_aligned_load(gmem, 16);
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"((unsigned)__cvta_generic_to_shared(smem)), "l"(gmem)
                  : "memory");
+#elif defined(MOEPARITY_EMULATOR)
+    mp_emu_cp_async16(smem, gmem);  // (lands at the wait for its group)
 #else
     for (int i = 0; i < 16; ++i) ((mp_u8*)smem)[i] = ((const mp_u8*)gmem)[i];
 #endif
@@ -1668,6 +1683,9 @@ MP_HD void mp_cp_async16(void* smem, const void* gmem) {
 MP_HD void mp_cp_async_wait() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
     asm volatile("cp.async.wait_all;" ::: "memory");
+#elif defined(MOEPARITY_EMULATOR)
+    mp_emu_cp_commit();  // (wait_all: commit_group, then wait_group 0)
+    mp_emu_cp_wait(0);
 #endif
 }
 // thread tid of nth copies its share of `bytes` (even) from src (16-byte aligned) to dst (16-byte aligned):
@@ -1676,6 +1694,48 @@ MP_HD void mp_cp_async_wait() {
 MP_HD void mp_stage_rows_issue(mp_u8* dst, const mp_u8* __restrict__ src, int bytes, int tid, int nth) {
     const int whole = bytes >> 4;
     for (int i = tid; i < whole; i += nth) mp_cp_async16(dst + 16 * i, src + 16 * i);
+    for (int i = 16 * whole + 2 * tid; i < bytes; i += 2 * nth) *(mp_u16*)(dst + i) = *(const mp_u16*)(src + i);
+}
+// MP_STAGE_PIPE (tuning switch): qmm_experts_mma issues its staged rows in two cp.async groups, the pieces
+// holding some row's first super-block, then the rest (mp_stage_rows_issue2), and its first pass waits for
+// each group as it reaches the super-blocks that need it, so the first super-block's products overlap the
+// later ones' copies; 0: one wait for all of the rows before the passes
+#ifndef MP_STAGE_PIPE
+#define MP_STAGE_PIPE 0
+#endif
+MP_HD void mp_cp_async_commit() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.commit_group;" ::: "memory");
+#elif defined(MOEPARITY_EMULATOR)
+    mp_emu_cp_commit();
+#endif
+}
+// until at most N of this thread's committed cp.async groups are pending
+template <int N> MP_HD void mp_cp_async_wait_group() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+#elif defined(MOEPARITY_EMULATOR)
+    mp_emu_cp_wait(N);
+#endif
+}
+// as mp_stage_rows_issue for rows rows of row_bytes bytes each (16-byte aligned and contiguous from src, each
+// starting with a super-block of bs bytes) in two committed groups: the 16-byte pieces holding a byte of
+// some row's first super-block, then the others; row r's pieces are [g0b(r), g0b(r + 1)), its first group's
+// those up to its first super-block's last byte (a piece shared with row r + 1 is that row's)
+MP_HD void mp_stage_rows_issue2(mp_u8* dst, const mp_u8* __restrict__ src, int rows, int row_bytes, int bs, int tid,
+                                int nth) {
+    const int bytes = rows * row_bytes, whole = bytes >> 4;
+    auto g0b = [&](int r) { return r < rows ? (r * row_bytes) >> 4 : whole; };
+    auto g0e = [&](int r) {
+        const int e = ((r * row_bytes + bs - 1) >> 4) + 1, next = g0b(r + 1);
+        return e < next ? e : next;
+    };
+    for (int r = 0; r < rows; ++r)
+        for (int i = g0b(r) + tid; i < g0e(r); i += nth) mp_cp_async16(dst + 16 * i, src + 16 * i);
+    mp_cp_async_commit();
+    for (int r = 0; r < rows; ++r)
+        for (int i = g0e(r) + tid; i < g0b(r + 1); i += nth) mp_cp_async16(dst + 16 * i, src + 16 * i);
+    mp_cp_async_commit();
     for (int i = 16 * whole + 2 * tid; i < bytes; i += 2 * nth) *(mp_u16*)(dst + i) = *(const mp_u16*)(src + i);
 }
 MP_HD void mp_stage_rows(mp_u8* dst, const mp_u8* __restrict__ src, int bytes, int tid, int nth) {
@@ -1759,7 +1819,10 @@ MP_MMA_GLOBAL_P8(P8) void qmm_experts_mma(const mp_u8* __restrict__ w0, const mp
         if (ST && 16 * row_bytes <= MP_Q6_STAGE && mp_aligned(we + (mp_i64)n0 * row_bytes, 16)) {
             wN = N - n0 < 16 ? N - n0 : 16;
             mp_u8* st = (mp_u8*)stage[ST ? warp : 0];
-            mp_stage_rows_issue(st, we + (mp_i64)n0 * row_bytes, (int)(wN * row_bytes), lane, 32);
+            if (MP_STAGE_PIPE)
+                mp_stage_rows_issue2(st, we + (mp_i64)n0 * row_bytes, wN, (int)row_bytes, mp_traits<QT>::tsize, lane, 32);
+            else
+                mp_stage_rows_issue(st, we + (mp_i64)n0 * row_bytes, (int)(wN * row_bytes), lane, 32);
             if (!MP_LDS_EXPERTS) {  // (else the passes read the stage by its own pointer, sw)
                 we = st;
                 wn0 = 0;
@@ -1781,7 +1844,7 @@ MP_MMA_GLOBAL_P8(P8) void qmm_experts_mma(const mp_u8* __restrict__ w0, const mp
     mp_grid_sync();  // the digits were written by the launch before (the routing too, unless early)
     if (!early) prepare();
     if (e < 0 || n0 >= N) return;  // uniform over the warp
-    if (staged) {
+    if (staged && !MP_STAGE_PIPE) {
         mp_cp_async_wait();
         mp_syncwarp();
     }
@@ -1791,6 +1854,19 @@ MP_MMA_GLOBAL_P8(P8) void qmm_experts_mma(const mp_u8* __restrict__ w0, const mp
     // the staged rows through a pointer nvcc sees is shared (ld.shared; through `we`, a global or a shared
     // address, they would be generic loads): MP_STAGE_LDS bit 1
     const mp_u8* sw = (const mp_u8*)stage[ST ? warp : 0];
+#if MP_STAGE_PIPE
+    bool pending = staged;  // the first pass waits for the staged rows' groups as it reaches their super-blocks
+    auto wait_staged = [&](int s) {
+        if (pending && s <= 1) {  // (uniform over the warp)
+            if (s == 0) mp_cp_async_wait_group<1>();
+            else mp_cp_async_wait_group<0>();
+            mp_syncwarp();
+        }
+    };
+#else
+    bool pending = false;
+    const mp_no_hook wait_staged;
+#endif
     for (int p0 = beg; p0 < end; p0 += PT) {  // pp[h] ..: this pass's pairs (pp holds p0 - h .. p0 - h + NP - 1)
         const int nt = (end - p0) < PT ? (end - p0) : PT, h = PT >= 4 ? 0 : (p0 - beg) & 3;
         const mp_u32* bq[NB];
@@ -1806,9 +1882,10 @@ MP_MMA_GLOBAL_P8(P8) void qmm_experts_mma(const mp_u8* __restrict__ w0, const mp
         mp_mma_pass_inputs(nt, [&](int u) { return mp_pick(pp, h + u) / x_div; }, K, xd, xs, xunit, lane, bq, bon, sq, unit);
         float res[NB];
         if (MP_LDS_EXPERTS && ST && staged)  // (aligned: the stage is 16-byte aligned, and so are its rows)
-            mp_mma_dispatch<QT, PT>(true, nt, sw, row_bytes, wN, 0, K, 0, 1, bq, bon, sq, unit, lane, res);
+            mp_mma_dispatch<QT, PT>(true, nt, sw, row_bytes, wN, 0, K, 0, 1, bq, bon, sq, unit, lane, res, wait_staged);
         else
-            mp_mma_dispatch<QT, PT>(al, nt, we, row_bytes, wN, wn0, K, 0, 1, bq, bon, sq, unit, lane, res);
+            mp_mma_dispatch<QT, PT>(al, nt, we, row_bytes, wN, wn0, K, 0, 1, bq, bon, sq, unit, lane, res, wait_staged);
+        pending = false;
         const int n = n0 + gid + 8 * (tig & 1);
 #pragma unroll
         for (int i = 0; i < NB; ++i)
