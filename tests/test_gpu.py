@@ -704,13 +704,15 @@ def test_expert_switches_keep_the_products(backend, switches):
     if not backend.mma:
         pytest.skip("the device has no int8 mma (compute capability below 8.0)")
     var = backend.variant(switches)
-    E, N, T, k = 6, 87, 9, 4  # N: a last row group of 7 rows (Q6_K: a staged tail of 12 bytes), some experts unaligned
+    E, T, k = 6, 9, 4
     rng = _rng("expert-switches", switches)
     ids = _routing_ids(rng, T, k, E)
     ids[:, 0] = 2  # expert 2 holds all 9 tokens (passes 4 + 4 + 1, or 2 + 2 + 2 + 2 + 1), expert 3 five of them
     ids[:5, 1] = 3
     runs = []
-    for qt, Kc in ((Q.Q4_K, 512), (Q.Q4_K, 768), (Q.Q6_K, 512)):  # K = 768: Q4_K's staged <12,1>
+    # K = 768: Q4_K's staged <12,1>; N = 87: a last row group of 7 rows (Q6_K: a stage with a 12-byte tail) and
+    # Q6_K experts 1-3 starting unaligned (unstaged), where at N = 80 every Q6_K expert is staged
+    for qt, Kc, N in ((Q.Q4_K, 512, 87), (Q.Q4_K, 768, 87), (Q.Q6_K, 512, 80), (Q.Q6_K, 512, 87)):
         raw = _quantized(rng, qt, (E, N, Kc))
         x = rng.standard_normal((T, Kc)).astype(np.float32)
         xp_ = rng.standard_normal((T * k, Kc)).astype(np.float32)
@@ -724,7 +726,7 @@ def test_expert_switches_keep_the_products(backend, switches):
                         _host(be, Kn.qmatmul(_dev(be, x[:3]), _device_tensor(be, raw[0], qt, (N, Kc)), backend=be)),
                         _host(be, Kn.qmatmul(_dev(be, x), _device_tensor(be, raw[1], qt, (N, Kc)), backend=be))])
         for a, b in zip(*got):
-            assert np.isfinite(a).all() and np.array_equal(a.view(np.uint32), b.view(np.uint32)), f"{qt.name} K={Kc}"
+            assert np.isfinite(a).all() and np.array_equal(a.view(np.uint32), b.view(np.uint32)), f"{qt.name} K={Kc} N={N}"
     if "MP_EXPERT_CHUNK" in switches:  # the default build split the busy experts, the variant did not
         assert Kn.expert_chunk(var) == 0 and runs[0] > runs[1] == len(np.unique(ids))
 
