@@ -1691,10 +1691,15 @@ MP_HD void mp_cp_async_wait() {
 // thread tid of nth copies its share of `bytes` (even) from src (16-byte aligned) to dst (16-byte aligned):
 // 16-byte pieces, then the tail 2 bytes a thread; the copies are complete for the thread on return (the
 // caller's barrier makes them visible to the others)
+// the bytes of a staging past its last whole 16-byte piece, 2 bytes a thread (plain loads and stores: complete
+// for the thread on return)
+MP_HD void mp_stage_tail(mp_u8* dst, const mp_u8* __restrict__ src, int bytes, int tid, int nth) {
+    for (int i = 16 * (bytes >> 4) + 2 * tid; i < bytes; i += 2 * nth) *(mp_u16*)(dst + i) = *(const mp_u16*)(src + i);
+}
 MP_HD void mp_stage_rows_issue(mp_u8* dst, const mp_u8* __restrict__ src, int bytes, int tid, int nth) {
     const int whole = bytes >> 4;
     for (int i = tid; i < whole; i += nth) mp_cp_async16(dst + 16 * i, src + 16 * i);
-    for (int i = 16 * whole + 2 * tid; i < bytes; i += 2 * nth) *(mp_u16*)(dst + i) = *(const mp_u16*)(src + i);
+    mp_stage_tail(dst, src, bytes, tid, nth);
 }
 // MP_STAGE_PIPE (tuning switch): qmm_experts_mma issues its staged rows in two cp.async groups, the pieces
 // holding some row's first super-block, then the rest (mp_stage_rows_issue2), and its first pass waits for
@@ -1736,7 +1741,7 @@ MP_HD void mp_stage_rows_issue2(mp_u8* dst, const mp_u8* __restrict__ src, int r
     for (int r = 0; r < rows; ++r)
         for (int i = g0e(r) + tid; i < g0b(r + 1); i += nth) mp_cp_async16(dst + 16 * i, src + 16 * i);
     mp_cp_async_commit();
-    for (int i = 16 * whole + 2 * tid; i < bytes; i += 2 * nth) *(mp_u16*)(dst + i) = *(const mp_u16*)(src + i);
+    mp_stage_tail(dst, src, bytes, tid, nth);
 }
 MP_HD void mp_stage_rows(mp_u8* dst, const mp_u8* __restrict__ src, int bytes, int tid, int nth) {
     mp_stage_rows_issue(dst, src, bytes, tid, nth);  // (its 16-byte pieces complete at the wait)
